@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The README's test command. Installs what it needs on a fresh Debian
+# machine (tshark for capture checks, a Python venv with pymodbus for the
+# third-party master), then runs the Rust tests and the scenario suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v tshark >/dev/null || need+=(tshark)
+if ((${#need[@]})); then
+  echo "== installing Debian packages: ${need[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+venv=target/venv
+if ! "$venv/bin/python" -c 'import pymodbus, serial' 2>/dev/null; then
+  echo "== creating Python venv with third-party clients in $venv"
+  mkdir -p target
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r ci/requirements.txt
+fi
+export HILBENCH_PYTHON="$PWD/$venv/bin/python"
+
+echo "== build"
+cargo build --release --locked --bins
+
+echo "== tests"
+if command -v cargo-nextest >/dev/null; then
+  cargo nextest run --release --locked --no-fail-fast
+else
+  cargo test --release --locked --no-fail-fast
+fi
+
+echo "== scenarios"
+target/release/hilbench run scenarios/ --junit target/junit.xml --capture target/captures

@@ -1,0 +1,171 @@
+//! The command line: `run`, `sim`, `list`.
+
+pub mod sim;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::scenario::{self, report, RunOptions, Scenario};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hilbench",
+    version,
+    about = "Hardware-in-the-loop test bench: simulated field devices, scripted faults, client actors",
+    after_help = "Examples:
+  hilbench run scenarios/                      run every scenario in a folder
+  hilbench run scenarios/eg4-crc-late.yaml --capture captures/ --junit report.xml
+  hilbench sim eg4-lp4 --tty /tmp/bms --address 1 --address 2 --set soc=55
+  hilbench list
+
+Logs: RUST_LOG=hilbench=debug hilbench run …"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run scenario files or folders; exits non-zero if any scenario fails.
+    #[command(after_help = "Examples:
+  hilbench run scenarios/
+  hilbench run scenarios/a.yaml scenarios/b.yaml --seed 7 --json
+  hilbench run scenarios/ --junit target/junit.xml --capture target/captures")]
+    Run(RunArgs),
+    /// Run a simulated device until SIGINT/SIGTERM, for poking a client by hand.
+    Sim(sim::SimArgs),
+    /// Show device kinds, profiles, client kinds and faults.
+    List,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Scenario files or folders of *.yaml files.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Write a JUnit XML report here.
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
+    /// Write one pcapng per link under DIR/<scenario>/ (tshark decodes Modbus RTU).
+    #[arg(long, value_name = "DIR")]
+    pub capture: Option<PathBuf>,
+    /// Override every scenario's seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Print the results as JSON on stdout instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn main_with(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Run(a) => run(a),
+        Command::Sim(a) => sim::run(a),
+        Command::List => {
+            list();
+            0
+        }
+    }
+}
+
+fn run(a: RunArgs) -> i32 {
+    let files = match scenario::collect_files(&a.paths) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    // Parse everything first: a broken file is reported before anything runs.
+    let mut parsed = Vec::new();
+    let mut bad = false;
+    for f in &files {
+        match Scenario::load(f) {
+            Ok(s) => parsed.push((f.clone(), s)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                bad = true;
+            }
+        }
+    }
+    if bad {
+        return 2;
+    }
+    let bar = if a.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(parsed.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
+        b
+    };
+    let opts = RunOptions {
+        seed: a.seed,
+        capture_dir: a.capture.clone(),
+    };
+    let mut reports = Vec::new();
+    for (file, s) in parsed {
+        bar.set_message(s.name.clone());
+        let r = scenario::run_file_blocking(s, file, opts.clone());
+        bar.suspend(|| {
+            if !a.json {
+                println!("{}", report::summary_line(&r));
+            }
+        });
+        bar.inc(1);
+        reports.push(r);
+    }
+    bar.finish_and_clear();
+    let failed = reports.iter().filter(|r| !r.passed).count();
+    if a.json {
+        println!("{}", report::to_json(&reports));
+    } else {
+        println!("\n{} passed, {} failed", reports.len() - failed, failed);
+    }
+    if let Some(j) = &a.junit {
+        if let Err(e) = report::write_junit(j, &reports) {
+            eprintln!("error: junit: {e}");
+            return 2;
+        }
+    }
+    if failed > 0 {
+        1
+    } else {
+        0
+    }
+}
+
+fn list() {
+    println!("Device kinds:");
+    for (k, d) in crate::device::DEVICE_KINDS {
+        println!("  {k:<18} {d}");
+    }
+    println!("\nEG4 register profiles:");
+    for p in crate::protocol::eg4::RegisterProfile::ALL {
+        println!("  {:<18} {}", p.name(), p.description());
+    }
+    println!("\nEG4 protocols:\n  modbus             Modbus RTU (fn 03/04/06/16)\n  legacy             EG4 7E/0D binary (commands 0x01, 0x33, 0x42)");
+    println!("\nEG4 quirks:");
+    for (k, d) in crate::device::eg4_core::Eg4Quirk::ALL {
+        println!("  {k:<18} {d}");
+    }
+    println!("\nClient kinds:");
+    for (k, d) in crate::client::CLIENT_KINDS {
+        println!("  {k:<18} {d}");
+    }
+    println!("\nLink faults (one-shot by default; count: N, probability: P, always: true; direction: request|response):");
+    for (k, d) in crate::link::LinkFault::CATALOG {
+        println!("  {k:<18} {d}");
+    }
+    println!("\nPack state keys (sim --set KEY=VALUE, scenario `set`):");
+    println!("  {:<18} {}", "address", "Modbus address (the DIP switches), 1..=247");
+    for (k, d) in crate::model::STATE_KEYS {
+        println!("  {k:<18} {d}");
+    }
+}

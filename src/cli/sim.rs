@@ -1,0 +1,298 @@
+//! `hilbench sim KIND`: serve simulated devices until SIGINT/SIGTERM.
+//!
+//! The contract every device kind follows: when serving, print exactly one
+//! JSON line on stdout (`{"ready":true,"kind":…,"endpoints":{…}}`); on
+//! SIGINT/SIGTERM, clean up (symlinks, PTYs) and exit 0. Errors go to
+//! stderr with a non-zero exit and nothing left behind.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use actix::Actor;
+use clap::{Args, Subcommand};
+
+use crate::device::eg4::Eg4PackActor;
+use crate::device::eg4_core::{Eg4Pack, Eg4Protocol, Eg4Quirk};
+use crate::model::PackConfig;
+use crate::observe::ObservationLog;
+use crate::protocol::eg4::RegisterProfile;
+use crate::transport::bus::{BusActor, BusConfig, BusDevice, BusPortSpec};
+
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    #[command(subcommand)]
+    pub kind: SimKind,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SimKind {
+    /// EG4 LifePower4 v2 packs as Modbus RTU (or legacy 7E/0D) slaves on PTYs.
+    #[command(
+        name = "eg4-lp4",
+        after_help = "State keys for --set (KEY=VALUE):
+  address          Modbus address (DIP switches), 1..=247 (only with one --address)
+  soc              state of charge, % (0..100)
+  soh              state of health, % (1..100)
+  current_a        pack current, A (+ = charging)
+  temp_c           all NTC temperatures, °C;  tempN_c: NTC N
+  mos_temp_c       MOSFET/PCB temperature, °C
+  cell_mv          every cell's voltage, mV;  cellN_mv: cell N (1-based)
+  cycles           cycle count
+  capacity_ah      nominal capacity, Ah
+  charge_fet, discharge_fet   commanded FETs (0/1)
+  (`hilbench list` shows every key with its range.)
+
+Examples:
+  # two packs on one bus (multi-drop), at addresses 1 and 2
+  hilbench sim eg4-lp4 --tty /tmp/eg4 --address 1 --address 2 --set soc=55
+  # one PTY per pack
+  hilbench sim eg4-lp4 --tty /tmp/eg4-a --tty /tmp/eg4-b --address 1 --address 2
+  # legacy 7E/0D protocol with 9600-baud wire timing
+  hilbench sim eg4-lp4 --tty /tmp/eg4 --protocol legacy --wire-time
+  # 1000 packs, one PTY each, for scale tests
+  hilbench sim eg4-lp4 --packs 1000 --tty-dir /tmp/packs
+
+Then poll it, e.g. with mbpoll:  mbpoll -m rtu -b 9600 -P none -a 1 -r 1 -c 47 /tmp/eg4"
+    )]
+    Eg4Lp4(Eg4SimArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct Eg4SimArgs {
+    /// Path for the slave side (a symlink to /dev/pts/N). Repeat for one PTY
+    /// per pack (as many as --address). Without it the /dev/pts path is used.
+    #[arg(long, value_name = "PATH")]
+    pub tty: Vec<PathBuf>,
+    /// Pack address; repeat for several packs.
+    #[arg(long = "address", value_name = "N")]
+    pub addresses: Vec<u8>,
+    /// Register profile: lp4-v2 (47 registers, default) or eg4-ll.
+    #[arg(long, default_value = "lp4-v2")]
+    pub profile: RegisterProfile,
+    /// modbus or legacy (7E/0D).
+    #[arg(long, default_value = "modbus")]
+    pub protocol: Eg4Protocol,
+    /// Line rate for wire-time emulation and RTU silence.
+    #[arg(long, default_value_t = 9600)]
+    pub baud: u32,
+    /// Emulate wire time at --baud (10 bit-times per byte, RTU silence).
+    #[arg(long)]
+    pub wire_time: bool,
+    /// Cells in series (4..=24).
+    #[arg(long, default_value_t = 16)]
+    pub cells: usize,
+    /// Set a state key on every pack (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Reproduce firmware quirks: address1_zeros, wrong_protocol_ff.
+    #[arg(long = "quirk")]
+    pub quirks: Vec<String>,
+    /// Scale mode: this many packs, each on its own PTY under --tty-dir.
+    #[arg(long, requires = "tty_dir")]
+    pub packs: Option<usize>,
+    /// Folder for the scale mode's PTY links (pack-1.tty, pack-2.tty, …).
+    #[arg(long, value_name = "DIR")]
+    pub tty_dir: Option<PathBuf>,
+}
+
+pub fn run(a: SimArgs) -> i32 {
+    match a.kind {
+        SimKind::Eg4Lp4(args) => match eg4(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
+    }
+}
+
+struct PackPlan {
+    name: String,
+    address: u8,
+}
+
+struct BusPlan {
+    link: Option<PathBuf>,
+    packs: Vec<PackPlan>,
+}
+
+fn parse_sets(sets: &[String]) -> Result<Vec<(String, f64)>, String> {
+    sets.iter()
+        .map(|s| {
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| format!("--set `{s}`: expected KEY=VALUE"))?;
+            let v: f64 = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("--set `{s}`: `{v}` is not a number"))?;
+            crate::scenario::spec::check_state_key(k.trim())?;
+            Ok((k.trim().to_string(), v))
+        })
+        .collect()
+}
+
+fn plan(a: &Eg4SimArgs) -> Result<Vec<BusPlan>, String> {
+    let addresses = if a.addresses.is_empty() { vec![1] } else { a.addresses.clone() };
+    for &ad in &addresses {
+        if ad == 0 || ad > 247 {
+            return Err(format!("--address {ad}: must be 1..=247"));
+        }
+    }
+    if let Some(n) = a.packs {
+        let dir = a.tty_dir.as_ref().expect("clap requires tty_dir");
+        if !dir.is_dir() {
+            return Err(format!("--tty-dir {}: no such directory", dir.display()));
+        }
+        if n == 0 {
+            return Err("--packs must be at least 1".into());
+        }
+        return Ok((1..=n)
+            .map(|i| BusPlan {
+                link: Some(dir.join(format!("pack-{i}.tty"))),
+                packs: vec![PackPlan {
+                    name: format!("pack{i}"),
+                    address: addresses[0],
+                }],
+            })
+            .collect());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for &ad in &addresses {
+        if !seen.insert(ad) && a.tty.len() <= 1 {
+            // Deliberately allowed: two packs on one address is field fault 1.
+            tracing::warn!(address = ad, "two packs share address {ad}: their replies will collide");
+        }
+    }
+    let named = |i: usize, ad: u8| PackPlan {
+        name: format!("pack{}", i + 1),
+        address: ad,
+    };
+    match a.tty.len() {
+        0 | 1 => Ok(vec![BusPlan {
+            link: a.tty.first().cloned(),
+            packs: addresses.iter().enumerate().map(|(i, &ad)| named(i, ad)).collect(),
+        }]),
+        n if n == addresses.len() => Ok(a
+            .tty
+            .iter()
+            .zip(addresses.iter().enumerate())
+            .map(|(t, (i, &ad))| BusPlan {
+                link: Some(t.clone()),
+                packs: vec![named(i, ad)],
+            })
+            .collect()),
+        n => Err(format!(
+            "{n} --tty paths but {} --address values: give one --tty (all packs on one bus) or one per address",
+            addresses.len()
+        )),
+    }
+}
+
+/// Lets one process hold thousands of PTYs.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn eg4(a: Eg4SimArgs) -> Result<(), String> {
+    let sets = parse_sets(&a.set)?;
+    let quirks: Vec<Eg4Quirk> = a
+        .quirks
+        .iter()
+        .map(|q| {
+            serde_json::from_value(serde_json::Value::String(q.clone())).map_err(|_| {
+                let names: Vec<_> = Eg4Quirk::ALL.iter().map(|x| x.0).collect();
+                format!("--quirk `{q}`: unknown (known: {})", names.join(", "))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let plans = plan(&a)?;
+    if a.cells < 4 || a.cells > 24 {
+        return Err(format!("--cells {}: must be 4..=24", a.cells));
+    }
+    raise_fd_limit();
+    let sys = actix::System::new();
+    let result: Result<(), String> = sys.block_on(async move {
+        let log = ObservationLog::bounded(Instant::now(), 10_000);
+        let mut buses = Vec::new();
+        let mut ttys = Vec::new();
+        let mut packs = Vec::new();
+        for (bi, bp) in plans.into_iter().enumerate() {
+            let mut devices = Vec::new();
+            for p in &bp.packs {
+                let mut cfg = PackConfig::default();
+                cfg.cells = a.cells;
+                let mut pack = Eg4Pack::new(p.address, cfg)?;
+                pack.profile = a.profile;
+                pack.protocol = a.protocol;
+                pack.quirks = quirks.clone();
+                for (k, v) in &sets {
+                    pack.set(k, *v).map_err(|e| format!("--set {k}={v}: {e}"))?;
+                }
+                let addr = Eg4PackActor::new(p.name.clone(), pack, log.clone()).start();
+                devices.push(BusDevice {
+                    name: p.name.clone(),
+                    recipient: addr.clone().recipient(),
+                });
+                packs.push(addr);
+            }
+            let cfg = BusConfig {
+                name: format!("bus{}", bi + 1),
+                baud: a.baud,
+                wire_time: a.wire_time,
+                ports: vec![BusPortSpec {
+                    name: format!("tty{}", bi + 1),
+                    link_path: bp.link.clone(),
+                }],
+                seed: 1,
+                frame_limit: Some(256),
+            };
+            let bus = BusActor::open(cfg, devices, log.clone()).map_err(|e| e.to_string())?;
+            ttys.extend(bus.port_paths().into_iter().map(|(_, p)| p));
+            buses.push(bus.start());
+        }
+        let mut endpoints = serde_json::json!({ "tty": ttys[0] });
+        if ttys.len() > 1 {
+            endpoints["ttys"] = serde_json::json!(ttys);
+        }
+        let ready = serde_json::json!({
+            "ready": true,
+            "kind": "eg4-lp4",
+            "endpoints": endpoints,
+            "profile": a.profile.name(),
+            "protocol": a.protocol,
+            "packs": packs.len(),
+        });
+        println!("{ready}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        for b in &buses {
+            // Stop the bus so its `stopped` removes the symlinks now.
+            let _ = b.send(crate::transport::bus::Shutdown).await;
+        }
+        drop(buses);
+        drop(packs);
+        Ok(())
+    });
+    result
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers we cannot shut down cleanly: wait forever
+        // on ctrl-c via the portable API instead.
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

@@ -1,0 +1,30 @@
+//! hilbench: a hardware-in-the-loop test bench. Simulated field devices that
+//! production clients cannot tell from real ones, scripted link faults, and
+//! client actors that validate real hardware.
+//!
+//! Layers, bottom up: `protocol` (sans-IO codecs) → `model` (physics) →
+//! `device` / `client` (actors) → `link` (faults + capture) → `transport`
+//! (PTY, serial, the RS-485 bus), driven by `scenario` and `cli`.
+
+pub mod cli;
+pub mod client;
+pub mod device;
+pub mod link;
+pub mod model;
+pub mod observe;
+pub mod protocol;
+pub mod scenario;
+pub mod transport;
+
+/// The Python that runs third-party clients in scenarios (`{{python}}`):
+/// `$HILBENCH_PYTHON`, else the test venv under `target/venv`, else python3.
+pub fn python_path() -> String {
+    if let Ok(p) = std::env::var("HILBENCH_PYTHON") {
+        return p;
+    }
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin/python");
+    if venv.exists() {
+        return venv.display().to_string();
+    }
+    "python3".into()
+}

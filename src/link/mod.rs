@@ -1,0 +1,9 @@
+//! Links sit between every actor and its transport: they record each frame
+//! (the capture tap) and apply the shared fault vocabulary.
+
+pub mod capture;
+pub mod fault;
+pub mod record;
+
+pub use fault::{FaultRule, FaultSpec, LinkEngine, LinkFault};
+pub use record::{Direction, FrameRecord};

@@ -1,0 +1,122 @@
+//! Observations: what actors saw, timestamped, for scenarios to assert on
+//! and reports to show. Shared by every actor of one run.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ObservationKind {
+    /// A client decoded a reading from a device.
+    Reading {
+        address: u8,
+        values: BTreeMap<String, f64>,
+        flags: Vec<String>,
+    },
+    /// A client's request failed (one attempt); `kind` is one of
+    /// timeout, crc, exception, malformed, echo, framing, io.
+    Error {
+        address: u8,
+        kind: String,
+        detail: String,
+        attempt: u32,
+    },
+    /// A client gave up on an address after its retries.
+    GaveUp { address: u8, attempts: u32 },
+    /// A device stayed silent on a frame it could not use.
+    DeviceSilent { reason: String },
+    /// Two or more devices transmitted at once.
+    Collision { devices: Vec<String> },
+    /// Bytes that could not be delivered (a port nobody reads).
+    Overflow { bytes: usize, reason: String },
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Observation {
+    /// Milliseconds since the run started.
+    pub t_ms: f64,
+    pub source: String,
+    #[serde(flatten)]
+    pub kind: ObservationKind,
+}
+
+/// The run's observation log. A mutex, not an actor, because every actor
+/// only appends and the runner only reads: no ordering to negotiate.
+#[derive(Clone, Debug)]
+pub struct ObservationLog {
+    start: Instant,
+    inner: Arc<Mutex<Vec<Observation>>>,
+    limit: Option<usize>,
+}
+
+impl ObservationLog {
+    pub fn new(start: Instant) -> Self {
+        ObservationLog {
+            start,
+            inner: Arc::new(Mutex::new(Vec::new())),
+            limit: None,
+        }
+    }
+
+    /// A log that keeps only the newest `limit` entries (for `sim`, which
+    /// runs for hours).
+    pub fn bounded(start: Instant, limit: usize) -> Self {
+        ObservationLog {
+            limit: Some(limit),
+            ..Self::new(start)
+        }
+    }
+
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    pub fn push(&self, source: &str, kind: ObservationKind) {
+        let t_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        tracing::debug!(source, ?kind, "observation");
+        let mut v = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = self.limit {
+            if v.len() >= l {
+                let excess = v.len() + 1 - l;
+                v.drain(..excess);
+            }
+        }
+        v.push(Observation {
+            t_ms,
+            source: source.to_string(),
+            kind,
+        });
+    }
+
+    pub fn snapshot(&self) -> Vec<Observation> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Observations at or after `since_ms` matching `f`.
+    pub fn count_since(&self, since_ms: f64, f: impl Fn(&Observation) -> bool) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|o| o.t_ms >= since_ms && f(o))
+            .count()
+    }
+
+    pub fn find_since(&self, since_ms: f64, f: impl Fn(&Observation) -> bool) -> Option<Observation> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .take_while(|o| o.t_ms >= since_ms)
+            .find(|o| f(o))
+            .cloned()
+    }
+
+    pub fn now_ms(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * 1000.0
+    }
+}

@@ -1,0 +1,15 @@
+//! Protocol cores for the simulated devices.
+//!
+//! Every module here is *sans-IO*: bytes in, typed values or errors out (and typed values
+//! in, bytes out). None of them touches tokio, a serial port, a clock or any other I/O, so
+//! the same code serves the simulator, the client actors, the passive sniffer, the fuzz
+//! targets and the benches. Timing (RTU silence, wire time) and transport faults are the
+//! link/transport layers' business.
+//!
+//! * [`modbus`] — Modbus RTU frame codec, stream framing, and a read-only register server.
+//! * [`eg4`] — EG4 LifePower4 register profiles (`lp4-v2`, `eg4-ll`): telemetry ⇄ registers.
+//! * [`eg4_legacy`] — the legacy EG4 `7E … 0D` binary protocol.
+
+pub mod eg4;
+pub mod eg4_legacy;
+pub mod modbus;

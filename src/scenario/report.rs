@@ -1,0 +1,67 @@
+//! Renders scenario results: a terminal summary, JSON for scripts, JUnit
+//! XML for CI.
+
+use std::path::Path;
+use std::time::Duration;
+
+use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
+
+use super::runner::ScenarioReport;
+
+pub fn summary_line(r: &ScenarioReport) -> String {
+    let status = if r.passed { "PASS" } else { "FAIL" };
+    let mut s = format!("{status} {} ({:.1}s, {})", r.name, r.duration_ms / 1000.0, r.file.display());
+    if let Some(f) = r.failure() {
+        s.push_str(&format!("\n     {}", f.replace('\n', "\n     ")));
+    }
+    s
+}
+
+pub fn to_json(reports: &[ScenarioReport]) -> serde_json::Value {
+    let passed = reports.iter().filter(|r| r.passed).count();
+    serde_json::json!({
+        "passed": passed,
+        "failed": reports.len() - passed,
+        "scenarios": reports,
+    })
+}
+
+pub fn write_junit(path: &Path, reports: &[ScenarioReport]) -> Result<(), String> {
+    let mut report = Report::new("hilbench");
+    let mut suite = TestSuite::new("scenarios");
+    for r in reports {
+        let status = if r.passed {
+            TestCaseStatus::success()
+        } else {
+            let mut s = TestCaseStatus::non_success(NonSuccessKind::Failure);
+            s.set_message(r.failure().unwrap_or_default());
+            s
+        };
+        let mut case = TestCase::new(r.name.clone(), status);
+        case.set_classname(r.file.display().to_string());
+        case.set_time(Duration::from_secs_f64(r.duration_ms / 1000.0));
+        let mut out = String::new();
+        for s in &r.steps {
+            out.push_str(&format!(
+                "[{:>8.1} ms] step {} {} {}: {}\n",
+                s.t_ms,
+                s.index,
+                s.step,
+                if s.passed { "ok" } else { "FAILED" },
+                s.message
+            ));
+        }
+        for p in &r.processes {
+            out.push_str(&format!("--- process {} ({}) exit {:?}\n", p.name, p.command, p.exit_code));
+            for l in &p.output {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        case.set_system_out(out);
+        suite.add_test_case(case);
+    }
+    report.add_test_suite(suite);
+    let xml = report.to_string().map_err(|e| e.to_string())?;
+    std::fs::write(path, xml).map_err(|e| format!("{}: {e}", path.display()))
+}

@@ -1,0 +1,785 @@
+//! Executes one scenario: builds its devices, buses, clients and processes,
+//! walks the timeline, and always tears everything down (no PTY, symlink or
+//! process survives a run, whether it passed, failed or could not start).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use serde::Serialize;
+
+use super::process::{ProcessReport, RunningProcess};
+use super::spec::*;
+use crate::client::legacy::LegacyPoll;
+use crate::client::modbus_master::ModbusPoll;
+use crate::client::poller::{ClientClearFaults, ClientFault, ClientFrames, PollerActor, PollerConfig};
+use crate::client::sniffer::{SnifferActor, SnifferConfig};
+use crate::device::eg4::{Eg4PackActor, SetState};
+use crate::device::eg4_core::Eg4Pack;
+use crate::link::capture::PcapngCapture;
+use crate::link::record::FrameRecord;
+use crate::model::PackConfig;
+use crate::observe::{Observation, ObservationKind, ObservationLog};
+use crate::protocol::eg4::RegisterProfile;
+use crate::transport::bus::{BusActor, BusConfig, BusDevice, BusFrames, BusPortSpec, ClearFaults, InjectFault};
+
+const DEFAULT_WITHIN: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Overrides the scenario's seed.
+    pub seed: Option<u64>,
+    /// Write one pcapng per link here.
+    pub capture_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub index: usize,
+    pub step: &'static str,
+    pub passed: bool,
+    pub message: String,
+    pub t_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioReport {
+    pub name: String,
+    pub file: PathBuf,
+    pub passed: bool,
+    pub seed: u64,
+    pub duration_ms: f64,
+    /// Why the scenario could not run at all (setup failed).
+    pub error: Option<String>,
+    pub steps: Vec<StepReport>,
+    pub processes: Vec<ProcessReport>,
+    pub captures: Vec<PathBuf>,
+    #[serde(skip)]
+    pub frames: Vec<FrameRecord>,
+    #[serde(skip)]
+    pub observations: Vec<Observation>,
+}
+
+impl ScenarioReport {
+    pub fn failure(&self) -> Option<String> {
+        if let Some(e) = &self.error {
+            return Some(e.clone());
+        }
+        self.steps
+            .iter()
+            .find(|s| !s.passed)
+            .map(|s| format!("step {} ({}): {}", s.index, s.step, s.message))
+    }
+}
+
+/// The runner actor: one scenario per message, each in the System the
+/// caller started.
+pub struct ScenarioRunner;
+
+impl Actor for ScenarioRunner {
+    type Context = Context<Self>;
+}
+
+#[derive(Message)]
+#[rtype(result = "ScenarioReport")]
+pub struct RunScenario {
+    pub scenario: Scenario,
+    pub file: PathBuf,
+    pub options: RunOptions,
+}
+
+impl Handler<RunScenario> for ScenarioRunner {
+    type Result = ResponseFuture<ScenarioReport>;
+    fn handle(&mut self, msg: RunScenario, _ctx: &mut Context<Self>) -> Self::Result {
+        Box::pin(run_scenario(msg.scenario, msg.file, msg.options))
+    }
+}
+
+/// Runs a scenario file in a fresh actor system on this thread.
+pub fn run_file_blocking(scenario: Scenario, file: PathBuf, options: RunOptions) -> ScenarioReport {
+    let sys = actix::System::new();
+    sys.block_on(async move {
+        let runner = ScenarioRunner.start();
+        match runner.send(RunScenario { scenario, file: file.clone(), options }).await {
+            Ok(r) => r,
+            Err(e) => ScenarioReport {
+                name: file.display().to_string(),
+                file,
+                passed: false,
+                seed: 0,
+                duration_ms: 0.0,
+                error: Some(format!("runner failed: {e}")),
+                steps: vec![],
+                processes: vec![],
+                captures: vec![],
+                frames: vec![],
+                observations: vec![],
+            },
+        }
+    })
+}
+
+enum ClientAddr {
+    Modbus(Addr<PollerActor<ModbusPoll>>),
+    Legacy(Addr<PollerActor<LegacyPoll>>),
+    Sniffer(#[allow(dead_code)] Addr<SnifferActor>),
+}
+
+/// Everything a running scenario owns. Dropping it stops the actors.
+struct World {
+    log: ObservationLog,
+    wall_start_ns: u64,
+    buses: Vec<(Vec<String>, Addr<BusActor>)>,
+    packs: BTreeMap<String, Addr<Eg4PackActor>>,
+    clients: BTreeMap<String, ClientAddr>,
+    processes: Vec<RunningProcess>,
+    vars: BTreeMap<String, String>,
+    _tmp: tempfile::TempDir,
+}
+
+async fn run_scenario(scenario: Scenario, file: PathBuf, options: RunOptions) -> ScenarioReport {
+    let started = Instant::now();
+    let seed = options.seed.unwrap_or(scenario.seed);
+    let mut report = ScenarioReport {
+        name: scenario.name.clone(),
+        file: file.clone(),
+        passed: false,
+        seed,
+        duration_ms: 0.0,
+        error: None,
+        steps: vec![],
+        processes: vec![],
+        captures: vec![],
+        frames: vec![],
+        observations: vec![],
+    };
+    let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut world = match build_world(&scenario, seed, &base_dir).await {
+        Ok(w) => w,
+        Err((e, partial)) => {
+            report.error = Some(e);
+            if let Some(w) = partial {
+                teardown(w, &mut report, &options, &scenario).await;
+            }
+            report.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            return report;
+        }
+    };
+    let limit = scenario.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(120));
+    let timeline = run_steps(&scenario, &mut world, &mut report);
+    if tokio::time::timeout(limit, timeline).await.is_err() {
+        report.steps.push(StepReport {
+            index: report.steps.len() + 1,
+            step: "timeout",
+            passed: false,
+            message: format!("scenario exceeded its timeout of {}", humantime::format_duration(limit)),
+            t_ms: world.log.now_ms(),
+        });
+    }
+    report.passed = report.steps.iter().all(|s| s.passed);
+    teardown(world, &mut report, &options, &scenario).await;
+    report.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    report
+}
+
+async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<World, (String, Option<World>)> {
+    let tmp = tempfile::Builder::new()
+        .prefix("hilbench-")
+        .tempdir()
+        .map_err(|e| (format!("cannot create a temporary directory: {e}"), None))?;
+    let log = ObservationLog::new(Instant::now());
+    let wall_start_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut world = World {
+        log: log.clone(),
+        wall_start_ns,
+        buses: vec![],
+        packs: BTreeMap::new(),
+        clients: BTreeMap::new(),
+        processes: vec![],
+        vars: BTreeMap::new(),
+        _tmp: tmp,
+    };
+    world.vars.insert("scenario_dir".into(), base_dir.display().to_string());
+    world.vars.insert("python".into(), crate::python_path());
+    world.vars.insert("seed".into(), seed.to_string());
+
+    for bus in &scenario.buses {
+        let mut devices = Vec::new();
+        for d in scenario.devices.iter().filter(|d| d.bus == bus.name) {
+            let pack = match make_pack(d) {
+                Ok(p) => p,
+                Err(e) => return Err((format!("device `{}`: {e}", d.name), Some(world))),
+            };
+            let addr = Eg4PackActor::new(d.name.clone(), pack, log.clone()).start();
+            devices.push(BusDevice {
+                name: d.name.clone(),
+                recipient: addr.clone().recipient(),
+            });
+            world.packs.insert(d.name.clone(), addr);
+        }
+        let cfg = BusConfig {
+            name: bus.name.clone(),
+            baud: bus.baud,
+            wire_time: bus.wire_time,
+            ports: bus
+                .ports
+                .iter()
+                .map(|p| BusPortSpec {
+                    name: p.clone(),
+                    link_path: Some(world._tmp.path().join(format!("{p}.tty"))),
+                })
+                .collect(),
+            seed,
+            frame_limit: None,
+        };
+        let actor = match BusActor::open(cfg, devices, log.clone()) {
+            Ok(a) => a,
+            Err(e) => return Err((format!("bus `{}`: {e}", bus.name), Some(world))),
+        };
+        for (name, path) in actor.port_paths() {
+            world.vars.insert(format!("port.{name}"), path.display().to_string());
+        }
+        let names = actor.link_names();
+        world.buses.push((names, actor.start()));
+    }
+
+    for c in &scenario.clients {
+        let port = match world.vars.get(&format!("port.{}", c.port)) {
+            Some(p) => PathBuf::from(p),
+            None => PathBuf::from(&c.port),
+        };
+        let profile = c.profile.unwrap_or(RegisterProfile::Lp4V2);
+        let poller = PollerConfig {
+            name: c.name.clone(),
+            port: port.clone(),
+            baud: c.baud,
+            addresses: c.addresses.clone(),
+            interval: c.interval.map(|d| d.0).unwrap_or(Duration::from_millis(200)),
+            timeout: c.timeout.map(|d| d.0).unwrap_or(Duration::from_millis(500)),
+            retries: c.retries.unwrap_or(2),
+            publish_readings: c.kind != "inverter-master",
+            seed,
+        };
+        let started = match c.kind.as_str() {
+            "modbus-master" | "inverter-master" => {
+                PollerActor::open(poller, ModbusPoll { profile }, log.clone()).map(|a| ClientAddr::Modbus(a.start()))
+            }
+            "legacy-client" => PollerActor::open(poller, LegacyPoll, log.clone()).map(|a| ClientAddr::Legacy(a.start())),
+            "modbus-sniffer" => SnifferActor::open(
+                SnifferConfig {
+                    name: c.name.clone(),
+                    port,
+                    baud: c.baud,
+                    profile,
+                },
+                log.clone(),
+            )
+            .map(|a| ClientAddr::Sniffer(a.start())),
+            other => unreachable!("client kind `{other}` passed validation"),
+        };
+        match started {
+            Ok(a) => {
+                world.clients.insert(c.name.clone(), a);
+            }
+            Err(e) => return Err((format!("client `{}`: {e}", c.name), Some(world))),
+        }
+    }
+
+    for p in &scenario.processes {
+        let proc = match RunningProcess::start(p, &world.vars, base_dir).await {
+            Ok(p) => p,
+            Err(e) => return Err((e, Some(world))),
+        };
+        world.processes.push(proc);
+        if let Some(ready) = &p.ready {
+            let limit = p.ready_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(10));
+            let deadline = Instant::now() + limit;
+            let proc = world.processes.last_mut().expect("just pushed");
+            loop {
+                if proc.has_line(ready) {
+                    break;
+                }
+                if let Some(code) = proc.poll_exit() {
+                    let tail = proc.tail(10).join("\n  ");
+                    return Err((
+                        format!(
+                            "process `{}` exited with code {code} before printing its ready line `{ready}`; last output:\n  {tail}",
+                            p.name
+                        ),
+                        Some(world),
+                    ));
+                }
+                if Instant::now() > deadline {
+                    let tail = proc.tail(10).join("\n  ");
+                    return Err((
+                        format!(
+                            "process `{}` did not print its ready line `{ready}` within {}; last output:\n  {tail}",
+                            p.name,
+                            humantime::format_duration(limit)
+                        ),
+                        Some(world),
+                    ));
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+    Ok(world)
+}
+
+fn make_pack(d: &DeviceSpec) -> Result<Eg4Pack, String> {
+    let mut cfg = PackConfig::default();
+    if let Some(c) = d.cells {
+        cfg.cells = c;
+    }
+    if let Some(n) = d.ntc {
+        cfg.ntc = n;
+    }
+    let mut pack = Eg4Pack::new(d.address, cfg)?;
+    if let Some(p) = d.profile {
+        pack.profile = p;
+    }
+    if let Some(p) = d.protocol {
+        pack.protocol = p;
+    }
+    pack.quirks = d.quirks.clone();
+    for (k, v) in &d.state {
+        pack.set(k, *v)?;
+    }
+    Ok(pack)
+}
+
+async fn run_steps(scenario: &Scenario, world: &mut World, report: &mut ScenarioReport) {
+    for (i, step) in scenario.steps.iter().enumerate() {
+        let t_ms = world.log.now_ms();
+        let result = run_step(step, world).await;
+        let passed = result.is_ok();
+        let message = match result {
+            Ok(m) => m,
+            Err(m) => m,
+        };
+        tracing::info!(step = i + 1, kind = step.label(), passed, "{message}");
+        report.steps.push(StepReport {
+            index: i + 1,
+            step: step.label(),
+            passed,
+            message,
+            t_ms,
+        });
+        if !passed {
+            break;
+        }
+    }
+}
+
+fn within(d: Option<Dur>) -> Duration {
+    d.map(|d| d.0).unwrap_or(DEFAULT_WITHIN)
+}
+
+/// Checks `count()` against `at_least`/`at_most` over a window: passes as
+/// soon as `at_least` is met (when there is no `at_most`), otherwise waits
+/// the window out.
+async fn count_check(
+    at_least: Option<usize>,
+    at_most: Option<usize>,
+    window: Duration,
+    what: &str,
+    count: impl Fn() -> usize,
+) -> Result<String, String> {
+    let deadline = Instant::now() + window;
+    loop {
+        let n = count();
+        if let Some(max) = at_most {
+            if n > max {
+                return Err(format!("{n} {what}, expected at most {max}"));
+            }
+        }
+        if at_most.is_none() && at_least.map_or(true, |m| n >= m) {
+            return Ok(format!("{n} {what}"));
+        }
+        if Instant::now() >= deadline {
+            return match at_least {
+                Some(m) if n < m => Err(format!(
+                    "{n} {what} within {}, expected at least {m}",
+                    humantime::format_duration(window)
+                )),
+                _ => Ok(format!("{n} {what}")),
+            };
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
+    let log = world.log.clone();
+    let step_start = log.now_ms();
+    match step {
+        Step::Wait(d) => {
+            tokio::time::sleep(d.0).await;
+            Ok(format!("waited {}", humantime::format_duration(d.0)))
+        }
+        Step::Set(s) => {
+            let pack = world.packs.get(&s.device).ok_or_else(|| format!("no device `{}`", s.device))?;
+            for (k, v) in &s.state {
+                pack.send(SetState { key: k.clone(), value: *v })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("{}: {e}", s.device))?;
+            }
+            Ok(format!("{}: {:?}", s.device, s.state))
+        }
+        Step::Fault(f) => {
+            let link = f.link.clone().unwrap_or_default();
+            let rule = f.clone().into_rule()?;
+            let desc = format!("{} on {}", rule.fault.name(), link);
+            if let Some(c) = world.clients.get(&link) {
+                match c {
+                    ClientAddr::Modbus(a) => a.send(ClientFault(rule)).await.map_err(|e| e.to_string())?,
+                    ClientAddr::Legacy(a) => a.send(ClientFault(rule)).await.map_err(|e| e.to_string())?,
+                    ClientAddr::Sniffer(_) => return Err(format!("`{link}` is a passive sniffer: it has no link to fault; fault its bus port instead")),
+                }
+                return Ok(desc);
+            }
+            let bus = world
+                .buses
+                .iter()
+                .find(|(names, _)| names.contains(&link))
+                .ok_or_else(|| format!("no link `{link}`"))?;
+            bus.1.send(InjectFault { link, rule }).await.map_err(|e| e.to_string())??;
+            Ok(desc)
+        }
+        Step::ClearFaults(c) => {
+            if let Some(cl) = world.clients.get(&c.link) {
+                match cl {
+                    ClientAddr::Modbus(a) => a.send(ClientClearFaults).await.map_err(|e| e.to_string())?,
+                    ClientAddr::Legacy(a) => a.send(ClientClearFaults).await.map_err(|e| e.to_string())?,
+                    ClientAddr::Sniffer(_) => {}
+                }
+                return Ok(format!("cleared {}", c.link));
+            }
+            let bus = world
+                .buses
+                .iter()
+                .find(|(names, _)| names.contains(&c.link))
+                .ok_or_else(|| format!("no link `{}`", c.link))?;
+            bus.1
+                .send(ClearFaults { link: c.link.clone() })
+                .await
+                .map_err(|e| e.to_string())??;
+            Ok(format!("cleared {}", c.link))
+        }
+        Step::ExpectReading(e) => {
+            let window = within(e.within);
+            let deadline = Instant::now() + window;
+            let tol = e.tolerance.unwrap_or(0.0);
+            let ok = |v: f64| {
+                e.equals.map_or(true, |x| (v - x).abs() <= tol)
+                    && e.min.map_or(true, |m| v >= m)
+                    && e.max.map_or(true, |m| v <= m)
+            };
+            let mut last: Option<f64> = None;
+            loop {
+                let found = log.find_since(step_start, |o| {
+                    o.source == e.client
+                        && matches!(&o.kind, ObservationKind::Reading { address, values, .. }
+                            if e.address.map_or(true, |a| a == *address) && values.contains_key(&e.field))
+                });
+                if let Some(Observation {
+                    kind: ObservationKind::Reading { values, .. },
+                    t_ms,
+                    ..
+                }) = found
+                {
+                    let v = values[&e.field];
+                    last = Some(v);
+                    if ok(v) {
+                        return Ok(format!("{} = {v} at {:.0} ms", e.field, t_ms));
+                    }
+                }
+                if Instant::now() >= deadline {
+                    let want = describe_bounds(e);
+                    return Err(match last {
+                        Some(v) => format!(
+                            "{} from `{}` was {v}, expected {want} (waited {})",
+                            e.field,
+                            e.client,
+                            humantime::format_duration(window)
+                        ),
+                        None => {
+                            let errs = log.count_since(step_start, |o| {
+                                o.source == e.client && matches!(o.kind, ObservationKind::Error { .. })
+                            });
+                            format!(
+                                "no reading with `{}` from `{}` within {} ({errs} errors meanwhile)",
+                                e.field,
+                                e.client,
+                                humantime::format_duration(window)
+                            )
+                        }
+                    });
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        Step::ExpectFlag(e) => {
+            let window = within(e.within);
+            let deadline = Instant::now() + window;
+            loop {
+                let found = log.find_since(step_start, |o| {
+                    o.source == e.client
+                        && matches!(&o.kind, ObservationKind::Reading { address, .. }
+                            if e.address.map_or(true, |a| a == *address))
+                });
+                let mut seen_flags = None;
+                if let Some(Observation {
+                    kind: ObservationKind::Reading { flags, .. },
+                    ..
+                }) = found
+                {
+                    if flags.contains(&e.flag) == e.present {
+                        return Ok(format!("flag {} {}", e.flag, if e.present { "present" } else { "absent" }));
+                    }
+                    seen_flags = Some(flags);
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "flag `{}` expected {} in readings from `{}` within {}; last flags: {}",
+                        e.flag,
+                        if e.present { "present" } else { "absent" },
+                        e.client,
+                        humantime::format_duration(window),
+                        seen_flags.map_or("(no reading)".to_string(), |f| format!("{f:?}"))
+                    ));
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        Step::ExpectErrors(e) => {
+            let since = if e.since_start { 0.0 } else { step_start };
+            let what = format!("{} errors from `{}`", e.kind.as_deref().unwrap_or("any"), e.client);
+            count_check(e.at_least, e.at_most, within(e.within), &what, || {
+                log.count_since(since, |o| {
+                    o.source == e.client
+                        && match &o.kind {
+                            ObservationKind::Error { address, kind, .. } => {
+                                e.address.map_or(true, |a| a == *address)
+                                    && e.kind.as_deref().map_or(true, |k| k == kind)
+                            }
+                            ObservationKind::GaveUp { address, .. } => {
+                                e.address.map_or(true, |a| a == *address) && e.kind.as_deref() == Some("gave_up")
+                            }
+                            _ => false,
+                        }
+                })
+            })
+            .await
+        }
+        Step::ExpectObservation(e) => {
+            let since = if e.since_start { 0.0 } else { step_start };
+            let what = format!("{} observations", e.kind);
+            count_check(e.at_least, e.at_most, within(e.within), &what, || {
+                log.count_since(since, |o| {
+                    e.source.as_deref().map_or(true, |s| s == o.source)
+                        && matches!(
+                            (&o.kind, e.kind.as_str()),
+                            (ObservationKind::Collision { .. }, "collision")
+                                | (ObservationKind::DeviceSilent { .. }, "device_silent")
+                                | (ObservationKind::Overflow { .. }, "overflow")
+                        )
+                })
+            })
+            .await
+        }
+        Step::ExpectFrames(e) => {
+            let since_ns = world.wall_start_ns + (step_start * 1e6) as u64;
+            let window = within(e.within);
+            let deadline = Instant::now() + window;
+            let what = format!("frames on `{}`", e.link);
+            loop {
+                let frames = collect_frames(world).await;
+                let n = frames
+                    .iter()
+                    .filter(|f| {
+                        f.link == e.link && f.timestamp_ns >= since_ns && e.direction.map_or(true, |d| d == f.direction)
+                    })
+                    .count();
+                let done = Instant::now() >= deadline;
+                if let Some(max) = e.at_most {
+                    if n > max {
+                        return Err(format!("{n} {what}, expected at most {max}"));
+                    }
+                }
+                let enough = e.at_least.map_or(true, |m| n >= m);
+                if (enough && e.at_most.is_none()) || done {
+                    return if enough {
+                        Ok(format!("{n} {what}"))
+                    } else {
+                        Err(format!(
+                            "{n} {what} within {}, expected at least {}",
+                            humantime::format_duration(window),
+                            e.at_least.unwrap_or(0)
+                        ))
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Step::ExpectOutput(e) => {
+            let window = within(e.within);
+            let deadline = Instant::now() + window;
+            let p = world
+                .processes
+                .iter()
+                .find(|p| p.name == e.process)
+                .ok_or_else(|| format!("no process `{}`", e.process))?;
+            loop {
+                if p.has_line(&e.contains) {
+                    return Ok(format!("`{}` printed `{}`", e.process, e.contains));
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "`{}` did not print `{}` within {}; last output:\n  {}",
+                        e.process,
+                        e.contains,
+                        humantime::format_duration(window),
+                        p.tail(10).join("\n  ")
+                    ));
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        Step::ExpectExit(e) => {
+            let window = within(e.within);
+            let deadline = Instant::now() + window;
+            let p = world
+                .processes
+                .iter_mut()
+                .find(|p| p.name == e.process)
+                .ok_or_else(|| format!("no process `{}`", e.process))?;
+            loop {
+                if let Some(code) = p.poll_exit() {
+                    return match e.code {
+                        Some(want) if want != code => Err(format!(
+                            "`{}` exited with {code}, expected {want}; last output:\n  {}",
+                            e.process,
+                            p.tail(10).join("\n  ")
+                        )),
+                        _ => Ok(format!("`{}` exited with {code}", e.process)),
+                    };
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "`{}` still running after {}",
+                        e.process,
+                        humantime::format_duration(window)
+                    ));
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+}
+
+fn describe_bounds(e: &ExpectReading) -> String {
+    let mut parts = vec![];
+    if let Some(x) = e.equals {
+        parts.push(format!("{x} ± {}", e.tolerance.unwrap_or(0.0)));
+    }
+    if let Some(m) = e.min {
+        parts.push(format!(">= {m}"));
+    }
+    if let Some(m) = e.max {
+        parts.push(format!("<= {m}"));
+    }
+    parts.join(" and ")
+}
+
+async fn collect_frames(world: &World) -> Vec<FrameRecord> {
+    let mut all = Vec::new();
+    for (_, bus) in &world.buses {
+        if let Ok(f) = bus.send(BusFrames).await {
+            all.extend(f);
+        }
+    }
+    for c in world.clients.values() {
+        let f = match c {
+            ClientAddr::Modbus(a) => a.send(ClientFrames).await.ok(),
+            ClientAddr::Legacy(a) => a.send(ClientFrames).await.ok(),
+            ClientAddr::Sniffer(_) => None,
+        };
+        all.extend(f.unwrap_or_default());
+    }
+    all.sort_by_key(|f| f.timestamp_ns);
+    all
+}
+
+async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOptions, scenario: &Scenario) {
+    let frames = collect_frames(&world).await;
+    let World {
+        log,
+        buses,
+        packs,
+        clients,
+        processes,
+        ..
+    } = world;
+    for p in processes {
+        report.processes.push(p.stop().await);
+    }
+    for (_, c) in clients {
+        match c {
+            ClientAddr::Modbus(a) => drop(a),
+            ClientAddr::Legacy(a) => drop(a),
+            ClientAddr::Sniffer(a) => drop(a),
+        }
+    }
+    drop(buses);
+    drop(packs);
+    if let Some(dir) = &options.capture_dir {
+        match write_captures(dir, &scenario.name, &frames) {
+            Ok(files) => report.captures = files,
+            Err(e) => {
+                report.passed = false;
+                report.error.get_or_insert(format!("capture: {e}"));
+            }
+        }
+    }
+    report.frames = frames;
+    report.observations = log.snapshot();
+}
+
+pub fn slug(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect::<String>()
+        .split('-')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// One pcapng per link under `dir/<scenario>/`.
+fn write_captures(dir: &Path, scenario: &str, frames: &[FrameRecord]) -> Result<Vec<PathBuf>, String> {
+    let sdir = dir.join(slug(scenario));
+    std::fs::create_dir_all(&sdir).map_err(|e| format!("{}: {e}", sdir.display()))?;
+    let mut by_link: BTreeMap<&str, Vec<&FrameRecord>> = BTreeMap::new();
+    for f in frames {
+        by_link.entry(&f.link).or_default().push(f);
+    }
+    let mut files = vec![];
+    for (link, recs) in by_link {
+        let path = sdir.join(format!("{}.pcapng", slug(link)));
+        let mut cap = PcapngCapture::create(&path, link).map_err(|e| format!("{}: {e}", path.display()))?;
+        for r in recs {
+            cap.write(r).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        cap.finish();
+        files.push(path);
+    }
+    Ok(files)
+}

@@ -1,0 +1,535 @@
+//! The scenario file format. Every struct denies unknown keys: a typo in a
+//! regression suite must fail loudly, not be skipped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::device::eg4_core::{Eg4Protocol, Eg4Quirk};
+use crate::link::fault::FaultSpec;
+use crate::link::record::Direction;
+use crate::protocol::eg4::RegisterProfile;
+
+/// A duration written as `500ms`, `2s`, `1m 30s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration `{s}` ({e}); write e.g. 500ms, 2s, 1m")))
+    }
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Seeds every random choice (probabilistic faults, jitter).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Hard limit for the whole scenario.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    #[serde(default)]
+    pub buses: Vec<BusSpec>,
+    #[serde(default)]
+    pub devices: Vec<DeviceSpec>,
+    #[serde(default)]
+    pub clients: Vec<ClientSpec>,
+    #[serde(default)]
+    pub processes: Vec<ProcessSpec>,
+    /// Each step is a one-key map (`- wait: 1s`), not a YAML tag.
+    #[serde(with = "yaml_serde::with::singleton_map_recursive")]
+    pub steps: Vec<Step>,
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusSpec {
+    pub name: String,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// Emulate wire time at `baud` (10 bit-times per byte, RTU silence).
+    #[serde(default)]
+    pub wire_time: bool,
+    /// PTY ports on this bus. Each is a link (faults apply per port) and a
+    /// path that clients and processes open: `{{port.NAME}}` in templates.
+    pub ports: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSpec {
+    pub name: String,
+    pub kind: String,
+    pub bus: String,
+    pub address: u8,
+    #[serde(default)]
+    pub profile: Option<RegisterProfile>,
+    #[serde(default)]
+    pub protocol: Option<Eg4Protocol>,
+    #[serde(default)]
+    pub cells: Option<usize>,
+    #[serde(default)]
+    pub ntc: Option<usize>,
+    #[serde(default)]
+    pub quirks: Vec<Eg4Quirk>,
+    /// Initial state: any key `hilbench sim eg4-lp4 --help` lists.
+    #[serde(default)]
+    pub state: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSpec {
+    pub name: String,
+    /// modbus-master | inverter-master | modbus-sniffer | legacy-client
+    pub kind: String,
+    /// A bus port (`PORT`) or, in real-hardware mode, a tty path.
+    pub port: String,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    #[serde(default)]
+    pub addresses: Vec<u8>,
+    #[serde(default)]
+    pub profile: Option<RegisterProfile>,
+    #[serde(default)]
+    pub interval: Option<Dur>,
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    #[serde(default)]
+    pub retries: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    pub name: String,
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// Wait for a line containing this before the timeline starts.
+    #[serde(default)]
+    pub ready: Option<String>,
+    /// How long to wait for `ready` (default 10s).
+    #[serde(default)]
+    pub ready_timeout: Option<Dur>,
+}
+
+/// What to count or compare a reading against.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectReading {
+    pub client: String,
+    #[serde(default)]
+    pub address: Option<u8>,
+    pub field: String,
+    #[serde(default)]
+    pub equals: Option<f64>,
+    #[serde(default)]
+    pub tolerance: Option<f64>,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    #[serde(default)]
+    pub within: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectFlag {
+    pub client: String,
+    #[serde(default)]
+    pub address: Option<u8>,
+    /// e.g. `protection:cell_ov`, `warning:charge_ot`, `cell_ov_flag:3`.
+    pub flag: String,
+    #[serde(default = "yes")]
+    pub present: bool,
+    #[serde(default)]
+    pub within: Option<Dur>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Counts observations from the moment the step starts (or from the start
+/// of the run with `since_start: true`). With `at_most`, the whole `within`
+/// window is waited out.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectErrors {
+    pub client: String,
+    #[serde(default)]
+    pub address: Option<u8>,
+    /// timeout | crc | exception | malformed | framing | echo | io | gave_up
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub at_least: Option<usize>,
+    #[serde(default)]
+    pub at_most: Option<usize>,
+    #[serde(default)]
+    pub within: Option<Dur>,
+    #[serde(default)]
+    pub since_start: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectObservation {
+    /// collision | device_silent | overflow
+    pub kind: String,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub at_least: Option<usize>,
+    #[serde(default)]
+    pub at_most: Option<usize>,
+    #[serde(default)]
+    pub within: Option<Dur>,
+    #[serde(default)]
+    pub since_start: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectFrames {
+    pub link: String,
+    #[serde(default)]
+    pub direction: Option<Direction>,
+    #[serde(default)]
+    pub at_least: Option<usize>,
+    #[serde(default)]
+    pub at_most: Option<usize>,
+    #[serde(default)]
+    pub within: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectOutput {
+    pub process: String,
+    pub contains: String,
+    #[serde(default)]
+    pub within: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectExit {
+    pub process: String,
+    #[serde(default)]
+    pub code: Option<i32>,
+    #[serde(default)]
+    pub within: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetStep {
+    pub device: String,
+    pub state: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClearStep {
+    pub link: String,
+}
+
+/// One timeline step: a map with exactly one of these keys.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    Wait(Dur),
+    Set(SetStep),
+    Fault(FaultSpec),
+    ClearFaults(ClearStep),
+    ExpectReading(ExpectReading),
+    ExpectFlag(ExpectFlag),
+    ExpectErrors(ExpectErrors),
+    ExpectObservation(ExpectObservation),
+    ExpectFrames(ExpectFrames),
+    ExpectOutput(ExpectOutput),
+    ExpectExit(ExpectExit),
+}
+
+impl Step {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Step::Wait(_) => "wait",
+            Step::Set(_) => "set",
+            Step::Fault(_) => "fault",
+            Step::ClearFaults(_) => "clear_faults",
+            Step::ExpectReading(_) => "expect_reading",
+            Step::ExpectFlag(_) => "expect_flag",
+            Step::ExpectErrors(_) => "expect_errors",
+            Step::ExpectObservation(_) => "expect_observation",
+            Step::ExpectFrames(_) => "expect_frames",
+            Step::ExpectOutput(_) => "expect_output",
+            Step::ExpectExit(_) => "expect_exit",
+        }
+    }
+}
+
+/// A scenario file that could not be read, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("{file}: {reason}")]
+    Io { file: PathBuf, reason: String },
+    #[error("{file}:{line}:{column}: {reason}")]
+    Parse {
+        file: PathBuf,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+    #[error("{file}: {reason}")]
+    Invalid { file: PathBuf, reason: String },
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ScenarioError::Io {
+            file: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
+        let s: Scenario = yaml_serde::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+            ScenarioError::Parse {
+                file: path.to_path_buf(),
+                line,
+                column,
+                reason: e.to_string(),
+            }
+        })?;
+        s.validate().map_err(|reason| ScenarioError::Invalid {
+            file: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(s)
+    }
+
+    /// Cross-references a parser cannot check: names that must exist,
+    /// names that must be unique, fault parameters, state keys.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut links: Vec<&str> = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut unique = |kind: &str, n: &str| -> Result<(), String> {
+            if !seen.insert(n.to_string()) {
+                return Err(format!("{kind} name `{n}` is used twice (names of buses, ports, devices, clients and processes must be unique)"));
+            }
+            Ok(())
+        };
+        for b in &self.buses {
+            unique("bus", &b.name)?;
+            if b.ports.is_empty() {
+                return Err(format!("bus `{}` has no ports: a bus needs at least one PTY port", b.name));
+            }
+            for p in &b.ports {
+                unique("port", p)?;
+                links.push(p);
+            }
+        }
+        let ports: Vec<&str> = self.buses.iter().flat_map(|b| b.ports.iter().map(String::as_str)).collect();
+        for d in &self.devices {
+            unique("device", &d.name)?;
+            links.push(&d.name);
+            if d.kind != "eg4-lp4" {
+                let kinds: Vec<_> = crate::device::DEVICE_KINDS.iter().map(|k| k.0).collect();
+                return Err(format!("device `{}`: unknown kind `{}` (known: {})", d.name, d.kind, kinds.join(", ")));
+            }
+            if !self.buses.iter().any(|b| b.name == d.bus) {
+                return Err(format!("device `{}` is on bus `{}`, which is not declared under `buses`", d.name, d.bus));
+            }
+            if d.address == 0 || d.address > 247 {
+                return Err(format!("device `{}`: address {} is outside 1..=247", d.name, d.address));
+            }
+        }
+        for c in &self.clients {
+            unique("client", &c.name)?;
+            links.push(&c.name);
+            if !crate::client::CLIENT_KINDS.iter().any(|k| k.0 == c.kind) {
+                let kinds: Vec<_> = crate::client::CLIENT_KINDS.iter().map(|k| k.0).collect();
+                return Err(format!("client `{}`: unknown kind `{}` (known: {})", c.name, c.kind, kinds.join(", ")));
+            }
+            if !ports.contains(&c.port.as_str()) && !c.port.starts_with('/') {
+                return Err(format!(
+                    "client `{}`: port `{}` is neither a bus port ({}) nor a tty path",
+                    c.name,
+                    c.port,
+                    ports.join(", ")
+                ));
+            }
+            if c.kind != "modbus-sniffer" && c.addresses.is_empty() {
+                return Err(format!("client `{}` has no `addresses` to poll", c.name));
+            }
+        }
+        for p in &self.processes {
+            unique("process", &p.name)?;
+        }
+        let device = |n: &str| self.devices.iter().any(|d| d.name == n);
+        let client = |n: &str| self.clients.iter().any(|c| c.name == n);
+        let process = |n: &str| self.processes.iter().any(|p| p.name == n);
+        let link = |n: &str| links.contains(&n);
+        for (i, step) in self.steps.iter().enumerate() {
+            let at = format!("step {} ({})", i + 1, step.label());
+            let missing = |what: &str, n: &str| format!("{at}: no {what} named `{n}`");
+            match step {
+                Step::Wait(_) => {}
+                Step::Set(s) => {
+                    if !device(&s.device) {
+                        return Err(missing("device", &s.device));
+                    }
+                    for k in s.state.keys() {
+                        check_state_key(k).map_err(|e| format!("{at}: {e}"))?;
+                    }
+                }
+                Step::Fault(f) => {
+                    let l = f.link.as_deref().ok_or_else(|| format!("{at}: give the `link` to put the fault on"))?;
+                    if !link(l) {
+                        return Err(format!("{at}: no link `{l}` (links: {})", links.join(", ")));
+                    }
+                    f.clone().into_rule().map_err(|e| format!("{at}: {e}"))?;
+                }
+                Step::ClearFaults(c) => {
+                    if !link(&c.link) {
+                        return Err(format!("{at}: no link `{}` (links: {})", c.link, links.join(", ")));
+                    }
+                }
+                Step::ExpectReading(e) => {
+                    if !client(&e.client) {
+                        return Err(missing("client", &e.client));
+                    }
+                    if e.equals.is_none() && e.min.is_none() && e.max.is_none() {
+                        return Err(format!("{at}: give `equals`, `min` or `max`"));
+                    }
+                }
+                Step::ExpectFlag(e) => {
+                    if !client(&e.client) {
+                        return Err(missing("client", &e.client));
+                    }
+                }
+                Step::ExpectErrors(e) => {
+                    if !client(&e.client) {
+                        return Err(missing("client", &e.client));
+                    }
+                    if e.at_least.is_none() && e.at_most.is_none() {
+                        return Err(format!("{at}: give `at_least` and/or `at_most`"));
+                    }
+                }
+                Step::ExpectObservation(e) => {
+                    if !["collision", "device_silent", "overflow"].contains(&e.kind.as_str()) {
+                        return Err(format!("{at}: kind must be collision, device_silent or overflow"));
+                    }
+                    if e.at_least.is_none() && e.at_most.is_none() {
+                        return Err(format!("{at}: give `at_least` and/or `at_most`"));
+                    }
+                }
+                Step::ExpectFrames(e) => {
+                    if !link(&e.link) {
+                        return Err(format!("{at}: no link `{}` (links: {})", e.link, links.join(", ")));
+                    }
+                    if e.at_least.is_none() && e.at_most.is_none() {
+                        return Err(format!("{at}: give `at_least` and/or `at_most`"));
+                    }
+                }
+                Step::ExpectOutput(e) => {
+                    if !process(&e.process) {
+                        return Err(missing("process", &e.process));
+                    }
+                }
+                Step::ExpectExit(e) => {
+                    if !process(&e.process) {
+                        return Err(missing("process", &e.process));
+                    }
+                }
+            }
+        }
+        for d in &self.devices {
+            for k in d.state.keys() {
+                check_state_key(k).map_err(|e| format!("device `{}`: {e}", d.name))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A key the pack understands: the model's keys (with `N` for an index)
+/// plus `address`.
+pub fn check_state_key(key: &str) -> Result<(), String> {
+    if key == "address" {
+        return Ok(());
+    }
+    let generic: String = key
+        .chars()
+        .map(|c| if c.is_ascii_digit() { 'N' } else { c })
+        .collect::<String>()
+        .replace("NN", "N");
+    if crate::model::STATE_KEYS.iter().any(|(k, _)| *k == key || *k == generic) {
+        Ok(())
+    } else {
+        let keys: Vec<_> = crate::model::STATE_KEYS.iter().map(|(k, _)| *k).collect();
+        Err(format!("unknown state key `{key}` (known: address, {})", keys.join(", ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_an_error_with_location() {
+        let y = "name: x\nsteps:\n  - wait: 1s\nbogus: 3\n";
+        let e = Scenario::parse(Path::new("s.yaml"), y).unwrap_err().to_string();
+        assert!(e.starts_with("s.yaml:4:"), "{e}");
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_step() {
+        let e = Scenario::parse(Path::new("s.yaml"), "name: x\nsteps:\n  - wait: soon\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid duration"), "{e}");
+        let e = Scenario::parse(Path::new("s.yaml"), "name: x\nsteps:\n  - jump: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("s.yaml:3:"), "{e}");
+    }
+
+    #[test]
+    fn cross_references_checked() {
+        let y = "name: x\nbuses: [{name: b, ports: [p]}]\ndevices:\n  - {name: d, kind: eg4-lp4, bus: nope, address: 1}\nsteps: []\n";
+        let e = Scenario::parse(Path::new("s.yaml"), y).unwrap_err().to_string();
+        assert!(e.contains("bus `nope`"), "{e}");
+        let y = "name: x\nbuses: [{name: b, ports: [p]}]\ndevices:\n  - {name: d, kind: jbd, bus: b, address: 1}\nsteps: []\n";
+        let e = Scenario::parse(Path::new("s.yaml"), y).unwrap_err().to_string();
+        assert!(e.contains("unknown kind"), "{e}");
+    }
+}
