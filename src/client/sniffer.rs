@@ -14,6 +14,7 @@ use crate::observe::{ObservationKind, ObservationLog};
 use crate::protocol::eg4::RegisterProfile;
 use crate::protocol::modbus::{self, ModbusRequest, ModbusResponse};
 use crate::transport::framer::{StreamFramer, StreamRole};
+
 use crate::transport::serial::{open_serial, rtu_silence};
 use crate::transport::TransportError;
 
@@ -66,7 +67,7 @@ struct Pending {
 }
 
 async fn listen(mut port: SerialStream, cfg: SnifferConfig, log: ObservationLog) {
-    let mut framer = StreamFramer::new(StreamRole::Requests);
+    let mut framer = StreamFramer::new(StreamRole::Either);
     let mut pending: Option<Pending> = None;
     let silence = rtu_silence(cfg.baud);
     let mut buf = [0u8; 1024];
@@ -93,26 +94,15 @@ async fn listen(mut port: SerialStream, cfg: SnifferConfig, log: ObservationLog)
                     );
                 }
                 pending = None;
-                framer.set_role(StreamRole::Requests);
                 continue;
             }
         };
         for f in frames {
-            match pending.take() {
-                None => {
-                    if let Ok(req) = modbus::decode_request(&f) {
-                        if let ModbusRequest::ReadHolding { start, .. } | ModbusRequest::ReadInput { start, .. } = req.pdu {
-                            pending = Some(Pending {
-                                address: req.address,
-                                start,
-                            });
-                            framer.set_role(StreamRole::Responses);
-                        }
-                    }
-                }
-                Some(p) => {
-                    framer.set_role(StreamRole::Requests);
-                    if let Ok(resp) = modbus::decode_response(&f) {
+            // A reply to the pending request, or a new request (a reply
+            // that went missing leaves the request unanswered).
+            if let Some(p) = pending.take() {
+                if let Ok(resp) = modbus::decode_response(&f) {
+                    if resp.address == p.address {
                         if let ModbusResponse::ReadHolding(values) | ModbusResponse::ReadInput(values) = resp.pdu {
                             if let Ok(t) = cfg.profile.decode(p.start, &values) {
                                 let (values, flags) = telemetry_fields(&t);
@@ -126,7 +116,16 @@ async fn listen(mut port: SerialStream, cfg: SnifferConfig, log: ObservationLog)
                                 );
                             }
                         }
+                        continue;
                     }
+                }
+            }
+            if let Ok(req) = modbus::decode_request(&f) {
+                if let ModbusRequest::ReadHolding { start, .. } | ModbusRequest::ReadInput { start, .. } = req.pdu {
+                    pending = Some(Pending {
+                        address: req.address,
+                        start,
+                    });
                 }
             }
         }

@@ -921,3 +921,24 @@ mod tests {
         assert!(yaml_serde::from_str::<FaultSpec>("kind: drop\nbogus: 1\n").is_err());
     }
 }
+
+#[cfg(test)]
+mod probability_tests {
+    use super::*;
+
+    #[test]
+    fn directional_probability_drops_about_p() {
+        let spec: FaultSpec =
+            yaml_serde::from_str("kind: drop\ndirection: response\nprobability: 0.35\n").unwrap();
+        let mut l = LinkEngine::new("pack2", 42);
+        l.add_rule(spec.into_rule().unwrap(), 0);
+        let mut dropped = 0;
+        for _ in 0..200 {
+            assert_eq!(l.process(Direction::Request, &[1, 2, 3], 0, 0).len(), 1);
+            if l.process(Direction::Response, &[1, 2, 3], 0, 0).is_empty() {
+                dropped += 1;
+            }
+        }
+        assert!((40..100).contains(&dropped), "{dropped}");
+    }
+}

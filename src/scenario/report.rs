@@ -13,6 +13,12 @@ pub fn summary_line(r: &ScenarioReport) -> String {
     let mut s = format!("{status} {} ({:.1}s, {})", r.name, r.duration_ms / 1000.0, r.file.display());
     if let Some(f) = r.failure() {
         s.push_str(&format!("\n     {}", f.replace('\n', "\n     ")));
+        if !r.recent_observations.is_empty() {
+            s.push_str("\n     last observations:");
+            for o in &r.recent_observations {
+                s.push_str(&format!("\n       {:>9.1} ms {:<10} {}", o.t_ms, o.source, describe(&o.kind)));
+            }
+        }
     }
     s
 }
@@ -64,4 +70,20 @@ pub fn write_junit(path: &Path, reports: &[ScenarioReport]) -> Result<(), String
     report.add_test_suite(suite);
     let xml = report.to_string().map_err(|e| e.to_string())?;
     std::fs::write(path, xml).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn describe(k: &crate::observe::ObservationKind) -> String {
+    use crate::observe::ObservationKind as K;
+    match k {
+        K::Reading { address, values, flags } => format!(
+            "reading addr={address} soc={:?} {}",
+            values.get("soc_pct"),
+            if flags.is_empty() { String::new() } else { format!("flags={flags:?}") }
+        ),
+        K::Error { address, kind, detail, attempt } => format!("error addr={address} {kind} (attempt {attempt}): {detail}"),
+        K::GaveUp { address, attempts } => format!("gave up on addr={address} after {attempts} attempts"),
+        K::DeviceSilent { reason } => format!("device silent: {reason}"),
+        K::Collision { devices } => format!("collision: {}", devices.join(" + ")),
+        K::Overflow { bytes, reason } => format!("overflow of {bytes} bytes: {reason}"),
+    }
 }

@@ -56,6 +56,8 @@ pub struct ScenarioReport {
     pub steps: Vec<StepReport>,
     pub processes: Vec<ProcessReport>,
     pub captures: Vec<PathBuf>,
+    /// The last observations before the run ended (what a failure shows).
+    pub recent_observations: Vec<Observation>,
     #[serde(skip)]
     pub frames: Vec<FrameRecord>,
     #[serde(skip)]
@@ -114,6 +116,7 @@ pub fn run_file_blocking(scenario: Scenario, file: PathBuf, options: RunOptions)
                 steps: vec![],
                 processes: vec![],
                 captures: vec![],
+                recent_observations: vec![],
                 frames: vec![],
                 observations: vec![],
             },
@@ -152,6 +155,7 @@ async fn run_scenario(scenario: Scenario, file: PathBuf, options: RunOptions) ->
         steps: vec![],
         processes: vec![],
         captures: vec![],
+        recent_observations: vec![],
         frames: vec![],
         observations: vec![],
     };
@@ -751,6 +755,8 @@ async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOption
     }
     report.frames = frames;
     report.observations = log.snapshot();
+    let n = report.observations.len();
+    report.recent_observations = report.observations[n.saturating_sub(12)..].to_vec();
 }
 
 pub fn slug(name: &str) -> String {

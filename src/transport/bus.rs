@@ -6,13 +6,11 @@
 //! bus through its own [`LinkEngine`], so faults can sit on one pack or on
 //! one adapter. Two devices answering the same request at once collide.
 
-use std::cell::Cell;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use tokio::sync::mpsc;
 
 use super::framer::{StreamFramer, StreamRole};
 use super::pty::PtyPort;
@@ -55,19 +53,13 @@ pub struct BusDevice {
     pub recipient: Recipient<BusFrame>,
 }
 
-struct WriteJob {
-    at: Instant,
-    bytes: Vec<u8>,
-    pace: Option<Duration>,
-}
-
 struct Port {
     name: String,
     pty: Rc<PtyPort>,
     link: LinkEngine,
     framer: StreamFramer,
-    writer: mpsc::UnboundedSender<WriteJob>,
-    queued: Rc<Cell<usize>>,
+    /// With wire time: when the line is free for the next frame.
+    line_free_at: Instant,
     silence: Option<SpawnHandle>,
 }
 
@@ -84,7 +76,6 @@ pub struct BusActor {
     epoch: Instant,
     wall_epoch_ns: u64,
     log: ObservationLog,
-    pending_writers: Vec<(Rc<PtyPort>, mpsc::UnboundedReceiver<WriteJob>, Rc<Cell<usize>>, String)>,
 }
 
 impl BusActor {
@@ -92,22 +83,17 @@ impl BusActor {
     /// path is unusable.
     pub fn open(cfg: BusConfig, devices: Vec<BusDevice>, log: ObservationLog) -> Result<Self, TransportError> {
         let mut ports = Vec::new();
-        let mut pending_writers = Vec::new();
         for spec in &cfg.ports {
             // On error, the ports opened so far drop here and remove their links.
             let pty = Rc::new(PtyPort::open(spec.link_path.as_deref())?);
-            let (tx, rx) = mpsc::unbounded_channel();
-            let queued = Rc::new(Cell::new(0));
             let mut link = LinkEngine::new(spec.name.clone(), cfg.seed);
             link.set_log_limit(cfg.frame_limit);
-            pending_writers.push((pty.clone(), rx, queued.clone(), spec.name.clone()));
             ports.push(Port {
                 name: spec.name.clone(),
                 pty,
                 link,
                 framer: StreamFramer::new(StreamRole::Requests),
-                writer: tx,
-                queued,
+                line_free_at: Instant::now(),
                 silence: None,
             });
         }
@@ -134,7 +120,6 @@ impl BusActor {
             epoch: Instant::now(),
             wall_epoch_ns,
             log,
-            pending_writers,
         })
     }
 
@@ -293,20 +278,31 @@ impl BusActor {
         }
     }
 
+    /// Puts bytes on a port's PTY `after` from now. Without wire time each
+    /// write is scheduled on its own, so a delayed piece never holds back
+    /// an earlier-due one. With wire time the line is serial: a frame starts
+    /// when the previous one has left the wire.
     fn write_port(&mut self, idx: usize, bytes: Vec<u8>, after: Duration, _ctx: &mut Context<Self>) {
-        let port = &self.ports[idx];
-        let pace = self.cfg.wire_time.then(|| byte_time(self.cfg.baud));
-        if after.is_zero() && pace.is_none() && port.queued.get() == 0 {
-            // Fast path: nothing queued ahead of us, write now.
-            write_now(&port.pty, &bytes, &port.name, &self.log);
+        let now = Instant::now();
+        let log = self.log.clone();
+        let port = &mut self.ports[idx];
+        if !self.cfg.wire_time {
+            if after.is_zero() {
+                write_now(&port.pty, &bytes, &port.name, &log);
+            } else {
+                let (pty, name) = (port.pty.clone(), port.name.clone());
+                actix::spawn(async move {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(now + after)).await;
+                    write_now(&pty, &bytes, &name, &log);
+                });
+            }
             return;
         }
-        port.queued.set(port.queued.get() + 1);
-        let _ = port.writer.send(WriteJob {
-            at: Instant::now() + after,
-            bytes,
-            pace,
-        });
+        let bt = byte_time(self.cfg.baud);
+        let start = (now + after).max(port.line_free_at);
+        port.line_free_at = start + bt * bytes.len() as u32;
+        let (pty, name) = (port.pty.clone(), port.name.clone());
+        actix::spawn(write_paced(pty, bytes, start, bt, name, log));
     }
 }
 
@@ -338,34 +334,16 @@ fn write_now(pty: &PtyPort, bytes: &[u8], port: &str, log: &ObservationLog) {
     }
 }
 
-async fn port_writer(
-    pty: Rc<PtyPort>,
-    mut rx: mpsc::UnboundedReceiver<WriteJob>,
-    queued: Rc<Cell<usize>>,
-    name: String,
-    log: ObservationLog,
-) {
-    while let Some(job) = rx.recv().await {
-        let at = tokio::time::Instant::from_std(job.at);
-        if at > tokio::time::Instant::now() {
-            tokio::time::sleep_until(at).await;
+/// Byte k leaves the wire at start + (k+1)·byte_time: an absolute
+/// schedule, so timer granularity does not accumulate.
+async fn write_paced(pty: Rc<PtyPort>, bytes: Vec<u8>, start: Instant, bt: Duration, name: String, log: ObservationLog) {
+    let start = tokio::time::Instant::from_std(start);
+    for (k, b) in bytes.iter().enumerate() {
+        let due = start + bt * (k as u32 + 1);
+        if due > tokio::time::Instant::now() {
+            tokio::time::sleep_until(due).await;
         }
-        match job.pace {
-            None => write_now(&pty, &job.bytes, &name, &log),
-            Some(bt) => {
-                // Absolute schedule so timer granularity does not add up:
-                // byte k leaves the wire at start + k·byte_time.
-                let start = tokio::time::Instant::now();
-                for (k, b) in job.bytes.iter().enumerate() {
-                    let due = start + bt * (k as u32 + 1);
-                    if due > tokio::time::Instant::now() {
-                        tokio::time::sleep_until(due).await;
-                    }
-                    write_now(&pty, std::slice::from_ref(b), &name, &log);
-                }
-            }
-        }
-        queued.set(queued.get().saturating_sub(1));
+        write_now(&pty, std::slice::from_ref(b), &name, &log);
     }
 }
 
@@ -378,9 +356,6 @@ impl Actor for BusActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        for (pty, rx, queued, name) in self.pending_writers.drain(..) {
-            actix::spawn(port_writer(pty, rx, queued, name, self.log.clone()));
-        }
         for (idx, p) in self.ports.iter().enumerate() {
             let pty = p.pty.clone();
             let name = p.name.clone();

@@ -18,6 +18,9 @@ pub enum StreamRole {
     Requests,
     /// Devices' replies.
     Responses,
+    /// Both, as a listener on a bus hears them; the CRC tells which length
+    /// is right.
+    Either,
 }
 
 #[derive(Debug)]
@@ -50,16 +53,19 @@ impl StreamFramer {
                 return Some(n);
             }
         }
-        let len = match self.role {
-            StreamRole::Requests => modbus::request_frame_length(b),
-            StreamRole::Responses => modbus::response_frame_length(b),
-        };
-        match len {
+        let check = |len: FrameLength| match len {
             FrameLength::Complete(n) if n >= 4 && n <= b.len() => {
                 let crc = modbus::crc16(&b[..n - 2]);
                 (crc.to_le_bytes() == [b[n - 2], b[n - 1]]).then_some(n)
             }
             _ => None,
+        };
+        match self.role {
+            StreamRole::Requests => check(modbus::request_frame_length(b)),
+            StreamRole::Responses => check(modbus::response_frame_length(b)),
+            StreamRole::Either => {
+                check(modbus::request_frame_length(b)).or_else(|| check(modbus::response_frame_length(b)))
+            }
         }
     }
 
@@ -110,6 +116,16 @@ mod tests {
         assert!(f.push(&g).is_empty());
         assert_eq!(f.flush(), Some(g));
         assert_eq!(f.flush(), None);
+    }
+
+    #[test]
+    fn either_role_splits_request_and_reply_in_one_chunk() {
+        let mut f = StreamFramer::new(StreamRole::Either);
+        let mut reply = vec![1, 3, 4, 0, 1, 0, 2];
+        modbus::append_crc(&mut reply);
+        let mut chunk = req();
+        chunk.extend(&reply);
+        assert_eq!(f.push(&chunk), vec![req(), reply]);
     }
 
     #[test]
