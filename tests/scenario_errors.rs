@@ -1,0 +1,117 @@
+//! Broken scenario files and misbehaving processes: clear errors naming the
+//! file, line and column (or step), and nothing left running afterwards.
+
+use std::path::Path;
+use std::process::Command;
+
+use hilbench::scenario::{run_file_blocking, Scenario};
+
+fn parse(y: &str) -> String {
+    Scenario::parse(Path::new("bad.yaml"), y).unwrap_err().to_string()
+}
+
+const BUS: &str = "buses: [{name: b, ports: [p]}]\ndevices:\n  - {name: d, kind: eg4-lp4, bus: b, address: 1}\n";
+
+#[test]
+fn malformed_files_name_line_column_and_what_was_expected() {
+    let e = parse("name: x\nsteps:\n  - wait: 1s\n    oops: [\n");
+    assert!(e.starts_with("bad.yaml:"), "{e}");
+    let e = parse(&format!("name: x\n{BUS}steps:\n  - expect_reading: {{client: c, field: soc_pct, equals: 1, colour: red}}\n"));
+    assert!(e.starts_with("bad.yaml:6:"), "{e}");
+    assert!(e.contains("unknown field `colour`"), "{e}");
+    let e = parse("name: x\nsteps:\n  - teleport: 1\n");
+    assert!(e.contains("bad.yaml:3:") && e.contains("teleport") && e.contains("wait"), "{e}");
+    let e = parse("steps: []\n");
+    assert!(e.contains("missing field `name`"), "{e}");
+    let e = parse(&format!("name: x\n{BUS}steps:\n  - set: {{device: d, state: {{soc: 10, warp: 9}}}}\n"));
+    assert!(e.contains("step 1 (set)") && e.contains("unknown state key `warp`"), "{e}");
+    let e = parse(&format!("name: x\n{BUS}steps:\n  - fault: {{link: d, kind: delay}}\n"));
+    assert!(e.contains("step 1 (fault)") && e.contains("needs `ms`"), "{e}");
+    let e = parse(&format!("name: x\n{BUS}steps:\n  - fault: {{link: nowhere, kind: drop}}\n"));
+    assert!(e.contains("no link `nowhere`") && e.contains("links: p, d"), "{e}");
+    let e = parse("name: x\nbuses: [{name: b, ports: [p]}]\nclients:\n  - {name: m, kind: modbus-master, port: q, addresses: [1]}\nsteps: []\n");
+    assert!(e.contains("port `q`"), "{e}");
+}
+
+#[test]
+fn cli_rejects_a_broken_file_before_running_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("broken.yaml");
+    std::fs::write(&f, "name: x\nsteps:\n  - wait: soon\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["run", f.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken.yaml:3:") && err.contains("invalid duration `soon`"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["run", "/no/such/dir"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+fn run_yaml(dir: &Path, y: &str) -> hilbench::scenario::ScenarioReport {
+    let f = dir.join("s.yaml");
+    std::fs::write(&f, y).unwrap();
+    let s = Scenario::load(&f).unwrap();
+    run_file_blocking(s, f, Default::default())
+}
+
+fn no_process_with(marker: &str) -> bool {
+    let out = Command::new("pgrep").args(["-f", marker]).output().unwrap();
+    out.stdout.is_empty()
+}
+
+#[test]
+fn a_process_that_cannot_start_fails_setup_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run_yaml(
+        dir.path(),
+        &format!("name: x\n{BUS}processes:\n  - {{name: ghost, command: /no/such/binary-hilbench}}\nsteps: []\n"),
+    );
+    assert!(!r.passed);
+    let e = r.error.unwrap();
+    assert!(e.contains("ghost") && e.contains("/no/such/binary-hilbench"), "{e}");
+}
+
+#[test]
+fn a_process_without_its_ready_line_is_killed_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = "hilbench-never-ready-7731";
+    let r = run_yaml(
+        dir.path(),
+        &format!(
+            "name: x\n{BUS}processes:\n  - name: slow\n    command: sh\n    args: ['-c', 'echo starting {marker}; sleep 60']\n    ready: listening\n    ready_timeout: 500ms\nsteps: []\n"
+        ),
+    );
+    assert!(!r.passed);
+    let e = r.error.unwrap();
+    assert!(e.contains("did not print its ready line `listening`") && e.contains("starting"), "{e}");
+    assert!(r.processes[0].killed);
+    assert!(no_process_with(marker), "process survived the scenario");
+}
+
+#[test]
+fn a_failing_expectation_fails_the_run_and_processes_are_reaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = "hilbench-reaped-4410";
+    let r = run_yaml(
+        dir.path(),
+        &format!(
+            "name: x\n{BUS}clients:\n  - {{name: m, kind: modbus-master, port: p, addresses: [1], interval: 100ms}}\nprocesses:\n  - {{name: bg, command: sh, args: ['-c', 'echo up; exec sleep 60 # {marker}'], ready: up}}\nsteps:\n  - expect_reading: {{client: m, field: soc_pct, equals: 12, within: 500ms}}\n"
+        ),
+    );
+    assert!(!r.passed);
+    let f = r.failure().unwrap();
+    assert!(f.contains("soc_pct from `m` was 80, expected 12"), "{f}");
+    assert!(no_process_with(marker));
+    assert_eq!(r.processes[0].exit_code.map(|c| c < 0), Some(true), "killed by a signal");
+}
+
+#[test]
+fn exit_code_and_output_expectations() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run_yaml(
+        dir.path(),
+        &format!(
+            "name: x\n{BUS}processes:\n  - {{name: client, command: sh, args: ['-c', 'test -e {{{{port.p}}}} && echo port-ok; exit 3']}}\nsteps:\n  - expect_output: {{process: client, contains: port-ok}}\n  - expect_exit: {{process: client, code: 3}}\n"
+        ),
+    );
+    assert!(r.passed, "{:?}", r.failure());
+}
