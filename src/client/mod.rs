@@ -69,10 +69,12 @@ impl SerialSession {
             port,
             link,
             epoch,
+            // Wall time at `epoch`, so captures line up with the bus's.
             wall_epoch_ns: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0),
+                .unwrap_or(0)
+                .saturating_sub(epoch.elapsed().as_nanos() as u64),
         }
     }
 

@@ -600,6 +600,9 @@ impl LinkEngine {
         }
         self.counters.frames_out += pieces.len() as u64;
         if echo {
+            // The reflected copy is traffic too: the capture shows what the
+            // sender heard.
+            self.record(direction.reverse(), wall_ns, frame);
             pieces.insert(
                 0,
                 Emission {

@@ -437,7 +437,7 @@ pub fn encode_status_payload(status: &LegacyStatus) -> Result<Vec<u8>, LegacyErr
     let capacity = word("capacity_cah", status.capacity_cah)?;
     let pack = word("pack_cv", status.pack_cv)?;
 
-    let mut out = Vec::with_capacity(64 + 2 * (cells.len() + temps.len() + status.alarms.len()));
+    let mut out = Vec::with_capacity(MAX_PAYLOAD);
     push_group(&mut out, 0x01, "cells_mv", &cells)?;
     push_group(&mut out, 0x02, "current", &[current_raw])?;
     push_group(&mut out, 0x03, "soc", &[status.soc_centi])?;
@@ -1001,6 +1001,24 @@ mod tests {
         let temps_at = 34 + 4 + 4 + 4 + 2; // start of temp words
         hb[temps_at] = 0xFF;
         assert_eq!(decode_status_payload(&hb).unwrap().temps_c[0], 21);
+    }
+
+    #[test]
+    fn eight_group_payload_near_limit_decodes_but_cannot_re_encode() {
+        // 8 groups, 252 bytes: decodes (groups 9/10 absent), but our encoder always writes
+        // the two empty groups, which would need 256 bytes: an error, not a truncation.
+        let mut p = vec![0x01, 111];
+        p.extend(std::iter::repeat_n([0x0C, 0xE4], 111).flatten());
+        for id in 2..=8u8 {
+            p.extend_from_slice(&[id, 1, 0x75, 0x30]);
+        }
+        assert_eq!(p.len(), 252);
+        let s = decode_status_payload(&p).unwrap();
+        assert_eq!(s.cells_mv.len(), 111);
+        assert_eq!(
+            encode_status_payload(&s),
+            Err(LegacyError::PayloadTooLong { len: 256, max: 255 })
+        );
     }
 
     #[test]

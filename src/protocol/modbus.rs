@@ -697,7 +697,11 @@ pub fn encode_response_into(
 /// Encodes a response frame (with CRC). See [`encode_response_into`] for the errors.
 pub fn encode_response(frame: &ModbusRtuFrame<ModbusResponse>) -> Result<Vec<u8>, ModbusError> {
     let mut out = Vec::with_capacity(match &frame.pdu {
-        ModbusResponse::ReadHolding(v) | ModbusResponse::ReadInput(v) => 5 + 2 * v.len(),
+        ModbusResponse::ReadHolding(v) | ModbusResponse::ReadInput(v) => v
+            .len()
+            .saturating_mul(2)
+            .saturating_add(5)
+            .min(MAX_FRAME_LEN),
         _ => 8,
     });
     encode_response_into(frame, &mut out)?;

@@ -42,6 +42,12 @@ pub fn describe(direction: Direction, bytes: &[u8]) -> String {
             other => format!("addr={} {:?}", f.address, other),
         }),
     };
+    if direction == Direction::Response && decoded.is_err() {
+        // A request travelling back to its sender: an adapter echo.
+        if let Ok(f) = modbus::decode_request(bytes) {
+            return format!("echo of request addr={} {:?}", f.address, f.pdu);
+        }
+    }
     match decoded {
         Ok(d) => d,
         Err(e) => format!("undecodable ({e}): {}", crate::client::hex(bytes)),
