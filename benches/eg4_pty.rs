@@ -140,7 +140,9 @@ impl Client {
             // SAFETY: one valid pollfd.
             let r = unsafe { libc::poll(&mut p, 1, ms) };
             if r > 0 {
-                if p.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+                let failed = p.revents & libc::POLLNVAL != 0
+                    || (p.revents & (libc::POLLERR | libc::POLLHUP) != 0 && p.revents & events == 0);
+                if failed {
                     return Err(format!("poll revents {:#x}", p.revents));
                 }
                 return Ok(());
@@ -458,31 +460,28 @@ fn pty_floor(n: usize) -> Res<Histogram<u64>> {
     let total = n + 500;
     let echo = std::thread::spawn(move || {
         let mut m = master;
-        eprintln!("echo: start");
         let mut buf = [0u8; 64];
         let mut pending = 0usize;
         let mut served = 0;
         while served < total {
             match m.read(&mut buf) {
-                Ok(0) => { eprintln!("echo: eof"); break }
-                Err(e) => { eprintln!("echo: {e}"); break }
+                Ok(0) | Err(_) => break,
                 Ok(k) => {
                     pending += k;
                     while pending >= 8 {
                         pending -= 8;
-                        if let Err(e) = m.write_all(&reply) {
-                            eprintln!("echo write: {e}");
-                            return;
+                        if m.write_all(&reply).is_err() {
+                            return m;
                         }
                         served += 1;
                     }
                 }
             }
         }
+        // Handed back so the master outlives the client's last read.
+        m
     });
-    eprintln!("floor: opening {}", slave_path.display());
     let mut c = Client::open(&slave_path)?;
-    eprintln!("floor: opened");
     let req = request();
     let mut buf = [0u8; 256];
     let mut h = new_hist();
@@ -492,7 +491,7 @@ fn pty_floor(n: usize) -> Res<Histogram<u64>> {
             break;
         }
         let t = Instant::now();
-        c.transact(&req, &mut buf, REPLY_LEN, Duration::from_secs(1))?;
+        c.transact(&req, &mut buf, REPLY_LEN, Duration::from_secs(1)).map_err(|e| format!("floor request {i}: {e}"))?;
         if i >= 500 {
             h.record(t.elapsed().as_nanos() as u64).ok();
         }

@@ -1,0 +1,50 @@
+//! `hilbench run --capture DIR` writes one pcapng per link that tshark
+//! decodes as Modbus RTU with no configuration.
+
+use std::path::Path;
+use std::process::Command;
+
+fn tshark() -> String {
+    let t = std::env::var("TSHARK").unwrap_or_else(|_| "tshark".into());
+    let ok = Command::new(&t).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "tshark is required by this test but was not found: install it (CI's ci/test.sh does) or set TSHARK");
+    t
+}
+
+#[test]
+fn scenario_capture_decodes_as_modbus_rtu() {
+    let ts = tshark();
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/eg4-healthy-multidrop.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+        .args(["run", scenario.to_str().unwrap(), "--capture", dir.path().to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["passed"], 1);
+    let pcap = dir.path().join("eg4-healthy-multi-pack-poll-on-one-bus/bridge.pcapng");
+    assert!(pcap.exists(), "captures: {:?}", report["scenarios"][0]["captures"]);
+    let empty_profile = tempfile::tempdir().unwrap();
+    let fields = Command::new(&ts)
+        .env("WIRESHARK_CONFIG_DIR", empty_profile.path())
+        .args(["-r", pcap.to_str().unwrap(), "-T", "fields", "-E", "separator=,"])
+        .args(["-e", "frame.protocols", "-e", "mbrtu.unit_id", "-e", "modbus.func_code", "-e", "modbus.regval_uint16"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&fields.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 12, "{text}");
+    assert!(lines.iter().all(|l| l.contains("mbrtu:modbus")), "{text}");
+    // Each of the three packs answered with its 47 registers; SoC (register
+    // 22) is what the scenario set: 81, 62, 43.
+    for (unit, soc) in [(1, 81), (2, 62), (3, 43)] {
+        let reply = lines
+            .iter()
+            .find(|l| l.split(',').nth(1) == Some(&unit.to_string()) && l.split(',').count() > 40)
+            .unwrap_or_else(|| panic!("no reply from unit {unit} in\n{text}"));
+        let regs: Vec<&str> = reply.split(',').skip(3).collect();
+        assert_eq!(regs.len(), 47, "{reply}");
+        assert_eq!(regs[22], soc.to_string(), "{reply}");
+    }
+}
