@@ -19,6 +19,7 @@
 //!   EG4_BENCH_WIRE_REQUESTS=20   requests in `wiretime`;  EG4_BENCH_BAUD=9600
 //!   EG4_BENCH_PACKS=1000         packs in `scale`
 //!   EG4_BENCH_STRICT=1           exit 1 when a target is missed (default: report only)
+//!   EG4_BENCH_PERF=FILE          `perf record` the sim during the measured `roundtrip` loop
 //! Hard failures (bad replies, timeouts, the simulator not exiting 0 on
 //! SIGTERM, symlinks left behind) always exit 1.
 
@@ -501,6 +502,41 @@ fn pty_floor(n: usize) -> Res<Histogram<u64>> {
     Ok(h)
 }
 
+/// `perf record` attached to the sim (EG4_BENCH_PERF=FILE); software clock
+/// so it works in VMs without hardware counters; DWARF call graphs.
+fn start_perf(pid: i32, out: &str) -> Res<(Child, String)> {
+    let child = Command::new("perf")
+        .args(["record", "-e", "cpu-clock", "-F", "4999", "--call-graph", "dwarf,16384", "-o", out, "-p"])
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("perf: {e}"))?;
+    std::thread::sleep(Duration::from_millis(500)); // let it attach
+    println!("   perf record attached to the sim (pid {pid}) → {out}; figures below are distorted by it");
+    Ok((child, out.to_string()))
+}
+
+fn stop_perf((mut child, out): (Child, String)) -> Res<()> {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t0 = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if t0.elapsed() < Duration::from_secs(60) => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("perf did not stop within 60 s".into());
+            }
+        }
+    }
+    println!("   profile written: perf report -i {out} --children --sort sym");
+    Ok(())
+}
+
 fn part_roundtrip(v: &mut Verdicts) -> Res<()> {
     let n = env_usize("EG4_BENCH_REQUESTS", 20_000);
     let warm = env_usize("EG4_BENCH_WARMUP", 2_000);
@@ -531,6 +567,12 @@ fn part_roundtrip(v: &mut Verdicts) -> Res<()> {
         check_reply(&buf[..k]).map_err(|e| format!("warm-up request {i}: {e}"))?;
     }
 
+    // Optional: profile the sim during the measured loop (perf distorts the figures).
+    let perf = match std::env::var("EG4_BENCH_PERF") {
+        Ok(out) if !out.is_empty() => Some(start_perf(sim.pid, &out)?),
+        _ => None,
+    };
+
     let mut h = new_hist();
     let mut bad = 0usize;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -556,6 +598,9 @@ fn part_roundtrip(v: &mut Verdicts) -> Res<()> {
     let wall = t_loop.elapsed();
     let after = sim.cpu()?;
     drop(c);
+    if let Some(p) = perf {
+        stop_perf(p)?;
+    }
     let (cpu_ticks_us, cpu_ns_us) = cpu_us(before, after);
     let idle_per_s_ticks = idle_rate.0 / (idle1.at - idle0.at).as_secs_f64();
     let idle_per_s_ns = idle_rate.1.map(|x| x / (idle1.at - idle0.at).as_secs_f64());

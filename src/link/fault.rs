@@ -83,7 +83,7 @@ impl LinkFault {
     pub const CATALOG: &'static [(&'static str, &'static str)] = &[
         ("drop", "the frame vanishes"),
         ("delay", "the frame arrives late: ms, jitter_ms"),
-        ("corrupt", "bytes damaged: offsets | count, mask, or fill (every byte)"),
+        ("corrupt", "bytes damaged: offsets | count_bytes (random), mask (XOR, default 0xFF), or fill (every byte)"),
         ("bad_checksum", "protocol-aware: CRC-16 (Modbus) or check byte (7E/0D) wrong"),
         ("duplicate", "the frame is sent twice: gap_ms"),
         ("split", "the frame arrives in pieces: offsets | chunk, gap_ms"),
