@@ -87,9 +87,11 @@ impl SerialSession {
     /// clients do before a new request.
     async fn drain(&mut self) {
         let mut tmp = [0u8; 512];
-        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_micros(1), self.port.read(&mut tmp)).await {
-            if n == 0 {
-                break;
+        // Bounded: a line that never goes quiet must not stall the poll.
+        for _ in 0..64 {
+            match tokio::time::timeout(Duration::from_micros(1), self.port.read(&mut tmp)).await {
+                Ok(Ok(n)) if n > 0 => continue,
+                _ => break,
             }
         }
     }
