@@ -308,10 +308,11 @@ pub fn legacy_status_from(s: &PackSnapshot) -> LegacyStatus {
         cell_ov_flags: flags,
         current_ca: (s.current_a * 100.0).round().clamp(-30000.0, 30000.0) as i32,
         soc_centi: clamp_u16(s.soc_pct * 100.0),
-        capacity_cah: (s.remaining_ah * 100.0).round().clamp(0.0, 4.0e9) as u32,
-        temps_c: s.temps_c.iter().map(|t| clamp_i16(*t)).collect(),
+        // One 16-bit word on the wire each: saturate rather than fail.
+        capacity_cah: u32::from(clamp_u16(s.remaining_ah * 100.0)),
+        temps_c: s.temps_c.iter().map(|t| clamp_i16(t.clamp(-50.0, 205.0))).collect(),
         alarms: vec![0, alarm2],
         cycles: s.cycles.min(u32::from(u16::MAX)) as u16,
-        pack_cv: (s.pack_mv / 10),
+        pack_cv: (s.pack_mv / 10).min(u32::from(u16::MAX)),
     }
 }

@@ -738,7 +738,7 @@ mod tests {
         }
     }
 
-    const FRAME: &[u8] = &[1, 3, 0, 0, 0, 0x2F, 0x05, 0xDE];
+    const FRAME: &[u8] = &[1, 3, 0, 0, 0, 0x2F, 0x04, 0x16];
 
     #[test]
     fn clean_link_passes_frame_and_records_it() {
