@@ -115,3 +115,20 @@ fn exit_code_and_output_expectations() {
     );
     assert!(r.passed, "{:?}", r.failure());
 }
+
+#[test]
+fn a_process_past_its_timeout_is_killed_and_fails_the_scenario() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = "hilbench-hangs-5521";
+    let r = run_yaml(
+        dir.path(),
+        &format!(
+            "name: x\n{BUS}processes:\n  - {{name: hang, command: sh, args: ['-c', 'echo hello; exec sleep 60 # {marker}'], timeout: 300ms}}\nsteps:\n  - expect_output: {{process: hang, contains: hello}}\n  - wait: 600ms\n"
+        ),
+    );
+    assert!(!r.passed);
+    let f = r.failure().unwrap();
+    assert!(f.contains("ran longer than its timeout of 300ms"), "{f}");
+    assert!(r.processes[0].timed_out);
+    assert!(no_process_with(marker));
+}

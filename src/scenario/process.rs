@@ -21,6 +21,8 @@ pub struct ProcessReport {
     pub exit_code: Option<i32>,
     /// Killed by us at the end of the scenario (it was still running).
     pub killed: bool,
+    /// Killed because it outlived its `timeout`.
+    pub timed_out: bool,
     pub output: Vec<String>,
 }
 
@@ -30,6 +32,8 @@ pub struct RunningProcess {
     child: Child,
     pub output: Arc<Mutex<Vec<String>>>,
     exit: Option<i32>,
+    timed_out: Arc<std::sync::atomic::AtomicBool>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Replaces `{{key}}` placeholders; an unknown placeholder is an error that
@@ -104,12 +108,27 @@ impl RunningProcess {
                 }
             });
         }
+        let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watchdog = match (spec.timeout, child.id()) {
+            (Some(limit), Some(pid)) => {
+                let flag = timed_out.clone();
+                Some(tokio::spawn(async move {
+                    tokio::time::sleep(limit.0).await;
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let pgid = nix::unistd::Pid::from_raw(-(pid as i32));
+                    let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL);
+                }))
+            }
+            _ => None,
+        };
         Ok(RunningProcess {
             name: spec.name.clone(),
             command_line,
             child,
             output,
             exit: None,
+            timed_out,
+            watchdog,
         })
     }
 
@@ -137,8 +156,15 @@ impl RunningProcess {
         o[o.len().saturating_sub(n)..].to_vec()
     }
 
+    pub fn timed_out(&self) -> bool {
+        self.timed_out.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// SIGTERM to the group, a grace period, then SIGKILL; always reaped.
     pub async fn stop(mut self) -> ProcessReport {
+        if let Some(w) = self.watchdog.take() {
+            w.abort();
+        }
         let mut killed = false;
         if self.poll_exit().is_none() {
             killed = true;
@@ -156,11 +182,13 @@ impl RunningProcess {
         // Let the reader tasks drain what the process wrote last.
         tokio::time::sleep(Duration::from_millis(20)).await;
         let output = self.output.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let timed_out = self.timed_out();
         ProcessReport {
             name: self.name,
             command: self.command_line,
             exit_code: self.exit,
-            killed,
+            killed: killed || timed_out,
+            timed_out,
             output,
         }
     }

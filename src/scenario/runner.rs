@@ -182,6 +182,23 @@ async fn run_scenario(scenario: Scenario, file: PathBuf, options: RunOptions) ->
             t_ms: world.log.now_ms(),
         });
     }
+    for (p, spec) in world.processes.iter().zip(&scenario.processes) {
+        if p.timed_out() {
+            let limit = spec.timeout.map(|d| d.0).unwrap_or_default();
+            report.steps.push(StepReport {
+                index: report.steps.len() + 1,
+                step: "process_timeout",
+                passed: false,
+                message: format!(
+                    "process `{}` ran longer than its timeout of {} and was killed; last output:\n  {}",
+                    p.name,
+                    humantime::format_duration(limit),
+                    p.tail(10).join("\n  ")
+                ),
+                t_ms: world.log.now_ms(),
+            });
+        }
+    }
     report.passed = report.steps.iter().all(|s| s.passed);
     teardown(world, &mut report, &options, &scenario).await;
     report.duration_ms = started.elapsed().as_secs_f64() * 1000.0;

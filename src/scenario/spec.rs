@@ -133,6 +133,10 @@ pub struct ProcessSpec {
     /// How long to wait for `ready` (default 10s).
     #[serde(default)]
     pub ready_timeout: Option<Dur>,
+    /// Longest the process may run: past it, it is killed and the scenario
+    /// fails (a client under test that hangs must not hang the suite).
+    #[serde(default)]
+    pub timeout: Option<Dur>,
 }
 
 /// What to count or compare a reading against.
