@@ -19,7 +19,9 @@
 //!   EG4_BENCH_WIRE_REQUESTS=20   requests in `wiretime`;  EG4_BENCH_BAUD=9600
 //!   EG4_BENCH_PACKS=1000         packs in `scale`
 //!   EG4_BENCH_STRICT=1           exit 1 when a target is missed (default: report only)
+//!   EG4_BENCH_SIM=PATH           simulator binary to run instead of the one cargo built
 //!   EG4_BENCH_PERF=FILE          `perf record` the sim during the measured `roundtrip` loop
+//!                                (EG4_BENCH_PERF_FREQ=999 samples/s; DWARF call graphs)
 //! Hard failures (bad replies, timeouts, the simulator not exiting 0 on
 //! SIGTERM, symlinks left behind) always exit 1.
 
@@ -35,8 +37,17 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use nix::sys::termios::{self, SetArg};
 
-const SIM: &str = env!("CARGO_BIN_EXE_hilbench");
+const SIM_BUILT: &str = env!("CARGO_BIN_EXE_hilbench");
 const REPLY_LEN: usize = 99; // 01 03 5E + 94 data bytes + CRC
+
+/// The simulator binary: the one cargo built, or EG4_BENCH_SIM (A/B runs
+/// against another build).
+fn sim_bin() -> String {
+    std::env::var("EG4_BENCH_SIM")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| SIM_BUILT.to_string())
+}
 
 type Res<T> = Result<T, String>;
 
@@ -97,8 +108,7 @@ impl Client {
             .map_err(|e| format!("open {}: {e}", path.display()))?;
         let mut t = termios::tcgetattr(f.as_fd()).map_err(|e| format!("tcgetattr {}: {e}", path.display()))?;
         termios::cfmakeraw(&mut t);
-        termios::tcsetattr(f.as_fd(), SetArg::TCSANOW, &t)
-            .map_err(|e| format!("tcsetattr {}: {e}", path.display()))?;
+        termios::tcsetattr(f.as_fd(), SetArg::TCSANOW, &t).map_err(|e| format!("tcsetattr {}: {e}", path.display()))?;
         let c = Client { f };
         c.flush_input();
         Ok(c)
@@ -204,7 +214,7 @@ impl Sim {
     fn spawn(args: &[String], stderr_path: &Path, ready_timeout: Duration) -> Res<Sim> {
         let stderr = File::create(stderr_path).map_err(|e| format!("create {}: {e}", stderr_path.display()))?;
         let t0 = Instant::now();
-        let mut child = Command::new(SIM)
+        let mut child = Command::new(sim_bin())
             .arg("sim")
             .arg("eg4-lp4")
             .args(args)
@@ -213,7 +223,7 @@ impl Sim {
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
-            .map_err(|e| format!("spawn {SIM}: {e}"))?;
+            .map_err(|e| format!("spawn {}: {e}", sim_bin()))?;
         let pid = child.id() as i32;
         let stdout = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
@@ -253,7 +263,9 @@ impl Sim {
         if v["ready"] != serde_json::Value::Bool(true) || v["kind"] != "eg4-lp4" {
             return Err(format!("unexpected ready line: {line}"));
         }
-        let tty = v["endpoints"]["tty"].as_str().ok_or("ready line has no endpoints.tty")?;
+        let tty = v["endpoints"]["tty"]
+            .as_str()
+            .ok_or("ready line has no endpoints.tty")?;
         sim.links = match v["endpoints"]["ttys"].as_array() {
             Some(a) => a.iter().filter_map(|x| x.as_str().map(PathBuf::from)).collect(),
             None => vec![PathBuf::from(tty)],
@@ -269,7 +281,11 @@ impl Sim {
             return String::new();
         }
         let from = lines.len().saturating_sub(15);
-        format!("\n   sim stderr (last {} lines):\n     {}", lines.len() - from, lines[from..].join("\n     "))
+        format!(
+            "\n   sim stderr (last {} lines):\n     {}",
+            lines.len() - from,
+            lines[from..].join("\n     ")
+        )
     }
 
     /// utime+stime from /proc/<pid>/stat, in clock ticks.
@@ -301,14 +317,18 @@ impl Sim {
 
     fn cpu(&self) -> Res<CpuSample> {
         Ok(CpuSample {
+            ctxt: (
+                self.status_num("voluntary_ctxt_switches").unwrap_or(0),
+                self.status_num("nonvoluntary_ctxt_switches").unwrap_or(0),
+            ),
             ticks: self.cpu_ticks()?,
             ns: self.cpu_ns(),
             at: Instant::now(),
         })
     }
 
-    /// (key, kB) lines of /proc/<pid>/status, e.g. VmRSS.
-    fn status_kb(&self, key: &str) -> Option<u64> {
+    /// The number in a `Key:` line of /proc/<pid>/status (VmRSS is in kB).
+    fn status_num(&self, key: &str) -> Option<u64> {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
         s.lines()
             .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))?
@@ -319,11 +339,15 @@ impl Sim {
     }
 
     fn open_fds(&self) -> Option<usize> {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid)).ok().map(|d| d.count())
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .ok()
+            .map(|d| d.count())
     }
 
     fn threads(&self) -> Option<usize> {
-        std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok().map(|d| d.count())
+        std::fs::read_dir(format!("/proc/{}/task", self.pid))
+            .ok()
+            .map(|d| d.count())
     }
 
     /// SIGTERM, wait (bounded) for exit 0, check every symlink is gone.
@@ -339,7 +363,10 @@ impl Sim {
                 Ok(None) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(format!("sim did not exit within {timeout:?} of SIGTERM (killed){}", self.stderr_tail()));
+                    return Err(format!(
+                        "sim did not exit within {timeout:?} of SIGTERM (killed){}",
+                        self.stderr_tail()
+                    ));
                 }
                 Err(e) => return Err(format!("wait: {e}")),
             }
@@ -373,6 +400,8 @@ impl Drop for Sim {
 
 #[derive(Clone, Copy)]
 struct CpuSample {
+    /// voluntary + involuntary context switches (/proc/<pid>/status: main thread)
+    ctxt: (u64, u64),
     ticks: u64,
     ns: Option<u64>,
     at: Instant,
@@ -455,7 +484,7 @@ fn pty_floor(n: usize) -> Res<Histogram<u64>> {
     let master = File::from(pty.master);
     let _slave_keepalive = pty.slave;
     let mut reply = vec![0x01u8, 0x03, 0x5E];
-    reply.extend(std::iter::repeat(0u8).take(94));
+    reply.extend([0u8; 94]);
     let crc = crc16_modbus(&reply).to_le_bytes();
     reply.extend(crc);
     let total = n + 500;
@@ -492,7 +521,8 @@ fn pty_floor(n: usize) -> Res<Histogram<u64>> {
             break;
         }
         let t = Instant::now();
-        c.transact(&req, &mut buf, REPLY_LEN, Duration::from_secs(1)).map_err(|e| format!("floor request {i}: {e}"))?;
+        c.transact(&req, &mut buf, REPLY_LEN, Duration::from_secs(1))
+            .map_err(|e| format!("floor request {i}: {e}"))?;
         if i >= 500 {
             h.record(t.elapsed().as_nanos() as u64).ok();
         }
@@ -505,8 +535,20 @@ fn pty_floor(n: usize) -> Res<Histogram<u64>> {
 /// `perf record` attached to the sim (EG4_BENCH_PERF=FILE); software clock
 /// so it works in VMs without hardware counters; DWARF call graphs.
 fn start_perf(pid: i32, out: &str) -> Res<(Child, String)> {
+    let freq = std::env::var("EG4_BENCH_PERF_FREQ").unwrap_or_else(|_| "999".into());
     let child = Command::new("perf")
-        .args(["record", "-e", "cpu-clock", "-F", "4999", "--call-graph", "dwarf,16384", "-o", out, "-p"])
+        .args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            &freq,
+            "--call-graph",
+            "dwarf,16384",
+            "-o",
+            out,
+            "-p",
+        ])
         .arg(pid.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -544,10 +586,17 @@ fn part_roundtrip(v: &mut Verdicts) -> Res<()> {
     let link = dir.path().join("eg4.tty");
     let args = vec!["--tty".to_string(), link.display().to_string()];
     println!("── roundtrip: PTY round trip, no wire time ─────────────────────────────");
-    println!("   sim: {SIM} sim eg4-lp4 {}", args.join(" "));
-    println!("   request {:02X?}, reply {REPLY_LEN} bytes; warm-up {warm}, measured {n}", request());
+    println!("   sim: {} sim eg4-lp4 {}", sim_bin(), args.join(" "));
+    println!(
+        "   request {:02X?}, reply {REPLY_LEN} bytes; warm-up {warm}, measured {n}",
+        request()
+    );
     let sim = Sim::spawn(&args, &dir.path().join("sim.stderr"), Duration::from_secs(30))?;
-    println!("   ready after {:.1} ms: {}", sim.spawn_to_ready.as_secs_f64() * 1e3, sim.ready);
+    println!(
+        "   ready after {:.1} ms: {}",
+        sim.spawn_to_ready.as_secs_f64() * 1e3,
+        sim.ready
+    );
     let mut c = Client::open(&sim.links[0])?;
     let req = request();
     let mut buf = [0u8; 256];
@@ -629,9 +678,16 @@ fn part_roundtrip(v: &mut Verdicts) -> Res<()> {
         );
     }
     println!(
+        "   sim context switches: {:.2} voluntary + {:.3} involuntary per request",
+        (after.ctxt.0 - before.ctxt.0) as f64 / done.max(1) as f64,
+        (after.ctxt.1 - before.ctxt.1) as f64 / done.max(1) as f64
+    );
+    println!(
         "   sim idle CPU (1 pack, before the loop): {:.0} µs/s by ticks{}",
         idle_per_s_ticks,
-        idle_per_s_ns.map(|x| format!(", {x:.0} µs/s by the CPU clock")).unwrap_or_default()
+        idle_per_s_ns
+            .map(|x| format!(", {x:.0} µs/s by the CPU clock"))
+            .unwrap_or_default()
     );
 
     let floor_n = 20_000.min(n);
@@ -644,7 +700,10 @@ fn part_roundtrip(v: &mut Verdicts) -> Res<()> {
     }
 
     let took = sim.terminate(Duration::from_secs(10))?;
-    println!("   SIGTERM → exit 0 in {:.1} ms, symlink removed", took.as_secs_f64() * 1e3);
+    println!(
+        "   SIGTERM → exit 0 in {:.1} ms, symlink removed",
+        took.as_secs_f64() * 1e3
+    );
     println!("   targets:");
     if bad > 0 {
         return Err(format!("{bad} bad replies"));
@@ -658,7 +717,9 @@ fn part_roundtrip(v: &mut Verdicts) -> Res<()> {
         per_req_ticks <= 10.0,
         format!(
             "{per_req_ticks:.2} µs/request (ticks){}",
-            cpu_ns_us.map(|x| format!(", {:.2} µs/request (CPU clock)", x / done.max(1) as f64)).unwrap_or_default()
+            cpu_ns_us
+                .map(|x| format!(", {:.2} µs/request (CPU clock)", x / done.max(1) as f64))
+                .unwrap_or_default()
         ),
     );
     Ok(())
@@ -679,7 +740,7 @@ fn part_wiretime(v: &mut Verdicts) -> Res<()> {
         baud.to_string(),
     ];
     println!("── wiretime: wire-time emulation at {baud} baud ─────────────────────────");
-    println!("   sim: {SIM} sim eg4-lp4 {}", args.join(" "));
+    println!("   sim: {} sim eg4-lp4 {}", sim_bin(), args.join(" "));
     let sim = Sim::spawn(&args, &dir.path().join("sim.stderr"), Duration::from_secs(30))?;
     println!("   ready after {:.1} ms", sim.spawn_to_ready.as_secs_f64() * 1e3);
 
@@ -703,6 +764,7 @@ fn part_wiretime(v: &mut Verdicts) -> Res<()> {
     let mut spans = Vec::new();
     let mut gaps = Vec::new();
     let mut reads_per_reply = Vec::new();
+    let mut lateness: Vec<f64> = Vec::new();
     let mut max_step: f64 = 0.0;
     let mut min_step = f64::MAX;
     let timeout = Duration::from_secs_f64((theory_span + theory_gap) * 3.0 + 1.0);
@@ -735,6 +797,16 @@ fn part_wiretime(v: &mut Verdicts) -> Res<()> {
         check_reply(&buf[..REPLY_LEN]).map_err(|e| format!("request {i}: {e}"))?;
         let first = stamps[0].0;
         let last = stamps.last().unwrap().0;
+        // Lateness of every byte against the ideal schedule anchored at the
+        // request's end: byte k due at gap + k byte-times.
+        let mut k0 = 0usize;
+        for &(at, k) in &stamps {
+            for j in k0..k0 + k {
+                let ideal = theory_gap + j as f64 * bt;
+                lateness.push((at - t_req_end).as_secs_f64() - ideal);
+            }
+            k0 += k;
+        }
         spans.push((last - first).as_secs_f64());
         gaps.push((first - t_req_end).as_secs_f64());
         reads_per_reply.push(stamps.len());
@@ -795,8 +867,32 @@ fn part_wiretime(v: &mut Verdicts) -> Res<()> {
         min_step * 1e3,
         max_step * 1e3
     );
+    let mut ls = lateness.clone();
+    ls.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if !ls.is_empty() {
+        let q = |f: f64| ls[((ls.len() - 1) as f64 * f).round() as usize] * 1e3;
+        println!(
+            "   per-byte lateness vs the ideal schedule (request end + gap + k byte-times), {} bytes: min {:+.3}  p50 {:+.3}  p90 {:+.3}  p99 {:+.3}  max {:+.3} ms",
+            ls.len(),
+            q(0.0),
+            q(0.5),
+            q(0.9),
+            q(0.99),
+            q(1.0)
+        );
+    }
+    println!(
+        "   gaps per reply (ms): {}",
+        gaps.iter()
+            .map(|g| format!("{:.2}", g * 1e3))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!("   stray bytes after the last reply: {stray}");
-    println!("   SIGTERM → exit 0 in {:.1} ms, symlink removed", took.as_secs_f64() * 1e3);
+    println!(
+        "   SIGTERM → exit 0 in {:.1} ms, symlink removed",
+        took.as_secs_f64() * 1e3
+    );
     println!("   targets:");
     if stray > 0 {
         return Err(format!("{stray} stray bytes after the replies"));
@@ -806,12 +902,20 @@ fn part_wiretime(v: &mut Verdicts) -> Res<()> {
     v.check(
         "wire time: first→last byte within 5%",
         err(sm, theory_span).abs() <= 5.0 && worst_span <= 5.0,
-        format!("mean {:+.2}%, worst single reply {:.2}%", err(sm, theory_span), worst_span),
+        format!(
+            "mean {:+.2}%, worst single reply {:.2}%",
+            err(sm, theory_span),
+            worst_span
+        ),
     );
     v.check(
         "wire time: request-end → first byte within 5%",
         err(gm, theory_gap).abs() <= 5.0,
-        format!("mean {:+.2}%, worst single reply {:.2}%", err(gm, theory_gap), worst_gap),
+        format!(
+            "mean {:+.2}%, worst single reply {:.2}%",
+            err(gm, theory_gap),
+            worst_gap
+        ),
     );
     Ok(())
 }
@@ -830,7 +934,7 @@ fn part_scale(v: &mut Verdicts) -> Res<()> {
         ttydir.display().to_string(),
     ];
     println!("── scale: {n} packs, one PTY each, one process ─────────────────────────");
-    println!("   sim: {SIM} sim eg4-lp4 {}", args.join(" "));
+    println!("   sim: {} sim eg4-lp4 {}", sim_bin(), args.join(" "));
     let sim = Sim::spawn(&args, &dir.path().join("sim.stderr"), Duration::from_secs(120))?;
     let ready = sim.spawn_to_ready;
     let packs = sim.ready["packs"].as_u64().unwrap_or(0);
@@ -840,7 +944,10 @@ fn part_scale(v: &mut Verdicts) -> Res<()> {
         sim.links.len()
     );
     if sim.links.len() != n || packs != n as u64 {
-        return Err(format!("expected {n} packs/ttys in the ready line, got packs={packs}, {} ttys", sim.links.len()));
+        return Err(format!(
+            "expected {n} packs/ttys in the ready line, got packs={packs}, {} ttys",
+            sim.links.len()
+        ));
     }
     for (i, l) in sim.links.iter().enumerate() {
         let want = ttydir.join(format!("pack-{}.tty", i + 1));
@@ -848,11 +955,11 @@ fn part_scale(v: &mut Verdicts) -> Res<()> {
             return Err(format!("ttys[{i}] = {}, expected {}", l.display(), want.display()));
         }
     }
-    let rss_ready = sim.status_kb("VmRSS").unwrap_or(0);
+    let rss_ready = sim.status_num("VmRSS").unwrap_or(0);
     println!(
         "   at ready: VmRSS {:.1} MB, VmHWM {:.1} MB, threads {}, open fds {}",
         rss_ready as f64 / 1024.0,
-        sim.status_kb("VmHWM").unwrap_or(0) as f64 / 1024.0,
+        sim.status_num("VmHWM").unwrap_or(0) as f64 / 1024.0,
         sim.threads().unwrap_or(0),
         sim.open_fds().unwrap_or(0)
     );
@@ -864,7 +971,9 @@ fn part_scale(v: &mut Verdicts) -> Res<()> {
     println!(
         "   idle CPU with {n} packs: {:.1}% of one core by ticks{}",
         idle_t / secs / 1e4,
-        idle_ns.map(|x| format!(", {:.1}% by the CPU clock", x / secs / 1e4)).unwrap_or_default()
+        idle_ns
+            .map(|x| format!(", {:.1}% by the CPU clock", x / secs / 1e4))
+            .unwrap_or_default()
     );
 
     // One at a time: open, request, check, close (no fd limit trouble).
@@ -897,8 +1006,8 @@ fn part_scale(v: &mut Verdicts) -> Res<()> {
     let total = t0.elapsed();
     let c1 = sim.cpu()?;
     let (poll_cpu_t, poll_cpu_ns) = cpu_us(c0, c1);
-    let rss_after = sim.status_kb("VmRSS").unwrap_or(0);
-    let hwm = sim.status_kb("VmHWM").unwrap_or(0);
+    let rss_after = sim.status_num("VmRSS").unwrap_or(0);
+    let hwm = sim.status_num("VmHWM").unwrap_or(0);
     println!("   results:");
     println!(
         "   polled {} PTYs once each: {ok} answered with a valid 99-byte reply, {} failed; total {:.1} ms ({:.0} µs/pack incl. open+termios+close)",
@@ -914,7 +1023,9 @@ fn part_scale(v: &mut Verdicts) -> Res<()> {
     println!(
         "   sim CPU during the poll sweep: {:.0} ms by ticks{}",
         poll_cpu_t / 1e3,
-        poll_cpu_ns.map(|x| format!(", {:.0} ms by the CPU clock", x / 1e3)).unwrap_or_default()
+        poll_cpu_ns
+            .map(|x| format!(", {:.0} ms by the CPU clock", x / 1e3))
+            .unwrap_or_default()
     );
     println!(
         "   after polling: VmRSS {:.1} MB, VmHWM {:.1} MB ({:.1} kB/pack)",
@@ -941,7 +1052,11 @@ fn part_scale(v: &mut Verdicts) -> Res<()> {
     v.check(
         &format!("scale: all {n} packs answer"),
         ok == n,
-        format!("{ok}/{n} in {:.2} s, time to ready {:.2} s", total.as_secs_f64(), ready.as_secs_f64()),
+        format!(
+            "{ok}/{n} in {:.2} s, time to ready {:.2} s",
+            total.as_secs_f64(),
+            ready.as_secs_f64()
+        ),
     );
     Ok(())
 }
@@ -959,7 +1074,11 @@ fn main() {
         .collect();
     if parts.is_empty() {
         if let Ok(p) = std::env::var("EG4_BENCH_PARTS") {
-            parts = p.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            parts = p
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
         }
     }
     if parts.is_empty() || parts.iter().any(|p| p == "all") {
@@ -969,8 +1088,18 @@ fn main() {
         eprintln!("unknown part `{bad}`; parts: {} (or all)", PARTS.join(", "));
         std::process::exit(2);
     }
-    println!("eg4_pty benchmark — simulator {SIM}");
+    println!("eg4_pty benchmark — simulator {}", sim_bin());
     println!("   parts: {}", parts.join(", "));
+    println!(
+        "   host: {} CPUs, load average {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let mut v = Verdicts { missed: Vec::new() };
     let mut failed = Vec::new();
     for p in &parts {

@@ -179,6 +179,6 @@ impl<P: PollProtocol> Handler<ClientClearFaults> for PollerActor<P> {
 impl<P: PollProtocol> Handler<ClientFrames> for PollerActor<P> {
     type Result = MessageResult<ClientFrames>;
     fn handle(&mut self, _msg: ClientFrames, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.link.borrow().frames().to_vec())
+        MessageResult(self.link.borrow().frames().cloned().collect())
     }
 }

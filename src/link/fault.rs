@@ -391,7 +391,7 @@ pub struct Emission {
 /// without limit; scenarios use an unbounded log.
 #[derive(Debug, Default)]
 pub struct FrameLog {
-    pub frames: Vec<FrameRecord>,
+    pub frames: std::collections::VecDeque<FrameRecord>,
     pub limit: Option<usize>,
     pub dropped: u64,
 }
@@ -400,11 +400,11 @@ impl FrameLog {
     pub fn push(&mut self, rec: FrameRecord) {
         if let Some(limit) = self.limit {
             if self.frames.len() >= limit {
-                self.frames.remove(0);
+                self.frames.pop_front();
                 self.dropped += 1;
             }
         }
-        self.frames.push(rec);
+        self.frames.push_back(rec);
     }
 }
 
@@ -466,12 +466,12 @@ impl LinkEngine {
         self.record = on;
     }
 
-    pub fn frames(&self) -> &[FrameRecord] {
-        &self.log.frames
+    pub fn frames(&self) -> impl ExactSizeIterator<Item = &FrameRecord> + '_ {
+        self.log.frames.iter()
     }
 
     pub fn take_frames(&mut self) -> Vec<FrameRecord> {
-        std::mem::take(&mut self.log.frames)
+        std::mem::take(&mut self.log.frames).into()
     }
 
     /// Add a rule. `Stall` and `Cut` take effect at once (they are states of
@@ -747,7 +747,7 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].bytes, FRAME);
         assert_eq!(l.frames().len(), 1);
-        assert_eq!(l.frames()[0].timestamp_ns, 5);
+        assert_eq!(l.frames().next().unwrap().timestamp_ns, 5);
     }
 
     #[test]

@@ -335,15 +335,74 @@ fn write_now(pty: &PtyPort, bytes: &[u8], port: &str, log: &ObservationLog) {
 }
 
 /// Byte k leaves the wire at start + (k+1)·byte_time: an absolute
-/// schedule, so timer granularity does not accumulate.
+/// schedule, so timer error does not accumulate. The waits use a timerfd
+/// because tokio's timer rounds every deadline up to a whole millisecond,
+/// which at 9600 baud is a byte time.
 async fn write_paced(pty: Rc<PtyPort>, bytes: Vec<u8>, start: Instant, bt: Duration, name: String, log: ObservationLog) {
-    let start = tokio::time::Instant::from_std(start);
+    let timer = PreciseTimer::new();
     for (k, b) in bytes.iter().enumerate() {
         let due = start + bt * (k as u32 + 1);
-        if due > tokio::time::Instant::now() {
-            tokio::time::sleep_until(due).await;
+        match &timer {
+            Ok(t) => {
+                if let Err(e) = t.sleep_until(due).await {
+                    tracing::warn!(port = %name, "timerfd failed ({e}); falling back to the coarse timer");
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+                }
+            }
+            Err(_) => tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await,
         }
         write_now(&pty, std::slice::from_ref(b), &name, &log);
+    }
+}
+
+/// A sub-millisecond sleep on a non-blocking timerfd.
+struct PreciseTimer {
+    fd: tokio::io::unix::AsyncFd<TimerFdHandle>,
+}
+
+/// TimerFd exposes only `AsFd`; AsyncFd wants `AsRawFd`.
+struct TimerFdHandle(nix::sys::timerfd::TimerFd);
+
+impl std::os::fd::AsRawFd for TimerFdHandle {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl PreciseTimer {
+    fn new() -> std::io::Result<Self> {
+        use nix::sys::timerfd::{ClockId, TimerFd, TimerFlags};
+        let t = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC)?;
+        // SAFETY: the TimerFd is owned by the AsyncFd until drop; nothing
+        // else closes its descriptor.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(TimerFdHandle(t), tokio::io::Interest::READABLE) }
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(PreciseTimer { fd })
+    }
+
+    async fn sleep_until(&self, deadline: Instant) -> std::io::Result<()> {
+        use nix::sys::time::TimeSpec;
+        use nix::sys::timerfd::{Expiration, TimerSetTimeFlags};
+        use std::os::fd::AsRawFd;
+        let now = Instant::now();
+        if deadline <= now {
+            return Ok(());
+        }
+        self.fd
+            .get_ref()
+            .0
+            .set(Expiration::OneShot(TimeSpec::from_duration(deadline - now)), TimerSetTimeFlags::empty())?;
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut expirations = [0u8; 8];
+            match guard.try_io(|fd| {
+                nix::unistd::read(fd.get_ref().as_raw_fd(), &mut expirations).map_err(std::io::Error::from)
+            }) {
+                Ok(r) => return r.map(|_| ()),
+                Err(_would_block) => continue,
+            }
+        }
     }
 }
 
@@ -360,13 +419,13 @@ impl Actor for BusActor {
             let pty = p.pty.clone();
             let name = p.name.clone();
             let stream = futures::stream::unfold((pty, name), move |(pty, name)| async move {
-                let mut buf = vec![0u8; 4096];
+                let mut buf = [0u8; 1024];
                 loop {
                     match pty.read(&mut buf).await {
                         Ok(0) => continue,
                         Ok(n) => {
-                            buf.truncate(n);
-                            return Some((PortInput { port: idx, bytes: buf }, (pty, name)));
+                            let bytes = buf[..n].to_vec();
+                            return Some((PortInput { port: idx, bytes }, (pty, name)));
                         }
                         Err(e) => {
                             tracing::warn!(port = %name, "read failed: {e}; port closed");
@@ -477,8 +536,8 @@ impl Handler<BusFrames> for BusActor {
         let mut all: Vec<FrameRecord> = self
             .ports
             .iter()
-            .flat_map(|p| p.link.frames().iter().cloned())
-            .chain(self.devices.iter().flat_map(|d| d.link.frames().iter().cloned()))
+            .flat_map(|p| p.link.frames().cloned())
+            .chain(self.devices.iter().flat_map(|d| d.link.frames().cloned()))
             .collect();
         all.sort_by_key(|r| r.timestamp_ns);
         MessageResult(all)

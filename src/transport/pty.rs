@@ -60,7 +60,10 @@ impl PtyPort {
         }
         // SAFETY: `pty.master` is an OwnedFd created above and moved into the
         // AsyncFd, which is its only owner until drop; nothing else closes it.
-        let master = unsafe { AsyncFd::register(pty.master) }
+        // Readable only: writes never wait (try_write), and an EPOLLOUT
+        // wake-up each time the client drains its side costs a context
+        // switch per request.
+        let master = unsafe { AsyncFd::register_with_interest(pty.master, tokio::io::Interest::READABLE) }
             .map_err(|e| TransportError::Pty(format!("cannot register the PTY with the reactor: {e}")))?;
         Ok(PtyPort {
             master,
@@ -85,7 +88,15 @@ impl PtyPort {
         loop {
             let mut guard = self.master.readable().await?;
             match guard.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from)) {
-                Ok(r) => return r,
+                Ok(Ok(n)) => {
+                    // A short read drained the PTY: skip the extra read that
+                    // would only return EAGAIN.
+                    if n < buf.len() {
+                        guard.clear_ready();
+                    }
+                    return Ok(n);
+                }
+                Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
             }
         }
