@@ -250,6 +250,7 @@ fn eg4(a: Eg4SimArgs) -> Result<(), String> {
                 }],
                 seed: 1,
                 frame_limit: Some(256),
+                record: false,
             };
             let bus = BusActor::open(cfg, devices, log.clone()).map_err(|e| e.to_string())?;
             ttys.extend(bus.port_paths().into_iter().map(|(_, p)| p));

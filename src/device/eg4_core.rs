@@ -83,6 +83,11 @@ impl Default for Eg4Identity {
     }
 }
 
+/// How often the pack refreshes its registers from its measurements. A real
+/// BMS samples on a cycle of this order; polls in between read the same
+/// values (and cost the simulator almost nothing).
+pub const REGISTER_REFRESH: Duration = Duration::from_millis(100);
+
 pub struct Eg4Pack {
     pub address: u8,
     pub profile: RegisterProfile,
@@ -92,6 +97,8 @@ pub struct Eg4Pack {
     model: PackModel,
     /// Time the model was last advanced to (monotonic, from the owner).
     clock: Option<Duration>,
+    /// Register image and when it was built; dropped by `set`.
+    image: Option<(Duration, crate::protocol::eg4::RegisterImage)>,
 }
 
 impl Eg4Pack {
@@ -104,6 +111,7 @@ impl Eg4Pack {
             identity: Eg4Identity::default(),
             model: PackModel::new(config).map_err(|e| e.to_string())?,
             clock: None,
+            image: None,
         })
     }
 
@@ -123,6 +131,7 @@ impl Eg4Pack {
 
     /// Set a state key: the model's keys, plus `address` (the DIP switches).
     pub fn set(&mut self, key: &str, value: f64) -> Result<(), String> {
+        self.image = None;
         if key == "address" {
             if !(1.0..=247.0).contains(&value) || value.fract() != 0.0 {
                 return Err(format!("address must be an integer 1..=247, got {value}"));
@@ -146,10 +155,12 @@ impl Eg4Pack {
     /// `Ok(Some(reply))` to transmit, `Ok(None)` when the frame was for
     /// another pack, `Err` when a real pack would stay silent on bad input.
     pub fn handle_frame(&mut self, frame: &[u8], now: Duration) -> Result<Vec<u8>, Eg4Silence> {
-        self.tick(now);
         let mut reply = match self.protocol {
-            Eg4Protocol::Modbus => self.handle_modbus(frame)?,
-            Eg4Protocol::Legacy => self.handle_legacy(frame)?,
+            Eg4Protocol::Modbus => self.handle_modbus(frame, now)?,
+            Eg4Protocol::Legacy => {
+                self.tick(now);
+                self.handle_legacy(frame)?
+            }
         };
         if self.quirks.contains(&Eg4Quirk::WrongProtocolFf) {
             reply.iter_mut().for_each(|b| *b = 0xFF);
@@ -157,15 +168,20 @@ impl Eg4Pack {
         Ok(reply)
     }
 
-    fn handle_modbus(&mut self, frame: &[u8]) -> Result<Vec<u8>, Eg4Silence> {
+    fn handle_modbus(&mut self, frame: &[u8], now: Duration) -> Result<Vec<u8>, Eg4Silence> {
         let req = modbus::decode_request(frame).map_err(|e: ModbusError| Eg4Silence::Undecodable(e.to_string()))?;
         // Address 0 is broadcast: a pack acts on writes but never answers.
         if req.address != self.address {
             return Err(Eg4Silence::OtherAddress(req.address));
         }
-        let image = self.profile.image(&self.telemetry());
+        let fresh = matches!(&self.image, Some((at, _)) if now.saturating_sub(*at) < REGISTER_REFRESH);
+        if !fresh {
+            self.tick(now);
+            self.image = Some((now, self.profile.image(&self.telemetry())));
+        }
+        let Some((_, image)) = &self.image else { unreachable!("image built above") };
         let mut out = Vec::with_capacity(256);
-        modbus::serve_into(self.address, &req.pdu, &image, &mut out);
+        modbus::serve_into(self.address, &req.pdu, image, &mut out);
         if self.address == 1 && self.quirks.contains(&Eg4Quirk::Address1Zeros) && out.len() > 5 {
             let n = out.len();
             out[3..n - 2].iter_mut().for_each(|b| *b = 0);

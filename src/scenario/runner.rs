@@ -257,6 +257,7 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
                 .collect(),
             seed,
             frame_limit: None,
+            record: true,
         };
         let actor = match BusActor::open(cfg, devices, log.clone()) {
             Ok(a) => a,

@@ -46,6 +46,8 @@ pub struct BusConfig {
     pub seed: u64,
     /// Keep at most this many frames per link (None = all).
     pub frame_limit: Option<usize>,
+    /// Record frames at all (scenarios do; `sim` has nobody to read them).
+    pub record: bool,
 }
 
 pub struct BusDevice {
@@ -88,6 +90,7 @@ impl BusActor {
             let pty = Rc::new(PtyPort::open(spec.link_path.as_deref())?);
             let mut link = LinkEngine::new(spec.name.clone(), cfg.seed);
             link.set_log_limit(cfg.frame_limit);
+            link.set_recording(cfg.record);
             ports.push(Port {
                 name: spec.name.clone(),
                 pty,
@@ -102,6 +105,7 @@ impl BusActor {
             .map(|d| {
                 let mut link = LinkEngine::new(d.name.clone(), cfg.seed);
                 link.set_log_limit(cfg.frame_limit);
+                link.set_recording(cfg.record);
                 Device {
                     name: d.name,
                     recipient: d.recipient,
