@@ -190,3 +190,44 @@ fn busy_tty_path_is_refused() {
     assert!(link.exists());
     assert_eq!(sim.stop(), 0);
 }
+
+#[test]
+fn wire_time_half_duplex_and_the_eg4_ll_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("eg4");
+    let sim = start_sim(
+        &["eg4-lp4", "--tty", link.to_str().unwrap(), "--wire-time", "--baud", "9600", "--profile", "eg4-ll", "--set", "soc=71"],
+        dir.path(),
+    );
+    let mut port = RawPort::open(&link);
+    // eg4-ll: 39 registers at 0, then the ASCII identity block at 105.
+    port.send(&with_crc(vec![1, 3, 0, 0, 0, 39]));
+    let reply = port.read_up_to(5 + 78, Duration::from_secs(2));
+    let f = modbus::decode_response(&reply).unwrap_or_else(|e| panic!("{e}: {reply:02X?}"));
+    let ModbusResponse::ReadHolding(regs) = f.pdu else { panic!() };
+    let t = RegisterProfile::Eg4Ll.decode(0, &regs).unwrap();
+    assert_eq!(t.soc_pct, 71);
+    port.send(&with_crc(vec![1, 3, 0, 105, 0, 23]));
+    let reply = port.read_up_to(5 + 46, Duration::from_secs(2));
+    let f = modbus::decode_response(&reply).unwrap();
+    let ModbusResponse::ReadHolding(regs) = f.pdu else { panic!() };
+    let ascii: Vec<u8> = regs.iter().flat_map(|r| r.to_be_bytes()).collect();
+    assert!(String::from_utf8_lossy(&ascii).contains("LifePower4"), "{ascii:?}");
+    // Registers 39..=104 do not exist on this map.
+    port.send(&with_crc(vec![1, 3, 0, 50, 0, 1]));
+    let reply = port.read_up_to(5, Duration::from_secs(2));
+    assert!(matches!(
+        modbus::decode_response(&reply).unwrap().pdu,
+        ModbusResponse::Exception { code: ExceptionCode::IllegalDataAddress, .. }
+    ));
+    // A second request sent while the first reply is still on the wire
+    // reaches no pack (half-duplex): exactly one reply comes back.
+    port.send(&with_crc(vec![1, 3, 0, 0, 0, 39]));
+    // At 9600 baud the reply occupies the line from about 12 ms to 98 ms.
+    std::thread::sleep(Duration::from_millis(40));
+    port.send(&with_crc(vec![1, 3, 0, 0, 0, 39]));
+    let both = port.read_up_to(2 * 83, Duration::from_millis(1200));
+    assert_eq!(both.len(), 83, "{both:02X?}");
+    drop(port);
+    assert_eq!(sim.stop(), 0);
+}

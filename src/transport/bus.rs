@@ -171,6 +171,20 @@ impl BusActor {
                 self.deliver_to_port(i, Direction::Request, &bytes, Duration::ZERO, ctx);
             }
         }
+        if self.cfg.wire_time {
+            let busy_until = self.ports.iter().map(|p| p.line_free_at).max();
+            if busy_until.is_some_and(|t| Instant::now() < t) {
+                // Half-duplex transceivers do not listen while they drive the
+                // line: a request sent over a reply reaches no pack.
+                self.log.push(
+                    &self.cfg.name,
+                    ObservationKind::DeviceSilent {
+                        reason: "request arrived while a reply was on the line (half-duplex): ignored".into(),
+                    },
+                );
+                return;
+            }
+        }
         let (now_ns, wall_ns) = self.times();
         let reply_delay = if self.cfg.wire_time {
             byte_time(self.cfg.baud) * bytes.len() as u32 + rtu_silence(self.cfg.baud)
