@@ -132,3 +132,30 @@ fn a_process_past_its_timeout_is_killed_and_fails_the_scenario() {
     assert!(r.processes[0].timed_out);
     assert!(no_process_with(marker));
 }
+
+#[test]
+fn junit_and_exit_code_report_each_scenario() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = dir.path().join("a-ok.yaml");
+    let bad = dir.path().join("b-bad.yaml");
+    let body = |name: &str, soc: u32| {
+        format!(
+            "name: {name}\n{BUS}clients:\n  - {{name: m, kind: modbus-master, port: p, addresses: [1], interval: 100ms}}\nsteps:\n  - expect_reading: {{client: m, field: soc_pct, equals: {soc}, within: 1s}}\n"
+        )
+    };
+    std::fs::write(&ok, body("reads eighty", 80)).unwrap();
+    std::fs::write(&bad, body("expects twelve", 12)).unwrap();
+    let junit = dir.path().join("junit.xml");
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+        .args(["run", dir.path().to_str().unwrap(), "--junit", junit.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "one failure → exit 1");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("PASS reads eighty") && stdout.contains("FAIL expects twelve"), "{stdout}");
+    assert!(stdout.contains("1 passed, 1 failed"), "{stdout}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains(r#"tests="2""#) && xml.contains(r#"failures="1""#), "{xml}");
+    assert!(xml.contains(r#"<testcase name="expects twelve""#), "{xml}");
+    assert!(xml.contains("soc_pct from `m` was 80, expected 12"), "{xml}");
+}
