@@ -164,7 +164,7 @@ fn list() {
         println!("  {k:<18} {d}");
     }
     println!("\nPack state keys (sim --set KEY=VALUE, scenario `set`):");
-    println!("  {:<18} {}", "address", "Modbus address (the DIP switches), 1..=247");
+    println!("  {:<18} Modbus address (the DIP switches), 1..=247", "address");
     for (k, d) in crate::model::STATE_KEYS {
         println!("  {k:<18} {d}");
     }

@@ -224,8 +224,10 @@ fn eg4(a: Eg4SimArgs) -> Result<(), String> {
         for (bi, bp) in plans.into_iter().enumerate() {
             let mut devices = Vec::new();
             for p in &bp.packs {
-                let mut cfg = PackConfig::default();
-                cfg.cells = a.cells;
+                let cfg = PackConfig {
+                    cells: a.cells,
+                    ..PackConfig::default()
+                };
                 let mut pack = Eg4Pack::new(p.address, cfg)?;
                 pack.profile = a.profile;
                 pack.protocol = a.protocol;

@@ -556,7 +556,7 @@ impl LinkEngine {
         while i < self.rules.len() {
             let applies = {
                 let r = &self.rules[i].rule;
-                let dir_ok = r.trigger.direction.map_or(true, |d| d == direction);
+                let dir_ok = r.trigger.direction.is_none_or(|d| d == direction);
                 dir_ok
                     && match r.trigger.probability {
                         Some(p) => self.rng.gen_bool(p.clamp(0.0, 1.0)),
@@ -567,7 +567,7 @@ impl LinkEngine {
                 .rule
                 .trigger
                 .direction
-                .map_or(true, |d| d == direction);
+                .is_none_or(|d| d == direction);
             if dir_ok {
                 // A counted rule is consumed by every matching frame, fired
                 // or not, so `count: 10, probability: 0.5` means "about half

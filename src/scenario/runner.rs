@@ -421,7 +421,7 @@ async fn count_check(
                 return Err(format!("{n} {what}, expected at most {max}"));
             }
         }
-        if at_most.is_none() && at_least.map_or(true, |m| n >= m) {
+        if at_most.is_none() && at_least.is_none_or(|m| n >= m) {
             return Ok(format!("{n} {what}"));
         }
         if Instant::now() >= deadline {
@@ -500,16 +500,16 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
             let deadline = Instant::now() + window;
             let tol = e.tolerance.unwrap_or(0.0);
             let ok = |v: f64| {
-                e.equals.map_or(true, |x| (v - x).abs() <= tol)
-                    && e.min.map_or(true, |m| v >= m)
-                    && e.max.map_or(true, |m| v <= m)
+                e.equals.is_none_or(|x| (v - x).abs() <= tol)
+                    && e.min.is_none_or(|m| v >= m)
+                    && e.max.is_none_or(|m| v <= m)
             };
             let mut last: Option<f64> = None;
             loop {
                 let found = log.find_since(step_start, |o| {
                     o.source == e.client
                         && matches!(&o.kind, ObservationKind::Reading { address, values, .. }
-                            if e.address.map_or(true, |a| a == *address) && values.contains_key(&e.field))
+                            if e.address.is_none_or(|a| a == *address) && values.contains_key(&e.field))
                 });
                 if let Some(Observation {
                     kind: ObservationKind::Reading { values, .. },
@@ -555,7 +555,7 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
                 let found = log.find_since(step_start, |o| {
                     o.source == e.client
                         && matches!(&o.kind, ObservationKind::Reading { address, .. }
-                            if e.address.map_or(true, |a| a == *address))
+                            if e.address.is_none_or(|a| a == *address))
                 });
                 let mut seen_flags = None;
                 if let Some(Observation {
@@ -589,11 +589,11 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
                     o.source == e.client
                         && match &o.kind {
                             ObservationKind::Error { address, kind, .. } => {
-                                e.address.map_or(true, |a| a == *address)
-                                    && e.kind.as_deref().map_or(true, |k| k == kind)
+                                e.address.is_none_or(|a| a == *address)
+                                    && e.kind.as_deref().is_none_or(|k| k == kind)
                             }
                             ObservationKind::GaveUp { address, .. } => {
-                                e.address.map_or(true, |a| a == *address) && e.kind.as_deref() == Some("gave_up")
+                                e.address.is_none_or(|a| a == *address) && e.kind.as_deref() == Some("gave_up")
                             }
                             _ => false,
                         }
@@ -606,7 +606,7 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
             let what = format!("{} observations", e.kind);
             count_check(e.at_least, e.at_most, within(e.within), &what, || {
                 log.count_since(since, |o| {
-                    e.source.as_deref().map_or(true, |s| s == o.source)
+                    e.source.as_deref().is_none_or(|s| s == o.source)
                         && matches!(
                             (&o.kind, e.kind.as_str()),
                             (ObservationKind::Collision { .. }, "collision")
@@ -627,7 +627,7 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
                 let n = frames
                     .iter()
                     .filter(|f| {
-                        f.link == e.link && f.timestamp_ns >= since_ns && e.direction.map_or(true, |d| d == f.direction)
+                        f.link == e.link && f.timestamp_ns >= since_ns && e.direction.is_none_or(|d| d == f.direction)
                     })
                     .count();
                 let done = Instant::now() >= deadline;
@@ -636,7 +636,7 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
                         return Err(format!("{n} {what}, expected at most {max}"));
                     }
                 }
-                let enough = e.at_least.map_or(true, |m| n >= m);
+                let enough = e.at_least.is_none_or(|m| n >= m);
                 if (enough && e.at_most.is_none()) || done {
                     return if enough {
                         Ok(format!("{n} {what}"))

@@ -50,6 +50,9 @@ pub struct BusConfig {
     pub record: bool,
 }
 
+/// What each asked device answered (by index), or why it could not.
+type DeviceReplies = Vec<(usize, Result<Option<Vec<u8>>, MailboxError>)>;
+
 pub struct BusDevice {
     pub name: String,
     pub recipient: Recipient<BusFrame>,
@@ -226,7 +229,7 @@ impl BusActor {
 
     fn on_replies(
         &mut self,
-        results: Vec<(usize, Result<Option<Vec<u8>>, MailboxError>)>,
+        results: DeviceReplies,
         delay: Duration,
         ctx: &mut Context<Self>,
     ) {
