@@ -88,7 +88,7 @@ pub struct Eg4SimArgs {
     #[arg(long = "quirk")]
     pub quirks: Vec<String>,
     /// Scale mode: this many packs, each on its own PTY under --tty-dir.
-    #[arg(long, requires = "tty_dir")]
+    #[arg(long, requires = "tty_dir", conflicts_with = "tty")]
     pub packs: Option<usize>,
     /// Folder for the scale mode's PTY links (pack-1.tty, pack-2.tty, …).
     #[arg(long, value_name = "DIR")]
