@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use hilbench::protocol::{eg4::RegisterProfile, eg4_legacy, modbus};
+use hilbench::protocol::{bvlc_sc, eg4::RegisterProfile, eg4_legacy, modbus};
 
 #[test]
 fn every_corpus_input_decodes_without_panicking() {
@@ -38,6 +38,12 @@ fn every_corpus_input_decodes_without_panicking() {
             for p in RegisterProfile::ALL {
                 let _ = p.decode(0, &regs);
             }
+            if let Ok(m) = bvlc_sc::decode(&data) {
+                assert_eq!(bvlc_sc::decode(&bvlc_sc::encode(&m).unwrap()).unwrap(), m);
+                round_trips += 1;
+            }
+            let mut out = Vec::new();
+            let _ = bvlc_sc::rewrite_for_forwarding(&data, bvlc_sc::Vmac([2, 0, 0, 0, 0, 1]), true, &mut out);
         }
     }
     assert!(inputs >= 30, "corpus has only {inputs} inputs");
