@@ -1,5 +1,6 @@
 //! The command line: `run`, `sim`, `list`.
 
+pub mod pki;
 pub mod sim;
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use crate::scenario::{self, report, RunOptions, Scenario};
   hilbench run scenarios/                      run every scenario in a folder
   hilbench run scenarios/eg4-crc-late.yaml --capture captures/ --junit report.xml
   hilbench sim eg4-lp4 --tty /tmp/bms --address 1 --address 2 --set soc=55
+  hilbench pki --out target/pki --nodes 3
   hilbench list
 
 Logs: RUST_LOG=hilbench=debug hilbench run …"
@@ -36,6 +38,8 @@ pub enum Command {
     Run(RunArgs),
     /// Run a simulated device until SIGINT/SIGTERM, for poking a client by hand.
     Sim(sim::SimArgs),
+    /// Write a test CA, a BACnet/SC hub certificate and node certificates (no openssl needed).
+    Pki(pki::PkiArgs),
     /// Show device kinds, profiles, client kinds and faults.
     List,
 }
@@ -63,6 +67,7 @@ pub fn main_with(cli: Cli) -> i32 {
     match cli.command {
         Command::Run(a) => run(a),
         Command::Sim(a) => sim::run(a),
+        Command::Pki(a) => pki::run(a),
         Command::List => {
             list();
             0
