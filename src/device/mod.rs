@@ -1,5 +1,6 @@
 //! Simulated devices: actors that own a sans-IO protocol core and a model.
 
+pub mod bsc_hub_core;
 pub mod eg4;
 pub mod eg4_core;
 
