@@ -23,6 +23,10 @@ pub enum StreamRole {
     Either,
 }
 
+/// The longest frame either protocol allows: Modbus RTU 256 bytes, EG4
+/// legacy 6 + 255.
+const MAX_FRAME: usize = 6 + eg4_legacy::MAX_PAYLOAD;
+
 #[derive(Debug)]
 pub struct StreamFramer {
     role: StreamRole,
@@ -70,12 +74,21 @@ impl StreamFramer {
     }
 
     /// Adds bytes; returns the frames that are now complete and valid.
-    /// Leftovers wait for more bytes or for [`StreamFramer::flush`].
+    /// Leftovers wait for more bytes or for [`StreamFramer::flush`], except
+    /// that bytes beyond the longest possible frame are handed on at once
+    /// as one bad frame (as a UART receiver overruns), so a line that never
+    /// goes quiet cannot grow the buffer without bound.
     pub fn push(&mut self, bytes: &[u8]) -> Vec<Vec<u8>> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        while let Some(n) = self.valid_frame() {
-            out.push(self.buf.drain(..n).collect());
+        loop {
+            if let Some(n) = self.valid_frame() {
+                out.push(self.buf.drain(..n).collect());
+            } else if self.buf.len() > MAX_FRAME {
+                out.push(self.buf.drain(..MAX_FRAME).collect());
+            } else {
+                break;
+            }
         }
         out
     }
@@ -126,6 +139,20 @@ mod tests {
         let mut chunk = req();
         chunk.extend(&reply);
         assert_eq!(f.push(&chunk), vec![req(), reply]);
+    }
+
+    #[test]
+    fn endless_garbage_is_bounded() {
+        let mut f = StreamFramer::new(StreamRole::Requests);
+        let mut junk = 0;
+        for _ in 0..100 {
+            junk += f.push(&[0x55; 100]).len();
+            assert!(f.pending() <= MAX_FRAME);
+        }
+        assert!(junk >= 30, "{junk}");
+        // A good request after the noise (and a quiet line) still frames.
+        f.flush();
+        assert_eq!(f.push(&req()), vec![req()]);
     }
 
     #[test]
