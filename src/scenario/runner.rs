@@ -124,10 +124,28 @@ pub fn run_file_blocking(scenario: Scenario, file: PathBuf, options: RunOptions)
     })
 }
 
-enum ClientAddr {
-    Modbus(Addr<PollerActor<ModbusPoll>>),
-    Legacy(Addr<PollerActor<LegacyPoll>>),
-    Sniffer(#[allow(dead_code)] Addr<SnifferActor>),
+/// A running client. Pollers own a link (faults, frames); a passive sniffer
+/// has none. `_actor` keeps the actor alive until teardown drops it.
+struct ClientHandle {
+    link: Option<ClientLinkControl>,
+    _actor: Box<dyn std::any::Any>,
+}
+
+struct ClientLinkControl {
+    fault: Recipient<ClientFault>,
+    clear: Recipient<ClientClearFaults>,
+    frames: Recipient<ClientFrames>,
+}
+
+fn poller_handle<P: crate::client::poller::PollProtocol>(a: Addr<PollerActor<P>>) -> ClientHandle {
+    ClientHandle {
+        link: Some(ClientLinkControl {
+            fault: a.clone().recipient(),
+            clear: a.clone().recipient(),
+            frames: a.clone().recipient(),
+        }),
+        _actor: Box::new(a),
+    }
 }
 
 /// Everything a running scenario owns. Dropping it stops the actors.
@@ -136,7 +154,7 @@ struct World {
     wall_start_ns: u64,
     buses: Vec<(Vec<String>, Addr<BusActor>)>,
     packs: BTreeMap<String, Addr<Eg4PackActor>>,
-    clients: BTreeMap<String, ClientAddr>,
+    clients: BTreeMap<String, ClientHandle>,
     processes: Vec<RunningProcess>,
     vars: BTreeMap<String, String>,
     _tmp: tempfile::TempDir,
@@ -289,9 +307,9 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
         };
         let started = match c.kind.as_str() {
             "modbus-master" | "inverter-master" => {
-                PollerActor::open(poller, ModbusPoll { profile }, log.clone()).map(|a| ClientAddr::Modbus(a.start()))
+                PollerActor::open(poller, ModbusPoll { profile }, log.clone()).map(|a| poller_handle(a.start()))
             }
-            "legacy-client" => PollerActor::open(poller, LegacyPoll, log.clone()).map(|a| ClientAddr::Legacy(a.start())),
+            "legacy-client" => PollerActor::open(poller, LegacyPoll, log.clone()).map(|a| poller_handle(a.start())),
             "modbus-sniffer" => SnifferActor::open(
                 SnifferConfig {
                     name: c.name.clone(),
@@ -301,7 +319,10 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
                 },
                 log.clone(),
             )
-            .map(|a| ClientAddr::Sniffer(a.start())),
+            .map(|a| ClientHandle {
+                link: None,
+                _actor: Box::new(a.start()),
+            }),
             other => unreachable!("client kind `{other}` passed validation"),
         };
         match started {
@@ -406,16 +427,16 @@ fn within(d: Option<Dur>) -> Duration {
 /// Checks `count()` against `at_least`/`at_most` over a window: passes as
 /// soon as `at_least` is met (when there is no `at_most`), otherwise waits
 /// the window out.
-async fn count_check(
+async fn count_check<F: std::future::Future<Output = usize>>(
     at_least: Option<usize>,
     at_most: Option<usize>,
     window: Duration,
     what: &str,
-    count: impl Fn() -> usize,
+    count: impl Fn() -> F,
 ) -> Result<String, String> {
     let deadline = Instant::now() + window;
     loop {
-        let n = count();
+        let n = count().await;
         if let Some(max) = at_most {
             if n > max {
                 return Err(format!("{n} {what}, expected at most {max}"));
@@ -460,11 +481,10 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
             let rule = f.clone().into_rule()?;
             let desc = format!("{} on {}", rule.fault.name(), link);
             if let Some(c) = world.clients.get(&link) {
-                match c {
-                    ClientAddr::Modbus(a) => a.send(ClientFault(rule)).await.map_err(|e| e.to_string())?,
-                    ClientAddr::Legacy(a) => a.send(ClientFault(rule)).await.map_err(|e| e.to_string())?,
-                    ClientAddr::Sniffer(_) => return Err(format!("`{link}` is a passive sniffer: it has no link to fault; fault its bus port instead")),
-                }
+                let ctl = c.link.as_ref().ok_or_else(|| {
+                    format!("`{link}` is a passive sniffer: it has no link to fault; fault its bus port instead")
+                })?;
+                ctl.fault.send(ClientFault(rule)).await.map_err(|e| e.to_string())?;
                 return Ok(desc);
             }
             let bus = world
@@ -477,10 +497,8 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
         }
         Step::ClearFaults(c) => {
             if let Some(cl) = world.clients.get(&c.link) {
-                match cl {
-                    ClientAddr::Modbus(a) => a.send(ClientClearFaults).await.map_err(|e| e.to_string())?,
-                    ClientAddr::Legacy(a) => a.send(ClientClearFaults).await.map_err(|e| e.to_string())?,
-                    ClientAddr::Sniffer(_) => {}
+                if let Some(ctl) = &cl.link {
+                    ctl.clear.send(ClientClearFaults).await.map_err(|e| e.to_string())?;
                 }
                 return Ok(format!("cleared {}", c.link));
             }
@@ -585,7 +603,7 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
             let since = if e.since_start { 0.0 } else { step_start };
             let what = format!("{} errors from `{}`", e.kind.as_deref().unwrap_or("any"), e.client);
             count_check(e.at_least, e.at_most, within(e.within), &what, || {
-                log.count_since(since, |o| {
+                std::future::ready(log.count_since(since, |o| {
                     o.source == e.client
                         && match &o.kind {
                             ObservationKind::Error { address, kind, .. } => {
@@ -597,7 +615,7 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
                             }
                             _ => false,
                         }
-                })
+                }))
             })
             .await
         }
@@ -605,7 +623,7 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
             let since = if e.since_start { 0.0 } else { step_start };
             let what = format!("{} observations", e.kind);
             count_check(e.at_least, e.at_most, within(e.within), &what, || {
-                log.count_since(since, |o| {
+                std::future::ready(log.count_since(since, |o| {
                     e.source.as_deref().is_none_or(|s| s == o.source)
                         && matches!(
                             (&o.kind, e.kind.as_str()),
@@ -613,43 +631,24 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
                                 | (ObservationKind::DeviceSilent { .. }, "device_silent")
                                 | (ObservationKind::Overflow { .. }, "overflow")
                         )
-                })
+                }))
             })
             .await
         }
         Step::ExpectFrames(e) => {
             let since_ns = world.wall_start_ns + (step_start * 1e6) as u64;
-            let window = within(e.within);
-            let deadline = Instant::now() + window;
             let what = format!("frames on `{}`", e.link);
-            loop {
-                let frames = collect_frames(world).await;
-                let n = frames
+            let world = &*world;
+            count_check(e.at_least, e.at_most, within(e.within), &what, || async move {
+                collect_frames(world)
+                    .await
                     .iter()
                     .filter(|f| {
                         f.link == e.link && f.timestamp_ns >= since_ns && e.direction.is_none_or(|d| d == f.direction)
                     })
-                    .count();
-                let done = Instant::now() >= deadline;
-                if let Some(max) = e.at_most {
-                    if n > max {
-                        return Err(format!("{n} {what}, expected at most {max}"));
-                    }
-                }
-                let enough = e.at_least.is_none_or(|m| n >= m);
-                if (enough && e.at_most.is_none()) || done {
-                    return if enough {
-                        Ok(format!("{n} {what}"))
-                    } else {
-                        Err(format!(
-                            "{n} {what} within {}, expected at least {}",
-                            humantime::format_duration(window),
-                            e.at_least.unwrap_or(0)
-                        ))
-                    };
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+                    .count()
+            })
+            .await
         }
         Step::ExpectOutput(e) => {
             let window = within(e.within);
@@ -729,12 +728,9 @@ async fn collect_frames(world: &World) -> Vec<FrameRecord> {
         }
     }
     for c in world.clients.values() {
-        let f = match c {
-            ClientAddr::Modbus(a) => a.send(ClientFrames).await.ok(),
-            ClientAddr::Legacy(a) => a.send(ClientFrames).await.ok(),
-            ClientAddr::Sniffer(_) => None,
-        };
-        all.extend(f.unwrap_or_default());
+        if let Some(ctl) = &c.link {
+            all.extend(ctl.frames.send(ClientFrames).await.unwrap_or_default());
+        }
     }
     all.sort_by_key(|f| f.timestamp_ns);
     all
@@ -753,13 +749,7 @@ async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOption
     for p in processes {
         report.processes.push(p.stop().await);
     }
-    for (_, c) in clients {
-        match c {
-            ClientAddr::Modbus(a) => drop(a),
-            ClientAddr::Legacy(a) => drop(a),
-            ClientAddr::Sniffer(a) => drop(a),
-        }
-    }
+    drop(clients);
     drop(buses);
     drop(packs);
     if let Some(dir) = &options.capture_dir {

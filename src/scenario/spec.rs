@@ -377,7 +377,10 @@ impl Scenario {
         }
         for c in &self.clients {
             unique("client", &c.name)?;
-            links.push(&c.name);
+            // A passive sniffer never transmits: it has no link of its own.
+            if c.kind != "modbus-sniffer" {
+                links.push(&c.name);
+            }
             if !crate::client::CLIENT_KINDS.iter().any(|k| k.0 == c.kind) {
                 let kinds: Vec<_> = crate::client::CLIENT_KINDS.iter().map(|k| k.0).collect();
                 return Err(format!("client `{}`: unknown kind `{}` (known: {})", c.name, c.kind, kinds.join(", ")));
@@ -490,11 +493,20 @@ pub fn check_state_key(key: &str) -> Result<(), String> {
     if key == "address" {
         return Ok(());
     }
-    let generic: String = key
-        .chars()
-        .map(|c| if c.is_ascii_digit() { 'N' } else { c })
-        .collect::<String>()
-        .replace("NN", "N");
+    // `cell12_mv` → `cellN_mv`: every run of digits is one index.
+    let mut generic = String::with_capacity(key.len());
+    let mut in_digits = false;
+    for c in key.chars() {
+        if c.is_ascii_digit() {
+            if !in_digits {
+                generic.push('N');
+            }
+            in_digits = true;
+        } else {
+            generic.push(c);
+            in_digits = false;
+        }
+    }
     if crate::model::STATE_KEYS.iter().any(|(k, _)| *k == key || *k == generic) {
         Ok(())
     } else {
@@ -525,6 +537,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("s.yaml:3:"), "{e}");
+    }
+
+    #[test]
+    fn a_sniffer_has_no_link_to_fault() {
+        let y = "name: x\nbuses: [{name: b, ports: [p]}]\nclients:\n  - {name: s, kind: modbus-sniffer, port: p}\nsteps:\n  - fault: {link: s, kind: drop}\n";
+        let e = Scenario::parse(Path::new("s.yaml"), y).unwrap_err().to_string();
+        assert!(e.contains("no link `s`") && e.contains("links: p"), "{e}");
+    }
+
+    #[test]
+    fn indexed_state_keys() {
+        assert!(check_state_key("cell3_mv").is_ok());
+        assert!(check_state_key("cell123_mv").is_ok(), "range is the model's to check");
+        assert!(check_state_key("temp2_c").is_ok());
+        assert!(check_state_key("cellx_mv").is_err());
     }
 
     #[test]
