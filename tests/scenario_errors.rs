@@ -53,9 +53,15 @@ fn run_yaml(dir: &Path, y: &str) -> hilbench::scenario::ScenarioReport {
     run_file_blocking(s, f, Default::default())
 }
 
+/// No live process has `marker` in its command line (read from /proc, so
+/// the test needs no procps).
 fn no_process_with(marker: &str) -> bool {
-    let out = Command::new("pgrep").args(["-f", marker]).output().unwrap();
-    out.stdout.is_empty()
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .all(|cmd| !String::from_utf8_lossy(&cmd).contains(marker))
 }
 
 #[test]

@@ -127,6 +127,10 @@ impl SerialSession {
         let mut echoed = false;
         let mut tmp = [0u8; 512];
         loop {
+            // Echo detection assumes the reply differs from the request,
+            // true for the reads our pollers send; a Modbus 05/06 reply is
+            // a byte-for-byte copy of its request and would be taken for an
+            // echo.
             if !echoed && buf.len() >= request.len() && buf.starts_with(request) {
                 // RS-485 adapter echo: our request in front of the reply.
                 buf.drain(..request.len());
