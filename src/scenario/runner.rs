@@ -249,7 +249,11 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
 
     for bus in &scenario.buses {
         let mut devices = Vec::new();
-        for d in scenario.devices.iter().filter(|d| d.bus == bus.name) {
+        let on_bus = scenario.devices.iter().filter_map(|d| match d {
+            DeviceSpec::Eg4Lp4(d) if d.bus == bus.name => Some(d),
+            _ => None,
+        });
+        for d in on_bus {
             let pack = match make_pack(d) {
                 Ok(p) => p,
                 Err(e) => return Err((format!("device `{}`: {e}", d.name), Some(world))),
@@ -288,48 +292,18 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
         world.buses.push((names, actor.start()));
     }
 
-    for c in &scenario.clients {
-        let port = match world.vars.get(&format!("port.{}", c.port)) {
-            Some(p) => PathBuf::from(p),
-            None => PathBuf::from(&c.port),
-        };
-        let profile = c.profile.unwrap_or(RegisterProfile::Lp4V2);
-        let poller = PollerConfig {
-            name: c.name.clone(),
-            port: port.clone(),
-            baud: c.baud,
-            addresses: c.addresses.clone(),
-            interval: c.interval.map(|d| d.0).unwrap_or(Duration::from_millis(200)),
-            timeout: c.timeout.map(|d| d.0).unwrap_or(Duration::from_millis(500)),
-            retries: c.retries.unwrap_or(2),
-            publish_readings: c.kind != "inverter-master",
-            seed,
-        };
-        let started = match c.kind.as_str() {
-            "modbus-master" | "inverter-master" => {
-                PollerActor::open(poller, ModbusPoll { profile }, log.clone()).map(|a| poller_handle(a.start()))
-            }
-            "legacy-client" => PollerActor::open(poller, LegacyPoll, log.clone()).map(|a| poller_handle(a.start())),
-            "modbus-sniffer" => SnifferActor::open(
-                SnifferConfig {
-                    name: c.name.clone(),
-                    port,
-                    baud: c.baud,
-                    profile,
-                },
-                log.clone(),
-            )
-            .map(|a| ClientHandle {
-                link: None,
-                _actor: Box::new(a.start()),
-            }),
-            other => unreachable!("client kind `{other}` passed validation"),
+    for spec in &scenario.clients {
+        let started = match spec {
+            ClientSpec::ModbusMaster(c)
+            | ClientSpec::InverterMaster(c)
+            | ClientSpec::ModbusSniffer(c)
+            | ClientSpec::LegacyClient(c) => start_serial_client(spec, c, &world.vars, seed, &log),
         };
         match started {
             Ok(a) => {
-                world.clients.insert(c.name.clone(), a);
+                world.clients.insert(spec.name().to_string(), a);
             }
-            Err(e) => return Err((format!("client `{}`: {e}", c.name), Some(world))),
+            Err(e) => return Err((format!("client `{}`: {e}", spec.name()), Some(world))),
         }
     }
 
@@ -375,7 +349,52 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
     Ok(world)
 }
 
-fn make_pack(d: &DeviceSpec) -> Result<Eg4Pack, String> {
+fn start_serial_client(
+    spec: &ClientSpec,
+    c: &SerialClientSpec,
+    vars: &BTreeMap<String, String>,
+    seed: u64,
+    log: &ObservationLog,
+) -> Result<ClientHandle, String> {
+    let port = match vars.get(&format!("port.{}", c.port)) {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(&c.port),
+    };
+    let profile = c.profile.unwrap_or(RegisterProfile::Lp4V2);
+    let poller = PollerConfig {
+        name: c.name.clone(),
+        port: port.clone(),
+        baud: c.baud,
+        addresses: c.addresses.clone(),
+        interval: c.interval.map(|d| d.0).unwrap_or(Duration::from_millis(200)),
+        timeout: c.timeout.map(|d| d.0).unwrap_or(Duration::from_millis(500)),
+        retries: c.retries.unwrap_or(2),
+        publish_readings: !matches!(spec, ClientSpec::InverterMaster(_)),
+        seed,
+    };
+    let started = match spec {
+        ClientSpec::ModbusMaster(_) | ClientSpec::InverterMaster(_) => {
+            PollerActor::open(poller, ModbusPoll { profile }, log.clone()).map(|a| poller_handle(a.start()))
+        }
+        ClientSpec::LegacyClient(_) => PollerActor::open(poller, LegacyPoll, log.clone()).map(|a| poller_handle(a.start())),
+        ClientSpec::ModbusSniffer(_) => SnifferActor::open(
+            SnifferConfig {
+                name: c.name.clone(),
+                port,
+                baud: c.baud,
+                profile,
+            },
+            log.clone(),
+        )
+        .map(|a| ClientHandle {
+            link: None,
+            _actor: Box::new(a.start()),
+        }),
+    };
+    started.map_err(|e| e.to_string())
+}
+
+fn make_pack(d: &Eg4DeviceSpec) -> Result<Eg4Pack, String> {
     let mut cfg = PackConfig::default();
     if let Some(c) = d.cells {
         cfg.cells = c;

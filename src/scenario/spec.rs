@@ -72,11 +72,41 @@ pub struct BusSpec {
     pub ports: Vec<String>,
 }
 
+/// A simulated device. `kind` picks the variant; each variant rejects keys it
+/// does not know, so a key meant for another kind is an error, not ignored.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", deny_unknown_fields)]
+pub enum DeviceSpec {
+    #[serde(rename = "eg4-lp4")]
+    Eg4Lp4(Eg4DeviceSpec),
+}
+
+impl DeviceSpec {
+    pub fn name(&self) -> &str {
+        match self {
+            DeviceSpec::Eg4Lp4(d) => &d.name,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceSpec::Eg4Lp4(_) => "eg4-lp4",
+        }
+    }
+
+    /// Initial state keys, checked against the model before anything runs.
+    pub fn state(&self) -> &BTreeMap<String, f64> {
+        match self {
+            DeviceSpec::Eg4Lp4(d) => &d.state,
+        }
+    }
+}
+
+/// An EG4 pack on an RS-485 bus.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct DeviceSpec {
+pub struct Eg4DeviceSpec {
     pub name: String,
-    pub kind: String,
     pub bus: String,
     pub address: u8,
     #[serde(default)]
@@ -94,12 +124,55 @@ pub struct DeviceSpec {
     pub state: BTreeMap<String, f64>,
 }
 
+/// A built-in client actor. `kind` picks the variant, as for devices.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", deny_unknown_fields)]
+pub enum ClientSpec {
+    /// Polls packs over Modbus RTU and publishes readings.
+    #[serde(rename = "modbus-master")]
+    ModbusMaster(SerialClientSpec),
+    /// Polls like an inverter: bus traffic for passive listeners, no readings.
+    #[serde(rename = "inverter-master")]
+    InverterMaster(SerialClientSpec),
+    /// Listens on a bus port; never transmits.
+    #[serde(rename = "modbus-sniffer")]
+    ModbusSniffer(SerialClientSpec),
+    /// Polls with the legacy EG4 7E/0D protocol.
+    #[serde(rename = "legacy-client")]
+    LegacyClient(SerialClientSpec),
+}
+
+impl ClientSpec {
+    pub fn name(&self) -> &str {
+        match self {
+            ClientSpec::ModbusMaster(c)
+            | ClientSpec::InverterMaster(c)
+            | ClientSpec::ModbusSniffer(c)
+            | ClientSpec::LegacyClient(c) => &c.name,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientSpec::ModbusMaster(_) => "modbus-master",
+            ClientSpec::InverterMaster(_) => "inverter-master",
+            ClientSpec::ModbusSniffer(_) => "modbus-sniffer",
+            ClientSpec::LegacyClient(_) => "legacy-client",
+        }
+    }
+
+    /// Whether the client transmits through a link of its own (faults,
+    /// frames). A passive sniffer does not.
+    pub fn has_link(&self) -> bool {
+        !matches!(self, ClientSpec::ModbusSniffer(_))
+    }
+}
+
+/// A client on a serial line: a bus port or, in real-hardware mode, a tty.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct ClientSpec {
+pub struct SerialClientSpec {
     pub name: String,
-    /// modbus-master | inverter-master | modbus-sniffer | legacy-client
-    pub kind: String,
     /// A bus port (`PORT`) or, in real-hardware mode, a tty path.
     pub port: String,
     #[serde(default = "default_baud")]
@@ -362,46 +435,48 @@ impl Scenario {
         }
         let ports: Vec<&str> = self.buses.iter().flat_map(|b| b.ports.iter().map(String::as_str)).collect();
         for d in &self.devices {
-            unique("device", &d.name)?;
-            links.push(&d.name);
-            if d.kind != "eg4-lp4" {
-                let kinds: Vec<_> = crate::device::DEVICE_KINDS.iter().map(|k| k.0).collect();
-                return Err(format!("device `{}`: unknown kind `{}` (known: {})", d.name, d.kind, kinds.join(", ")));
-            }
-            if !self.buses.iter().any(|b| b.name == d.bus) {
-                return Err(format!("device `{}` is on bus `{}`, which is not declared under `buses`", d.name, d.bus));
-            }
-            if d.address == 0 || d.address > 247 {
-                return Err(format!("device `{}`: address {} is outside 1..=247", d.name, d.address));
+            unique("device", d.name())?;
+            links.push(d.name());
+            match d {
+                DeviceSpec::Eg4Lp4(d) => {
+                    if !self.buses.iter().any(|b| b.name == d.bus) {
+                        return Err(format!("device `{}` is on bus `{}`, which is not declared under `buses`", d.name, d.bus));
+                    }
+                    if d.address == 0 || d.address > 247 {
+                        return Err(format!("device `{}`: address {} is outside 1..=247", d.name, d.address));
+                    }
+                }
             }
         }
-        for c in &self.clients {
-            unique("client", &c.name)?;
-            // A passive sniffer never transmits: it has no link of its own.
-            if c.kind != "modbus-sniffer" {
-                links.push(&c.name);
+        for client in &self.clients {
+            unique("client", client.name())?;
+            if client.has_link() {
+                links.push(client.name());
             }
-            if !crate::client::CLIENT_KINDS.iter().any(|k| k.0 == c.kind) {
-                let kinds: Vec<_> = crate::client::CLIENT_KINDS.iter().map(|k| k.0).collect();
-                return Err(format!("client `{}`: unknown kind `{}` (known: {})", c.name, c.kind, kinds.join(", ")));
-            }
-            if !ports.contains(&c.port.as_str()) && !c.port.starts_with('/') {
-                return Err(format!(
-                    "client `{}`: port `{}` is neither a bus port ({}) nor a tty path",
-                    c.name,
-                    c.port,
-                    ports.join(", ")
-                ));
-            }
-            if c.kind != "modbus-sniffer" && c.addresses.is_empty() {
-                return Err(format!("client `{}` has no `addresses` to poll", c.name));
+            match client {
+                ClientSpec::ModbusMaster(c)
+                | ClientSpec::InverterMaster(c)
+                | ClientSpec::ModbusSniffer(c)
+                | ClientSpec::LegacyClient(c) => {
+                    if !ports.contains(&c.port.as_str()) && !c.port.starts_with('/') {
+                        return Err(format!(
+                            "client `{}`: port `{}` is neither a bus port ({}) nor a tty path",
+                            c.name,
+                            c.port,
+                            ports.join(", ")
+                        ));
+                    }
+                    if client.has_link() && c.addresses.is_empty() {
+                        return Err(format!("client `{}` has no `addresses` to poll", c.name));
+                    }
+                }
             }
         }
         for p in &self.processes {
             unique("process", &p.name)?;
         }
-        let device = |n: &str| self.devices.iter().any(|d| d.name == n);
-        let client = |n: &str| self.clients.iter().any(|c| c.name == n);
+        let device = |n: &str| self.devices.iter().any(|d| d.name() == n);
+        let client = |n: &str| self.clients.iter().any(|c| c.name() == n);
         let process = |n: &str| self.processes.iter().any(|p| p.name == n);
         let link = |n: &str| links.contains(&n);
         for (i, step) in self.steps.iter().enumerate() {
@@ -479,8 +554,8 @@ impl Scenario {
             }
         }
         for d in &self.devices {
-            for k in d.state.keys() {
-                check_state_key(k).map_err(|e| format!("device `{}`: {e}", d.name))?;
+            for k in d.state().keys() {
+                check_state_key(k).map_err(|e| format!("device `{}`: {e}", d.name()))?;
             }
         }
         Ok(())
@@ -561,6 +636,9 @@ mod tests {
         assert!(e.contains("bus `nope`"), "{e}");
         let y = "name: x\nbuses: [{name: b, ports: [p]}]\ndevices:\n  - {name: d, kind: jbd, bus: b, address: 1}\nsteps: []\n";
         let e = Scenario::parse(Path::new("s.yaml"), y).unwrap_err().to_string();
-        assert!(e.contains("unknown kind"), "{e}");
+        assert!(e.starts_with("s.yaml:4:") && e.contains("unknown variant `jbd`"), "{e}");
+        let y = "name: x\nbuses: [{name: b, ports: [p]}]\ndevices:\n  - {name: d, kind: eg4-lp4, bus: b, address: 1, mtu: 23}\nsteps: []\n";
+        let e = Scenario::parse(Path::new("s.yaml"), y).unwrap_err().to_string();
+        assert!(e.contains("unknown field `mtu`"), "a key of another kind is rejected: {e}");
     }
 }
