@@ -5,6 +5,7 @@ pub mod bus;
 pub mod framer;
 pub mod pty;
 pub mod serial;
+pub mod tls;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,254 @@
+//! TLS for BACnet/SC (ASHRAE 135 Annex AB): TLS 1.3 only, mutual authentication, and
+//! trust in exactly one configured CA, never the system store.
+//!
+//! Loads the PEM files `hilbench pki` writes (see [`TlsDir`]) and builds rustls configs
+//! for the hub (server) and a node (client). Uses the `ring` provider explicitly, so no
+//! process-wide default provider has to be installed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// Why a TLS file or config could not be loaded. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: no PEM {what} found (expected a \"-----BEGIN {marker}\" block)", path.display())]
+    NoPem { path: PathBuf, what: &'static str, marker: &'static str },
+    #[error("{}: bad PEM: {reason}", path.display())]
+    BadPem { path: PathBuf, reason: String },
+    #[error("{}: CA certificate rejected: {reason}", path.display())]
+    BadCa { path: PathBuf, reason: String },
+    #[error("{} / {}: certificate and key rejected: {reason}", cert.display(), key.display())]
+    BadCertKey { cert: PathBuf, key: PathBuf, reason: String },
+    #[error("TLS directory {}: missing {}", dir.display(), missing.join(", "))]
+    Incomplete { dir: PathBuf, missing: Vec<String> },
+}
+
+/// Where one party's PEM files live in a `hilbench pki` directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsDir {
+    /// The CA every peer is checked against (`ca.pem`).
+    pub ca: PathBuf,
+    /// This party's certificate chain.
+    pub cert: PathBuf,
+    /// This party's private key (PKCS#8, SEC1 or PKCS#1 PEM).
+    pub key: PathBuf,
+}
+
+impl TlsDir {
+    /// `ca.pem`, `hub.pem`, `hub.key` under `dir`.
+    pub fn hub(dir: impl AsRef<Path>) -> Self {
+        Self::named(dir.as_ref(), "hub")
+    }
+
+    /// `ca.pem`, `<name>.pem`, `<name>.key` under `dir` (e.g. `node-1`).
+    pub fn node(dir: impl AsRef<Path>, name: &str) -> Self {
+        Self::named(dir.as_ref(), name)
+    }
+
+    fn named(dir: &Path, name: &str) -> Self {
+        TlsDir {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        }
+    }
+
+    /// Fails naming every file that is not there (checked before any parsing, so a
+    /// half-made directory gets one clear message).
+    pub fn check(&self) -> Result<(), TlsError> {
+        let missing: Vec<String> = [&self.ca, &self.cert, &self.key]
+            .into_iter()
+            .filter(|p| !p.is_file())
+            .map(|p| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned()))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let dir = self.ca.parent().map(Path::to_path_buf).unwrap_or_default();
+        Err(TlsError::Incomplete { dir, missing })
+    }
+
+    /// The hub's server config from these files.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.check()?;
+        hub_server_config(&self.ca, &self.cert, &self.key)
+    }
+
+    /// A node's client config from these files (presenting its certificate).
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        self.check()?;
+        node_client_config(&self.ca, Some((&self.cert, &self.key)))
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_path_buf(), source })
+}
+
+fn pem_error(path: &Path, e: rustls::pki_types::pem::Error) -> TlsError {
+    TlsError::BadPem { path: path.to_path_buf(), reason: e.to_string() }
+}
+
+/// Every `CERTIFICATE` block in `path`, in order; at least one.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, e))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoPem { path: path.to_path_buf(), what: "certificate", marker: "CERTIFICATE" });
+    }
+    Ok(certs)
+}
+
+/// The first private key in `path` (PKCS#8, SEC1 or PKCS#1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read(path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            TlsError::NoPem { path: path.to_path_buf(), what: "private key", marker: "PRIVATE KEY" }
+        }
+        e => pem_error(path, e),
+    })
+}
+
+/// A root store holding exactly the certificates in `ca` (no system roots).
+pub fn load_roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots
+            .add(c)
+            .map_err(|e| TlsError::BadCa { path: ca.to_path_buf(), reason: e.to_string() })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The hub's TLS config: TLS 1.3 only, a client certificate chaining to `ca` is required,
+/// no ALPN (BACnet/SC negotiates its subprotocol in the WebSocket handshake).
+pub fn hub_server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(load_roots(ca)?, provider())
+        .build()
+        .map_err(|e| TlsError::BadCa { path: ca.to_path_buf(), reason: e.to_string() })?;
+    let chain = load_certs(cert)?;
+    let key_der = load_key(key)?;
+    let bad = |e: rustls::Error| TlsError::BadCertKey {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(bad)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key_der)
+        .map_err(bad)?;
+    Ok(Arc::new(cfg))
+}
+
+/// A node's TLS config: TLS 1.3 only, only `ca` trusted for the hub (whose name is
+/// checked against its SANs), presenting `client` = (cert, key) if given.
+pub fn node_client_config(ca: &Path, client: Option<(&Path, &Path)>) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::BadCa { path: ca.to_path_buf(), reason: e.to_string() })?
+        .with_root_certificates(load_roots(ca)?);
+    let cfg = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .map_err(|e| TlsError::BadCertKey { cert: cert.to_path_buf(), key: key.to_path_buf(), reason: e.to_string() })?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::pki::generate;
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    async fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> (Result<(), String>, Result<Vec<u8>, String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let srv = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = TlsAcceptor::from(server).accept(tcp).await.map_err(|e| e.to_string())?;
+            assert_eq!(tls.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+            assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+            tls.write_all(b"ok").await.map_err(|e| e.to_string())?;
+            tls.shutdown().await.ok();
+            Ok(())
+        });
+        let cli = async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let name = ServerName::try_from("localhost").unwrap();
+            let mut tls = TlsConnector::from(client).connect(name, tcp).await.map_err(|e| e.to_string())?;
+            let mut buf = Vec::new();
+            tls.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+            Ok(buf)
+        };
+        let t = std::time::Duration::from_secs(20);
+        let c = tokio::time::timeout(t, cli).await.expect("client timed out");
+        let s = tokio::time::timeout(t, srv).await.expect("server timed out").unwrap();
+        (s, c)
+    }
+
+    #[tokio::test]
+    async fn dir_layout_and_mutual_tls13() {
+        let t = tempfile::tempdir().unwrap();
+        let f = generate(t.path(), 1, &[], 30, false).unwrap();
+        let hub = TlsDir::hub(t.path());
+        assert_eq!((hub.ca.clone(), hub.cert.clone(), hub.key.clone()), (f.ca_cert.clone(), f.hub_cert.clone(), f.hub_key.clone()));
+        let node = TlsDir::node(t.path(), "node-1");
+        assert_eq!((node.cert.clone(), node.key.clone()), (f.nodes[0].cert.clone(), f.nodes[0].key.clone()));
+
+        let (s, c) = handshake(hub.server_config().unwrap(), node.client_config().unwrap()).await;
+        s.unwrap();
+        assert_eq!(c.unwrap(), b"ok");
+
+        // No client certificate: the hub refuses.
+        let anon = node_client_config(&f.ca_cert, None).unwrap();
+        let (s, _) = handshake(hub.server_config().unwrap(), anon).await;
+        assert!(s.unwrap_err().contains("peer sent no certificates"), "hub requires a client cert");
+    }
+
+    #[test]
+    fn missing_and_bad_files_are_named() {
+        let t = tempfile::tempdir().unwrap();
+        let e = TlsDir::hub(t.path()).server_config().unwrap_err().to_string();
+        assert!(e.contains("missing ca.pem, hub.pem, hub.key"), "{e}");
+        generate(t.path(), 1, &[], 30, false).unwrap();
+        let n2 = TlsDir::node(t.path(), "node-2").check().unwrap_err().to_string();
+        assert!(n2.contains("missing node-2.pem, node-2.key") && !n2.contains("ca.pem"), "{n2}");
+
+        // A key file where a certificate belongs, garbage, a truncated block.
+        let hub = TlsDir::hub(t.path());
+        let e = load_certs(&hub.key).unwrap_err().to_string();
+        assert!(e.contains("hub.key") && e.contains("no PEM certificate"), "{e}");
+        let e = load_key(&hub.cert).unwrap_err().to_string();
+        assert!(e.contains("hub.pem") && e.contains("no PEM private key"), "{e}");
+        let junk = t.path().join("junk.pem");
+        let pem = std::fs::read_to_string(&hub.cert).unwrap();
+        std::fs::write(&junk, &pem[..pem.len() / 2]).unwrap();
+        let e = load_certs(&junk).unwrap_err().to_string();
+        assert!(e.contains("junk.pem") && e.contains("bad PEM"), "{e}");
+        let e = load_certs(&t.path().join("nope.pem")).unwrap_err().to_string();
+        assert!(e.contains("cannot read") && e.contains("nope.pem"), "{e}");
+        // A certificate with someone else's key.
+        let e = hub_server_config(&hub.ca, &hub.cert, &t.path().join("node-1.key")).unwrap_err().to_string();
+        assert!(e.contains("hub.pem") && e.contains("node-1.key") && e.contains("rejected"), "{e}");
+    }
+}
