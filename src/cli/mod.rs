@@ -18,6 +18,7 @@ use crate::scenario::{self, report, RunOptions, Scenario};
   hilbench run scenarios/                      run every scenario in a folder
   hilbench run scenarios/eg4-crc-late.yaml --capture captures/ --junit report.xml
   hilbench sim eg4-lp4 --tty /tmp/bms --address 1 --address 2 --set soc=55
+  hilbench sim bsc-hub --listen 127.0.0.1:4443 --tls-dir target/pki
   hilbench pki --out target/pki --nodes 3
   hilbench list
 

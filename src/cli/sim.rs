@@ -55,6 +55,67 @@ Examples:
 Then poll it, e.g. with mbpoll:  mbpoll -m rtu -b 9600 -P none -a 1 -r 1 -c 47 /tmp/eg4"
     )]
     Eg4Lp4(Eg4SimArgs),
+    /// BACnet/SC hub (Annex AB): ws:// or wss:// with TLS 1.3 mutual authentication.
+    #[command(
+        name = "bsc-hub",
+        after_help = "Examples:
+  # TLS 1.3, client certificates from the test CA required
+  hilbench pki --out pki && hilbench sim bsc-hub --listen 127.0.0.1:4443 --tls-dir pki
+  # plaintext ws:// on a free port (see the ready line for the URL)
+  hilbench sim bsc-hub --listen 127.0.0.1:0 --plaintext
+  # a failover hub with short timers for tests
+  hilbench sim bsc-hub --listen 127.0.0.1:4444 --plaintext --role failover --heartbeat-timeout 5s
+
+Prints one JSON line when listening:
+  {\"ready\":true,\"kind\":\"bsc-hub\",\"url\":\"wss://127.0.0.1:4443\",\"role\":\"primary\",…}
+then serves until SIGINT/SIGTERM and prints its counters as JSON on stderr.
+Logs (connects, NAKs, refusals, slow consumers): RUST_LOG=hilbench=info"
+    )]
+    BscHub(BscHubSimArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("security").required(true).args(["plaintext", "tls_dir"])))]
+pub struct BscHubSimArgs {
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// Serve ws:// without TLS.
+    #[arg(long)]
+    pub plaintext: bool,
+    /// Serve wss:// with ca.pem, hub.pem and hub.key from this directory (`hilbench pki`).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Hub status in Advertisements.
+    #[arg(long, default_value = "primary", value_parser = ["primary", "failover"])]
+    pub role: String,
+    /// WebSockets open at once (more get HTTP 503).
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// TLS/WebSocket handshakes in progress at once (more are closed at once).
+    #[arg(long, default_value_t = 64)]
+    pub max_handshakes: usize,
+    /// Frames queued per receiver before its frames are dropped.
+    #[arg(long, default_value_t = 1024)]
+    pub queue_depth: usize,
+    /// Largest WebSocket message accepted, bytes.
+    #[arg(long, default_value_t = 8192)]
+    pub max_message: usize,
+    /// MaxBVLC advertised and enforced.
+    #[arg(long, default_value_t = 1600)]
+    pub max_bvlc: u16,
+    /// Silence after which a node is dropped is twice this.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: std::time::Duration,
+    /// Time a new WebSocket has to send Connect-Request.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub connect_wait: std::time::Duration,
+    /// Broadcasts per second allowed per node.
+    #[arg(long, value_name = "N")]
+    pub broadcast_rate_limit: Option<u32>,
+    /// The hub's VMAC (xx:xx:xx:xx:xx:xx).
+    #[arg(long)]
+    pub vmac: Option<crate::protocol::bvlc_sc::Vmac>,
 }
 
 #[derive(Args, Debug)]
@@ -96,15 +157,70 @@ pub struct Eg4SimArgs {
 }
 
 pub fn run(a: SimArgs) -> i32 {
-    match a.kind {
-        SimKind::Eg4Lp4(args) => match eg4(args) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("error: {e}");
-                1
-            }
-        },
+    let r = match a.kind {
+        SimKind::Eg4Lp4(args) => eg4(args),
+        SimKind::BscHub(args) => bsc_hub(args),
+    };
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
     }
+}
+
+fn bsc_hub(a: BscHubSimArgs) -> Result<(), String> {
+    use crate::device::bsc_hub::{HubServer, HubServerConfig};
+    use crate::device::bsc_hub_core::{HubConfig, HubRole};
+    let role = if a.role == "failover" { HubRole::Failover } else { HubRole::Primary };
+    let mut core = HubConfig {
+        hub_status: role,
+        max_bvlc: a.max_bvlc,
+        heartbeat_timeout: a.heartbeat_timeout,
+        connect_wait: a.connect_wait,
+        broadcast_rate_limit: a.broadcast_rate_limit,
+        ..HubConfig::default()
+    };
+    if let Some(v) = a.vmac {
+        core.vmac = v;
+    }
+    let cfg = HubServerConfig {
+        listen: a.listen,
+        tls: a.tls_dir.as_ref().map(crate::transport::tls::TlsDir::hub),
+        core,
+        max_message: a.max_message,
+        max_connections: a.max_connections,
+        max_handshakes: a.max_handshakes,
+        queue_depth: a.queue_depth,
+        ..HubServerConfig::default()
+    };
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    rt.block_on(async move {
+        let hub = HubServer::start(cfg).await.map_err(|e| e.to_string())?;
+        let ready = serde_json::json!({
+            "ready": true,
+            "kind": "bsc-hub",
+            "url": hub.url(),
+            "endpoints": { "url": hub.url() },
+            "role": a.role,
+            "tls": hub.is_tls(),
+            "subprotocol": crate::device::bsc_hub::HUB_SUBPROTOCOL,
+        });
+        println!("{ready}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let stats = hub.stats();
+        hub.shutdown().await;
+        eprintln!("{}", serde_json::json!({ "stats": stats }));
+        Ok(())
+    })
 }
 
 struct PackPlan {
