@@ -9,10 +9,13 @@
 //! * [`modbus`] — Modbus RTU frame codec, stream framing, and a read-only register server.
 //! * [`eg4`] — EG4 LifePower4 register profiles (`lp4-v2`, `eg4-ll`): telemetry ⇄ registers.
 //! * [`eg4_legacy`] — the legacy EG4 `7E … 0D` binary protocol.
+//! * [`jbd`] — JBD / Xiaoxiang smart-BMS frames (BLE 0xFF00), typed payloads, PIN
+//!   handshake and the client-side notification reassembler.
 //! * [`bvlc_sc`] — BACnet/SC BVLC messages (ASHRAE 135 Annex AB), header options,
 //!   and the hub's forwarding rewrite.
 
 pub mod bvlc_sc;
 pub mod eg4;
 pub mod eg4_legacy;
+pub mod jbd;
 pub mod modbus;
