@@ -4,6 +4,7 @@ pub mod bsc_hub;
 pub mod bsc_hub_core;
 pub mod eg4;
 pub mod eg4_core;
+pub mod jbd_core;
 
 /// Device kinds `hilbench` can simulate, for `hilbench list`.
 pub const DEVICE_KINDS: &[(&str, &str)] = &[
