@@ -157,8 +157,9 @@ impl FromStr for JbdQuirk {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JbdIdentity {
-    /// 0x05 and 0xA2; at most 31 printable ASCII characters.
-    pub model: String,
+    /// 0x05 and 0xA2; at most 31 printable ASCII characters. None: a JBD-style name
+    /// for the pack's cell count, e.g. `JBD-SP16S020-L16S-200A-B-U`.
+    pub model: Option<String>,
     /// 0xA0.
     pub manufacturer: String,
     /// 0xA1.
@@ -172,7 +173,7 @@ pub struct JbdIdentity {
 impl Default for JbdIdentity {
     fn default() -> Self {
         JbdIdentity {
-            model: "JBD-SP16S020-L16S-200A-B-U".into(),
+            model: None,
             manufacturer: "JBD".into(),
             barcode: "JBD0000000001".into(),
             production_date: (2024, 3, 15),
@@ -311,6 +312,8 @@ fn deci_kelvin(c: f64) -> u16 {
 }
 
 pub struct JbdBms {
+    /// What 0x05 and 0xA2 say.
+    pub model_name: String,
     pub profile: JbdProfile,
     pub quirks: Vec<JbdQuirk>,
     pub identity: JbdIdentity,
@@ -342,17 +345,22 @@ impl JbdBms {
             pack,
             profile,
             quirks,
-            identity,
+            mut identity,
             ble_address,
             app_key,
             password,
             seed,
         } = config;
+        let model_name = identity
+            .model
+            .take()
+            .unwrap_or_else(|| format!("JBD-SP{c:02}S020-L{c}S-200A-B-U", c = pack.cells));
         HardwareVersion {
-            model: identity.model.clone(),
+            model: model_name.clone(),
         }
         .encode()
-        .map_err(|e| format!("identity.model `{}`: {e}", identity.model))?;
+        .map_err(|e| format!("identity.model `{model_name}`: {e}"))?;
+        identity.model = Some(model_name.clone());
         for (what, s) in [
             ("manufacturer", &identity.manufacturer),
             ("barcode", &identity.barcode),
@@ -367,6 +375,7 @@ impl JbdBms {
         }
         let model = PackModel::new(pack).map_err(|e| e.to_string())?;
         let mut bms = JbdBms {
+            model_name,
             profile,
             quirks,
             identity,
@@ -405,6 +414,10 @@ impl JbdBms {
     }
     pub fn error_counters(&self) -> &[u16] {
         &self.counters
+    }
+    /// Bytes of a partial request held across writes.
+    pub fn pending_input(&self) -> usize {
+        self.rx.len()
     }
     /// The GATT layer refuses write-with-response on 0xFF02 when this is true.
     pub fn rejects_write_request(&self) -> bool {
@@ -629,7 +642,7 @@ impl JbdBms {
                 Some(self.garble(f))
             }
             (Op::Read, reg::HARDWARE_VERSION) => ok(HardwareVersion {
-                model: self.identity.model.clone(),
+                model: self.model_name.clone(),
             }
             .encode()),
             (Op::Write, reg::MOS_CONTROL) => {
@@ -694,7 +707,7 @@ impl JbdBms {
                 let s = match r {
                     reg::MANUFACTURER => &self.identity.manufacturer,
                     reg::BARCODE => &self.identity.barcode,
-                    _ => &self.identity.model,
+                    _ => &self.model_name,
                 };
                 ok(jbd::encode_string(s))
             }
@@ -963,7 +976,7 @@ mod tests {
                 let c = CellVoltages::decode(&read(&mut b, reg::CELL_VOLTAGES).data).unwrap();
                 assert_eq!(c.cells_mv, s.cells_mv);
                 let h = HardwareVersion::decode(&read(&mut b, reg::HARDWARE_VERSION).data).unwrap();
-                assert_eq!(h.model, "JBD-SP16S020-L16S-200A-B-U");
+                assert_eq!(h.model, format!("JBD-SP{cells:02}S020-L{cells}S-200A-B-U"));
             }
         }
     }
@@ -1145,7 +1158,7 @@ mod tests {
         let s = |b: &mut JbdBms, r| jbd::decode_string(&read(b, r).data).unwrap();
         assert_eq!(s(&mut b, reg::MANUFACTURER), "JBD");
         assert_eq!(s(&mut b, reg::BARCODE), "JBD0000000001");
-        assert_eq!(s(&mut b, reg::MODEL), "JBD-SP16S020-L16S-200A-B-U");
+        assert_eq!(s(&mut b, reg::MODEL), "JBD-SP08S020-L8S-200A-B-U");
 
         // Two cell-OV events and one short circuit are counted.
         for _ in 0..2 {
@@ -1397,7 +1410,7 @@ mod tests {
         .unwrap();
         assert!(e.contains("6 characters"), "{e}");
         let mut c = JbdConfig::default();
-        c.identity.model = "x".repeat(32);
+        c.identity.model = Some("x".repeat(32));
         assert!(JbdBms::new(c).err().unwrap().contains("identity.model"));
         let mut c = JbdConfig::default();
         c.pack.cells = 25;
