@@ -6,6 +6,7 @@ pub mod framer;
 pub mod pty;
 pub mod serial;
 pub mod tls;
+pub mod ws_client;
 
 use std::path::PathBuf;
 
