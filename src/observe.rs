@@ -32,6 +32,33 @@ pub enum ObservationKind {
     Collision { devices: Vec<String> },
     /// Bytes that could not be delivered (a port nobody reads).
     Overflow { bytes: usize, reason: String },
+    /// A BACnet/SC node's hub accepted it; `hub` is `primary` or `failover`.
+    BscConnected {
+        hub: String,
+        url: String,
+        hub_vmac: String,
+        max_bvlc: u16,
+        max_npdu: u16,
+    },
+    /// A BACnet/SC node could not connect to a hub (one attempt).
+    BscConnectFailed { hub: String, url: String, error: String },
+    /// A BACnet/SC node's hub connection ended.
+    BscDisconnected { hub: String, reason: String },
+    /// A BACnet/SC node received a BVLC-Result NAK.
+    BscNak {
+        for_function: u8,
+        error_class: u16,
+        error_code: u16,
+        details: String,
+    },
+    /// A BACnet/SC node received an Encapsulated-NPDU.
+    BscNpdu {
+        from: Option<String>,
+        broadcast: bool,
+        len: usize,
+    },
+    /// A BACnet/SC node's Heartbeat-Request went unanswered.
+    BscHeartbeatTimeout { hub: String },
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -85,5 +85,19 @@ fn describe(k: &crate::observe::ObservationKind) -> String {
         K::DeviceSilent { reason } => format!("device silent: {reason}"),
         K::Collision { devices } => format!("collision: {}", devices.join(" + ")),
         K::Overflow { bytes, reason } => format!("overflow of {bytes} bytes: {reason}"),
+        K::BscConnected { hub, url, max_bvlc, max_npdu, .. } => {
+            format!("connected to {hub} hub {url} (MaxBVLC {max_bvlc}, MaxNPDU {max_npdu})")
+        }
+        K::BscConnectFailed { hub, error, .. } => format!("connect to {hub} hub failed: {error}"),
+        K::BscDisconnected { hub, reason } => format!("left {hub} hub: {reason}"),
+        K::BscNak { for_function, error_class, error_code, details } => {
+            format!("NAK for function 0x{for_function:02X}: class {error_class} code {error_code} {details:?}")
+        }
+        K::BscNpdu { from, broadcast, len } => format!(
+            "NPDU of {len} bytes from {} ({})",
+            from.as_deref().unwrap_or("?"),
+            if *broadcast { "broadcast" } else { "unicast" }
+        ),
+        K::BscHeartbeatTimeout { hub } => format!("heartbeat timeout on {hub} hub"),
     }
 }
