@@ -1,5 +1,6 @@
 //! The command line: `run`, `sim`, `list`.
 
+pub mod load;
 pub mod pki;
 pub mod sim;
 
@@ -41,6 +42,8 @@ pub enum Command {
     Sim(sim::SimArgs),
     /// Write a test CA, a BACnet/SC hub certificate and node certificates (no openssl needed).
     Pki(pki::PkiArgs),
+    /// Load generators: `load bsc` (a BACnet/SC hub), `load merge` (combine shards).
+    Load(load::LoadArgs),
     /// Show device kinds, profiles, client kinds and faults.
     List,
 }
@@ -69,6 +72,7 @@ pub fn main_with(cli: Cli) -> i32 {
         Command::Run(a) => run(a),
         Command::Sim(a) => sim::run(a),
         Command::Pki(a) => pki::run(a),
+        Command::Load(a) => load::run(a),
         Command::List => {
             list();
             0
