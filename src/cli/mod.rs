@@ -3,6 +3,7 @@
 pub mod load;
 pub mod pki;
 pub mod sim;
+pub mod validate;
 
 use std::path::PathBuf;
 
@@ -44,6 +45,8 @@ pub enum Command {
     Pki(pki::PkiArgs),
     /// Load generators: `load bsc` (a BACnet/SC hub), `load merge` (combine shards).
     Load(load::LoadArgs),
+    /// Conformance checks against a real or simulated device: `validate bsc-hub`.
+    Validate(validate::ValidateArgs),
     /// Show device kinds, profiles, client kinds and faults.
     List,
 }
@@ -73,6 +76,7 @@ pub fn main_with(cli: Cli) -> i32 {
         Command::Sim(a) => sim::run(a),
         Command::Pki(a) => pki::run(a),
         Command::Load(a) => load::run(a),
+        Command::Validate(a) => validate::run(a),
         Command::List => {
             list();
             0
