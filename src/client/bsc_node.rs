@@ -467,7 +467,10 @@ impl NodeTask {
     fn on_lost(&mut self, hub: HubChoice, reason: String) {
         {
             let mut sh = self.shared.borrow_mut();
-            sh.status.connected_to = None;
+            // Leaving the failover for the primary: the primary is already recorded.
+            if sh.status.connected_to == Some(hub) {
+                sh.status.connected_to = None;
+            }
             sh.status.last_error = Some(reason.clone());
         }
         self.log.push(&self.cfg.name, ObservationKind::BscDisconnected { hub: hub.as_str().into(), reason });
@@ -632,7 +635,7 @@ impl NodeTask {
                         }
                         Err(e) => {
                             plan.attempt_failed(HubChoice::Primary, self.now());
-                            tracing::debug!(node = %self.cfg.name, error = %e, "primary still unreachable");
+                            self.on_connect_failed(HubChoice::Primary, &e);
                         }
                     }
                 }
