@@ -593,7 +593,7 @@ pub async fn validate_bsc_hub(url: &str, opts: &[WsConnectOptions], wait: Durati
                 Heard::Msg(r) if r.message_id == id => {
                     result = match describe_nak(&r) {
                         Some((_, _, _, code, _)) if code == error_code::MESSAGE_TOO_LONG => {
-                            (Outcome::Pass, format!("{} bytes over MaxBVLC {max_bvlc}: NAK message-too-long (113)", big.len() + 10))
+                            (Outcome::Pass, format!("a {}-byte message over MaxBVLC {max_bvlc}: NAK message-too-long (113)", big.len() + 10))
                         }
                         Some((_, _, cl, code, d)) => (Outcome::Warn, format!("NAK class {cl} code {code} {d:?}, expected 113 message-too-long")),
                         None => (Outcome::Fail, format!("answered with {:?}", r.payload)),
