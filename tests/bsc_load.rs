@@ -198,6 +198,8 @@ async fn quirky_hub() -> String {
             let Ok((tcp, _)) = listener.accept().await else { return };
             let owners = owners.clone();
             tokio::spawn(async move {
+                // The callback's error type is fixed by tungstenite.
+                #[allow(clippy::result_large_err)]
                 let cb = |_req: &Request, mut resp: Response| {
                     resp.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(HUB_SUBPROTOCOL));
                     Ok(resp)

@@ -326,7 +326,7 @@ enum LiveEnd {
     /// Gone; the reason for the report.
     Lost(String),
     /// A probe of the primary succeeded while on the failover.
-    BackToPrimary(Live),
+    BackToPrimary(Box<Live>),
     /// The actor asked to disconnect, or went away.
     Shutdown,
 }
@@ -417,7 +417,7 @@ impl NodeTask {
                     }
                     let _ = l.ws.close(None).await;
                     self.on_lost(hub, "left for the primary hub".into());
-                    live = Some(primary);
+                    live = Some(*primary);
                 }
                 LiveEnd::Shutdown => {
                     self.on_lost(hub, "disconnected on request".into());
@@ -631,7 +631,7 @@ impl NodeTask {
                     match r {
                         Ok((ws, session)) => {
                             plan.connected(HubChoice::Primary);
-                            return LiveEnd::BackToPrimary(self.on_connected(HubChoice::Primary, ws, session));
+                            return LiveEnd::BackToPrimary(Box::new(self.on_connected(HubChoice::Primary, ws, session)));
                         }
                         Err(e) => {
                             plan.attempt_failed(HubChoice::Primary, self.now());
