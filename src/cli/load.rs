@@ -515,6 +515,7 @@ struct RunParams {
     unicast: bool,
     heartbeat: Duration,
     connect_timeout: Duration,
+    connect_concurrency: usize,
     senders_total: usize,
 }
 
@@ -657,6 +658,7 @@ pub fn run_bsc_inner(a: &BscLoadArgs) -> Result<LoadSummary, String> {
         unicast: a.unicast,
         heartbeat: a.heartbeat,
         connect_timeout: a.connect_timeout,
+        connect_concurrency: a.connect_concurrency,
         senders_total: senders,
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -720,7 +722,7 @@ async fn drive(
         last_delivery: AtomicU64::new(0),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
-    let gate = Arc::new(Semaphore::new(64));
+    let gate = Arc::new(Semaphore::new(params.connect_concurrency));
     let connected = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
     let n = plans.len();
@@ -747,7 +749,8 @@ async fn drive(
         handles.push(tokio::spawn(node_task(p, ws, plan, sh, rx, gate, connected, epoch)));
     }
     // Connect phase: every attempt is bounded by the connect timeout, so this ends.
-    let connect_cap = params.connect_timeout * (2 + (n as u32 / 64).min(1000)) + Duration::from_secs(5);
+    let rounds = (n / params.connect_concurrency.max(1)) as u32;
+    let connect_cap = params.connect_timeout * (2 + rounds.min(1000)) + Duration::from_secs(5);
     let connect_deadline = Instant::now() + connect_cap;
     loop {
         let c = connected.load(Ordering::Relaxed);
@@ -938,8 +941,8 @@ async fn node_task(
             _ => false,
         };
         let hb = session.poll_timeout().map(|t| epoch + t).unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        // Unbiased: a sender that also receives heavy traffic must still get to send.
         tokio::select! {
-            biased;
             ch = phase.changed() => {
                 if ch.is_err() {
                     break;
