@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command. Installs what it needs on a fresh Debian
 # machine (tshark for capture checks, a Python venv with pymodbus for the
-# third-party master), then runs the Rust tests and the scenario suite.
+# third-party master and rusty-bacnet for the BACnet/SC peer), then runs the
+# Rust tests and the scenario suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,7 @@ if ((${#need[@]})); then
 fi
 
 venv=target/venv
-if ! "$venv/bin/python" -c 'import pymodbus, serial' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import pymodbus, serial, rusty_bacnet' 2>/dev/null; then
   echo "== creating Python venv with third-party clients in $venv"
   mkdir -p target
   python3 -m venv "$venv"
