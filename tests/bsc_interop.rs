@@ -1,0 +1,515 @@
+//! BACnet/SC interoperability with an independent stack: rusty-bacnet (PyPI,
+//! a Rust implementation with Python bindings, driven by tests/py/bsc_peer.py).
+//! Its nodes talk through its own hub (the baseline that proves the harness),
+//! and a wire tap (tests/py/bsc_tap.py) shows what each side put in the
+//! frames, so the assertions pin the standard's values (big-endian fields,
+//! node-duplicate-vmac = 151, no originating VMAC on hub-bound messages, the
+//! hub inserting it on the way out).
+//!
+//! The stack speaks TLS 1.3 with mutual authentication only, so every run
+//! uses certificates from `hilbench pki`.
+//!
+//! Needs the venv that `ci/test.sh` creates (or HILBENCH_PYTHON pointing at a
+//! Python with `pip install -r ci/requirements.txt`): without it every test
+//! here fails and says so.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Generous: two cores shared with other builds, TLS handshakes in debug code.
+const STEP: Duration = Duration::from_secs(30);
+
+const HUB_VMAC: &str = "02:00:00:00:00:01";
+const INITIATOR_VMAC: &str = "02:00:00:00:00:11";
+const RESPONDER_VMAC: &str = "02:00:00:00:00:22";
+const RESPONDER_DEVICE: u32 = 2002;
+
+fn python() -> String {
+    let py = hilbench::python_path();
+    let out = Command::new(&py)
+        .args(["-c", "import rusty_bacnet"])
+        .output();
+    let ok = out.as_ref().map(|o| o.status.success()).unwrap_or(false);
+    assert!(
+        ok,
+        "`{py}` cannot import rusty_bacnet (the BACnet/SC peer): run ci/test.sh once (it creates \
+         target/venv from ci/requirements.txt), or set HILBENCH_PYTHON to a Python with \
+         `pip install -r ci/requirements.txt`; {}",
+        out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .unwrap_or_else(|e| e.to_string())
+    );
+    py
+}
+
+fn script(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// `hilbench pki` into DIR: ca.pem, hub.pem/key, node-1..4.pem/key.
+fn pki(dir: &Path) -> PathBuf {
+    let out_dir = dir.join("pki");
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+        .args([
+            "pki",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--nodes",
+            "4",
+            "--days",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hilbench pki: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out_dir
+}
+
+/// A child that prints JSON lines; killed when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<Value>,
+    stderr_path: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, program: &str, args: &[String], dir: &Path) -> Proc {
+        let stderr_path = dir.join(format!("{name}.stderr"));
+        let mut child = Command::new(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name} ({program}): {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            name: name.into(),
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr_path,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The next line that is JSON with `event` == EVENT, within TIMEOUT.
+    fn wait_event(&mut self, event: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let v: Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {line:?}", self.name));
+                    self.seen.push(v.clone());
+                    if v["event"] == event {
+                        return v;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "{}: no {event:?} line within {timeout:?}; lines {:?}; stderr: {}",
+                    self.name,
+                    self.seen,
+                    self.stderr()
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "{}: exited before a {event:?} line; lines {:?}; stderr: {}",
+                    self.name,
+                    self.seen,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Waits for exit (TIMEOUT at most) and returns the exit code and every JSON line.
+    fn finish(mut self, timeout: Duration) -> (i32, Vec<Value>) {
+        let deadline = Instant::now() + timeout;
+        let code = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "{}: still running after {timeout:?}; stderr: {}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.drain(Duration::from_secs(5));
+        (code, std::mem::take(&mut self.seen))
+    }
+
+    /// SIGTERM, then every JSON line it printed.
+    fn stop(mut self) -> Vec<Value> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        self.drain(Duration::from_secs(5));
+        std::mem::take(&mut self.seen)
+    }
+
+    fn drain(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                self.seen.push(v);
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+struct Peer {
+    py: String,
+    pki: PathBuf,
+    dir: PathBuf,
+}
+
+impl Peer {
+    fn new(dir: &Path) -> Peer {
+        Peer {
+            py: python(),
+            pki: pki(dir),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn run(&self, name: &str, script_name: &str, args: &[&str]) -> Proc {
+        let mut all = vec![script(script_name)];
+        all.extend(strings(args));
+        all.extend(["--pki".to_string(), self.pki.display().to_string()]);
+        Proc::spawn(name, &self.py, &all, &self.dir)
+    }
+
+    /// The peer's hub; returns it and its wss:// URL.
+    fn hub(&self) -> (Proc, String) {
+        let mut hub = self.run("peer-hub", "bsc_peer.py", &["hub", "--vmac", HUB_VMAC]);
+        let ready = hub.wait_event("ready", STEP);
+        let url = ready["url"]
+            .as_str()
+            .expect("ready line has a url")
+            .to_string();
+        (hub, url)
+    }
+
+    /// A wire tap in front of UPSTREAM; returns it and the URL to dial instead.
+    fn tap(&self, upstream: &str, node: u32) -> (Proc, String) {
+        let node = node.to_string();
+        let mut tap = self.run(
+            "tap",
+            "bsc_tap.py",
+            &["--upstream", upstream, "--node", &node],
+        );
+        let ready = tap.wait_event("ready", STEP);
+        let url = ready["url"]
+            .as_str()
+            .expect("tap ready line has a url")
+            .to_string();
+        (tap, url)
+    }
+
+    fn responder(&self, hub_url: &str) -> Proc {
+        let device = RESPONDER_DEVICE.to_string();
+        let mut r = self.run(
+            "peer-responder",
+            "bsc_peer.py",
+            &[
+                "responder",
+                "--hub",
+                hub_url,
+                "--node",
+                "2",
+                "--vmac",
+                RESPONDER_VMAC,
+                "--device",
+                &device,
+            ],
+        );
+        r.wait_event("started", STEP);
+        r
+    }
+
+    /// Who-Is broadcast, I-Am back, ReadProperty unicast; returns (exit code, lines).
+    fn initiator(&self, hub_url: &str, extra: &[&str]) -> (i32, Vec<Value>) {
+        let device = RESPONDER_DEVICE.to_string();
+        let mut args = vec![
+            "initiator",
+            "--hub",
+            hub_url,
+            "--node",
+            "1",
+            "--vmac",
+            INITIATOR_VMAC,
+            "--target-device",
+            &device,
+            "--timeout",
+            "30",
+        ];
+        args.extend_from_slice(extra);
+        self.run("peer-initiator", "bsc_peer.py", &args)
+            .finish(Duration::from_secs(120))
+    }
+
+    /// Connects with VMAC and UUID and reports the hub's answer; returns the decisive line.
+    fn connect_as(&self, name: &str, hub_url: &str, vmac: &str, uuid: &str, node: &str) -> Proc {
+        self.run(
+            name,
+            "bsc_peer.py",
+            &[
+                "initiator",
+                "--hub",
+                hub_url,
+                "--node",
+                node,
+                "--vmac",
+                vmac,
+                "--uuid",
+                uuid,
+                "--connect-only",
+                "--timeout",
+                "30",
+            ],
+        )
+    }
+}
+
+fn event<'a>(lines: &'a [Value], name: &str) -> &'a Value {
+    lines
+        .iter()
+        .find(|l| l["event"] == name)
+        .unwrap_or_else(|| panic!("no {name:?} line in {lines:?}"))
+}
+
+/// The tap's BVLC frames in direction DIR ("node>hub" / "hub>node").
+fn frames<'a>(tap: &'a [Value], dir: &str) -> Vec<&'a Value> {
+    tap.iter()
+        .filter(|l| l["event"] == "frame" && l["dir"] == dir && l["opcode"] == 2)
+        .collect()
+}
+
+fn function_is(f: &Value, name: &str) -> bool {
+    f["bvlc"]["function"] == name
+}
+
+/// The checks every conforming pair passes, on the initiator's side of the hub:
+/// what it sent (hub-bound, no originating VMAC) and what it got (originating
+/// VMAC inserted, broadcast destination kept, unicast destination removed).
+fn assert_initiator_wire(tap: &[Value], hub_max_npdu_at_least: u64) {
+    let up = frames(tap, "node>hub");
+    let down = frames(tap, "hub>node");
+
+    let req = up
+        .iter()
+        .find(|f| function_is(f, "Connect-Request"))
+        .expect("a Connect-Request");
+    assert_eq!(req["bvlc"]["vmac"], INITIATOR_VMAC, "{req}");
+    let acc = down
+        .iter()
+        .find(|f| function_is(f, "Connect-Accept"))
+        .expect("a Connect-Accept");
+    assert_eq!(
+        acc["bvlc"]["message_id"], req["bvlc"]["message_id"],
+        "the accept echoes the request's id"
+    );
+    // Annex AB: multi-byte fields are big-endian. The BE reading is the hub's real limit.
+    let max_npdu = acc["bvlc"]["max_npdu"]["be"].as_u64().unwrap();
+    assert!(
+        max_npdu >= hub_max_npdu_at_least && max_npdu <= 65535,
+        "MaxNPDU (BE) {max_npdu}: {acc}"
+    );
+    let max_bvlc = acc["bvlc"]["max_bvlc"]["be"].as_u64().unwrap();
+    assert!(
+        max_bvlc >= max_npdu,
+        "MaxBVLC (BE) {max_bvlc} below MaxNPDU {max_npdu}: {acc}"
+    );
+
+    let npdus_up: Vec<_> = up
+        .iter()
+        .filter(|f| function_is(f, "Encapsulated-NPDU"))
+        .collect();
+    assert!(!npdus_up.is_empty(), "the initiator sent no NPDU: {tap:?}");
+    for f in &npdus_up {
+        assert!(
+            f["bvlc"].get("orig_vmac").is_none(),
+            "hub-bound message carries an originating VMAC: {f}"
+        );
+    }
+    let who_is = npdus_up
+        .iter()
+        .find(|f| f["bvlc"]["dest_vmac"] == "ff:ff:ff:ff:ff:ff")
+        .expect("a broadcast (Who-Is) to FF*6");
+    assert_eq!(who_is["bvlc"]["control"], "0x04", "{who_is}");
+    assert!(
+        npdus_up
+            .iter()
+            .any(|f| f["bvlc"]["dest_vmac"] == RESPONDER_VMAC),
+        "a unicast (ReadProperty) to the responder's VMAC: {npdus_up:?}"
+    );
+
+    let npdus_down: Vec<_> = down
+        .iter()
+        .filter(|f| function_is(f, "Encapsulated-NPDU"))
+        .collect();
+    let from_responder: Vec<_> = npdus_down
+        .iter()
+        .filter(|f| f["bvlc"]["orig_vmac"] == RESPONDER_VMAC)
+        .collect();
+    assert!(
+        !from_responder.is_empty(),
+        "nothing reached the initiator with the responder's VMAC as origin: {npdus_down:?}"
+    );
+    for f in &npdus_down {
+        let dest = &f["bvlc"]["dest_vmac"];
+        assert!(
+            dest.is_null() || dest == "ff:ff:ff:ff:ff:ff",
+            "a forwarded unicast keeps no destination VMAC, a broadcast keeps FF*6: {f}"
+        );
+        assert_ne!(
+            f["bvlc"]["orig_vmac"], INITIATOR_VMAC,
+            "the hub echoed the initiator's own message: {f}"
+        );
+    }
+    // The ReadProperty-ACK (a unicast, so no destination VMAC) carries the responder's object name.
+    let name_hex: String = "rusty-bacnet responder"
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        from_responder
+            .iter()
+            .any(|f| f["bvlc"]["dest_vmac"].is_null()
+                && f["bvlc"]["payload"].as_str().unwrap().contains(&name_hex)),
+        "no unicast from the responder carrying its Object_Name: {from_responder:?}"
+    );
+}
+
+fn assert_delivered(lines: &[Value]) {
+    let i_am = event(lines, "i-am");
+    assert_eq!(i_am["device"], RESPONDER_DEVICE, "{i_am}");
+    // The VMAC the I-Am came from is the originating VMAC the hub inserted.
+    assert_eq!(i_am["from_vmac"], RESPONDER_VMAC, "{i_am}");
+    let ack = event(lines, "read-property-ack");
+    assert_eq!(ack["from_vmac"], RESPONDER_VMAC, "{ack}");
+    assert_eq!(ack["object_name"], "rusty-bacnet responder", "{ack}");
+}
+
+/// The baseline: the peer against itself, so a failure against our side is
+/// ours or a real difference, not the harness.
+#[test]
+fn peer_nodes_talk_through_the_peer_hub_broadcast_and_unicast() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::new(dir.path());
+    let (hub, url) = peer.hub();
+    let responder = peer.responder(&url);
+    let (tap, tap_url) = peer.tap(&url, 3);
+    let (code, lines) = peer.initiator(&tap_url, &[]);
+    let tap_lines = tap.stop();
+    drop(responder);
+    drop(hub);
+    assert_eq!(code, 0, "initiator failed: {lines:?}");
+    assert_eq!(event(&lines, "connected")["hub_vmac"], HUB_VMAC);
+    assert_delivered(&lines);
+    let up = tap_lines
+        .iter()
+        .find(|l| l["event"] == "upgrade" && l["dir"] == "node>hub")
+        .unwrap();
+    assert_eq!(up["subprotocol"], "hub.bsc.bacnet.org", "{up}");
+    // The standard asks a hub to carry a 1497-octet NPDU.
+    assert_initiator_wire(&tap_lines, 1497);
+}
+
+/// Duplicate VMAC with another Device UUID: the peer hub NAKs with error
+/// class communication (7) and node-duplicate-vmac, which the standard
+/// numbers 151, big-endian on the wire.
+#[test]
+fn peer_hub_naks_a_duplicate_vmac_with_the_standard_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::new(dir.path());
+    let (hub, url) = peer.hub();
+    let mut first = peer.connect_as(
+        "first",
+        &url,
+        RESPONDER_VMAC,
+        "11111111111111111111111111111111",
+        "1",
+    );
+    first.wait_event("connected", STEP);
+    let (tap, tap_url) = peer.tap(&url, 3);
+    let second = peer.connect_as(
+        "second",
+        &tap_url,
+        RESPONDER_VMAC,
+        "22222222222222222222222222222222",
+        "2",
+    );
+    let (code, lines) = second.finish(Duration::from_secs(60));
+    let tap_lines = tap.stop();
+    drop(first);
+    drop(hub);
+    assert_eq!(code, 3, "expected a NAK: {lines:?}");
+    let nak = event(&lines, "nak");
+    assert_eq!(
+        (nak["error_class"].as_u64(), nak["error_code"].as_u64()),
+        (Some(7), Some(151)),
+        "{nak}"
+    );
+    let result = frames(&tap_lines, "hub>node")
+        .into_iter()
+        .find(|f| function_is(f, "BVLC-Result"))
+        .unwrap_or_else(|| panic!("no BVLC-Result on the wire: {tap_lines:?}"));
+    assert_eq!(
+        result["bvlc"]["for_function"], "Connect-Request",
+        "{result}"
+    );
+    assert_eq!(result["bvlc"]["result"], "NAK", "{result}");
+    assert_eq!(result["bvlc"]["error_class"]["be"], 7, "{result}");
+    assert_eq!(result["bvlc"]["error_code"]["be"], 151, "{result}");
+}
