@@ -513,3 +513,358 @@ fn peer_hub_naks_a_duplicate_vmac_with_the_standard_code() {
     assert_eq!(result["bvlc"]["error_class"]["be"], 7, "{result}");
     assert_eq!(result["bvlc"]["error_code"]["be"], 151, "{result}");
 }
+
+// ---------------------------------------------------------------------------
+// Our side: `hilbench sim bsc-hub`, our node (`BscNodeActor`) and
+// `hilbench validate bsc-hub` against the peer.
+// ---------------------------------------------------------------------------
+
+const OUR_NODE_VMAC: &str = "02:00:00:00:00:44";
+const OUR_NODE_UUID: &str = "0a0b0c0d-0000-4000-8000-000000000044";
+
+/// `hilbench sim bsc-hub --listen 127.0.0.1:0 --tls-dir PKI`; returns it and its URL.
+fn our_hub(peer: &Peer) -> (Proc, String) {
+    let args = strings(&[
+        "sim",
+        "bsc-hub",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-dir",
+        peer.pki.to_str().unwrap(),
+    ]);
+    let hub = Proc::spawn("our-hub", env!("CARGO_BIN_EXE_hilbench"), &args, &peer.dir);
+    let ready = hub
+        .lines
+        .recv_timeout(STEP)
+        .unwrap_or_else(|_| panic!("our hub printed no ready line; stderr: {}", hub.stderr()));
+    let ready: Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["ready"], true, "{ready}");
+    assert_eq!(ready["tls"], true, "{ready}");
+    let url = ready["url"]
+        .as_str()
+        .expect("ready line has a url")
+        .to_string();
+    (hub, url)
+}
+
+/// Rusty-bacnet nodes through our hub: its Who-Is broadcast reaches its
+/// device, the I-Am and the ReadProperty exchange come back, and on the wire
+/// our hub inserted the originating VMAC, kept FF*6 on the broadcast and
+/// removed the destination from unicasts.
+#[test]
+fn peer_nodes_talk_through_our_hub_broadcast_and_unicast() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::new(dir.path());
+    let (hub, url) = our_hub(&peer);
+    let responder = peer.responder(&url);
+    let (tap, tap_url) = peer.tap(&url, 3);
+    let (code, lines) = peer.initiator(&tap_url, &[]);
+    let tap_lines = tap.stop();
+    drop(responder);
+    let hub_lines = hub.stop();
+    assert_eq!(
+        code, 0,
+        "initiator failed through our hub: {lines:?}; hub said {hub_lines:?}"
+    );
+    assert!(
+        event(&lines, "connected")["hub_vmac"].is_string(),
+        "{lines:?}"
+    );
+    assert_delivered(&lines);
+    let up = tap_lines
+        .iter()
+        .find(|l| l["event"] == "upgrade" && l["dir"] == "hub>node")
+        .unwrap();
+    assert_eq!(up["subprotocol"], "hub.bsc.bacnet.org", "{up}");
+    assert_initiator_wire(&tap_lines, 1497);
+}
+
+/// Our hub's duplicate-VMAC NAK as the peer decodes it: class 7, code 151.
+#[test]
+fn our_hub_naks_the_peers_duplicate_vmac_with_the_standard_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::new(dir.path());
+    let (hub, url) = our_hub(&peer);
+    let mut first = peer.connect_as(
+        "first",
+        &url,
+        RESPONDER_VMAC,
+        "11111111111111111111111111111111",
+        "1",
+    );
+    first.wait_event("connected", STEP);
+    let (tap, tap_url) = peer.tap(&url, 3);
+    let second = peer.connect_as(
+        "second",
+        &tap_url,
+        RESPONDER_VMAC,
+        "22222222222222222222222222222222",
+        "2",
+    );
+    let (code, lines) = second.finish(Duration::from_secs(60));
+    let tap_lines = tap.stop();
+    drop(first);
+    drop(hub);
+    assert_eq!(code, 3, "expected a NAK: {lines:?}");
+    let nak = event(&lines, "nak");
+    assert_eq!(
+        (nak["error_class"].as_u64(), nak["error_code"].as_u64()),
+        (Some(7), Some(151)),
+        "{nak}"
+    );
+    let result = frames(&tap_lines, "hub>node")
+        .into_iter()
+        .find(|f| function_is(f, "BVLC-Result"))
+        .unwrap_or_else(|| panic!("no BVLC-Result on the wire: {tap_lines:?}"));
+    assert_eq!(
+        result["bvlc"]["for_function"], "Connect-Request",
+        "{result}"
+    );
+    assert_eq!(result["bvlc"]["error_class"]["be"], 7, "{result}");
+    assert_eq!(result["bvlc"]["error_code"]["be"], 151, "{result}");
+}
+
+/// NPDU of a local Who-Is for device 2002 (low = high = 2002).
+const WHO_IS_2002: [u8; 10] = [0x01, 0x00, 0x10, 0x08, 0x0a, 0x07, 0xd2, 0x1a, 0x07, 0xd2];
+/// NPDU of a confirmed ReadProperty (invoke ID 7) of device 2002's Object_Name (77).
+const READ_NAME_2002: [u8; 13] = [
+    0x01, 0x04, 0x02, 0x05, 0x07, 0x0c, 0x0c, 0x02, 0x00, 0x07, 0xd2, 0x19, 0x4d,
+];
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Our node (the `bsc-node` actor) on HUB_URL talks to the peer's device:
+/// Who-Is broadcast → I-Am, then ReadProperty unicast to its VMAC → the ACK
+/// with its Object_Name. Returns the NPDUs received from the responder.
+fn our_node_talks_to_the_peer_device(
+    hub_url: &str,
+    pki: &Path,
+) -> Vec<hilbench::client::bsc_node::ReceivedNpdu> {
+    use actix::Actor;
+    use hilbench::client::bsc_node::{
+        BscNodeActor, BscNodeConfig, DisconnectNode, GetNodeStatus, SendNpdu, TakeReceived,
+    };
+    use hilbench::client::bsc_node_core::NodeConfig;
+    use hilbench::protocol::bvlc_sc::Vmac;
+    use hilbench::transport::tls::TlsDir;
+    use hilbench::transport::ws_client::WsConnectOptions;
+
+    let responder: Vmac = RESPONDER_VMAC.parse().unwrap();
+    let tls = TlsDir::node(pki, "node-4")
+        .client_config()
+        .expect("node-4 TLS config");
+    let session = NodeConfig::new(
+        OUR_NODE_VMAC.parse().unwrap(),
+        OUR_NODE_UUID.parse().unwrap(),
+    );
+    let mut cfg = BscNodeConfig::new("our-node", hub_url, session);
+    cfg.ws = WsConnectOptions::hub(Some(tls));
+    let sys = actix::System::new();
+    sys.block_on(async move {
+        let node = BscNodeActor::new(
+            cfg,
+            hilbench::observe::ObservationLog::new(std::time::Instant::now()),
+        )
+        .start();
+        let deadline = Instant::now() + STEP;
+        loop {
+            let st = node.send(GetNodeStatus).await.unwrap();
+            if st.connected_to.is_some() {
+                assert_eq!(
+                    st.hub_max_npdu,
+                    Some(1497),
+                    "the peer hub's MaxNPDU, read big-endian: {st:?}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "our node did not connect to {hub_url}: {st:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut from_responder = Vec::new();
+        let await_reply = |what: &'static str, needle: Vec<u8>, resend: (Vmac, Vec<u8>)| {
+            let node = node.clone();
+            let mut got = Vec::new();
+            async move {
+                let deadline = Instant::now() + STEP;
+                loop {
+                    // The device may still be connecting: repeat the request until it answers.
+                    let _ = node
+                        .send(SendNpdu {
+                            dest: resend.0,
+                            npdu: resend.1.clone(),
+                        })
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let rx = node.send(TakeReceived).await.unwrap();
+                    let hit = rx
+                        .iter()
+                        .any(|r| r.from == Some(responder) && contains(&r.npdu, &needle));
+                    got.extend(rx);
+                    if hit {
+                        return got;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "no {what} from the peer device; received {got:?}"
+                    );
+                }
+            }
+        };
+        // I-Am (unconfirmed service 0) carrying Object_Identifier device 2002.
+        from_responder.extend(
+            await_reply(
+                "I-Am",
+                vec![0xc4, 0x02, 0x00, 0x07, 0xd2],
+                (Vmac::BROADCAST, WHO_IS_2002.to_vec()),
+            )
+            .await,
+        );
+        // ReadProperty-ACK: complex ACK, invoke ID 7, service 12, then the name.
+        let mut ack = vec![0x30, 0x07, 0x0c];
+        ack.extend_from_slice(&[
+            0x0c, 0x02, 0x00, 0x07, 0xd2, 0x19, 0x4d, 0x3e, 0x75, 0x17, 0x00,
+        ]);
+        ack.extend_from_slice(b"rusty-bacnet responder");
+        from_responder.extend(
+            await_reply(
+                "ReadProperty-ACK",
+                ack,
+                (responder, READ_NAME_2002.to_vec()),
+            )
+            .await,
+        );
+        node.send(DisconnectNode).await.unwrap();
+        from_responder.retain(|r| r.from == Some(responder));
+        from_responder
+    })
+}
+
+/// Our node through the peer's hub to the peer's device.
+#[test]
+fn our_node_talks_to_the_peer_device_through_the_peer_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::new(dir.path());
+    let (hub, url) = peer.hub();
+    let responder = peer.responder(&url);
+    let got = our_node_talks_to_the_peer_device(&url, &peer.pki);
+    drop(responder);
+    drop(hub);
+    assert!(
+        got.iter().any(|r| !r.broadcast),
+        "the ReadProperty-ACK came as a unicast: {got:?}"
+    );
+}
+
+/// Our node and the peer's device on our hub.
+#[test]
+fn our_node_talks_to_the_peer_device_through_our_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::new(dir.path());
+    let (hub, url) = our_hub(&peer);
+    let responder = peer.responder(&url);
+    let got = our_node_talks_to_the_peer_device(&url, &peer.pki);
+    drop(responder);
+    drop(hub);
+    assert!(
+        got.iter().any(|r| !r.broadcast),
+        "the ReadProperty-ACK came as a unicast: {got:?}"
+    );
+}
+
+/// `hilbench validate bsc-hub` against the peer hub: every required check
+/// passes except the ones the peer really differs on, which are flagged: it
+/// drops hub-bound messages that carry an originating VMAC (a warning, since
+/// nodes that send it cannot talk through that hub). Its values are the
+/// standard's: big-endian limits, NAK 7/151 for a duplicate VMAC.
+#[test]
+fn validate_flags_how_the_peer_hub_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::new(dir.path());
+    let (hub, url) = peer.hub();
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+        .args([
+            "validate",
+            "bsc-hub",
+            "--url",
+            &url,
+            "--tls-dir",
+            peer.pki.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    drop(hub);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "report is not JSON ({e}): {stdout}; stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let check = |name: &str| -> &Value {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name:?} in {report}"))
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "no required check may fail against the peer: {report}"
+    );
+    for name in [
+        "connect",
+        "limits_byte_order",
+        "unicast_forwarding",
+        "broadcast_forwarding",
+        "heartbeat_ack_echo",
+        "duplicate_vmac_nak",
+        "duplicate_vmac_keeps_original",
+        "subprotocol_wrong",
+        "text_frame_closes",
+    ] {
+        assert_eq!(check(name)["outcome"], "pass", "{}", check(name));
+    }
+    assert!(
+        check("duplicate_vmac_nak")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("151"),
+        "{}",
+        check("duplicate_vmac_nak")
+    );
+    assert!(
+        check("connect")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("MaxNPDU 1497"),
+        "{}",
+        check("connect")
+    );
+    // The peer's difference, flagged.
+    let orig = check("originating_vmac_on_hub_bound");
+    assert_eq!(orig["outcome"], "warn", "{orig}");
+    assert!(
+        orig["detail"].as_str().unwrap().contains("not forwarded"),
+        "{orig}"
+    );
+    let flagged: Vec<&Value> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["outcome"] != "pass")
+        .collect();
+    assert_eq!(
+        flagged.len(),
+        1,
+        "only the originating-VMAC difference is flagged: {flagged:?}"
+    );
+}
