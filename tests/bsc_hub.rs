@@ -591,6 +591,23 @@ async fn silent_nodes_and_late_connect_requests_are_dropped() {
 
 #[tokio::test]
 async fn admission_limits_refuse_cleanly() {
+    let hub = start(HubServerConfig { max_connections: 2, ..plain() }).await;
+    let a = Node::join(ws_connect(&hub, Some(HUB_SUBPROTOCOL)).await.unwrap(), vmac(1), uuid(1)).await;
+    let _b = Node::join(ws_connect(&hub, Some(HUB_SUBPROTOCOL)).await.unwrap(), vmac(2), uuid(2)).await;
+    match ws_connect(&hub, Some(HUB_SUBPROTOCOL)).await {
+        Err(WsError::Http(resp)) => assert_eq!(resp.status(), 503),
+        other => panic!("expected HTTP 503, got {:?}", other.map(|_| ())),
+    }
+    // The hub counts the refusal after the 503 is on its way: wait for it.
+    let s = until_stats(&hub, "capacity refusal", |s| s.refused.at_capacity >= 1).await;
+    assert_eq!(s.refused.at_capacity, 1);
+    // A slot frees when a node leaves.
+    drop(a);
+    until_stats(&hub, "slot freed", |s| s.connections == 1).await;
+    let _c = Node::join(ws_connect(&hub, Some(HUB_SUBPROTOCOL)).await.unwrap(), vmac(3), uuid(3)).await;
+    drop((_b, _c));
+    hub.shutdown().await;
+
     let cfg = HubServerConfig {
         max_connections: 2,
         max_handshakes: 1,
@@ -598,17 +615,8 @@ async fn admission_limits_refuse_cleanly() {
         ..plain()
     };
     let hub = start(cfg).await;
-    let a = Node::join(ws_connect(&hub, Some(HUB_SUBPROTOCOL)).await.unwrap(), vmac(1), uuid(1)).await;
+    let _a = Node::join(ws_connect(&hub, Some(HUB_SUBPROTOCOL)).await.unwrap(), vmac(1), uuid(1)).await;
     let _b = Node::join(ws_connect(&hub, Some(HUB_SUBPROTOCOL)).await.unwrap(), vmac(2), uuid(2)).await;
-    match ws_connect(&hub, Some(HUB_SUBPROTOCOL)).await {
-        Err(WsError::Http(resp)) => assert_eq!(resp.status(), 503),
-        other => panic!("expected HTTP 503, got {:?}", other.map(|_| ())),
-    }
-    assert_eq!(hub.stats().refused.at_capacity, 1);
-    // A slot frees when a node leaves.
-    drop(a);
-    until_stats(&hub, "slot freed", |s| s.connections == 1).await;
-    let _c = Node::join(ws_connect(&hub, Some(HUB_SUBPROTOCOL)).await.unwrap(), vmac(3), uuid(3)).await;
 
     // One handshake at a time: a second TCP connection while one idles is closed at once.
     // (The listener accepts in arrival order, so the idle one holds the only permit.)
