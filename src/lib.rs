@@ -7,6 +7,7 @@
 //! (PTY, serial, the RS-485 bus), driven by `scenario` and `cli`.
 
 pub mod cli;
+pub mod air;
 pub mod client;
 pub mod device;
 pub mod link;

@@ -1,0 +1,1121 @@
+//! A peripheral as hci0 sees it: the remote `Device1` and, once connected,
+//! its GATT tree, every call on which is bridged to the peripheral's
+//! application through the peripheral's [`BleLink`](super::BleLink).
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::net::UnixDatagram;
+use tokio::sync::mpsc;
+use zbus::message::Header;
+use zbus::{interface, Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant};
+
+use super::adapter::{BluezError, Result};
+use super::att::{self, WriteProcedure, WriteRefusal};
+use super::gatt::{CharacteristicLayout, DescriptorLayout};
+use super::{emit_properties_changed, AdvData, AirInner, Peripheral, CENTRAL_PATH};
+use crate::link::Direction;
+
+const DEVICE_IFACE: &str = "org.bluez.Device1";
+const CHAR_IFACE: &str = "org.bluez.GattCharacteristic1";
+
+#[derive(Default)]
+struct DeviceState {
+    adv: AdvData,
+    rssi: i16,
+    connected: bool,
+    connecting: bool,
+    services_resolved: bool,
+    published: bool,
+    service_paths: Vec<String>,
+    chars: Vec<Arc<RemoteChar>>,
+    descs: Vec<String>,
+}
+
+pub(crate) struct RemoteDevice {
+    pub path: String,
+    pub peripheral: Arc<Peripheral>,
+    st: Mutex<DeviceState>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn bytes_variant(b: &[u8]) -> Variant<'static> {
+    Variant::from(b.to_vec())
+}
+
+impl RemoteDevice {
+    pub fn new(air: &AirInner, p: Arc<Peripheral>, adv: AdvData) -> Arc<Self> {
+        Arc::new(RemoteDevice {
+            path: format!("{CENTRAL_PATH}/dev_{}", p.address_string().replace(':', "_")),
+            peripheral: p,
+            st: Mutex::new(DeviceState { adv, rssi: air.next_rssi(), ..Default::default() }),
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        lock(&self.st).connected
+    }
+
+    pub async fn publish(self: &Arc<Self>, air: &Arc<AirInner>) -> zbus::Result<()> {
+        lock(&self.st).published = true;
+        air.conn
+            .object_server()
+            .at(self.path.as_str(), Device1 { d: self.clone(), air: Arc::downgrade(air) })
+            .await?;
+        Ok(())
+    }
+
+    /// Removes the Device1 object (InterfacesRemoved) if it is still there.
+    pub async fn unpublish(&self, air: &AirInner) {
+        let was = std::mem::replace(&mut lock(&self.st).published, false);
+        if was {
+            let _ = air.conn.object_server().remove::<Device1, _>(self.path.as_str()).await;
+        }
+    }
+
+    fn advertising(&self) -> bool {
+        let st = self.peripheral.lock();
+        st.advertisement.is_some()
+    }
+
+    /// Heard again: a fresh RSSI (and the advertised data) while scanning.
+    pub async fn readvertise(&self, air: &AirInner) {
+        let (mfr, svc) = {
+            let mut st = lock(&self.st);
+            if !st.published {
+                return;
+            }
+            if st.connected && self.peripheral.link.stops_advertising_while_connected() {
+                return;
+            }
+            st.rssi = air.next_rssi();
+            (st.adv.manufacturer_data.clone(), st.adv.service_data.clone())
+        };
+        if !self.advertising() {
+            return;
+        }
+        let rssi = lock(&self.st).rssi;
+        let mut changed: HashMap<&str, Variant<'_>> = HashMap::from([("RSSI", Variant::from(rssi))]);
+        if !mfr.is_empty() {
+            changed.insert("ManufacturerData", manufacturer_variant(&mfr));
+        }
+        if !svc.is_empty() {
+            changed.insert("ServiceData", service_data_variant(&svc));
+        }
+        emit_properties_changed(&air.conn, &self.path, DEVICE_IFACE, changed).await;
+    }
+
+    pub async fn update_advertisement(&self, air: &AirInner, adv: AdvData) {
+        let name = adv.local_name.clone().unwrap_or_else(|| self.peripheral.address_string().replace(':', "-"));
+        let changed = HashMap::from([
+            ("Name", Variant::from(name.clone())),
+            ("Alias", Variant::from(name)),
+            ("UUIDs", Variant::from(adv.service_uuids.clone())),
+            ("ManufacturerData", manufacturer_variant(&adv.manufacturer_data)),
+            ("ServiceData", service_data_variant(&adv.service_data)),
+        ]);
+        lock(&self.st).adv = adv;
+        emit_properties_changed(&air.conn, &self.path, DEVICE_IFACE, changed).await;
+    }
+
+    pub async fn announce_mtu(&self, air: &AirInner, mtu: u16) {
+        let chars = lock(&self.st).chars.clone();
+        for c in chars {
+            emit_properties_changed(&air.conn, &c.path, CHAR_IFACE, HashMap::from([("MTU", Variant::from(mtu))])).await;
+        }
+    }
+
+    /// Builds the GATT tree from the registered application (if any) and
+    /// announces ServicesResolved.
+    pub async fn resolve_services(self: &Arc<Self>, air: &Arc<AirInner>) {
+        self.drop_services(air).await;
+        let app = self.peripheral.lock().app.clone();
+        let server = air.conn.object_server();
+        if let Some((reg, layout)) = app {
+            let mut service_paths = Vec::new();
+            let mut chars = Vec::new();
+            let mut descs = Vec::new();
+            for s in &layout {
+                let spath = format!("{}/service{:04x}", self.path, s.handle);
+                let _ = server
+                    .at(spath.as_str(), GattService { uuid: s.uuid.clone(), device: self.path.clone(), primary: s.primary, handle: s.handle })
+                    .await;
+                for c in &s.characteristics {
+                    let cpath = format!("{spath}/char{:04x}", c.handle);
+                    let ch = RemoteChar::new(air, self, &reg.owner, &spath, &cpath, c.clone());
+                    let _ = server.at(cpath.as_str(), GattCharacteristic { c: ch.clone(), air: Arc::downgrade(air) }).await;
+                    lock(&air.notify_routes).insert((reg.owner.clone(), c.app_path.clone()), Arc::downgrade(&ch));
+                    for d in &c.descriptors {
+                        let dpath = format!("{cpath}/desc{:04x}", d.handle);
+                        let _ = server
+                            .at(dpath.as_str(), GattDescriptor { d: d.clone(), characteristic: ch.clone(), air: Arc::downgrade(air) })
+                            .await;
+                        descs.push(dpath);
+                    }
+                    chars.push(ch);
+                }
+                service_paths.push(spath);
+            }
+            let mut st = lock(&self.st);
+            st.service_paths = service_paths;
+            st.chars = chars;
+            st.descs = descs;
+        }
+        lock(&self.st).services_resolved = true;
+        emit_properties_changed(&air.conn, &self.path, DEVICE_IFACE, HashMap::from([("ServicesResolved", Variant::from(true))])).await;
+    }
+
+    /// Removes the GATT tree (a disconnect, or the app went away).
+    pub async fn drop_services(&self, air: &Arc<AirInner>) {
+        let (services, chars, descs, was_resolved) = {
+            let mut st = lock(&self.st);
+            let was = std::mem::replace(&mut st.services_resolved, false);
+            (std::mem::take(&mut st.service_paths), std::mem::take(&mut st.chars), std::mem::take(&mut st.descs), was)
+        };
+        let server = air.conn.object_server();
+        for c in &chars {
+            lock(&air.notify_routes).remove(&(c.owner.clone(), c.layout.app_path.clone()));
+            c.shut(air).await;
+        }
+        for d in descs {
+            let _ = server.remove::<GattDescriptor, _>(d.as_str()).await;
+        }
+        for c in &chars {
+            let _ = server.remove::<GattCharacteristic, _>(c.path.as_str()).await;
+        }
+        for s in services {
+            let _ = server.remove::<GattService, _>(s.as_str()).await;
+        }
+        if was_resolved && self.is_connected() {
+            emit_properties_changed(&air.conn, &self.path, DEVICE_IFACE, HashMap::from([("ServicesResolved", Variant::from(false))])).await;
+        }
+    }
+
+    pub async fn connect(self: &Arc<Self>, air: &Arc<AirInner>) -> Result<()> {
+        if self.peripheral.link.refuses_connections() {
+            return Err(BluezError::Failed("le-connection-abort-by-local".into()));
+        }
+        {
+            let mut st = lock(&self.st);
+            if st.connected {
+                return Ok(());
+            }
+            if st.connecting {
+                return Err(BluezError::InProgress("In Progress".into()));
+            }
+            if !st.published {
+                return Err(BluezError::DoesNotExist("Does Not Exist".into()));
+            }
+            st.connecting = true;
+        }
+        if self.peripheral.lock().advertisement.is_none() {
+            lock(&self.st).connecting = false;
+            return Err(BluezError::Failed("le-connection-abort-by-local".into()));
+        }
+        {
+            let mut st = lock(&self.st);
+            st.connecting = false;
+            st.connected = true;
+        }
+        emit_properties_changed(&air.conn, &self.path, DEVICE_IFACE, HashMap::from([("Connected", Variant::from(true))])).await;
+        self.resolve_services(air).await;
+        Ok(())
+    }
+
+    /// Drops the link. A device that no longer advertises leaves hci0's
+    /// view with it.
+    pub async fn disconnect(self: &Arc<Self>, air: &Arc<AirInner>, why: &str) {
+        {
+            let mut st = lock(&self.st);
+            if !st.connected {
+                return;
+            }
+            st.connected = false;
+        }
+        tracing::debug!("{}: disconnected ({why})", self.path);
+        self.drop_services(air).await;
+        emit_properties_changed(
+            &air.conn,
+            &self.path,
+            DEVICE_IFACE,
+            HashMap::from([("ServicesResolved", Variant::from(false)), ("Connected", Variant::from(false))]),
+        )
+        .await;
+        let gone = {
+            let mut pst = self.peripheral.lock();
+            if pst.advertisement.is_none() && pst.device.as_ref().is_some_and(|d| Arc::ptr_eq(d, self)) {
+                pst.device.take()
+            } else {
+                None
+            }
+        };
+        if let Some(d) = gone {
+            d.unpublish(air).await;
+        }
+    }
+}
+
+fn manufacturer_variant(m: &std::collections::BTreeMap<u16, Vec<u8>>) -> Variant<'static> {
+    let map: HashMap<u16, Variant<'static>> = m.iter().map(|(k, v)| (*k, bytes_variant(v))).collect();
+    Variant::from(map)
+}
+
+fn service_data_variant(m: &std::collections::BTreeMap<String, Vec<u8>>) -> Variant<'static> {
+    let map: HashMap<String, Variant<'static>> = m.iter().map(|(k, v)| (k.clone(), bytes_variant(v))).collect();
+    Variant::from(map)
+}
+
+pub struct Device1 {
+    d: Arc<RemoteDevice>,
+    air: Weak<AirInner>,
+}
+
+impl Device1 {
+    fn air(&self) -> Result<Arc<AirInner>> {
+        self.air.upgrade().ok_or_else(|| BluezError::NotReady("Resource Not Ready".into()))
+    }
+    fn adv(&self) -> AdvData {
+        lock(&self.d.st).adv.clone()
+    }
+}
+
+#[interface(name = "org.bluez.Device1")]
+impl Device1 {
+    async fn connect(&self) -> Result<()> {
+        let air = self.air()?;
+        self.d.connect(&air).await
+    }
+    async fn disconnect(&self) -> Result<()> {
+        let air = self.air()?;
+        self.d.disconnect(&air, "central asked").await;
+        Ok(())
+    }
+    fn connect_profile(&self, _uuid: &str) -> Result<()> {
+        Err(BluezError::NotSupported("Operation is not supported".into()))
+    }
+    fn disconnect_profile(&self, _uuid: &str) -> Result<()> {
+        Err(BluezError::NotSupported("Operation is not supported".into()))
+    }
+    fn pair(&self) -> Result<()> {
+        Err(BluezError::NotSupported("pairing is not simulated by the air".into()))
+    }
+    fn cancel_pairing(&self) -> Result<()> {
+        Err(BluezError::DoesNotExist("Does Not Exist".into()))
+    }
+
+    #[zbus(property)]
+    fn address(&self) -> String {
+        self.d.peripheral.address_string()
+    }
+    #[zbus(property)]
+    fn address_type(&self) -> &str {
+        "public"
+    }
+    #[zbus(property)]
+    fn name(&self) -> String {
+        self.adv().local_name.unwrap_or_else(|| self.d.peripheral.address_string().replace(':', "-"))
+    }
+    #[zbus(property)]
+    fn alias(&self) -> String {
+        self.name()
+    }
+    #[zbus(property)]
+    fn appearance(&self) -> u16 {
+        self.adv().appearance.unwrap_or(0)
+    }
+    #[zbus(property)]
+    fn paired(&self) -> bool {
+        false
+    }
+    #[zbus(property)]
+    fn bonded(&self) -> bool {
+        false
+    }
+    #[zbus(property)]
+    fn trusted(&self) -> bool {
+        false
+    }
+    #[zbus(property)]
+    fn blocked(&self) -> bool {
+        false
+    }
+    #[zbus(property)]
+    fn legacy_pairing(&self) -> bool {
+        false
+    }
+    #[zbus(property, name = "RSSI")]
+    fn rssi(&self) -> i16 {
+        lock(&self.d.st).rssi
+    }
+    #[zbus(property)]
+    fn tx_power(&self) -> i16 {
+        self.adv().tx_power.unwrap_or(0)
+    }
+    #[zbus(property)]
+    fn connected(&self) -> bool {
+        self.d.is_connected()
+    }
+    #[zbus(property, name = "UUIDs")]
+    fn uuids(&self) -> Vec<String> {
+        self.adv().service_uuids
+    }
+    #[zbus(property)]
+    fn adapter(&self) -> OwnedObjectPath {
+        OwnedObjectPath::from(ObjectPath::from_static_str_unchecked(CENTRAL_PATH))
+    }
+    #[zbus(property)]
+    fn manufacturer_data(&self) -> HashMap<u16, Variant<'static>> {
+        self.adv().manufacturer_data.iter().map(|(k, v)| (*k, bytes_variant(v))).collect()
+    }
+    #[zbus(property)]
+    fn service_data(&self) -> HashMap<String, Variant<'static>> {
+        self.adv().service_data.iter().map(|(k, v)| (k.clone(), bytes_variant(v))).collect()
+    }
+    #[zbus(property)]
+    fn services_resolved(&self) -> bool {
+        lock(&self.d.st).services_resolved
+    }
+}
+
+pub struct GattService {
+    uuid: String,
+    device: String,
+    primary: bool,
+    handle: u16,
+}
+
+#[interface(name = "org.bluez.GattService1")]
+impl GattService {
+    #[zbus(property, name = "UUID")]
+    fn uuid(&self) -> String {
+        self.uuid.clone()
+    }
+    #[zbus(property)]
+    fn device(&self) -> OwnedObjectPath {
+        OwnedObjectPath::try_from(self.device.clone()).unwrap_or_else(|_| OwnedObjectPath::from(ObjectPath::from_static_str_unchecked("/")))
+    }
+    #[zbus(property)]
+    fn primary(&self) -> bool {
+        self.primary
+    }
+    #[zbus(property)]
+    fn includes(&self) -> Vec<OwnedObjectPath> {
+        Vec::new()
+    }
+    #[zbus(property)]
+    fn handle(&self) -> u16 {
+        self.handle
+    }
+}
+
+/// How the peripheral's application is currently sending notifications.
+enum AppNotify {
+    Off,
+    /// StartNotify was called: values come as PropertiesChanged.
+    Started,
+    /// AcquireNotify: values come on a socket; the task reads it.
+    Acquired(tokio::task::JoinHandle<()>),
+}
+
+struct CharState {
+    value: Vec<u8>,
+    notify_clients: BTreeSet<String>,
+    notify_socket: Option<Arc<UnixDatagram>>,
+    notify_socket_task: Option<tokio::task::JoinHandle<()>>,
+    write_socket_task: Option<tokio::task::JoinHandle<()>>,
+    app_notify: AppNotify,
+    app_write_socket: Option<Arc<UnixDatagram>>,
+    request_busy: bool,
+    read_busy: bool,
+}
+
+pub(crate) struct RemoteChar {
+    pub path: String,
+    service_path: String,
+    pub owner: String,
+    pub layout: CharacteristicLayout,
+    device: Weak<RemoteDevice>,
+    peripheral: Arc<Peripheral>,
+    commands: mpsc::UnboundedSender<Vec<u8>>,
+    command_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    st: Mutex<CharState>,
+}
+
+fn socket_pair() -> std::io::Result<(OwnedFd, Arc<UnixDatagram>)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (theirs, ours) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    let ours = std::os::unix::net::UnixDatagram::from(ours);
+    ours.set_nonblocking(true)?;
+    Ok((theirs, Arc::new(UnixDatagram::from_std(ours)?)))
+}
+
+fn socket_from(fd: OwnedFd) -> std::io::Result<Arc<UnixDatagram>> {
+    let s = std::os::unix::net::UnixDatagram::from(fd);
+    s.set_nonblocking(true)?;
+    Ok(Arc::new(UnixDatagram::from_std(s)?))
+}
+
+/// The central's error for an application's answer (via the ATT error the
+/// peripheral's server would send).
+fn app_error(e: zbus::Error, permission: u8) -> BluezError {
+    let code = match &e {
+        zbus::Error::MethodError(name, detail, _) => att::app_error_to_att(name.as_str(), detail.as_deref().unwrap_or(""), permission),
+        _ => att::UNLIKELY,
+    };
+    tracing::debug!("application answered {e}");
+    BluezError::from_att(code)
+}
+
+impl RemoteChar {
+    fn new(air: &Arc<AirInner>, dev: &Arc<RemoteDevice>, owner: &str, service_path: &str, path: &str, layout: CharacteristicLayout) -> Arc<Self> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let ch = Arc::new(RemoteChar {
+            path: path.to_string(),
+            service_path: service_path.to_string(),
+            owner: owner.to_string(),
+            layout,
+            device: Arc::downgrade(dev),
+            peripheral: dev.peripheral.clone(),
+            commands: tx,
+            command_task: Mutex::new(None),
+            st: Mutex::new(CharState {
+                value: Vec::new(),
+                notify_clients: BTreeSet::new(),
+                notify_socket: None,
+                notify_socket_task: None,
+                write_socket_task: None,
+                app_notify: AppNotify::Off,
+                app_write_socket: None,
+                request_busy: false,
+                read_busy: false,
+            }),
+        });
+        // Write commands reach the application in the order they were sent.
+        let weak = Arc::downgrade(&ch);
+        let air_w = Arc::downgrade(air);
+        let task = tokio::spawn(async move {
+            while let Some(bytes) = rx.recv().await {
+                let (Some(ch), Some(air)) = (weak.upgrade(), air_w.upgrade()) else { return };
+                if let Err(e) = ch.forward_write(&air, &bytes, WriteProcedure::Command, 0).await {
+                    tracing::debug!("{}: write command lost: {e}", ch.path);
+                }
+            }
+        });
+        *lock(&ch.command_task) = Some(task);
+        ch
+    }
+
+    fn connected(&self) -> bool {
+        self.device.upgrade().is_some_and(|d| d.is_connected())
+    }
+
+    fn options(&self, air: &AirInner, extra: &[(&'static str, Variant<'static>)]) -> HashMap<&'static str, Variant<'static>> {
+        let device = air.central_as_seen_by(&self.peripheral);
+        let mut o: HashMap<&'static str, Variant<'static>> = HashMap::from([
+            ("device", Variant::from(ObjectPath::try_from(device).unwrap_or_else(|_| ObjectPath::from_static_str_unchecked("/")))),
+            ("mtu", Variant::from(self.peripheral.link.mtu())),
+            ("link", Variant::from("LE".to_string())),
+        ]);
+        for (k, v) in extra {
+            o.insert(k, v.try_clone().unwrap_or_else(|_| Variant::from(0u8)));
+        }
+        o
+    }
+
+    async fn call_app(&self, air: &AirInner, method: &str, body: &(impl serde::Serialize + zbus::DynamicType)) -> zbus::Result<zbus::Message> {
+        let call = air.conn.call_method(Some(self.owner.as_str()), self.layout.app_path.as_str(), Some(CHAR_IFACE), method, body);
+        match tokio::time::timeout(air.config.call_timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(zbus::Error::Failure(format!("{method} on {}: the application did not answer in time", self.layout.app_path))),
+        }
+    }
+
+    /// Stops everything this characteristic runs (disconnect or app gone).
+    async fn shut(&self, air: &AirInner) {
+        if let Some(t) = lock(&self.command_task).take() {
+            t.abort();
+        }
+        let app_notify = {
+            let mut st = lock(&self.st);
+            st.notify_clients.clear();
+            st.notify_socket = None;
+            st.app_write_socket = None;
+            if let Some(t) = st.notify_socket_task.take() {
+                t.abort();
+            }
+            if let Some(t) = st.write_socket_task.take() {
+                t.abort();
+            }
+            std::mem::replace(&mut st.app_notify, AppNotify::Off)
+        };
+        self.end_app_notify(air, app_notify).await;
+    }
+
+    async fn end_app_notify(&self, air: &AirInner, state: AppNotify) {
+        match state {
+            AppNotify::Off => {}
+            AppNotify::Started => {
+                if let Err(e) = self.call_app(air, "StopNotify", &()).await {
+                    tracing::debug!("{}: StopNotify: {e}", self.layout.app_path);
+                }
+            }
+            // Closing our end tells the application the session is over.
+            AppNotify::Acquired(t) => t.abort(),
+        }
+    }
+
+    /// The first subscriber turns the application's notifications on.
+    async fn start_app_notify(self: &Arc<Self>, air: &Arc<AirInner>) -> Result<()> {
+        {
+            let mut st = lock(&self.st);
+            if !matches!(st.app_notify, AppNotify::Off) {
+                return Ok(());
+            }
+            // Set before the call: the app may notify before it answers.
+            st.app_notify = AppNotify::Started;
+        }
+        if self.layout.notify_acquired {
+            let reply = self.call_app(air, "AcquireNotify", &(self.options(air, &[]),)).await;
+            let fd = reply.and_then(|m| m.body().deserialize::<(zbus::OwnedFd, u16)>());
+            match fd {
+                Ok((fd, _mtu)) => {
+                    let sock = socket_from(OwnedFd::from(fd)).map_err(|e| BluezError::Failed(e.to_string()))?;
+                    let weak = Arc::downgrade(self);
+                    let air_w = Arc::downgrade(air);
+                    let task = tokio::spawn(async move {
+                        let mut buf = vec![0u8; 1024];
+                        loop {
+                            let n = match sock.recv(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let (Some(ch), Some(air)) = (weak.upgrade(), air_w.upgrade()) else { return };
+                            ch.notify_from_app(&air, &buf[..n]).await;
+                        }
+                    });
+                    lock(&self.st).app_notify = AppNotify::Acquired(task);
+                    Ok(())
+                }
+                Err(e) => {
+                    lock(&self.st).app_notify = AppNotify::Off;
+                    Err(app_error(e, att::WRITE_NOT_PERMITTED))
+                }
+            }
+        } else {
+            match self.call_app(air, "StartNotify", &()).await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    lock(&self.st).app_notify = AppNotify::Off;
+                    Err(app_error(e, att::WRITE_NOT_PERMITTED))
+                }
+            }
+        }
+    }
+
+    /// The last subscriber gone: the application may stop.
+    async fn maybe_stop_app_notify(&self, air: &AirInner) {
+        let state = {
+            let mut st = lock(&self.st);
+            if !st.notify_clients.is_empty() || st.notify_socket.is_some() {
+                return;
+            }
+            std::mem::replace(&mut st.app_notify, AppNotify::Off)
+        };
+        self.end_app_notify(air, state).await;
+    }
+
+    /// A value the application sent: cut to MTU − 3 as BlueZ's server does,
+    /// through the link, to every subscriber.
+    pub async fn notify_from_app(self: &Arc<Self>, air: &Arc<AirInner>, value: &[u8]) {
+        if !self.connected() || matches!(lock(&self.st).app_notify, AppNotify::Off) {
+            return;
+        }
+        let payload = att::notification_payload(value, self.peripheral.link.mtu());
+        for e in self.peripheral.link.process(Direction::Response, payload) {
+            if e.after.is_zero() {
+                self.deliver(air, e.bytes).await;
+            } else {
+                let ch = self.clone();
+                let air = air.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(e.after).await;
+                    ch.deliver(&air, e.bytes).await;
+                });
+            }
+        }
+    }
+
+    async fn deliver(&self, air: &AirInner, bytes: Vec<u8>) {
+        if !self.connected() {
+            return;
+        }
+        let (signal, socket) = {
+            let mut st = lock(&self.st);
+            st.value.clone_from(&bytes);
+            (!st.notify_clients.is_empty(), st.notify_socket.clone())
+        };
+        if let Some(s) = socket {
+            // A full socket loses the notification, as a busy link would.
+            let _ = s.try_send(&bytes);
+        }
+        if signal {
+            emit_properties_changed(&air.conn, &self.path, CHAR_IFACE, HashMap::from([("Value", bytes_variant(&bytes))])).await;
+        }
+        if self.layout.flags.iter().any(|f| f == "indicate") && !self.layout.flags.iter().any(|f| f == "notify") {
+            // The central confirmed the indication.
+            let _ = self.call_app(air, "Confirm", &()).await;
+        }
+    }
+
+    /// One write as it reaches the peripheral's application.
+    async fn forward_write(&self, air: &AirInner, bytes: &[u8], procedure: WriteProcedure, offset: u16) -> Result<()> {
+        if self.layout.write_acquired {
+            let existing = lock(&self.st).app_write_socket.clone();
+            let sock = match existing {
+                Some(s) => s,
+                None => {
+                    let reply = self.call_app(air, "AcquireWrite", &(self.options(air, &[]),)).await;
+                    let (fd, _mtu) = reply
+                        .and_then(|m| m.body().deserialize::<(zbus::OwnedFd, u16)>())
+                        .map_err(|e| app_error(e, att::WRITE_NOT_PERMITTED))?;
+                    let s = socket_from(OwnedFd::from(fd)).map_err(|e| BluezError::Failed(e.to_string()))?;
+                    lock(&self.st).app_write_socket = Some(s.clone());
+                    s
+                }
+            };
+            return match sock.send(bytes).await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    lock(&self.st).app_write_socket = None;
+                    Err(BluezError::Failed(format!("Unable to write: {e}")))
+                }
+            };
+        }
+        let opts = self.options(air, &[("type", Variant::from(procedure.app_type().to_string())), ("offset", Variant::from(offset))]);
+        self.call_app(air, "WriteValue", &(bytes, opts)).await.map(|_| ()).map_err(|e| app_error(e, att::WRITE_NOT_PERMITTED))
+    }
+
+    /// A write command from the central: through the link, then queued for
+    /// the application in order. Refused commands vanish silently.
+    fn send_command(self: &Arc<Self>, bytes: &[u8]) {
+        let emissions = self.peripheral.link.process(Direction::Request, bytes);
+        let refused = !att::server_accepts_write(&self.layout.flags)
+            || self.peripheral.link.rejected_write() == Some(super::WriteKind::Command);
+        if refused {
+            return;
+        }
+        for e in emissions {
+            if e.after.is_zero() {
+                let _ = self.commands.send(e.bytes);
+            } else {
+                let tx = self.commands.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(e.after).await;
+                    let _ = tx.send(e.bytes);
+                });
+            }
+        }
+    }
+
+    async fn write_request(&self, air: &AirInner, bytes: &[u8], procedure: WriteProcedure, offset: u16) -> Result<()> {
+        if !att::server_accepts_write(&self.layout.flags) || self.peripheral.link.rejected_write() == Some(super::WriteKind::Request) {
+            self.peripheral.link.process(Direction::Request, bytes);
+            return Err(BluezError::from_att(att::WRITE_NOT_PERMITTED));
+        }
+        let emissions = self.peripheral.link.process(Direction::Request, bytes);
+        if emissions.is_empty() {
+            tokio::time::sleep(self.peripheral.link.att_timeout()).await;
+            return Err(BluezError::Failed("Operation failed with ATT error: timeout".into()));
+        }
+        let mut result = Ok(());
+        for e in emissions {
+            if !e.after.is_zero() {
+                tokio::time::sleep(e.after).await;
+            }
+            result = self.forward_write(air, &e.bytes, procedure, offset).await;
+        }
+        result
+    }
+}
+
+pub struct GattCharacteristic {
+    c: Arc<RemoteChar>,
+    air: Weak<AirInner>,
+}
+
+impl GattCharacteristic {
+    fn air(&self) -> Result<Arc<AirInner>> {
+        self.air.upgrade().ok_or_else(|| BluezError::NotReady("Resource Not Ready".into()))
+    }
+    fn need_connected(&self) -> Result<()> {
+        if self.c.connected() {
+            Ok(())
+        } else {
+            Err(BluezError::Failed("Not connected".into()))
+        }
+    }
+    fn notifies(&self) -> Result<()> {
+        if self.c.layout.notifies() {
+            Ok(())
+        } else {
+            Err(BluezError::NotSupported("Operation is not supported".into()))
+        }
+    }
+}
+
+fn offset_of(options: &HashMap<String, OwnedVariant>) -> Result<u16> {
+    match options.get("offset") {
+        None => Ok(0),
+        Some(v) => u16::try_from(v.try_clone().map_err(BluezError::ZBus)?).map_err(|_| BluezError::InvalidArguments("Invalid arguments in method call".into())),
+    }
+}
+
+struct BusyGuard<'a> {
+    st: &'a Mutex<CharState>,
+    read: bool,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(self.st);
+        if self.read {
+            st.read_busy = false;
+        } else {
+            st.request_busy = false;
+        }
+    }
+}
+
+#[interface(name = "org.bluez.GattCharacteristic1")]
+impl GattCharacteristic {
+    async fn read_value(&self, options: HashMap<String, OwnedVariant>) -> Result<Vec<u8>> {
+        let air = self.air()?;
+        self.need_connected()?;
+        let offset = offset_of(&options)?;
+        {
+            let mut st = lock(&self.c.st);
+            if st.read_busy {
+                return Err(BluezError::InProgress("In Progress".into()));
+            }
+            st.read_busy = true;
+        }
+        let _busy = BusyGuard { st: &self.c.st, read: true };
+        if !att::server_accepts_read(&self.c.layout.flags) {
+            return Err(BluezError::from_att(att::READ_NOT_PERMITTED));
+        }
+        let opts = self.c.options(&air, &[("offset", Variant::from(offset))]);
+        let reply = self.c.call_app(&air, "ReadValue", &(opts,)).await.map_err(|e| app_error(e, att::READ_NOT_PERMITTED))?;
+        let value: Vec<u8> = reply.body().deserialize().map_err(|e| BluezError::Failed(e.to_string()))?;
+        let emissions = self.c.peripheral.link.process(Direction::Response, &value);
+        if emissions.is_empty() {
+            tokio::time::sleep(self.c.peripheral.link.att_timeout()).await;
+            return Err(BluezError::Failed("Operation failed with ATT error: timeout".into()));
+        }
+        let mut out = Vec::new();
+        for e in emissions {
+            if !e.after.is_zero() {
+                tokio::time::sleep(e.after).await;
+            }
+            out.extend_from_slice(&e.bytes);
+        }
+        lock(&self.c.st).value.clone_from(&out);
+        Ok(out)
+    }
+
+    async fn write_value(&self, value: Vec<u8>, options: HashMap<String, OwnedVariant>) -> Result<()> {
+        let air = self.air()?;
+        self.need_connected()?;
+        if lock(&self.c.st).write_socket_task.is_some() {
+            return Err(BluezError::NotPermitted("Write acquired".into()));
+        }
+        let offset = offset_of(&options)?;
+        let requested = match options.get("type") {
+            None => None,
+            Some(v) => Some(String::try_from(v.try_clone().map_err(BluezError::ZBus)?).map_err(|_| BluezError::InvalidArguments("Invalid arguments in method call".into()))?),
+        };
+        let procedure = att::write_procedure(requested.as_deref(), &self.c.layout.flags, offset, value.len(), self.c.peripheral.link.mtu())
+            .map_err(|r| match r {
+                WriteRefusal::NotSupported => BluezError::NotSupported("Operation is not supported".into()),
+                WriteRefusal::FailedToInitiate => BluezError::Failed("Failed to initiate write".into()),
+            })?;
+        match procedure {
+            WriteProcedure::Command => {
+                self.c.send_command(&value);
+                Ok(())
+            }
+            WriteProcedure::Request | WriteProcedure::Reliable => {
+                {
+                    let mut st = lock(&self.c.st);
+                    if st.request_busy {
+                        return Err(BluezError::InProgress("In Progress".into()));
+                    }
+                    st.request_busy = true;
+                }
+                let _busy = BusyGuard { st: &self.c.st, read: false };
+                self.c.write_request(&air, &value, procedure, offset).await
+            }
+        }
+    }
+
+    async fn start_notify(&self, #[zbus(header)] hdr: Header<'_>, #[zbus(connection)] conn: &Connection) -> Result<()> {
+        let air = self.air()?;
+        self.need_connected()?;
+        self.notifies()?;
+        let client = hdr.sender().map(|s| s.to_string()).unwrap_or_default();
+        let first = {
+            let mut st = lock(&self.c.st);
+            if st.notify_socket.is_some() {
+                return Err(BluezError::NotPermitted("Notify acquired".into()));
+            }
+            if st.notify_clients.contains(&client) {
+                return Ok(());
+            }
+            st.notify_clients.insert(client.clone());
+            st.notify_clients.len() == 1
+        };
+        if let Err(e) = self.c.start_app_notify(&air).await {
+            lock(&self.c.st).notify_clients.remove(&client);
+            return Err(e);
+        }
+        if first {
+            emit_properties_changed(conn, &self.c.path, CHAR_IFACE, HashMap::from([("Notifying", Variant::from(true))])).await;
+        }
+        Ok(())
+    }
+
+    async fn stop_notify(&self, #[zbus(header)] hdr: Header<'_>, #[zbus(connection)] conn: &Connection) -> Result<()> {
+        let air = self.air()?;
+        let client = hdr.sender().map(|s| s.to_string()).unwrap_or_default();
+        let last = {
+            let mut st = lock(&self.c.st);
+            if !st.notify_clients.remove(&client) {
+                return Err(BluezError::Failed("No notify session started".into()));
+            }
+            st.notify_clients.is_empty()
+        };
+        if last {
+            emit_properties_changed(conn, &self.c.path, CHAR_IFACE, HashMap::from([("Notifying", Variant::from(false))])).await;
+        }
+        self.c.maybe_stop_app_notify(&air).await;
+        Ok(())
+    }
+
+    async fn acquire_write(&self, _options: HashMap<String, OwnedVariant>, #[zbus(connection)] conn: &Connection) -> Result<(zbus::OwnedFd, u16)> {
+        let air = self.air()?;
+        self.need_connected()?;
+        if !self.c.layout.flags.iter().any(|f| f == "write-without-response") {
+            return Err(BluezError::NotSupported("Operation is not supported".into()));
+        }
+        if lock(&self.c.st).write_socket_task.is_some() {
+            return Err(BluezError::NotPermitted("Write acquired".into()));
+        }
+        let (theirs, ours) = socket_pair().map_err(|e| BluezError::Failed(e.to_string()))?;
+        let ch = self.c.clone();
+        let air_w = Arc::downgrade(&air);
+        let path = self.c.path.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 1024];
+            loop {
+                match ours.recv(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => ch.send_command(&buf[..n]),
+                }
+            }
+            lock(&ch.st).write_socket_task = None;
+            if let Some(air) = air_w.upgrade() {
+                emit_properties_changed(&air.conn, &path, CHAR_IFACE, HashMap::from([("WriteAcquired", Variant::from(false))])).await;
+            }
+        });
+        lock(&self.c.st).write_socket_task = Some(task);
+        emit_properties_changed(conn, &self.c.path, CHAR_IFACE, HashMap::from([("WriteAcquired", Variant::from(true))])).await;
+        Ok((zbus::OwnedFd::from(theirs), self.c.peripheral.link.mtu()))
+    }
+
+    async fn acquire_notify(&self, _options: HashMap<String, OwnedVariant>, #[zbus(connection)] conn: &Connection) -> Result<(zbus::OwnedFd, u16)> {
+        let air = self.air()?;
+        self.need_connected()?;
+        self.notifies()?;
+        {
+            let st = lock(&self.c.st);
+            if st.notify_socket.is_some() {
+                return Err(BluezError::NotPermitted("Notify acquired".into()));
+            }
+            if !st.notify_clients.is_empty() {
+                return Err(BluezError::InProgress("Notify already started".into()));
+            }
+        }
+        let (theirs, ours) = socket_pair().map_err(|e| BluezError::Failed(e.to_string()))?;
+        lock(&self.c.st).notify_socket = Some(ours.clone());
+        if let Err(e) = self.c.start_app_notify(&air).await {
+            lock(&self.c.st).notify_socket = None;
+            return Err(e);
+        }
+        // The central closing its end ends the session.
+        let ch = self.c.clone();
+        let air_w = Arc::downgrade(&air);
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            loop {
+                match ours.recv(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            lock(&ch.st).notify_socket = None;
+            if let Some(air) = air_w.upgrade() {
+                emit_properties_changed(
+                    &air.conn,
+                    &ch.path,
+                    CHAR_IFACE,
+                    HashMap::from([("NotifyAcquired", Variant::from(false)), ("Notifying", Variant::from(false))]),
+                )
+                .await;
+                ch.maybe_stop_app_notify(&air).await;
+            }
+        });
+        lock(&self.c.st).notify_socket_task = Some(task);
+        emit_properties_changed(
+            conn,
+            &self.c.path,
+            CHAR_IFACE,
+            HashMap::from([("NotifyAcquired", Variant::from(true)), ("Notifying", Variant::from(true))]),
+        )
+        .await;
+        Ok((zbus::OwnedFd::from(theirs), self.c.peripheral.link.mtu()))
+    }
+
+    #[zbus(property, name = "UUID")]
+    fn uuid(&self) -> String {
+        self.c.layout.uuid.clone()
+    }
+    #[zbus(property)]
+    fn service(&self) -> OwnedObjectPath {
+        OwnedObjectPath::try_from(self.c.service_path.clone()).unwrap_or_else(|_| OwnedObjectPath::from(ObjectPath::from_static_str_unchecked("/")))
+    }
+    #[zbus(property)]
+    fn value(&self) -> Vec<u8> {
+        lock(&self.c.st).value.clone()
+    }
+    #[zbus(property)]
+    fn notifying(&self) -> bool {
+        let st = lock(&self.c.st);
+        !st.notify_clients.is_empty() || st.notify_socket.is_some()
+    }
+    #[zbus(property)]
+    fn flags(&self) -> Vec<String> {
+        self.c.layout.flags.clone()
+    }
+    #[zbus(property, name = "MTU")]
+    fn mtu(&self) -> u16 {
+        self.c.peripheral.link.mtu()
+    }
+    #[zbus(property)]
+    fn handle(&self) -> u16 {
+        self.c.layout.value_handle
+    }
+    #[zbus(property)]
+    fn write_acquired(&self) -> bool {
+        lock(&self.c.st).write_socket_task.is_some()
+    }
+    #[zbus(property)]
+    fn notify_acquired(&self) -> bool {
+        lock(&self.c.st).notify_socket.is_some()
+    }
+}
+
+pub struct GattDescriptor {
+    d: DescriptorLayout,
+    characteristic: Arc<RemoteChar>,
+    air: Weak<AirInner>,
+}
+
+#[interface(name = "org.bluez.GattDescriptor1")]
+impl GattDescriptor {
+    async fn read_value(&self, options: HashMap<String, OwnedVariant>) -> Result<Vec<u8>> {
+        let air = self.air.upgrade().ok_or_else(|| BluezError::NotReady("Resource Not Ready".into()))?;
+        if !self.characteristic.connected() {
+            return Err(BluezError::Failed("Not connected".into()));
+        }
+        let Some(app_path) = &self.d.app_path else {
+            // The server's own CCC: notifications on (bit 0) or off.
+            let st = lock(&self.characteristic.st);
+            let on = !st.notify_clients.is_empty() || st.notify_socket.is_some();
+            return Ok(vec![u8::from(on), 0]);
+        };
+        let offset = offset_of(&options)?;
+        let opts = self.characteristic.options(&air, &[("offset", Variant::from(offset))]);
+        let body = (opts,);
+        let call = air.conn.call_method(Some(self.characteristic.owner.as_str()), app_path.as_str(), Some("org.bluez.GattDescriptor1"), "ReadValue", &body);
+        let reply = tokio::time::timeout(air.config.call_timeout, call)
+            .await
+            .map_err(|_| BluezError::from_att(att::UNLIKELY))?
+            .map_err(|e| app_error(e, att::READ_NOT_PERMITTED))?;
+        reply.body().deserialize().map_err(|e| BluezError::Failed(e.to_string()))
+    }
+
+    async fn write_value(&self, value: Vec<u8>, options: HashMap<String, OwnedVariant>) -> Result<()> {
+        let air = self.air.upgrade().ok_or_else(|| BluezError::NotReady("Resource Not Ready".into()))?;
+        if !self.characteristic.connected() {
+            return Err(BluezError::Failed("Not connected".into()));
+        }
+        let Some(app_path) = &self.d.app_path else {
+            // BlueZ keeps the CCC to itself: StartNotify is the way.
+            return Err(BluezError::from_att(att::WRITE_NOT_PERMITTED));
+        };
+        let offset = offset_of(&options)?;
+        let opts = self.characteristic.options(&air, &[("offset", Variant::from(offset)), ("type", Variant::from("request".to_string()))]);
+        let body = (value, opts);
+        let call = air.conn.call_method(Some(self.characteristic.owner.as_str()), app_path.as_str(), Some("org.bluez.GattDescriptor1"), "WriteValue", &body);
+        tokio::time::timeout(air.config.call_timeout, call)
+            .await
+            .map_err(|_| BluezError::from_att(att::UNLIKELY))?
+            .map_err(|e| app_error(e, att::WRITE_NOT_PERMITTED))?;
+        Ok(())
+    }
+
+    #[zbus(property, name = "UUID")]
+    fn uuid(&self) -> String {
+        self.d.uuid.clone()
+    }
+    #[zbus(property)]
+    fn characteristic(&self) -> OwnedObjectPath {
+        OwnedObjectPath::try_from(self.characteristic.path.clone()).unwrap_or_else(|_| OwnedObjectPath::from(ObjectPath::from_static_str_unchecked("/")))
+    }
+    #[zbus(property)]
+    fn value(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    #[zbus(property)]
+    fn handle(&self) -> u16 {
+        self.d.handle
+    }
+}
+
+/// A central left the bus: its notification sessions end.
+pub(crate) async fn forget_central(air: &Arc<AirInner>, client: &str) {
+    let chars: Vec<Arc<RemoteChar>> = air
+        .registry()
+        .peripherals
+        .values()
+        .filter_map(|p| p.lock().device.clone())
+        .flat_map(|d| lock(&d.st).chars.clone())
+        .collect();
+    for c in chars {
+        let (had, last) = {
+            let mut st = lock(&c.st);
+            let had = st.notify_clients.remove(client);
+            (had, st.notify_clients.is_empty() && st.notify_socket.is_none())
+        };
+        if had {
+            if last {
+                emit_properties_changed(&air.conn, &c.path, CHAR_IFACE, HashMap::from([("Notifying", Variant::from(false))])).await;
+            }
+            c.maybe_stop_app_notify(air).await;
+        }
+    }
+}

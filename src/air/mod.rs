@@ -1,0 +1,463 @@
+//! The virtual BLE air: hilbench's own BlueZ on its own D-Bus broker.
+//!
+//! Unmodified BLE libraries talk to it exactly as to `bluetoothd`: centrals
+//! (bleak, btleplug, a bluer central) see `hci0` (Roles `["central"]`) and
+//! remote `Device1` objects with their GATT trees under it; peripherals (a
+//! bluer peripheral, the JBD BMS device) register advertisements and GATT
+//! applications on peripheral adapters `hci1…` (Roles `["peripheral"]`),
+//! one adapter — one BLE address — per simulated device.
+//!
+//! ```text
+//! central ──D-Bus──▶ /org/bluez/hci0/dev_X/serviceA/charB  ──┐
+//!                                                           BleLink (MTU, faults, capture)
+//! peripheral app ◀──D-Bus── ReadValue/WriteValue/Acquire* ◀─┘
+//! ```
+//!
+//! In-process API: [`Air::start`], [`Air::add_peripheral_adapter`] (what a
+//! device actor calls to get its own adapter and address), and
+//! [`Air::link`] for scenario controls on one peripheral's link.
+
+pub mod att;
+pub mod broker;
+mod adapter;
+mod device;
+pub mod gatt;
+pub mod link;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use zbus::{Connection, Variant};
+
+pub use link::{BleLink, WriteKind};
+
+use crate::link::{FaultRule, FrameRecord};
+use device::RemoteDevice;
+
+/// The BlueZ well-known name the air owns.
+pub const BLUEZ: &str = "org.bluez";
+/// The central adapter every client under test uses.
+pub const CENTRAL_PATH: &str = "/org/bluez/hci0";
+/// Where the hilbench control interface lives.
+pub const CONTROL_PATH: &str = "/org/hilbench/air";
+
+/// How an air is started.
+#[derive(Debug, Clone)]
+pub struct AirConfig {
+    /// Seeds RSSI values and every link's fault engine.
+    pub seed: u64,
+    /// Peripheral adapters created at start (more can be added at any time).
+    pub peripheral_adapters: usize,
+    /// How often an advertising device is heard again while hci0 scans.
+    pub advertise_interval: Duration,
+    /// Bound on every call the air forwards to a peripheral's application.
+    pub call_timeout: Duration,
+    /// Use this bus instead of starting our own broker.
+    pub bus_address: Option<String>,
+}
+
+impl Default for AirConfig {
+    fn default() -> Self {
+        AirConfig {
+            seed: 1,
+            peripheral_adapters: 0,
+            advertise_interval: Duration::from_millis(250),
+            call_timeout: Duration::from_secs(10),
+            bus_address: None,
+        }
+    }
+}
+
+/// A peripheral adapter as a device actor sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PeripheralAdapterInfo {
+    /// `hci1`, for `bluer::Session::adapter`.
+    pub name: String,
+    /// `/org/bluez/hci1`
+    pub path: String,
+    /// The BLE address centrals see the device at, `C0:DE:00:00:00:01`.
+    pub address: String,
+}
+
+/// What an advertisement says, as read from the peripheral's object.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AdvData {
+    pub local_name: Option<String>,
+    pub service_uuids: Vec<String>,
+    pub manufacturer_data: BTreeMap<u16, Vec<u8>>,
+    pub service_data: BTreeMap<String, Vec<u8>>,
+    pub tx_power: Option<i16>,
+    pub appearance: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Registration {
+    pub owner: String,
+    pub path: String,
+}
+
+#[derive(Default)]
+pub(crate) struct PeripheralState {
+    pub advertisement: Option<(Registration, AdvData)>,
+    pub app: Option<(Registration, Vec<gatt::ServiceLayout>)>,
+    pub device: Option<Arc<RemoteDevice>>,
+    pub removed: bool,
+}
+
+/// One peripheral adapter: an address on the air and the link to hci0.
+pub(crate) struct Peripheral {
+    pub name: String,
+    pub path: String,
+    pub address: [u8; 6],
+    pub link: Arc<BleLink>,
+    pub state: Mutex<PeripheralState>,
+}
+
+impl Peripheral {
+    pub fn address_string(&self) -> String {
+        format_address(&self.address)
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, PeripheralState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn info(&self) -> PeripheralAdapterInfo {
+        PeripheralAdapterInfo { name: self.name.clone(), path: self.path.clone(), address: self.address_string() }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Registry {
+    pub next_index: u32,
+    pub peripherals: BTreeMap<u32, Arc<Peripheral>>,
+    /// Clients (unique names) that called StartDiscovery, with their filter.
+    pub discovering: BTreeSet<String>,
+    pub filters: HashMap<String, HashMap<String, String>>,
+}
+
+pub(crate) struct AirInner {
+    pub conn: Connection,
+    pub config: AirConfig,
+    pub central_address: [u8; 6],
+    pub registry: Mutex<Registry>,
+    pub rssi_rng: Mutex<ChaCha8Rng>,
+    /// Wakes the advertiser at once (a scan started).
+    pub advertise_now: tokio::sync::Notify,
+    /// App characteristics (owner, path) whose PropertiesChanged are notifications.
+    pub notify_routes: Mutex<HashMap<(String, String), Weak<device::RemoteChar>>>,
+}
+
+impl AirInner {
+    pub fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn next_rssi(&self) -> i16 {
+        self.rssi_rng.lock().unwrap_or_else(|p| p.into_inner()).gen_range(-78..=-42)
+    }
+
+    /// The object path the peripheral's application is told the central has
+    /// (`device` option): the central as a device on that peripheral adapter.
+    pub fn central_as_seen_by(&self, p: &Peripheral) -> String {
+        format!("{}/dev_{}", p.path, format_address(&self.central_address).replace(':', "_"))
+    }
+
+    pub fn discovering(&self) -> bool {
+        !self.registry().discovering.is_empty()
+    }
+}
+
+/// The running air. Dropping it stops the broker it started.
+pub struct Air {
+    inner: Arc<AirInner>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    address: String,
+    // Declared last: the connection closes before the broker goes.
+    broker: Option<broker::Broker>,
+}
+
+pub fn format_address(a: &[u8; 6]) -> String {
+    format!("{:02X}:{:02X}:{:02X}:{:02X}:{:02X}:{:02X}", a[0], a[1], a[2], a[3], a[4], a[5])
+}
+
+fn peripheral_address(index: u32) -> [u8; 6] {
+    let b = index.to_be_bytes();
+    [0xC0, 0xDE, b[0], b[1], b[2], b[3]]
+}
+
+pub(crate) async fn emit_properties_changed(
+    conn: &Connection,
+    path: &str,
+    interface: &str,
+    changed: HashMap<&str, Variant<'_>>,
+) {
+    let invalidated: Vec<&str> = Vec::new();
+    if let Err(e) = conn
+        .emit_signal(
+            None::<&str>,
+            path,
+            "org.freedesktop.DBus.Properties",
+            "PropertiesChanged",
+            &(interface, changed, invalidated),
+        )
+        .await
+    {
+        tracing::debug!("PropertiesChanged on {path}: {e}");
+    }
+}
+
+impl Air {
+    /// Starts the broker (unless `config.bus_address` names one), takes
+    /// `org.bluez` on it and serves hci0 plus `config.peripheral_adapters`
+    /// peripheral adapters. Call from inside a Tokio runtime.
+    pub async fn start(config: AirConfig) -> Result<Air> {
+        let broker = match &config.bus_address {
+            Some(_) => None,
+            None => Some(tokio::task::spawn_blocking(broker::Broker::start).await??),
+        };
+        let address = match (&broker, &config.bus_address) {
+            (Some(b), _) => b.address().to_string(),
+            (None, Some(a)) => a.clone(),
+            (None, None) => unreachable!("one of the two is set above"),
+        };
+        let conn = zbus::connection::Builder::address(address.as_str())
+            .serve_at("/", zbus::fdo::ObjectManager)
+            .build()
+            .await
+            .with_context(|| format!("connecting the air to {address}"))?;
+        let inner = Arc::new(AirInner {
+            conn: conn.clone(),
+            central_address: [0xC0, 0xDE, 0xC0, 0xDE, 0x00, 0x00],
+            registry: Mutex::new(Registry { next_index: 1, ..Default::default() }),
+            rssi_rng: Mutex::new(ChaCha8Rng::seed_from_u64(config.seed ^ 0x5251_5349)),
+            advertise_now: tokio::sync::Notify::new(),
+            notify_routes: Mutex::new(HashMap::new()),
+            config: config.clone(),
+        });
+        let server = conn.object_server();
+        server.at("/org/bluez", adapter::BluezRoot).await?;
+        server.at(CENTRAL_PATH, adapter::CentralAdapter { air: Arc::downgrade(&inner), settings: adapter::AdapterSettings::new("hci0") }).await?;
+        server.at(CONTROL_PATH, adapter::AirControl { air: Arc::downgrade(&inner) }).await?;
+        let mut tasks = Vec::new();
+        // Listen before taking the name, so no app can register and vanish unseen.
+        tasks.push(tokio::spawn(watch_owners(Arc::downgrade(&inner), conn.clone()).await?));
+        tasks.push(tokio::spawn(route_notifications(Arc::downgrade(&inner), conn.clone()).await?));
+        tasks.push(tokio::spawn(advertise(inner.clone())));
+        let air = Air { inner, tasks, address, broker };
+        for _ in 0..config.peripheral_adapters {
+            air.add_peripheral_adapter().await?;
+        }
+        conn.request_name(BLUEZ).await.context("taking org.bluez on the air's bus")?;
+        Ok(air)
+    }
+
+    /// The bus address, for `DBUS_SYSTEM_BUS_ADDRESS`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The central adapter's address (what peripherals see connecting).
+    pub fn central_address(&self) -> String {
+        format_address(&self.inner.central_address)
+    }
+
+    /// A new peripheral adapter with an address of its own; a device actor
+    /// registers its advertisement and GATT application on it.
+    pub async fn add_peripheral_adapter(&self) -> Result<PeripheralAdapterInfo> {
+        adapter::add_peripheral_adapter(&self.inner).await.map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// Removes a peripheral adapter (`hci3` or `/org/bluez/hci3`): its
+    /// device disconnects and disappears from hci0.
+    pub async fn remove_peripheral_adapter(&self, name: &str) -> Result<()> {
+        adapter::remove_peripheral_adapter(&self.inner, name).await.map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    pub fn peripheral_adapters(&self) -> Vec<PeripheralAdapterInfo> {
+        self.inner.registry().peripherals.values().map(|p| p.info()).collect()
+    }
+
+    /// Controls for the link to one peripheral, by adapter name, adapter
+    /// path or BLE address.
+    pub fn link(&self, which: &str) -> Option<LinkControl> {
+        let p = self
+            .inner
+            .registry()
+            .peripherals
+            .values()
+            .find(|p| p.name == which || p.path == which || p.address_string().eq_ignore_ascii_case(which))
+            .cloned()?;
+        Some(LinkControl { air: Arc::downgrade(&self.inner), peripheral: p })
+    }
+
+    /// Stops serving; the broker (if ours) goes with the Air.
+    pub async fn stop(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        let _ = self.inner.conn.release_name(BLUEZ).await;
+        let conn = self.inner.conn.clone();
+        let _ = conn.close().await;
+        if let Some(b) = self.broker.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(b)).await;
+        }
+    }
+}
+
+impl Drop for Air {
+    fn drop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// Scenario controls for one peripheral's link. Faults use the project's
+/// fault vocabulary: `Direction::Request` is central → peripheral (writes),
+/// `Direction::Response` peripheral → central (notifications, read values).
+#[derive(Clone)]
+pub struct LinkControl {
+    air: Weak<AirInner>,
+    peripheral: Arc<Peripheral>,
+}
+
+impl LinkControl {
+    pub fn link(&self) -> &BleLink {
+        &self.peripheral.link
+    }
+    pub fn add_fault(&self, rule: FaultRule) {
+        self.peripheral.link.add_fault(rule)
+    }
+    pub fn clear_faults(&self) {
+        self.peripheral.link.clear_faults()
+    }
+    /// Sets the ATT MTU (clamped to 23..=517) and updates the MTU property
+    /// of a connected device's characteristics.
+    pub async fn set_mtu(&self, mtu: u16) -> u16 {
+        let m = self.peripheral.link.set_mtu(mtu);
+        let dev = self.peripheral.lock().device.clone();
+        if let (Some(air), Some(dev)) = (self.air.upgrade(), dev) {
+            dev.announce_mtu(&air, m).await;
+        }
+        m
+    }
+    pub fn refuse_connections(&self, on: bool) {
+        self.peripheral.link.set_refuse_connections(on)
+    }
+    pub fn stop_advertising_while_connected(&self, on: bool) {
+        self.peripheral.link.set_stop_advertising_while_connected(on)
+    }
+    pub fn reject_write(&self, kind: Option<WriteKind>) {
+        self.peripheral.link.set_rejected_write(kind)
+    }
+    pub fn set_att_timeout(&self, t: Duration) {
+        self.peripheral.link.set_att_timeout(t)
+    }
+    /// Drops the connection now, as a peripheral going out of range does.
+    pub async fn disconnect_now(&self) {
+        let dev = self.peripheral.lock().device.clone();
+        if let (Some(air), Some(dev)) = (self.air.upgrade(), dev) {
+            dev.disconnect(&air, "link lost").await;
+        }
+    }
+    pub fn is_connected(&self) -> bool {
+        self.peripheral.lock().device.as_ref().is_some_and(|d| d.is_connected())
+    }
+    pub fn frames(&self) -> Vec<FrameRecord> {
+        self.peripheral.link.frames()
+    }
+    pub fn info(&self) -> PeripheralAdapterInfo {
+        self.peripheral.info()
+    }
+}
+
+/// Clean up after a peripheral or central that left the bus: its
+/// advertisement, application and discovery session go with it.
+async fn watch_owners(air: Weak<AirInner>, conn: Connection) -> Result<impl std::future::Future<Output = ()>> {
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender("org.freedesktop.DBus")
+        .interface("org.freedesktop.DBus")
+        .member("NameOwnerChanged")
+        .build()?;
+    let mut stream = zbus::MessageStream::for_match_rule(rule, &conn, None).await?;
+    Ok(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            let Ok((name, _old, new)) = msg.body().deserialize::<(String, String, String)>() else { continue };
+            if !name.starts_with(':') || !new.is_empty() {
+                continue;
+            }
+            let Some(air) = air.upgrade() else { return };
+            adapter::owner_gone(&air, &name).await;
+        }
+    })
+}
+
+/// Every PropertiesChanged(Value) a peripheral app emits on a characteristic
+/// is a notification, if a central subscribed to it.
+async fn route_notifications(air: Weak<AirInner>, conn: Connection) -> Result<impl std::future::Future<Output = ()>> {
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.Properties")
+        .member("PropertiesChanged")
+        .arg(0, "org.bluez.GattCharacteristic1")
+        .build()?;
+    let mut stream = zbus::MessageStream::for_match_rule(rule, &conn, None).await?;
+    let me = conn.unique_name().map(|n| n.to_string()).unwrap_or_default();
+    Ok(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            let header = msg.header();
+            let (Some(sender), Some(path)) = (header.sender(), header.path()) else { continue };
+            if sender.as_str() == me {
+                continue;
+            }
+            let Some(air) = air.upgrade() else { return };
+            let target = air
+                .notify_routes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(sender.to_string(), path.to_string()))
+                .and_then(Weak::upgrade);
+            let Some(ch) = target else { continue };
+            let Ok((_iface, changed, _inv)) =
+                msg.body().deserialize::<(String, HashMap<String, zbus::OwnedVariant>, Vec<String>)>()
+            else {
+                continue;
+            };
+            let Some(value): Option<Vec<u8>> = changed.get("Value").and_then(|v| Vec::<u8>::try_from(v.try_clone().ok()?).ok()) else {
+                continue;
+            };
+            ch.notify_from_app(&air, &value).await;
+        }
+    })
+}
+
+/// While hci0 scans, every advertising device is heard again every
+/// `advertise_interval` (RSSI varies, seeded), so a scanner that started
+/// late still sees it; a new scan hears everyone at once.
+async fn advertise(air: Arc<AirInner>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(air.config.advertise_interval) => {}
+            _ = air.advertise_now.notified() => {}
+        }
+        if !air.discovering() {
+            continue;
+        }
+        let devices: Vec<Arc<RemoteDevice>> = air
+            .registry()
+            .peripherals
+            .values()
+            .filter_map(|p| p.lock().device.clone())
+            .collect();
+        for d in devices {
+            d.readvertise(&air).await;
+        }
+    }
+}

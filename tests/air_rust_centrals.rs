@@ -1,0 +1,146 @@
+//! Unmodified Rust BLE libraries on the virtual air: a bluer peripheral
+//! registers an echo service on a peripheral adapter; a btleplug central
+//! and a bluer central (with AcquireWrite/AcquireNotify) scan, connect,
+//! discover, subscribe, write and get the answers cut to MTU 23.
+
+mod air_support;
+
+use std::time::Duration;
+
+use air_support::*;
+use btleplug::api::{Central, CharPropFlags, Manager as _, Peripheral as _, ScanFilter, WriteType};
+use futures::StreamExt;
+use tokio::time::timeout;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn btleplug_central_talks_to_bluer_peripheral() {
+    let shared = shared_air();
+    let air = &shared.air;
+    let adapter = shared.adapter().await;
+    let dev_address = adapter.address.clone();
+    let periph = start_peripheral(&adapter.name).await;
+
+    let manager = btleplug::platform::Manager::new().await.unwrap();
+    let adapters = manager.adapters().await.unwrap();
+    let mut central = None;
+    for a in adapters {
+        if a.adapter_info().await.unwrap().starts_with("hci0") {
+            central = Some(a);
+        }
+    }
+    let central = central.expect("btleplug sees hci0");
+    central.start_scan(ScanFilter::default()).await.unwrap();
+    let found = timeout(T, async {
+        loop {
+            for p in central.peripherals().await.unwrap() {
+                if let Some(props) = p.properties().await.unwrap() {
+                    if props.address.to_string() == dev_address {
+                        return (p, props);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("btleplug finds the advertising peripheral");
+    let (p, props) = found;
+    assert_eq!(props.local_name.as_deref(), Some(NAME));
+    assert_eq!(props.manufacturer_data.get(&0x02E5), Some(&vec![1, 2, 3]));
+    assert!(props.services.contains(&SERVICE));
+    assert!(props.rssi.is_some_and(|r| r < 0), "RSSI {:?}", props.rssi);
+    central.stop_scan().await.unwrap();
+
+    timeout(T, p.connect()).await.unwrap().unwrap();
+    timeout(T, p.discover_services()).await.unwrap().unwrap();
+    let chars = p.characteristics();
+    let notify = chars.iter().find(|c| c.uuid == NOTIFY).expect("notify characteristic").clone();
+    let write = chars.iter().find(|c| c.uuid == WRITE).expect("write characteristic").clone();
+    assert!(notify.properties.contains(CharPropFlags::NOTIFY));
+    assert!(write.properties.contains(CharPropFlags::WRITE_WITHOUT_RESPONSE));
+    assert_eq!(notify.service_uuid, SERVICE);
+
+    let mut notes = p.notifications().await.unwrap();
+    p.subscribe(&notify).await.unwrap();
+    p.write(&write, b"hi", WriteType::WithoutResponse).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let n = timeout(T, notes.next()).await.expect("notification").expect("stream open");
+        assert_eq!(n.uuid, NOTIFY);
+        got.push(n.value);
+    }
+    assert_eq!(got, answer_for(b"hi"), "two notifications of 20 + 14 bytes");
+    // One notification longer than MTU−3 arrives cut, as BlueZ's server cuts it.
+    p.write(&write, b"LONG", WriteType::WithResponse).await.unwrap();
+    let n = timeout(T, notes.next()).await.unwrap().unwrap();
+    assert_eq!(n.value, (0u8..20).collect::<Vec<u8>>());
+
+    {
+        let w = periph.writes.lock().unwrap();
+        assert_eq!(w.len(), 2);
+        assert!(w[0].command && !w[1].command, "write types reach the app: {w:?}");
+        assert_eq!(w[0].mtu, 23);
+        assert_eq!(w[0].device, format!("{}/{}", adapter.name, air.central_address()));
+    }
+    let frames = air.link(&adapter.name).unwrap().frames();
+    assert!(frames.iter().any(|f| f.bytes == b"hi"), "the write is on the link capture");
+
+    p.disconnect().await.unwrap();
+    drop(periph);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bluer_central_uses_acquire_write_and_notify() {
+    let shared = shared_air();
+    let adapter_info = shared.adapter().await;
+    let dev_address: bluer::Address = adapter_info.address.parse().unwrap();
+    let periph = start_peripheral(&adapter_info.name).await;
+
+    let session = bluer::Session::new().await.unwrap();
+    let adapter = session.default_adapter().await.unwrap();
+    assert_eq!(adapter.name(), "hci0");
+    let mut events = adapter.discover_devices().await.unwrap();
+    timeout(T, async {
+        while let Some(ev) = events.next().await {
+            if let bluer::AdapterEvent::DeviceAdded(a) = ev {
+                if a == dev_address {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("bluer central discovers the device");
+    drop(events);
+    let device = adapter.device(dev_address).unwrap();
+    assert_eq!(device.name().await.unwrap().as_deref(), Some(NAME));
+    timeout(T, device.connect()).await.unwrap().unwrap();
+    assert!(device.is_connected().await.unwrap());
+    let mut notify = None;
+    let mut write = None;
+    for s in device.services().await.unwrap() {
+        for c in s.characteristics().await.unwrap() {
+            match c.uuid().await.unwrap() {
+                u if u == NOTIFY => notify = Some(c),
+                u if u == WRITE => write = Some(c),
+                _ => {}
+            }
+        }
+    }
+    let (notify, write) = (notify.expect("notify char"), write.expect("write char"));
+    let reader = notify.notify_io().await.expect("AcquireNotify");
+    let writer = write.write_io().await.expect("AcquireWrite");
+    writer.send(b"abc").await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(timeout(T, reader.recv()).await.unwrap().unwrap());
+    }
+    assert_eq!(got, answer_for(b"abc"));
+    // A write while AcquireWrite holds the characteristic is refused as BlueZ does.
+    let err = write.write(b"x").await.unwrap_err();
+    assert!(err.to_string().contains("Write acquired") || format!("{err:?}").contains("NotPermitted"), "{err:?}");
+    drop(writer);
+    drop(reader);
+    device.disconnect().await.unwrap();
+    drop(periph);
+}
