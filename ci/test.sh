@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v tshark >/dev/null || need+=(tshark)
+# The virtual BLE air's bus broker (hilbench air, tests/air_*.rs).
+command -v dbus-daemon >/dev/null || need+=(dbus-daemon)
 if ((${#need[@]})); then
   echo "== installing Debian packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -17,7 +19,7 @@ if ((${#need[@]})); then
 fi
 
 venv=target/venv
-if ! "$venv/bin/python" -c 'import pymodbus, serial, rusty_bacnet' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import pymodbus, serial, rusty_bacnet, bleak' 2>/dev/null; then
   echo "== creating Python venv with third-party clients in $venv"
   mkdir -p target
   python3 -m venv "$venv"

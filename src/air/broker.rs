@@ -1,25 +1,179 @@
-//! The air's own D-Bus broker: `busd` as a library, on a thread of its own
-//! (busd runs on zruntime, one runtime per thread that calls `block_on`),
-//! listening on a Unix socket in a private temporary directory. No policy
-//! file: every peer may own names and call everyone, which is what a test
-//! bus for one BlueZ and its clients needs.
+//! The air's own D-Bus broker, on a Unix socket in a private temporary
+//! directory, open to every local peer (one BlueZ and its clients).
+//!
+//! Two kinds: `dbus-daemon` (the default) started with a generated
+//! configuration, and `busd` in-process. busd cannot serve bleak: zbus's
+//! match-rule parser (which busd uses) types `arg0path` as an object path,
+//! so bleak's `arg0path='/org/bluez/'` (a namespace, valid per the D-Bus
+//! specification) is refused with InvalidArgs "Invalid object path", and
+//! its matching is exact rather than by prefix. busd stays available for
+//! clients that do not use argNpath (bluer, btleplug) where no dbus-daemon
+//! is installed.
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use futures::channel::oneshot;
 
-pub struct Broker {
+/// Which broker carries the air's bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokerKind {
+    /// `dbus-daemon` (package dbus-daemon), spawned with a generated config.
+    #[default]
+    DbusDaemon,
+    /// busd, in-process (no argNpath match rules: not for bleak).
+    Busd,
+}
+
+pub enum Broker {
+    Daemon(DaemonBroker),
+    Busd(BusdBroker),
+}
+
+impl Broker {
+    pub fn start(kind: BrokerKind) -> Result<Broker> {
+        match kind {
+            BrokerKind::DbusDaemon => DaemonBroker::start().map(Broker::Daemon),
+            BrokerKind::Busd => BusdBroker::start().map(Broker::Busd),
+        }
+    }
+
+    /// The address clients use (`unix:path=…`), for DBUS_SYSTEM_BUS_ADDRESS.
+    pub fn address(&self) -> &str {
+        match self {
+            Broker::Daemon(d) => &d.address,
+            Broker::Busd(b) => &b.address,
+        }
+    }
+}
+
+/// `dbus-daemon --nofork --print-address` on a generated configuration.
+pub struct DaemonBroker {
+    address: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+/// The daemon's configuration: our socket, everyone allowed everything,
+/// limits raised so a thousand peripherals fit on one bus.
+fn daemon_config(socket: &std::path::Path) -> String {
+    format!(
+        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="signal"/>
+    <allow receive_requested_reply="true"/>
+  </policy>
+  <limit name="max_connections_per_user">20000</limit>
+  <limit name="max_completed_connections">20000</limit>
+  <limit name="max_incomplete_connections">2000</limit>
+  <limit name="max_match_rules_per_connection">100000</limit>
+  <limit name="max_replies_per_connection">100000</limit>
+  <limit name="max_names_per_connection">10000</limit>
+  <limit name="reply_timeout">60000</limit>
+</busconfig>
+"#,
+        socket.display()
+    )
+}
+
+impl DaemonBroker {
+    pub fn start() -> Result<DaemonBroker> {
+        let dir = tempfile::Builder::new().prefix("hilbench-air-").tempdir().context("creating the bus directory")?;
+        let socket = dir.path().join("system_bus_socket");
+        let config = dir.path().join("bus.conf");
+        std::fs::write(&config, daemon_config(&socket)).context("writing the dbus-daemon configuration")?;
+        let mut cmd = Command::new("dbus-daemon");
+        cmd.arg(format!("--config-file={}", config.display()))
+            .args(["--nofork", "--nopidfile", "--print-address=1", "--nosyslog"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = spawn_tied(cmd)
+            .map_err(|e| anyhow!("cannot run dbus-daemon ({e}): install the dbus-daemon package, or use the busd broker"))?;
+        let stdout = child.stdout.take().context("dbus-daemon stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).context("reading dbus-daemon's address")?;
+        let address = line.trim().to_string();
+        if address.is_empty() {
+            let status = child.wait().ok();
+            bail!("dbus-daemon exited without printing its address ({status:?})");
+        }
+        Ok(DaemonBroker { address, child, _dir: dir })
+    }
+}
+
+type SpawnRequest = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` so that it dies with this process, even when the Air is
+/// never dropped (a test's shared air, a crash): the child gets SIGTERM
+/// when the thread that forked it ends (PR_SET_PDEATHSIG), and that thread
+/// is one that lives as long as the process.
+fn spawn_tied(cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnRequest>>> = std::sync::OnceLock::new();
+    let tx = SPAWNER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+            let _ = std::thread::Builder::new().name("air-spawner".into()).spawn(move || {
+                for (mut cmd, reply) in rx {
+                    use std::os::unix::process::CommandExt;
+                    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+                    unsafe {
+                        cmd.pre_exec(|| {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    let _ = reply.send(cmd.spawn());
+                }
+                // Keep the thread (and so the children) alive until the process ends.
+                loop {
+                    std::thread::park();
+                }
+            });
+            std::sync::Mutex::new(tx)
+        })
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+    tx.send((cmd, reply_tx)).map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    reply_rx.recv().map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+}
+
+impl Drop for DaemonBroker {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+pub struct BusdBroker {
     address: String,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
-impl Broker {
-    /// Starts the broker and waits until it listens.
-    pub fn start() -> Result<Broker> {
+impl BusdBroker {
+    /// Starts busd and waits until it listens.
+    pub fn start() -> Result<BusdBroker> {
         let dir = tempfile::Builder::new().prefix("hilbench-air-").tempdir().context("creating the bus directory")?;
         let socket: PathBuf = dir.path().join("system_bus_socket");
         let listen = format!("unix:path={}", socket.display());
@@ -51,16 +205,11 @@ impl Broker {
         let address = ready_rx
             .recv()
             .map_err(|_| anyhow!("the D-Bus broker thread ended before it was ready"))??;
-        Ok(Broker { address, stop: Some(stop_tx), thread: Some(thread), _dir: dir })
-    }
-
-    /// The address clients use (`unix:path=…`), for DBUS_SYSTEM_BUS_ADDRESS.
-    pub fn address(&self) -> &str {
-        &self.address
+        Ok(BusdBroker { address, stop: Some(stop_tx), thread: Some(thread), _dir: dir })
     }
 }
 
-impl Drop for Broker {
+impl Drop for BusdBroker {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

@@ -59,6 +59,8 @@ pub struct AirConfig {
     pub call_timeout: Duration,
     /// Use this bus instead of starting our own broker.
     pub bus_address: Option<String>,
+    /// Which broker to start when `bus_address` is None.
+    pub broker: broker::BrokerKind,
 }
 
 impl Default for AirConfig {
@@ -69,6 +71,7 @@ impl Default for AirConfig {
             advertise_interval: Duration::from_millis(250),
             call_timeout: Duration::from_secs(10),
             bus_address: None,
+            broker: broker::BrokerKind::default(),
         }
     }
 }
@@ -219,7 +222,10 @@ impl Air {
     pub async fn start(config: AirConfig) -> Result<Air> {
         let broker = match &config.bus_address {
             Some(_) => None,
-            None => Some(tokio::task::spawn_blocking(broker::Broker::start).await??),
+            None => {
+                let kind = config.broker;
+                Some(tokio::task::spawn_blocking(move || broker::Broker::start(kind)).await??)
+            }
         };
         let address = match (&broker, &config.bus_address) {
             (Some(b), _) => b.address().to_string(),

@@ -1,6 +1,7 @@
 //! The command line: `run`, `sim`, `list`.
 
 pub mod load;
+pub mod air;
 pub mod pki;
 pub mod sim;
 pub mod validate;
@@ -47,6 +48,8 @@ pub enum Command {
     Load(load::LoadArgs),
     /// Conformance checks against a real or simulated device: `validate bsc-hub`.
     Validate(validate::ValidateArgs),
+    /// Run the virtual BLE air (hilbench's own BlueZ on its own D-Bus bus) until SIGINT/SIGTERM.
+    Air(air::AirArgs),
     /// Show device kinds, profiles, client kinds and faults.
     List,
 }
@@ -74,6 +77,7 @@ pub fn main_with(cli: Cli) -> i32 {
     match cli.command {
         Command::Run(a) => run(a),
         Command::Sim(a) => sim::run(a),
+        Command::Air(a) => air::run(a),
         Command::Pki(a) => pki::run(a),
         Command::Load(a) => load::run(a),
         Command::Validate(a) => validate::run(a),

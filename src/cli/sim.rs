@@ -402,7 +402,7 @@ fn eg4(a: Eg4SimArgs) -> Result<(), String> {
     result
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         // Without signal handlers we cannot shut down cleanly: wait forever

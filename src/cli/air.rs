@@ -1,0 +1,72 @@
+//! `hilbench air`: the virtual BLE air on its own, for a client under test
+//! started by hand. Prints one JSON line when ready; export its
+//! `dbus_system_bus_address` as DBUS_SYSTEM_BUS_ADDRESS for the client.
+//! SIGTERM / SIGINT stop it and remove the bus socket.
+
+use std::time::Duration;
+
+use crate::air::{Air, AirConfig};
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:
+  hilbench air --adapters 2
+  export DBUS_SYSTEM_BUS_ADDRESS=$(hilbench air | jq -r .dbus_system_bus_address)  # in another shell: keep it running")]
+pub struct AirArgs {
+    /// Peripheral adapters (hci1…) to create at start; devices can add more
+    /// through org.hilbench.Air1.AddPeripheralAdapter.
+    #[arg(long, default_value_t = 1)]
+    pub adapters: usize,
+    /// Seeds RSSI values and link faults.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// How often an advertising device is heard again while hci0 scans.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub advertise_interval: Duration,
+    /// Serve on this existing bus instead of starting our own broker.
+    #[arg(long)]
+    pub bus: Option<String>,
+    /// The broker to start: dbus-daemon (every client) or busd (in-process; not for bleak).
+    #[arg(long, value_enum, default_value = "dbus-daemon")]
+    pub broker: crate::air::broker::BrokerKind,
+}
+
+pub fn run(a: AirArgs) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async {
+        let config = AirConfig {
+            seed: a.seed,
+            peripheral_adapters: a.adapters,
+            advertise_interval: a.advertise_interval,
+            bus_address: a.bus.clone(),
+            broker: a.broker,
+            ..Default::default()
+        };
+        let air = match Air::start(config).await {
+            Ok(air) => air,
+            Err(e) => {
+                eprintln!("error: the air did not start: {e:#}");
+                return 1;
+            }
+        };
+        let ready = serde_json::json!({
+            "ready": true,
+            "kind": "air",
+            "dbus_system_bus_address": air.address(),
+            "central": { "name": "hci0", "path": crate::air::CENTRAL_PATH, "address": air.central_address() },
+            "adapters": air.peripheral_adapters(),
+        });
+        println!("{ready}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        super::sim::wait_for_signal().await;
+        tracing::info!("shutting down");
+        air.stop().await;
+        0
+    })
+}
