@@ -144,3 +144,96 @@ async fn bluer_central_uses_acquire_write_and_notify() {
     device.disconnect().await.unwrap();
     drop(periph);
 }
+
+async fn discover(adapter: &bluer::Adapter, addr: bluer::Address) {
+    let mut events = adapter.discover_devices().await.unwrap();
+    timeout(T, async {
+        while let Some(ev) = events.next().await {
+            if matches!(ev, bluer::AdapterEvent::DeviceAdded(a) if a == addr) {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("device discovered");
+}
+
+async fn char_paths(device: &bluer::Device) -> Vec<(u16, uuid::Uuid)> {
+    let mut out = Vec::new();
+    for s in device.services().await.unwrap() {
+        for c in s.characteristics().await.unwrap() {
+            out.push((c.id(), c.uuid().await.unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_the_peripheral_leaves_no_stale_objects_and_keeps_handles() {
+    let shared = shared_air();
+    let info = shared.adapter().await;
+    let addr: bluer::Address = info.address.parse().unwrap();
+    let session = bluer::Session::new().await.unwrap();
+    let adapter = session.default_adapter().await.unwrap();
+
+    let periph = start_peripheral(&info.name).await;
+    discover(&adapter, addr).await;
+    let device = adapter.device(addr).unwrap();
+    timeout(T, device.connect()).await.unwrap().unwrap();
+    let before = char_paths(&device).await;
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // The central lets go, then the peripheral stops (its handles
+    // unregister the advertisement and the application).
+    device.disconnect().await.unwrap();
+    drop(periph);
+    timeout(T, async {
+        while adapter.device_addresses().await.unwrap().contains(&addr) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the device object is removed when its peripheral leaves");
+
+    let periph = start_peripheral(&info.name).await;
+    discover(&adapter, addr).await;
+    let device = adapter.device(addr).unwrap();
+    assert!(!device.is_connected().await.unwrap(), "a restarted peripheral starts unconnected");
+    timeout(T, device.connect()).await.unwrap().unwrap();
+    assert_eq!(char_paths(&device).await, before, "same handles after a restart");
+
+    // A link fault from the scenario API: the next notification is lost.
+    let link = shared.air.link(&info.name).unwrap();
+    link.add_fault(hilbench::link::FaultRule {
+        fault: hilbench::link::LinkFault::Drop,
+        trigger: hilbench::link::fault::FaultTrigger {
+            direction: Some(hilbench::link::Direction::Response),
+            count: Some(1),
+            ..Default::default()
+        },
+    });
+    let mut notify = None;
+    let mut write = None;
+    for s in device.services().await.unwrap() {
+        for c in s.characteristics().await.unwrap() {
+            match c.uuid().await.unwrap() {
+                u if u == NOTIFY => notify = Some(c),
+                u if u == WRITE => write = Some(c),
+                _ => {}
+            }
+        }
+    }
+    let (notify, write) = (notify.unwrap(), write.unwrap());
+    let mut stream = Box::pin(notify.notify().await.unwrap());
+    write.write(b"xy").await.unwrap();
+    let got = timeout(T, stream.next()).await.unwrap().unwrap();
+    assert_eq!(got, answer_for(b"xy")[1], "the first chunk was dropped by the link");
+    // Raising the MTU lets a long notification through whole.
+    let m = shared.rt.spawn(async move { link.set_mtu(247).await }).await.unwrap();
+    assert_eq!(m, 247);
+    write.write(b"LONG").await.unwrap();
+    let got = timeout(T, stream.next()).await.unwrap().unwrap();
+    assert_eq!(got, (0u8..30).collect::<Vec<u8>>());
+    drop(periph);
+}
