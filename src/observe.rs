@@ -59,6 +59,66 @@ pub enum ObservationKind {
     },
     /// A BACnet/SC node's Heartbeat-Request went unanswered.
     BscHeartbeatTimeout { hub: String },
+    /// A raw BACnet/SC peer received a binary message; `result` and `error_code` are
+    /// set for a BVLC-Result (`ack` / `nak`).
+    BscRawFrame {
+        function: u8,
+        name: String,
+        len: usize,
+        result: Option<String>,
+        error_code: Option<u16>,
+    },
+    /// A raw BACnet/SC peer's WebSocket was closed by the hub (close code if one came).
+    BscRawClosed { code: Option<u16>, reason: String },
+    /// A raw BACnet/SC peer could not open its WebSocket (HTTP status if the hub sent one).
+    BscRawRefused { http_status: Option<u16>, error: String },
+    /// Something a hub reported: `event` is its snake-case name (accepted, refused,
+    /// connected, nak_sent, dropped, slow_consumer, closed_by_hub, …).
+    Hub { event: String, detail: String },
+}
+
+impl ObservationKind {
+    /// Every `type` name, for scenario validation.
+    pub const NAMES: &'static [&'static str] = &[
+        "reading",
+        "error",
+        "gave_up",
+        "device_silent",
+        "collision",
+        "overflow",
+        "bsc_connected",
+        "bsc_connect_failed",
+        "bsc_disconnected",
+        "bsc_nak",
+        "bsc_npdu",
+        "bsc_heartbeat_timeout",
+        "bsc_raw_frame",
+        "bsc_raw_closed",
+        "bsc_raw_refused",
+        "hub",
+    ];
+
+    /// The serialized `type` tag.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ObservationKind::Reading { .. } => "reading",
+            ObservationKind::Error { .. } => "error",
+            ObservationKind::GaveUp { .. } => "gave_up",
+            ObservationKind::DeviceSilent { .. } => "device_silent",
+            ObservationKind::Collision { .. } => "collision",
+            ObservationKind::Overflow { .. } => "overflow",
+            ObservationKind::BscConnected { .. } => "bsc_connected",
+            ObservationKind::BscConnectFailed { .. } => "bsc_connect_failed",
+            ObservationKind::BscDisconnected { .. } => "bsc_disconnected",
+            ObservationKind::BscNak { .. } => "bsc_nak",
+            ObservationKind::BscNpdu { .. } => "bsc_npdu",
+            ObservationKind::BscHeartbeatTimeout { .. } => "bsc_heartbeat_timeout",
+            ObservationKind::BscRawFrame { .. } => "bsc_raw_frame",
+            ObservationKind::BscRawClosed { .. } => "bsc_raw_closed",
+            ObservationKind::BscRawRefused { .. } => "bsc_raw_refused",
+            ObservationKind::Hub { .. } => "hub",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -145,5 +205,24 @@ impl ObservationLog {
 
     pub fn now_ms(&self) -> f64 {
         self.start.elapsed().as_secs_f64() * 1000.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_the_serialized_tags() {
+        let kinds = [
+            ObservationKind::GaveUp { address: 1, attempts: 2 },
+            ObservationKind::BscRawClosed { code: Some(1003), reason: String::new() },
+            ObservationKind::Hub { event: "accepted".into(), detail: String::new() },
+        ];
+        for k in kinds {
+            let v = serde_json::to_value(&k).unwrap();
+            assert_eq!(v["type"], k.name());
+            assert!(ObservationKind::NAMES.contains(&k.name()));
+        }
     }
 }

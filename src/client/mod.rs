@@ -7,6 +7,7 @@
 
 pub mod bsc_node;
 pub mod bsc_node_core;
+pub mod bsc_raw;
 pub mod legacy;
 pub mod modbus_master;
 pub mod poller;
@@ -30,6 +31,8 @@ pub const CLIENT_KINDS: &[(&str, &str)] = &[
     ("inverter-master", "an inverter polling packs over Modbus RTU: bus traffic for passive listeners"),
     ("modbus-sniffer", "listens on a bus port and decodes other masters' request/response pairs"),
     ("legacy-client", "polls packs with the legacy EG4 7E/0D protocol (command 0x01)"),
+    ("bsc-node", "a BACnet/SC node: primary/failover hub connection, heartbeats, sends and receives NPDUs"),
+    ("bsc-raw", "a raw BACnet/SC peer: sends scripted bytes (malformed, TEXT, oversize), reports what comes back"),
 ];
 
 /// A failed transaction, classified the way a report wants it.

@@ -99,5 +99,19 @@ fn describe(k: &crate::observe::ObservationKind) -> String {
             if *broadcast { "broadcast" } else { "unicast" }
         ),
         K::BscHeartbeatTimeout { hub } => format!("heartbeat timeout on {hub} hub"),
+        K::BscRawFrame { name, len, result, error_code, .. } => match (result, error_code) {
+            (Some(r), Some(c)) => format!("received {name} ({len} bytes): {r} code {c}"),
+            (Some(r), None) => format!("received {name} ({len} bytes): {r}"),
+            _ => format!("received {name} ({len} bytes)"),
+        },
+        K::BscRawClosed { code, reason } => match code {
+            Some(c) => format!("closed by the hub: {c} {reason}"),
+            None => format!("closed by the hub: {reason}"),
+        },
+        K::BscRawRefused { http_status, error } => match http_status {
+            Some(s) => format!("refused with HTTP {s}: {error}"),
+            None => format!("refused: {error}"),
+        },
+        K::Hub { event, detail } => format!("{event}: {detail}"),
     }
 }

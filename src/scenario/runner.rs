@@ -11,17 +11,25 @@ use serde::Serialize;
 
 use super::process::{ProcessReport, RunningProcess};
 use super::spec::*;
+use crate::client::bsc_node::{BscNodeActor, BscNodeConfig, SendNpdu};
+use crate::client::bsc_node_core::NodeConfig;
+use crate::client::bsc_raw::{BscRawConfig, BscRawPeer, SendRaw};
 use crate::client::legacy::LegacyPoll;
 use crate::client::modbus_master::ModbusPoll;
 use crate::client::poller::{ClientClearFaults, ClientFault, ClientFrames, PollerActor, PollerConfig};
 use crate::client::sniffer::{SnifferActor, SnifferConfig};
+use crate::device::bsc_hub::{HubHandle, HubServer, HubServerConfig, HubServerEvent};
+use crate::device::bsc_hub_core::{HubConfig, HubEvent, HubRole};
 use crate::device::eg4::{Eg4PackActor, SetState};
 use crate::device::eg4_core::Eg4Pack;
 use crate::link::capture::PcapngCapture;
 use crate::link::record::FrameRecord;
 use crate::model::PackConfig;
 use crate::observe::{Observation, ObservationKind, ObservationLog};
+use crate::protocol::bvlc_sc::{DeviceUuid, Vmac};
 use crate::protocol::eg4::RegisterProfile;
+use crate::transport::tls::TlsDir;
+use crate::transport::ws_client::WsConnectOptions;
 use crate::transport::bus::{BusActor, BusConfig, BusDevice, BusFrames, BusPortSpec, ClearFaults, InjectFault};
 
 const DEFAULT_WITHIN: Duration = Duration::from_secs(5);
@@ -155,9 +163,84 @@ struct World {
     buses: Vec<(Vec<String>, Addr<BusActor>)>,
     packs: BTreeMap<String, Addr<Eg4PackActor>>,
     clients: BTreeMap<String, ClientHandle>,
+    hubs: BTreeMap<String, RunningHub>,
+    bsc_nodes: BTreeMap<String, (Addr<BscNodeActor>, Vmac)>,
+    bsc_raw: BTreeMap<String, Addr<BscRawPeer>>,
     processes: Vec<RunningProcess>,
     vars: BTreeMap<String, String>,
     _tmp: tempfile::TempDir,
+}
+
+/// A BACnet/SC hub of the scenario. `handle` is `None` while stopped; a restart
+/// binds the same address, so nodes find it where they left it.
+struct RunningHub {
+    config: HubServerConfig,
+    handle: Option<HubHandle>,
+    events: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningHub {
+    async fn start(name: &str, mut config: HubServerConfig, log: &ObservationLog) -> Result<RunningHub, String> {
+        let handle = HubServer::start(config.clone()).await.map_err(|e| format!("hub `{name}`: {e}"))?;
+        config.listen = handle.local_addr();
+        let mut rx = handle.subscribe();
+        let (log, source) = (log.clone(), name.to_string());
+        let events = actix::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => log.push(&source, hub_observation(&ev)),
+                    Err(RecvError::Lagged(n)) => log.push(
+                        &source,
+                        ObservationKind::Hub { event: "events_lost".into(), detail: format!("{n} events not observed") },
+                    ),
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        });
+        Ok(RunningHub { config, handle: Some(handle), events: Some(events) })
+    }
+
+    async fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await;
+        }
+        if let Some(t) = self.events.take() {
+            // Events already queued are delivered before the channel reports closed.
+            let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+        }
+    }
+}
+
+/// A hub event as an observation: `event` is a stable snake-case name scenarios
+/// match on; `detail` is the event's debug form (connection, VMAC, reason).
+fn hub_observation(ev: &HubServerEvent) -> ObservationKind {
+    let event = match ev {
+        HubServerEvent::Accepted { .. } => "accepted",
+        HubServerEvent::Refused { .. } => "refused",
+        HubServerEvent::Core(c) => match c {
+            HubEvent::Connected { .. } => "connected",
+            HubEvent::Replaced { .. } => "replaced",
+            HubEvent::DuplicateVmac { .. } => "duplicate_vmac",
+            HubEvent::SilentPeerDropped { .. } => "silent_peer_dropped",
+            HubEvent::ConnectWaitExpired { .. } => "connect_wait_expired",
+            HubEvent::Disconnected { .. } => "disconnected",
+            HubEvent::PeerClosed { .. } => "peer_closed",
+            HubEvent::NakSent { .. } => "nak_sent",
+            HubEvent::Dropped { .. } => "dropped",
+            HubEvent::OriginatingVmacPresent { .. } => "originating_vmac_present",
+        },
+        HubServerEvent::ClosedByHub { .. } => "closed_by_hub",
+        HubServerEvent::ClosedByShell { .. } => "closed_by_shell",
+        HubServerEvent::SlowConsumer { .. } => "slow_consumer",
+        HubServerEvent::SlowConsumerRecovered { .. } => "slow_consumer_recovered",
+        HubServerEvent::Ended { .. } => "ended",
+    };
+    let detail = match ev {
+        HubServerEvent::Core(c) => format!("{c:?}"),
+        other => format!("{other:?}"),
+    };
+    ObservationKind::Hub { event: event.into(), detail }
 }
 
 async fn run_scenario(scenario: Scenario, file: PathBuf, options: RunOptions) -> ScenarioReport {
@@ -239,6 +322,9 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
         buses: vec![],
         packs: BTreeMap::new(),
         clients: BTreeMap::new(),
+        hubs: BTreeMap::new(),
+        bsc_nodes: BTreeMap::new(),
+        bsc_raw: BTreeMap::new(),
         processes: vec![],
         vars: BTreeMap::new(),
         _tmp: tmp,
@@ -292,12 +378,66 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
         world.buses.push((names, actor.start()));
     }
 
+    let bsc_clients: Vec<&str> = scenario
+        .clients
+        .iter()
+        .filter(|c| matches!(c, ClientSpec::BscNode(_) | ClientSpec::BscRaw(_)))
+        .map(|c| c.name())
+        .collect();
+    let pki_dir = world._tmp.path().join("pki");
+    if scenario.devices.iter().any(|d| matches!(d, DeviceSpec::BscHub(h) if h.tls)) {
+        // One node certificate per BACnet/SC client, in client order (node-1, node-2, …).
+        if let Err(e) = crate::cli::pki::generate(&pki_dir, bsc_clients.len().max(1), &[], 1, false) {
+            return Err((format!("test PKI: {e}"), Some(world)));
+        }
+        world.vars.insert("pki_dir".into(), pki_dir.display().to_string());
+    }
+    for d in &scenario.devices {
+        let DeviceSpec::BscHub(h) = d else { continue };
+        let config = hub_config(h, &pki_dir);
+        match RunningHub::start(&h.name, config, &log).await {
+            Ok(hub) => {
+                if let Some(handle) = &hub.handle {
+                    world.vars.insert(format!("hub.{}", h.name), handle.url());
+                }
+                world.hubs.insert(h.name.clone(), hub);
+            }
+            Err(e) => return Err((e, Some(world))),
+        }
+    }
+
     for spec in &scenario.clients {
         let started = match spec {
             ClientSpec::ModbusMaster(c)
             | ClientSpec::InverterMaster(c)
             | ClientSpec::ModbusSniffer(c)
             | ClientSpec::LegacyClient(c) => start_serial_client(spec, c, &world.vars, seed, &log),
+            ClientSpec::BscNode(c) => {
+                let index = bsc_clients.iter().position(|n| *n == c.name).unwrap_or(0);
+                match bsc_node_config(c, index, &world, &pki_dir, seed) {
+                    Ok((cfg, vmac)) => {
+                        let addr = BscNodeActor::new(cfg, log.clone()).start();
+                        world.bsc_nodes.insert(c.name.clone(), (addr.clone(), vmac));
+                        Ok(ClientHandle {
+                            link: Some(ClientLinkControl {
+                                fault: addr.clone().recipient(),
+                                clear: addr.clone().recipient(),
+                                frames: addr.clone().recipient(),
+                            }),
+                            _actor: Box::new(addr),
+                        })
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            ClientSpec::BscRaw(c) => {
+                let index = bsc_clients.iter().position(|n| *n == c.name).unwrap_or(0);
+                bsc_raw_config(c, index, &world, &pki_dir).map(|cfg| {
+                    let addr = BscRawPeer::new(cfg, log.clone()).start();
+                    world.bsc_raw.insert(c.name.clone(), addr.clone());
+                    ClientHandle { link: None, _actor: Box::new(addr) }
+                })
+            }
         };
         match started {
             Ok(a) => {
@@ -390,8 +530,136 @@ fn start_serial_client(
             link: None,
             _actor: Box::new(a.start()),
         }),
+        ClientSpec::BscNode(_) | ClientSpec::BscRaw(_) => return Err(format!("`{}` is not a serial client", c.name)),
     };
     started.map_err(|e| e.to_string())
+}
+
+fn hub_config(h: &BscHubSpec, pki_dir: &Path) -> HubServerConfig {
+    let mut core = HubConfig {
+        hub_status: match h.role {
+            BscHubRole::Primary => HubRole::Primary,
+            BscHubRole::Failover => HubRole::Failover,
+        },
+        broadcast_rate_limit: h.broadcast_rate_limit,
+        ..HubConfig::default()
+    };
+    if let Some(d) = h.heartbeat_timeout {
+        core.heartbeat_timeout = d.0;
+    }
+    if let Some(d) = h.connect_wait {
+        core.connect_wait = d.0;
+    }
+    if let Some(b) = h.max_bvlc {
+        core.max_bvlc = b;
+    }
+    let mut cfg = HubServerConfig {
+        tls: h.tls.then(|| TlsDir::hub(pki_dir)),
+        core,
+        // Two runtime threads per hub are plenty for a scenario and keep many hubs cheap.
+        worker_threads: 2,
+        ..HubServerConfig::default()
+    };
+    if let Some(n) = h.max_connections {
+        cfg.max_connections = n;
+        cfg.core.max_connections = n;
+    }
+    if let Some(m) = h.max_message {
+        cfg.max_message = m;
+    }
+    cfg.max_message = cfg.max_message.max(cfg.core.max_bvlc as usize);
+    if let Some(q) = h.queue_depth {
+        cfg.queue_depth = q;
+    }
+    if let Some(d) = h.slow_consumer_close_after {
+        cfg.slow_consumer_close_after = Some(d.0);
+    }
+    cfg
+}
+
+/// The URL for a node's `hub:` (a hub device's URL, or a URL as given) and
+/// whether it is TLS.
+fn hub_url(world: &World, hub: &str) -> Result<String, String> {
+    if hub.starts_with("ws://") || hub.starts_with("wss://") {
+        return Ok(hub.to_string());
+    }
+    world.vars.get(&format!("hub.{hub}")).cloned().ok_or_else(|| format!("no hub `{hub}`"))
+}
+
+/// TLS for a client of the scenario's hubs: its own node certificate from the run's PKI.
+fn client_ws_options(url: &str, index: usize, pki_dir: &Path) -> Result<WsConnectOptions, String> {
+    if !url.starts_with("wss://") {
+        return Ok(WsConnectOptions::hub(None));
+    }
+    let tls = TlsDir::node(pki_dir, &format!("node-{}", index + 1)).client_config().map_err(|e| e.to_string())?;
+    Ok(WsConnectOptions::hub(Some(tls)))
+}
+
+/// `02:00:00:00:NN:NN` from the client's index, unless the scenario gives one.
+fn client_vmac(given: Option<&str>, index: usize) -> Vmac {
+    given
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(Vmac([0x02, 0, 0, 0, (index >> 8) as u8, (index as u8).wrapping_add(1)]))
+}
+
+fn client_uuid(given: Option<&str>, vmac: Vmac) -> DeviceUuid {
+    given.and_then(|u| u.parse().ok()).unwrap_or_else(|| {
+        let mut u = [0u8; 16];
+        u[..8].copy_from_slice(b"hilbench");
+        u[10..].copy_from_slice(&vmac.0);
+        DeviceUuid(u)
+    })
+}
+
+fn bsc_node_config(
+    c: &BscNodeSpec,
+    index: usize,
+    world: &World,
+    pki_dir: &Path,
+    seed: u64,
+) -> Result<(BscNodeConfig, Vmac), String> {
+    let primary = hub_url(world, &c.hub)?;
+    let vmac = client_vmac(c.vmac.as_deref(), index);
+    let mut session = NodeConfig::new(vmac, client_uuid(c.uuid.as_deref(), vmac));
+    if let Some(h) = c.heartbeat {
+        session.heartbeat_interval = h.0;
+    }
+    if let Some(w) = c.heartbeat_ack_wait {
+        session.heartbeat_ack_wait = w.0;
+    }
+    let mut cfg = BscNodeConfig::new(c.name.clone(), primary.clone(), session);
+    cfg.ws = client_ws_options(&primary, index, pki_dir)?;
+    if let Some(f) = &c.failover {
+        cfg.failover_url = Some(hub_url(world, f)?);
+    }
+    if let Some(r) = c.reconnect {
+        cfg.backoff_min = r.0;
+        cfg.backoff_max = r.0 * 10;
+    } else {
+        // Scenarios run in seconds: reconnect quickly.
+        cfg.backoff_min = Duration::from_millis(200);
+        cfg.backoff_max = Duration::from_secs(2);
+    }
+    cfg.seed = seed.wrapping_add(index as u64);
+    Ok((cfg, vmac))
+}
+
+fn bsc_raw_config(c: &BscRawSpec, index: usize, world: &World, pki_dir: &Path) -> Result<BscRawConfig, String> {
+    let url = hub_url(world, &c.hub)?;
+    let mut ws = client_ws_options(&url, index, pki_dir)?;
+    if let Some(p) = &c.subprotocol {
+        ws.subprotocol = (!p.is_empty()).then(|| p.clone());
+    }
+    let vmac = client_vmac(c.vmac.as_deref(), index);
+    Ok(BscRawConfig {
+        name: c.name.clone(),
+        url,
+        ws,
+        handshake: c.handshake,
+        vmac,
+        uuid: client_uuid(c.uuid.as_deref(), vmac),
+        read: c.read,
+    })
 }
 
 fn make_pack(d: &Eg4DeviceSpec) -> Result<Eg4Pack, String> {
@@ -640,19 +908,103 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
         }
         Step::ExpectObservation(e) => {
             let since = if e.since_start { 0.0 } else { step_start };
-            let what = format!("{} observations", e.kind);
-            count_check(e.at_least, e.at_most, within(e.within), &what, || {
+            let what = match &e.contains {
+                Some(c) => format!("{} observations containing `{c}`", e.kind),
+                None => format!("{} observations", e.kind),
+            };
+            let result = count_check(e.at_least, e.at_most, within(e.within), &what, || {
                 std::future::ready(log.count_since(since, |o| {
                     e.source.as_deref().is_none_or(|s| s == o.source)
-                        && matches!(
-                            (&o.kind, e.kind.as_str()),
-                            (ObservationKind::Collision { .. }, "collision")
-                                | (ObservationKind::DeviceSilent { .. }, "device_silent")
-                                | (ObservationKind::Overflow { .. }, "overflow")
-                        )
+                        && o.kind.name() == e.kind
+                        && e.contains.as_deref().is_none_or(|c| {
+                            serde_json::to_string(&o.kind).is_ok_and(|j| j.contains(c))
+                        })
                 }))
             })
-            .await
+            .await;
+            result.map_err(|m| {
+                // Show what did arrive of that kind: the usual reason is a detail mismatch.
+                let seen: Vec<String> = log
+                    .snapshot()
+                    .iter()
+                    .filter(|o| o.t_ms >= since && o.kind.name() == e.kind)
+                    .rev()
+                    .take(3)
+                    .map(|o| serde_json::to_string(o).unwrap_or_default())
+                    .collect();
+                if seen.is_empty() { m } else { format!("{m}; latest of that kind: {}", seen.join(" | ")) }
+            })
+        }
+        Step::SendNpdu(e) => {
+            let (node, _) = world.bsc_nodes.get(&e.client).ok_or_else(|| format!("no bsc-node `{}`", e.client))?;
+            let dest = match e.to.as_deref() {
+                None | Some("broadcast") => Vmac::BROADCAST,
+                Some(to) => match world.bsc_nodes.get(to) {
+                    Some((_, v)) => *v,
+                    None => to.parse().map_err(|err| format!("to `{to}`: {err}"))?,
+                },
+            };
+            let mut npdu = match &e.npdu {
+                Some(h) => parse_hex(h)?,
+                None => vec![0x01, 0x00],
+            };
+            if let Some(n) = e.pad_to {
+                if npdu.len() < n {
+                    npdu.resize(n, 0);
+                }
+            }
+            let count = e.count.unwrap_or(1);
+            // A node that is (re)connecting refuses sends: wait for it, boundedly.
+            let deadline = Instant::now() + DEFAULT_WITHIN;
+            let mut sent = 0;
+            while sent < count {
+                match node.send(SendNpdu { dest, npdu: npdu.clone() }).await.map_err(|err| err.to_string())? {
+                    Ok(()) => sent += 1,
+                    Err(err) if Instant::now() < deadline => {
+                        tracing::debug!(client = %e.client, "send refused, retrying: {err}");
+                        tokio::time::sleep(POLL).await;
+                    }
+                    Err(err) => return Err(format!("`{}` sent {sent} of {count}: {err}", e.client)),
+                }
+            }
+            Ok(format!("`{}` sent {count} NPDU(s) to {dest}", e.client))
+        }
+        Step::SendRaw(e) => {
+            let peer = world.bsc_raw.get(&e.client).ok_or_else(|| format!("no bsc-raw `{}`", e.client))?;
+            let mut bytes = match &e.hex {
+                Some(h) => parse_hex(h)?,
+                None => vec![],
+            };
+            if let Some(n) = e.pad_to {
+                if bytes.len() < n {
+                    bytes.resize(n, 0);
+                }
+            }
+            let count = e.count.unwrap_or(1);
+            for _ in 0..count {
+                peer.send(SendRaw { bytes: bytes.clone(), text: e.text }).await.map_err(|err| err.to_string())?;
+            }
+            Ok(format!("`{}` sent {count} {} message(s) of {} bytes", e.client, if e.text { "TEXT" } else { "binary" }, bytes.len()))
+        }
+        Step::Stop(d) => {
+            let hub = world.hubs.get_mut(&d.device).ok_or_else(|| format!("no hub `{}`", d.device))?;
+            if hub.handle.is_none() {
+                return Err(format!("hub `{}` is already stopped", d.device));
+            }
+            hub.stop().await;
+            log.push(&d.device, ObservationKind::Hub { event: "stopped".into(), detail: String::new() });
+            Ok(format!("stopped `{}`", d.device))
+        }
+        Step::Start(d) => {
+            let hub = world.hubs.get(&d.device).ok_or_else(|| format!("no hub `{}`", d.device))?;
+            if hub.handle.is_some() {
+                return Err(format!("hub `{}` is already running", d.device));
+            }
+            let config = hub.config.clone();
+            let started = RunningHub::start(&d.device, config, &log).await?;
+            log.push(&d.device, ObservationKind::Hub { event: "started".into(), detail: String::new() });
+            world.hubs.insert(d.device.clone(), started);
+            Ok(format!("started `{}` again on its address", d.device))
         }
         Step::ExpectFrames(e) => {
             let since_ns = world.wall_start_ns + (step_start * 1e6) as u64;
@@ -762,6 +1114,9 @@ async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOption
         buses,
         packs,
         clients,
+        hubs,
+        bsc_nodes,
+        bsc_raw,
         processes,
         ..
     } = world;
@@ -769,6 +1124,11 @@ async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOption
         report.processes.push(p.stop().await);
     }
     drop(clients);
+    drop(bsc_nodes);
+    drop(bsc_raw);
+    for (_, mut hub) in hubs {
+        hub.stop().await;
+    }
     drop(buses);
     drop(packs);
     if let Some(dir) = &options.capture_dir {

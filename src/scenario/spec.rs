@@ -10,6 +10,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::device::eg4_core::{Eg4Protocol, Eg4Quirk};
 use crate::link::fault::FaultSpec;
 use crate::link::record::Direction;
+use crate::observe::ObservationKind;
+use crate::protocol::bvlc_sc::{DeviceUuid, Vmac};
 use crate::protocol::eg4::RegisterProfile;
 
 /// A duration written as `500ms`, `2s`, `1m 30s`.
@@ -79,27 +81,73 @@ pub struct BusSpec {
 pub enum DeviceSpec {
     #[serde(rename = "eg4-lp4")]
     Eg4Lp4(Eg4DeviceSpec),
+    #[serde(rename = "bsc-hub")]
+    BscHub(BscHubSpec),
 }
 
 impl DeviceSpec {
     pub fn name(&self) -> &str {
         match self {
             DeviceSpec::Eg4Lp4(d) => &d.name,
+            DeviceSpec::BscHub(d) => &d.name,
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
             DeviceSpec::Eg4Lp4(_) => "eg4-lp4",
+            DeviceSpec::BscHub(_) => "bsc-hub",
         }
     }
 
     /// Initial state keys, checked against the model before anything runs.
-    pub fn state(&self) -> &BTreeMap<String, f64> {
+    pub fn state(&self) -> Option<&BTreeMap<String, f64>> {
         match self {
-            DeviceSpec::Eg4Lp4(d) => &d.state,
+            DeviceSpec::Eg4Lp4(d) => Some(&d.state),
+            DeviceSpec::BscHub(_) => None,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BscHubRole {
+    #[default]
+    Primary,
+    Failover,
+}
+
+/// A BACnet/SC hub on loopback. Its URL is `{{hub.NAME}}` in templates; with
+/// `tls: true` the run makes a test PKI and `{{pki_dir}}` names it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BscHubSpec {
+    pub name: String,
+    #[serde(default)]
+    pub tls: bool,
+    #[serde(default)]
+    pub role: BscHubRole,
+    /// A connected node silent for twice this long is dropped.
+    #[serde(default)]
+    pub heartbeat_timeout: Option<Dur>,
+    /// Time a new WebSocket has to send its Connect-Request.
+    #[serde(default)]
+    pub connect_wait: Option<Dur>,
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    #[serde(default)]
+    pub max_bvlc: Option<u16>,
+    /// Largest WebSocket message read before BVLC parsing (close 1009 above).
+    #[serde(default)]
+    pub max_message: Option<usize>,
+    /// Frames queued per receiver before drops start.
+    #[serde(default)]
+    pub queue_depth: Option<usize>,
+    #[serde(default)]
+    pub slow_consumer_close_after: Option<Dur>,
+    /// Broadcasts per second per sending node.
+    #[serde(default)]
+    pub broadcast_rate_limit: Option<u32>,
 }
 
 /// An EG4 pack on an RS-485 bus.
@@ -140,6 +188,12 @@ pub enum ClientSpec {
     /// Polls with the legacy EG4 7E/0D protocol.
     #[serde(rename = "legacy-client")]
     LegacyClient(SerialClientSpec),
+    /// A BACnet/SC node on a hub (with optional failover hub).
+    #[serde(rename = "bsc-node")]
+    BscNode(BscNodeSpec),
+    /// A raw BACnet/SC peer that sends scripted bytes.
+    #[serde(rename = "bsc-raw")]
+    BscRaw(BscRawSpec),
 }
 
 impl ClientSpec {
@@ -149,6 +203,8 @@ impl ClientSpec {
             | ClientSpec::InverterMaster(c)
             | ClientSpec::ModbusSniffer(c)
             | ClientSpec::LegacyClient(c) => &c.name,
+            ClientSpec::BscNode(c) => &c.name,
+            ClientSpec::BscRaw(c) => &c.name,
         }
     }
 
@@ -158,14 +214,63 @@ impl ClientSpec {
             ClientSpec::InverterMaster(_) => "inverter-master",
             ClientSpec::ModbusSniffer(_) => "modbus-sniffer",
             ClientSpec::LegacyClient(_) => "legacy-client",
+            ClientSpec::BscNode(_) => "bsc-node",
+            ClientSpec::BscRaw(_) => "bsc-raw",
         }
     }
 
     /// Whether the client transmits through a link of its own (faults,
     /// frames). A passive sniffer does not.
     pub fn has_link(&self) -> bool {
-        !matches!(self, ClientSpec::ModbusSniffer(_))
+        !matches!(self, ClientSpec::ModbusSniffer(_) | ClientSpec::BscRaw(_))
     }
+}
+
+/// A BACnet/SC node. `hub` and `failover` name `bsc-hub` devices (or are
+/// `ws://`/`wss://` URLs in real-hardware mode).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BscNodeSpec {
+    pub name: String,
+    pub hub: String,
+    #[serde(default)]
+    pub failover: Option<String>,
+    /// `02:00:00:00:00:01` form; default: a locally administered VMAC from the client's index.
+    #[serde(default)]
+    pub vmac: Option<String>,
+    /// Device UUID (hyphenated); default: derived from the VMAC.
+    #[serde(default)]
+    pub uuid: Option<String>,
+    /// Idle time before a Heartbeat-Request.
+    #[serde(default)]
+    pub heartbeat: Option<Dur>,
+    /// How long an unanswered Heartbeat-Request may wait before the hub counts as gone.
+    #[serde(default)]
+    pub heartbeat_ack_wait: Option<Dur>,
+    /// First reconnect delay (doubles up to 10x).
+    #[serde(default)]
+    pub reconnect: Option<Dur>,
+}
+
+/// A raw BACnet/SC peer (see `send_raw`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BscRawSpec {
+    pub name: String,
+    pub hub: String,
+    /// Subprotocol to offer; default `hub.bsc.bacnet.org`, `""` offers none.
+    #[serde(default)]
+    pub subprotocol: Option<String>,
+    /// Send a Connect-Request after the upgrade (default true).
+    #[serde(default = "yes")]
+    pub handshake: bool,
+    #[serde(default)]
+    pub vmac: Option<String>,
+    #[serde(default)]
+    pub uuid: Option<String>,
+    /// Read the socket (default true); `false` is a consumer that stopped reading.
+    #[serde(default = "yes")]
+    pub read: bool,
 }
 
 /// A client on a serial line: a bus port or, in real-hardware mode, a tty.
@@ -275,10 +380,14 @@ pub struct ExpectErrors {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExpectObservation {
-    /// collision | device_silent | overflow
+    /// An observation type: collision, device_silent, overflow, bsc_npdu, hub, …
+    /// (`hilbench list` shows them all).
     pub kind: String,
     #[serde(default)]
     pub source: Option<String>,
+    /// Only observations whose JSON contains this text (e.g. `"error_code":151`).
+    #[serde(default)]
+    pub contains: Option<String>,
     #[serde(default)]
     pub at_least: Option<usize>,
     #[serde(default)]
@@ -335,6 +444,49 @@ pub struct ClearStep {
     pub link: String,
 }
 
+/// A bsc-node sends Encapsulated-NPDUs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendNpduStep {
+    pub client: String,
+    /// `broadcast` (default), a VMAC, or the name of another bsc-node.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// NPDU bytes in hex (spaces allowed); default `01 00` (an empty NPDU header).
+    #[serde(default)]
+    pub npdu: Option<String>,
+    /// Zero bytes appended until the NPDU is this long.
+    #[serde(default)]
+    pub pad_to: Option<usize>,
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+/// A bsc-raw peer sends one WebSocket message.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRawStep {
+    pub client: String,
+    /// Bytes in hex (spaces allowed).
+    #[serde(default)]
+    pub hex: Option<String>,
+    /// Zero bytes appended until the message is this long (oversize tests).
+    #[serde(default)]
+    pub pad_to: Option<usize>,
+    /// Send as a TEXT message instead of BINARY.
+    #[serde(default)]
+    pub text: bool,
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+/// Stop or start a device (a hub restart: `stop`, then `start` on the same port).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceStep {
+    pub device: String,
+}
+
 /// One timeline step: a map with exactly one of these keys.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -350,6 +502,10 @@ pub enum Step {
     ExpectFrames(ExpectFrames),
     ExpectOutput(ExpectOutput),
     ExpectExit(ExpectExit),
+    SendNpdu(SendNpduStep),
+    SendRaw(SendRawStep),
+    Stop(DeviceStep),
+    Start(DeviceStep),
 }
 
 impl Step {
@@ -366,6 +522,10 @@ impl Step {
             Step::ExpectFrames(_) => "expect_frames",
             Step::ExpectOutput(_) => "expect_output",
             Step::ExpectExit(_) => "expect_exit",
+            Step::SendNpdu(_) => "send_npdu",
+            Step::SendRaw(_) => "send_raw",
+            Step::Stop(_) => "stop",
+            Step::Start(_) => "start",
         }
     }
 }
@@ -446,8 +606,32 @@ impl Scenario {
                         return Err(format!("device `{}`: address {} is outside 1..=247", d.name, d.address));
                     }
                 }
+                DeviceSpec::BscHub(h) => {
+                    if h.max_bvlc.is_some_and(|b| b < 600) {
+                        return Err(format!("device `{}`: max_bvlc below 600 cannot carry a Connect-Request and an NPDU", h.name));
+                    }
+                    if h.queue_depth == Some(0) || h.max_connections == Some(0) {
+                        return Err(format!("device `{}`: queue_depth and max_connections must be at least 1", h.name));
+                    }
+                }
             }
         }
+        let hubs: Vec<&str> = self
+            .devices
+            .iter()
+            .filter(|d| matches!(d, DeviceSpec::BscHub(_)))
+            .map(|d| d.name())
+            .collect();
+        let hub_ref = |who: &str, h: &str| -> Result<(), String> {
+            if hubs.contains(&h) || h.starts_with("ws://") || h.starts_with("wss://") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "client `{who}`: hub `{h}` is neither a bsc-hub device ({}) nor a ws:// or wss:// URL",
+                    if hubs.is_empty() { "none declared".to_string() } else { hubs.join(", ") }
+                ))
+            }
+        };
         for client in &self.clients {
             unique("client", client.name())?;
             if client.has_link() {
@@ -470,6 +654,17 @@ impl Scenario {
                         return Err(format!("client `{}` has no `addresses` to poll", c.name));
                     }
                 }
+                ClientSpec::BscNode(c) => {
+                    hub_ref(&c.name, &c.hub)?;
+                    if let Some(f) = &c.failover {
+                        hub_ref(&c.name, f)?;
+                    }
+                    check_vmac_uuid(&c.name, c.vmac.as_deref(), c.uuid.as_deref())?;
+                }
+                ClientSpec::BscRaw(c) => {
+                    hub_ref(&c.name, &c.hub)?;
+                    check_vmac_uuid(&c.name, c.vmac.as_deref(), c.uuid.as_deref())?;
+                }
             }
         }
         for p in &self.processes {
@@ -478,6 +673,8 @@ impl Scenario {
         let device = |n: &str| self.devices.iter().any(|d| d.name() == n);
         let client = |n: &str| self.clients.iter().any(|c| c.name() == n);
         let process = |n: &str| self.processes.iter().any(|p| p.name == n);
+        let client_kind = |n: &str| self.clients.iter().find(|c| c.name() == n).map(|c| c.kind());
+        let device_kind = |n: &str| self.devices.iter().find(|d| d.name() == n).map(|d| d.kind());
         let link = |n: &str| links.contains(&n);
         for (i, step) in self.steps.iter().enumerate() {
             let at = format!("step {} ({})", i + 1, step.label());
@@ -526,8 +723,8 @@ impl Scenario {
                     }
                 }
                 Step::ExpectObservation(e) => {
-                    if !["collision", "device_silent", "overflow"].contains(&e.kind.as_str()) {
-                        return Err(format!("{at}: kind must be collision, device_silent or overflow"));
+                    if !ObservationKind::NAMES.contains(&e.kind.as_str()) {
+                        return Err(format!("{at}: unknown observation kind `{}` (known: {})", e.kind, ObservationKind::NAMES.join(", ")));
                     }
                     if e.at_least.is_none() && e.at_most.is_none() {
                         return Err(format!("{at}: give `at_least` and/or `at_most`"));
@@ -551,15 +748,87 @@ impl Scenario {
                         return Err(missing("process", &e.process));
                     }
                 }
+                Step::SendNpdu(e) => {
+                    match client_kind(&e.client) {
+                        Some("bsc-node") => {}
+                        Some(k) => return Err(format!("{at}: `{}` is a {k}; only a bsc-node sends NPDUs", e.client)),
+                        None => return Err(missing("client", &e.client)),
+                    }
+                    if let Some(to) = e.to.as_deref().filter(|t| *t != "broadcast") {
+                        if client_kind(to) != Some("bsc-node") && to.parse::<Vmac>().is_err() {
+                            return Err(format!("{at}: `to: {to}` is neither `broadcast`, a VMAC (02:00:00:00:00:01) nor a bsc-node"));
+                        }
+                    }
+                    if let Some(h) = &e.npdu {
+                        parse_hex(h).map_err(|m| format!("{at}: npdu: {m}"))?;
+                    }
+                    if e.pad_to.is_some_and(|n| n > 65_535) {
+                        return Err(format!("{at}: pad_to is capped at 65535 (the largest BVLC payload)"));
+                    }
+                }
+                Step::SendRaw(e) => {
+                    match client_kind(&e.client) {
+                        Some("bsc-raw") => {}
+                        Some(k) => return Err(format!("{at}: `{}` is a {k}; only a bsc-raw peer sends raw bytes", e.client)),
+                        None => return Err(missing("client", &e.client)),
+                    }
+                    if e.hex.is_none() && e.pad_to.is_none() {
+                        return Err(format!("{at}: give `hex` and/or `pad_to`"));
+                    }
+                    if let Some(h) = &e.hex {
+                        parse_hex(h).map_err(|m| format!("{at}: hex: {m}"))?;
+                    }
+                    if e.pad_to.is_some_and(|n| n > 16 * 1024 * 1024) {
+                        return Err(format!("{at}: pad_to is capped at 16 MiB"));
+                    }
+                }
+                Step::Stop(d) | Step::Start(d) => match device_kind(&d.device) {
+                    Some("bsc-hub") => {}
+                    Some(k) => return Err(format!("{at}: a {k} cannot be stopped or started; only a bsc-hub can")),
+                    None => return Err(missing("device", &d.device)),
+                },
             }
         }
         for d in &self.devices {
-            for k in d.state().keys() {
+            for k in d.state().into_iter().flat_map(|s| s.keys()) {
                 check_state_key(k).map_err(|e| format!("device `{}`: {e}", d.name()))?;
             }
         }
         Ok(())
     }
+}
+
+fn check_vmac_uuid(who: &str, vmac: Option<&str>, uuid: Option<&str>) -> Result<(), String> {
+    if let Some(v) = vmac {
+        let parsed: Vmac = v.parse().map_err(|e| format!("client `{who}`: vmac `{v}`: {e}"))?;
+        if parsed.is_broadcast() || parsed.is_reserved() {
+            return Err(format!("client `{who}`: vmac `{v}` is the broadcast or reserved address"));
+        }
+    }
+    if let Some(u) = uuid {
+        u.parse::<DeviceUuid>().map_err(|e| format!("client `{who}`: uuid `{u}`: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Hex bytes with optional spaces, colons or `0x` prefixes: `01 00`, `0x01,0x00`.
+pub fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
+    let digits: String = text
+        .split(|c: char| c.is_whitespace() || c == ',' || c == ':')
+        .map(|t| t.trim_start_matches("0x").trim_start_matches("0X"))
+        .collect();
+    if !digits.len().is_multiple_of(2) {
+        return Err(format!("odd number of hex digits in `{text}`"));
+    }
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| {
+            digits
+                .get(i..i + 2)
+                .and_then(|d| u8::from_str_radix(d, 16).ok())
+                .ok_or_else(|| format!("`{}` is not a hex byte", digits.get(i..i + 2).unwrap_or("?")))
+        })
+        .collect()
 }
 
 /// A key the pack understands: the model's keys (with `N` for an index)
@@ -619,6 +888,41 @@ mod tests {
         let y = "name: x\nbuses: [{name: b, ports: [p]}]\nclients:\n  - {name: s, kind: modbus-sniffer, port: p}\nsteps:\n  - fault: {link: s, kind: drop}\n";
         let e = Scenario::parse(Path::new("s.yaml"), y).unwrap_err().to_string();
         assert!(e.contains("no link `s`") && e.contains("links: p"), "{e}");
+    }
+
+    #[test]
+    fn hex_parsing() {
+        assert_eq!(parse_hex("01 00").unwrap(), vec![1, 0]);
+        assert_eq!(parse_hex("0x01,0xff").unwrap(), vec![1, 0xff]);
+        assert_eq!(parse_hex("").unwrap(), Vec::<u8>::new());
+        assert!(parse_hex("0").unwrap_err().contains("odd"));
+        assert!(parse_hex("zz").unwrap_err().contains("`zz`"));
+        assert!(parse_hex("é1").is_err(), "multi-byte chars are an error, not a panic");
+    }
+
+    #[test]
+    fn bsc_cross_references() {
+        let base = "name: x\ndevices:\n  - {name: hub, kind: bsc-hub}\nclients:\n  - {name: a, kind: bsc-node, hub: hub}\n  - {name: r, kind: bsc-raw, hub: hub}\n";
+        let ok = format!("{base}steps:\n  - send_npdu: {{client: a, to: a}}\n  - send_raw: {{client: r, hex: '01 00'}}\n  - stop: {{device: hub}}\n  - expect_observation: {{kind: hub, contains: nak_sent, at_least: 1}}\n");
+        Scenario::parse(Path::new("s.yaml"), &ok).unwrap();
+        for (steps, want) in [
+            ("  - send_npdu: {client: r}\n", "only a bsc-node"),
+            ("  - send_raw: {client: a, hex: '01'}\n", "only a bsc-raw"),
+            ("  - send_npdu: {client: a, to: nobody}\n", "neither `broadcast`"),
+            ("  - send_raw: {client: r, hex: '0'}\n", "odd number"),
+            ("  - stop: {device: nope}\n", "no device named `nope`"),
+            ("  - expect_observation: {kind: bogus, at_least: 1}\n", "unknown observation kind"),
+        ] {
+            let y = format!("{base}steps:\n{steps}");
+            let e = Scenario::parse(Path::new("s.yaml"), &y).unwrap_err().to_string();
+            assert!(e.contains(want), "{steps}: {e}");
+        }
+        let y = "name: x\nclients:\n  - {name: a, kind: bsc-node, hub: nohub}\nsteps: []\n";
+        let e = Scenario::parse(Path::new("s.yaml"), y).unwrap_err().to_string();
+        assert!(e.contains("hub `nohub` is neither"), "{e}");
+        let y = "name: x\ndevices:\n  - {name: hub, kind: bsc-hub}\nclients:\n  - {name: a, kind: bsc-node, hub: hub, vmac: 'ff:ff:ff:ff:ff:ff'}\nsteps: []\n";
+        let e = Scenario::parse(Path::new("s.yaml"), y).unwrap_err().to_string();
+        assert!(e.contains("broadcast or reserved"), "{e}");
     }
 
     #[test]
