@@ -1,7 +1,8 @@
 //! The command line: `run`, `sim`, `list`.
 
-pub mod load;
 pub mod air;
+pub mod jbd;
+pub mod load;
 pub mod pki;
 pub mod sim;
 pub mod validate;
@@ -22,6 +23,8 @@ use crate::scenario::{self, report, RunOptions, Scenario};
   hilbench run scenarios/eg4-crc-late.yaml --capture captures/ --junit report.xml
   hilbench sim eg4-lp4 --tty /tmp/bms --address 1 --address 2 --set soc=55
   hilbench sim bsc-hub --listen 127.0.0.1:4443 --tls-dir target/pki
+  hilbench sim jbd-bms --cells 16 --set soc=55
+  hilbench validate jbd-bms --address A4:C1:38:12:34:56
   hilbench pki --out target/pki --nodes 3
   hilbench list
 
@@ -46,7 +49,7 @@ pub enum Command {
     Pki(pki::PkiArgs),
     /// Load generators: `load bsc` (a BACnet/SC hub), `load merge` (combine shards).
     Load(load::LoadArgs),
-    /// Conformance checks against a real or simulated device: `validate bsc-hub`.
+    /// Conformance checks against a real or simulated device: `validate bsc-hub`, `validate jbd-bms`.
     Validate(validate::ValidateArgs),
     /// Run the virtual BLE air (hilbench's own BlueZ on its own D-Bus bus) until SIGINT/SIGTERM.
     Air(air::AirArgs),

@@ -72,6 +72,9 @@ then serves until SIGINT/SIGTERM and prints its counters as JSON on stderr.
 Logs (connects, NAKs, refusals, slow consumers): RUST_LOG=hilbench=info"
     )]
     BscHub(BscHubSimArgs),
+    /// JBD / Xiaoxiang smart BMS over BLE (GATT 0xFF00), on the virtual air or real BlueZ.
+    #[command(name = "jbd-bms", after_help = super::jbd::SIM_HELP)]
+    JbdBms(super::jbd::JbdSimArgs),
 }
 
 #[derive(Args, Debug)]
@@ -160,6 +163,7 @@ pub fn run(a: SimArgs) -> i32 {
     let r = match a.kind {
         SimKind::Eg4Lp4(args) => eg4(args),
         SimKind::BscHub(args) => bsc_hub(args),
+        SimKind::JbdBms(args) => super::jbd::sim(args),
     };
     match r {
         Ok(()) => 0,

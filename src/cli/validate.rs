@@ -43,6 +43,9 @@ read but flagged), same UUID replacing a connection, Heartbeat-ACK echoing the m
 missing and wrong subprotocol, oversize messages, TEXT frames.
 Exit 0 when every required check passes, 1 when one fails, 2 on bad arguments.")]
     BscHub(BscHubArgs),
+    /// A JBD / Xiaoxiang BMS over BLE: framing, checksums, MTU splits, write types.
+    #[command(name = "jbd-bms")]
+    JbdBms(super::jbd::JbdValidateArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -102,6 +105,7 @@ impl ValidationReport {
 pub fn run(a: ValidateArgs) -> i32 {
     match a.what {
         ValidateCommand::BscHub(b) => run_bsc_hub(b),
+        ValidateCommand::JbdBms(j) => super::jbd::validate(j),
     }
 }
 

@@ -8,6 +8,8 @@
 pub mod bsc_node;
 pub mod bsc_node_core;
 pub mod bsc_raw;
+pub mod jbd_client;
+pub mod jbd_validate;
 pub mod legacy;
 pub mod modbus_master;
 pub mod poller;
@@ -30,6 +32,7 @@ pub const CLIENT_KINDS: &[(&str, &str)] = &[
     ("modbus-master", "polls packs over Modbus RTU: schedule, timeout, retries, CRC check; publishes readings"),
     ("inverter-master", "an inverter polling packs over Modbus RTU: bus traffic for passive listeners"),
     ("modbus-sniffer", "listens on a bus port and decodes other masters' request/response pairs"),
+    ("jbd-client", "polls a JBD BMS over BLE (btleplug): 0x03/0x04/0x05 without response, reassembly, checksum; publishes readings"),
     ("legacy-client", "polls packs with the legacy EG4 7E/0D protocol (command 0x01)"),
     ("bsc-node", "a BACnet/SC node: primary/failover hub connection, heartbeats, sends and receives NPDUs"),
     ("bsc-raw", "a raw BACnet/SC peer: sends scripted bytes (malformed, TEXT, oversize), reports what comes back"),
