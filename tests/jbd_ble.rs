@@ -242,8 +242,19 @@ async fn a_connected_central_hides_the_bms_from_others() {
     .await
     .expect("B discovers the BMS after A left");
     drop(scan);
-    let state = dev.addr.send(GetLinkState).await.unwrap();
-    assert!(state.central.is_none() && state.advertising, "{state:?}");
+    // The air publishes the device before RegisterAdvertisement returns to the BMS.
+    let state = timeout(T, async {
+        loop {
+            let s = dev.addr.send(GetLinkState).await.unwrap();
+            if s.advertising {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the BMS takes its advertisement back");
+    assert!(state.central.is_none(), "{state:?}");
     let p = find_bms(&central, &target, T).await.unwrap();
     let mut b2 = JbdSession::open(p, T, Duration::ZERO, None, Instant::now()).await.unwrap();
     b2.transact(&jbd::encode_read(reg::CELL_VOLTAGES), reg::CELL_VOLTAGES, WriteType::WithoutResponse, T, true).await.unwrap();
