@@ -113,11 +113,11 @@ async fn bluer_poll(
     loop {
         let chunk = timeout(T, notes.next()).await.expect("notification").expect("stream open");
         sizes.push(chunk.len());
-        for a in asm.push(&chunk) {
-            match a {
-                Assembled::Response(r) if r.reg == register => return (r, sizes),
-                other => panic!("unexpected {other:?}"),
-            }
+        let mut got = asm.push(&chunk).into_iter();
+        match (got.next(), got.next()) {
+            (None, _) => {}
+            (Some(Assembled::Response(r)), None) if r.reg == register => return (r, sizes),
+            other => panic!("unexpected {other:?}"),
         }
     }
 }
