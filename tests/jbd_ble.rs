@@ -261,3 +261,40 @@ async fn a_connected_central_hides_the_bms_from_others() {
     b2.close().await;
     dev.stop().await;
 }
+
+#[actix_rt::test]
+async fn jbd_client_reports_timeouts_from_a_silent_bms() {
+    let log = ObservationLog::new(Instant::now());
+    let dev = start_bms(JbdProfile::Standard, &log).await;
+    set(&dev, "silent", 1.0).await;
+    let cfg = JbdClientConfig {
+        target: JbdTarget { address: Some(dev.address.clone()), name: None },
+        interval: Duration::from_secs(30),
+        timeout: Duration::from_millis(300),
+        retries: 1,
+        settle: Duration::ZERO,
+        ..JbdClientConfig::default()
+    };
+    let client = actix::Actor::start(JbdClientActor::new(cfg, log.clone()));
+    let timeouts = |log: &ObservationLog| {
+        log.snapshot()
+            .into_iter()
+            .filter(|o| matches!(&o.kind, ObservationKind::Error { kind, attempt, .. } if kind == "timeout" && *attempt <= 2))
+            .count()
+    };
+    // 0x03, 0x04 and 0x05, two attempts each.
+    timeout(T, async {
+        while timeouts(&log) < 6 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{:#?}", log.snapshot()));
+    assert!(!log.snapshot().iter().any(|o| matches!(o.kind, ObservationKind::Reading { .. })), "no reading from a silent BMS");
+    assert!(
+        log.snapshot().iter().any(|o| o.source == "bms" && matches!(&o.kind, ObservationKind::DeviceSilent { .. })),
+        "the BMS says why it was silent"
+    );
+    drop(client);
+    dev.stop().await;
+}
