@@ -23,6 +23,7 @@ mod adapter;
 mod device;
 pub mod gatt;
 pub mod link;
+pub mod shared;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};

@@ -21,6 +21,9 @@ use crate::client::sniffer::{SnifferActor, SnifferConfig};
 use crate::device::bsc_hub::{HubHandle, HubServer, HubServerConfig, HubServerEvent};
 use crate::device::bsc_hub_core::{HubConfig, HubEvent, HubRole};
 use crate::device::eg4::{Eg4PackActor, SetState};
+use crate::device::jbd::{JbdBmsDevice, JbdGattConfig};
+use crate::device::jbd_core::{JbdBms, JbdConfig};
+use crate::client::jbd_client::{JbdClientActor, JbdClientConfig, JbdTarget};
 use crate::device::eg4_core::Eg4Pack;
 use crate::link::capture::PcapngCapture;
 use crate::link::record::FrameRecord;
@@ -166,9 +169,36 @@ struct World {
     hubs: BTreeMap<String, RunningHub>,
     bsc_nodes: BTreeMap<String, (Addr<BscNodeActor>, Vmac)>,
     bsc_raw: BTreeMap<String, Addr<BscRawPeer>>,
+    /// JBD BMSes on the process's air, with the peripheral adapter each holds.
+    jbd: BTreeMap<String, BleDevice>,
     processes: Vec<RunningProcess>,
     vars: BTreeMap<String, String>,
     _tmp: tempfile::TempDir,
+}
+
+/// A BLE device of the scenario: its actor and the peripheral adapter (hciN)
+/// the shared air lent it for this run.
+struct BleDevice {
+    device: Option<JbdBmsDevice>,
+    adapter: String,
+}
+
+/// A BLE device's link on the air, by the adapter the device holds.
+async fn ble_link<F, Fut, T>(adapter: &str, f: F) -> Result<T, String>
+where
+    F: FnOnce(crate::air::LinkControl) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let air = crate::air::shared::shared()?;
+    let adapter = adapter.to_string();
+    air.run(move |air| async move {
+        match air.link(&adapter) {
+            Some(link) => Ok(f(link).await),
+            None => Err(format!("the air has no link for {adapter}")),
+        }
+    })
+    .await?
 }
 
 /// A BACnet/SC hub of the scenario. `handle` is `None` while stopped; a restart
@@ -325,6 +355,7 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
         hubs: BTreeMap::new(),
         bsc_nodes: BTreeMap::new(),
         bsc_raw: BTreeMap::new(),
+        jbd: BTreeMap::new(),
         processes: vec![],
         vars: BTreeMap::new(),
         _tmp: tmp,
@@ -406,6 +437,20 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
         }
     }
 
+    for d in &scenario.devices {
+        let DeviceSpec::JbdBms(j) = d else { continue };
+        match start_jbd(j, seed, &log).await {
+            Ok(dev) => {
+                world.vars.insert("air.bus".into(), crate::air::shared::shared().map(|a| a.address().to_string()).unwrap_or_default());
+                if let Some(device) = &dev.device {
+                    world.vars.insert(format!("ble.{}", j.name), device.address.clone());
+                }
+                world.jbd.insert(j.name.clone(), dev);
+            }
+            Err(e) => return Err((format!("device `{}`: {e}", j.name), Some(world))),
+        }
+    }
+
     for spec in &scenario.clients {
         let started = match spec {
             ClientSpec::ModbusMaster(c)
@@ -429,6 +474,34 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
                     }
                     Err(e) => Err(e),
                 }
+            }
+            ClientSpec::JbdClient(c) => {
+                let address = world.vars.get(&format!("ble.{}", c.device)).cloned().unwrap_or_else(|| c.device.clone());
+                let defaults = JbdClientConfig::default();
+                let cfg = JbdClientConfig {
+                    name: c.name.clone(),
+                    target: JbdTarget { address: Some(address), name: None },
+                    interval: c.interval.map(|d| d.0).unwrap_or(Duration::from_secs(1)),
+                    timeout: c.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(1)),
+                    retries: c.retries.unwrap_or(defaults.retries),
+                    scan_timeout: Duration::from_secs(5),
+                    verify_checksum: c.verify_checksum.unwrap_or(true),
+                    write_type: match c.write {
+                        Some(BleWriteType::Request) => btleplug::api::WriteType::WithResponse,
+                        _ => btleplug::api::WriteType::WithoutResponse,
+                    },
+                    seed,
+                    ..defaults
+                };
+                let addr = JbdClientActor::new(cfg, log.clone()).start();
+                Ok(ClientHandle {
+                    link: Some(ClientLinkControl {
+                        fault: addr.clone().recipient(),
+                        clear: addr.clone().recipient(),
+                        frames: addr.clone().recipient(),
+                    }),
+                    _actor: Box::new(addr),
+                })
             }
             ClientSpec::BscRaw(c) => {
                 let index = bsc_clients.iter().position(|n| *n == c.name).unwrap_or(0);
@@ -530,9 +603,72 @@ fn start_serial_client(
             link: None,
             _actor: Box::new(a.start()),
         }),
-        ClientSpec::BscNode(_) | ClientSpec::BscRaw(_) => return Err(format!("`{}` is not a serial client", c.name)),
+        ClientSpec::BscNode(_) | ClientSpec::BscRaw(_) | ClientSpec::JbdClient(_) => {
+            return Err(format!("`{}` is not a serial client", c.name))
+        }
     };
     started.map_err(|e| e.to_string())
+}
+
+/// A JBD BMS on a fresh peripheral adapter of the process's air.
+async fn start_jbd(j: &JbdDeviceSpec, seed: u64, log: &ObservationLog) -> Result<BleDevice, String> {
+    let mut pack = PackConfig::default();
+    if let Some(c) = j.cells {
+        pack.cells = c;
+    }
+    if let Some(n) = j.ntc {
+        pack.ntc = n;
+    }
+    if let Some(a) = j.capacity_ah {
+        pack.capacity_ah = a;
+    }
+    let cfg = JbdConfig {
+        pack,
+        profile: j.profile.unwrap_or_default(),
+        quirks: j.quirks.clone(),
+        seed,
+        ..JbdConfig::default()
+    };
+    let mut core = JbdBms::new(cfg)?;
+    for (k, v) in &j.state {
+        core.set(k, *v).map_err(|e| format!("state {k}: {e}"))?;
+    }
+    let air = crate::air::shared::shared()?;
+    let info = air
+        .run(|air| async move { air.add_peripheral_adapter().await.map_err(|e| format!("{e:#}")) })
+        .await??;
+    let mtu = j.mtu.unwrap_or(crate::device::jbd::DEFAULT_ATT_MTU);
+    ble_link(&info.name, move |l| async move { l.set_mtu(mtu).await }).await?;
+    let gatt = JbdGattConfig {
+        adapter: info.name.clone(),
+        local_name: j.local_name.clone().unwrap_or_else(|| JbdGattConfig::default().local_name),
+        ..JbdGattConfig::default()
+    };
+    let mut dev = BleDevice { device: None, adapter: info.name.clone() };
+    match JbdBmsDevice::start(j.name.clone(), core, gatt, log.clone()).await {
+        Ok(d) => {
+            dev.device = Some(d);
+            Ok(dev)
+        }
+        Err(e) => {
+            dev.release().await;
+            Err(format!("{e:#}"))
+        }
+    }
+}
+
+impl BleDevice {
+    /// Stops the device and gives its adapter back to the air, so the next
+    /// scenario's scans never see it.
+    async fn release(&mut self) {
+        if let Some(d) = self.device.take() {
+            d.stop().await;
+        }
+        if let Ok(air) = crate::air::shared::shared() {
+            let adapter = self.adapter.clone();
+            let _ = air.run(move |air| async move { air.remove_peripheral_adapter(&adapter).await }).await;
+        }
+    }
 }
 
 fn hub_config(h: &BscHubSpec, pki_dir: &Path) -> HubServerConfig {
@@ -753,6 +889,17 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
             tokio::time::sleep(d.0).await;
             Ok(format!("waited {}", humantime::format_duration(d.0)))
         }
+        Step::Set(s) if world.jbd.contains_key(&s.device) => {
+            let dev = world.jbd.get(&s.device).and_then(|d| d.device.as_ref()).ok_or_else(|| format!("`{}` is not running", s.device))?;
+            for (k, v) in &s.state {
+                dev.addr
+                    .send(SetState { key: k.clone(), value: *v })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("{}: {e}", s.device))?;
+            }
+            Ok(format!("{}: {:?}", s.device, s.state))
+        }
         Step::Set(s) => {
             let pack = world.packs.get(&s.device).ok_or_else(|| format!("no device `{}`", s.device))?;
             for (k, v) in &s.state {
@@ -762,6 +909,50 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
                     .map_err(|e| format!("{}: {e}", s.device))?;
             }
             Ok(format!("{}: {:?}", s.device, s.state))
+        }
+        Step::Fault(f) if world.jbd.contains_key(f.link.as_deref().unwrap_or_default()) => {
+            let link = f.link.clone().unwrap_or_default();
+            let rule = f.clone().into_rule()?;
+            let desc = format!("{} on {} (BLE link)", rule.fault.name(), link);
+            let adapter = world.jbd[&link].adapter.clone();
+            ble_link(&adapter, move |l| async move { l.add_fault(rule) }).await?;
+            Ok(desc)
+        }
+        Step::ClearFaults(c) if world.jbd.contains_key(&c.link) => {
+            let adapter = world.jbd[&c.link].adapter.clone();
+            ble_link(&adapter, |l| async move { l.clear_faults() }).await?;
+            Ok(format!("cleared {} (BLE link)", c.link))
+        }
+        Step::Ble(b) => {
+            let adapter = world.jbd.get(&b.device).map(|d| d.adapter.clone()).ok_or_else(|| format!("no BLE device `{}`", b.device))?;
+            let b2 = b.clone();
+            let done = ble_link(&adapter, move |l| async move {
+                let mut done = Vec::new();
+                if let Some(on) = b2.refuse_connections {
+                    l.refuse_connections(on);
+                    done.push(format!("refuse_connections={on}"));
+                }
+                if let Some(w) = &b2.reject_write {
+                    let kind = match w.as_str() {
+                        "request" => Some(crate::air::WriteKind::Request),
+                        "command" => Some(crate::air::WriteKind::Command),
+                        _ => None,
+                    };
+                    l.reject_write(kind);
+                    done.push(format!("reject_write={w}"));
+                }
+                if let Some(m) = b2.mtu {
+                    done.push(format!("mtu={}", l.set_mtu(m).await));
+                }
+                if b2.disconnect {
+                    let was = l.is_connected();
+                    l.disconnect_now().await;
+                    done.push(if was { "disconnected".to_string() } else { "disconnect (was not connected)".to_string() });
+                }
+                done
+            })
+            .await?;
+            Ok(format!("{}: {}", b.device, done.join(", ")))
         }
         Step::Fault(f) => {
             let link = f.link.clone().unwrap_or_default();
@@ -1117,6 +1308,7 @@ async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOption
         hubs,
         bsc_nodes,
         bsc_raw,
+        jbd,
         processes,
         ..
     } = world;
@@ -1126,6 +1318,9 @@ async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOption
     drop(clients);
     drop(bsc_nodes);
     drop(bsc_raw);
+    for (_, mut dev) in jbd {
+        dev.release().await;
+    }
     for (_, mut hub) in hubs {
         hub.stop().await;
     }

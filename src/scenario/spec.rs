@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::device::eg4_core::{Eg4Protocol, Eg4Quirk};
+use crate::device::jbd_core::{JbdProfile, JbdQuirk};
 use crate::link::fault::FaultSpec;
 use crate::link::record::Direction;
 use crate::observe::ObservationKind;
@@ -83,6 +84,8 @@ pub enum DeviceSpec {
     Eg4Lp4(Eg4DeviceSpec),
     #[serde(rename = "bsc-hub")]
     BscHub(BscHubSpec),
+    #[serde(rename = "jbd-bms")]
+    JbdBms(JbdDeviceSpec),
 }
 
 impl DeviceSpec {
@@ -90,6 +93,7 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Eg4Lp4(d) => &d.name,
             DeviceSpec::BscHub(d) => &d.name,
+            DeviceSpec::JbdBms(d) => &d.name,
         }
     }
 
@@ -97,6 +101,7 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Eg4Lp4(_) => "eg4-lp4",
             DeviceSpec::BscHub(_) => "bsc-hub",
+            DeviceSpec::JbdBms(_) => "jbd-bms",
         }
     }
 
@@ -104,9 +109,37 @@ impl DeviceSpec {
     pub fn state(&self) -> Option<&BTreeMap<String, f64>> {
         match self {
             DeviceSpec::Eg4Lp4(d) => Some(&d.state),
+            DeviceSpec::JbdBms(d) => Some(&d.state),
             DeviceSpec::BscHub(_) => None,
         }
     }
+}
+
+/// A JBD BMS: a GATT peripheral on the run's virtual BLE air (its own
+/// peripheral adapter and BLE address, `{{ble.NAME}}` in templates).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JbdDeviceSpec {
+    pub name: String,
+    /// Advertised LocalName (default `xiaoxiang BMS`).
+    #[serde(default)]
+    pub local_name: Option<String>,
+    #[serde(default)]
+    pub cells: Option<usize>,
+    #[serde(default)]
+    pub ntc: Option<usize>,
+    #[serde(default)]
+    pub capacity_ah: Option<f64>,
+    #[serde(default)]
+    pub profile: Option<JbdProfile>,
+    #[serde(default)]
+    pub quirks: Vec<JbdQuirk>,
+    /// ATT MTU of the link (default 23: 20-byte notifications).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Initial state: the pack model's keys plus the JBD ones (`hilbench list`).
+    #[serde(default)]
+    pub state: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -194,6 +227,9 @@ pub enum ClientSpec {
     /// A raw BACnet/SC peer that sends scripted bytes.
     #[serde(rename = "bsc-raw")]
     BscRaw(BscRawSpec),
+    /// Polls a JBD BMS over BLE (btleplug), as the Home Assistant integrations do.
+    #[serde(rename = "jbd-client")]
+    JbdClient(JbdClientSpec),
 }
 
 impl ClientSpec {
@@ -205,6 +241,7 @@ impl ClientSpec {
             | ClientSpec::LegacyClient(c) => &c.name,
             ClientSpec::BscNode(c) => &c.name,
             ClientSpec::BscRaw(c) => &c.name,
+            ClientSpec::JbdClient(c) => &c.name,
         }
     }
 
@@ -216,6 +253,7 @@ impl ClientSpec {
             ClientSpec::LegacyClient(_) => "legacy-client",
             ClientSpec::BscNode(_) => "bsc-node",
             ClientSpec::BscRaw(_) => "bsc-raw",
+            ClientSpec::JbdClient(_) => "jbd-client",
         }
     }
 
@@ -250,6 +288,57 @@ pub struct BscNodeSpec {
     /// First reconnect delay (doubles up to 10x).
     #[serde(default)]
     pub reconnect: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BleWriteType {
+    /// Write-without-response (what JBD firmware expects).
+    Command,
+    /// Write-with-response.
+    Request,
+}
+
+/// A BLE central polling a JBD BMS: connect, subscribe, 0x03/0x04 (0x05
+/// once), disconnect, every `interval`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JbdClientSpec {
+    pub name: String,
+    /// A jbd-bms device of the scenario (or, in real-hardware mode, a BLE address).
+    pub device: String,
+    #[serde(default)]
+    pub interval: Option<Dur>,
+    /// Per-request answer timeout.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// Drop frames with a bad checksum (default true; many real clients do not check).
+    #[serde(default)]
+    pub verify_checksum: Option<bool>,
+    /// Write type for requests (default `command`).
+    #[serde(default)]
+    pub write: Option<BleWriteType>,
+}
+
+/// BLE link controls on a jbd-bms device's link (the air's side of it).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BleStep {
+    pub device: String,
+    /// Renegotiated ATT MTU (23..=517).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Refuse (true) or accept again (false) connection attempts.
+    #[serde(default)]
+    pub refuse_connections: Option<bool>,
+    /// Drop the connection now, as a device going out of range.
+    #[serde(default)]
+    pub disconnect: bool,
+    /// Make the characteristic reject this write type (`none` accepts both again).
+    #[serde(default)]
+    pub reject_write: Option<String>,
 }
 
 /// A raw BACnet/SC peer (see `send_raw`).
@@ -506,6 +595,7 @@ pub enum Step {
     SendRaw(SendRawStep),
     Stop(DeviceStep),
     Start(DeviceStep),
+    Ble(BleStep),
 }
 
 impl Step {
@@ -526,6 +616,7 @@ impl Step {
             Step::SendRaw(_) => "send_raw",
             Step::Stop(_) => "stop",
             Step::Start(_) => "start",
+            Step::Ble(_) => "ble",
         }
     }
 }
@@ -606,6 +697,23 @@ impl Scenario {
                         return Err(format!("device `{}`: address {} is outside 1..=247", d.name, d.address));
                     }
                 }
+                DeviceSpec::JbdBms(j) => {
+                    if let Some(c) = j.cells {
+                        if !(4..=24).contains(&c) {
+                            return Err(format!("device `{}`: cells {c} is outside 4..=24 (the pack sizes JBD BMSes come in)", j.name));
+                        }
+                    }
+                    if let Some(n) = j.ntc {
+                        if !(1..=6).contains(&n) {
+                            return Err(format!("device `{}`: ntc {n} is outside 1..=6", j.name));
+                        }
+                    }
+                    if let Some(m) = j.mtu {
+                        if !(23..=517).contains(&m) {
+                            return Err(format!("device `{}`: mtu {m} is outside 23..=517 (ATT)", j.name));
+                        }
+                    }
+                }
                 DeviceSpec::BscHub(h) => {
                     if h.max_bvlc.is_some_and(|b| b < 600) {
                         return Err(format!("device `{}`: max_bvlc below 600 cannot carry a Connect-Request and an NPDU", h.name));
@@ -665,12 +773,20 @@ impl Scenario {
                     hub_ref(&c.name, &c.hub)?;
                     check_vmac_uuid(&c.name, c.vmac.as_deref(), c.uuid.as_deref())?;
                 }
+                ClientSpec::JbdClient(c) => {
+                    let known = self.devices.iter().any(|d| matches!(d, DeviceSpec::JbdBms(j) if j.name == c.device));
+                    if !known && c.device.len() != 17 {
+                        return Err(format!(
+                            "client `{}`: device `{}` is neither a jbd-bms device of this scenario nor a BLE address (AA:BB:CC:DD:EE:FF)",
+                            c.name, c.device
+                        ));
+                    }
+                }
             }
         }
         for p in &self.processes {
             unique("process", &p.name)?;
         }
-        let device = |n: &str| self.devices.iter().any(|d| d.name() == n);
         let client = |n: &str| self.clients.iter().any(|c| c.name() == n);
         let process = |n: &str| self.processes.iter().any(|p| p.name == n);
         let client_kind = |n: &str| self.clients.iter().find(|c| c.name() == n).map(|c| c.kind());
@@ -682,11 +798,14 @@ impl Scenario {
             match step {
                 Step::Wait(_) => {}
                 Step::Set(s) => {
-                    if !device(&s.device) {
-                        return Err(missing("device", &s.device));
-                    }
-                    for k in s.state.keys() {
-                        check_state_key(k).map_err(|e| format!("{at}: {e}"))?;
+                    match device_kind(&s.device) {
+                        None => return Err(missing("device", &s.device)),
+                        Some("bsc-hub") => return Err(format!("{at}: `{}` is a bsc-hub: it has no state to set", s.device)),
+                        Some(kind) => {
+                            for k in s.state.keys() {
+                                check_device_key(kind, k).map_err(|e| format!("{at}: {e}"))?;
+                            }
+                        }
                     }
                 }
                 Step::Fault(f) => {
@@ -782,6 +901,26 @@ impl Scenario {
                         return Err(format!("{at}: pad_to is capped at 16 MiB"));
                     }
                 }
+                Step::Ble(b) => {
+                    match device_kind(&b.device) {
+                        Some("jbd-bms") => {}
+                        Some(k) => return Err(format!("{at}: `{}` is a {k}, not a BLE device", b.device)),
+                        None => return Err(missing("device", &b.device)),
+                    }
+                    if let Some(m) = b.mtu {
+                        if !(23..=517).contains(&m) {
+                            return Err(format!("{at}: mtu {m} is outside 23..=517 (ATT)"));
+                        }
+                    }
+                    if let Some(w) = &b.reject_write {
+                        if !["request", "command", "none"].contains(&w.as_str()) {
+                            return Err(format!("{at}: reject_write must be request, command or none, not `{w}`"));
+                        }
+                    }
+                    if b.mtu.is_none() && b.refuse_connections.is_none() && !b.disconnect && b.reject_write.is_none() {
+                        return Err(format!("{at}: give at least one of mtu, refuse_connections, disconnect, reject_write"));
+                    }
+                }
                 Step::Stop(d) | Step::Start(d) => match device_kind(&d.device) {
                     Some("bsc-hub") => {}
                     Some(k) => return Err(format!("{at}: a {k} cannot be stopped or started; only a bsc-hub can")),
@@ -791,7 +930,7 @@ impl Scenario {
         }
         for d in &self.devices {
             for k in d.state().into_iter().flat_map(|s| s.keys()) {
-                check_state_key(k).map_err(|e| format!("device `{}`: {e}", d.name()))?;
+                check_device_key(d.kind(), k).map_err(|e| format!("device `{}`: {e}", d.name()))?;
             }
         }
         Ok(())
@@ -829,6 +968,26 @@ pub fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
                 .ok_or_else(|| format!("`{}` is not a hex byte", digits.get(i..i + 2).unwrap_or("?")))
         })
         .collect()
+}
+
+/// A state key a device kind understands.
+pub fn check_device_key(kind: &str, key: &str) -> Result<(), String> {
+    if kind == "jbd-bms" {
+        if crate::device::jbd_core::JBD_STATE_KEYS.iter().any(|(k, _)| *k == key) {
+            return Ok(());
+        }
+        if key == "address" {
+            return Err("`address` is an RS-485 setting; a jbd-bms has none".into());
+        }
+    }
+    check_state_key(key).map_err(|e| {
+        if kind == "jbd-bms" {
+            let extra: Vec<_> = crate::device::jbd_core::JBD_STATE_KEYS.iter().map(|(k, _)| *k).collect();
+            format!("{e}; a jbd-bms also knows {}", extra.join(", "))
+        } else {
+            e
+        }
+    })
 }
 
 /// A key the pack understands: the model's keys (with `N` for an index)
