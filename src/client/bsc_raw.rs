@@ -32,6 +32,8 @@ pub struct BscRawConfig {
     pub uuid: DeviceUuid,
     /// Read the socket; `false` models a consumer that stopped reading.
     pub read: bool,
+    /// Wait before connecting.
+    pub delay: Duration,
 }
 
 /// Send one WebSocket message as is.
@@ -103,6 +105,7 @@ fn frame_observation(data: &[u8]) -> ObservationKind {
 }
 
 async fn run(cfg: BscRawConfig, log: ObservationLog, mut commands: mpsc::UnboundedReceiver<SendRaw>) {
+    tokio::time::sleep(cfg.delay).await;
     let mut ws = match connect_ws(&cfg.url, &cfg.ws).await {
         Ok(ws) => ws,
         Err(e) => {

@@ -795,6 +795,7 @@ fn bsc_raw_config(c: &BscRawSpec, index: usize, world: &World, pki_dir: &Path) -
         vmac,
         uuid: client_uuid(c.uuid.as_deref(), vmac),
         read: c.read,
+        delay: c.delay.map(|d| d.0).unwrap_or_default(),
     })
 }
 

@@ -360,6 +360,9 @@ pub struct BscRawSpec {
     /// Read the socket (default true); `false` is a consumer that stopped reading.
     #[serde(default = "yes")]
     pub read: bool,
+    /// Wait this long before connecting (e.g. until a node holds the VMAC to clash with).
+    #[serde(default)]
+    pub delay: Option<Dur>,
 }
 
 /// A client on a serial line: a bus port or, in real-hardware mode, a tty.
