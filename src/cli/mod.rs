@@ -176,6 +176,14 @@ fn list() {
     for (k, d) in crate::device::eg4_core::Eg4Quirk::ALL {
         println!("  {k:<18} {d}");
     }
+    println!("\nJBD profiles:");
+    for (k, d) in crate::device::jbd_core::JbdProfile::ALL {
+        println!("  {k:<24} {d}");
+    }
+    println!("\nJBD quirks:");
+    for (k, d) in crate::device::jbd_core::JbdQuirk::ALL {
+        println!("  {k:<26} {d}");
+    }
     println!("\nClient kinds:");
     for (k, d) in crate::client::CLIENT_KINDS {
         println!("  {k:<18} {d}");
@@ -189,4 +197,14 @@ fn list() {
     for (k, d) in crate::model::STATE_KEYS {
         println!("  {k:<18} {d}");
     }
+    println!("\nJBD state keys (besides the pack's; no `address`):");
+    for (k, d) in crate::device::jbd_core::JBD_STATE_KEYS {
+        println!("  {k:<18} {d}");
+    }
+    println!("\nObservation kinds (scenario `expect_observation: {{kind: …, contains: …}}`):");
+    println!("  {}", crate::observe::ObservationKind::NAMES.join(", "));
+    println!("\nScenario steps:");
+    println!("  wait, set, fault, clear_faults, ble (jbd-bms link: mtu, refuse_connections, disconnect, reject_write),");
+    println!("  send_npdu (bsc-node), send_raw (bsc-raw), stop / start (bsc-hub), expect_reading, expect_flag,");
+    println!("  expect_errors, expect_observation, expect_frames, expect_output, expect_exit");
 }
