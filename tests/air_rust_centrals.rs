@@ -237,3 +237,53 @@ async fn restarting_the_peripheral_leaves_no_stale_objects_and_keeps_handles() {
     assert_eq!(got, (0u8..30).collect::<Vec<u8>>());
     drop(periph);
 }
+
+/// A peripheral whose first incoming method call is lost (bluer's
+/// `Session::new` race: its method-call handler is installed by a task that
+/// may not have run yet) still gets its advertisement registered: the air
+/// asks for GetAll again instead of waiting out its call timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advertisement_whose_first_get_all_is_lost_still_registers() {
+    use zbus::message::Type;
+    let shared = shared_air();
+    let info = shared.adapter().await;
+    let conn = zbus::connection::Builder::address(shared.air.address()).build().await.unwrap();
+    let adv_path = "/test/lossy/advertisement0";
+    let mut incoming = zbus::MessageStream::from(&conn);
+    let server = conn.clone();
+    let get_alls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = get_alls.clone();
+    let serve = tokio::spawn(async move {
+        while let Some(Ok(msg)) = incoming.next().await {
+            let hdr = msg.header();
+            if msg.message_type() != Type::MethodCall || hdr.member().map(|m| m.as_str()) != Some("GetAll") {
+                continue;
+            }
+            // The first call vanishes, as bluer's filter swallows it.
+            if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                continue;
+            }
+            let props: std::collections::HashMap<&str, zbus::Variant<'_>> = std::collections::HashMap::from([
+                ("Type", zbus::Variant::from("peripheral")),
+                ("LocalName", zbus::Variant::from("lossy")),
+            ]);
+            server.reply(&hdr, &props).await.unwrap();
+        }
+    });
+    let started = std::time::Instant::now();
+    let reply = timeout(
+        T,
+        conn.call_method(
+            Some("org.bluez"),
+            info.path.as_str(),
+            Some("org.bluez.LEAdvertisingManager1"),
+            "RegisterAdvertisement",
+            &(zbus::ObjectPath::try_from(adv_path).unwrap(), std::collections::HashMap::<&str, zbus::Variant<'_>>::new()),
+        ),
+    )
+    .await
+    .expect("RegisterAdvertisement answers");
+    reply.unwrap_or_else(|e| panic!("RegisterAdvertisement failed after {:?}: {e}", started.elapsed()));
+    assert!(get_alls.load(std::sync::atomic::Ordering::SeqCst) >= 2, "the air asked again");
+    serve.abort();
+}

@@ -492,13 +492,10 @@ pub(crate) fn parse_advertisement(props: &HashMap<String, OwnedVariant>, adapter
 }
 
 async fn get_all(air: &AirInner, owner: &str, path: &str, iface: &str) -> Result<HashMap<String, OwnedVariant>> {
-    let body = (iface,);
-    let call = air.conn.call_method(Some(owner), path, Some("org.freedesktop.DBus.Properties"), "GetAll", &body);
-    let reply = tokio::time::timeout(air.config.call_timeout, call)
+    let reply = super::call_app_read_only(air, owner, path, "org.freedesktop.DBus.Properties", "GetAll", &(iface,))
         .await
-        .map_err(|_| BluezError::Failed(format!("{owner} did not answer GetAll on {path} in time")))?
-        .map_err(|e| BluezError::Failed(format!("reading {iface} of {path}: {e}")))?;
-    reply.body().deserialize().map_err(|e| BluezError::Failed(format!("reading {iface} of {path}: {e}")))
+        .map_err(|e| BluezError::Failed(format!("reading {iface} of {path} from {owner}: {e}")))?;
+    reply.body().deserialize().map_err(|e| BluezError::Failed(format!("reading {iface} of {path} from {owner}: {e}")))
 }
 
 #[interface(name = "org.bluez.LEAdvertisingManager1")]
@@ -655,17 +652,9 @@ impl GattManager {
         if self.p.lock().app.is_some() {
             return Err(BluezError::AlreadyExists("Already Exists".into()));
         }
-        let call = air.conn.call_method(
-            Some(owner.as_str()),
-            application.as_str(),
-            Some("org.freedesktop.DBus.ObjectManager"),
-            "GetManagedObjects",
-            &(),
-        );
-        let reply = tokio::time::timeout(air.config.call_timeout, call)
+        let reply = super::call_app_read_only(&air, &owner, application.as_str(), "org.freedesktop.DBus.ObjectManager", "GetManagedObjects", &())
             .await
-            .map_err(|_| BluezError::Failed("Failed to read application: no answer to GetManagedObjects".into()))?
-            .map_err(|e| BluezError::Failed(format!("Failed to read application: {e}")))?;
+            .map_err(|e| BluezError::Failed(format!("Failed to read application {application} from {owner}: GetManagedObjects: {e}")))?;
         let objects: zbus::fdo::ManagedObjects =
             reply.body().deserialize().map_err(|e| BluezError::InvalidArguments(format!("Failed to read application: {e}")))?;
         let layout = app_objects(&objects).and_then(|o| gatt::layout(&o)).map_err(BluezError::InvalidArguments)?;

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use zbus::{Connection, Variant};
@@ -213,6 +213,85 @@ pub(crate) async fn emit_properties_changed(
         .await
     {
         tracing::debug!("PropertiesChanged on {path}: {e}");
+    }
+}
+
+/// How a read-only call to a peripheral's application ended without an answer.
+#[derive(Debug)]
+pub(crate) enum AppCallError {
+    /// The application answered with an error (or the bus did for it).
+    Failed(zbus::Error),
+    /// No answer within the air's call timeout, although asked `attempts` times.
+    NoAnswer { waited: Duration, attempts: u32 },
+}
+
+impl std::fmt::Display for AppCallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AppCallError::Failed(e) => write!(f, "{e}"),
+            AppCallError::NoAnswer { waited, attempts } => {
+                write!(f, "no answer in {:.1} s (asked {attempts} times)", waited.as_secs_f64())
+            }
+        }
+    }
+}
+
+/// The first resend of an unanswered read-only call, doubled up to
+/// [`RESEND_MAX`] while the call timeout lasts.
+const RESEND_FIRST: Duration = Duration::from_millis(100);
+const RESEND_MAX: Duration = Duration::from_millis(1600);
+
+/// Calls a read-only method (GetAll, GetManagedObjects) on a peripheral's
+/// application, asking again while no answer comes; the first answer wins.
+///
+/// Why: these are the first calls the air makes to a fresh application,
+/// and bluer (0.17.4, and upstream at 2e52bd4) installs its method-call
+/// handler in a task that `Session::new` spawns but does not wait for;
+/// until that task first runs, dbus-rs's filter swallows incoming method
+/// calls without an answer. On a loaded machine the peripheral's
+/// RegisterAdvertisement reaches the air, and the air's GetAll reaches
+/// bluer, before that, and the call is lost for good. Both methods only
+/// read, so asking twice is harmless.
+pub(crate) async fn call_app_read_only<B>(
+    air: &AirInner,
+    owner: &str,
+    path: &str,
+    interface: &str,
+    method: &str,
+    body: &B,
+) -> std::result::Result<zbus::Message, AppCallError>
+where
+    B: serde::Serialize + zbus::DynamicType,
+{
+    let started = tokio::time::Instant::now();
+    let deadline = started + air.config.call_timeout;
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let ask = |n: u32| air.conn.call_method(Some(owner), path, Some(interface), method, body).map(move |r| (n, r));
+    pending.push(ask(1));
+    let mut attempts = 1u32;
+    let mut wait = RESEND_FIRST;
+    loop {
+        let resend_at = (tokio::time::Instant::now() + wait).min(deadline);
+        tokio::select! {
+            Some((answered, reply)) = pending.next() => {
+                if attempts > 1 {
+                    tracing::warn!(
+                        "{owner} answered {method} on {path} after {} ms, only when asked again (call {answered} of {attempts} answered first)",
+                        started.elapsed().as_millis()
+                    );
+                }
+                return reply.map_err(AppCallError::Failed);
+            }
+            _ = tokio::time::sleep_until(resend_at) => {
+                if resend_at >= deadline {
+                    return Err(AppCallError::NoAnswer { waited: started.elapsed(), attempts });
+                }
+                tracing::debug!("{owner} has not answered {method} on {path} in {} ms; asking again", started.elapsed().as_millis());
+                attempts += 1;
+                pending.push(ask(attempts));
+                wait = (wait * 2).min(RESEND_MAX);
+            }
+        }
     }
 }
 

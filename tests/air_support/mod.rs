@@ -35,6 +35,15 @@ static SHARED: std::sync::OnceLock<SharedAir> = std::sync::OnceLock::new();
 
 pub fn shared_air() -> &'static SharedAir {
     SHARED.get_or_init(|| {
+        // The air's warnings (an application that answers late, a call
+        // asked again) go to stderr, which the test runner shows for a
+        // failing test. RUST_LOG=hilbench=debug shows more.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,hilbench=info".into()),
+            )
+            .with_writer(std::io::stderr)
+            .try_init();
         std::thread::spawn(|| {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
             let air = rt.block_on(hilbench::air::Air::start(hilbench::air::AirConfig::default())).expect("air starts");
@@ -90,7 +99,11 @@ pub async fn start_peripheral(adapter_name: &str) -> Peripheral {
         discoverable: Some(true),
         ..Default::default()
     };
-    let adv = adapter.advertise(adv).await.expect("RegisterAdvertisement");
+    let t0 = std::time::Instant::now();
+    let adv = adapter
+        .advertise(adv)
+        .await
+        .unwrap_or_else(|e| panic!("RegisterAdvertisement on {adapter_name} failed after {:?}: {e:?}", t0.elapsed()));
     let writes = Arc::new(Mutex::new(Vec::new()));
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let notifier_slot: Arc<tokio::sync::Mutex<Option<bluer::gatt::local::CharacteristicNotifier>>> = Default::default();
@@ -157,7 +170,11 @@ pub async fn start_peripheral(adapter_name: &str) -> Peripheral {
         }],
         ..Default::default()
     };
-    let app = adapter.serve_gatt_application(app).await.expect("RegisterApplication");
+    let t0 = std::time::Instant::now();
+    let app = adapter
+        .serve_gatt_application(app)
+        .await
+        .unwrap_or_else(|e| panic!("RegisterApplication on {adapter_name} failed after {:?}: {e:?}", t0.elapsed()));
     Peripheral { session, adapter: adapter_name.to_string(), writes, _adv: adv, _app: app }
 }
 
