@@ -68,11 +68,15 @@ fn adapter_alias(name: &str) -> String {
 
 pub struct CentralAdapter {
     pub air: Weak<AirInner>,
-    pub settings: AdapterSettings,
+    pub settings: Mutex<AdapterSettings>,
 }
 
 /// The writable Adapter1 properties (btleplug powers the adapter on before
-/// every scan; tools set Alias, Discoverable, Pairable).
+/// every scan; tools set Alias, Discoverable, Pairable). Behind a mutex so
+/// the setters take `&self`: a `&mut self` setter makes zbus take the
+/// interface's write lock, which queues behind a method still running on
+/// it and, with the lock being writer-preferring, stalls every reader
+/// (GetAll, GetManagedObjects under the object server's root lock) in turn.
 pub struct AdapterSettings {
     pub powered: bool,
     pub alias: String,
@@ -95,7 +99,21 @@ impl AdapterSettings {
     }
 }
 
+fn lock_settings(m: &Mutex<AdapterSettings>) -> std::sync::MutexGuard<'_, AdapterSettings> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PeripheralAdapter {
+    fn settings(&self) -> std::sync::MutexGuard<'_, AdapterSettings> {
+        lock_settings(&self.settings)
+    }
+}
+
 impl CentralAdapter {
+    fn settings(&self) -> std::sync::MutexGuard<'_, AdapterSettings> {
+        lock_settings(&self.settings)
+    }
+
     fn air(&self) -> Result<Arc<AirInner>> {
         self.air.upgrade().ok_or_else(|| BluezError::NotReady("Resource Not Ready".into()))
     }
@@ -224,11 +242,11 @@ impl CentralAdapter {
     }
     #[zbus(property)]
     fn alias(&self) -> String {
-        self.settings.alias.clone()
+        self.settings().alias.clone()
     }
     #[zbus(property)]
-    fn set_alias(&mut self, v: String) {
-        self.settings.alias = v;
+    fn set_alias(&self, v: String) {
+        self.settings().alias = v;
     }
     #[zbus(property)]
     fn class(&self) -> u32 {
@@ -236,47 +254,47 @@ impl CentralAdapter {
     }
     #[zbus(property)]
     fn powered(&self) -> bool {
-        self.settings.powered
+        self.settings().powered
     }
     #[zbus(property)]
-    fn set_powered(&mut self, v: bool) {
-        self.settings.powered = v;
+    fn set_powered(&self, v: bool) {
+        self.settings().powered = v;
     }
     #[zbus(property)]
     fn power_state(&self) -> &str {
-        if self.settings.powered { "on" } else { "off" }
+        if self.settings().powered { "on" } else { "off" }
     }
     #[zbus(property)]
     fn discoverable(&self) -> bool {
-        self.settings.discoverable
+        self.settings().discoverable
     }
     #[zbus(property)]
-    fn set_discoverable(&mut self, v: bool) {
-        self.settings.discoverable = v;
+    fn set_discoverable(&self, v: bool) {
+        self.settings().discoverable = v;
     }
     #[zbus(property)]
     fn discoverable_timeout(&self) -> u32 {
-        self.settings.discoverable_timeout
+        self.settings().discoverable_timeout
     }
     #[zbus(property)]
-    fn set_discoverable_timeout(&mut self, v: u32) {
-        self.settings.discoverable_timeout = v;
+    fn set_discoverable_timeout(&self, v: u32) {
+        self.settings().discoverable_timeout = v;
     }
     #[zbus(property)]
     fn pairable(&self) -> bool {
-        self.settings.pairable
+        self.settings().pairable
     }
     #[zbus(property)]
-    fn set_pairable(&mut self, v: bool) {
-        self.settings.pairable = v;
+    fn set_pairable(&self, v: bool) {
+        self.settings().pairable = v;
     }
     #[zbus(property)]
     fn pairable_timeout(&self) -> u32 {
-        self.settings.pairable_timeout
+        self.settings().pairable_timeout
     }
     #[zbus(property)]
-    fn set_pairable_timeout(&mut self, v: u32) {
-        self.settings.pairable_timeout = v;
+    fn set_pairable_timeout(&self, v: u32) {
+        self.settings().pairable_timeout = v;
     }
     #[zbus(property)]
     fn discovering(&self) -> bool {
@@ -312,7 +330,7 @@ impl CentralAdapter {
 /// manager and the GATT manager.
 pub struct PeripheralAdapter {
     pub p: Arc<Peripheral>,
-    pub settings: AdapterSettings,
+    pub settings: Mutex<AdapterSettings>,
 }
 
 #[interface(name = "org.bluez.Adapter1")]
@@ -346,11 +364,11 @@ impl PeripheralAdapter {
     }
     #[zbus(property)]
     fn alias(&self) -> String {
-        self.settings.alias.clone()
+        self.settings().alias.clone()
     }
     #[zbus(property)]
-    fn set_alias(&mut self, v: String) {
-        self.settings.alias = v;
+    fn set_alias(&self, v: String) {
+        self.settings().alias = v;
     }
     #[zbus(property)]
     fn class(&self) -> u32 {
@@ -358,47 +376,47 @@ impl PeripheralAdapter {
     }
     #[zbus(property)]
     fn powered(&self) -> bool {
-        self.settings.powered
+        self.settings().powered
     }
     #[zbus(property)]
-    fn set_powered(&mut self, v: bool) {
-        self.settings.powered = v;
+    fn set_powered(&self, v: bool) {
+        self.settings().powered = v;
     }
     #[zbus(property)]
     fn power_state(&self) -> &str {
-        if self.settings.powered { "on" } else { "off" }
+        if self.settings().powered { "on" } else { "off" }
     }
     #[zbus(property)]
     fn discoverable(&self) -> bool {
-        self.settings.discoverable
+        self.settings().discoverable
     }
     #[zbus(property)]
-    fn set_discoverable(&mut self, v: bool) {
-        self.settings.discoverable = v;
+    fn set_discoverable(&self, v: bool) {
+        self.settings().discoverable = v;
     }
     #[zbus(property)]
     fn discoverable_timeout(&self) -> u32 {
-        self.settings.discoverable_timeout
+        self.settings().discoverable_timeout
     }
     #[zbus(property)]
-    fn set_discoverable_timeout(&mut self, v: u32) {
-        self.settings.discoverable_timeout = v;
+    fn set_discoverable_timeout(&self, v: u32) {
+        self.settings().discoverable_timeout = v;
     }
     #[zbus(property)]
     fn pairable(&self) -> bool {
-        self.settings.pairable
+        self.settings().pairable
     }
     #[zbus(property)]
-    fn set_pairable(&mut self, v: bool) {
-        self.settings.pairable = v;
+    fn set_pairable(&self, v: bool) {
+        self.settings().pairable = v;
     }
     #[zbus(property)]
     fn pairable_timeout(&self) -> u32 {
-        self.settings.pairable_timeout
+        self.settings().pairable_timeout
     }
     #[zbus(property)]
-    fn set_pairable_timeout(&mut self, v: u32) {
-        self.settings.pairable_timeout = v;
+    fn set_pairable_timeout(&self, v: u32) {
+        self.settings().pairable_timeout = v;
     }
     #[zbus(property)]
     fn discovering(&self) -> bool {
@@ -768,7 +786,7 @@ pub(crate) async fn add_peripheral_adapter(air: &Arc<AirInner>) -> Result<Periph
         p
     };
     let server = air.conn.object_server();
-    server.at(p.path.as_str(), PeripheralAdapter { settings: AdapterSettings::new(&p.name), p: p.clone() }).await?;
+    server.at(p.path.as_str(), PeripheralAdapter { settings: Mutex::new(AdapterSettings::new(&p.name)), p: p.clone() }).await?;
     server.at(p.path.as_str(), AdvertisingManager { p: p.clone(), air: Arc::downgrade(air) }).await?;
     server.at(p.path.as_str(), GattManager { p: p.clone(), air: Arc::downgrade(air) }).await?;
     Ok(p.info())

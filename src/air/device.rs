@@ -667,8 +667,17 @@ impl RemoteChar {
             emit_properties_changed(&air.conn, &self.path, CHAR_IFACE, HashMap::from([("Value", bytes_variant(&bytes))])).await;
         }
         if self.layout.flags.iter().any(|f| f == "indicate") && !self.layout.flags.iter().any(|f| f == "notify") {
-            // The central confirmed the indication.
-            let _ = self.call_app(air, "Confirm", &()).await;
+            // The central confirmed the indication. Not awaited here: this
+            // runs on the stream of the app's signals, which must keep
+            // draining for the answer to arrive.
+            let conn = air.conn.clone();
+            let (owner, path, timeout) = (self.owner.clone(), self.layout.app_path.clone(), air.config.call_timeout);
+            tokio::spawn(async move {
+                let call = conn.call_method(Some(owner.as_str()), path.as_str(), Some(CHAR_IFACE), "Confirm", &());
+                if let Ok(Err(e)) = tokio::time::timeout(timeout, call).await {
+                    tracing::debug!("{path}: Confirm: {e}");
+                }
+            });
         }
     }
 

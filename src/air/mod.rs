@@ -328,7 +328,7 @@ impl Air {
         });
         let server = conn.object_server();
         server.at("/org/bluez", adapter::BluezRoot).await?;
-        server.at(CENTRAL_PATH, adapter::CentralAdapter { air: Arc::downgrade(&inner), settings: adapter::AdapterSettings::new("hci0") }).await?;
+        server.at(CENTRAL_PATH, adapter::CentralAdapter { air: Arc::downgrade(&inner), settings: Mutex::new(adapter::AdapterSettings::new("hci0")) }).await?;
         server.at(CONTROL_PATH, adapter::AirControl { air: Arc::downgrade(&inner) }).await?;
         let mut tasks = Vec::new();
         // Listen before taking the name, so no app can register and vanish unseen.
@@ -480,7 +480,10 @@ async fn watch_owners(air: Weak<AirInner>, conn: Connection) -> Result<impl std:
                 continue;
             }
             let Some(air) = air.upgrade() else { return };
-            adapter::owner_gone(&air, &name).await;
+            // Cleaning up calls the applications (StopNotify): done aside,
+            // so this stream keeps draining and zbus's reader (which waits
+            // for room in every stream) keeps delivering those answers.
+            tokio::spawn(async move { adapter::owner_gone(&air, &name).await });
         }
     })
 }
