@@ -287,3 +287,96 @@ async fn an_advertisement_whose_first_get_all_is_lost_still_registers() {
     assert!(get_alls.load(std::sync::atomic::Ordering::SeqCst) >= 2, "the air asked again");
     serve.abort();
 }
+
+/// The ATT capture of a bluer central's session decodes in tshark as ACL →
+/// L2CAP → ATT with the handles the central saw: the CCC write that turns
+/// notifications on, a write command, a write request and its response,
+/// notifications, a read and its response, and the MTU exchange.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn att_capture_decodes_in_tshark_with_the_right_handles() {
+    if std::process::Command::new("tshark").arg("--version").output().is_err() {
+        panic!("tshark is not installed (ci/test.sh installs it)");
+    }
+    let shared = shared_air();
+    let info = shared.adapter().await;
+    let addr: bluer::Address = info.address.parse().unwrap();
+    let periph = start_peripheral(&info.name).await;
+    let session = bluer::Session::new().await.unwrap();
+    let adapter = session.default_adapter().await.unwrap();
+    discover(&adapter, addr).await;
+    let device = adapter.device(addr).unwrap();
+    timeout(T, device.connect()).await.unwrap().unwrap();
+    let mut notify = None;
+    let mut write = None;
+    for s in device.services().await.unwrap() {
+        for c in s.characteristics().await.unwrap() {
+            match c.uuid().await.unwrap() {
+                u if u == NOTIFY => notify = Some(c),
+                u if u == WRITE => write = Some(c),
+                _ => {}
+            }
+        }
+    }
+    let (notify, write) = (notify.unwrap(), write.unwrap());
+    // Handles as the central sees them (the object paths end in them).
+    let value_handle = |c: &bluer::gatt::remote::Characteristic| c.id() + 1;
+    let (notify_h, write_h) = (value_handle(&notify), value_handle(&write));
+    let mut stream = Box::pin(notify.notify().await.unwrap());
+    write.write_ext(b"hi", &bluer::gatt::remote::CharacteristicWriteRequest { op_type: bluer::gatt::WriteOp::Command, ..Default::default() }).await.unwrap();
+    for _ in 0..2 {
+        timeout(T, stream.next()).await.unwrap().unwrap();
+    }
+    write.write_ext(b"LONG", &bluer::gatt::remote::CharacteristicWriteRequest { op_type: bluer::gatt::WriteOp::Request, ..Default::default() }).await.unwrap();
+    timeout(T, stream.next()).await.unwrap().unwrap();
+    assert_eq!(notify.read().await.unwrap(), READ_VALUE);
+    let link = shared.air.link(&info.name).unwrap();
+    let l2 = link.clone();
+    shared.rt.spawn(async move { l2.set_mtu(185).await }).await.unwrap();
+    drop(stream);
+    device.disconnect().await.unwrap();
+    drop(periph);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("att.pcapng");
+    let frames = link.att_frames();
+    let mut cap = hilbench::link::capture::AttPcapngCapture::create(&path, &frames[0].link).unwrap();
+    for f in &frames {
+        cap.write(f).unwrap();
+    }
+    cap.close().unwrap();
+    let out = std::process::Command::new("tshark")
+        .arg("-r")
+        .arg(&path)
+        .args(["-T", "fields", "-E", "separator=;", "-e", "bthci_acl.chandle", "-e", "btl2cap.cid", "-e", "btatt.opcode", "-e", "btatt.handle", "-e", "btatt.value", "-e", "btatt.client_rx_mtu", "-e", "btatt.server_rx_mtu"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "tshark failed: {}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Vec<String>> = text.lines().map(|l| l.split(';').map(str::to_string).collect()).collect();
+    assert_eq!(rows.len(), frames.len(), "one decoded packet per PDU:\n{text}");
+    for r in &rows {
+        assert_eq!((r[0].as_str(), r[1].as_str()), ("0x0040", "0x0004"), "ACL handle and ATT channel:\n{text}");
+    }
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let h = |v: u16| format!("0x{v:04x}");
+    let has = |op: &str, handle: Option<u16>, value: Option<&str>| {
+        rows.iter().any(|r| {
+            r[2] == op && handle.is_none_or(|x| r[3] == h(x)) && value.is_none_or(|v| r[4] == v)
+        })
+    };
+    assert!(has("0x12", Some(notify_h + 1), Some("0100")), "CCC write turning notifications on:\n{text}");
+    assert!(has("0x52", Some(write_h), Some(&hex(b"hi"))), "write command:\n{text}");
+    assert!(has("0x1b", Some(notify_h), Some(&hex(&answer_for(b"hi")[0]))), "first notification:\n{text}");
+    assert!(has("0x1b", Some(notify_h), Some(&hex(&answer_for(b"hi")[1]))), "second notification:\n{text}");
+    assert!(has("0x12", Some(write_h), Some(&hex(b"LONG"))), "write request:\n{text}");
+    assert!(has("0x13", None, None), "write response:\n{text}");
+    assert!(has("0x1b", Some(notify_h), Some(&hex(&(0u8..20).collect::<Vec<u8>>()))), "notification cut to MTU−3:\n{text}");
+    assert!(has("0x0a", Some(notify_h), None), "read request:\n{text}");
+    assert!(has("0x0b", None, Some(&hex(READ_VALUE))), "read response:\n{text}");
+    assert!(rows.iter().any(|r| r[2] == "0x02" && r[5] == "185"), "MTU exchange request:\n{text}");
+    assert!(rows.iter().any(|r| r[2] == "0x03" && r[6] == "185"), "MTU exchange response:\n{text}");
+    // And the full dissection names ATT.
+    let v = std::process::Command::new("tshark").arg("-r").arg(&path).arg("-V").output().unwrap();
+    let verbose = String::from_utf8_lossy(&v.stdout);
+    assert!(verbose.contains("Bluetooth Attribute Protocol") && verbose.contains("Handle Value Notification"), "{verbose}");
+}

@@ -162,6 +162,49 @@ pub fn att_error_to_central(code: u8) -> (&'static str, String) {
     }
 }
 
+/// ATT opcodes the air writes to its capture (Core spec Vol 3 Part F 3.4.8).
+pub mod opcode {
+    pub const ERROR_RSP: u8 = 0x01;
+    pub const EXCHANGE_MTU_REQ: u8 = 0x02;
+    pub const EXCHANGE_MTU_RSP: u8 = 0x03;
+    pub const READ_REQ: u8 = 0x0A;
+    pub const READ_RSP: u8 = 0x0B;
+    pub const WRITE_REQ: u8 = 0x12;
+    pub const WRITE_RSP: u8 = 0x13;
+    pub const HANDLE_VALUE_NTF: u8 = 0x1B;
+    pub const HANDLE_VALUE_IND: u8 = 0x1D;
+    pub const HANDLE_VALUE_CFM: u8 = 0x1E;
+    pub const WRITE_CMD: u8 = 0x52;
+}
+
+/// An ATT PDU that names an attribute: opcode, handle (little-endian), value.
+pub fn pdu_with_handle(op: u8, handle: u16, value: &[u8]) -> Vec<u8> {
+    let mut pdu = Vec::with_capacity(3 + value.len());
+    pdu.push(op);
+    pdu.extend_from_slice(&handle.to_le_bytes());
+    pdu.extend_from_slice(value);
+    pdu
+}
+
+/// An ATT PDU of an opcode and a plain payload (Read Response, Write Response).
+pub fn pdu(op: u8, payload: &[u8]) -> Vec<u8> {
+    let mut pdu = Vec::with_capacity(1 + payload.len());
+    pdu.push(op);
+    pdu.extend_from_slice(payload);
+    pdu
+}
+
+/// ATT_ERROR_RSP: the opcode in error, the handle, the error code.
+pub fn error_rsp(request: u8, handle: u16, code: u8) -> Vec<u8> {
+    let h = handle.to_le_bytes();
+    vec![opcode::ERROR_RSP, request, h[0], h[1], code]
+}
+
+/// ATT_EXCHANGE_MTU_REQ / _RSP carry one MTU (little-endian).
+pub fn exchange_mtu(op: u8, mtu: u16) -> Vec<u8> {
+    pdu(op, &mtu.to_le_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +250,14 @@ mod tests {
         assert_eq!(att_error_to_central(WRITE_NOT_PERMITTED).0, "org.bluez.Error.NotPermitted");
         assert_eq!(att_error_to_central(REQUEST_NOT_SUPPORTED).0, "org.bluez.Error.NotSupported");
         assert_eq!(att_error_to_central(0x80).1, "Operation failed with ATT error: 0x80");
+    }
+
+    #[test]
+    fn pdus_are_laid_out_as_att_says() {
+        assert_eq!(pdu_with_handle(opcode::WRITE_CMD, 0x000F, b"hi"), vec![0x52, 0x0F, 0x00, b'h', b'i']);
+        assert_eq!(pdu(opcode::WRITE_RSP, &[]), vec![0x13]);
+        assert_eq!(error_rsp(opcode::WRITE_REQ, 0x0102, WRITE_NOT_PERMITTED), vec![0x01, 0x12, 0x02, 0x01, 0x03]);
+        assert_eq!(exchange_mtu(opcode::EXCHANGE_MTU_REQ, 247), vec![0x02, 0xF7, 0x00]);
     }
 
     #[test]

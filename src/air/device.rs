@@ -463,12 +463,33 @@ fn socket_from(fd: OwnedFd) -> std::io::Result<Arc<UnixDatagram>> {
 /// The central's error for an application's answer (via the ATT error the
 /// peripheral's server would send).
 fn app_error(e: zbus::Error, permission: u8) -> BluezError {
-    let code = match &e {
+    tracing::debug!("application answered {e}");
+    BluezError::from_att(app_error_code(&e, permission))
+}
+
+/// The ATT error code the peripheral's server sends for an application's error.
+fn app_error_code(e: &zbus::Error, permission: u8) -> u8 {
+    match e {
         zbus::Error::MethodError(name, detail, _) => att::app_error_to_att(name.as_str(), detail.as_deref().unwrap_or(""), permission),
         _ => att::UNLIKELY,
-    };
-    tracing::debug!("application answered {e}");
-    BluezError::from_att(code)
+    }
+}
+
+/// A write that did not reach the application: the ATT error the server
+/// answers with, and the error the central gets.
+struct WriteFailure {
+    att: u8,
+    error: BluezError,
+}
+
+impl WriteFailure {
+    fn app(e: zbus::Error) -> Self {
+        let att = app_error_code(&e, att::WRITE_NOT_PERMITTED);
+        WriteFailure { att, error: app_error(e, att::WRITE_NOT_PERMITTED) }
+    }
+    fn local(error: BluezError) -> Self {
+        WriteFailure { att: att::UNLIKELY, error }
+    }
 }
 
 impl RemoteChar {
@@ -501,8 +522,8 @@ impl RemoteChar {
         let task = tokio::spawn(async move {
             while let Some(bytes) = rx.recv().await {
                 let (Some(ch), Some(air)) = (weak.upgrade(), air_w.upgrade()) else { return };
-                if let Err(e) = ch.forward_write(&air, &bytes, WriteProcedure::Command, 0).await {
-                    tracing::debug!("{}: write command lost: {e}", ch.path);
+                if let Err(f) = ch.forward_write(&air, &bytes, WriteProcedure::Command, 0).await {
+                    tracing::debug!("{}: write command lost: {}", ch.path, f.error);
                 }
             }
         });
@@ -557,6 +578,9 @@ impl RemoteChar {
     }
 
     async fn end_app_notify(&self, air: &AirInner, state: AppNotify) {
+        if !matches!(state, AppNotify::Off) && self.connected() {
+            self.record_ccc_write(false);
+        }
         match state {
             AppNotify::Off => {}
             AppNotify::Started => {
@@ -579,6 +603,8 @@ impl RemoteChar {
             // Set before the call: the app may notify before it answers.
             st.app_notify = AppNotify::Started;
         }
+        // The server answers the CCC write itself, then tells the app.
+        self.record_ccc_write(true);
         if self.layout.notify_acquired {
             let reply = self.call_app(air, "AcquireNotify", &(self.options(air, &[]),)).await;
             let fd = reply.and_then(|m| m.body().deserialize::<(zbus::OwnedFd, u16)>());
@@ -615,6 +641,21 @@ impl RemoteChar {
                 }
             }
         }
+    }
+
+    /// The central writes the Client Characteristic Configuration when the
+    /// first subscriber comes and the last goes: on air, a Write Request.
+    fn record_ccc_write(&self, on: bool) {
+        let Some(ccc) = self.layout.descriptors.iter().find(|d| d.uuid == super::gatt::CCC_UUID) else { return };
+        let indicates = !self.layout.flags.iter().any(|f| f == "notify");
+        let value: [u8; 2] = match (on, indicates) {
+            (false, _) => [0, 0],
+            (true, false) => [1, 0],
+            (true, true) => [2, 0],
+        };
+        let link = &self.peripheral.link;
+        link.record_att(Direction::Request, att::pdu_with_handle(att::opcode::WRITE_REQ, ccc.handle, &value));
+        link.record_att(Direction::Response, att::pdu(att::opcode::WRITE_RSP, &[]));
     }
 
     /// The last subscriber gone: the application may stop.
@@ -659,6 +700,12 @@ impl RemoteChar {
             st.value.clone_from(&bytes);
             (!st.notify_clients.is_empty(), st.notify_socket.clone())
         };
+        let indicates = self.layout.flags.iter().any(|f| f == "indicate") && !self.layout.flags.iter().any(|f| f == "notify");
+        let op = if indicates { att::opcode::HANDLE_VALUE_IND } else { att::opcode::HANDLE_VALUE_NTF };
+        self.peripheral.link.record_att(Direction::Response, att::pdu_with_handle(op, self.layout.value_handle, &bytes));
+        if indicates {
+            self.peripheral.link.record_att(Direction::Request, att::pdu(att::opcode::HANDLE_VALUE_CFM, &[]));
+        }
         if let Some(s) = socket {
             // A full socket loses the notification, as a busy link would.
             let _ = s.try_send(&bytes);
@@ -666,7 +713,7 @@ impl RemoteChar {
         if signal {
             emit_properties_changed(&air.conn, &self.path, CHAR_IFACE, HashMap::from([("Value", bytes_variant(&bytes))])).await;
         }
-        if self.layout.flags.iter().any(|f| f == "indicate") && !self.layout.flags.iter().any(|f| f == "notify") {
+        if indicates {
             // The central confirmed the indication. Not awaited here: this
             // runs on the stream of the app's signals, which must keep
             // draining for the answer to arrive.
@@ -682,17 +729,15 @@ impl RemoteChar {
     }
 
     /// One write as it reaches the peripheral's application.
-    async fn forward_write(&self, air: &AirInner, bytes: &[u8], procedure: WriteProcedure, offset: u16) -> Result<()> {
+    async fn forward_write(&self, air: &AirInner, bytes: &[u8], procedure: WriteProcedure, offset: u16) -> std::result::Result<(), WriteFailure> {
         if self.layout.write_acquired {
             let existing = lock(&self.st).app_write_socket.clone();
             let sock = match existing {
                 Some(s) => s,
                 None => {
                     let reply = self.call_app(air, "AcquireWrite", &(self.options(air, &[]),)).await;
-                    let (fd, _mtu) = reply
-                        .and_then(|m| m.body().deserialize::<(zbus::OwnedFd, u16)>())
-                        .map_err(|e| app_error(e, att::WRITE_NOT_PERMITTED))?;
-                    let s = socket_from(OwnedFd::from(fd)).map_err(|e| BluezError::Failed(e.to_string()))?;
+                    let (fd, _mtu) = reply.and_then(|m| m.body().deserialize::<(zbus::OwnedFd, u16)>()).map_err(WriteFailure::app)?;
+                    let s = socket_from(OwnedFd::from(fd)).map_err(|e| WriteFailure::local(BluezError::Failed(e.to_string())))?;
                     lock(&self.st).app_write_socket = Some(s.clone());
                     s
                 }
@@ -701,12 +746,12 @@ impl RemoteChar {
                 Ok(_) => Ok(()),
                 Err(e) => {
                     lock(&self.st).app_write_socket = None;
-                    Err(BluezError::Failed(format!("Unable to write: {e}")))
+                    Err(WriteFailure::local(BluezError::Failed(format!("Unable to write: {e}"))))
                 }
             };
         }
         let opts = self.options(air, &[("type", Variant::from(procedure.app_type().to_string())), ("offset", Variant::from(offset))]);
-        self.call_app(air, "WriteValue", &(bytes, opts)).await.map(|_| ()).map_err(|e| app_error(e, att::WRITE_NOT_PERMITTED))
+        self.call_app(air, "WriteValue", &(bytes, opts)).await.map(|_| ()).map_err(WriteFailure::app)
     }
 
     /// A write command from the central: through the link, then queued for
@@ -716,15 +761,23 @@ impl RemoteChar {
         let refused = !att::server_accepts_write(&self.layout.flags)
             || self.peripheral.link.rejected_write() == Some(super::WriteKind::Command);
         if refused {
+            // On air all the same; the server drops it without a word.
+            for e in emissions {
+                self.peripheral.link.record_att(Direction::Request, att::pdu_with_handle(att::opcode::WRITE_CMD, self.layout.value_handle, &e.bytes));
+            }
             return;
         }
+        let handle = self.layout.value_handle;
         for e in emissions {
             if e.after.is_zero() {
+                self.peripheral.link.record_att(Direction::Request, att::pdu_with_handle(att::opcode::WRITE_CMD, handle, &e.bytes));
                 let _ = self.commands.send(e.bytes);
             } else {
                 let tx = self.commands.clone();
+                let link = self.peripheral.link.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(e.after).await;
+                    link.record_att(Direction::Request, att::pdu_with_handle(att::opcode::WRITE_CMD, handle, &e.bytes));
                     let _ = tx.send(e.bytes);
                 });
             }
@@ -732,8 +785,13 @@ impl RemoteChar {
     }
 
     async fn write_request(&self, air: &AirInner, bytes: &[u8], procedure: WriteProcedure, offset: u16) -> Result<()> {
-        if !att::server_accepts_write(&self.layout.flags) || self.peripheral.link.rejected_write() == Some(super::WriteKind::Request) {
-            self.peripheral.link.process(Direction::Request, bytes);
+        let link = &self.peripheral.link;
+        let handle = self.layout.value_handle;
+        if !att::server_accepts_write(&self.layout.flags) || link.rejected_write() == Some(super::WriteKind::Request) {
+            for e in link.process(Direction::Request, bytes) {
+                link.record_att(Direction::Request, att::pdu_with_handle(att::opcode::WRITE_REQ, handle, &e.bytes));
+                link.record_att(Direction::Response, att::error_rsp(att::opcode::WRITE_REQ, handle, att::WRITE_NOT_PERMITTED));
+            }
             return Err(BluezError::from_att(att::WRITE_NOT_PERMITTED));
         }
         let emissions = self.peripheral.link.process(Direction::Request, bytes);
@@ -746,7 +804,17 @@ impl RemoteChar {
             if !e.after.is_zero() {
                 tokio::time::sleep(e.after).await;
             }
-            result = self.forward_write(air, &e.bytes, procedure, offset).await;
+            link.record_att(Direction::Request, att::pdu_with_handle(att::opcode::WRITE_REQ, handle, &e.bytes));
+            result = match self.forward_write(air, &e.bytes, procedure, offset).await {
+                Ok(()) => {
+                    link.record_att(Direction::Response, att::pdu(att::opcode::WRITE_RSP, &[]));
+                    Ok(())
+                }
+                Err(f) => {
+                    link.record_att(Direction::Response, att::error_rsp(att::opcode::WRITE_REQ, handle, f.att));
+                    Err(f.error)
+                }
+            };
         }
         result
     }
@@ -814,11 +882,21 @@ impl GattCharacteristic {
             st.read_busy = true;
         }
         let _busy = BusyGuard { st: &self.c.st, read: true };
+        let link = &self.c.peripheral.link;
+        let handle = self.c.layout.value_handle;
+        link.record_att(Direction::Request, att::pdu_with_handle(att::opcode::READ_REQ, handle, &[]));
         if !att::server_accepts_read(&self.c.layout.flags) {
+            link.record_att(Direction::Response, att::error_rsp(att::opcode::READ_REQ, handle, att::READ_NOT_PERMITTED));
             return Err(BluezError::from_att(att::READ_NOT_PERMITTED));
         }
         let opts = self.c.options(&air, &[("offset", Variant::from(offset))]);
-        let reply = self.c.call_app(&air, "ReadValue", &(opts,)).await.map_err(|e| app_error(e, att::READ_NOT_PERMITTED))?;
+        let reply = match self.c.call_app(&air, "ReadValue", &(opts,)).await {
+            Ok(r) => r,
+            Err(e) => {
+                link.record_att(Direction::Response, att::error_rsp(att::opcode::READ_REQ, handle, app_error_code(&e, att::READ_NOT_PERMITTED)));
+                return Err(app_error(e, att::READ_NOT_PERMITTED));
+            }
+        };
         let value: Vec<u8> = reply.body().deserialize().map_err(|e| BluezError::Failed(e.to_string()))?;
         let emissions = self.c.peripheral.link.process(Direction::Response, &value);
         if emissions.is_empty() {
@@ -832,6 +910,7 @@ impl GattCharacteristic {
             }
             out.extend_from_slice(&e.bytes);
         }
+        link.record_att(Direction::Response, att::pdu(att::opcode::READ_RSP, &out));
         lock(&self.c.st).value.clone_from(&out);
         Ok(out)
     }

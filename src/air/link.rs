@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::link::fault::{Emission, LinkCounters};
 use crate::link::{Direction, FaultRule, FrameRecord, LinkEngine};
 
-use super::att::{DEFAULT_ATT_MTU, MAX_ATT_MTU};
+use super::att::{self, DEFAULT_ATT_MTU, MAX_ATT_MTU};
 
 /// A write procedure a scenario can make the peripheral reject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -21,9 +21,15 @@ pub enum WriteKind {
     Command,
 }
 
+/// How many ATT PDUs a link keeps for its capture (the most recent).
+const ATT_LOG_LIMIT: usize = 100_000;
+
 #[derive(Debug)]
 struct LinkState {
     engine: LinkEngine,
+    /// What went over the air after the faults, as whole ATT PDUs
+    /// (opcode, handle, value), for the ATT capture.
+    att_log: std::collections::VecDeque<FrameRecord>,
     mtu: u16,
     refuse_connections: bool,
     stop_advertising_while_connected: bool,
@@ -34,6 +40,7 @@ struct LinkState {
 /// One peripheral's link. Cheap to lock: nothing awaits under the lock.
 #[derive(Debug)]
 pub struct BleLink {
+    name: String,
     epoch: Instant,
     state: Mutex<LinkState>,
 }
@@ -45,8 +52,10 @@ impl BleLink {
         engine.set_log_limit(Some(100_000));
         BleLink {
             epoch: Instant::now(),
+            name: name.to_string(),
             state: Mutex::new(LinkState {
                 engine,
+                att_log: std::collections::VecDeque::new(),
                 mtu: DEFAULT_ATT_MTU,
                 refuse_connections: false,
                 stop_advertising_while_connected: false,
@@ -68,6 +77,24 @@ impl BleLink {
         self.lock().engine.process(direction, bytes, now, wall)
     }
 
+    /// Records one ATT PDU as it went over the air: `Request` is central →
+    /// peripheral. [`crate::link::capture::AttPcapngCapture`] writes these.
+    pub fn record_att(&self, direction: Direction, pdu: Vec<u8>) {
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let rec = FrameRecord::new(self.name.as_str(), direction, wall, pdu);
+        let mut st = self.lock();
+        if st.att_log.len() >= ATT_LOG_LIMIT {
+            st.att_log.pop_front();
+        }
+        st.att_log.push_back(rec);
+    }
+
+    /// The ATT PDUs recorded so far (oldest first), each a [`FrameRecord`]
+    /// whose bytes are one whole PDU.
+    pub fn att_frames(&self) -> Vec<FrameRecord> {
+        self.lock().att_log.iter().cloned().collect()
+    }
+
     pub fn mtu(&self) -> u16 {
         self.lock().mtu
     }
@@ -75,7 +102,12 @@ impl BleLink {
     /// Sets the ATT MTU, clamped to what ATT allows (23..=517).
     pub fn set_mtu(&self, mtu: u16) -> u16 {
         let m = mtu.clamp(DEFAULT_ATT_MTU, MAX_ATT_MTU);
-        self.lock().mtu = m;
+        let was = std::mem::replace(&mut self.lock().mtu, m);
+        if was != m {
+            // On air an MTU is what an exchange agrees on.
+            self.record_att(Direction::Request, att::exchange_mtu(att::opcode::EXCHANGE_MTU_REQ, m));
+            self.record_att(Direction::Response, att::exchange_mtu(att::opcode::EXCHANGE_MTU_RSP, m));
+        }
         m
     }
 

@@ -458,6 +458,11 @@ impl LinkControl {
     pub fn frames(&self) -> Vec<FrameRecord> {
         self.peripheral.link.frames()
     }
+    /// The ATT PDUs that went over this link (after faults), oldest first,
+    /// for [`crate::link::capture::AttPcapngCapture`].
+    pub fn att_frames(&self) -> Vec<FrameRecord> {
+        self.peripheral.link.att_frames()
+    }
     pub fn info(&self) -> PeripheralAdapterInfo {
         self.peripheral.info()
     }

@@ -1,5 +1,6 @@
-//! pcapng capture of link traffic that Wireshark/tshark decode as Modbus RTU
-//! without any user configuration.
+//! pcapng captures of link traffic that Wireshark/tshark decode without any
+//! user configuration, one format per transport: [`PcapngCapture`] for
+//! Modbus RTU (below), [`AttPcapngCapture`] for BLE ATT (see its docs).
 //!
 //! # File layout
 //!
@@ -264,6 +265,132 @@ impl PcapngCapture {
     }
 }
 
+/// `LINKTYPE_BLUETOOTH_HCI_H4_WITH_PHDR`: a 4-byte direction, then an H4 packet.
+pub const LINKTYPE_BLUETOOTH_HCI_H4_WITH_PHDR: u32 = 201;
+/// H4 packet type of HCI ACL data.
+pub const H4_ACL: u8 = 0x02;
+/// The L2CAP fixed channel of ATT on LE.
+pub const L2CAP_CID_ATT: u16 = 0x0004;
+/// The connection handle every synthesized ACL packet carries (one link per interface).
+pub const ACL_CONNECTION_HANDLE: u16 = 0x0040;
+
+/// Writes BLE ATT PDUs (each [`FrameRecord`]'s bytes are one whole PDU:
+/// opcode, handle, value; [`crate::air::LinkControl::att_frames`] gives
+/// them) to a pcapng file that Wireshark decodes as HCI ACL → L2CAP → ATT.
+///
+/// Link type `LINKTYPE_BLUETOOTH_HCI_H4_WITH_PHDR` (201), one interface per
+/// link, nanosecond timestamps. Each packet is seen from the central's host
+/// (hci0): the pseudo-header's direction (big-endian u32) is 0 "sent" for
+/// `Request` (central → peripheral: writes, reads, confirmations) and 1
+/// "received" for `Response` (notifications, responses). Then H4 type 0x02,
+/// the ACL header (connection handle [`ACL_CONNECTION_HANDLE`], packet
+/// boundary "first non-flushable" host → controller and "first flushable"
+/// controller → host, little-endian), the L2CAP basic header (length, CID
+/// 0x0004) and the PDU. `btatt.opcode`, `btatt.handle` and `btatt.value`
+/// are the fields to filter on.
+pub struct AttPcapngCapture {
+    writer: PcapNgWriter<BufWriter<File>>,
+    path: PathBuf,
+    links: Vec<String>,
+    packet: Vec<u8>,
+}
+
+impl std::fmt::Debug for AttPcapngCapture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttPcapngCapture").field("path", &self.path).field("links", &self.links).finish()
+    }
+}
+
+impl AttPcapngCapture {
+    /// Creates (truncating) `path` with the interface of `link_name`.
+    pub fn create(path: &Path, link_name: &str) -> Result<Self, CaptureError> {
+        check_link_name(link_name)?;
+        let file = File::create(path).map_err(|source| CaptureError::Io { path: path.to_owned(), source })?;
+        let section = SectionHeaderBlock {
+            endianness: Endianness::native(),
+            options: vec![SectionHeaderOption::UserApplication(Cow::Borrowed("hilbench"))],
+            ..Default::default()
+        };
+        let writer = PcapNgWriter::with_section_header(BufWriter::new(file), section).map_err(|source| pcap_err(path, source))?;
+        let mut capture = AttPcapngCapture { writer, path: path.to_owned(), links: Vec::new(), packet: Vec::with_capacity(600) };
+        capture.add_interface(link_name)?;
+        Ok(capture)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one ATT PDU wrapped in L2CAP, ACL and the H4 direction header.
+    pub fn write(&mut self, rec: &FrameRecord) -> Result<(), CaptureError> {
+        let interface_id = match self.links.iter().position(|l| *l == rec.link) {
+            Some(id) => id as u32,
+            None => self.add_interface(&rec.link)?,
+        };
+        self.packet.clear();
+        encode_h4_att(&mut self.packet, rec.direction, &rec.bytes).ok_or(CaptureError::FrameTooLarge { len: rec.bytes.len() })?;
+        let block = EnhancedPacketBlock {
+            interface_id,
+            timestamp: Duration::from_nanos(rec.timestamp_ns),
+            original_len: self.packet.len() as u32,
+            data: Cow::Borrowed(&self.packet[..]),
+            options: vec![EnhancedPacketOption::Comment(Cow::Borrowed(rec.direction.as_str()))],
+        };
+        let path = &self.path;
+        self.writer.write_pcapng_block(block).map_err(|source| pcap_err(path, source))?;
+        Ok(())
+    }
+
+    /// Flushes and closes the file, reporting a failure to write the buffered blocks.
+    pub fn close(self) -> Result<(), CaptureError> {
+        let path = self.path;
+        let file = self
+            .writer
+            .into_inner()
+            .into_inner()
+            .map_err(|e| CaptureError::Io { path: path.clone(), source: e.into_error() })?;
+        drop(file);
+        Ok(())
+    }
+
+    fn add_interface(&mut self, link_name: &str) -> Result<u32, CaptureError> {
+        check_link_name(link_name)?;
+        let idb = InterfaceDescriptionBlock {
+            linktype: DataLink::from(LINKTYPE_BLUETOOTH_HCI_H4_WITH_PHDR),
+            snaplen: 0,
+            options: vec![
+                InterfaceDescriptionOption::IfName(Cow::Owned(link_name.to_owned())),
+                InterfaceDescriptionOption::IfDescription(Cow::Borrowed("BLE ATT over the virtual air, seen from hci0, simulated by hilbench")),
+                InterfaceDescriptionOption::IfTsResol(9),
+            ],
+        };
+        let path = &self.path;
+        self.writer.write_pcapng_block(idb).map_err(|source| pcap_err(path, source))?;
+        self.links.push(link_name.to_owned());
+        Ok((self.links.len() - 1) as u32)
+    }
+}
+
+/// Appends the direction pseudo-header, H4 type, ACL and L2CAP headers and
+/// the ATT PDU. None when the PDU does not fit one ACL packet (65531 bytes;
+/// an ATT PDU is at most 517).
+pub fn encode_h4_att(out: &mut Vec<u8>, direction: Direction, pdu: &[u8]) -> Option<()> {
+    let l2cap_len = u16::try_from(pdu.len()).ok()?;
+    let acl_len = l2cap_len.checked_add(4)?;
+    let (sent, boundary) = match direction {
+        Direction::Request => (0u32, 0b00u16),
+        Direction::Response => (1u32, 0b10u16),
+    };
+    out.extend_from_slice(&sent.to_be_bytes());
+    out.push(H4_ACL);
+    out.extend_from_slice(&(ACL_CONNECTION_HANDLE | (boundary << 12)).to_le_bytes());
+    out.extend_from_slice(&acl_len.to_le_bytes());
+    out.extend_from_slice(&l2cap_len.to_le_bytes());
+    out.extend_from_slice(&L2CAP_CID_ATT.to_le_bytes());
+    out.extend_from_slice(pdu);
+    Some(())
+}
+
 fn check_link_name(name: &str) -> Result<(), CaptureError> {
     if name.len() > MAX_LINK_NAME_LEN {
         return Err(CaptureError::LinkNameTooLong { len: name.len() });
@@ -391,6 +518,27 @@ mod tests {
                 ))]
             );
         }
+    }
+
+    #[test]
+    fn att_pdu_is_wrapped_in_h4_acl_and_l2cap() {
+        let mut out = Vec::new();
+        encode_h4_att(&mut out, Direction::Response, &[0x1B, 0x0C, 0x00, 0xAA]).unwrap();
+        #[rustfmt::skip]
+        let want: &[u8] = &[
+            0, 0, 0, 1,        // received by hci0
+            0x02,              // H4 ACL
+            0x40, 0x20,        // handle 0x040, first flushable
+            0x08, 0x00,        // ACL length
+            0x04, 0x00,        // L2CAP length
+            0x04, 0x00,        // CID 4: ATT
+            0x1B, 0x0C, 0x00, 0xAA,
+        ];
+        assert_eq!(out, want);
+        out.clear();
+        encode_h4_att(&mut out, Direction::Request, &[0x52, 0x0F, 0x00]).unwrap();
+        assert_eq!(&out[..7], &[0, 0, 0, 0, 0x02, 0x40, 0x00]);
+        assert!(encode_h4_att(&mut Vec::new(), Direction::Request, &vec![0; 70_000]).is_none());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! A bluer peripheral for air tests: an echo service (0xFF00) with a notify
 //! characteristic (0xFF01) and a write characteristic (0xFF02, write and
-//! write-without-response). Writing `x…` answers with the text upper-cased,
+//! write-without-response); 0xFF01 also reads as `echo`. Writing `x…` answers with the text upper-cased,
 //! repeated to 34 bytes and sent in MTU−3 chunks, the way the JBD BMS
 //! splits its frames; writing `LONG` answers with one 30-byte notification,
 //! which the air must cut to MTU−3.
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bluer::adv::{Advertisement, AdvertisementHandle};
 use bluer::gatt::local::{
-    Application, ApplicationHandle, Characteristic, CharacteristicNotify, CharacteristicNotifyMethod,
+    Application, ApplicationHandle, Characteristic, CharacteristicNotify, CharacteristicNotifyMethod, CharacteristicRead,
     CharacteristicWrite, CharacteristicWriteMethod, Service,
 };
 use futures::FutureExt;
@@ -22,6 +22,8 @@ pub const SERVICE: uuid::Uuid = uuid::Uuid::from_u128(0x0000ff00_0000_1000_8000_
 pub const NOTIFY: uuid::Uuid = uuid::Uuid::from_u128(0x0000ff01_0000_1000_8000_00805f9b34fb);
 pub const WRITE: uuid::Uuid = uuid::Uuid::from_u128(0x0000ff02_0000_1000_8000_00805f9b34fb);
 pub const NAME: &str = "hilbench-echo";
+/// What reading the notify characteristic (0xFF01) returns.
+pub const READ_VALUE: &[u8] = b"echo";
 
 /// One air per test process: libdbus (under bluer and btleplug) reads
 /// DBUS_SYSTEM_BUS_ADDRESS once per process and caches it. The air runs on
@@ -128,6 +130,11 @@ pub async fn start_peripheral(adapter_name: &str) -> Peripheral {
             characteristics: vec![
                 Characteristic {
                     uuid: NOTIFY,
+                    read: Some(CharacteristicRead {
+                        read: true,
+                        fun: Box::new(|_req| async move { Ok(READ_VALUE.to_vec()) }.boxed()),
+                        ..Default::default()
+                    }),
                     notify: Some(CharacteristicNotify {
                         notify: true,
                         method: CharacteristicNotifyMethod::Fun(Box::new(move |n| {
