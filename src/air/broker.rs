@@ -1,5 +1,8 @@
-//! The air's own D-Bus broker, on a Unix socket in a private temporary
-//! directory, open to every local peer (one BlueZ and its clients).
+//! The air's own D-Bus broker, open to every local peer (one BlueZ and its
+//! clients). dbus-daemon listens on an abstract Unix socket, so nothing is
+//! left in the file system when the process that owns the air ends however
+//! it ends (a test's shared air is never dropped); busd on a socket in a
+//! private temporary directory.
 //!
 //! Two kinds: `dbus-daemon` (the default) started with a generated
 //! configuration, and `busd` in-process. busd cannot serve bleak: zbus's
@@ -55,17 +58,16 @@ impl Broker {
 pub struct DaemonBroker {
     address: String,
     child: Child,
-    _dir: tempfile::TempDir,
 }
 
 /// The daemon's configuration: our socket, everyone allowed everything,
 /// limits raised so a thousand peripherals fit on one bus.
-fn daemon_config(socket: &std::path::Path) -> String {
+fn daemon_config(socket: &str) -> String {
     format!(
         r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
-  <listen>unix:path={}</listen>
+  <listen>unix:abstract={}</listen>
   <auth>EXTERNAL</auth>
   <policy context="default">
     <allow user="*"/>
@@ -86,14 +88,16 @@ fn daemon_config(socket: &std::path::Path) -> String {
   <limit name="reply_timeout">60000</limit>
 </busconfig>
 "#,
-        socket.display()
+        socket
     )
 }
 
 impl DaemonBroker {
     pub fn start() -> Result<DaemonBroker> {
+        // The configuration file is read once at start; the directory goes
+        // when this function returns. Its unique name names the socket.
         let dir = tempfile::Builder::new().prefix("hilbench-air-").tempdir().context("creating the bus directory")?;
-        let socket = dir.path().join("system_bus_socket");
+        let socket = dir.path().join("system_bus_socket").display().to_string();
         let config = dir.path().join("bus.conf");
         std::fs::write(&config, daemon_config(&socket)).context("writing the dbus-daemon configuration")?;
         let mut cmd = Command::new("dbus-daemon");
@@ -101,9 +105,12 @@ impl DaemonBroker {
             .args(["--nofork", "--nopidfile", "--print-address=1", "--nosyslog"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         let mut child = spawn_tied(cmd)
             .map_err(|e| anyhow!("cannot run dbus-daemon ({e}): install the dbus-daemon package, or use the busd broker"))?;
+        if let Some(stderr) = child.stderr.take() {
+            forward_daemon_stderr(stderr);
+        }
         let stdout = child.stdout.take().context("dbus-daemon stdout")?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).context("reading dbus-daemon's address")?;
@@ -112,8 +119,26 @@ impl DaemonBroker {
             let status = child.wait().ok();
             bail!("dbus-daemon exited without printing its address ({status:?})");
         }
-        Ok(DaemonBroker { address, child, _dir: dir })
+        Ok(DaemonBroker { address, child })
     }
+}
+
+/// Passes dbus-daemon's messages on to our log, except the one it prints
+/// on every start as root without CAP_SYS_RESOURCE: it tries to raise its
+/// descriptor limit to 65536 whatever the configuration asks, and a hard
+/// limit below that makes it say "Failed to set fd limit" and go on with
+/// the limit it has (ours, which the configuration's limits fit in).
+fn forward_daemon_stderr(stderr: std::process::ChildStderr) {
+    let _ = std::thread::Builder::new().name("dbus-daemon-stderr".into()).spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if line.contains("Failed to set fd limit") {
+                tracing::debug!("dbus-daemon: {line}");
+            } else {
+                tracing::warn!("dbus-daemon: {line}");
+            }
+        }
+    });
 }
 
 type SpawnRequest = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
