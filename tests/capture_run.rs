@@ -48,3 +48,29 @@ fn scenario_capture_decodes_as_modbus_rtu() {
         assert_eq!(regs[22], soc.to_string(), "{reply}");
     }
 }
+
+#[test]
+fn ble_scenario_capture_decodes_as_att_with_the_lone_77() {
+    let ts = tshark();
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/jbd-fault1-lone-77.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+        .args(["run", scenario.to_str().unwrap(), "--capture", dir.path().to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let pcap = dir.path().join("jbd-field-fault-1-response-split-so-the-last-notification-is-a-lone-77/bms-att.pcapng");
+    assert!(pcap.exists(), "{}", String::from_utf8_lossy(&out.stdout));
+    let fields = Command::new(&ts)
+        .args(["-r", pcap.to_str().unwrap(), "-Y", "btatt.opcode == 0x1b", "-T", "fields", "-e", "btatt.handle", "-e", "btatt.value"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&fields.stdout);
+    let values: Vec<&str> = text.lines().filter_map(|l| l.split('\t').nth(1)).collect();
+    // The Chins 0x03 answer (41 bytes) as 20 + 20 + 1 notifications: the first starts the frame,
+    // the third is the lone end byte.
+    let start = values.iter().position(|v| v.starts_with("dd0300")).unwrap_or_else(|| panic!("no 0x03 answer in\n{text}"));
+    assert_eq!(values[start].len(), 40, "{text}");
+    assert_eq!(values[start + 1].len(), 40, "{text}");
+    assert_eq!(values[start + 2], "77", "{text}");
+}

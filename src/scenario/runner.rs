@@ -1207,7 +1207,10 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
                     .await
                     .iter()
                     .filter(|f| {
-                        f.link == e.link && f.timestamp_ns >= since_ns && e.direction.is_none_or(|d| d == f.direction)
+                        f.link == e.link
+                            && f.timestamp_ns >= since_ns
+                            && e.direction.is_none_or(|d| d == f.direction)
+                            && e.length.is_none_or(|n| n == f.bytes.len())
                     })
                     .count()
             })
@@ -1295,12 +1298,41 @@ async fn collect_frames(world: &World) -> Vec<FrameRecord> {
             all.extend(ctl.frames.send(ClientFrames).await.unwrap_or_default());
         }
     }
+    // BLE links record under their adapter's name; scenarios know the device's.
+    for (name, dev) in &world.jbd {
+        let adapter = dev.adapter.clone();
+        if let Ok(mut recs) = ble_link(&adapter, |l| async move { l.frames() }).await {
+            for r in &mut recs {
+                r.link = name.clone();
+            }
+            all.extend(recs);
+        }
+    }
     all.sort_by_key(|f| f.timestamp_ns);
     all
 }
 
 async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOptions, scenario: &Scenario) {
     let frames = collect_frames(&world).await;
+    // Serial links are captured as Modbus RTU; BLE links as ATT (their own format).
+    let serial_links: Vec<String> = world
+        .buses
+        .iter()
+        .flat_map(|(names, _)| names.iter().cloned())
+        .chain(scenario.clients.iter().filter(|c| matches!(c, ClientSpec::ModbusMaster(_) | ClientSpec::InverterMaster(_) | ClientSpec::LegacyClient(_))).map(|c| c.name().to_string()))
+        .collect();
+    let mut att: Vec<FrameRecord> = Vec::new();
+    if options.capture_dir.is_some() {
+        for (name, dev) in &world.jbd {
+            let adapter = dev.adapter.clone();
+            if let Ok(mut recs) = ble_link(&adapter, |l| async move { l.att_frames() }).await {
+                for r in &mut recs {
+                    r.link = name.clone();
+                }
+                att.extend(recs);
+            }
+        }
+    }
     let World {
         log,
         buses,
@@ -1328,7 +1360,13 @@ async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOption
     drop(buses);
     drop(packs);
     if let Some(dir) = &options.capture_dir {
-        match write_captures(dir, &scenario.name, &frames) {
+        let serial: Vec<FrameRecord> = frames.iter().filter(|f| serial_links.contains(&f.link)).cloned().collect();
+        let written = write_captures(dir, &scenario.name, &serial)
+            .and_then(|mut files| write_att_captures(dir, &scenario.name, &att).map(|more| {
+                files.extend(more);
+                files
+            }));
+        match written {
             Ok(files) => report.captures = files,
             Err(e) => {
                 report.passed = false;
@@ -1350,6 +1388,26 @@ pub fn slug(name: &str) -> String {
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
         .join("-")
+}
+
+/// One ATT pcapng per BLE device under `dir/<scenario>/<device>-att.pcapng`.
+fn write_att_captures(dir: &Path, scenario: &str, frames: &[FrameRecord]) -> Result<Vec<PathBuf>, String> {
+    let sdir = dir.join(slug(scenario));
+    let mut by_link: BTreeMap<&str, Vec<&FrameRecord>> = BTreeMap::new();
+    for f in frames {
+        by_link.entry(&f.link).or_default().push(f);
+    }
+    let mut files = vec![];
+    for (link, recs) in by_link {
+        std::fs::create_dir_all(&sdir).map_err(|e| format!("{}: {e}", sdir.display()))?;
+        let path = sdir.join(format!("{}-att.pcapng", slug(link)));
+        let mut cap = crate::link::capture::AttPcapngCapture::create(&path, link).map_err(|e| format!("{}: {e}", path.display()))?;
+        for r in recs {
+            cap.write(r).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        files.push(path);
+    }
+    Ok(files)
 }
 
 /// One pcapng per link under `dir/<scenario>/`.

@@ -496,6 +496,9 @@ pub struct ExpectFrames {
     pub link: String,
     #[serde(default)]
     pub direction: Option<Direction>,
+    /// Only frames of exactly this many bytes (e.g. a lone `77` notification: 1).
+    #[serde(default)]
+    pub length: Option<usize>,
     #[serde(default)]
     pub at_least: Option<usize>,
     #[serde(default)]
