@@ -148,7 +148,11 @@ struct ClientLinkControl {
     frames: Recipient<ClientFrames>,
 }
 
-fn poller_handle<P: crate::client::poller::PollProtocol>(a: Addr<PollerActor<P>>) -> ClientHandle {
+/// A client actor that owns a link: faults, clearing and frames go to it.
+fn linked_handle<A>(a: Addr<A>) -> ClientHandle
+where
+    A: Actor<Context = Context<A>> + Handler<ClientFault> + Handler<ClientClearFaults> + Handler<ClientFrames>,
+{
     ClientHandle {
         link: Some(ClientLinkControl {
             fault: a.clone().recipient(),
@@ -463,14 +467,7 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
                     Ok((cfg, vmac)) => {
                         let addr = BscNodeActor::new(cfg, log.clone()).start();
                         world.bsc_nodes.insert(c.name.clone(), (addr.clone(), vmac));
-                        Ok(ClientHandle {
-                            link: Some(ClientLinkControl {
-                                fault: addr.clone().recipient(),
-                                clear: addr.clone().recipient(),
-                                frames: addr.clone().recipient(),
-                            }),
-                            _actor: Box::new(addr),
-                        })
+                        Ok(linked_handle(addr))
                     }
                     Err(e) => Err(e),
                 }
@@ -493,15 +490,7 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
                     seed,
                     ..defaults
                 };
-                let addr = JbdClientActor::new(cfg, log.clone()).start();
-                Ok(ClientHandle {
-                    link: Some(ClientLinkControl {
-                        fault: addr.clone().recipient(),
-                        clear: addr.clone().recipient(),
-                        frames: addr.clone().recipient(),
-                    }),
-                    _actor: Box::new(addr),
-                })
+                Ok(linked_handle(JbdClientActor::new(cfg, log.clone()).start()))
             }
             ClientSpec::BscRaw(c) => {
                 let index = bsc_clients.iter().position(|n| *n == c.name).unwrap_or(0);
@@ -587,9 +576,9 @@ fn start_serial_client(
     };
     let started = match spec {
         ClientSpec::ModbusMaster(_) | ClientSpec::InverterMaster(_) => {
-            PollerActor::open(poller, ModbusPoll { profile }, log.clone()).map(|a| poller_handle(a.start()))
+            PollerActor::open(poller, ModbusPoll { profile }, log.clone()).map(|a| linked_handle(a.start()))
         }
-        ClientSpec::LegacyClient(_) => PollerActor::open(poller, LegacyPoll, log.clone()).map(|a| poller_handle(a.start())),
+        ClientSpec::LegacyClient(_) => PollerActor::open(poller, LegacyPoll, log.clone()).map(|a| linked_handle(a.start())),
         ClientSpec::ModbusSniffer(_) => SnifferActor::open(
             SnifferConfig {
                 name: c.name.clone(),
