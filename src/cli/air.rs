@@ -28,10 +28,20 @@ pub struct AirArgs {
     /// The broker to start: dbus-daemon (every client) or busd (in-process; not for bleak).
     #[arg(long, value_enum, default_value = "dbus-daemon")]
     pub broker: crate::air::broker::BrokerKind,
+    /// Threads serving the air (1: everything on the starting thread).
+    /// Measured with benches/air.rs on a loaded 2-core machine, 2 answered
+    /// a btleplug round trip faster than 1.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
 }
 
 pub fn run(a: AirArgs) -> i32 {
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let built = if a.threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(a.threads)).enable_all().build()
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -21,6 +21,7 @@ async def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--address", required=True)
     ap.add_argument("--rounds", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=20.0)
     a = ap.parse_args()
     dev = await BleakScanner.find_device_by_address(a.address, timeout=a.timeout)
@@ -35,12 +36,14 @@ async def main() -> int:
         await c.write_gatt_char(WRITE, b"LONG", response=True)
         long_note = await asyncio.wait_for(q.get(), a.timeout)
         rtts = []
-        for _ in range(a.rounds):
+        for i in range(a.warmup + a.rounds):
             t0 = time.perf_counter()
             await c.write_gatt_char(WRITE, b"ab", response=False)
             await asyncio.wait_for(q.get(), a.timeout)
-            rtts.append((time.perf_counter() - t0) * 1e6)
+            rtt = (time.perf_counter() - t0) * 1e6
             await asyncio.wait_for(q.get(), a.timeout)
+            if i >= a.warmup:
+                rtts.append(rtt)
         mtu = c.mtu_size
         await c.stop_notify(NOTIFY)
     out = {
@@ -53,7 +56,8 @@ async def main() -> int:
     }
     if rtts:
         rtts.sort()
-        out["rtt_us"] = {"p50": rtts[len(rtts) // 2], "p99": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))], "n": len(rtts)}
+        q = lambda f: rtts[min(len(rtts) - 1, int(len(rtts) * f))]
+        out["rtt_us"] = {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": rtts[-1], "n": len(rtts)}
     print(json.dumps(out))
     return 0
 
