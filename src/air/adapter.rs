@@ -767,6 +767,7 @@ pub(crate) async fn owner_gone(air: &Arc<AirInner>, owner: &str) {
         }
     }
     device::forget_central(air, owner).await;
+    air.forget_app(owner);
 }
 
 pub(crate) async fn add_peripheral_adapter(air: &Arc<AirInner>) -> Result<PeripheralAdapterInfo> {

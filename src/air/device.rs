@@ -633,6 +633,10 @@ impl RemoteChar {
                 }
             }
         } else {
+            if let Err(e) = air.listen_to_app(&self.owner).await {
+                lock(&self.st).app_notify = AppNotify::Off;
+                return Err(BluezError::Failed(format!("cannot listen to {}: {e}", self.owner)));
+            }
             match self.call_app(air, "StartNotify", &()).await {
                 Ok(_) => Ok(()),
                 Err(e) => {

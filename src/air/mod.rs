@@ -155,6 +155,12 @@ pub(crate) struct AirInner {
     pub advertise_now: tokio::sync::Notify,
     /// App characteristics (owner, path) whose PropertiesChanged are notifications.
     pub notify_routes: Mutex<HashMap<(String, String), Weak<device::RemoteChar>>>,
+    /// One listener per application owner that sends notifications as
+    /// PropertiesChanged: its match rule names the sender, so the bus does
+    /// not hand the air back its own PropertiesChanged on hci0's
+    /// characteristics (a rule for any sender would: two wasted messages
+    /// per notification).
+    pub notify_listeners: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
 impl AirInner {
@@ -324,6 +330,7 @@ impl Air {
             rssi_rng: Mutex::new(ChaCha8Rng::seed_from_u64(config.seed ^ 0x5251_5349)),
             advertise_now: tokio::sync::Notify::new(),
             notify_routes: Mutex::new(HashMap::new()),
+            notify_listeners: Mutex::new(HashMap::new()),
             config: config.clone(),
         });
         let server = conn.object_server();
@@ -333,7 +340,6 @@ impl Air {
         let mut tasks = Vec::new();
         // Listen before taking the name, so no app can register and vanish unseen.
         tasks.push(tokio::spawn(watch_owners(Arc::downgrade(&inner), conn.clone()).await?));
-        tasks.push(tokio::spawn(route_notifications(Arc::downgrade(&inner), conn.clone()).await?));
         tasks.push(tokio::spawn(advertise(inner.clone())));
         let air = Air { inner, tasks, address, broker };
         for _ in 0..config.peripheral_adapters {
@@ -387,6 +393,7 @@ impl Air {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        self.inner.stop_listeners();
         let _ = self.inner.conn.release_name(BLUEZ).await;
         let conn = self.inner.conn.clone();
         let _ = conn.close().await;
@@ -401,6 +408,7 @@ impl Drop for Air {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        self.inner.stop_listeners();
     }
 }
 
@@ -493,24 +501,59 @@ async fn watch_owners(air: Weak<AirInner>, conn: Connection) -> Result<impl std:
     })
 }
 
-/// Every PropertiesChanged(Value) a peripheral app emits on a characteristic
+impl AirInner {
+    /// Listens to `owner`'s PropertiesChanged on its characteristics (once
+    /// per owner); returns when the bus has the match rule, so nothing the
+    /// application sends after this is missed.
+    pub(crate) async fn listen_to_app(self: &Arc<Self>, owner: &str) -> zbus::Result<()> {
+        let listening = |l: &HashMap<String, tokio::task::JoinHandle<()>>| l.get(owner).is_some_and(|t| !t.is_finished());
+        if listening(&self.listeners()) {
+            return Ok(());
+        }
+        let route = route_notifications(Arc::downgrade(self), self.conn.clone(), owner).await?;
+        let mut listeners = self.listeners();
+        // Another subscriber's call got there first: zbus counts the rule
+        // twice, and this stream's drop takes one back.
+        if !listening(&listeners) {
+            listeners.insert(owner.to_string(), tokio::spawn(route));
+        }
+        Ok(())
+    }
+
+    /// The owner left: its listener (and its match rule) goes.
+    pub(crate) fn forget_app(&self, owner: &str) {
+        if let Some(t) = self.listeners().remove(owner) {
+            t.abort();
+        }
+    }
+
+    fn listeners(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::task::JoinHandle<()>>> {
+        self.notify_listeners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops every listener (their streams hold the connection open).
+    fn stop_listeners(&self) {
+        for (_, t) in self.listeners().drain() {
+            t.abort();
+        }
+    }
+}
+
+/// Every PropertiesChanged(Value) an application emits on a characteristic
 /// is a notification, if a central subscribed to it.
-async fn route_notifications(air: Weak<AirInner>, conn: Connection) -> Result<impl std::future::Future<Output = ()>> {
+async fn route_notifications(air: Weak<AirInner>, conn: Connection, owner: &str) -> zbus::Result<impl std::future::Future<Output = ()>> {
     let rule = zbus::MatchRule::builder()
         .msg_type(zbus::message::Type::Signal)
+        .sender(owner)
         .interface("org.freedesktop.DBus.Properties")
         .member("PropertiesChanged")
         .arg(0, "org.bluez.GattCharacteristic1")
         .build()?;
     let mut stream = zbus::MessageStream::for_match_rule(rule, &conn, None).await?;
-    let me = conn.unique_name().map(|n| n.to_string()).unwrap_or_default();
     Ok(async move {
         while let Some(Ok(msg)) = stream.next().await {
             let header = msg.header();
             let (Some(sender), Some(path)) = (header.sender(), header.path()) else { continue };
-            if sender.as_str() == me {
-                continue;
-            }
             let Some(air) = air.upgrade() else { return };
             let target = air
                 .notify_routes
