@@ -4,7 +4,8 @@
 //!
 //! * `rtt`   – write (without response) → first notification round trip
 //!   through the air: a bluer echo peripheral (tests/air_support) and a
-//!   btleplug central in this process, then Python's bleak
+//!   btleplug central in this process, a bluer central on AcquireWrite /
+//!   AcquireNotify sockets, then Python's bleak
 //!   (tests/py/bleak_echo.py) as the central; p50/p90/p99/max and the CPU
 //!   the air and dbus-daemon spend per round;
 //! * `scale` – `hilbench air --adapters N`, one advertisement per adapter
@@ -312,6 +313,53 @@ fn part_rtt(t: &mut Targets) -> Res<()> {
     })?;
     print_hist("btleplug write→notification", &h);
     t.check("btleplug p50", h.value_at_quantile(0.5) as f64 / 1e6, 0.15, "ms");
+
+    // A bluer central on AcquireWrite/AcquireNotify sockets: the central's
+    // side of the round trip skips the bus (the peripheral's side still
+    // uses it), which shows what the bus hops cost.
+    let h = rt.block_on(async {
+        let session = bluer::Session::new().await.map_err(|e| e.to_string())?;
+        let adapter = session.default_adapter().await.map_err(|e| e.to_string())?;
+        let addr: bluer::Address = address.parse().map_err(|e| format!("{e}"))?;
+        let device = adapter.device(addr).map_err(|e| e.to_string())?;
+        tokio::time::timeout(WAIT, device.connect()).await.map_err(|_| "connect timed out")?.map_err(|e| e.to_string())?;
+        let (mut notify, mut write) = (None, None);
+        for s in device.services().await.map_err(|e| e.to_string())? {
+            for c in s.characteristics().await.map_err(|e| e.to_string())? {
+                match c.uuid().await.map_err(|e| e.to_string())? {
+                    u if u == air_support::NOTIFY => notify = Some(c),
+                    u if u == air_support::WRITE => write = Some(c),
+                    _ => {}
+                }
+            }
+        }
+        let (notify, write) = (notify.ok_or("no notify characteristic")?, write.ok_or("no write characteristic")?);
+        let reader = notify.notify_io().await.map_err(|e| format!("AcquireNotify: {e}"))?;
+        let writer = write.write_io().await.map_err(|e| format!("AcquireWrite: {e}"))?;
+        let mut h = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+        let bound = Instant::now() + Duration::from_secs(120);
+        for i in 0..warmup + rounds {
+            if Instant::now() > bound {
+                return Err(format!("bluer rounds took over 120 s (at round {i})"));
+            }
+            let t0 = Instant::now();
+            writer.send(b"ab").await.map_err(|e| e.to_string())?;
+            let first = tokio::time::timeout(Duration::from_secs(5), reader.recv()).await.map_err(|_| format!("round {i}: no notification in 5 s"))?;
+            let rtt = t0.elapsed();
+            if first.map_err(|e| e.to_string())?.len() != 20 {
+                return Err(format!("round {i}: first notification is not 20 bytes"));
+            }
+            tokio::time::timeout(Duration::from_secs(5), reader.recv()).await.map_err(|_| format!("round {i}: no second notification"))?.map_err(|e| e.to_string())?;
+            if i >= warmup {
+                h.record(rtt.as_nanos() as u64).map_err(|e| e.to_string())?;
+            }
+        }
+        drop(writer);
+        drop(reader);
+        device.disconnect().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(h)
+    })?;
+    print_hist("bluer (AcquireWrite/AcquireNotify) write→notification", &h);
 
     match python() {
         None => println!("   bleak: skipped (no Python with bleak; set HILBENCH_PYTHON)"),
