@@ -27,7 +27,6 @@
 //! DBUS_SYSTEM_BUS_ADDRESS once per process). Every wait is bounded.
 
 #[path = "../tests/air_support/mod.rs"]
-#[allow(dead_code)]
 mod air_support;
 
 use std::collections::HashSet;

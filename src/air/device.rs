@@ -1106,6 +1106,8 @@ impl GattCharacteristic {
     fn mtu(&self) -> u16 {
         self.c.peripheral.link.mtu()
     }
+    // BlueZ's Handle of a characteristic is its value handle.
+    #[allow(clippy::misnamed_getters)]
     #[zbus(property)]
     fn handle(&self) -> u16 {
         self.c.layout.value_handle
