@@ -755,6 +755,19 @@ impl RemoteChar {
             };
         }
         let opts = self.options(air, &[("type", Variant::from(procedure.app_type().to_string())), ("offset", Variant::from(offset))]);
+        if procedure == WriteProcedure::Command {
+            // As BlueZ sends it (send_write in src/gatt-database.c passes no
+            // reply callback for a command): no answer is asked for, so
+            // none comes back over the bus, and commands go out in order
+            // without waiting for one another.
+            let msg = zbus::Message::method_call(self.layout.app_path.as_str(), "WriteValue")
+                .destination(self.owner.as_str())
+                .interface(CHAR_IFACE)
+                .with_flags(zbus::message::Flags::NO_REPLY_EXPECTED)
+                .build(&(bytes, opts))
+                .map_err(|e| WriteFailure::local(BluezError::Failed(e.to_string())))?;
+            return air.conn.send(&msg).await.map_err(|e| WriteFailure::local(BluezError::Failed(e.to_string())));
+        }
         self.call_app(air, "WriteValue", &(bytes, opts)).await.map(|_| ()).map_err(WriteFailure::app)
     }
 
