@@ -92,7 +92,12 @@ async def main() -> int:
     ap.add_argument("--address")
     ap.add_argument("--name")
     ap.add_argument("--timeout", type=float, default=20.0)
+    ap.add_argument("--cycles", type=int, default=0,
+                    help="benchmark: time this many full poll cycles (connect, subscribe, "
+                         "0x03 + 0x04, disconnect) and print p50/p99 in ms instead of values")
     a = ap.parse_args()
+    if a.cycles:
+        return await bench(a)
     if a.address:
         dev = await BleakScanner.find_device_by_address(a.address, timeout=a.timeout)
     else:
@@ -112,6 +117,34 @@ async def main() -> int:
     out["cells_mv"] = [int.from_bytes(cells[i : i + 2], "big") for i in range(0, len(cells) - 1, 2)]
     out["notification_sizes"] = {"basic": basic_sizes, "cells": cell_sizes}
     print(json.dumps(out))
+    return 0
+
+
+async def bench(a) -> int:
+    """Times poll cycles from connect to disconnect. The scan before each
+    cycle is not timed: the BMS re-advertises on the air's interval after a
+    central leaves, so scan time measures that interval, not the poll."""
+    import time
+
+    times = []
+    for _ in range(a.cycles):
+        dev = await BleakScanner.find_device_by_address(a.address, timeout=a.timeout)
+        if dev is None:
+            print(json.dumps({"ok": False, "error": "not found"}))
+            return 1
+        t0 = time.perf_counter()
+        queue: asyncio.Queue = asyncio.Queue()
+        asm = Reassembler()
+        async with BleakClient(dev, timeout=a.timeout) as client:
+            await client.start_notify(NOTIFY, lambda _c, data: queue.put_nowait(bytes(data)))
+            await request(client, queue, asm, READ_BASIC, a.timeout)
+            await request(client, queue, asm, READ_CELLS, a.timeout)
+            await client.stop_notify(NOTIFY)
+        times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]
+    print(json.dumps({"ok": True, "cycles": len(times), "p50_ms": round(pick(0.5), 2),
+                      "p99_ms": round(pick(0.99), 2), "max_ms": round(times[-1], 2)}))
     return 0
 
 
