@@ -69,6 +69,10 @@ pub const TIMER_SLACK: Duration = Duration::from_millis(50);
 const BATCH: usize = 512;
 /// Time a closing connection gets to finish the close handshake.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// tungstenite's read buffer per connection (its default is 128 KiB).
+const READ_BUFFER: usize = 2 * 1024;
+/// Bytes tungstenite gathers before writing to the socket; a flush writes the rest.
+const WRITE_BUFFER: usize = 8 * 1024;
 
 /// The hub's certificate, key and the CA client certificates must chain to.
 pub type HubTls = TlsDir;
@@ -646,11 +650,14 @@ async fn accept_loop(
 ) {
     let handshakes = Arc::new(Semaphore::new(cfg.max_handshakes));
     let next_id = Arc::new(AtomicU64::new(1));
+    // Small buffers: an idle connection holds its read buffer (tungstenite zero-fills it
+    // on every read attempt, so it is resident) and the high-water mark of its write
+    // buffer. SC frames are small; a larger message reserves what it needs.
     let ws = WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
-        .write_buffer_size(64 * 1024)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         // Bounded: a peer that stops reading cannot grow tungstenite's buffer past this.
-        .max_write_buffer_size(64 * 1024 + cfg.queue_depth.saturating_mul(cfg.max_message + 14))
+        .max_write_buffer_size(WRITE_BUFFER + cfg.queue_depth.saturating_mul(cfg.max_message + 14))
         .max_message_size(Some(cfg.max_message))
         .max_frame_size(Some(cfg.max_message));
     let settings = Arc::new(ConnSettings {
@@ -680,18 +687,21 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let conn = ConnId(next_id.fetch_add(1, Relaxed));
         let (tls, in_tx, shared, settings) = (tls.clone(), in_tx.clone(), shared.clone(), settings.clone());
+        // Handshake futures are boxed and freed once done: a task is as large as the
+        // largest state of its future, and inline TLS and WebSocket handshake state made
+        // every idle connection's task 13 kB.
         tokio::spawn(async move {
             match tls {
                 Some(acceptor) => {
-                    let hs = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp)).await;
+                    let hs = Box::pin(tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp))).await;
                     let stream = match hs {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => return shared.refuse(peer, RefuseReason::Tls(e.to_string())),
                         Err(_) => return shared.refuse(peer, RefuseReason::HandshakeTimeout),
                     };
-                    connection(stream, conn, peer, permit, settings, in_tx, shared).await;
+                    Box::pin(connection(stream, conn, peer, permit, settings, in_tx, shared)).await;
                 }
-                None => connection(tcp, conn, peer, permit, settings, in_tx, shared).await,
+                None => Box::pin(connection(tcp, conn, peer, permit, settings, in_tx, shared)).await,
             }
         });
     }
@@ -762,10 +772,10 @@ async fn connection<S>(
             .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(HUB_SUBPROTOCOL));
         Ok(resp)
     };
-    let hs = tokio::time::timeout(
+    let hs = Box::pin(tokio::time::timeout(
         settings.handshake_timeout,
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(settings.ws)),
-    )
+    ))
     .await;
     drop(permit);
     let ws = match hs {
@@ -792,27 +802,36 @@ async fn connection<S>(
     counters.accepted.fetch_add(1, Relaxed);
     tracing::debug!(%conn, %peer, "WebSocket accepted");
     shared.emit(|| HubServerEvent::Accepted { conn, peer });
+    // Split first: the halves share one heap allocation, and the WebSocket (with the TLS
+    // session) is then not also kept inline in this future.
+    let (sink, stream) = ws.split();
     let outbox = Arc::new(Outbox::new());
     if in_tx.send(Inbound::Open { conn, outbox: outbox.clone(), peer }).await.is_err() {
         return; // hub stopped
     }
-    let (sink, stream) = ws.split();
+    // The writer is its own task: a wake-up for frames to send then polls only the writer,
+    // not the reader as well (which costs a read attempt each time).
+    let mut writer = tokio::spawn(write_loop(sink, conn, outbox.clone(), shared.clone(), settings.queue_depth));
     let reader = std::pin::pin!(read_loop(stream, conn, &in_tx, &outbox, &shared));
-    let writer = std::pin::pin!(write_loop(sink, conn, &outbox, &shared, settings.queue_depth));
     let io = async {
-        match futures::future::select(reader, writer).await {
-            futures::future::Either::Left((read_end, writer)) => {
+        match futures::future::select(reader, &mut writer).await {
+            futures::future::Either::Left((read_end, _)) => {
                 // Peer closed, errored or violated the protocol: let the writer send any
                 // close frame the reader queued, then stop it.
                 outbox.finish();
-                let _ = tokio::time::timeout(CLOSE_GRACE, writer).await;
+                if tokio::time::timeout(CLOSE_GRACE, &mut writer).await.is_err() {
+                    writer.abort();
+                }
                 read_end.err()
             }
             futures::future::Either::Right((write_end, reader)) => {
                 // Close frame sent (hub decision) or the socket failed: wait briefly for
                 // the peer's close so the close handshake completes.
                 let _ = tokio::time::timeout(CLOSE_GRACE, reader).await;
-                write_end.err()
+                match write_end {
+                    Ok(r) => r.err(),
+                    Err(e) => Some(format!("writer task failed: {e}")),
+                }
             }
         }
     };
@@ -824,6 +843,8 @@ async fn connection<S>(
         e = io => e,
         _ = give_up => Some("close not completed in time; connection dropped".to_owned()),
     };
+    // However the connection ended, its writer (and socket half) goes with it.
+    writer.abort();
     // The core hears of the close before the slot is released: a later Open cannot find
     // the core fuller than the shell.
     let _ = in_tx.send(Inbound::Closed(conn)).await;
@@ -876,15 +897,16 @@ where
 async fn write_loop<S>(
     mut sink: futures::stream::SplitSink<WebSocketStream<S>, Message>,
     conn: ConnId,
-    outbox: &Outbox,
-    shared: &Shared,
+    outbox: Arc<Outbox>,
+    shared: Arc<Shared>,
     queue_depth: usize,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let counters = &shared.counters;
-    let mut batch: Vec<Bytes> = Vec::with_capacity(queue_depth.min(256));
+    // Grows with the bursts this receiver actually gets (an idle one holds nothing).
+    let mut batch: Vec<Bytes> = Vec::new();
     loop {
         outbox.notify.notified().await;
         let (close, shut, recovered) = {
@@ -918,7 +940,7 @@ where
         }
         // Keep the buffer's capacity bounded after a burst.
         if batch.capacity() > 4 * queue_depth.min(256) {
-            batch = Vec::with_capacity(queue_depth.min(256));
+            batch = Vec::new();
         }
     }
 }

@@ -162,7 +162,11 @@ async fn connect_inner(url: &str, opts: &WsConnectOptions) -> Result<WsStream, W
             .map_err(|e| WsConnectError::BadUrl { url: url.into(), reason: format!("subprotocol {p:?}: {e}") })?;
         request.headers_mut().insert("Sec-WebSocket-Protocol", v);
     }
+    // tungstenite zero-fills its whole read buffer before every read (default 128 KiB):
+    // with one small SC frame per read that was most of a node's receive cost.
     let config = WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
         .max_message_size(Some(opts.max_message))
         .max_frame_size(Some(opts.max_message));
     match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
