@@ -279,6 +279,23 @@ pub struct CpuSummary {
     pub generator_saturated: bool,
     pub hub_s: Option<f64>,
     pub hub_us_per_delivery: Option<f64>,
+    /// Cores busy on the whole machine while measuring (/proc/stat), and the part of
+    /// them neither this generator nor the hub used (other processes).
+    #[serde(default)]
+    pub machine_busy_cores: Option<f64>,
+    #[serde(default)]
+    pub others_cores: Option<f64>,
+}
+
+/// The hub's resident memory (loopback hubs, from /proc/PID/status VmRSS).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HubMemory {
+    /// Before this generator connected anything.
+    pub rss_before_kb: u64,
+    /// At the end of the send or hold phase, every connection still open.
+    pub rss_loaded_kb: u64,
+    /// (loaded − before) / connected nodes.
+    pub per_connection_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -315,6 +332,9 @@ pub struct LoadSummary {
     pub latency_us: Quantiles,
     pub per_sender: BTreeMap<u32, SenderSummary>,
     pub cpu: CpuSummary,
+    /// With --hub-pid: the hub's RSS before and under the load.
+    #[serde(default)]
+    pub hub_memory: Option<HubMemory>,
     /// base64 of the HDR histogram, V2 serialization (µs).
     pub latency_histogram: String,
     /// base64 of the HDR histogram, V2 serialization (ms).
@@ -461,6 +481,28 @@ pub fn process_cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some((utime + stime) / hz)
 }
 
+/// VmRSS of a process in kB, from /proc/<pid>/status.
+pub fn process_rss_kb(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Busy CPU seconds of the whole machine (all cores; everything but idle and iowait).
+pub fn machine_busy_seconds() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = text.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = cpu.split_whitespace().filter_map(|t| t.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let busy: u64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        v if v > 0 => v as f64,
+        _ => 100.0,
+    };
+    Some(busy as f64 / hz)
+}
+
 // ---------------------------------------------------------------------------------------
 // The run
 // ---------------------------------------------------------------------------------------
@@ -497,7 +539,8 @@ struct NodeResult {
     connect_ms: Option<u64>,
     connect_error: Option<String>,
     disconnected: bool,
-    latency: Histogram<u64>,
+    /// Made on the first delivery: a held connection (10,000 of them) needs none.
+    latency: Option<Histogram<u64>>,
     tracks: BTreeMap<u32, SequenceTrack>,
     sent: u64,
     misrouted: u64,
@@ -721,6 +764,7 @@ async fn drive(
         wake: (0..local_senders).map(|_| Notify::new()).collect(),
         last_delivery: AtomicU64::new(0),
     });
+    let rss_before = hub_pid.and_then(process_rss_kb);
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
     let gate = Arc::new(Semaphore::new(params.connect_concurrency));
     let connected = Arc::new(AtomicU64::new(0));
@@ -766,6 +810,7 @@ async fn drive(
     tokio::time::sleep(Duration::from_millis(100)).await;
     let cpu0 = process_cpu_seconds(None);
     let hub0 = hub_pid.and_then(|p| process_cpu_seconds(Some(p)));
+    let machine0 = machine_busy_seconds();
     let start = Instant::now();
     let _ = phase_tx.send(Phase::Sending);
     bar.set_prefix(if local_senders > 0 { "sending" } else { "holding" });
@@ -803,6 +848,8 @@ async fn drive(
     };
     let cpu1 = process_cpu_seconds(None);
     let hub1 = hub_pid.and_then(|p| process_cpu_seconds(Some(p)));
+    let machine1 = machine_busy_seconds();
+    let rss_loaded = hub_pid.and_then(process_rss_kb);
     let _ = phase_tx.send(Phase::Stop);
     bar.finish_and_clear();
 
@@ -831,7 +878,9 @@ async fn drive(
             }
         }
         s.disconnects += u64::from(r.disconnected);
-        let _ = lat.add(&r.latency);
+        if let Some(h) = &r.latency {
+            let _ = lat.add(h);
+        }
         s.sent += r.sent;
         s.misrouted += r.misrouted;
         for (g, t) in &r.tracks {
@@ -873,6 +922,27 @@ async fn drive(
     } else if hub_pid.is_some() {
         s.warnings.push("could not read the hub's /proc/PID/stat".into());
     }
+    if let (Some(a), Some(b)) = (machine0, machine1) {
+        let busy = (b - a) / measured;
+        s.cpu.machine_busy_cores = Some(busy);
+        let others = (busy - s.cpu.generator_cores_used - s.cpu.hub_s.unwrap_or(0.0) / measured).max(0.0);
+        s.cpu.others_cores = Some(others);
+        if busy >= 0.9 * cores as f64 {
+            s.warnings.push(format!(
+                "the machine was CPU-bound ({busy:.2} of {cores} cores busy: generator {:.2}, hub {}, other processes {others:.2}): \
+                 rates measure the machine; compare the hub's CPU per delivery",
+                s.cpu.generator_cores_used,
+                s.cpu.hub_s.map_or("not measured".to_owned(), |h| format!("{:.2}", h / measured)),
+            ));
+        }
+    }
+    if let (Some(before), Some(loaded)) = (rss_before, rss_loaded) {
+        s.hub_memory = Some(HubMemory {
+            rss_before_kb: before,
+            rss_loaded_kb: loaded,
+            per_connection_bytes: (s.connected > 0).then(|| loaded.saturating_sub(before) * 1024 / s.connected),
+        });
+    }
     s
 }
 
@@ -897,7 +967,7 @@ async fn node_task(
         connect_ms: None,
         connect_error: None,
         disconnected: false,
-        latency: new_histogram(),
+        latency: None,
         tracks: BTreeMap::new(),
         sent: 0,
         misrouted: 0,
@@ -964,6 +1034,7 @@ async fn node_task(
                 };
                 let now_ns = wall_ns();
                 let mut got = 0u64;
+                let mut fed = false;
                 for m in batch {
                     let data = match m {
                         Ok(WsMessage::Binary(b)) => b,
@@ -985,7 +1056,10 @@ async fn node_task(
                                 }
                                 if res.tracks.entry(sender).or_default().arrive(s) {
                                     got += 1;
-                                    let _ = res.latency.record((now_ns.saturating_sub(ts) / 1000).max(1));
+                                    let _ = res
+                                        .latency
+                                        .get_or_insert_with(new_histogram)
+                                        .record((now_ns.saturating_sub(ts) / 1000).max(1));
                                     if let Some((slot, _)) = plan.tracks.iter().find(|(_, g)| *g == sender) {
                                         if let (Some(a), Some(w)) = (shared.acked.get(*slot), shared.wake.get(*slot)) {
                                             a.fetch_max(s + 1, Ordering::AcqRel);
@@ -996,6 +1070,7 @@ async fn node_task(
                             }
                             SessionOutput::Send(b) => {
                                 let _ = sink.feed(WsMessage::Binary(b.into())).await;
+                                fed = true;
                             }
                             SessionOutput::Event(SessionEvent::Ended(_)) => res.disconnected = true,
                             SessionOutput::Event(_) => {}
@@ -1012,7 +1087,9 @@ async fn node_task(
                     shared.delivered.fetch_add(got, Ordering::Relaxed);
                     shared.last_delivery.fetch_max(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
                 }
-                let _ = sink.flush().await;
+                if fed {
+                    let _ = sink.flush().await;
+                }
             }
             _ = async { match wake { Some(w) => w.notified().await, None => std::future::pending().await } }, if can_send && p.window.is_some() && !window_open => {}
             _ = async { if p.rate.is_some() { pace.tick().await; } }, if can_send && (p.rate.is_some() || window_open) => {
@@ -1122,7 +1199,22 @@ fn print_human(s: &LoadSummary) {
     if let Some(u) = c.hub_us_per_delivery {
         print!(", {u:.2} µs per delivery");
     }
+    if let (Some(b), Some(o)) = (c.machine_busy_cores, c.others_cores) {
+        print!("; machine {b:.2} cores busy, {o:.2} by other processes");
+    }
     println!();
+    if let Some(m) = &s.hub_memory {
+        print!(
+            "  hub memory  RSS {:.1} MB before, {:.1} MB with {} connections",
+            m.rss_before_kb as f64 / 1024.0,
+            m.rss_loaded_kb as f64 / 1024.0,
+            s.connected
+        );
+        if let Some(b) = m.per_connection_bytes {
+            print!(": {:.1} kB per connection", b as f64 / 1024.0);
+        }
+        println!();
+    }
     for w in &s.warnings {
         println!("  warning: {w}");
     }
