@@ -112,7 +112,15 @@ fn two_shards_merge_into_one_lossless_summary() {
     assert_eq!(u(&m["latency_us"], "count"), u(&a["latency_us"], "count") + u(&b["latency_us"], "count"));
     assert_eq!(u(&m["latency_us"], "max"), u(&a["latency_us"], "max").max(u(&b["latency_us"], "max")));
     check_no_loss(&m);
-    assert!(m["warnings"].as_array().unwrap().is_empty(), "{m}");
+    // Merging complete shards warns about nothing; CPU warnings depend on the machine's
+    // load (other processes on a shared runner) and pass through from the shards.
+    let merge_warnings: Vec<_> = m["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| !w.as_str().is_some_and(|w| w.contains("CPU-bound") || w.contains("generator saturated")))
+        .collect();
+    assert!(merge_warnings.is_empty(), "{m}");
     // A lone shard cannot be judged.
     let (code, out, _) = hilbench(&["load", "merge", p1.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");

@@ -466,9 +466,13 @@ pub fn process_cpu_seconds(pid: Option<u32>) -> Option<f64> {
         Some(p) => format!("/proc/{p}/stat"),
         None => "/proc/self/stat".into(),
     };
-    let text = std::fs::read_to_string(path).ok()?;
+    stat_cpu_seconds(&std::fs::read_to_string(path).ok()?)
+}
+
+/// utime + stime in seconds from the text of a /proc stat file.
+fn stat_cpu_seconds(text: &str) -> Option<f64> {
     // The command name is in parentheses and may contain spaces: split after the last ')'.
-    let rest = &text[text.rfind(')')? + 1..];
+    let rest = text.get(text.rfind(')')? + 1..)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // After ')' the fields start at #3 (state); utime is #14, stime #15.
     let utime: f64 = fields.get(11)?.parse().ok()?;
@@ -501,6 +505,91 @@ pub fn machine_busy_seconds() -> Option<f64> {
         _ => 100.0,
     };
     Some(busy as f64 / hz)
+}
+
+/// CPU seconds of each of this process's threads, by thread id.
+fn thread_cpu_seconds() -> BTreeMap<u32, f64> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return BTreeMap::new() };
+    dir.filter_map(|e| {
+        let tid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        // /proc/self/task/TID/stat has the same layout as /proc/PID/stat.
+        let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+        Some((tid, stat_cpu_seconds(&text)?))
+    })
+    .collect()
+}
+
+/// What [`account_cpu`] needs, all over the measured phase.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSamples {
+    pub measured_s: f64,
+    pub cores: usize,
+    pub generator_s: Option<f64>,
+    /// CPU of the generator's busiest thread.
+    pub busiest_thread_s: Option<f64>,
+    pub hub_s: Option<f64>,
+    /// `--hub-pid` was given (a missing reading is then worth a warning).
+    pub hub_expected: bool,
+    /// Busy CPU of the whole machine.
+    pub machine_s: Option<f64>,
+    pub delivered: u64,
+}
+
+/// The CPU summary and the warnings that say when the figures measure the generator or
+/// the machine rather than the hub: the generator near all cores, one of its threads near
+/// one full core (a hot sender task), or every core busy.
+pub fn account_cpu(c: CpuSamples) -> (CpuSummary, Vec<String>) {
+    let t = c.measured_s.max(1e-6);
+    let cores = c.cores.max(1);
+    let mut s = CpuSummary { cores_available: cores, ..Default::default() };
+    let mut w = Vec::new();
+    if let Some(g) = c.generator_s {
+        s.generator_s = g;
+        s.generator_cores_used = g / t;
+        s.generator_saturated = s.generator_cores_used >= 0.9 * cores as f64;
+        if s.generator_saturated {
+            w.push(format!(
+                "generator saturated: it used {:.2} of {cores} cores; it, not the hub, may be the bottleneck",
+                s.generator_cores_used
+            ));
+        }
+    }
+    if let Some(b) = c.busiest_thread_s {
+        if !s.generator_saturated && b / t >= 0.9 {
+            s.generator_saturated = true;
+            w.push(format!(
+                "generator saturated: one of its threads was busy {:.0} % of the run (a sender task on one core); \
+                 it, not the hub, may be the bottleneck",
+                100.0 * b / t
+            ));
+        }
+    }
+    match c.hub_s {
+        Some(h) => {
+            s.hub_s = Some(h);
+            if c.delivered > 0 {
+                s.hub_us_per_delivery = Some(h * 1e6 / c.delivered as f64);
+            }
+        }
+        None if c.hub_expected => w.push("could not read the hub's /proc/PID/stat".into()),
+        None => {}
+    }
+    if let Some(m) = c.machine_s {
+        let busy = m / t;
+        let hub_cores = s.hub_s.map(|h| h / t);
+        let others = (busy - s.generator_cores_used - hub_cores.unwrap_or(0.0)).max(0.0);
+        s.machine_busy_cores = Some(busy);
+        s.others_cores = Some(others);
+        if busy >= 0.9 * cores as f64 {
+            w.push(format!(
+                "the machine was CPU-bound ({busy:.2} of {cores} cores busy: generator {:.2}, hub {}, other processes {others:.2}): \
+                 rates measure the machine; compare the hub's CPU per delivery",
+                s.generator_cores_used,
+                hub_cores.map_or("not measured".to_owned(), |h| format!("{h:.2}")),
+            ));
+        }
+    }
+    (s, w)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -811,6 +900,7 @@ async fn drive(
     let cpu0 = process_cpu_seconds(None);
     let hub0 = hub_pid.and_then(|p| process_cpu_seconds(Some(p)));
     let machine0 = machine_busy_seconds();
+    let threads0 = thread_cpu_seconds();
     let start = Instant::now();
     let _ = phase_tx.send(Phase::Sending);
     bar.set_prefix(if local_senders > 0 { "sending" } else { "holding" });
@@ -902,40 +992,23 @@ async fn drive(
     s.latency_histogram = histogram_to_base64(&lat);
     s.connect_histogram = histogram_to_base64(&con);
     let measured = (start.elapsed()).as_secs_f64().max(1e-6);
-    s.cpu.cores_available = cores;
-    if let (Some(a), Some(b)) = (cpu0, cpu1) {
-        s.cpu.generator_s = b - a;
-        s.cpu.generator_cores_used = (b - a) / measured;
-        s.cpu.generator_saturated = s.cpu.generator_cores_used >= 0.9 * cores as f64;
-        if s.cpu.generator_saturated {
-            s.warnings.push(format!(
-                "generator used {:.2} of {cores} cores: it, not the hub, may be the bottleneck",
-                s.cpu.generator_cores_used
-            ));
-        }
-    }
-    if let (Some(a), Some(b)) = (hub0, hub1) {
-        s.cpu.hub_s = Some(b - a);
-        if s.delivered > 0 {
-            s.cpu.hub_us_per_delivery = Some((b - a) * 1e6 / s.delivered as f64);
-        }
-    } else if hub_pid.is_some() {
-        s.warnings.push("could not read the hub's /proc/PID/stat".into());
-    }
-    if let (Some(a), Some(b)) = (machine0, machine1) {
-        let busy = (b - a) / measured;
-        s.cpu.machine_busy_cores = Some(busy);
-        let others = (busy - s.cpu.generator_cores_used - s.cpu.hub_s.unwrap_or(0.0) / measured).max(0.0);
-        s.cpu.others_cores = Some(others);
-        if busy >= 0.9 * cores as f64 {
-            s.warnings.push(format!(
-                "the machine was CPU-bound ({busy:.2} of {cores} cores busy: generator {:.2}, hub {}, other processes {others:.2}): \
-                 rates measure the machine; compare the hub's CPU per delivery",
-                s.cpu.generator_cores_used,
-                s.cpu.hub_s.map_or("not measured".to_owned(), |h| format!("{:.2}", h / measured)),
-            ));
-        }
-    }
+    let threads1 = thread_cpu_seconds();
+    let busiest = threads1
+        .iter()
+        .map(|(tid, t)| t - threads0.get(tid).copied().unwrap_or(0.0))
+        .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
+    let (cpu, warnings) = account_cpu(CpuSamples {
+        measured_s: measured,
+        cores,
+        generator_s: cpu0.zip(cpu1).map(|(a, b)| b - a),
+        busiest_thread_s: busiest,
+        hub_s: hub0.zip(hub1).map(|(a, b)| b - a),
+        hub_expected: hub_pid.is_some(),
+        machine_s: machine0.zip(machine1).map(|(a, b)| b - a),
+        delivered: s.delivered,
+    });
+    s.cpu = cpu;
+    s.warnings.extend(warnings);
     if let (Some(before), Some(loaded)) = (rss_before, rss_loaded) {
         s.hub_memory = Some(HubMemory {
             rss_before_kb: before,
@@ -1357,9 +1430,52 @@ mod tests {
     }
 
     #[test]
+    fn cpu_accounting_warns_when_the_generator_or_the_machine_limits_the_run() {
+        let base = CpuSamples {
+            measured_s: 10.0,
+            cores: 2,
+            generator_s: Some(5.0),
+            busiest_thread_s: Some(4.0),
+            hub_s: Some(5.0),
+            hub_expected: true,
+            machine_s: Some(12.0),
+            delivered: 1_000_000,
+        };
+        let (c, w) = account_cpu(base);
+        assert!(w.is_empty(), "{w:?}");
+        assert!(!c.generator_saturated);
+        assert_eq!(c.hub_us_per_delivery, Some(5.0));
+        assert!((c.others_cores.unwrap() - 0.2).abs() < 1e-9);
+
+        // Near all cores.
+        let (c, w) = account_cpu(CpuSamples { generator_s: Some(18.5), machine_s: Some(19.0), ..base });
+        assert!(c.generator_saturated);
+        assert!(w.iter().any(|w| w.contains("generator saturated") && w.contains("1.85 of 2")), "{w:?}");
+        assert!(w.iter().any(|w| w.contains("CPU-bound")), "{w:?}");
+
+        // One thread pinned at a full core while the process as a whole is not.
+        let (c, w) = account_cpu(CpuSamples { busiest_thread_s: Some(9.6), ..base });
+        assert!(c.generator_saturated);
+        assert!(w.iter().any(|w| w.contains("one of its threads was busy 96 %")), "{w:?}");
+
+        // Other processes took the machine: the rates are the machine's.
+        let (c, w) = account_cpu(CpuSamples { machine_s: Some(19.5), ..base });
+        assert!(!c.generator_saturated);
+        assert!((c.others_cores.unwrap() - 0.95).abs() < 1e-9);
+        assert!(w.iter().any(|w| w.contains("other processes 0.95")), "{w:?}");
+
+        let (_, w) = account_cpu(CpuSamples { hub_s: None, ..base });
+        assert!(w.iter().any(|w| w.contains("/proc/PID/stat")), "{w:?}");
+    }
+
+    #[test]
     fn own_cpu_time_is_readable() {
         let t = process_cpu_seconds(None).expect("/proc/self/stat");
         assert!(t >= 0.0);
         assert!(process_cpu_seconds(Some(u32::MAX)).is_none());
+        assert!(!thread_cpu_seconds().is_empty());
+        assert!(machine_busy_seconds().is_some_and(|m| m > 0.0));
+        assert!(process_rss_kb(std::process::id()).is_some_and(|kb| kb > 0));
+        assert_eq!(stat_cpu_seconds("1 (a) b)"), None);
     }
 }
