@@ -113,6 +113,7 @@ fi
 if want latency; then
   run "latency-1000-ws" ours-plain --nodes 1001 --senders 1 --window 1 --duration "$DURATION"
   run "latency-1000-wss" ours-tls --nodes 1001 --senders 1 --window 1 --duration "$DURATION"
+  run "latency-100-wss" ours-tls --nodes 101 --senders 1 --window 1 --duration "$DURATION"
   ((have_rusty)) && run "latency-100-wss-rusty" rusty --nodes 101 --senders 1 --window 1 --duration "$DURATION"
 fi
 if want hold; then
