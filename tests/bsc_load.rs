@@ -131,12 +131,26 @@ fn two_shards_merge_into_one_lossless_summary() {
 #[test]
 fn connect_only_holds_connections_and_bad_arguments_are_clear() {
     let hub = hub_blocking(None);
-    let (code, out, err) = hilbench(&["load", "bsc", "--hub", &hub.url(), "--connect-only", "50", "--hold", "500ms", "--json"]);
+    // The hub runs in this test process, so its pid is ours.
+    let pid = std::process::id().to_string();
+    let (code, out, err) =
+        hilbench(&["load", "bsc", "--hub", &hub.url(), "--connect-only", "50", "--hold", "500ms", "--hub-pid", &pid, "--json"]);
     assert_eq!(code, 0, "{out}\n{err}");
     let s = json(&out);
     assert_eq!((u(&s, "connected"), u(&s, "disconnects")), (50, 0), "{s}");
     assert_eq!(u(&s["connect_ms"], "count"), 50);
     assert_eq!(s["mode"], "connect_only");
+    // The hub's memory before and with the connections held, per connection.
+    let m = &s["hub_memory"];
+    assert!(u(m, "rss_before_kb") > 0 && u(m, "rss_loaded_kb") > 0, "{s}");
+    assert_eq!(
+        u(m, "per_connection_bytes"),
+        (u(m, "rss_loaded_kb").saturating_sub(u(m, "rss_before_kb"))) * 1024 / 50,
+        "{s}"
+    );
+    // The whole machine's CPU is accounted, the others' share included.
+    assert!(s["cpu"]["machine_busy_cores"].as_f64().is_some_and(|b| b >= 0.0), "{s}");
+    assert!(s["cpu"]["others_cores"].as_f64().is_some(), "{s}");
     hub.shutdown_blocking();
 
     for (args, msg) in [
