@@ -922,6 +922,10 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
                     l.refuse_connections(on);
                     done.push(format!("refuse_connections={on}"));
                 }
+                if let Some(on) = b2.stop_advertising_while_connected {
+                    l.stop_advertising_while_connected(on);
+                    done.push(format!("stop_advertising_while_connected={on}"));
+                }
                 if let Some(w) = &b2.reject_write {
                     let kind = match w.as_str() {
                         "request" => Some(crate::air::WriteKind::Request),

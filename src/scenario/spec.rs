@@ -339,6 +339,10 @@ pub struct BleStep {
     /// Make the characteristic reject this write type (`none` accepts both again).
     #[serde(default)]
     pub reject_write: Option<String>,
+    /// The air withdraws the device's advertising while a central is connected
+    /// (single-connection modules), whatever the device itself does.
+    #[serde(default)]
+    pub stop_advertising_while_connected: Option<bool>,
 }
 
 /// A raw BACnet/SC peer (see `send_raw`).
@@ -923,8 +927,15 @@ impl Scenario {
                             return Err(format!("{at}: reject_write must be request, command or none, not `{w}`"));
                         }
                     }
-                    if b.mtu.is_none() && b.refuse_connections.is_none() && !b.disconnect && b.reject_write.is_none() {
-                        return Err(format!("{at}: give at least one of mtu, refuse_connections, disconnect, reject_write"));
+                    if b.mtu.is_none()
+                        && b.refuse_connections.is_none()
+                        && !b.disconnect
+                        && b.reject_write.is_none()
+                        && b.stop_advertising_while_connected.is_none()
+                    {
+                        return Err(format!(
+                            "{at}: give at least one of mtu, refuse_connections, disconnect, reject_write, stop_advertising_while_connected"
+                        ));
                     }
                 }
                 Step::Stop(d) | Step::Start(d) => match device_kind(&d.device) {
