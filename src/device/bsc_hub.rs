@@ -13,8 +13,9 @@
 //!   one bounded channel (which is also the backpressure on a sender faster than the hub);
 //!   it drains that channel in batches (`recv_many`), so a burst costs one wake-up.
 //! * **Per-connection outbox** instead of a channel per connection: a mutex-guarded `Vec`
-//!   of frames and a `Notify`. The hub task appends during a batch and wakes each touched
-//!   connection once at the end of the batch; the connection's writer swaps the whole `Vec`
+//!   of frames and a `Notify`. The hub task stages frames per connection during a batch
+//!   (no lock) and, at the end of the batch, moves them into each touched outbox with one
+//!   lock and wakes its writer once; the connection's writer swaps the whole `Vec`
 //!   out, feeds every frame to tungstenite and flushes once, so one write (one TLS record
 //!   run) carries everything queued. No allocation per delivery in steady state: the core's
 //!   `Arc<[u8]>` is wrapped once per distinct frame into a `Bytes` (what tungstenite sends),
@@ -953,15 +954,21 @@ where
 struct Peer {
     outbox: Arc<Outbox>,
     peer: SocketAddr,
+    /// Frames for this connection in the current batch, moved into the outbox with one
+    /// lock at the end of the batch (not one lock per frame).
+    staged: Vec<Bytes>,
 }
+
+/// Staging capacity a connection keeps between batches; a burst beyond it is freed.
+const STAGED_KEEP: usize = 64;
 
 /// The one task that owns the core.
 struct HubTask {
     core: BscHubCore,
     start: Instant,
     conns: ConnMap<Peer>,
-    /// Connections given frames in this batch, woken once at its end.
-    dirty: Vec<Arc<Outbox>>,
+    /// Connections given frames in this batch, handed them and woken once at its end.
+    dirty: Vec<ConnId>,
     /// The last core frame wrapped for tungstenite, so broadcast copies share it.
     /// Keyed by the core buffer's address, which the cached `Bytes` keeps alive.
     wrapped: Option<(usize, Bytes)>,
@@ -1059,7 +1066,7 @@ impl HubTask {
             }
             Inbound::Open { conn, outbox, peer } => match self.core.accept(conn, now) {
                 Ok(()) => {
-                    self.conns.insert(conn, Peer { outbox, peer });
+                    self.conns.insert(conn, Peer { outbox, peer, staged: Vec::new() });
                 }
                 Err(e) => {
                     tracing::warn!(%conn, %peer, "core refused admission: {e}");
@@ -1083,6 +1090,9 @@ impl HubTask {
             match o {
                 HubOutput::Send { to, frame } => self.deliver(to, frame),
                 HubOutput::Close { conn, reason } => {
+                    // What the core sent before closing (a NAK, say) goes out before the
+                    // close frame.
+                    self.hand_over(conn, Instant::now());
                     if let Some(p) = self.conns.remove(&conn) {
                         let code = match reason {
                             CloseReason::DuplicateVmac | CloseReason::InvalidVmac => CloseCode::Policy,
@@ -1100,7 +1110,6 @@ impl HubTask {
     }
 
     fn deliver(&mut self, to: ConnId, frame: Arc<[u8]>) {
-        let Some(p) = self.conns.get(&to) else { return };
         let key = frame.as_ptr() as usize;
         let bytes = match &self.wrapped {
             Some((k, b)) if *k == key => b.clone(),
@@ -1110,39 +1119,63 @@ impl HubTask {
                 b
             }
         };
+        let Some(p) = self.conns.get_mut(&to) else { return };
+        if p.staged.is_empty() {
+            self.dirty.push(to);
+        }
+        p.staged.push(bytes);
+    }
+
+    /// Moves one connection's staged frames into its outbox and wakes its writer. Past
+    /// `queue_depth` queued frames, the rest are dropped for this receiver only: counted,
+    /// reported at the start of an overflow episode, and the receiver closed when it stays
+    /// full for `slow_close_after`.
+    fn hand_over(&mut self, conn: ConnId, now: Instant) {
+        let Some(p) = self.conns.get_mut(&conn) else { return };
+        if p.staged.is_empty() {
+            return;
+        }
         let mut q = p.outbox.lock();
         if q.shut {
+            drop(q);
+            p.staged.clear();
             return;
         }
-        if q.frames.len() < self.queue_depth {
-            if q.frames.is_empty() {
-                self.dirty.push(p.outbox.clone());
-            }
-            q.frames.push(bytes);
-            self.deliveries += 1;
+        let take = self.queue_depth.saturating_sub(q.frames.len()).min(p.staged.len());
+        q.frames.extend(p.staged.drain(..take));
+        self.deliveries += take as u64;
+        let excess = p.staged.len() as u64;
+        p.staged.clear();
+        if p.staged.capacity() > STAGED_KEEP {
+            p.staged = Vec::new();
+        }
+        if excess == 0 {
+            drop(q);
+            p.outbox.notify.notify_one();
             return;
         }
-        // Overflow: this receiver loses the frame, nobody else waits.
-        self.shared.counters.drop_slow_consumer.fetch_add(1, Relaxed);
-        q.dropped += 1;
-        let since = *q.full_since.get_or_insert_with(Instant::now);
-        let first = q.dropped == 1;
+        // Overflow: this receiver loses the frames, nobody else waits.
+        self.shared.counters.drop_slow_consumer.fetch_add(excess, Relaxed);
+        let first = q.dropped == 0;
+        q.dropped += excess;
+        let since = *q.full_since.get_or_insert(now);
         drop(q);
+        p.outbox.notify.notify_one();
         let (outbox, peer) = (p.outbox.clone(), p.peer);
         if first {
-            let vmac = self.core.vmac_of(to);
+            let vmac = self.core.vmac_of(conn);
             let depth = self.queue_depth;
-            tracing::warn!(conn = %to, %peer, ?vmac, depth, "slow consumer: queue full, dropping its frames");
-            self.shared.emit(|| HubServerEvent::SlowConsumer { conn: to, vmac, queue_depth: depth });
+            tracing::warn!(%conn, %peer, ?vmac, depth, "slow consumer: queue full, dropping its frames");
+            self.shared.emit(|| HubServerEvent::SlowConsumer { conn, vmac, queue_depth: depth });
         }
-        if self.slow_close_after.is_some_and(|limit| since.elapsed() >= limit) {
+        if self.slow_close_after.is_some_and(|limit| now.duration_since(since) >= limit) {
             self.shared.counters.closed_slow_consumer.fetch_add(1, Relaxed);
-            tracing::warn!(conn = %to, %peer, "slow consumer: queue full too long, closing");
+            tracing::warn!(%conn, %peer, "slow consumer: queue full too long, closing");
             outbox.close(CloseCode::Policy, "slow consumer");
-            self.conns.remove(&to);
-            self.shared.emit(|| HubServerEvent::ClosedByShell { conn: to, reason: ShellCloseReason::SlowConsumer });
-            let now = self.now();
-            let out = self.core.closed(to, now);
+            self.conns.remove(&conn);
+            self.shared.emit(|| HubServerEvent::ClosedByShell { conn, reason: ShellCloseReason::SlowConsumer });
+            let at = self.now();
+            let out = self.core.closed(conn, at);
             self.dispatch(out);
         }
     }
@@ -1173,8 +1206,10 @@ impl HubTask {
 
     /// Wake every connection that got frames, publish counters.
     fn end_batch(&mut self) {
-        for o in self.dirty.drain(..) {
-            o.notify.notify_one();
+        let now = Instant::now();
+        // A slow-consumer close can dispatch more output, so pop rather than iterate.
+        while let Some(conn) = self.dirty.pop() {
+            self.hand_over(conn, now);
         }
         // Do not keep the last frame alive past the batch.
         self.wrapped = None;
@@ -1189,6 +1224,11 @@ impl HubTask {
     }
 
     fn close_all(&mut self) {
+        let now = Instant::now();
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.hand_over(conn, now);
+        }
         for (conn, p) in self.conns.drain() {
             p.outbox.close(CloseCode::Away, "hub shutting down");
             self.shared.emit(|| HubServerEvent::ClosedByShell { conn, reason: ShellCloseReason::Shutdown });
