@@ -159,6 +159,14 @@ impl JbdBmsDevice {
     pub async fn start(name: impl Into<String>, core: JbdBms, cfg: JbdGattConfig, log: ObservationLog) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let session = bluer::Session::new().await.context("connecting to BlueZ (org.bluez on the system bus)")?;
+        Self::start_on(&session, name, core, cfg, log).await
+    }
+
+    /// [`JbdBmsDevice::start`] on an existing bluer session: many BMSes in
+    /// one process share one bus connection (and its tasks) instead of
+    /// opening one each.
+    pub async fn start_on(session: &bluer::Session, name: impl Into<String>, core: JbdBms, cfg: JbdGattConfig, log: ObservationLog) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
         let adapter = session.adapter(&cfg.adapter).with_context(|| format!("adapter {}", cfg.adapter))?;
         let address = adapter.address().await.with_context(|| format!("reading the address of {}", cfg.adapter))?.to_string();
         if !adapter.is_powered().await.unwrap_or(true) {
