@@ -11,13 +11,21 @@
 //! * `scale` – `hilbench air --adapters N`, one advertisement per adapter
 //!   from one bluer session, then one bleak scan (tests/py/bleak_scan.py)
 //!   and one btleplug scan, each timed until it has heard all N; the RSS of
-//!   the air process and of its dbus-daemon, measured separately.
+//!   the air process and of its dbus-daemon, measured separately;
+//! * `jbd`   – N simulated JBD BMS peripherals (`JbdBmsDevice`, one per
+//!   peripheral adapter, sharing one bluer session in this process), one
+//!   btleplug scan timed until it has heard all N, then a 0x03 poll of each
+//!   (connect, subscribe, write, reassemble with the checksum checked,
+//!   disconnect): successes, per-poll p50/p99, air and dbus-daemon RSS.
 //!
 //! Run:   cargo bench --bench air                  (both parts)
-//!        cargo bench --bench air -- rtt           (one part)
+//!        cargo bench --bench air -- rtt           (one part: rtt, scale or jbd)
 //! Knobs (environment):
 //!   AIR_BENCH_ROUNDS=2000   measured rounds per central in `rtt` (warm-up AIR_BENCH_WARMUP=200)
 //!   AIR_BENCH_DEVICES=1000  peripherals in `scale`
+//!   AIR_BENCH_JBD_DEVICES=1000  BMSes in `jbd`; AIR_BENCH_JBD_TICK_MS=1000 their pack-model tick;
+//!   AIR_BENCH_JBD_DEADLINE_S=900 bound on the whole `jbd` part's polling;
+//!   AIR_BENCH_JBD_OWN_SESSIONS=1 one bluer session (bus connection) per BMS instead of one shared
 //!   AIR_BENCH_STRICT=1      exit 1 when a target is missed (default: report only)
 //!   AIR_BENCH_AIR_BIN=PATH  the hilbench binary to run as the air (A/B runs against another build)
 //!   AIR_BENCH_AIR_ARGS      more arguments for `hilbench air` (e.g. `--threads 2` for A/B runs)
@@ -489,6 +497,156 @@ fn part_scale(t: &mut Targets) -> Res<()> {
     Ok(())
 }
 
+// ───────────────────────────── jbd ─────────────────────────────
+
+/// The target: N simulated JBD BMS peripherals (the real GATT
+/// shell, `JbdBmsDevice`, one per peripheral adapter, all on one bluer
+/// session in this process), one btleplug central that scans until it has
+/// heard all N, then polls each one in turn as jbd-client does (connect,
+/// discover, subscribe 0xFF01, 0x03 as a write command, reassemble with the
+/// checksum checked, unsubscribe, disconnect).
+fn part_jbd(t: &mut Targets) -> Res<()> {
+    use hilbench::client::jbd_client::{central_adapter, JbdSession};
+    use hilbench::device::jbd::{JbdBmsDevice, JbdGattConfig, SERVICE_UUID};
+    use hilbench::device::jbd_core::{JbdBms, JbdConfig};
+    use hilbench::protocol::jbd::{encode_read, reg};
+
+    let n = env_num("AIR_BENCH_JBD_DEVICES", 1000) as usize;
+    let tick = Duration::from_millis(env_num("AIR_BENCH_JBD_TICK_MS", 1000));
+    let deadline = Instant::now() + Duration::from_secs(env_num("AIR_BENCH_JBD_DEADLINE_S", 900));
+    // 1: each BMS opens its own bluer session (its own bus connection), as `JbdBmsDevice::start` does.
+    let own_sessions = env_num("AIR_BENCH_JBD_OWN_SESSIONS", 0) == 1;
+    let air = AirProcess::start(n)?;
+    std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &air.address);
+    println!("jbd: {n} JBD BMS peripherals (pack tick {tick:?}, {}); hilbench air pid {} ready in {:?}", if own_sessions { "one bluer session each" } else { "one shared bluer session" }, air.pid(), air.ready_after);
+    memory_line("at ready", &air);
+    let log = hilbench::observe::ObservationLog::bounded(Instant::now(), 10_000);
+    actix_rt::System::new().block_on(async move {
+        let session = bluer::Session::new().await.map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        let started: Vec<Result<JbdBmsDevice, String>> = futures::stream::iter(1..=n)
+            .map(|i| {
+                let (session, log) = (session.clone(), log.clone());
+                async move {
+                    let core = JbdBms::new(JbdConfig::default()).map_err(|e| format!("JBD model: {e}"))?;
+                    let cfg = JbdGattConfig { adapter: format!("hci{i}"), tick, ..JbdGattConfig::default() };
+                    let start = async {
+                        if own_sessions {
+                            JbdBmsDevice::start(format!("bms-{i}"), core, cfg, log).await
+                        } else {
+                            JbdBmsDevice::start_on(&session, format!("bms-{i}"), core, cfg, log).await
+                        }
+                    };
+                    tokio::time::timeout(WAIT, start)
+                        .await
+                        .map_err(|_| format!("hci{i}: the BMS did not register within {WAIT:?}"))?
+                        .map_err(|e| format!("hci{i}: {e:#}"))
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let devices: Vec<JbdBmsDevice> = started.into_iter().collect::<Result<_, _>>()?;
+        println!("   {n} BMS GATT applications registered in {:?}", t0.elapsed());
+        // Advertisements are registered by each actor after its application; wait for them.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (rss_air, _) = memory_line("all BMSes up", &air);
+        println!("   bench process (the {n} BMSes + central) VmRSS {:.1} MB", mb(status_kb(std::process::id(), "VmRSS")));
+
+        let central = central_adapter(Some("hci0")).await.map_err(|e| format!("{}: {}", e.kind, e.detail))?;
+        let mut events = central.events().await.map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        central.start_scan(ScanFilter::default()).await.map_err(|e| e.to_string())?;
+        let mut seen = HashSet::new();
+        let r = tokio::time::timeout(WAIT, async {
+            while let Some(ev) = events.next().await {
+                if let CentralEvent::DeviceDiscovered(id) | CentralEvent::DeviceUpdated(id) = ev {
+                    seen.insert(id);
+                    if seen.len() >= n {
+                        return;
+                    }
+                }
+            }
+        })
+        .await;
+        let scan_took = t0.elapsed();
+        central.stop_scan().await.map_err(|e| e.to_string())?;
+        println!("   btleplug scan: heard {} of {n} in {scan_took:?}", seen.len());
+        if r.is_err() {
+            return Err(format!("btleplug heard only {} of {n} BMSes in {WAIT:?}", seen.len()));
+        }
+        let peripherals = central.peripherals().await.map_err(|e| e.to_string())?;
+        let mut bms = Vec::new();
+        for p in peripherals {
+            if let Ok(Some(props)) = p.properties().await {
+                if props.services.contains(&SERVICE_UUID) {
+                    bms.push(p);
+                }
+            }
+        }
+        println!("   {} of them advertise the JBD service 0xFF00", bms.len());
+
+        let c0 = (cpu(air.pid()), air.daemon_pid.map(cpu).unwrap_or_default());
+        let mut h = Histogram::<u64>::new_with_bounds(1_000, 600_000_000_000, 3).map_err(|e| e.to_string())?;
+        let (mut ok, mut failures, mut attempted) = (0usize, Vec::new(), 0usize);
+        let t_polls = Instant::now();
+        let limit = Duration::from_secs(10);
+        for p in bms.iter().cloned() {
+            if Instant::now() > deadline {
+                println!("   overall deadline reached after {attempted} polls");
+                break;
+            }
+            attempted += 1;
+            let t0 = Instant::now();
+            let r = async {
+                let mut s = JbdSession::open(p, limit, Duration::ZERO, None, Instant::now()).await?;
+                let x = s.transact(&encode_read(reg::BASIC_INFO), reg::BASIC_INFO, WriteType::WithoutResponse, limit, true).await;
+                s.close().await;
+                x
+            }
+            .await;
+            match r {
+                Ok(x) if x.bad_checksum.is_none() && x.response.reg == reg::BASIC_INFO => {
+                    ok += 1;
+                    h.record(t0.elapsed().as_nanos() as u64).map_err(|e| e.to_string())?;
+                }
+                Ok(x) => failures.push(format!("unexpected answer {:?}", x.response)),
+                Err(e) => failures.push(format!("{}: {}", e.kind, e.detail)),
+            }
+        }
+        let polls_took = t_polls.elapsed();
+        println!("   polls: {ok} of {attempted} answered 0x03 with a good checksum in {polls_took:?} ({} BMSes found)", bms.len());
+        for f in failures.iter().take(5) {
+            println!("     failure: {f}");
+        }
+        if !h.is_empty() {
+            println!(
+                "   per poll (connect → 0x03 answer → disconnect): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                h.value_at_quantile(0.5) as f64 / 1e6,
+                h.value_at_quantile(0.9) as f64 / 1e6,
+                h.value_at_quantile(0.99) as f64 / 1e6,
+                h.max() as f64 / 1e6
+            );
+        }
+        println!(
+            "   CPU per poll: air {:.0} µs, dbus-daemon {:.0} µs",
+            cpu(air.pid()).saturating_sub(c0.0).as_secs_f64() * 1e6 / attempted.max(1) as f64,
+            air.daemon_pid.map(cpu).unwrap_or_default().saturating_sub(c0.1).as_secs_f64() * 1e6 / attempted.max(1) as f64
+        );
+        let (rss_after, _) = memory_line("after the polls", &air);
+        t.check("btleplug scan hears all BMSes", scan_took.as_secs_f64(), 1.0, "s");
+        t.check("BMSes not answering a poll", (n - ok) as f64, 0.0, "");
+        t.check("air RSS with all BMSes up", mb(rss_air), 50.0, "MB");
+        t.check("air RSS after the polls", mb(rss_after), 50.0, "MB");
+        for d in devices {
+            d.stop().await;
+        }
+        drop(session);
+        Ok::<_, String>(())
+    })?;
+    Ok(())
+}
+
 fn main() {
     // In the child: run one part, report on stdout, exit 2 on a hard failure.
     if let Ok(part) = std::env::var(PART_ENV) {
@@ -496,6 +654,7 @@ fn main() {
         let r = match part.as_str() {
             "rtt" => part_rtt(&mut t),
             "scale" => part_scale(&mut t),
+            "jbd" => part_jbd(&mut t),
             other => Err(format!("unknown part {other}")),
         };
         if let Err(e) = r {
@@ -504,7 +663,7 @@ fn main() {
         }
         std::process::exit(if t.missed.is_empty() { 0 } else { 1 });
     }
-    let all = ["rtt", "scale"];
+    let all = ["rtt", "scale", "jbd"];
     let named: Vec<String> = std::env::args().skip(1).filter(|a| all.contains(&a.as_str())).collect();
     let parts: Vec<&str> = if named.is_empty() { all.to_vec() } else { named.iter().map(String::as_str).collect() };
     let strict = std::env::var("AIR_BENCH_STRICT").map(|s| s == "1").unwrap_or(false);
