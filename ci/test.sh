@@ -39,3 +39,5 @@ fi
 
 echo "== scenarios"
 target/release/hilbench run scenarios/ --junit target/junit.xml --capture target/captures
+echo "== scenarios with third-party clients (pymodbus, bleak from the venv)"
+target/release/hilbench run scenarios/third-party/ --junit target/junit-third-party.xml --capture target/captures
