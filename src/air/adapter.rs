@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, Weak};
 use zbus::message::Header;
 use zbus::{interface, Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant};
 
-use super::device::{self, RemoteDevice};
+use super::central::{Central, DiscoveryFilter};
+use super::device;
 use super::gatt::{self, AppObject};
 use super::{AdvData, AirInner, Peripheral, PeripheralAdapterInfo, PeripheralState, Registration, CENTRAL_PATH};
 
@@ -66,8 +67,10 @@ fn adapter_alias(name: &str) -> String {
     format!("hilbench-{name}")
 }
 
+/// `hci0` of one machine (see [`Central`]).
 pub struct CentralAdapter {
     pub air: Weak<AirInner>,
+    pub central: Weak<Central>,
     pub settings: Mutex<AdapterSettings>,
 }
 
@@ -114,8 +117,8 @@ impl CentralAdapter {
         lock_settings(&self.settings)
     }
 
-    fn air(&self) -> Result<Arc<AirInner>> {
-        self.air.upgrade().ok_or_else(|| BluezError::NotReady("Resource Not Ready".into()))
+    fn central(&self) -> Result<Arc<Central>> {
+        self.central.upgrade().ok_or_else(|| BluezError::NotReady("Resource Not Ready".into()))
     }
 }
 
@@ -128,15 +131,16 @@ impl CentralAdapter {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<()> {
-        let air = self.air()?;
+        let air = self.air.upgrade().ok_or_else(|| BluezError::NotReady("Resource Not Ready".into()))?;
+        let central = self.central()?;
         let client = sender_of(&hdr);
         let started = {
-            let mut r = air.registry();
-            if r.discovering.contains(&client) {
+            let mut scan = central.scan();
+            if scan.discovering.contains(&client) {
                 return Err(BluezError::InProgress("Operation already in progress".into()));
             }
-            r.discovering.insert(client);
-            r.discovering.len() == 1
+            scan.discovering.insert(client);
+            scan.discovering.len() == 1
         };
         if started {
             super::emit_properties_changed(conn, CENTRAL_PATH, "org.bluez.Adapter1", HashMap::from([("Discovering", Variant::from(true))])).await;
@@ -150,14 +154,14 @@ impl CentralAdapter {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<()> {
-        let air = self.air()?;
+        let central = self.central()?;
         let client = sender_of(&hdr);
         let stopped = {
-            let mut r = air.registry();
-            if !r.discovering.remove(&client) {
+            let mut scan = central.scan();
+            if !scan.discovering.remove(&client) {
                 return Err(BluezError::Failed("No discovery started".into()));
             }
-            r.discovering.is_empty()
+            scan.discovering.is_empty()
         };
         if stopped {
             super::emit_properties_changed(conn, CENTRAL_PATH, "org.bluez.Adapter1", HashMap::from([("Discovering", Variant::from(false))])).await;
@@ -165,42 +169,23 @@ impl CentralAdapter {
         Ok(())
     }
 
+    /// Kept per client until it clears it (an empty dictionary) or leaves;
+    /// what a central reports while scanning is the union over its
+    /// scanning clients ([`super::central::MergedFilter`]).
     async fn set_discovery_filter(
         &self,
         filter: HashMap<String, OwnedVariant>,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<()> {
-        let air = self.air()?;
-        let mut kept = HashMap::new();
-        for (k, v) in &filter {
-            if !FILTER_KEYS.contains(&k.as_str()) {
-                return Err(BluezError::InvalidArguments(format!("Invalid arguments in method call: unknown filter key {k}")));
-            }
-            let sig = v.value_signature().to_string();
-            let want = match k.as_str() {
-                "UUIDs" => "as",
-                "RSSI" => "n",
-                "Pathloss" => "q",
-                "Transport" | "Pattern" => "s",
-                _ => "b",
-            };
-            if sig != want {
-                return Err(BluezError::InvalidArguments(format!("Invalid arguments in method call: {k} must be {want}, got {sig}")));
-            }
-            if k == "Transport" {
-                let t = String::try_from(v.try_clone().map_err(BluezError::ZBus)?).unwrap_or_default();
-                if !matches!(t.as_str(), "auto" | "bredr" | "le") {
-                    return Err(BluezError::InvalidArguments(format!("Invalid arguments in method call: Transport {t}")));
-                }
-            }
-            kept.insert(k.clone(), sig);
-        }
+        let central = self.central()?;
+        let parsed = DiscoveryFilter::parse(&filter)
+            .map_err(|e| BluezError::InvalidArguments(format!("Invalid arguments in method call: {e}")))?;
         let client = sender_of(&hdr);
-        let mut r = air.registry();
-        if kept.is_empty() {
-            r.filters.remove(&client);
+        let mut scan = central.scan();
+        if filter.is_empty() {
+            scan.filters.remove(&client);
         } else {
-            r.filters.insert(client, kept);
+            scan.filters.insert(client, parsed);
         }
         Ok(())
     }
@@ -210,27 +195,24 @@ impl CentralAdapter {
     }
 
     async fn remove_device(&self, device: OwnedObjectPath) -> Result<()> {
-        let air = self.air()?;
-        let found = air
-            .registry()
-            .peripherals
-            .values()
-            .find(|p| p.lock().device.as_ref().is_some_and(|d| d.path == device.as_str()))
-            .cloned();
-        let Some(p) = found else {
+        let air = self.air.upgrade().ok_or_else(|| BluezError::NotReady("Resource Not Ready".into()))?;
+        let central = self.central()?;
+        let found = {
+            let mut devices = central.devices();
+            let key = devices.iter().find(|(_, d)| d.path == device.as_str()).map(|(k, _)| *k);
+            key.and_then(|k| devices.remove(&k))
+        };
+        let Some(d) = found else {
             return Err(BluezError::DoesNotExist("Does Not Exist".into()));
         };
-        let dev = p.lock().device.take();
-        if let Some(d) = dev {
-            d.disconnect(&air, "removed").await;
-            d.unpublish(&air).await;
-        }
+        d.disconnect(&air, "removed").await;
+        d.unpublish().await;
         Ok(())
     }
 
     #[zbus(property)]
     fn address(&self) -> String {
-        self.air.upgrade().map(|a| super::format_address(&a.central_address)).unwrap_or_default()
+        self.central.upgrade().map(|c| c.address_string()).unwrap_or_default()
     }
     #[zbus(property)]
     fn address_type(&self) -> &str {
@@ -298,7 +280,7 @@ impl CentralAdapter {
     }
     #[zbus(property)]
     fn discovering(&self) -> bool {
-        self.air.upgrade().is_some_and(|a| a.discovering())
+        self.central.upgrade().is_some_and(|c| c.discovering())
     }
     #[zbus(property, name = "UUIDs")]
     fn uuids(&self) -> Vec<String> {
@@ -466,7 +448,8 @@ pub(crate) fn parse_advertisement(props: &HashMap<String, OwnedVariant>, adapter
             return Err(format!("advertisement Type must be peripheral or broadcast, got {t}"));
         }
     }
-    let mut adv = AdvData { local_name: get_str("LocalName"), ..Default::default() };
+    let discoverable = props.get("Discoverable").and_then(|v| bool::try_from(v.try_clone().ok()?).ok()).unwrap_or(true);
+    let mut adv = AdvData { local_name: get_str("LocalName"), discoverable, ..Default::default() };
     if let Some(v) = props.get("ServiceUUIDs") {
         adv.service_uuids = Vec::<String>::try_from(v.try_clone().map_err(|e| e.to_string())?)
             .map_err(|_| "ServiceUUIDs must be as".to_string())?
@@ -539,23 +522,15 @@ impl AdvertisingManager {
         let props = get_all(&air, &owner, advertisement.as_str(), "org.bluez.LEAdvertisement1").await?;
         let adv = parse_advertisement(&props, &adapter_alias(&self.p.name)).map_err(BluezError::InvalidArguments)?;
         let reg = Registration { owner, path: advertisement.to_string() };
-        let dev = {
+        {
             let mut st = self.p.lock();
             if st.removed {
                 return Err(BluezError::NotReady("Resource Not Ready".into()));
             }
-            st.advertisement = Some((reg, adv.clone()));
-            st.device.clone()
-        };
-        match dev {
-            Some(d) => d.update_advertisement(&air, adv).await,
-            None => {
-                let d = RemoteDevice::new(&air, self.p.clone(), adv);
-                d.publish(&air).await.map_err(BluezError::ZBus)?;
-                let mut st = self.p.lock();
-                st.device = Some(d);
-            }
+            st.advertisement = Some((reg, adv));
         }
+        // Scanning centrals hear it now; a pending connect can go ahead.
+        self.p.changed.notify_waiters();
         air.advertise_now.notify_one();
         Ok(())
     }
@@ -592,19 +567,10 @@ impl AdvertisingManager {
     }
 }
 
-/// The advertisement ends: an unconnected device leaves hci0's view.
-pub(crate) async fn stop_advertising(air: &Arc<AirInner>, p: &Arc<Peripheral>) {
-    let dev = {
-        let mut st = p.lock();
-        st.advertisement = None;
-        match &st.device {
-            Some(d) if !d.is_connected() => st.device.take(),
-            _ => None,
-        }
-    };
-    if let Some(d) = dev {
-        d.unpublish(air).await;
-    }
+/// The advertisement ends: centrals stop hearing the device; they keep it
+/// cached until their temporary timeout runs out.
+pub(crate) async fn stop_advertising(_air: &Arc<AirInner>, p: &Arc<Peripheral>) {
+    p.lock().advertisement = None;
 }
 
 pub struct GattManager {
@@ -685,7 +651,7 @@ impl GattManager {
                 return Err(BluezError::AlreadyExists("Already Exists".into()));
             }
             st.app = Some((Registration { owner, path: application.to_string() }, layout));
-            st.device.clone()
+            st.connection.clone()
         };
         // A central already connected discovers the new services (BlueZ
         // would send Service Changed).
@@ -711,7 +677,7 @@ impl GattManager {
                 _ => return Err(BluezError::DoesNotExist("Does Not Exist".into())),
             }
             st.app = None;
-            st.device.clone()
+            st.connection.clone()
         };
         if let Some(d) = dev {
             d.drop_services(&air).await;
@@ -720,53 +686,43 @@ impl GattManager {
     }
 }
 
-/// A peripheral (or any client) left the bus: whatever it registered goes.
-pub(crate) async fn owner_gone(air: &Arc<AirInner>, owner: &str) {
-    let (stopped_scan, peripherals) = {
-        let mut r = air.registry();
-        let was = !r.discovering.is_empty();
-        r.discovering.remove(owner);
-        r.filters.remove(owner);
-        let peripherals: Vec<Arc<Peripheral>> = r.peripherals.values().cloned().collect();
-        (was && r.discovering.is_empty(), peripherals)
+/// A client of `central`'s bus left. On the air's own bus that may be a
+/// peripheral: whatever it registered goes, and its link drops, as a
+/// powered-off device's does (centrals keep the device cached).
+pub(crate) async fn owner_gone(air: &Arc<AirInner>, central: &Arc<Central>, owner: &str) {
+    let stopped_scan = {
+        let mut scan = central.scan();
+        let was = !scan.discovering.is_empty();
+        scan.discovering.remove(owner);
+        scan.filters.remove(owner);
+        was && scan.discovering.is_empty()
     };
     if stopped_scan {
-        super::emit_properties_changed(&air.conn, CENTRAL_PATH, "org.bluez.Adapter1", HashMap::from([("Discovering", Variant::from(false))])).await;
+        super::emit_properties_changed(&central.conn, CENTRAL_PATH, "org.bluez.Adapter1", HashMap::from([("Discovering", Variant::from(false))])).await;
     }
+    device::forget_central(air, central, owner).await;
+    if !central.host.is_empty() {
+        return;
+    }
+    let peripherals: Vec<Arc<Peripheral>> = air.registry().peripherals.values().cloned().collect();
     for p in peripherals {
-        let (adv_gone, app_gone) = {
-            let st = p.lock();
-            (
-                st.advertisement.as_ref().is_some_and(|(r, _)| r.owner == owner),
-                st.app.as_ref().is_some_and(|(r, _)| r.owner == owner),
-            )
+        let (connection, app_gone) = {
+            let mut st = p.lock();
+            if st.advertisement.as_ref().is_some_and(|(r, _)| r.owner == owner) {
+                st.advertisement = None;
+            }
+            let app_gone = st.app.as_ref().is_some_and(|(r, _)| r.owner == owner);
+            if app_gone {
+                st.app = None;
+            }
+            (st.connection.clone(), app_gone)
         };
         if app_gone {
-            let dev = {
-                let mut st = p.lock();
-                st.app = None;
-                st.device.clone()
-            };
-            // The device went away: its link drops, as a powered-off device's does.
-            if let Some(d) = dev {
+            if let Some(d) = connection {
                 d.disconnect(air, "peripheral left").await;
-            }
-        }
-        if adv_gone || app_gone {
-            let dev = {
-                let mut st = p.lock();
-                if adv_gone {
-                    st.advertisement = None;
-                }
-                if st.advertisement.is_none() { st.device.take() } else { None }
-            };
-            if let Some(d) = dev {
-                d.disconnect(air, "peripheral left").await;
-                d.unpublish(air).await;
             }
         }
     }
-    device::forget_central(air, owner).await;
     air.forget_app(owner);
 }
 
@@ -782,6 +738,7 @@ pub(crate) async fn add_peripheral_adapter(air: &Arc<AirInner>) -> Result<Periph
             link: Arc::new(super::BleLink::new(&format!("ble-{name}"), air.config.seed)),
             name,
             state: Mutex::new(PeripheralState::default()),
+            changed: tokio::sync::Notify::new(),
         });
         r.peripherals.insert(index, p.clone());
         p
@@ -804,16 +761,20 @@ pub(crate) async fn remove_peripheral_adapter(air: &Arc<AirInner>, which: &str) 
             .ok_or_else(|| BluezError::DoesNotExist(format!("no peripheral adapter {which}")))?;
         r.peripherals.remove(&idx).ok_or_else(|| BluezError::DoesNotExist(which.to_string()))?
     };
-    let dev = {
+    {
         let mut st = p.lock();
         st.removed = true;
         st.advertisement = None;
         st.app = None;
-        st.device.take()
-    };
-    if let Some(d) = dev {
-        d.disconnect(air, "adapter removed").await;
-        d.unpublish(air).await;
+    }
+    p.changed.notify_waiters();
+    // Removing a peripheral removes it from every central at once.
+    for central in air.centrals() {
+        let dev = central.devices().remove(&p.address);
+        if let Some(d) = dev {
+            d.disconnect(air, "adapter removed").await;
+            d.unpublish().await;
+        }
     }
     let server = air.conn.object_server();
     let _ = server.remove::<GattManager, _>(p.path.as_str()).await;
@@ -861,12 +822,11 @@ impl AirControl {
 
     /// Sets the ATT MTU of a peripheral's link; returns the MTU in effect.
     async fn set_mtu(&self, adapter: &str, mtu: u16) -> Result<u16> {
-        let air = self.air()?;
         let p = self.peripheral(adapter)?;
         let m = p.link.set_mtu(mtu);
-        let dev = p.lock().device.clone();
+        let dev = p.lock().connection.clone();
         if let Some(d) = dev {
-            d.announce_mtu(&air, m).await;
+            d.announce_mtu(m).await;
         }
         Ok(m)
     }
@@ -875,7 +835,7 @@ impl AirControl {
     async fn disconnect(&self, adapter: &str) -> Result<()> {
         let air = self.air()?;
         let p = self.peripheral(adapter)?;
-        let dev = p.lock().device.clone();
+        let dev = p.lock().connection.clone();
         if let Some(d) = dev {
             d.disconnect(&air, "link lost").await;
         }

@@ -14,29 +14,38 @@ use zbus::{interface, Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Var
 use super::adapter::{BluezError, Result};
 use super::att::{self, WriteProcedure, WriteRefusal};
 use super::gatt::{CharacteristicLayout, DescriptorLayout};
+use super::central::Central;
 use super::{emit_properties_changed, AdvData, AirInner, Peripheral, CENTRAL_PATH};
 use crate::link::Direction;
 
 const DEVICE_IFACE: &str = "org.bluez.Device1";
 const CHAR_IFACE: &str = "org.bluez.GattCharacteristic1";
 
-#[derive(Default)]
 struct DeviceState {
     adv: AdvData,
     rssi: i16,
     connected: bool,
     connecting: bool,
+    /// Device1.Disconnect while connecting: the pending Connect gives up.
+    cancel_connect: bool,
     services_resolved: bool,
     published: bool,
+    /// Last heard, or last disconnected: the cache timeout counts from here.
+    last_seen: std::time::Instant,
     service_paths: Vec<String>,
     chars: Vec<Arc<RemoteChar>>,
     descs: Vec<String>,
 }
 
+/// A peripheral as one central knows it: `/org/bluez/hci0/dev_…` on that
+/// central's bus.
 pub(crate) struct RemoteDevice {
     pub path: String,
     pub peripheral: Arc<Peripheral>,
+    pub central: Arc<Central>,
     st: Mutex<DeviceState>,
+    /// Wakes a pending Connect that is being cancelled.
+    cancelled: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -48,21 +57,46 @@ fn bytes_variant(b: &[u8]) -> Variant<'static> {
 }
 
 impl RemoteDevice {
-    pub fn new(air: &AirInner, p: Arc<Peripheral>, adv: AdvData) -> Arc<Self> {
+    pub fn new(central: &Arc<Central>, p: Arc<Peripheral>, adv: AdvData, rssi: i16) -> Arc<Self> {
         Arc::new(RemoteDevice {
             path: format!("{CENTRAL_PATH}/dev_{}", p.address_string().replace(':', "_")),
             peripheral: p,
-            st: Mutex::new(DeviceState { adv, rssi: air.next_rssi(), ..Default::default() }),
+            central: central.clone(),
+            st: Mutex::new(DeviceState {
+                adv,
+                rssi,
+                connected: false,
+                connecting: false,
+                cancel_connect: false,
+                services_resolved: false,
+                published: false,
+                last_seen: std::time::Instant::now(),
+                service_paths: Vec::new(),
+                chars: Vec::new(),
+                descs: Vec::new(),
+            }),
+            cancelled: tokio::sync::Notify::new(),
         })
+    }
+
+    fn conn(&self) -> &Connection {
+        &self.central.conn
     }
 
     pub fn is_connected(&self) -> bool {
         lock(&self.st).connected
     }
 
+    /// Not connected, not connecting, and unheard for longer than `timeout`.
+    pub fn expired(&self, timeout: std::time::Duration) -> bool {
+        let st = lock(&self.st);
+        !st.connected && !st.connecting && st.last_seen.elapsed() > timeout
+    }
+
+    /// Exports Device1 (InterfacesAdded on the central's bus).
     pub async fn publish(self: &Arc<Self>, air: &Arc<AirInner>) -> zbus::Result<()> {
         lock(&self.st).published = true;
-        air.conn
+        self.conn()
             .object_server()
             .at(self.path.as_str(), Device1 { d: self.clone(), air: Arc::downgrade(air) })
             .await?;
@@ -70,62 +104,52 @@ impl RemoteDevice {
     }
 
     /// Removes the Device1 object (InterfacesRemoved) if it is still there.
-    pub async fn unpublish(&self, air: &AirInner) {
+    pub async fn unpublish(&self) {
         let was = std::mem::replace(&mut lock(&self.st).published, false);
         if was {
-            let _ = air.conn.object_server().remove::<Device1, _>(self.path.as_str()).await;
+            let _ = self.conn().object_server().remove::<Device1, _>(self.path.as_str()).await;
         }
     }
 
-    fn advertising(&self) -> bool {
-        let st = self.peripheral.lock();
-        st.advertisement.is_some()
-    }
-
-    /// Heard again: a fresh RSSI (and the advertised data) while scanning.
-    pub async fn readvertise(&self, air: &AirInner) {
-        let (mfr, svc) = {
+    /// Heard again while its central scans: a fresh RSSI, the advertised
+    /// data when it changed (or every time, when a scanning client wants
+    /// duplicates).
+    pub async fn heard(&self, adv: AdvData, rssi: i16, duplicate_data: bool) {
+        let changed_adv = {
             let mut st = lock(&self.st);
             if !st.published {
                 return;
             }
-            if st.connected && self.peripheral.link.stops_advertising_while_connected() {
-                return;
+            st.rssi = rssi;
+            st.last_seen = std::time::Instant::now();
+            let changed = !same_advertisement(&st.adv, &adv);
+            if changed {
+                st.adv = adv.clone();
             }
-            st.rssi = air.next_rssi();
-            (st.adv.manufacturer_data.clone(), st.adv.service_data.clone())
+            changed
         };
-        if !self.advertising() {
-            return;
-        }
-        let rssi = lock(&self.st).rssi;
         let mut changed: HashMap<&str, Variant<'_>> = HashMap::from([("RSSI", Variant::from(rssi))]);
-        if !mfr.is_empty() {
-            changed.insert("ManufacturerData", manufacturer_variant(&mfr));
+        if changed_adv {
+            let name = adv.local_name.clone().unwrap_or_else(|| self.peripheral.address_string().replace(':', "-"));
+            changed.insert("Name", Variant::from(name.clone()));
+            changed.insert("Alias", Variant::from(name));
+            changed.insert("UUIDs", Variant::from(adv.service_uuids.clone()));
         }
-        if !svc.is_empty() {
-            changed.insert("ServiceData", service_data_variant(&svc));
+        if changed_adv || duplicate_data {
+            if !adv.manufacturer_data.is_empty() {
+                changed.insert("ManufacturerData", manufacturer_variant(&adv.manufacturer_data));
+            }
+            if !adv.service_data.is_empty() {
+                changed.insert("ServiceData", service_data_variant(&adv.service_data));
+            }
         }
-        emit_properties_changed(&air.conn, &self.path, DEVICE_IFACE, changed).await;
+        emit_properties_changed(self.conn(), &self.path, DEVICE_IFACE, changed).await;
     }
 
-    pub async fn update_advertisement(&self, air: &AirInner, adv: AdvData) {
-        let name = adv.local_name.clone().unwrap_or_else(|| self.peripheral.address_string().replace(':', "-"));
-        let changed = HashMap::from([
-            ("Name", Variant::from(name.clone())),
-            ("Alias", Variant::from(name)),
-            ("UUIDs", Variant::from(adv.service_uuids.clone())),
-            ("ManufacturerData", manufacturer_variant(&adv.manufacturer_data)),
-            ("ServiceData", service_data_variant(&adv.service_data)),
-        ]);
-        lock(&self.st).adv = adv;
-        emit_properties_changed(&air.conn, &self.path, DEVICE_IFACE, changed).await;
-    }
-
-    pub async fn announce_mtu(&self, air: &AirInner, mtu: u16) {
+    pub async fn announce_mtu(&self, mtu: u16) {
         let chars = lock(&self.st).chars.clone();
         for c in chars {
-            emit_properties_changed(&air.conn, &c.path, CHAR_IFACE, HashMap::from([("MTU", Variant::from(mtu))])).await;
+            emit_properties_changed(self.conn(), &c.path, CHAR_IFACE, HashMap::from([("MTU", Variant::from(mtu))])).await;
         }
     }
 
@@ -134,7 +158,7 @@ impl RemoteDevice {
     pub async fn resolve_services(self: &Arc<Self>, air: &Arc<AirInner>) {
         self.drop_services(air).await;
         let app = self.peripheral.lock().app.clone();
-        let server = air.conn.object_server();
+        let server = self.conn().object_server();
         if let Some((reg, layout)) = app {
             let mut service_paths = Vec::new();
             let mut chars = Vec::new();
@@ -166,7 +190,7 @@ impl RemoteDevice {
             st.descs = descs;
         }
         lock(&self.st).services_resolved = true;
-        emit_properties_changed(&air.conn, &self.path, DEVICE_IFACE, HashMap::from([("ServicesResolved", Variant::from(true))])).await;
+        emit_properties_changed(self.conn(), &self.path, DEVICE_IFACE, HashMap::from([("ServicesResolved", Variant::from(true))])).await;
     }
 
     /// Removes the GATT tree (a disconnect, or the app went away).
@@ -176,7 +200,7 @@ impl RemoteDevice {
             let was = std::mem::replace(&mut st.services_resolved, false);
             (std::mem::take(&mut st.service_paths), std::mem::take(&mut st.chars), std::mem::take(&mut st.descs), was)
         };
-        let server = air.conn.object_server();
+        let server = self.conn().object_server();
         for c in &chars {
             lock(&air.notify_routes).remove(&(c.owner.clone(), c.layout.app_path.clone()));
             c.shut(air).await;
@@ -191,14 +215,28 @@ impl RemoteDevice {
             let _ = server.remove::<GattService, _>(s.as_str()).await;
         }
         if was_resolved && self.is_connected() {
-            emit_properties_changed(&air.conn, &self.path, DEVICE_IFACE, HashMap::from([("ServicesResolved", Variant::from(false))])).await;
+            emit_properties_changed(self.conn(), &self.path, DEVICE_IFACE, HashMap::from([("ServicesResolved", Variant::from(false))])).await;
         }
     }
 
-    pub async fn connect(self: &Arc<Self>, air: &Arc<AirInner>) -> Result<()> {
-        if self.peripheral.link.refuses_connections() {
+    /// Takes the peripheral's one link if it is connectable now: advertising
+    /// and not connected to anyone.
+    fn try_take_link(self: &Arc<Self>) -> std::result::Result<bool, BluezError> {
+        let mut pst = self.peripheral.lock();
+        if pst.removed {
             return Err(BluezError::Failed("le-connection-abort-by-local".into()));
         }
+        if pst.advertisement.is_none() || pst.connection.is_some() {
+            return Ok(false);
+        }
+        pst.connection = Some(self.clone());
+        Ok(true)
+    }
+
+    /// Connects as the kernel does: an LE connection attempt waits until
+    /// the device advertises connectably (its one link free), for at most
+    /// the air's connect timeout; Device1.Disconnect cancels it.
+    pub async fn connect(self: &Arc<Self>, air: &Arc<AirInner>) -> Result<()> {
         {
             let mut st = lock(&self.st);
             if st.connected {
@@ -211,26 +249,60 @@ impl RemoteDevice {
                 return Err(BluezError::DoesNotExist("Does Not Exist".into()));
             }
             st.connecting = true;
+            st.cancel_connect = false;
         }
-        if self.peripheral.lock().advertisement.is_none() {
-            lock(&self.st).connecting = false;
-            return Err(BluezError::Failed("le-connection-abort-by-local".into()));
+        let deadline = tokio::time::Instant::now() + air.config.connect_timeout;
+        let outcome = loop {
+            let changed = self.peripheral.changed.notified();
+            let cancelled = self.cancelled.notified();
+            tokio::pin!(changed, cancelled);
+            changed.as_mut().enable();
+            cancelled.as_mut().enable();
+            if lock(&self.st).cancel_connect {
+                break Err(BluezError::Failed("le-connection-abort-by-local".into()));
+            }
+            match self.try_take_link() {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = cancelled => {}
+                _ = tokio::time::sleep_until(deadline) => break Err(BluezError::Failed("le-connection-abort-by-local".into())),
+            }
+        };
+        if let Err(e) = outcome {
+            let mut st = lock(&self.st);
+            st.connecting = false;
+            st.last_seen = std::time::Instant::now();
+            return Err(e);
         }
         {
             let mut st = lock(&self.st);
             st.connecting = false;
             st.connected = true;
         }
-        emit_properties_changed(&air.conn, &self.path, DEVICE_IFACE, HashMap::from([("Connected", Variant::from(true))])).await;
+        emit_properties_changed(self.conn(), &self.path, DEVICE_IFACE, HashMap::from([("Connected", Variant::from(true))])).await;
+        if self.peripheral.link.refuses_connections() {
+            // The peripheral takes the connection and terminates it at once.
+            self.disconnect(air, "refused by the peripheral").await;
+            return Err(BluezError::Failed("le-connection-abort-by-remote".into()));
+        }
         self.resolve_services(air).await;
         Ok(())
     }
 
-    /// Drops the link. A device that no longer advertises leaves hci0's
-    /// view with it.
+    /// Drops the link (or cancels a pending connect). The central keeps
+    /// the device cached.
     pub async fn disconnect(self: &Arc<Self>, air: &Arc<AirInner>, why: &str) {
         {
             let mut st = lock(&self.st);
+            st.last_seen = std::time::Instant::now();
+            if st.connecting {
+                st.cancel_connect = true;
+                self.cancelled.notify_waiters();
+            }
             if !st.connected {
                 return;
             }
@@ -239,24 +311,29 @@ impl RemoteDevice {
         tracing::debug!("{}: disconnected ({why})", self.path);
         self.drop_services(air).await;
         emit_properties_changed(
-            &air.conn,
+            self.conn(),
             &self.path,
             DEVICE_IFACE,
             HashMap::from([("ServicesResolved", Variant::from(false)), ("Connected", Variant::from(false))]),
         )
         .await;
-        let gone = {
+        {
             let mut pst = self.peripheral.lock();
-            if pst.advertisement.is_none() && pst.device.as_ref().is_some_and(|d| Arc::ptr_eq(d, self)) {
-                pst.device.take()
-            } else {
-                None
+            if pst.connection.as_ref().is_some_and(|d| Arc::ptr_eq(d, self)) {
+                pst.connection = None;
             }
-        };
-        if let Some(d) = gone {
-            d.unpublish(air).await;
         }
+        self.peripheral.changed.notify_waiters();
     }
+}
+
+fn same_advertisement(a: &AdvData, b: &AdvData) -> bool {
+    a.local_name == b.local_name
+        && a.service_uuids == b.service_uuids
+        && a.manufacturer_data == b.manufacturer_data
+        && a.service_data == b.service_data
+        && a.tx_power == b.tx_power
+        && a.appearance == b.appearance
 }
 
 fn manufacturer_variant(m: &std::collections::BTreeMap<u16, Vec<u8>>) -> Variant<'static> {
@@ -440,6 +517,7 @@ pub(crate) struct RemoteChar {
     pub layout: CharacteristicLayout,
     device: Weak<RemoteDevice>,
     peripheral: Arc<Peripheral>,
+    central: Arc<Central>,
     commands: mpsc::UnboundedSender<Vec<u8>>,
     command_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     st: Mutex<CharState>,
@@ -502,6 +580,7 @@ impl RemoteChar {
             layout,
             device: Arc::downgrade(dev),
             peripheral: dev.peripheral.clone(),
+            central: dev.central.clone(),
             commands: tx,
             command_task: Mutex::new(None),
             st: Mutex::new(CharState {
@@ -536,7 +615,7 @@ impl RemoteChar {
     }
 
     fn options(&self, air: &AirInner, extra: &[(&'static str, Variant<'static>)]) -> HashMap<&'static str, Variant<'static>> {
-        let device = air.central_as_seen_by(&self.peripheral);
+        let device = air.central_as_seen_by(&self.peripheral, &self.central);
         let mut o: HashMap<&'static str, Variant<'static>> = HashMap::from([
             ("device", Variant::from(ObjectPath::try_from(device).unwrap_or_else(|_| ObjectPath::from_static_str_unchecked("/")))),
             ("mtu", Variant::from(self.peripheral.link.mtu())),
@@ -715,7 +794,7 @@ impl RemoteChar {
             let _ = s.try_send(&bytes);
         }
         if signal {
-            emit_properties_changed(&air.conn, &self.path, CHAR_IFACE, HashMap::from([("Value", bytes_variant(&bytes))])).await;
+            emit_properties_changed(&self.central.conn, &self.path, CHAR_IFACE, HashMap::from([("Value", bytes_variant(&bytes))])).await;
         }
         if indicates {
             // The central confirmed the indication. Not awaited here: this
@@ -1011,7 +1090,7 @@ impl GattCharacteristic {
     }
 
     async fn acquire_write(&self, _options: HashMap<String, OwnedVariant>, #[zbus(connection)] conn: &Connection) -> Result<(zbus::OwnedFd, u16)> {
-        let air = self.air()?;
+        self.air()?;
         self.need_connected()?;
         if !self.c.layout.flags.iter().any(|f| f == "write-without-response") {
             return Err(BluezError::NotSupported("Operation is not supported".into()));
@@ -1021,7 +1100,6 @@ impl GattCharacteristic {
         }
         let (theirs, ours) = socket_pair().map_err(|e| BluezError::Failed(e.to_string()))?;
         let ch = self.c.clone();
-        let air_w = Arc::downgrade(&air);
         let path = self.c.path.clone();
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 1024];
@@ -1032,9 +1110,7 @@ impl GattCharacteristic {
                 }
             }
             lock(&ch.st).write_socket_task = None;
-            if let Some(air) = air_w.upgrade() {
-                emit_properties_changed(&air.conn, &path, CHAR_IFACE, HashMap::from([("WriteAcquired", Variant::from(false))])).await;
-            }
+            emit_properties_changed(&ch.central.conn, &path, CHAR_IFACE, HashMap::from([("WriteAcquired", Variant::from(false))])).await;
         });
         lock(&self.c.st).write_socket_task = Some(task);
         emit_properties_changed(conn, &self.c.path, CHAR_IFACE, HashMap::from([("WriteAcquired", Variant::from(true))])).await;
@@ -1074,7 +1150,7 @@ impl GattCharacteristic {
             lock(&ch.st).notify_socket = None;
             if let Some(air) = air_w.upgrade() {
                 emit_properties_changed(
-                    &air.conn,
+                    &ch.central.conn,
                     &ch.path,
                     CHAR_IFACE,
                     HashMap::from([("NotifyAcquired", Variant::from(false)), ("Notifying", Variant::from(false))]),
@@ -1203,15 +1279,9 @@ impl GattDescriptor {
     }
 }
 
-/// A central left the bus: its notification sessions end.
-pub(crate) async fn forget_central(air: &Arc<AirInner>, client: &str) {
-    let chars: Vec<Arc<RemoteChar>> = air
-        .registry()
-        .peripherals
-        .values()
-        .filter_map(|p| p.lock().device.clone())
-        .flat_map(|d| lock(&d.st).chars.clone())
-        .collect();
+/// A client of `central` left its bus: its notification sessions end.
+pub(crate) async fn forget_central(air: &Arc<AirInner>, central: &Central, client: &str) {
+    let chars: Vec<Arc<RemoteChar>> = central.devices().values().flat_map(|d| lock(&d.st).chars.clone()).collect();
     for c in chars {
         let (had, last) = {
             let mut st = lock(&c.st);
@@ -1220,7 +1290,7 @@ pub(crate) async fn forget_central(air: &Arc<AirInner>, client: &str) {
         };
         if had {
             if last {
-                emit_properties_changed(&air.conn, &c.path, CHAR_IFACE, HashMap::from([("Notifying", Variant::from(false))])).await;
+                emit_properties_changed(&central.conn, &c.path, CHAR_IFACE, HashMap::from([("Notifying", Variant::from(false))])).await;
             }
             c.maybe_stop_app_notify(air).await;
         }

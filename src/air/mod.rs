@@ -20,12 +20,13 @@
 pub mod att;
 pub mod broker;
 mod adapter;
+mod central;
 mod device;
 pub mod gatt;
 pub mod link;
 pub mod shared;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ use zbus::{Connection, Variant};
 pub use link::{BleLink, WriteKind};
 
 use crate::link::{FaultRule, FrameRecord};
+use central::Central;
 use device::RemoteDevice;
 
 /// The BlueZ well-known name the air owns.
@@ -60,6 +62,14 @@ pub struct AirConfig {
     pub call_timeout: Duration,
     /// Use this bus instead of starting our own broker.
     pub bus_address: Option<String>,
+    /// How long a central keeps a device it no longer hears (and is not
+    /// connected to) before removing its Device1, as BlueZ's
+    /// `TemporaryTimeout` (30 s by default).
+    pub temporary_timeout: Duration,
+    /// How long `Device1.Connect` waits for a device that is not
+    /// connectable now (not advertising, or its one link taken) before
+    /// failing, as the kernel's LE connection attempt does (20 s).
+    pub connect_timeout: Duration,
     /// Which broker to start when `bus_address` is None.
     pub broker: broker::BrokerKind,
 }
@@ -72,6 +82,8 @@ impl Default for AirConfig {
             advertise_interval: Duration::from_millis(250),
             call_timeout: Duration::from_secs(10),
             bus_address: None,
+            temporary_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(20),
             broker: broker::BrokerKind::default(),
         }
     }
@@ -97,6 +109,8 @@ pub(crate) struct AdvData {
     pub service_data: BTreeMap<String, Vec<u8>>,
     pub tx_power: Option<i16>,
     pub appearance: Option<u16>,
+    /// General discoverable (the advertisement's `Discoverable`, true unless it says false).
+    pub discoverable: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -109,17 +123,22 @@ pub(crate) struct Registration {
 pub(crate) struct PeripheralState {
     pub advertisement: Option<(Registration, AdvData)>,
     pub app: Option<(Registration, Vec<gatt::ServiceLayout>)>,
-    pub device: Option<Arc<RemoteDevice>>,
+    /// The one link: the device object of the central connected to it.
+    pub connection: Option<Arc<RemoteDevice>>,
     pub removed: bool,
+    /// Fixed RSSI centrals hear (a scenario moved the device); else seeded random.
+    pub rssi: Option<i16>,
 }
 
-/// One peripheral adapter: an address on the air and the link to hci0.
+/// One peripheral adapter: an address on the air and its one link.
 pub(crate) struct Peripheral {
     pub name: String,
     pub path: String,
     pub address: [u8; 6],
     pub link: Arc<BleLink>,
     pub state: Mutex<PeripheralState>,
+    /// Wakes connects waiting for this peripheral to become connectable.
+    pub changed: tokio::sync::Notify,
 }
 
 impl Peripheral {
@@ -140,15 +159,17 @@ impl Peripheral {
 pub(crate) struct Registry {
     pub next_index: u32,
     pub peripherals: BTreeMap<u32, Arc<Peripheral>>,
-    /// Clients (unique names) that called StartDiscovery, with their filter.
-    pub discovering: BTreeSet<String>,
-    pub filters: HashMap<String, HashMap<String, String>>,
+    /// hci0 of the air's bus first, then hci0 of each added host.
+    pub centrals: Vec<Arc<Central>>,
+    /// Brokers of added hosts, by host name (dropped with the host).
+    pub host_brokers: BTreeMap<String, broker::Broker>,
+    pub next_host: u8,
 }
 
 pub(crate) struct AirInner {
+    /// The air's own bus: peripherals' applications and the first central.
     pub conn: Connection,
     pub config: AirConfig,
-    pub central_address: [u8; 6],
     pub registry: Mutex<Registry>,
     pub rssi_rng: Mutex<ChaCha8Rng>,
     /// Wakes the advertiser at once (a scan started).
@@ -168,18 +189,30 @@ impl AirInner {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn next_rssi(&self) -> i16 {
-        self.rssi_rng.lock().unwrap_or_else(|p| p.into_inner()).gen_range(-78..=-42)
+    /// What a central hears from `p` now: its fixed RSSI with a little
+    /// fading, or a seeded value between −78 and −42 dBm.
+    pub fn next_rssi(&self, p: &Peripheral) -> i16 {
+        let fixed = p.lock().rssi;
+        let mut rng = self.rssi_rng.lock().unwrap_or_else(|p| p.into_inner());
+        match fixed {
+            Some(r) => r.saturating_add(rng.gen_range(-2..=2)).clamp(-127, 20),
+            None => rng.gen_range(-78..=-42),
+        }
     }
 
     /// The object path the peripheral's application is told the central has
     /// (`device` option): the central as a device on that peripheral adapter.
-    pub fn central_as_seen_by(&self, p: &Peripheral) -> String {
-        format!("{}/dev_{}", p.path, format_address(&self.central_address).replace(':', "_"))
+    pub fn central_as_seen_by(&self, p: &Peripheral, central: &Central) -> String {
+        format!("{}/dev_{}", p.path, format_address(&central.address).replace(':', "_"))
     }
 
-    pub fn discovering(&self) -> bool {
-        !self.registry().discovering.is_empty()
+    pub fn centrals(&self) -> Vec<Arc<Central>> {
+        self.registry().centrals.clone()
+    }
+
+    /// The central on the air's own bus.
+    pub fn main_central(&self) -> Option<Arc<Central>> {
+        self.registry().centrals.first().cloned()
     }
 }
 
@@ -325,28 +358,81 @@ impl Air {
             .with_context(|| format!("connecting the air to {address}"))?;
         let inner = Arc::new(AirInner {
             conn: conn.clone(),
-            central_address: [0xC0, 0xDE, 0xC0, 0xDE, 0x00, 0x00],
-            registry: Mutex::new(Registry { next_index: 1, ..Default::default() }),
+            registry: Mutex::new(Registry { next_index: 1, next_host: 1, ..Default::default() }),
             rssi_rng: Mutex::new(ChaCha8Rng::seed_from_u64(config.seed ^ 0x5251_5349)),
             advertise_now: tokio::sync::Notify::new(),
             notify_routes: Mutex::new(HashMap::new()),
             notify_listeners: Mutex::new(HashMap::new()),
             config: config.clone(),
         });
-        let server = conn.object_server();
-        server.at("/org/bluez", adapter::BluezRoot).await?;
-        server.at(CENTRAL_PATH, adapter::CentralAdapter { air: Arc::downgrade(&inner), settings: Mutex::new(adapter::AdapterSettings::new("hci0")) }).await?;
-        server.at(CONTROL_PATH, adapter::AirControl { air: Arc::downgrade(&inner) }).await?;
-        let mut tasks = Vec::new();
+        conn.object_server().at(CONTROL_PATH, adapter::AirControl { air: Arc::downgrade(&inner) }).await?;
         // Listen before taking the name, so no app can register and vanish unseen.
-        tasks.push(tokio::spawn(watch_owners(Arc::downgrade(&inner), conn.clone()).await?));
+        let main = serve_central(&inner, conn.clone(), "", &address, 0).await?;
+        let mut tasks = Vec::new();
         tasks.push(tokio::spawn(advertise(inner.clone())));
         let air = Air { inner, tasks, address, broker };
         for _ in 0..config.peripheral_adapters {
             air.add_peripheral_adapter().await?;
         }
         conn.request_name(BLUEZ).await.context("taking org.bluez on the air's bus")?;
+        drop(main);
         Ok(air)
+    }
+
+    /// Another machine near the devices (a phone, a second gateway): its
+    /// own bus, from a broker of its own, with its own `hci0`. A BLE
+    /// library there (`DBUS_SYSTEM_BUS_ADDRESS` = the returned bus) sees
+    /// the same peripherals and competes for their links.
+    pub async fn add_host(&self, name: &str) -> Result<HostInfo> {
+        if name.is_empty() || self.inner.centrals().iter().any(|c| c.host == name) {
+            anyhow::bail!("a host needs a new, non-empty name (`{name}` is taken or empty)");
+        }
+        let kind = self.inner.config.broker;
+        let broker = tokio::task::spawn_blocking(move || broker::Broker::start(kind)).await??;
+        let address = broker.address().to_string();
+        let conn = zbus::connection::Builder::address(address.as_str())
+            .serve_at("/", zbus::fdo::ObjectManager)
+            .build()
+            .await
+            .with_context(|| format!("connecting the air to host {name}'s bus {address}"))?;
+        let index = {
+            let mut r = self.inner.registry();
+            let i = r.next_host;
+            r.next_host = r.next_host.wrapping_add(1);
+            r.host_brokers.insert(name.to_string(), broker);
+            i
+        };
+        let central = serve_central(&self.inner, conn.clone(), name, &address, index).await?;
+        conn.request_name(BLUEZ).await.with_context(|| format!("taking org.bluez on host {name}'s bus"))?;
+        self.inner.advertise_now.notify_one();
+        Ok(host_info(&central))
+    }
+
+    /// Removes a host added with [`Air::add_host`]: its links drop, its bus goes.
+    pub async fn remove_host(&self, name: &str) -> Result<()> {
+        let central = {
+            let mut r = self.inner.registry();
+            let i = r.centrals.iter().position(|c| !c.host.is_empty() && c.host == name).ok_or_else(|| anyhow::anyhow!("no host `{name}`"))?;
+            r.centrals.remove(i)
+        };
+        let devices: Vec<Arc<RemoteDevice>> = std::mem::take(&mut *central.devices()).into_values().collect();
+        for d in devices {
+            d.disconnect(&self.inner, "host removed").await;
+            d.unpublish().await;
+        }
+        central.stop();
+        let _ = central.conn.release_name(BLUEZ).await;
+        let _ = central.conn.clone().close().await;
+        let broker = self.inner.registry().host_brokers.remove(name);
+        if let Some(b) = broker {
+            let _ = tokio::task::spawn_blocking(move || drop(b)).await;
+        }
+        Ok(())
+    }
+
+    /// The added hosts (not the air's own bus).
+    pub fn hosts(&self) -> Vec<HostInfo> {
+        self.inner.centrals().iter().filter(|c| !c.host.is_empty()).map(|c| host_info(c)).collect()
     }
 
     /// The bus address, for `DBUS_SYSTEM_BUS_ADDRESS`.
@@ -354,9 +440,9 @@ impl Air {
         &self.address
     }
 
-    /// The central adapter's address (what peripherals see connecting).
+    /// The air's own central adapter's address (what peripherals see connecting).
     pub fn central_address(&self) -> String {
-        format_address(&self.inner.central_address)
+        self.inner.main_central().map(|c| c.address_string()).unwrap_or_default()
     }
 
     /// A new peripheral adapter with an address of its own; a device actor
@@ -394,6 +480,12 @@ impl Air {
             t.abort();
         }
         self.inner.stop_listeners();
+        for h in self.hosts() {
+            let _ = self.remove_host(&h.name).await;
+        }
+        for c in self.inner.centrals() {
+            c.stop();
+        }
         let _ = self.inner.conn.release_name(BLUEZ).await;
         let conn = self.inner.conn.clone();
         let _ = conn.close().await;
@@ -409,7 +501,58 @@ impl Drop for Air {
             t.abort();
         }
         self.inner.stop_listeners();
+        let centrals = std::mem::take(&mut self.inner.registry().centrals);
+        for c in centrals {
+            c.stop();
+            c.devices().clear();
+        }
     }
+}
+
+/// Where another machine's BLE library finds its own BlueZ.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HostInfo {
+    pub name: String,
+    /// For that machine's `DBUS_SYSTEM_BUS_ADDRESS`.
+    pub dbus_system_bus_address: String,
+    /// Always `hci0`: the only adapter on that bus.
+    pub adapter: String,
+    /// What peripherals see connecting from that machine.
+    pub address: String,
+}
+
+fn host_info(c: &Central) -> HostInfo {
+    HostInfo { name: c.host.clone(), dbus_system_bus_address: c.bus_address.clone(), adapter: "hci0".into(), address: c.address_string() }
+}
+
+/// Serves `hci0` (and `/org/bluez`) on `conn` as one machine's central
+/// and follows its clients leaving.
+async fn serve_central(air: &Arc<AirInner>, conn: Connection, host: &str, bus_address: &str, index: u8) -> Result<Arc<Central>> {
+    let central = Arc::new(Central {
+        host: host.to_string(),
+        conn: conn.clone(),
+        bus_address: bus_address.to_string(),
+        address: [0xC0, 0xDE, 0xC0, 0xDE, 0x00, index],
+        scan: Mutex::new(Default::default()),
+        devices: Mutex::new(BTreeMap::new()),
+        tasks: Mutex::new(Vec::new()),
+    });
+    let server = conn.object_server();
+    server.at("/org/bluez", adapter::BluezRoot).await?;
+    server
+        .at(
+            CENTRAL_PATH,
+            adapter::CentralAdapter {
+                air: Arc::downgrade(air),
+                central: Arc::downgrade(&central),
+                settings: Mutex::new(adapter::AdapterSettings::new("hci0")),
+            },
+        )
+        .await?;
+    let watcher = watch_owners(Arc::downgrade(air), Arc::downgrade(&central), conn).await?;
+    central.add_task(tokio::spawn(watcher));
+    air.registry().centrals.push(central.clone());
+    Ok(central)
 }
 
 /// Scenario controls for one peripheral's link. Faults use the project's
@@ -435,11 +578,16 @@ impl LinkControl {
     /// of a connected device's characteristics.
     pub async fn set_mtu(&self, mtu: u16) -> u16 {
         let m = self.peripheral.link.set_mtu(mtu);
-        let dev = self.peripheral.lock().device.clone();
-        if let (Some(air), Some(dev)) = (self.air.upgrade(), dev) {
-            dev.announce_mtu(&air, m).await;
+        let dev = self.peripheral.lock().connection.clone();
+        if let Some(dev) = dev {
+            dev.announce_mtu(m).await;
         }
         m
+    }
+    /// Moves the device: centrals hear it at about this RSSI (dBm), or at
+    /// a seeded random one again with `None`.
+    pub fn set_rssi(&self, rssi: Option<i16>) {
+        self.peripheral.lock().rssi = rssi.map(|r| r.clamp(-127, 20));
     }
     pub fn refuse_connections(&self, on: bool) {
         self.peripheral.link.set_refuse_connections(on)
@@ -455,13 +603,17 @@ impl LinkControl {
     }
     /// Drops the connection now, as a peripheral going out of range does.
     pub async fn disconnect_now(&self) {
-        let dev = self.peripheral.lock().device.clone();
+        let dev = self.peripheral.lock().connection.clone();
         if let (Some(air), Some(dev)) = (self.air.upgrade(), dev) {
             dev.disconnect(&air, "link lost").await;
         }
     }
     pub fn is_connected(&self) -> bool {
-        self.peripheral.lock().device.as_ref().is_some_and(|d| d.is_connected())
+        self.peripheral.lock().connection.as_ref().is_some_and(|d| d.is_connected())
+    }
+    /// The host holding the link: `""` for the air's own bus, a host name, or None.
+    pub fn connected_host(&self) -> Option<String> {
+        self.peripheral.lock().connection.as_ref().filter(|d| d.is_connected()).map(|d| d.central.host.clone())
     }
     pub fn frames(&self) -> Vec<FrameRecord> {
         self.peripheral.link.frames()
@@ -476,9 +628,10 @@ impl LinkControl {
     }
 }
 
-/// Clean up after a peripheral or central that left the bus: its
-/// advertisement, application and discovery session go with it.
-async fn watch_owners(air: Weak<AirInner>, conn: Connection) -> Result<impl std::future::Future<Output = ()>> {
+/// Clean up after a client of `central`'s bus that left: its discovery
+/// session and notification sessions, and on the air's own bus whatever a
+/// peripheral registered.
+async fn watch_owners(air: Weak<AirInner>, central: Weak<Central>, conn: Connection) -> Result<impl std::future::Future<Output = ()>> {
     let rule = zbus::MatchRule::builder()
         .msg_type(zbus::message::Type::Signal)
         .sender("org.freedesktop.DBus")
@@ -492,11 +645,11 @@ async fn watch_owners(air: Weak<AirInner>, conn: Connection) -> Result<impl std:
             if !name.starts_with(':') || !new.is_empty() {
                 continue;
             }
-            let Some(air) = air.upgrade() else { return };
+            let (Some(air), Some(central)) = (air.upgrade(), central.upgrade()) else { return };
             // Cleaning up calls the applications (StopNotify): done aside,
             // so this stream keeps draining and zbus's reader (which waits
             // for room in every stream) keeps delivering those answers.
-            tokio::spawn(async move { adapter::owner_gone(&air, &name).await });
+            tokio::spawn(async move { adapter::owner_gone(&air, &central, &name).await });
         }
     })
 }
@@ -575,26 +728,62 @@ async fn route_notifications(air: Weak<AirInner>, conn: Connection, owner: &str)
     })
 }
 
-/// While hci0 scans, every advertising device is heard again every
-/// `advertise_interval` (RSSI varies, seeded), so a scanner that started
-/// late still sees it; a new scan hears everyone at once.
+/// While a central scans, every advertising device its clients' filters
+/// let through is heard again every `advertise_interval` (RSSI varies,
+/// seeded), so a scanner that started late still sees it; a new scan hears
+/// everyone at once. Devices no one has heard for the temporary timeout
+/// leave their central's cache.
 async fn advertise(air: Arc<AirInner>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(air.config.advertise_interval) => {}
             _ = air.advertise_now.notified() => {}
         }
-        if !air.discovering() {
+        for central in air.centrals() {
+            expire_devices(&central, air.config.temporary_timeout).await;
+            hear(&air, &central).await;
+        }
+    }
+}
+
+async fn expire_devices(central: &Central, timeout: Duration) {
+    let expired: Vec<Arc<RemoteDevice>> = {
+        let mut devices = central.devices();
+        let keys: Vec<[u8; 6]> = devices.iter().filter(|(_, d)| d.expired(timeout)).map(|(k, _)| *k).collect();
+        keys.iter().filter_map(|k| devices.remove(k)).collect()
+    };
+    for d in expired {
+        tracing::debug!("{}: not heard for {:?}, removed from host `{}`", d.path, timeout, central.host);
+        d.unpublish().await;
+    }
+}
+
+/// One round of advertisements as `central` hears them.
+async fn hear(air: &Arc<AirInner>, central: &Arc<Central>) {
+    let Some(filter) = central.scan().merged() else { return };
+    let peripherals: Vec<Arc<Peripheral>> = air.registry().peripherals.values().cloned().collect();
+    for p in peripherals {
+        let (adv, connected) = {
+            let st = p.lock();
+            (st.advertisement.as_ref().map(|(_, a)| a.clone()), st.connection.is_some())
+        };
+        let Some(adv) = adv else { continue };
+        if connected && p.link.stops_advertising_while_connected() {
             continue;
         }
-        let devices: Vec<Arc<RemoteDevice>> = air
-            .registry()
-            .peripherals
-            .values()
-            .filter_map(|p| p.lock().device.clone())
-            .collect();
-        for d in devices {
-            d.readvertise(&air).await;
+        let rssi = air.next_rssi(&p);
+        if !filter.matches(&adv, &p.address_string(), rssi) {
+            continue;
+        }
+        match central.device(&p.address) {
+            Some(d) => d.heard(adv, rssi, filter.duplicate_data()).await,
+            None => {
+                let d = RemoteDevice::new(central, p.clone(), adv, rssi);
+                central.devices().insert(p.address, d.clone());
+                if let Err(e) = d.publish(air).await {
+                    tracing::warn!("{}: cannot publish on host `{}`: {e}", d.path, central.host);
+                }
+            }
         }
     }
 }
