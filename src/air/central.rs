@@ -243,7 +243,7 @@ impl Central {
 mod tests {
     use super::*;
 
-    fn dict(entries: Vec<(&str, zbus::zvariant::Value<'static>)>) -> HashMap<String, OwnedVariant> {
+    fn dict(entries: Vec<(&str, zbus::Variant<'static>)>) -> HashMap<String, OwnedVariant> {
         entries.into_iter().map(|(k, v)| (k.to_string(), OwnedVariant::try_from(v).unwrap())).collect()
     }
 

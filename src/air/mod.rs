@@ -368,8 +368,7 @@ impl Air {
         conn.object_server().at(CONTROL_PATH, adapter::AirControl { air: Arc::downgrade(&inner) }).await?;
         // Listen before taking the name, so no app can register and vanish unseen.
         let main = serve_central(&inner, conn.clone(), "", &address, 0).await?;
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(advertise(inner.clone())));
+        let tasks = vec![tokio::spawn(advertise(inner.clone()))];
         let air = Air { inner, tasks, address, broker };
         for _ in 0..config.peripheral_adapters {
             air.add_peripheral_adapter().await?;
@@ -422,7 +421,7 @@ impl Air {
         }
         central.stop();
         let _ = central.conn.release_name(BLUEZ).await;
-        let _ = central.conn.clone().close().await;
+        drop(central);
         let broker = self.inner.registry().host_brokers.remove(name);
         if let Some(b) = broker {
             let _ = tokio::task::spawn_blocking(move || drop(b)).await;

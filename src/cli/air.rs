@@ -10,6 +10,7 @@ use crate::air::{Air, AirConfig};
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:
   hilbench air --adapters 2
+  hilbench air --host phone     # a second machine: its own bus and hci0 (see `hosts` in the ready line)
   export DBUS_SYSTEM_BUS_ADDRESS=$(hilbench air | jq -r .dbus_system_bus_address)  # in another shell: keep it running")]
 pub struct AirArgs {
     /// Peripheral adapters (hci1…) to create at start; devices can add more
@@ -22,6 +23,14 @@ pub struct AirArgs {
     /// How often an advertising device is heard again while hci0 scans.
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     pub advertise_interval: Duration,
+    /// Another machine near the devices (repeatable): it gets a bus of its
+    /// own with its own hci0, and competes with the main bus's centrals for
+    /// each device's one link.
+    #[arg(long = "host", value_name = "NAME")]
+    pub hosts: Vec<String>,
+    /// How long a central keeps a device it no longer hears (BlueZ's TemporaryTimeout).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub temporary_timeout: Duration,
     /// Serve on this existing bus instead of starting our own broker.
     #[arg(long)]
     pub bus: Option<String>,
@@ -55,6 +64,7 @@ pub fn run(a: AirArgs) -> i32 {
             advertise_interval: a.advertise_interval,
             bus_address: a.bus.clone(),
             broker: a.broker,
+            temporary_timeout: a.temporary_timeout,
             ..Default::default()
         };
         let air = match Air::start(config).await {
@@ -64,12 +74,20 @@ pub fn run(a: AirArgs) -> i32 {
                 return 1;
             }
         };
+        for h in &a.hosts {
+            if let Err(e) = air.add_host(h).await {
+                eprintln!("error: host {h}: {e:#}");
+                air.stop().await;
+                return 1;
+            }
+        }
         let ready = serde_json::json!({
             "ready": true,
             "kind": "air",
             "dbus_system_bus_address": air.address(),
             "central": { "name": "hci0", "path": crate::air::CENTRAL_PATH, "address": air.central_address() },
             "adapters": air.peripheral_adapters(),
+            "hosts": air.hosts(),
         });
         println!("{ready}");
         use std::io::Write;

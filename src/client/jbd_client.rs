@@ -187,7 +187,13 @@ impl JbdSession {
         match tokio::time::timeout(timeout, peripheral.connect()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(failed("connect", e.to_string())),
-            Err(_) => return Err(failed("connect", format!("no connection within {} ms", timeout.as_millis()))),
+            Err(_) => {
+                // BlueZ keeps trying after the caller stopped waiting and
+                // would connect later to no one's use (holding a
+                // single-connection BMS from the phone); Disconnect cancels it.
+                let _ = tokio::time::timeout(Duration::from_secs(5), peripheral.disconnect()).await;
+                return Err(failed("connect", format!("no connection within {} ms", timeout.as_millis())));
+            }
         }
         let session = async {
             tokio::time::timeout(timeout, peripheral.discover_services())

@@ -175,6 +175,8 @@ struct World {
     bsc_raw: BTreeMap<String, Addr<BscRawPeer>>,
     /// JBD BMSes on the process's air, with the peripheral adapter each holds.
     jbd: BTreeMap<String, BleDevice>,
+    /// `ble_hosts`: scenario name → the host's name on the shared air.
+    ble_hosts: BTreeMap<String, String>,
     processes: Vec<RunningProcess>,
     vars: BTreeMap<String, String>,
     _tmp: tempfile::TempDir,
@@ -360,6 +362,7 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
         bsc_nodes: BTreeMap::new(),
         bsc_raw: BTreeMap::new(),
         jbd: BTreeMap::new(),
+        ble_hosts: BTreeMap::new(),
         processes: vec![],
         vars: BTreeMap::new(),
         _tmp: tmp,
@@ -452,6 +455,17 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
                 world.jbd.insert(j.name.clone(), dev);
             }
             Err(e) => return Err((format!("device `{}`: {e}", j.name), Some(world))),
+        }
+    }
+
+    for name in &scenario.ble_hosts {
+        match add_ble_host(name).await {
+            Ok(info) => {
+                world.vars.insert(format!("ble_host.{name}.bus"), info.dbus_system_bus_address.clone());
+                world.vars.insert(format!("ble_host.{name}.address"), info.address.clone());
+                world.ble_hosts.insert(name.clone(), info.name);
+            }
+            Err(e) => return Err((format!("ble host `{name}`: {e}"), Some(world))),
         }
     }
 
@@ -597,6 +611,15 @@ fn start_serial_client(
         }
     };
     started.map_err(|e| e.to_string())
+}
+
+/// Another machine on the process's air, under a name no other scenario
+/// in this process has used (hosts outlive nothing: teardown removes them).
+async fn add_ble_host(name: &str) -> Result<crate::air::HostInfo, String> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let unique = format!("{name}-{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let air = crate::air::shared::shared()?;
+    air.run(move |air| async move { air.add_host(&unique).await.map_err(|e| format!("{e:#}")) }).await?
 }
 
 /// A JBD BMS on a fresh peripheral adapter of the process's air.
@@ -925,6 +948,10 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
                 if let Some(on) = b2.stop_advertising_while_connected {
                     l.stop_advertising_while_connected(on);
                     done.push(format!("stop_advertising_while_connected={on}"));
+                }
+                if let Some(r) = b2.rssi {
+                    l.set_rssi(Some(r));
+                    done.push(format!("rssi={r} dBm"));
                 }
                 if let Some(w) = &b2.reject_write {
                     let kind = match w.as_str() {
@@ -1335,6 +1362,7 @@ async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOption
         bsc_nodes,
         bsc_raw,
         jbd,
+        ble_hosts,
         processes,
         ..
     } = world;
@@ -1346,6 +1374,11 @@ async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOption
     drop(bsc_raw);
     for (_, mut dev) in jbd {
         dev.release().await;
+    }
+    if let (false, Ok(air)) = (ble_hosts.is_empty(), crate::air::shared::shared()) {
+        for (_, host) in ble_hosts {
+            let _ = air.run(move |air| async move { air.remove_host(&host).await }).await;
+        }
     }
     for (_, mut hub) in hubs {
         hub.stop().await;

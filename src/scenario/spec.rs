@@ -52,6 +52,12 @@ pub struct Scenario {
     pub clients: Vec<ClientSpec>,
     #[serde(default)]
     pub processes: Vec<ProcessSpec>,
+    /// Other machines near the BLE devices (a phone, a second gateway): each
+    /// gets a bus of its own with its own hci0, competing with this
+    /// machine's centrals for a device's one link. A process runs there with
+    /// `DBUS_SYSTEM_BUS_ADDRESS: "{{ble_host.NAME.bus}}"`.
+    #[serde(default)]
+    pub ble_hosts: Vec<String>,
     /// Each step is a one-key map (`- wait: 1s`), not a YAML tag.
     #[serde(with = "yaml_serde::with::singleton_map_recursive")]
     pub steps: Vec<Step>,
@@ -343,6 +349,10 @@ pub struct BleStep {
     /// (single-connection modules), whatever the device itself does.
     #[serde(default)]
     pub stop_advertising_while_connected: Option<bool>,
+    /// Move the device: centrals hear it at about this RSSI in dBm
+    /// (−127..=20), so RSSI discovery filters can leave it out.
+    #[serde(default)]
+    pub rssi: Option<i16>,
 }
 
 /// A raw BACnet/SC peer (see `send_raw`).
@@ -695,6 +705,15 @@ impl Scenario {
             }
         }
         let ports: Vec<&str> = self.buses.iter().flat_map(|b| b.ports.iter().map(String::as_str)).collect();
+        for h in &self.ble_hosts {
+            unique("ble host", h)?;
+            if h.is_empty() || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(format!("ble host `{h}`: use letters, digits, `-` and `_` only"));
+            }
+        }
+        if !self.ble_hosts.is_empty() && !self.devices.iter().any(|d| matches!(d, DeviceSpec::JbdBms(_))) {
+            return Err("`ble_hosts` needs at least one BLE device (jbd-bms) to be near".into());
+        }
         for d in &self.devices {
             unique("device", d.name())?;
             links.push(d.name());
@@ -927,14 +946,20 @@ impl Scenario {
                             return Err(format!("{at}: reject_write must be request, command or none, not `{w}`"));
                         }
                     }
+                    if let Some(r) = b.rssi {
+                        if !(-127..=20).contains(&r) {
+                            return Err(format!("{at}: rssi {r} is outside -127..=20 dBm"));
+                        }
+                    }
                     if b.mtu.is_none()
                         && b.refuse_connections.is_none()
                         && !b.disconnect
                         && b.reject_write.is_none()
                         && b.stop_advertising_while_connected.is_none()
+                        && b.rssi.is_none()
                     {
                         return Err(format!(
-                            "{at}: give at least one of mtu, refuse_connections, disconnect, reject_write, stop_advertising_while_connected"
+                            "{at}: give at least one of mtu, refuse_connections, disconnect, reject_write, stop_advertising_while_connected, rssi"
                         ));
                     }
                 }
