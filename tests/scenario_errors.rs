@@ -31,6 +31,15 @@ fn malformed_files_name_line_column_and_what_was_expected() {
     assert!(e.contains("no link `nowhere`") && e.contains("links: p, d"), "{e}");
     let e = parse("name: x\nbuses: [{name: b, ports: [p]}]\nclients:\n  - {name: m, kind: modbus-master, port: q, addresses: [1]}\nsteps: []\n");
     assert!(e.contains("port `q`"), "{e}");
+    let ble = "devices:\n  - {name: bms, kind: jbd-bms}\n";
+    let e = parse(&format!("name: x\nble_hosts: [phone, phone]\n{ble}steps: []\n"));
+    assert!(e.contains("ble host name `phone` is used twice"), "{e}");
+    let e = parse(&format!("name: x\nble_hosts: [\"my phone\"]\n{ble}steps: []\n"));
+    assert!(e.contains("ble host `my phone`"), "{e}");
+    let e = parse("name: x\nble_hosts: [phone]\nsteps: []\n");
+    assert!(e.contains("needs at least one BLE device"), "{e}");
+    let e = parse(&format!("name: x\n{ble}steps:\n  - ble: {{device: bms, rssi: -200}}\n"));
+    assert!(e.contains("step 1 (ble)") && e.contains("rssi -200"), "{e}");
 }
 
 #[test]
