@@ -207,6 +207,80 @@ where
     .await?
 }
 
+/// Where a named link's fault engine lives. `fault`, `clear_faults` and
+/// frame collection go through this, whatever the transport.
+enum LinkHome<'w> {
+    /// A client actor's own link.
+    Client(&'w ClientLinkControl),
+    /// Every port and device link on one simulated RS-485 bus.
+    Bus(&'w Addr<BusActor>),
+    /// A BLE device's link on the air: (device name, peripheral adapter).
+    Ble(String, String),
+}
+
+impl World {
+    /// The home of the link called `name`.
+    fn link_home(&self, name: &str) -> Result<LinkHome<'_>, String> {
+        if let Some(c) = self.clients.get(name) {
+            return c
+                .link
+                .as_ref()
+                .map(LinkHome::Client)
+                .ok_or_else(|| format!("`{name}` is a passive sniffer: it has no link to fault; fault its bus port instead"));
+        }
+        if let Some(d) = self.jbd.get(name) {
+            return Ok(LinkHome::Ble(name.to_string(), d.adapter.clone()));
+        }
+        self.buses
+            .iter()
+            .find(|(names, _)| names.iter().any(|n| n == name))
+            .map(|(_, bus)| LinkHome::Bus(bus))
+            .ok_or_else(|| format!("no link `{name}`"))
+    }
+
+    /// Every link home once (a bus once for all its links).
+    fn link_homes(&self) -> Vec<LinkHome<'_>> {
+        let clients = self.clients.values().filter_map(|c| c.link.as_ref().map(LinkHome::Client));
+        let buses = self.buses.iter().map(|(_, bus)| LinkHome::Bus(bus));
+        let ble = self.jbd.iter().map(|(name, d)| LinkHome::Ble(name.clone(), d.adapter.clone()));
+        clients.chain(buses).chain(ble).collect()
+    }
+}
+
+impl LinkHome<'_> {
+    async fn add_fault(&self, link: &str, rule: crate::link::FaultRule) -> Result<(), String> {
+        match self {
+            LinkHome::Client(ctl) => ctl.fault.send(ClientFault(rule)).await.map_err(|e| e.to_string()),
+            LinkHome::Bus(bus) => bus.send(InjectFault { link: link.to_string(), rule }).await.map_err(|e| e.to_string())?,
+            LinkHome::Ble(_, adapter) => ble_link(adapter, move |l| async move { l.add_fault(rule) }).await,
+        }
+    }
+
+    async fn clear_faults(&self, link: &str) -> Result<(), String> {
+        match self {
+            LinkHome::Client(ctl) => ctl.clear.send(ClientClearFaults).await.map_err(|e| e.to_string()),
+            LinkHome::Bus(bus) => bus.send(ClearFaults { link: link.to_string() }).await.map_err(|e| e.to_string())?,
+            LinkHome::Ble(_, adapter) => ble_link(adapter, |l| async move { l.clear_faults() }).await,
+        }
+    }
+
+    /// The frames its links carried, each under the link's scenario name
+    /// (BLE links record under their adapter's name).
+    async fn frames(&self) -> Vec<FrameRecord> {
+        match self {
+            LinkHome::Client(ctl) => ctl.frames.send(ClientFrames).await.unwrap_or_default(),
+            LinkHome::Bus(bus) => bus.send(BusFrames).await.unwrap_or_default(),
+            LinkHome::Ble(name, adapter) => {
+                let mut recs = ble_link(adapter, |l| async move { l.frames() }).await.unwrap_or_default();
+                for r in &mut recs {
+                    r.link.clone_from(name);
+                }
+                recs
+            }
+        }
+    }
+}
+
 /// A BACnet/SC hub of the scenario. `handle` is `None` while stopped; a restart
 /// binds the same address, so nodes find it where they left it.
 struct RunningHub {
@@ -923,19 +997,6 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
             }
             Ok(format!("{}: {:?}", s.device, s.state))
         }
-        Step::Fault(f) if world.jbd.contains_key(f.link.as_deref().unwrap_or_default()) => {
-            let link = f.link.clone().unwrap_or_default();
-            let rule = f.clone().into_rule()?;
-            let desc = format!("{} on {} (BLE link)", rule.fault.name(), link);
-            let adapter = world.jbd[&link].adapter.clone();
-            ble_link(&adapter, move |l| async move { l.add_fault(rule) }).await?;
-            Ok(desc)
-        }
-        Step::ClearFaults(c) if world.jbd.contains_key(&c.link) => {
-            let adapter = world.jbd[&c.link].adapter.clone();
-            ble_link(&adapter, |l| async move { l.clear_faults() }).await?;
-            Ok(format!("cleared {} (BLE link)", c.link))
-        }
         Step::Ble(b) => {
             let adapter = world.jbd.get(&b.device).map(|d| d.adapter.clone()).ok_or_else(|| format!("no BLE device `{}`", b.device))?;
             let b2 = b.clone();
@@ -979,37 +1040,11 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
             let link = f.link.clone().unwrap_or_default();
             let rule = f.clone().into_rule()?;
             let desc = format!("{} on {}", rule.fault.name(), link);
-            if let Some(c) = world.clients.get(&link) {
-                let ctl = c.link.as_ref().ok_or_else(|| {
-                    format!("`{link}` is a passive sniffer: it has no link to fault; fault its bus port instead")
-                })?;
-                ctl.fault.send(ClientFault(rule)).await.map_err(|e| e.to_string())?;
-                return Ok(desc);
-            }
-            let bus = world
-                .buses
-                .iter()
-                .find(|(names, _)| names.contains(&link))
-                .ok_or_else(|| format!("no link `{link}`"))?;
-            bus.1.send(InjectFault { link, rule }).await.map_err(|e| e.to_string())??;
+            world.link_home(&link)?.add_fault(&link, rule).await?;
             Ok(desc)
         }
         Step::ClearFaults(c) => {
-            if let Some(cl) = world.clients.get(&c.link) {
-                if let Some(ctl) = &cl.link {
-                    ctl.clear.send(ClientClearFaults).await.map_err(|e| e.to_string())?;
-                }
-                return Ok(format!("cleared {}", c.link));
-            }
-            let bus = world
-                .buses
-                .iter()
-                .find(|(names, _)| names.contains(&c.link))
-                .ok_or_else(|| format!("no link `{}`", c.link))?;
-            bus.1
-                .send(ClearFaults { link: c.link.clone() })
-                .await
-                .map_err(|e| e.to_string())??;
+            world.link_home(&c.link)?.clear_faults(&c.link).await?;
             Ok(format!("cleared {}", c.link))
         }
         Step::ExpectReading(e) => {
@@ -1308,25 +1343,8 @@ fn describe_bounds(e: &ExpectReading) -> String {
 
 async fn collect_frames(world: &World) -> Vec<FrameRecord> {
     let mut all = Vec::new();
-    for (_, bus) in &world.buses {
-        if let Ok(f) = bus.send(BusFrames).await {
-            all.extend(f);
-        }
-    }
-    for c in world.clients.values() {
-        if let Some(ctl) = &c.link {
-            all.extend(ctl.frames.send(ClientFrames).await.unwrap_or_default());
-        }
-    }
-    // BLE links record under their adapter's name; scenarios know the device's.
-    for (name, dev) in &world.jbd {
-        let adapter = dev.adapter.clone();
-        if let Ok(mut recs) = ble_link(&adapter, |l| async move { l.frames() }).await {
-            for r in &mut recs {
-                r.link = name.clone();
-            }
-            all.extend(recs);
-        }
+    for home in world.link_homes() {
+        all.extend(home.frames().await);
     }
     all.sort_by_key(|f| f.timestamp_ns);
     all
