@@ -62,15 +62,22 @@ impl BluezRoot {
     fn request_default_agent(&self, _agent: ObjectPath<'_>) {}
 }
 
-/// Adapter1 properties common to both roles.
 fn adapter_alias(name: &str) -> String {
     format!("hilbench-{name}")
 }
 
-/// `hci0` of one machine (see [`Central`]).
-pub struct CentralAdapter {
-    pub air: Weak<AirInner>,
-    pub central: Weak<Central>,
+/// What an adapter is for: `hci0` of one machine (see [`Central`]), or a
+/// peripheral adapter a simulated device advertises and serves GATT on.
+pub enum AdapterRole {
+    Central { air: Weak<AirInner>, central: Weak<Central> },
+    Peripheral(Arc<Peripheral>),
+}
+
+/// `org.bluez.Adapter1` for either role: the properties are the same,
+/// only discovery (central) and the address differ.
+pub struct Adapter1 {
+    pub name: String,
+    pub role: AdapterRole,
     pub settings: Mutex<AdapterSettings>,
 }
 
@@ -102,37 +109,39 @@ impl AdapterSettings {
     }
 }
 
-fn lock_settings(m: &Mutex<AdapterSettings>) -> std::sync::MutexGuard<'_, AdapterSettings> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl PeripheralAdapter {
-    fn settings(&self) -> std::sync::MutexGuard<'_, AdapterSettings> {
-        lock_settings(&self.settings)
-    }
-}
-
-impl CentralAdapter {
-    fn settings(&self) -> std::sync::MutexGuard<'_, AdapterSettings> {
-        lock_settings(&self.settings)
+impl Adapter1 {
+    pub fn new(name: &str, role: AdapterRole) -> Self {
+        Adapter1 { name: name.to_string(), role, settings: Mutex::new(AdapterSettings::new(name)) }
     }
 
-    fn central(&self) -> Result<Arc<Central>> {
-        self.central.upgrade().ok_or_else(|| BluezError::NotReady("Resource Not Ready".into()))
+    fn settings(&self) -> std::sync::MutexGuard<'_, AdapterSettings> {
+        self.settings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The central behind a central-role adapter; a peripheral adapter
+    /// does not scan, as BlueZ refuses discovery on an adapter without the
+    /// central role.
+    fn central(&self) -> Result<(Arc<AirInner>, Arc<Central>)> {
+        match &self.role {
+            AdapterRole::Central { air, central } => match (air.upgrade(), central.upgrade()) {
+                (Some(a), Some(c)) => Ok((a, c)),
+                _ => Err(BluezError::NotReady("Resource Not Ready".into())),
+            },
+            AdapterRole::Peripheral(_) => Err(BluezError::NotSupported("a peripheral adapter does not scan; use hci0".into())),
+        }
     }
 }
 
 const FILTER_KEYS: &[&str] = &["UUIDs", "RSSI", "Pathloss", "Transport", "DuplicateData", "Discoverable", "Pattern"];
 
 #[interface(name = "org.bluez.Adapter1")]
-impl CentralAdapter {
+impl Adapter1 {
     async fn start_discovery(
         &self,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<()> {
-        let air = self.air.upgrade().ok_or_else(|| BluezError::NotReady("Resource Not Ready".into()))?;
-        let central = self.central()?;
+        let (air, central) = self.central()?;
         let client = sender_of(&hdr);
         let started = {
             let mut scan = central.scan();
@@ -154,7 +163,7 @@ impl CentralAdapter {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<()> {
-        let central = self.central()?;
+        let (_, central) = self.central()?;
         let client = sender_of(&hdr);
         let stopped = {
             let mut scan = central.scan();
@@ -177,7 +186,7 @@ impl CentralAdapter {
         filter: HashMap<String, OwnedVariant>,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<()> {
-        let central = self.central()?;
+        let (_, central) = self.central()?;
         let parsed = DiscoveryFilter::parse(&filter)
             .map_err(|e| BluezError::InvalidArguments(format!("Invalid arguments in method call: {e}")))?;
         let client = sender_of(&hdr);
@@ -195,8 +204,7 @@ impl CentralAdapter {
     }
 
     async fn remove_device(&self, device: OwnedObjectPath) -> Result<()> {
-        let air = self.air.upgrade().ok_or_else(|| BluezError::NotReady("Resource Not Ready".into()))?;
-        let central = self.central()?;
+        let (air, central) = self.central()?;
         let found = {
             let mut devices = central.devices();
             let key = devices.iter().find(|(_, d)| d.path == device.as_str()).map(|(k, _)| *k);
@@ -212,7 +220,10 @@ impl CentralAdapter {
 
     #[zbus(property)]
     fn address(&self) -> String {
-        self.central.upgrade().map(|c| c.address_string()).unwrap_or_default()
+        match &self.role {
+            AdapterRole::Central { central, .. } => central.upgrade().map(|c| c.address_string()).unwrap_or_default(),
+            AdapterRole::Peripheral(p) => p.address_string(),
+        }
     }
     #[zbus(property)]
     fn address_type(&self) -> &str {
@@ -220,7 +231,7 @@ impl CentralAdapter {
     }
     #[zbus(property)]
     fn name(&self) -> String {
-        adapter_alias("hci0")
+        adapter_alias(&self.name)
     }
     #[zbus(property)]
     fn alias(&self) -> String {
@@ -280,11 +291,15 @@ impl CentralAdapter {
     }
     #[zbus(property)]
     fn discovering(&self) -> bool {
-        self.central.upgrade().is_some_and(|c| c.discovering())
+        self.central().is_ok_and(|(_, c)| c.discovering())
     }
     #[zbus(property, name = "UUIDs")]
     fn uuids(&self) -> Vec<String> {
-        vec!["00001800-0000-1000-8000-00805f9b34fb".into(), "00001801-0000-1000-8000-00805f9b34fb".into()]
+        match self.role {
+            // GAP and GATT, as bluetoothd lists for a powered adapter.
+            AdapterRole::Central { .. } => vec!["00001800-0000-1000-8000-00805f9b34fb".into(), "00001801-0000-1000-8000-00805f9b34fb".into()],
+            AdapterRole::Peripheral(_) => Vec::new(),
+        }
     }
     #[zbus(property)]
     fn modalias(&self) -> &str {
@@ -292,7 +307,10 @@ impl CentralAdapter {
     }
     #[zbus(property)]
     fn roles(&self) -> Vec<String> {
-        vec!["central".into()]
+        match self.role {
+            AdapterRole::Central { .. } => vec!["central".into()],
+            AdapterRole::Peripheral(_) => vec!["peripheral".into()],
+        }
     }
     #[zbus(property)]
     fn experimental_features(&self) -> Vec<String> {
@@ -305,120 +323,6 @@ impl CentralAdapter {
     #[zbus(property)]
     fn version(&self) -> u8 {
         0x0C
-    }
-}
-
-/// A peripheral adapter: Adapter1 (Roles ["peripheral"]), the advertising
-/// manager and the GATT manager.
-pub struct PeripheralAdapter {
-    pub p: Arc<Peripheral>,
-    pub settings: Mutex<AdapterSettings>,
-}
-
-#[interface(name = "org.bluez.Adapter1")]
-impl PeripheralAdapter {
-    fn start_discovery(&self) -> Result<()> {
-        Err(BluezError::NotSupported("a peripheral adapter does not scan; use hci0".into()))
-    }
-    fn stop_discovery(&self) -> Result<()> {
-        Err(BluezError::Failed("No discovery started".into()))
-    }
-    fn set_discovery_filter(&self, _filter: HashMap<String, OwnedVariant>) -> Result<()> {
-        Err(BluezError::NotSupported("a peripheral adapter does not scan; use hci0".into()))
-    }
-    fn get_discovery_filters(&self) -> Vec<String> {
-        FILTER_KEYS.iter().map(|s| s.to_string()).collect()
-    }
-    fn remove_device(&self, _device: OwnedObjectPath) -> Result<()> {
-        Err(BluezError::DoesNotExist("Does Not Exist".into()))
-    }
-    #[zbus(property)]
-    fn address(&self) -> String {
-        self.p.address_string()
-    }
-    #[zbus(property)]
-    fn address_type(&self) -> &str {
-        "public"
-    }
-    #[zbus(property)]
-    fn name(&self) -> String {
-        adapter_alias(&self.p.name)
-    }
-    #[zbus(property)]
-    fn alias(&self) -> String {
-        self.settings().alias.clone()
-    }
-    #[zbus(property)]
-    fn set_alias(&self, v: String) {
-        self.settings().alias = v;
-    }
-    #[zbus(property)]
-    fn class(&self) -> u32 {
-        0
-    }
-    #[zbus(property)]
-    fn powered(&self) -> bool {
-        self.settings().powered
-    }
-    #[zbus(property)]
-    fn set_powered(&self, v: bool) {
-        self.settings().powered = v;
-    }
-    #[zbus(property)]
-    fn power_state(&self) -> &str {
-        if self.settings().powered { "on" } else { "off" }
-    }
-    #[zbus(property)]
-    fn discoverable(&self) -> bool {
-        self.settings().discoverable
-    }
-    #[zbus(property)]
-    fn set_discoverable(&self, v: bool) {
-        self.settings().discoverable = v;
-    }
-    #[zbus(property)]
-    fn discoverable_timeout(&self) -> u32 {
-        self.settings().discoverable_timeout
-    }
-    #[zbus(property)]
-    fn set_discoverable_timeout(&self, v: u32) {
-        self.settings().discoverable_timeout = v;
-    }
-    #[zbus(property)]
-    fn pairable(&self) -> bool {
-        self.settings().pairable
-    }
-    #[zbus(property)]
-    fn set_pairable(&self, v: bool) {
-        self.settings().pairable = v;
-    }
-    #[zbus(property)]
-    fn pairable_timeout(&self) -> u32 {
-        self.settings().pairable_timeout
-    }
-    #[zbus(property)]
-    fn set_pairable_timeout(&self, v: u32) {
-        self.settings().pairable_timeout = v;
-    }
-    #[zbus(property)]
-    fn discovering(&self) -> bool {
-        false
-    }
-    #[zbus(property, name = "UUIDs")]
-    fn uuids(&self) -> Vec<String> {
-        Vec::new()
-    }
-    #[zbus(property)]
-    fn modalias(&self) -> &str {
-        "usb:v1D6Bp0246d0543"
-    }
-    #[zbus(property)]
-    fn roles(&self) -> Vec<String> {
-        vec!["peripheral".into()]
-    }
-    #[zbus(property)]
-    fn experimental_features(&self) -> Vec<String> {
-        Vec::new()
     }
 }
 
@@ -744,7 +648,7 @@ pub(crate) async fn add_peripheral_adapter(air: &Arc<AirInner>) -> Result<Periph
         p
     };
     let server = air.conn.object_server();
-    server.at(p.path.as_str(), PeripheralAdapter { settings: Mutex::new(AdapterSettings::new(&p.name)), p: p.clone() }).await?;
+    server.at(p.path.as_str(), Adapter1::new(&p.name, AdapterRole::Peripheral(p.clone()))).await?;
     server.at(p.path.as_str(), AdvertisingManager { p: p.clone(), air: Arc::downgrade(air) }).await?;
     server.at(p.path.as_str(), GattManager { p: p.clone(), air: Arc::downgrade(air) }).await?;
     Ok(p.info())
@@ -779,7 +683,7 @@ pub(crate) async fn remove_peripheral_adapter(air: &Arc<AirInner>, which: &str) 
     let server = air.conn.object_server();
     let _ = server.remove::<GattManager, _>(p.path.as_str()).await;
     let _ = server.remove::<AdvertisingManager, _>(p.path.as_str()).await;
-    let _ = server.remove::<PeripheralAdapter, _>(p.path.as_str()).await;
+    let _ = server.remove::<Adapter1, _>(p.path.as_str()).await;
     Ok(())
 }
 

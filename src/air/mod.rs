@@ -541,11 +541,7 @@ async fn serve_central(air: &Arc<AirInner>, conn: Connection, host: &str, bus_ad
     server
         .at(
             CENTRAL_PATH,
-            adapter::CentralAdapter {
-                air: Arc::downgrade(air),
-                central: Arc::downgrade(&central),
-                settings: Mutex::new(adapter::AdapterSettings::new("hci0")),
-            },
+            adapter::Adapter1::new("hci0", adapter::AdapterRole::Central { air: Arc::downgrade(air), central: Arc::downgrade(&central) }),
         )
         .await?;
     let watcher = watch_owners(Arc::downgrade(air), Arc::downgrade(&central), conn).await?;
