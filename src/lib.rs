@@ -10,6 +10,7 @@ pub mod cli;
 pub mod air;
 pub mod client;
 pub mod device;
+pub mod fuzzing;
 pub mod link;
 pub mod model;
 pub mod observe;

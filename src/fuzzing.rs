@@ -1,0 +1,520 @@
+//! The bodies of the cargo-fuzz targets (`fuzz/fuzz_targets/`), one function each, so the
+//! fuzzer and the stable-toolchain corpus replay (`tests/fuzz_corpus.rs`) run the same
+//! checks. Each takes arbitrary bytes and panics when an invariant it names is broken; that
+//! panic is the finding. [`TARGETS`] maps each cargo-fuzz target (and its corpus folder
+//! `fixtures/fuzz/<name>/`) to its function.
+//!
+//! Each returns true when the input got past decoding to the deeper checks (round trips,
+//! framing, replies), so the replay can tell a corpus that exercises them from one that is
+//! all noise. The fuzz targets ignore it.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::device::jbd_core::{JbdBms, JbdConfig, JbdProfile, JbdQuirk};
+use crate::protocol::eg4::{Eg4Telemetry, RegisterImage, RegisterProfile};
+use crate::protocol::modbus::FrameLength;
+use crate::protocol::{bvlc_sc, eg4_legacy, jbd, modbus};
+
+/// A fuzz harness: arbitrary bytes in, panic on a broken invariant.
+pub type Harness = fn(&[u8]) -> bool;
+
+/// Every cargo-fuzz target by name (the name of its `fuzz/fuzz_targets/<name>.rs` and of its
+/// corpus folder) with its harness.
+pub const TARGETS: &[(&str, Harness)] = &[
+    ("modbus_request", modbus_request_round_trips_and_serves),
+    ("modbus_response", modbus_response_round_trips),
+    ("modbus_stream", modbus_stream_framers_agree),
+    ("eg4_legacy", eg4_legacy_frames_round_trip),
+    ("eg4_decode", eg4_registers_decode_normalized_and_round_trip),
+    ("bvlc_sc", bvlc_sc_round_trips_and_forwards),
+    ("jbd_frame", jbd_frames_round_trip_and_assemble),
+    ("jbd_device", jbd_device_replies_are_well_formed),
+];
+
+// ---------------------------------------------------------------------------------------
+// Modbus RTU
+// ---------------------------------------------------------------------------------------
+
+fn modbus_register_image() -> &'static RegisterImage {
+    static IMAGE: OnceLock<RegisterImage> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        RegisterProfile::Eg4Ll.image(&Eg4Telemetry {
+            pack_mv: 53_000,
+            cells_mv: vec![3312; 16],
+            model: "EG4-LL".into(),
+            ..Default::default()
+        })
+    })
+}
+
+/// Arbitrary bytes as one Modbus RTU request frame.
+/// Invariants: no panic; a decoded request re-encodes to the same bytes; the stream framer
+/// agrees on its length; serving it yields a frame that decodes to `serve`'s answer.
+pub fn modbus_request_round_trips_and_serves(data: &[u8]) -> bool {
+    let framed = modbus::request_frame_length(data);
+    let Ok(frame) = modbus::decode_request(data) else {
+        return false;
+    };
+
+    let encoded = modbus::encode_request(&frame).expect("a decoded request must re-encode");
+    assert_eq!(encoded, data, "request round trip changed the bytes");
+
+    match frame.pdu.function() {
+        0x03 | 0x04 | 0x06 | 0x10 => assert_eq!(framed, FrameLength::Complete(data.len())),
+        _ => assert_eq!(framed, FrameLength::Invalid),
+    }
+
+    let image = modbus_register_image();
+    let answer = modbus::serve(&frame.pdu, image);
+    let mut out = Vec::new();
+    modbus::serve_into(frame.address, &frame.pdu, image, &mut out);
+    let decoded = modbus::decode_response(&out).expect("serve_into must produce a valid frame");
+    assert_eq!(
+        decoded,
+        modbus::ModbusRtuFrame {
+            address: frame.address,
+            pdu: answer
+        }
+    );
+    true
+}
+
+/// Arbitrary bytes as one Modbus RTU response frame.
+/// Invariants: no panic; owned and borrowed decoders agree; a decoded response re-encodes
+/// to the same bytes; the stream framer reports exactly the frame's length.
+pub fn modbus_response_round_trips(data: &[u8]) -> bool {
+    let owned = modbus::decode_response(data);
+    let borrowed = modbus::decode_response_borrowed(data);
+    match (&owned, &borrowed) {
+        (Ok(o), Ok(b)) => {
+            assert_eq!(o.address, b.address);
+            assert_eq!(o.pdu, b.pdu.to_response());
+        }
+        (Err(e1), Err(e2)) => assert_eq!(e1, e2),
+        _ => panic!("owned and borrowed decoders disagree: {owned:?} vs {borrowed:?}"),
+    }
+    let Ok(frame) = owned else { return false };
+    let encoded = modbus::encode_response(&frame).expect("a decoded response must re-encode");
+    assert_eq!(encoded, data, "response round trip changed the bytes");
+    assert_eq!(
+        modbus::response_frame_length(data),
+        FrameLength::Complete(data.len())
+    );
+    true
+}
+
+type Framer = fn(&[u8]) -> FrameLength;
+
+/// Splits `data` like a resynchronising reader would; returns how many frames it found.
+fn split_stream(data: &[u8], framer: Framer, decode_ok: &dyn Fn(&[u8]) -> bool) -> usize {
+    let mut pos = 0;
+    let mut frames = 0;
+    while let Some(buf) = data.get(pos..) {
+        if buf.is_empty() {
+            break;
+        }
+        match framer(buf) {
+            FrameLength::Complete(n) => {
+                assert!(
+                    n > 0 && n <= buf.len(),
+                    "Complete({n}) for {} buffered bytes",
+                    buf.len()
+                );
+                if decode_ok(&buf[..n]) {
+                    frames += 1;
+                    pos += n;
+                } else {
+                    pos += 1;
+                }
+            }
+            FrameLength::Invalid => pos += 1,
+            FrameLength::NeedMore => break,
+        }
+    }
+    frames
+}
+
+/// Once a prefix is `Complete(n)`, every longer prefix must say the same.
+fn check_framer_monotonic(data: &[u8], framer: Framer) {
+    let mut seen: Option<usize> = None;
+    for k in 0..=data.len().min(300) {
+        let r = framer(&data[..k]);
+        if let Some(n) = seen {
+            assert_eq!(r, FrameLength::Complete(n), "prefix {k} changed its mind");
+        } else if let FrameLength::Complete(n) = r {
+            assert!(n <= k);
+            seen = Some(n);
+        } else if r == FrameLength::Invalid {
+            // Invalid must also be stable for longer prefixes.
+            for j in k..=data.len().min(300) {
+                assert_eq!(
+                    framer(&data[..j]),
+                    FrameLength::Invalid,
+                    "Invalid then not at {j}"
+                );
+            }
+            return;
+        }
+    }
+}
+
+/// Arbitrary bytes as a raw byte stream (no timing), split with the frame_length functions
+/// of Modbus requests, Modbus responses and EG4 legacy replies.
+/// Invariants: no panic; `Complete(n)` never exceeds the buffer and is stable as more bytes
+/// arrive; decoding every prefix never panics and a successful decode of a prefix matches
+/// the framer; the resynchronising splitter always makes progress.
+pub fn modbus_stream_framers_agree(data: &[u8]) -> bool {
+    for framer in [
+        modbus::request_frame_length as Framer,
+        modbus::response_frame_length as Framer,
+        eg4_legacy::frame_length as Framer,
+    ] {
+        check_framer_monotonic(data, framer);
+    }
+
+    for k in 0..=data.len().min(300) {
+        let p = &data[..k];
+        if modbus::decode_request(p).is_ok() {
+            let f = modbus::request_frame_length(p);
+            assert!(
+                f == FrameLength::Complete(k) || f == FrameLength::Invalid,
+                "decoded request of {k} bytes but framer says {f:?}"
+            );
+        }
+        if modbus::decode_response(p).is_ok() {
+            assert_eq!(modbus::response_frame_length(p), FrameLength::Complete(k));
+        }
+        if eg4_legacy::decode_reply(p).is_ok() {
+            assert_eq!(eg4_legacy::frame_length(p), FrameLength::Complete(k));
+        }
+    }
+
+    let frames = split_stream(data, modbus::request_frame_length, &|f| modbus::decode_request(f).is_ok())
+        + split_stream(data, modbus::response_frame_length, &|f| modbus::decode_response(f).is_ok())
+        + split_stream(data, eg4_legacy::frame_length, &|f| eg4_legacy::decode_reply(f).is_ok());
+    frames > 0
+}
+
+// ---------------------------------------------------------------------------------------
+// EG4
+// ---------------------------------------------------------------------------------------
+
+/// Arbitrary bytes as a legacy 7E/0D frame (request, status reply, version reply).
+/// Invariants: no panic; a request with a valid checksum re-encodes to the same bytes; a
+/// decoded status/version reply re-encodes and decodes to the same value; framing agrees.
+pub fn eg4_legacy_frames_round_trip(data: &[u8]) -> bool {
+    use eg4_legacy::{
+        decode_reply, decode_request, decode_status_payload, decode_status_reply, decode_version_reply,
+        encode_request, encode_status_reply, encode_version_reply, frame_length, LegacyError,
+    };
+
+    let framed = frame_length(data);
+
+    let mut request_checked = false;
+    if let Ok(req) = decode_request(data) {
+        if req.checksum_valid() {
+            assert_eq!(encode_request(req.address, req.command), data);
+            request_checked = true;
+        }
+    }
+
+    let Ok(reply) = decode_reply(data) else {
+        return request_checked;
+    };
+    assert_eq!(framed, FrameLength::Complete(data.len()));
+
+    if let Ok(status) = decode_status_reply(data) {
+        assert_eq!(decode_status_payload(reply.payload).as_ref(), Ok(&status));
+        // Decoded values are always in range. Re-encoding drops extra words and groups 9/10
+        // contents but always writes groups 9 and 10 (4 bytes), so only an 8- or 9-group
+        // payload within 4 bytes of the limit may fail, and only for its length.
+        match encode_status_reply(reply.address, &status) {
+            Ok(again) => assert_eq!(
+                decode_status_reply(&again).expect("re-encoded status must decode"),
+                status
+            ),
+            Err(LegacyError::PayloadTooLong { len, .. }) => {
+                assert!(
+                    reply.payload.len() > 251 && len <= reply.payload.len() + 4,
+                    "{len}"
+                )
+            }
+            Err(e) => panic!("a decoded status must re-encode: {e}"),
+        }
+    }
+
+    if let Ok(version) = decode_version_reply(data) {
+        let again = encode_version_reply(version.address, version.command, &version.text);
+        // Lossy UTF-8 replacement can grow the text past 255 bytes; otherwise it must
+        // round-trip.
+        if let Ok(again) = again {
+            assert_eq!(
+                decode_version_reply(&again).expect("re-encoded version must decode"),
+                version
+            );
+        }
+    }
+    true
+}
+
+/// Arbitrary registers decoded through every EG4 register profile.
+/// Input: 2 bytes start register (big-endian, reduced mod 256) then big-endian u16s.
+/// Invariants: no panic; decoded telemetry is normalized; its image decodes back to it;
+/// `decode_info` on the same block agrees with `decode` on the string fields.
+pub fn eg4_registers_decode_normalized_and_round_trip(data: &[u8]) -> bool {
+    let (start, rest) = match data {
+        [hi, lo, rest @ ..] => (u16::from_be_bytes([*hi, *lo]) % 256, rest),
+        _ => return false,
+    };
+    let regs: Vec<u16> = rest
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect();
+    let mut decoded_any = false;
+    for profile in RegisterProfile::ALL {
+        let info = profile.info_request().map(|(s, c)| {
+            let mut t = Default::default();
+            let r = profile.decode_info(start, &regs, &mut t);
+            (r, t, s, c)
+        });
+        let Ok(t) = profile.decode(start, &regs) else {
+            continue;
+        };
+        decoded_any = true;
+        assert_eq!(
+            profile.normalize(&t),
+            t,
+            "{profile}: decode output not normalized"
+        );
+        let img = profile.image(&t);
+        let back = profile
+            .read_map(&img)
+            .expect("image must contain every profile block");
+        assert_eq!(back, t, "{profile}: image(decode(x)) does not decode back");
+        // decode_info on the same block must agree with decode's string fields.
+        if let Some((Ok(()), info_t, _, _)) = info {
+            assert_eq!(
+                (info_t.model, info_t.firmware_str, info_t.serial),
+                (t.model, t.firmware_str, t.serial)
+            );
+        }
+    }
+    decoded_any
+}
+
+// ---------------------------------------------------------------------------------------
+// BACnet/SC
+// ---------------------------------------------------------------------------------------
+
+/// Arbitrary bytes as one BACnet/SC BVLC message.
+/// Invariants: no panic; a decoded message re-encodes and decodes to itself; the hub's
+/// forwarding rewrite succeeds exactly on frames whose header is sound, and for decodable
+/// frames equals decode -> set originating / drop destination -> encode.
+pub fn bvlc_sc_round_trips_and_forwards(data: &[u8]) -> bool {
+    const SENDER: bvlc_sc::Vmac = bvlc_sc::Vmac([0x02, 0xAA, 0xBB, 0xCC, 0xDD, 0xEE]);
+
+    let decoded = bvlc_sc::decode(data);
+    for keep in [false, true] {
+        let mut out = vec![0x5A];
+        let rewritten = bvlc_sc::rewrite_for_forwarding(data, SENDER, keep, &mut out);
+        if rewritten.is_err() {
+            assert_eq!(out, [0x5A], "rewrite must leave the buffer alone on error");
+        }
+        if let Ok(m) = &decoded {
+            assert!(
+                rewritten.is_ok(),
+                "decodable frame rejected by rewrite: {rewritten:?}"
+            );
+            let mut fwd = m.clone();
+            fwd.originating = Some(SENDER);
+            if !keep {
+                fwd.destination = None;
+            }
+            let mut want = vec![0x5A];
+            bvlc_sc::encode_into(&fwd, &mut want).expect("forwarded message encodes");
+            assert_eq!(out, want);
+        }
+    }
+    let Ok(m) = decoded else { return false };
+    let bytes = bvlc_sc::encode(&m).expect("decoded message must re-encode");
+    let again = bvlc_sc::decode(&bytes).expect("re-encoded message must decode");
+    assert_eq!(again, m);
+    true
+}
+
+// ---------------------------------------------------------------------------------------
+// JBD
+// ---------------------------------------------------------------------------------------
+
+/// The typed JBD payload decoders on `d`: whatever decodes re-encodes to the same bytes.
+fn check_jbd_payloads(d: &[u8]) {
+    use jbd::{decode_string, encode_string, Action, BasicInfo, CellVoltages, ErrorCounters, FactoryCommand};
+    use jbd::{HardwareVersion, MosControl};
+
+    if let Ok(b) = BasicInfo::decode(d) {
+        // Raw fuzz input can be longer than a frame's 255 data bytes.
+        if d.len() <= 255 {
+            assert_eq!(b.encode().as_deref(), Ok(d), "basic info round trip");
+        }
+        let _ = (b.temps_c(), b.date(), b.balancing_cells(), b.protection_names());
+    }
+    if let Ok(c) = CellVoltages::decode(d) {
+        assert_eq!(c.encode().as_deref(), Ok(d));
+    }
+    if let Ok(h) = HardwareVersion::decode(d) {
+        assert_eq!(h.encode().as_deref(), Ok(d));
+    }
+    if let Ok(e) = ErrorCounters::decode(d) {
+        if d.len() <= 254 {
+            assert_eq!(e.encode().as_deref(), Ok(d));
+        }
+    }
+    if let Ok(s) = decode_string(d) {
+        assert_eq!(encode_string(&s).as_deref(), Ok(d));
+    }
+    if let Ok(m) = MosControl::decode(d) {
+        assert_eq!(m.encode()[1], d[1]);
+    }
+    if let Ok(a) = Action::decode(d) {
+        assert_eq!(&a.encode()[..], d);
+    }
+    for reg in [0u8, 1] {
+        let _ = FactoryCommand::decode(reg, d);
+    }
+}
+
+/// Bytes the assembler skipped, and the frames it found, from its events.
+fn skipped_and_frames(events: &[jbd::Assembled]) -> (usize, Vec<jbd::Assembled>) {
+    let mut skipped = 0;
+    let mut frames = Vec::new();
+    for e in events {
+        match e {
+            jbd::Assembled::Skipped { bytes, .. } => skipped += bytes.len(),
+            other => frames.push(other.clone()),
+        }
+    }
+    (skipped, frames)
+}
+
+/// Input bytes one assembler event stands for.
+fn assembled_len(e: &jbd::Assembled) -> usize {
+    match e {
+        jbd::Assembled::Response(r) | jbd::Assembled::BadChecksum { response: r, .. } => 7 + r.data.len(),
+        jbd::Assembled::Pin(p) => 5 + p.data.len(),
+        jbd::Assembled::Skipped { bytes, .. } => bytes.len(),
+    }
+}
+
+/// Arbitrary bytes as a JBD frame (request, response, PIN frame, typed payloads) and as a
+/// notification stream for the client-side assembler.
+/// Invariants: no panic; whatever decodes re-encodes to the same bytes; the assembler
+/// accounts for every byte (frames + skipped + pending = input) and finds the same frames
+/// however the stream is chunked.
+pub fn jbd_frames_round_trip_and_assemble(data: &[u8]) -> bool {
+    use jbd::{
+        decode_request, decode_response_unchecked, encode_request, encode_response, frame_length, malform,
+        pin_frame_length, FrameLength, JbdResponseAssembler, Malformation, PinFrame,
+    };
+
+    let mut decoded = false;
+    if let Ok(r) = decode_request(data) {
+        assert_eq!(encode_request(r.op, r.reg, &r.data).unwrap(), data);
+        assert_eq!(frame_length(data), FrameLength::Complete(data.len()));
+        decoded = true;
+    }
+    if let Ok((r, bad)) = decode_response_unchecked(data) {
+        assert_eq!(frame_length(data), FrameLength::Complete(data.len()));
+        if bad.is_none() {
+            assert_eq!(encode_response(r.reg, r.status, &r.data).unwrap(), data);
+        }
+        check_jbd_payloads(&r.data);
+        decoded = true;
+    }
+    if let Ok(p) = PinFrame::decode(data) {
+        assert_eq!(p.encode().unwrap(), data);
+        assert_eq!(pin_frame_length(data), FrameLength::Complete(data.len()));
+        decoded = true;
+    }
+    check_jbd_payloads(data);
+    for m in [
+        Malformation::BadChecksum,
+        Malformation::Truncated { keep: data.first().copied().unwrap_or(0) as usize },
+        Malformation::WrongLength { len: data.get(1).copied().unwrap_or(0) },
+        Malformation::CorruptData { index: data.get(2).copied().unwrap_or(0) as usize, mask: 0x80 },
+    ] {
+        let _ = malform(data, m);
+    }
+
+    // Whole stream at once vs. chunks of a size taken from the input.
+    let mut whole = JbdResponseAssembler::new();
+    let all = whole.push(data);
+    let accounted: usize = all.iter().map(assembled_len).sum();
+    assert_eq!(accounted + whole.pending(), data.len(), "every byte accounted for");
+    assert!(whole.pending() <= 262 + 1, "pending {}", whole.pending());
+
+    let chunk = 1 + data.first().copied().unwrap_or(0) as usize % 20;
+    let mut chunked = JbdResponseAssembler::new();
+    let mut parts = Vec::new();
+    for c in data.chunks(chunk) {
+        parts.extend(chunked.push(c));
+        assert!(chunked.pending() <= 262 + chunk);
+    }
+    let (s1, f1) = skipped_and_frames(&all);
+    let (s2, f2) = skipped_and_frames(&parts);
+    assert_eq!(f1, f2, "chunking changed the frames");
+    assert_eq!((s1, whole.pending()), (s2, chunked.pending()));
+    decoded || !f1.is_empty()
+}
+
+/// Arbitrary writes to a simulated JBD BMS. Byte 0 picks the profile and quirks; the rest
+/// is a sequence of `len, bytes…` writes, 50 ms apart (len 0xFF = disconnect and reconnect).
+/// Invariants: no panic; the receive buffer stays bounded; without the frame-breaking
+/// quirks every reply is a well-formed response (or PIN reply) with a good checksum.
+pub fn jbd_device_replies_are_well_formed(data: &[u8]) -> bool {
+    let Some((&sel, mut rest)) = data.split_first() else { return false };
+    let profile = [JbdProfile::Standard, JbdProfile::RejectsWriteRequest, JbdProfile::Chins, JbdProfile::Pin]
+        [usize::from(sel & 3)];
+    let breaking = sel & 0x80 != 0;
+    let mut quirks = [JbdQuirk::SilentAfterFirstAnswer, JbdQuirk::FactoryEnterNoReply]
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| sel & (4 << i) != 0)
+        .map(|(_, q)| q)
+        .collect::<Vec<_>>();
+    if sel & 0x10 != 0 {
+        quirks.push(JbdQuirk::BalanceBitsMsbFirst);
+    }
+    if breaking {
+        quirks.extend([JbdQuirk::ForeignFrames, JbdQuirk::TruncatedCellVoltages, JbdQuirk::CorruptedData]);
+    }
+    let mut cfg = JbdConfig { profile, quirks, ..Default::default() };
+    cfg.pack.cells = 4 + usize::from(sel >> 5) * 2; // 4..=18
+    let mut bms = JbdBms::new(cfg).expect("valid config");
+    bms.connected(Duration::ZERO);
+    let mut now = Duration::ZERO;
+    let mut replied = false;
+    while let Some((&len, tail)) = rest.split_first() {
+        let n = usize::from(len).min(tail.len());
+        let (write, next) = tail.split_at(n);
+        rest = next;
+        now += Duration::from_millis(50);
+        if len == 0xFF {
+            bms.disconnected(now);
+            bms.connected(now);
+            continue;
+        }
+        for frame in bms.handle_write(write, now) {
+            replied = true;
+            if !breaking {
+                assert!(
+                    jbd::decode_response(&frame).is_ok() || jbd::PinFrame::decode(&frame).is_ok(),
+                    "malformed reply {frame:02X?}"
+                );
+            }
+        }
+        assert!(bms.pending_input() <= jbd::MAX_FRAME + n, "pending {}", bms.pending_input());
+        let _ = bms.take_events();
+    }
+    replied
+}
