@@ -65,11 +65,18 @@ receiver in the same shard); --rate R sends R messages/s per sender. Neither: --
 With --shard I/N this process runs the nodes whose global index g has g % N == I; nodes
 with g < --senders send. Merge shard outputs with `hilbench load merge`.
 With --tls-dir (a `hilbench pki` directory) node g presents node-(g % C + 1).pem, where C
-is the number of node certificates there.")]
+is the number of node certificates there.
+
+Exit status: 0 passed; 1 failed: no node connected, or a message was lost, duplicated or
+misrouted (with --shard, loss may stay unknown: `load merge` computes it); 2 bad arguments
+or setup error.")]
     Bsc(BscLoadArgs),
     /// Merge the --json summaries of several `load bsc` shards into one.
     #[command(after_help = "Example:
-  hilbench load merge s0.json s1.json s2.json s3.json --json")]
+  hilbench load merge s0.json s1.json s2.json s3.json --json
+
+Exit status: 0 passed; 1 failed: no node connected, a message was lost, duplicated or
+misrouted, or loss cannot be computed (a sender's shard is missing); 2 unreadable input.")]
     Merge(MergeArgs),
 }
 
@@ -653,21 +660,7 @@ struct RunParams {
 
 pub fn run_bsc(a: BscLoadArgs) -> i32 {
     match run_bsc_inner(&a) {
-        Ok(s) => {
-            if a.json {
-                match serde_json::to_string_pretty(&s) {
-                    Ok(j) => println!("{j}"),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return 2;
-                    }
-                }
-            } else {
-                print_human(&s);
-            }
-            let failed = s.connected == 0 || s.lost.is_some_and(|l| l > 0) || s.duplicates > 0 || s.misrouted > 0;
-            i32::from(failed)
-        }
+        Ok(s) => report(&s, a.json),
         Err(e) => {
             eprintln!("error: {e}");
             2
@@ -1221,6 +1214,38 @@ async fn node_task(
     res
 }
 
+/// Whether a load run failed: exit status 1 of both `load bsc` and `load merge`.
+///
+/// It failed when no node connected, or a message was lost, duplicated or misrouted, or
+/// loss is unknown where it should be known. Only one shard's own summary (`load bsc
+/// --shard`) may leave loss unknown: a sender in another shard holds the counts, and `load
+/// merge` computes it. In an unsharded run or a merged summary, unknown loss means some
+/// sender's counts are missing (a shard was not merged), so nothing proves delivery.
+pub fn run_failed(s: &LoadSummary) -> bool {
+    let loss_failed = match s.lost {
+        Some(lost) => lost > 0,
+        None => s.shard.is_none(),
+    };
+    s.connected == 0 || loss_failed || s.duplicates > 0 || s.misrouted > 0
+}
+
+/// Prints a summary, as JSON (the form `load merge` reads) or for people, and returns the
+/// exit status: 0 passed, 1 failed ([`run_failed`]), 2 when it cannot be serialized.
+fn report(s: &LoadSummary, json: bool) -> i32 {
+    if json {
+        match serde_json::to_string_pretty(s) {
+            Ok(j) => println!("{j}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        }
+    } else {
+        print_human(s);
+    }
+    i32::from(run_failed(s))
+}
+
 fn print_human(s: &LoadSummary) {
     let shard = match s.shard {
         Some((i, n)) => format!(" (shard {i}/{n})"),
@@ -1256,7 +1281,10 @@ fn print_human(s: &LoadSummary) {
         );
         match (s.expected, s.lost) {
             (Some(e), Some(l)) => println!("  loss        expected {e}, lost {l}, duplicated {}, misrouted {}", s.duplicates, s.misrouted),
-            _ => println!("  loss        computed by `load merge` (senders in other shards); duplicated {}", s.duplicates),
+            _ if s.shard.is_some() => {
+                println!("  loss        computed by `load merge` (senders in other shards); duplicated {}", s.duplicates)
+            }
+            _ => println!("  loss        unknown (a sender's counts are missing); duplicated {}", s.duplicates),
         }
         let l = &s.latency_us;
         println!(
@@ -1312,20 +1340,7 @@ fn run_merge(m: MergeArgs) -> i32 {
         }
     }
     match merge_summaries(&parts) {
-        Ok(s) => {
-            if m.json {
-                match serde_json::to_string_pretty(&s) {
-                    Ok(j) => println!("{j}"),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return 2;
-                    }
-                }
-            } else {
-                print_human(&s);
-            }
-            i32::from(s.lost.is_none_or(|l| l > 0) || s.duplicates > 0 || s.misrouted > 0)
-        }
+        Ok(s) => report(&s, m.json),
         Err(e) => {
             eprintln!("error: {e}");
             2
@@ -1421,6 +1436,22 @@ mod tests {
         assert_eq!(m.lost, None);
         assert!(m.warnings.iter().any(|w| w.contains("only 1 of 2 shards")), "{:?}", m.warnings);
         assert!(m.warnings.iter().any(|w| w.contains("loss cannot be computed")));
+    }
+
+    #[test]
+    fn one_criterion_decides_shards_merges_and_single_runs() {
+        let clean = LoadSummary { connected: 3, expected: Some(10), lost: Some(0), ..Default::default() };
+        assert!(!run_failed(&clean));
+        assert!(run_failed(&LoadSummary { connected: 0, ..clean.clone() }), "nothing connected");
+        assert!(run_failed(&LoadSummary { lost: Some(1), ..clean.clone() }));
+        assert!(run_failed(&LoadSummary { duplicates: 1, ..clean.clone() }));
+        assert!(run_failed(&LoadSummary { misrouted: 1, ..clean.clone() }));
+        // Unknown loss: fine in one shard (merge computes it), a failure anywhere else.
+        let unknown = LoadSummary { expected: None, lost: None, ..clean.clone() };
+        assert!(!run_failed(&LoadSummary { shard: Some((1, 2)), ..unknown.clone() }));
+        assert!(run_failed(&unknown));
+        let merged = merge_summaries(&[LoadSummary { connected: 2, ..part(1, None, 179, 20, &[30]) }]).unwrap();
+        assert!(merged.connected > 0 && merged.lost.is_none() && run_failed(&merged));
     }
 
     #[test]
