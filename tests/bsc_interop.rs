@@ -466,23 +466,20 @@ fn peer_nodes_talk_through_the_peer_hub_broadcast_and_unicast() {
     assert_initiator_wire(&tap_lines, 1497);
 }
 
-/// Duplicate VMAC with another Device UUID: the peer hub NAKs with error
-/// class communication (7) and node-duplicate-vmac, which the standard
-/// numbers 151, big-endian on the wire.
-#[test]
-fn peer_hub_naks_a_duplicate_vmac_with_the_standard_code() {
-    let dir = tempfile::tempdir().unwrap();
-    let peer = Peer::new(dir.path());
-    let (hub, url) = peer.hub();
+/// A second node with RESPONDER_VMAC and another Device UUID connects to the hub at
+/// `hub_url` (through a tap) while a first node holds that VMAC. The hub must NAK it
+/// with error class communication (7) and node-duplicate-vmac, which the standard
+/// numbers 151: as the node decodes it, and big-endian in the BVLC-Result on the wire.
+fn assert_duplicate_vmac_is_naked_with_the_standard_code(peer: &Peer, hub_url: &str) {
     let mut first = peer.connect_as(
         "first",
-        &url,
+        hub_url,
         RESPONDER_VMAC,
         "11111111111111111111111111111111",
         "1",
     );
     first.wait_event("connected", STEP);
-    let (tap, tap_url) = peer.tap(&url, 3);
+    let (tap, tap_url) = peer.tap(hub_url, 3);
     let second = peer.connect_as(
         "second",
         &tap_url,
@@ -493,7 +490,6 @@ fn peer_hub_naks_a_duplicate_vmac_with_the_standard_code() {
     let (code, lines) = second.finish(Duration::from_secs(60));
     let tap_lines = tap.stop();
     drop(first);
-    drop(hub);
     assert_eq!(code, 3, "expected a NAK: {lines:?}");
     let nak = event(&lines, "nak");
     assert_eq!(
@@ -512,6 +508,16 @@ fn peer_hub_naks_a_duplicate_vmac_with_the_standard_code() {
     assert_eq!(result["bvlc"]["result"], "NAK", "{result}");
     assert_eq!(result["bvlc"]["error_class"]["be"], 7, "{result}");
     assert_eq!(result["bvlc"]["error_code"]["be"], 151, "{result}");
+}
+
+/// The peer hub's duplicate-VMAC NAK: class 7, code 151, big-endian on the wire.
+#[test]
+fn peer_hub_naks_a_duplicate_vmac_with_the_standard_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::new(dir.path());
+    let (hub, url) = peer.hub();
+    assert_duplicate_vmac_is_naked_with_the_standard_code(&peer, &url);
+    drop(hub);
 }
 
 // ---------------------------------------------------------------------------
@@ -585,43 +591,8 @@ fn our_hub_naks_the_peers_duplicate_vmac_with_the_standard_code() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::new(dir.path());
     let (hub, url) = our_hub(&peer);
-    let mut first = peer.connect_as(
-        "first",
-        &url,
-        RESPONDER_VMAC,
-        "11111111111111111111111111111111",
-        "1",
-    );
-    first.wait_event("connected", STEP);
-    let (tap, tap_url) = peer.tap(&url, 3);
-    let second = peer.connect_as(
-        "second",
-        &tap_url,
-        RESPONDER_VMAC,
-        "22222222222222222222222222222222",
-        "2",
-    );
-    let (code, lines) = second.finish(Duration::from_secs(60));
-    let tap_lines = tap.stop();
-    drop(first);
+    assert_duplicate_vmac_is_naked_with_the_standard_code(&peer, &url);
     drop(hub);
-    assert_eq!(code, 3, "expected a NAK: {lines:?}");
-    let nak = event(&lines, "nak");
-    assert_eq!(
-        (nak["error_class"].as_u64(), nak["error_code"].as_u64()),
-        (Some(7), Some(151)),
-        "{nak}"
-    );
-    let result = frames(&tap_lines, "hub>node")
-        .into_iter()
-        .find(|f| function_is(f, "BVLC-Result"))
-        .unwrap_or_else(|| panic!("no BVLC-Result on the wire: {tap_lines:?}"));
-    assert_eq!(
-        result["bvlc"]["for_function"], "Connect-Request",
-        "{result}"
-    );
-    assert_eq!(result["bvlc"]["error_class"]["be"], 7, "{result}");
-    assert_eq!(result["bvlc"]["error_code"]["be"], 151, "{result}");
 }
 
 /// NPDU of a local Who-Is for device 2002 (low = high = 2002).
@@ -745,20 +716,26 @@ fn our_node_talks_to_the_peer_device(
     })
 }
 
+/// The peer's device on the hub at `hub_url` and our node talking to it there (see
+/// `our_node_talks_to_the_peer_device`); the ReadProperty-ACK must come as a unicast.
+fn assert_our_node_talks_to_the_peer_device(peer: &Peer, hub_url: &str) {
+    let responder = peer.responder(hub_url);
+    let got = our_node_talks_to_the_peer_device(hub_url, &peer.pki);
+    drop(responder);
+    assert!(
+        got.iter().any(|r| !r.broadcast),
+        "the ReadProperty-ACK came as a unicast: {got:?}"
+    );
+}
+
 /// Our node through the peer's hub to the peer's device.
 #[test]
 fn our_node_talks_to_the_peer_device_through_the_peer_hub() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::new(dir.path());
     let (hub, url) = peer.hub();
-    let responder = peer.responder(&url);
-    let got = our_node_talks_to_the_peer_device(&url, &peer.pki);
-    drop(responder);
+    assert_our_node_talks_to_the_peer_device(&peer, &url);
     drop(hub);
-    assert!(
-        got.iter().any(|r| !r.broadcast),
-        "the ReadProperty-ACK came as a unicast: {got:?}"
-    );
 }
 
 /// Our node and the peer's device on our hub.
@@ -767,14 +744,8 @@ fn our_node_talks_to_the_peer_device_through_our_hub() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::new(dir.path());
     let (hub, url) = our_hub(&peer);
-    let responder = peer.responder(&url);
-    let got = our_node_talks_to_the_peer_device(&url, &peer.pki);
-    drop(responder);
+    assert_our_node_talks_to_the_peer_device(&peer, &url);
     drop(hub);
-    assert!(
-        got.iter().any(|r| !r.broadcast),
-        "the ReadProperty-ACK came as a unicast: {got:?}"
-    );
 }
 
 /// `hilbench validate bsc-hub` against the peer hub: every required check
