@@ -244,6 +244,33 @@ async fn btleplug_adapter() -> Res<btleplug::platform::Adapter> {
     Err("btleplug does not see hci0".into())
 }
 
+/// One btleplug scan on `central` until it has heard `n` devices (`what` names them in the
+/// error), bounded by WAIT; prints and returns how long it took.
+async fn scan_until_all_heard(central: &btleplug::platform::Adapter, n: usize, what: &str) -> Res<Duration> {
+    let mut events = central.events().await.map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    central.start_scan(ScanFilter::default()).await.map_err(|e| e.to_string())?;
+    let mut seen = HashSet::new();
+    let r = tokio::time::timeout(WAIT, async {
+        while let Some(ev) = events.next().await {
+            if let CentralEvent::DeviceDiscovered(id) | CentralEvent::DeviceUpdated(id) = ev {
+                seen.insert(id);
+                if seen.len() >= n {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let took = t0.elapsed();
+    central.stop_scan().await.map_err(|e| e.to_string())?;
+    println!("   btleplug scan: heard {} of {n} in {took:?}", seen.len());
+    if r.is_err() {
+        return Err(format!("btleplug heard only {} of {n} {what} in {WAIT:?}", seen.len()));
+    }
+    Ok(took)
+}
+
 // ───────────────────────────── rtt ─────────────────────────────
 
 fn part_rtt(t: &mut Targets) -> Res<()> {
@@ -330,17 +357,7 @@ fn part_rtt(t: &mut Targets) -> Res<()> {
         let addr: bluer::Address = address.parse().map_err(|e| format!("{e}"))?;
         let device = adapter.device(addr).map_err(|e| e.to_string())?;
         tokio::time::timeout(WAIT, device.connect()).await.map_err(|_| "connect timed out")?.map_err(|e| e.to_string())?;
-        let (mut notify, mut write) = (None, None);
-        for s in device.services().await.map_err(|e| e.to_string())? {
-            for c in s.characteristics().await.map_err(|e| e.to_string())? {
-                match c.uuid().await.map_err(|e| e.to_string())? {
-                    u if u == air_support::NOTIFY => notify = Some(c),
-                    u if u == air_support::WRITE => write = Some(c),
-                    _ => {}
-                }
-            }
-        }
-        let (notify, write) = (notify.ok_or("no notify characteristic")?, write.ok_or("no write characteristic")?);
+        let (notify, write) = air_support::echo_characteristics(&device).await?;
         let reader = notify.notify_io().await.map_err(|e| format!("AcquireNotify: {e}"))?;
         let writer = write.write_io().await.map_err(|e| format!("AcquireWrite: {e}"))?;
         let mut h = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).map_err(|e| e.to_string())?;
@@ -466,29 +483,9 @@ fn part_scale(t: &mut Targets) -> Res<()> {
 
     rt.block_on(async {
         let central = btleplug_adapter().await?;
-        let mut events = central.events().await.map_err(|e| e.to_string())?;
-        let t0 = Instant::now();
-        central.start_scan(ScanFilter::default()).await.map_err(|e| e.to_string())?;
-        let mut seen = HashSet::new();
-        let r = tokio::time::timeout(WAIT, async {
-            while let Some(ev) = events.next().await {
-                if let CentralEvent::DeviceDiscovered(id) | CentralEvent::DeviceUpdated(id) = ev {
-                    seen.insert(id);
-                    if seen.len() >= n {
-                        return;
-                    }
-                }
-            }
-        })
-        .await;
-        let took = t0.elapsed();
-        central.stop_scan().await.map_err(|e| e.to_string())?;
-        println!("   btleplug scan: heard {} of {n} in {took:?}", seen.len());
-        if r.is_err() {
-            return Err(format!("btleplug heard only {} of {n} devices in {WAIT:?}", seen.len()));
-        }
+        let took = scan_until_all_heard(&central, n, "devices").await?;
         t.check("btleplug scan hears all", took.as_secs_f64(), 1.0, "s");
-        Ok(())
+        Ok::<_, String>(())
     })?;
     memory_line("after the scans", &air);
     drop(handles);
@@ -554,27 +551,7 @@ fn part_jbd(t: &mut Targets) -> Res<()> {
         println!("   bench process (the {n} BMSes + central) VmRSS {:.1} MB", mb(status_kb(std::process::id(), "VmRSS")));
 
         let central = central_adapter(Some("hci0")).await.map_err(|e| format!("{}: {}", e.kind, e.detail))?;
-        let mut events = central.events().await.map_err(|e| e.to_string())?;
-        let t0 = Instant::now();
-        central.start_scan(ScanFilter::default()).await.map_err(|e| e.to_string())?;
-        let mut seen = HashSet::new();
-        let r = tokio::time::timeout(WAIT, async {
-            while let Some(ev) = events.next().await {
-                if let CentralEvent::DeviceDiscovered(id) | CentralEvent::DeviceUpdated(id) = ev {
-                    seen.insert(id);
-                    if seen.len() >= n {
-                        return;
-                    }
-                }
-            }
-        })
-        .await;
-        let scan_took = t0.elapsed();
-        central.stop_scan().await.map_err(|e| e.to_string())?;
-        println!("   btleplug scan: heard {} of {n} in {scan_took:?}", seen.len());
-        if r.is_err() {
-            return Err(format!("btleplug heard only {} of {n} BMSes in {WAIT:?}", seen.len()));
-        }
+        let scan_took = scan_until_all_heard(&central, n, "BMSes").await?;
         let peripherals = central.peripherals().await.map_err(|e| e.to_string())?;
         let mut bms = Vec::new();
         for p in peripherals {

@@ -99,35 +99,12 @@ async fn bluer_central_uses_acquire_write_and_notify() {
     let session = bluer::Session::new().await.unwrap();
     let adapter = session.default_adapter().await.unwrap();
     assert_eq!(adapter.name(), "hci0");
-    let mut events = adapter.discover_devices().await.unwrap();
-    timeout(T, async {
-        while let Some(ev) = events.next().await {
-            if let bluer::AdapterEvent::DeviceAdded(a) = ev {
-                if a == dev_address {
-                    return;
-                }
-            }
-        }
-    })
-    .await
-    .expect("bluer central discovers the device");
-    drop(events);
+    discover(&adapter, dev_address).await;
     let device = adapter.device(dev_address).unwrap();
     assert_eq!(device.name().await.unwrap().as_deref(), Some(NAME));
     timeout(T, device.connect()).await.unwrap().unwrap();
     assert!(device.is_connected().await.unwrap());
-    let mut notify = None;
-    let mut write = None;
-    for s in device.services().await.unwrap() {
-        for c in s.characteristics().await.unwrap() {
-            match c.uuid().await.unwrap() {
-                u if u == NOTIFY => notify = Some(c),
-                u if u == WRITE => write = Some(c),
-                _ => {}
-            }
-        }
-    }
-    let (notify, write) = (notify.expect("notify char"), write.expect("write char"));
+    let (notify, write) = echo_characteristics(&device).await.unwrap();
     let reader = notify.notify_io().await.expect("AcquireNotify");
     let writer = write.write_io().await.expect("AcquireWrite");
     writer.send(b"abc").await.unwrap();
@@ -216,18 +193,7 @@ async fn restarting_the_peripheral_leaves_no_stale_objects_and_keeps_handles() {
             ..Default::default()
         },
     });
-    let mut notify = None;
-    let mut write = None;
-    for s in device.services().await.unwrap() {
-        for c in s.characteristics().await.unwrap() {
-            match c.uuid().await.unwrap() {
-                u if u == NOTIFY => notify = Some(c),
-                u if u == WRITE => write = Some(c),
-                _ => {}
-            }
-        }
-    }
-    let (notify, write) = (notify.unwrap(), write.unwrap());
+    let (notify, write) = echo_characteristics(&device).await.unwrap();
     let mut stream = Box::pin(notify.notify().await.unwrap());
     write.write(b"xy").await.unwrap();
     let got = timeout(T, stream.next()).await.unwrap().unwrap();
@@ -309,18 +275,7 @@ async fn att_capture_decodes_in_tshark_with_the_right_handles() {
     discover(&adapter, addr).await;
     let device = adapter.device(addr).unwrap();
     timeout(T, device.connect()).await.unwrap().unwrap();
-    let mut notify = None;
-    let mut write = None;
-    for s in device.services().await.unwrap() {
-        for c in s.characteristics().await.unwrap() {
-            match c.uuid().await.unwrap() {
-                u if u == NOTIFY => notify = Some(c),
-                u if u == WRITE => write = Some(c),
-                _ => {}
-            }
-        }
-    }
-    let (notify, write) = (notify.unwrap(), write.unwrap());
+    let (notify, write) = echo_characteristics(&device).await.unwrap();
     // Handles as the central sees them (the object paths end in them).
     let value_handle = |c: &bluer::gatt::remote::Characteristic| c.id() + 1;
     let (notify_h, write_h) = (value_handle(&notify), value_handle(&write));

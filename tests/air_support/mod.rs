@@ -186,3 +186,21 @@ pub async fn start_peripheral(adapter_name: &str) -> Peripheral {
 }
 
 pub const T: Duration = Duration::from_secs(20);
+
+/// A central's view of the echo service on `device`: its notify (0xFF01) and write
+/// (0xFF02) characteristics, found by UUID among everything the device offers.
+pub async fn echo_characteristics(
+    device: &bluer::Device,
+) -> Result<(bluer::gatt::remote::Characteristic, bluer::gatt::remote::Characteristic), String> {
+    let (mut notify, mut write) = (None, None);
+    for s in device.services().await.map_err(|e| e.to_string())? {
+        for c in s.characteristics().await.map_err(|e| e.to_string())? {
+            match c.uuid().await.map_err(|e| e.to_string())? {
+                u if u == NOTIFY => notify = Some(c),
+                u if u == WRITE => write = Some(c),
+                _ => {}
+            }
+        }
+    }
+    Ok((notify.ok_or("no notify characteristic")?, write.ok_or("no write characteristic")?))
+}
