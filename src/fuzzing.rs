@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::device::jbd_core::{JbdBms, JbdConfig, JbdProfile, JbdQuirk};
 use crate::protocol::eg4::{Eg4Telemetry, RegisterImage, RegisterProfile};
 use crate::protocol::modbus::FrameLength;
-use crate::protocol::{bvlc_sc, eg4_legacy, jbd, modbus};
+use crate::protocol::{bvlc_sc, dbus, eg4_legacy, jbd, modbus};
 
 /// A fuzz harness: arbitrary bytes in, panic on a broken invariant.
 pub type Harness = fn(&[u8]) -> bool;
@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("bvlc_sc", bvlc_sc_round_trips_and_forwards),
     ("jbd_frame", jbd_frames_round_trip_and_assemble),
     ("jbd_device", jbd_device_replies_are_well_formed),
+    ("dbus_wire", dbus_wire_parses_restamps_and_matches),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -517,4 +518,36 @@ pub fn jbd_device_replies_are_well_formed(data: &[u8]) -> bool {
         let _ = bms.take_events();
     }
     replied
+}
+
+// ---------------------------------------------------------------------------------------
+// D-Bus (the air's message bus)
+// ---------------------------------------------------------------------------------------
+
+/// Arbitrary bytes as what a bus client sends: a D-Bus message, a match rule's text, SASL
+/// lines. Invariants: no panic; a message whose header parses takes a new sender and parses
+/// again with the same fields and the same body; a parsed match rule can be tested against
+/// it.
+pub fn dbus_wire_parses_restamps_and_matches(data: &[u8]) -> bool {
+    let mut sasl = dbus::SaslServer::default();
+    let _ = sasl.feed(data, "00000000000000000000000000000000");
+    let rule = dbus::MatchRule::parse(&String::from_utf8_lossy(data));
+    let Ok(Some(total)) = dbus::frame_len(data) else { return false };
+    let Some(msg) = data.get(..total) else { return false };
+    let Ok(h) = dbus::parse_header(msg) else { return false };
+    let args = dbus::leading_string_args(msg, &h);
+    let _ = dbus::bus_call_args(msg, &h);
+    if let Ok(r) = &rule {
+        let _ = r.matches(&h, &args, |s| Some(s) == h.sender.as_deref());
+    }
+    let stamped = dbus::with_sender(msg, &h, ":1.7").expect("a parsed message takes a sender");
+    let again = dbus::parse_header(&stamped).expect("a stamped message parses");
+    assert_eq!(again.sender.as_deref(), Some(":1.7"));
+    assert_eq!(
+        (&again.path, &again.interface, &again.member, &again.destination, &again.signature, again.serial, again.kind),
+        (&h.path, &h.interface, &h.member, &h.destination, &h.signature, h.serial, h.kind),
+        "stamping the sender changed another field"
+    );
+    assert_eq!(stamped.get(again.body_offset..), msg.get(h.body_offset..), "stamping the sender changed the body");
+    true
 }

@@ -1,17 +1,20 @@
-//! The air's own D-Bus broker, open to every local peer (one BlueZ and its
-//! clients). dbus-daemon listens on an abstract Unix socket, so nothing is
-//! left in the file system when the process that owns the air ends however
-//! it ends (a test's shared air is never dropped); busd on a socket in a
-//! private temporary directory.
+//! The air's D-Bus broker, open to every local peer (one BlueZ and its
+//! clients), always on an abstract Unix socket or a private temporary
+//! directory, so nothing is left in the file system however the process
+//! that owns the air ends (a test's shared air is never dropped).
 //!
-//! Two kinds: `dbus-daemon` (the default) started with a generated
-//! configuration, and `busd` in-process. busd cannot serve bleak: zbus's
-//! match-rule parser (which busd uses) types `arg0path` as an object path,
-//! so bleak's `arg0path='/org/bluez/'` (a namespace, valid per the D-Bus
-//! specification) is refused with InvalidArgs "Invalid object path", and
-//! its matching is exact rather than by prefix. busd stays available for
-//! clients that do not use argNpath (bluer, btleplug) where no dbus-daemon
-//! is installed.
+//! Three kinds:
+//! - `in-process` (the default): hilbench's own bus (`air/bus.rs`) on the
+//!   air's runtime. No broker process to wake on every hop of a GATT round
+//!   trip, so it is the fastest, and it needs nothing installed.
+//! - `dbus-daemon`: the reference implementation, spawned with a generated
+//!   configuration, for comparing against or when a client misbehaves on
+//!   ours.
+//! - `busd`, in-process. busd cannot serve bleak: zbus's match-rule parser
+//!   (which busd uses) types `arg0path` as an object path, so bleak's
+//!   `arg0path='/org/bluez/'` (a namespace, valid per the D-Bus
+//!   specification) is refused with InvalidArgs "Invalid object path", and
+//!   its matching is exact rather than by prefix.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -25,14 +28,17 @@ use futures::channel::oneshot;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BrokerKind {
-    /// `dbus-daemon` (package dbus-daemon), spawned with a generated config.
+    /// hilbench's own bus in the air's process (`air/bus.rs`): one hop less per message.
     #[default]
+    InProcess,
+    /// `dbus-daemon` (package dbus-daemon), spawned with a generated config.
     DbusDaemon,
     /// busd, in-process (no argNpath match rules: not for bleak).
     Busd,
 }
 
 pub enum Broker {
+    InProcess(super::bus::InProcessBus),
     Daemon(DaemonBroker),
     Busd(BusdBroker),
 }
@@ -40,6 +46,7 @@ pub enum Broker {
 impl Broker {
     pub fn start(kind: BrokerKind) -> Result<Broker> {
         match kind {
+            BrokerKind::InProcess => super::bus::InProcessBus::start().map(Broker::InProcess),
             BrokerKind::DbusDaemon => DaemonBroker::start().map(Broker::Daemon),
             BrokerKind::Busd => BusdBroker::start().map(Broker::Busd),
         }
@@ -48,6 +55,7 @@ impl Broker {
     /// The address clients use (`unix:path=…`), for DBUS_SYSTEM_BUS_ADDRESS.
     pub fn address(&self) -> &str {
         match self {
+            Broker::InProcess(b) => b.address(),
             Broker::Daemon(d) => &d.address,
             Broker::Busd(b) => &b.address,
         }

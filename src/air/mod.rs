@@ -20,6 +20,7 @@
 pub mod att;
 pub mod broker;
 mod adapter;
+pub mod bus;
 mod central;
 mod device;
 pub mod gatt;

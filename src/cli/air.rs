@@ -34,8 +34,9 @@ pub struct AirArgs {
     /// Serve on this existing bus instead of starting our own broker.
     #[arg(long)]
     pub bus: Option<String>,
-    /// The broker to start: dbus-daemon (every client) or busd (in-process; not for bleak).
-    #[arg(long, value_enum, default_value = "dbus-daemon")]
+    /// The broker to start: in-process (hilbench's own bus, every client),
+    /// dbus-daemon (a separate process), or busd (in-process; not for bleak).
+    #[arg(long, value_enum, default_value = "in-process")]
     pub broker: crate::air::broker::BrokerKind,
     /// Threads serving the air (1: everything on the starting thread).
     /// Measured with benches/air.rs on a loaded 2-core machine, 2 answered

@@ -11,10 +11,13 @@
 //! * [`eg4_legacy`] — the legacy EG4 `7E … 0D` binary protocol.
 //! * [`jbd`] — JBD / Xiaoxiang smart-BMS frames (BLE 0xFF00), typed payloads, PIN
 //!   handshake and the client-side notification reassembler.
+//! * [`dbus`] — the D-Bus wire format as the virtual air's message bus needs it: SASL,
+//!   framing, header fields and the sender stamp, match rules.
 //! * [`bvlc_sc`] — BACnet/SC BVLC messages (ASHRAE 135 Annex AB), header options,
 //!   and the hub's forwarding rewrite.
 
 pub mod bvlc_sc;
+pub mod dbus;
 pub mod eg4;
 pub mod eg4_legacy;
 pub mod jbd;

@@ -1,0 +1,142 @@
+//! The air's own message bus against clients nobody here wrote: libdbus
+//! (`dbus-send`, Debian's dbus-bin) and zbus. What a system-bus client
+//! relies on: names and their owners, queueing, NameOwnerChanged, match
+//! rules with bleak's argNpath namespaces, ServiceUnknown, and NoReply for
+//! a caller whose callee left.
+
+use std::process::Command;
+use std::time::Duration;
+
+use futures::StreamExt;
+use hilbench::air::bus::InProcessBus;
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(10);
+
+fn dbus_send(address: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("dbus-send")
+        .arg(format!("--bus={address}"))
+        .args(["--print-reply", "--reply-timeout=5000"])
+        .args(args)
+        .output()
+        .map_err(|e| format!("dbus-send (package dbus-bin) did not run: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+async fn client(address: &str) -> zbus::Connection {
+    zbus::connection::Builder::address(address).build().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_owners_and_errors_as_libdbus_and_zbus_see_them() {
+    let bus = InProcessBus::start().unwrap();
+    let addr = bus.address().to_string();
+    let a = client(&addr).await;
+    a.request_name("org.example.Alpha").await.unwrap();
+    let a_unique = a.unique_name().unwrap().to_string();
+
+    // libdbus asks the bus.
+    let names = {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || dbus_send(&addr, &["--dest=org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus.ListNames"]))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    assert!(names.contains("\"org.freedesktop.DBus\"") && names.contains("\"org.example.Alpha\"") && names.contains(&a_unique), "{names}");
+    let owner = {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            dbus_send(&addr, &["--dest=org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus.GetNameOwner", "string:org.example.Alpha"])
+        })
+        .await
+        .unwrap()
+        .unwrap()
+    };
+    assert!(owner.contains(&a_unique), "{owner}");
+    let e = {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || dbus_send(&addr, &["--dest=org.example.Nobody", "/", "org.example.Nobody.Hi"])).await.unwrap().unwrap_err()
+    };
+    assert!(e.contains("org.freedesktop.DBus.Error.ServiceUnknown"), "{e}");
+
+    // A second owner queues, and gets the name when the first lets go.
+    let b = client(&addr).await;
+    let dbus = zbus::fdo::DBusProxy::new(&b).await.unwrap();
+    let mut changes = dbus.receive_name_owner_changed_with_args(&[(0, "org.example.Alpha")]).await.unwrap();
+    let reply = dbus.request_name("org.example.Alpha".try_into().unwrap(), zbus::fdo::RequestNameFlags::empty()).await.unwrap();
+    assert_eq!(reply, zbus::fdo::RequestNameReply::InQueue);
+    a.release_name("org.example.Alpha").await.unwrap();
+    let change = timeout(T, changes.next()).await.unwrap().unwrap();
+    let args = change.args().unwrap();
+    assert_eq!((args.old_owner().as_ref().map(|o| o.to_string()), args.new_owner().as_ref().map(|o| o.to_string())), (Some(a_unique.clone()), Some(b.unique_name().unwrap().to_string())));
+
+    // A client that leaves is announced with an empty new owner.
+    let mut gone = dbus.receive_name_owner_changed_with_args(&[(0, a_unique.as_str())]).await.unwrap();
+    drop(a);
+    let change = timeout(T, gone.next()).await.unwrap().unwrap();
+    assert!(change.args().unwrap().new_owner().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_follow_match_rules_including_path_namespaces() {
+    let bus = InProcessBus::start().unwrap();
+    let addr = bus.address().to_string();
+    let emitter = client(&addr).await;
+    let listener = client(&addr).await;
+    // bleak's rule: arg0path with a trailing slash is a namespace (zbus's
+    // own rule type cannot say it, so the call is made by hand).
+    let add_match = |rule: &'static str| {
+        let listener = listener.clone();
+        async move { listener.call_method(Some("org.freedesktop.DBus"), "/org/freedesktop/DBus", Some("org.freedesktop.DBus"), "AddMatch", &(rule,)).await }
+    };
+    add_match("type='signal',interface='org.example.Air',member='Moved',arg0path='/org/bluez/'").await.unwrap();
+    // Everything the bus delivers to the listener, no rule of zbus's own.
+    let mut stream = zbus::MessageStream::from(&listener);
+    for path in ["/org/bluezz/x", "/org/bluez/hci0/dev_1"] {
+        emitter.emit_signal(None::<&str>, "/", "org.example.Air", "Moved", &(zbus::ObjectPath::try_from(path).unwrap(),)).await.unwrap();
+    }
+    let msg = timeout(T, async {
+        loop {
+            let m = stream.next().await.unwrap().unwrap();
+            if m.header().member().is_some_and(|m| m.as_str() == "Moved") {
+                return m;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let body = msg.body();
+    let (p,): (zbus::ObjectPath<'_>,) = body.deserialize().unwrap();
+    assert_eq!(p.as_str(), "/org/bluez/hci0/dev_1", "the path outside /org/bluez/ was not delivered");
+    let e = add_match("type='bogus'").await.unwrap_err();
+    assert!(e.to_string().contains("MatchRuleInvalid"), "{e}");
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_hears_no_reply_when_its_callee_leaves() {
+    let bus = InProcessBus::start().unwrap();
+    let addr = bus.address().to_string();
+    let callee = client(&addr).await;
+    let callee_name = callee.unique_name().unwrap().to_string();
+    let mut incoming = zbus::MessageStream::from(&callee);
+    let caller = client(&addr).await;
+    let call = tokio::spawn(async move { caller.call_method(Some(callee_name.as_str()), "/x", Some("org.example.Slow"), "Wait", &()).await });
+    // The call reached the callee; it leaves without answering.
+    timeout(T, async {
+        while let Some(Ok(m)) = incoming.next().await {
+            if m.header().member().is_some_and(|m| m.as_str() == "Wait") {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    drop(incoming);
+    drop(callee);
+    let e = timeout(T, call).await.expect("answered at once, not after a timeout").unwrap().unwrap_err();
+    assert!(e.to_string().contains("NoReply"), "{e}");
+}
