@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v tshark >/dev/null || need+=(tshark)
-# The virtual BLE air's bus broker (hilbench air, tests/air_*.rs).
+# The reference D-Bus broker (hilbench air --broker dbus-daemon) and libdbus's
+# dbus-send, an independent client of the air's own bus (tests/air_bus.rs).
 command -v dbus-daemon >/dev/null || need+=(dbus-daemon)
+command -v dbus-send >/dev/null || need+=(dbus-bin)
 if ((${#need[@]})); then
   echo "== installing Debian packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
