@@ -724,7 +724,12 @@ async fn start_jbd(j: &JbdDeviceSpec, seed: u64, log: &ObservationLog) -> Result
         .run(|air| async move { air.add_peripheral_adapter().await.map_err(|e| format!("{e:#}")) })
         .await??;
     let mtu = j.mtu.unwrap_or(crate::device::jbd::DEFAULT_ATT_MTU);
-    ble_link(&info.name, move |l| async move { l.set_mtu(mtu).await }).await?;
+    let rssi = j.rssi;
+    ble_link(&info.name, move |l| async move {
+        l.set_rssi(rssi);
+        l.set_mtu(mtu).await
+    })
+    .await?;
     let gatt = JbdGattConfig {
         adapter: info.name.clone(),
         local_name: j.local_name.clone().unwrap_or_else(|| JbdGattConfig::default().local_name),
@@ -1276,10 +1281,25 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
             let deadline = Instant::now() + window;
             let p = world
                 .processes
-                .iter()
+                .iter_mut()
                 .find(|p| p.name == e.process)
                 .ok_or_else(|| format!("no process `{}`", e.process))?;
+            let mut exited_polls = 0;
             loop {
+                if e.absent {
+                    if p.has_line(&e.contains) {
+                        return Err(format!("`{}` printed `{}`; last output:\n  {}", e.process, e.contains, p.tail(10).join("\n  ")));
+                    }
+                    // After the exit, a few more polls let its last output be read.
+                    if p.poll_exit().is_some() {
+                        exited_polls += 1;
+                    }
+                    if exited_polls > 3 || Instant::now() >= deadline {
+                        return Ok(format!("`{}` did not print `{}`", e.process, e.contains));
+                    }
+                    tokio::time::sleep(POLL).await;
+                    continue;
+                }
                 if p.has_line(&e.contains) {
                     return Ok(format!("`{}` printed `{}`", e.process, e.contains));
                 }

@@ -143,6 +143,10 @@ pub struct JbdDeviceSpec {
     /// ATT MTU of the link (default 23: 20-byte notifications).
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// Where the BMS is: centrals hear it at about this RSSI in dBm
+    /// (default: a seeded value between -78 and -42).
+    #[serde(default)]
+    pub rssi: Option<i16>,
     /// Initial state: the pack model's keys plus the JBD ones (`hilbench list`).
     #[serde(default)]
     pub state: BTreeMap<String, f64>,
@@ -528,6 +532,10 @@ pub struct ExpectOutput {
     pub contains: String,
     #[serde(default)]
     pub within: Option<Dur>,
+    /// The text must NOT appear: checked once the process has exited (or
+    /// at the end of `within`, whichever comes first).
+    #[serde(default)]
+    pub absent: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -740,6 +748,11 @@ impl Scenario {
                     if let Some(m) = j.mtu {
                         if !(23..=517).contains(&m) {
                             return Err(format!("device `{}`: mtu {m} is outside 23..=517 (ATT)", j.name));
+                        }
+                    }
+                    if let Some(r) = j.rssi {
+                        if !(-127..=20).contains(&r) {
+                            return Err(format!("device `{}`: rssi {r} is outside -127..=20 dBm", j.name));
                         }
                     }
                 }
