@@ -297,7 +297,7 @@ async fn att_capture_decodes_in_tshark_with_the_right_handles() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("att.pcapng");
     let frames = link.att_frames();
-    let mut cap = hilbench::link::capture::AttPcapngCapture::create(&path, &frames[0].link).unwrap();
+    let mut cap = hilbench::link::capture::PcapngCapture::create_as(&path, &frames[0].link, hilbench::link::capture::CaptureFormat::BleAtt).unwrap();
     for f in &frames {
         cap.write(f).unwrap();
     }

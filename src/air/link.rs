@@ -78,7 +78,7 @@ impl BleLink {
     }
 
     /// Records one ATT PDU as it went over the air: `Request` is central →
-    /// peripheral. [`crate::link::capture::AttPcapngCapture`] writes these.
+    /// peripheral. [`crate::link::capture::CaptureFormat::BleAtt`] captures write these.
     pub fn record_att(&self, direction: Direction, pdu: Vec<u8>) {
         let wall = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
         let rec = FrameRecord::new(self.name.as_str(), direction, wall, pdu);

@@ -615,7 +615,7 @@ impl LinkControl {
         self.peripheral.link.frames()
     }
     /// The ATT PDUs that went over this link (after faults), oldest first,
-    /// for [`crate::link::capture::AttPcapngCapture`].
+    /// for [`crate::link::capture::PcapngCapture`] ([`crate::link::capture::CaptureFormat::BleAtt`]).
     pub fn att_frames(&self) -> Vec<FrameRecord> {
         self.peripheral.link.att_frames()
     }

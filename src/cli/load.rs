@@ -467,7 +467,7 @@ pub fn merge_summaries(parts: &[LoadSummary]) -> Result<LoadSummary, String> {
 // CPU from /proc
 // ---------------------------------------------------------------------------------------
 
-/// utime + stime of a process in seconds, from /proc/<pid>/stat.
+/// utime + stime of a process in seconds, from `/proc/<pid>/stat`.
 pub fn process_cpu_seconds(pid: Option<u32>) -> Option<f64> {
     let path = match pid {
         Some(p) => format!("/proc/{p}/stat"),
@@ -492,7 +492,7 @@ fn stat_cpu_seconds(text: &str) -> Option<f64> {
     Some((utime + stime) / hz)
 }
 
-/// VmRSS of a process in kB, from /proc/<pid>/status.
+/// VmRSS of a process in kB, from `/proc/<pid>/status`.
 pub fn process_rss_kb(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;

@@ -65,7 +65,7 @@ pub struct RunArgs {
     /// Write a JUnit XML report here.
     #[arg(long)]
     pub junit: Option<PathBuf>,
-    /// Write one pcapng per link under DIR/<scenario>/ (tshark decodes Modbus RTU).
+    /// Write one pcapng per link under DIR/SCENARIO/ (tshark decodes them: Modbus RTU links, BLE devices as ATT).
     #[arg(long, value_name = "DIR")]
     pub capture: Option<PathBuf>,
     /// Override every scenario's seed.

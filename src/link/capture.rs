@@ -1,6 +1,7 @@
 //! pcapng captures of link traffic that Wireshark/tshark decode without any
-//! user configuration, one format per transport: [`PcapngCapture`] for
-//! Modbus RTU (below), [`AttPcapngCapture`] for BLE ATT (see its docs).
+//! user configuration: one writer, [`PcapngCapture`], and one
+//! [`CaptureFormat`] per transport: Modbus RTU (below) and BLE ATT (see
+//! [`CaptureFormat::BleAtt`]).
 //!
 //! # File layout
 //!
@@ -111,7 +112,59 @@ pub enum CaptureError {
     FrameTooLarge { len: usize },
 }
 
-/// Writes [`FrameRecord`]s to a pcapng file that tshark decodes as Modbus RTU.
+/// What a capture's packets are, and so how Wireshark decodes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureFormat {
+    /// Modbus RTU frames behind an exported-PDU header naming the `mbrtu`
+    /// dissector (link type `LINKTYPE_WIRESHARK_UPPER_PDU`, see the module docs).
+    ModbusRtu,
+    /// BLE ATT PDUs (each [`FrameRecord`]'s bytes are one whole PDU:
+    /// opcode, handle, value; [`crate::air::LinkControl::att_frames`] gives
+    /// them), which Wireshark decodes as HCI ACL → L2CAP → ATT.
+    ///
+    /// Link type `LINKTYPE_BLUETOOTH_HCI_H4_WITH_PHDR` (201), one interface per
+    /// link, nanosecond timestamps. Each packet is seen from the central's host
+    /// (hci0): the pseudo-header's direction (big-endian u32) is 0 "sent" for
+    /// `Request` (central → peripheral: writes, reads, confirmations) and 1
+    /// "received" for `Response` (notifications, responses). Then H4 type 0x02,
+    /// the ACL header (connection handle [`ACL_CONNECTION_HANDLE`], packet
+    /// boundary "first non-flushable" host → controller and "first flushable"
+    /// controller → host, little-endian), the L2CAP basic header (length, CID
+    /// 0x0004) and the PDU. `btatt.opcode`, `btatt.handle` and `btatt.value`
+    /// are the fields to filter on.
+    BleAtt,
+}
+
+impl CaptureFormat {
+    fn linktype(self) -> u32 {
+        match self {
+            CaptureFormat::ModbusRtu => LINKTYPE_WIRESHARK_UPPER_PDU,
+            CaptureFormat::BleAtt => LINKTYPE_BLUETOOTH_HCI_H4_WITH_PHDR,
+        }
+    }
+
+    fn description(self) -> &'static str {
+        match self {
+            CaptureFormat::ModbusRtu => "Modbus RTU (RS-485), simulated by hilbench",
+            CaptureFormat::BleAtt => "BLE ATT over the virtual air, seen from hci0, simulated by hilbench",
+        }
+    }
+
+    /// One record's packet data; None when it cannot be one packet.
+    fn encode(self, out: &mut Vec<u8>, rec: &FrameRecord) -> Option<()> {
+        match self {
+            CaptureFormat::ModbusRtu => {
+                encode_exported_pdu_header(out, rec.direction);
+                out.extend_from_slice(&rec.bytes);
+                // Keep the block (and so its 32-bit total length) well inside u32.
+                (out.len() <= (u32::MAX / 2) as usize).then_some(())
+            }
+            CaptureFormat::BleAtt => encode_h4_att(out, rec.direction, &rec.bytes),
+        }
+    }
+}
+
+/// Writes [`FrameRecord`]s to a pcapng file in one [`CaptureFormat`].
 ///
 /// ```no_run
 /// # use std::path::Path;
@@ -126,9 +179,10 @@ pub enum CaptureError {
 pub struct PcapngCapture {
     writer: PcapNgWriter<BufWriter<File>>,
     path: PathBuf,
+    format: CaptureFormat,
     /// Link name of each interface, indexed by interface id.
     links: Vec<String>,
-    /// Scratch buffer for one packet (exported-PDU header + frame).
+    /// Scratch buffer for one packet (headers + frame).
     packet: Vec<u8>,
 }
 
@@ -136,14 +190,21 @@ impl std::fmt::Debug for PcapngCapture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PcapngCapture")
             .field("path", &self.path)
+            .field("format", &self.format)
             .field("links", &self.links)
             .finish()
     }
 }
 
 impl PcapngCapture {
-    /// Creates (truncating) `path` and writes the section header and the interface of `link_name`.
+    /// A Modbus RTU capture: creates (truncating) `path` and writes the
+    /// section header and the interface of `link_name`.
     pub fn create(path: &Path, link_name: &str) -> Result<Self, CaptureError> {
+        Self::create_as(path, link_name, CaptureFormat::ModbusRtu)
+    }
+
+    /// Creates (truncating) `path` for `format` with the interface of `link_name`.
+    pub fn create_as(path: &Path, link_name: &str, format: CaptureFormat) -> Result<Self, CaptureError> {
         check_link_name(link_name)?;
         let file = File::create(path).map_err(|source| CaptureError::Io {
             path: path.to_owned(),
@@ -161,8 +222,9 @@ impl PcapngCapture {
         let mut capture = PcapngCapture {
             writer,
             path: path.to_owned(),
+            format,
             links: Vec::new(),
-            packet: Vec::with_capacity(512),
+            packet: Vec::with_capacity(600),
         };
         capture.add_interface(link_name)?;
         Ok(capture)
@@ -181,14 +243,9 @@ impl PcapngCapture {
         };
 
         self.packet.clear();
-        encode_exported_pdu_header(&mut self.packet, rec.direction);
-        self.packet.extend_from_slice(&rec.bytes);
-        // Keep the block (and so its 32-bit total length) well inside u32.
-        if self.packet.len() > (u32::MAX / 2) as usize {
-            return Err(CaptureError::FrameTooLarge {
-                len: rec.bytes.len(),
-            });
-        }
+        self.format
+            .encode(&mut self.packet, rec)
+            .ok_or(CaptureError::FrameTooLarge { len: rec.bytes.len() })?;
 
         let block = EnhancedPacketBlock {
             interface_id,
@@ -245,13 +302,11 @@ impl PcapngCapture {
     fn add_interface(&mut self, link_name: &str) -> Result<u32, CaptureError> {
         check_link_name(link_name)?;
         let idb = InterfaceDescriptionBlock {
-            linktype: DataLink::from(LINKTYPE_WIRESHARK_UPPER_PDU),
+            linktype: DataLink::from(self.format.linktype()),
             snaplen: 0, // no limit
             options: vec![
                 InterfaceDescriptionOption::IfName(Cow::Owned(link_name.to_owned())),
-                InterfaceDescriptionOption::IfDescription(Cow::Borrowed(
-                    "Modbus RTU (RS-485), simulated by hilbench",
-                )),
+                InterfaceDescriptionOption::IfDescription(Cow::Borrowed(self.format.description())),
                 // pcap-file writes EPB timestamps as nanoseconds; tell readers so.
                 InterfaceDescriptionOption::IfTsResol(9),
             ],
@@ -273,103 +328,6 @@ pub const H4_ACL: u8 = 0x02;
 pub const L2CAP_CID_ATT: u16 = 0x0004;
 /// The connection handle every synthesized ACL packet carries (one link per interface).
 pub const ACL_CONNECTION_HANDLE: u16 = 0x0040;
-
-/// Writes BLE ATT PDUs (each [`FrameRecord`]'s bytes are one whole PDU:
-/// opcode, handle, value; [`crate::air::LinkControl::att_frames`] gives
-/// them) to a pcapng file that Wireshark decodes as HCI ACL → L2CAP → ATT.
-///
-/// Link type `LINKTYPE_BLUETOOTH_HCI_H4_WITH_PHDR` (201), one interface per
-/// link, nanosecond timestamps. Each packet is seen from the central's host
-/// (hci0): the pseudo-header's direction (big-endian u32) is 0 "sent" for
-/// `Request` (central → peripheral: writes, reads, confirmations) and 1
-/// "received" for `Response` (notifications, responses). Then H4 type 0x02,
-/// the ACL header (connection handle [`ACL_CONNECTION_HANDLE`], packet
-/// boundary "first non-flushable" host → controller and "first flushable"
-/// controller → host, little-endian), the L2CAP basic header (length, CID
-/// 0x0004) and the PDU. `btatt.opcode`, `btatt.handle` and `btatt.value`
-/// are the fields to filter on.
-pub struct AttPcapngCapture {
-    writer: PcapNgWriter<BufWriter<File>>,
-    path: PathBuf,
-    links: Vec<String>,
-    packet: Vec<u8>,
-}
-
-impl std::fmt::Debug for AttPcapngCapture {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AttPcapngCapture").field("path", &self.path).field("links", &self.links).finish()
-    }
-}
-
-impl AttPcapngCapture {
-    /// Creates (truncating) `path` with the interface of `link_name`.
-    pub fn create(path: &Path, link_name: &str) -> Result<Self, CaptureError> {
-        check_link_name(link_name)?;
-        let file = File::create(path).map_err(|source| CaptureError::Io { path: path.to_owned(), source })?;
-        let section = SectionHeaderBlock {
-            endianness: Endianness::native(),
-            options: vec![SectionHeaderOption::UserApplication(Cow::Borrowed("hilbench"))],
-            ..Default::default()
-        };
-        let writer = PcapNgWriter::with_section_header(BufWriter::new(file), section).map_err(|source| pcap_err(path, source))?;
-        let mut capture = AttPcapngCapture { writer, path: path.to_owned(), links: Vec::new(), packet: Vec::with_capacity(600) };
-        capture.add_interface(link_name)?;
-        Ok(capture)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Appends one ATT PDU wrapped in L2CAP, ACL and the H4 direction header.
-    pub fn write(&mut self, rec: &FrameRecord) -> Result<(), CaptureError> {
-        let interface_id = match self.links.iter().position(|l| *l == rec.link) {
-            Some(id) => id as u32,
-            None => self.add_interface(&rec.link)?,
-        };
-        self.packet.clear();
-        encode_h4_att(&mut self.packet, rec.direction, &rec.bytes).ok_or(CaptureError::FrameTooLarge { len: rec.bytes.len() })?;
-        let block = EnhancedPacketBlock {
-            interface_id,
-            timestamp: Duration::from_nanos(rec.timestamp_ns),
-            original_len: self.packet.len() as u32,
-            data: Cow::Borrowed(&self.packet[..]),
-            options: vec![EnhancedPacketOption::Comment(Cow::Borrowed(rec.direction.as_str()))],
-        };
-        let path = &self.path;
-        self.writer.write_pcapng_block(block).map_err(|source| pcap_err(path, source))?;
-        Ok(())
-    }
-
-    /// Flushes and closes the file, reporting a failure to write the buffered blocks.
-    pub fn close(self) -> Result<(), CaptureError> {
-        let path = self.path;
-        let file = self
-            .writer
-            .into_inner()
-            .into_inner()
-            .map_err(|e| CaptureError::Io { path: path.clone(), source: e.into_error() })?;
-        drop(file);
-        Ok(())
-    }
-
-    fn add_interface(&mut self, link_name: &str) -> Result<u32, CaptureError> {
-        check_link_name(link_name)?;
-        let idb = InterfaceDescriptionBlock {
-            linktype: DataLink::from(LINKTYPE_BLUETOOTH_HCI_H4_WITH_PHDR),
-            snaplen: 0,
-            options: vec![
-                InterfaceDescriptionOption::IfName(Cow::Owned(link_name.to_owned())),
-                InterfaceDescriptionOption::IfDescription(Cow::Borrowed("BLE ATT over the virtual air, seen from hci0, simulated by hilbench")),
-                InterfaceDescriptionOption::IfTsResol(9),
-            ],
-        };
-        let path = &self.path;
-        self.writer.write_pcapng_block(idb).map_err(|source| pcap_err(path, source))?;
-        self.links.push(link_name.to_owned());
-        Ok((self.links.len() - 1) as u32)
-    }
-}
 
 /// Appends the direction pseudo-header, H4 type, ACL and L2CAP headers and
 /// the ATT PDU. None when the PDU does not fit one ACL packet (65531 bytes;

@@ -25,7 +25,7 @@ use crate::device::jbd::{JbdBmsDevice, JbdGattConfig};
 use crate::device::jbd_core::{JbdBms, JbdConfig};
 use crate::client::jbd_client::{JbdClientActor, JbdClientConfig, JbdTarget};
 use crate::device::eg4_core::Eg4Pack;
-use crate::link::capture::PcapngCapture;
+use crate::link::capture::{CaptureFormat, PcapngCapture};
 use crate::link::record::FrameRecord;
 use crate::model::PackConfig;
 use crate::observe::{Observation, ObservationKind, ObservationLog};
@@ -1425,11 +1425,10 @@ async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOption
     drop(packs);
     if let Some(dir) = &options.capture_dir {
         let serial: Vec<FrameRecord> = frames.iter().filter(|f| serial_links.contains(&f.link)).cloned().collect();
-        let written = write_captures(dir, &scenario.name, &serial)
-            .and_then(|mut files| write_att_captures(dir, &scenario.name, &att).map(|more| {
-                files.extend(more);
-                files
-            }));
+        let written = write_captures(dir, &scenario.name, &serial, CaptureFormat::ModbusRtu).and_then(|mut files| {
+            files.extend(write_captures(dir, &scenario.name, &att, CaptureFormat::BleAtt)?);
+            Ok(files)
+        });
         match written {
             Ok(files) => report.captures = files,
             Err(e) => {
@@ -1454,42 +1453,28 @@ pub fn slug(name: &str) -> String {
         .join("-")
 }
 
-/// One ATT pcapng per BLE device under `dir/<scenario>/<device>-att.pcapng`.
-fn write_att_captures(dir: &Path, scenario: &str, frames: &[FrameRecord]) -> Result<Vec<PathBuf>, String> {
+/// One pcapng per link under `dir/<scenario>/`: `<link>.pcapng` for Modbus
+/// RTU, `<device>-att.pcapng` for BLE ATT. A file that cannot be written
+/// completely (disk full) is an error, not a short capture.
+fn write_captures(dir: &Path, scenario: &str, frames: &[FrameRecord], format: CaptureFormat) -> Result<Vec<PathBuf>, String> {
     let sdir = dir.join(slug(scenario));
     let mut by_link: BTreeMap<&str, Vec<&FrameRecord>> = BTreeMap::new();
     for f in frames {
         by_link.entry(&f.link).or_default().push(f);
     }
+    let suffix = match format {
+        CaptureFormat::ModbusRtu => "",
+        CaptureFormat::BleAtt => "-att",
+    };
     let mut files = vec![];
     for (link, recs) in by_link {
         std::fs::create_dir_all(&sdir).map_err(|e| format!("{}: {e}", sdir.display()))?;
-        let path = sdir.join(format!("{}-att.pcapng", slug(link)));
-        let mut cap = crate::link::capture::AttPcapngCapture::create(&path, link).map_err(|e| format!("{}: {e}", path.display()))?;
+        let path = sdir.join(format!("{}{suffix}.pcapng", slug(link)));
+        let mut cap = PcapngCapture::create_as(&path, link, format).map_err(|e| format!("{}: {e}", path.display()))?;
         for r in recs {
             cap.write(r).map_err(|e| format!("{}: {e}", path.display()))?;
         }
-        files.push(path);
-    }
-    Ok(files)
-}
-
-/// One pcapng per link under `dir/<scenario>/`.
-fn write_captures(dir: &Path, scenario: &str, frames: &[FrameRecord]) -> Result<Vec<PathBuf>, String> {
-    let sdir = dir.join(slug(scenario));
-    std::fs::create_dir_all(&sdir).map_err(|e| format!("{}: {e}", sdir.display()))?;
-    let mut by_link: BTreeMap<&str, Vec<&FrameRecord>> = BTreeMap::new();
-    for f in frames {
-        by_link.entry(&f.link).or_default().push(f);
-    }
-    let mut files = vec![];
-    for (link, recs) in by_link {
-        let path = sdir.join(format!("{}.pcapng", slug(link)));
-        let mut cap = PcapngCapture::create(&path, link).map_err(|e| format!("{}: {e}", path.display()))?;
-        for r in recs {
-            cap.write(r).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        cap.finish();
+        cap.close().map_err(|e| format!("{}: {e}", path.display()))?;
         files.push(path);
     }
     Ok(files)
