@@ -198,9 +198,7 @@ fn print_hist(name: &str, h: &Histogram<u64>) {
 }
 
 fn python() -> Option<String> {
-    let py = hilbench::python_path();
-    let ok = Command::new(&py).args(["-c", "import bleak"]).status().map(|s| s.success()).unwrap_or(false);
-    ok.then_some(py)
+    hilbench::python_with("bleak").ok()
 }
 
 fn script(name: &str) -> String {

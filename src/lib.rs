@@ -30,3 +30,19 @@ pub fn python_path() -> String {
     }
     "python3".into()
 }
+
+/// [`python_path`] if that Python imports every module in `modules`
+/// (`"pymodbus, serial"`), else what is missing and how to get it.
+pub fn python_with(modules: &str) -> Result<String, String> {
+    let py = python_path();
+    let out = std::process::Command::new(&py).args(["-c", &format!("import {modules}")]).output();
+    match out {
+        Ok(o) if o.status.success() => Ok(py),
+        Ok(o) => Err(format!(
+            "`{py}` cannot import {modules}: run ci/test.sh once (it creates target/venv from ci/requirements.txt), \
+             or set HILBENCH_PYTHON to a Python with `pip install -r ci/requirements.txt`; {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("cannot run `{py}`: {e}")),
+    }
+}

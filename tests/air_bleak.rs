@@ -12,14 +12,7 @@ use std::process::Command;
 use air_support::*;
 
 fn python() -> String {
-    let py = hilbench::python_path();
-    let ok = Command::new(&py).args(["-c", "import bleak"]).status().map(|s| s.success()).unwrap_or(false);
-    assert!(
-        ok,
-        "`{py}` cannot import bleak: run ci/test.sh once (it creates target/venv), \
-         or set HILBENCH_PYTHON to a Python with `pip install -r ci/requirements.txt`"
-    );
-    py
+    hilbench::python_with("bleak").unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

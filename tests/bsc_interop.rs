@@ -30,20 +30,7 @@ const RESPONDER_VMAC: &str = "02:00:00:00:00:22";
 const RESPONDER_DEVICE: u32 = 2002;
 
 fn python() -> String {
-    let py = hilbench::python_path();
-    let out = Command::new(&py)
-        .args(["-c", "import rusty_bacnet"])
-        .output();
-    let ok = out.as_ref().map(|o| o.status.success()).unwrap_or(false);
-    assert!(
-        ok,
-        "`{py}` cannot import rusty_bacnet (the BACnet/SC peer): run ci/test.sh once (it creates \
-         target/venv from ci/requirements.txt), or set HILBENCH_PYTHON to a Python with \
-         `pip install -r ci/requirements.txt`; {}",
-        out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
-            .unwrap_or_else(|e| e.to_string())
-    );
-    py
+    hilbench::python_with("rusty_bacnet").unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn script(name: &str) -> String {

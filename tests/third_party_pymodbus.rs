@@ -13,18 +13,7 @@ use std::process::Command;
 use common::start_sim;
 
 fn python() -> String {
-    let py = hilbench::python_path();
-    let ok = Command::new(&py)
-        .args(["-c", "import pymodbus, serial"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "`{py}` cannot import pymodbus: run ci/test.sh once (it creates target/venv), \
-         or set HILBENCH_PYTHON to a Python with `pip install -r ci/requirements.txt`"
-    );
-    py
+    hilbench::python_with("pymodbus, serial").unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn poll_script() -> String {
