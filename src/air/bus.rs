@@ -492,6 +492,11 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> Result<()> {
                     Some(u) => route(&state, u, &msg, h, carried)?,
                 }
             }
+            // Descriptors belong to the message whose bytes carried them; any
+            // left once every message is read were sent without a UNIX_FDS count.
+            if pending.is_empty() && !fds.is_empty() {
+                anyhow::bail!("{} file descriptors arrived with no message declaring them", fds.len());
+            }
             if pending.capacity() > 1024 * 1024 && pending.len() < 64 * 1024 {
                 pending.shrink_to(64 * 1024);
             }

@@ -272,17 +272,28 @@ impl RemoteDevice {
                 _ = tokio::time::sleep_until(deadline) => break Err(BluezError::Failed("le-connection-abort-by-local".into())),
             }
         };
-        if let Err(e) = outcome {
+        let cancelled_after_taking = {
             let mut st = lock(&self.st);
             st.connecting = false;
-            st.last_seen = std::time::Instant::now();
-            return Err(e);
+            let cancelled = outcome.is_ok() && st.cancel_connect;
+            if outcome.is_err() || cancelled {
+                st.last_seen = std::time::Instant::now();
+            } else {
+                st.connected = true;
+            }
+            cancelled
+        };
+        if cancelled_after_taking {
+            // Disconnect came as the link was taken: give it back.
+            let mut pst = self.peripheral.lock();
+            if pst.connection.as_ref().is_some_and(|d| Arc::ptr_eq(d, self)) {
+                pst.connection = None;
+            }
+            drop(pst);
+            self.peripheral.changed.notify_waiters();
+            return Err(BluezError::Failed("le-connection-abort-by-local".into()));
         }
-        {
-            let mut st = lock(&self.st);
-            st.connecting = false;
-            st.connected = true;
-        }
+        outcome?;
         emit_properties_changed(self.conn(), &self.path, DEVICE_IFACE, HashMap::from([("Connected", Variant::from(true))])).await;
         if self.peripheral.link.refuses_connections() {
             // The peripheral takes the connection and terminates it at once.

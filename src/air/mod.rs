@@ -402,8 +402,24 @@ impl Air {
             r.host_brokers.insert(name.to_string(), broker);
             i
         };
-        let central = serve_central(&self.inner, conn.clone(), name, &address, index).await?;
-        conn.request_name(BLUEZ).await.with_context(|| format!("taking org.bluez on host {name}'s bus"))?;
+        let served = async {
+            let central = serve_central(&self.inner, conn.clone(), name, &address, index).await?;
+            conn.request_name(BLUEZ).await.with_context(|| format!("taking org.bluez on host {name}'s bus"))?;
+            Ok::<_, anyhow::Error>(central)
+        }
+        .await;
+        let central = match served {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing half-made stays: no central, no broker.
+                let _ = self.remove_host(name).await;
+                let broker = self.inner.registry().host_brokers.remove(name);
+                if let Some(b) = broker {
+                    let _ = tokio::task::spawn_blocking(move || drop(b)).await;
+                }
+                return Err(e);
+            }
+        };
         self.inner.advertise_now.notify_one();
         Ok(host_info(&central))
     }

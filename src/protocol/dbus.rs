@@ -709,6 +709,8 @@ impl MatchRule {
 pub struct SaslServer {
     buf: Vec<u8>,
     saw_nul: bool,
+    /// AUTH EXTERNAL without an initial response: DATA comes next.
+    awaiting_data: bool,
     authed: bool,
     pub unix_fds: bool,
 }
@@ -749,13 +751,18 @@ impl SaslServer {
                     self.authed = true;
                     reply.extend_from_slice(format!("OK {guid}\r\n").as_bytes());
                 }
-                ("AUTH", Some("EXTERNAL"), None) => reply.extend_from_slice(b"DATA\r\n"),
-                ("DATA", _, _) if !self.authed => {
+                ("AUTH", Some("EXTERNAL"), None) => {
+                    self.awaiting_data = true;
+                    reply.extend_from_slice(b"DATA\r\n");
+                }
+                ("DATA", _, _) if self.awaiting_data => {
+                    self.awaiting_data = false;
                     self.authed = true;
                     reply.extend_from_slice(format!("OK {guid}\r\n").as_bytes());
                 }
                 ("AUTH", _, _) | ("CANCEL", _, _) | ("ERROR", _, _) => {
                     self.authed = false;
+                    self.awaiting_data = false;
                     reply.extend_from_slice(b"REJECTED EXTERNAL ANONYMOUS\r\n");
                 }
                 ("NEGOTIATE_UNIX_FD", None, None) if self.authed => {
@@ -875,6 +882,9 @@ mod tests {
         assert!(SaslServer::default().feed(b"AUTH", "g").is_err(), "no leading NUL");
         let mut s = SaslServer::default();
         assert_eq!(s.feed(b"\0AUTH\r\n", "g").unwrap(), SaslStep::Reply(b"REJECTED EXTERNAL ANONYMOUS\r\n".to_vec()));
+        // DATA without AUTH EXTERNAL first, or BEGIN unauthenticated, gets nowhere.
+        let mut s = SaslServer::default();
+        assert_eq!(s.feed(b"\0DATA\r\nBEGIN\r\n", "g").unwrap(), SaslStep::Reply(b"ERROR \"unexpected command\"\r\nERROR \"unexpected command\"\r\n".to_vec()));
     }
 
     #[test]
