@@ -63,6 +63,19 @@ pub struct Scenario {
     pub steps: Vec<Step>,
 }
 
+/// The BLE link settings a device or a `ble` step may give: an ATT MTU and
+/// an RSSI a central can hear.
+fn check_ble_link(mtu: Option<u16>, rssi: Option<i16>) -> Result<(), String> {
+    use crate::air::att::{DEFAULT_ATT_MTU, MAX_ATT_MTU};
+    if let Some(m) = mtu.filter(|m| !(DEFAULT_ATT_MTU..=MAX_ATT_MTU).contains(m)) {
+        return Err(format!("mtu {m} is outside {DEFAULT_ATT_MTU}..={MAX_ATT_MTU} (ATT)"));
+    }
+    if let Some(r) = rssi.filter(|r| !(-127..=20).contains(r)) {
+        return Err(format!("rssi {r} is outside -127..=20 dBm"));
+    }
+    Ok(())
+}
+
 fn default_baud() -> u32 {
     9600
 }
@@ -745,16 +758,7 @@ impl Scenario {
                             return Err(format!("device `{}`: ntc {n} is outside 1..=6", j.name));
                         }
                     }
-                    if let Some(m) = j.mtu {
-                        if !(23..=517).contains(&m) {
-                            return Err(format!("device `{}`: mtu {m} is outside 23..=517 (ATT)", j.name));
-                        }
-                    }
-                    if let Some(r) = j.rssi {
-                        if !(-127..=20).contains(&r) {
-                            return Err(format!("device `{}`: rssi {r} is outside -127..=20 dBm", j.name));
-                        }
-                    }
+                    check_ble_link(j.mtu, j.rssi).map_err(|e| format!("device `{}`: {e}", j.name))?;
                 }
                 DeviceSpec::BscHub(h) => {
                     if h.max_bvlc.is_some_and(|b| b < 600) {
@@ -949,19 +953,10 @@ impl Scenario {
                         Some(k) => return Err(format!("{at}: `{}` is a {k}, not a BLE device", b.device)),
                         None => return Err(missing("device", &b.device)),
                     }
-                    if let Some(m) = b.mtu {
-                        if !(23..=517).contains(&m) {
-                            return Err(format!("{at}: mtu {m} is outside 23..=517 (ATT)"));
-                        }
-                    }
+                    check_ble_link(b.mtu, b.rssi).map_err(|e| format!("{at}: {e}"))?;
                     if let Some(w) = &b.reject_write {
                         if !["request", "command", "none"].contains(&w.as_str()) {
                             return Err(format!("{at}: reject_write must be request, command or none, not `{w}`"));
-                        }
-                    }
-                    if let Some(r) = b.rssi {
-                        if !(-127..=20).contains(&r) {
-                            return Err(format!("{at}: rssi {r} is outside -127..=20 dBm"));
                         }
                     }
                     if b.mtu.is_none()
