@@ -26,12 +26,15 @@ Examples:
   hilbench sim jbd-bms --name 'xiaoxiang BMS' --cells 16 --ntc 4 --set soc=55 --set current_a=-12.5
   hilbench sim jbd-bms --profile rejects-write-request --quirk foreign_frames
   hilbench sim jbd-bms --adapter hci0                      # on a Raspberry Pi
-  # point a client at the simulated one (bleak, btleplug, bluer, bluetoothctl):
-  export DBUS_SYSTEM_BUS_ADDRESS=$(hilbench sim jbd-bms | head -1 | jq -r .dbus_system_bus_address)
+  # point a client at the simulated one (bleak, btleplug, bluer, bluetoothctl), then stop it:
+  hilbench sim jbd-bms > bms.json & sim=$!
+  until [ -s bms.json ] || ! kill -0 $sim; do sleep 0.1; done
+  export DBUS_SYSTEM_BUS_ADDRESS=$(jq -r .dbus_system_bus_address bms.json)
+  busctl --system tree org.bluez; kill $sim
 
 Prints one JSON line when advertising:
   {\"ready\":true,\"kind\":\"jbd-bms\",\"name\":\"xiaoxiang BMS\",\"address\":\"C0:DE:00:00:00:01\",
-   \"adapter\":\"hci1\",\"dbus_system_bus_address\":\"unix:path=…\",…}
+   \"adapter\":\"hci1\",\"dbus_system_bus_address\":\"unix:abstract=…\",…}
 then serves until SIGINT/SIGTERM. Logs: RUST_LOG=hilbench=info";
 
 #[derive(Args, Debug)]

@@ -20,7 +20,7 @@ use crate::scenario::{self, report, RunOptions, Scenario};
     about = "Hardware-in-the-loop test bench: simulated field devices, scripted faults, client actors",
     after_help = "Examples:
   hilbench run scenarios/                      run every scenario in a folder
-  hilbench run scenarios/eg4-crc-late.yaml --capture captures/ --junit report.xml
+  hilbench run scenarios/eg4-fault5-late-crc.yaml --capture captures/ --junit report.xml
   hilbench sim eg4-lp4 --tty /tmp/bms --address 1 --address 2 --set soc=55
   hilbench sim bsc-hub --listen 127.0.0.1:4443 --tls-dir target/pki
   hilbench sim jbd-bms --cells 16 --set soc=55
