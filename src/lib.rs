@@ -11,6 +11,7 @@ pub mod air;
 pub mod client;
 pub mod device;
 pub mod fuzzing;
+pub mod kind;
 pub mod link;
 pub mod model;
 pub mod observe;

@@ -192,6 +192,7 @@ async fn restarting_the_peripheral_leaves_no_stale_objects_and_keeps_handles() {
             count: Some(1),
             ..Default::default()
         },
+        name: None,
     });
     let (notify, write) = echo_characteristics(&device).await.unwrap();
     let mut stream = Box::pin(notify.notify().await.unwrap());

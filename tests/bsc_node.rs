@@ -191,6 +191,7 @@ async fn link_faults_drop_npdus_and_a_cut_link_times_out_the_heartbeat() {
     a.send(ClientFault(FaultRule {
         fault: LinkFault::Drop,
         trigger: FaultTrigger { direction: Some(Direction::Request), ..FaultTrigger::default() },
+        name: None,
     }))
     .await
     .unwrap();
@@ -210,6 +211,7 @@ async fn link_faults_drop_npdus_and_a_cut_link_times_out_the_heartbeat() {
     a.send(ClientFault(FaultRule {
         fault: LinkFault::Delay { ms: 300, jitter_ms: 0 },
         trigger: FaultTrigger { direction: Some(Direction::Request), ..FaultTrigger::default() },
+        name: None,
     }))
     .await
     .unwrap();
@@ -224,7 +226,7 @@ async fn link_faults_drop_npdus_and_a_cut_link_times_out_the_heartbeat() {
     assert!(sent_at.elapsed() >= Duration::from_millis(300), "arrived after {:?}", sent_at.elapsed());
 
     // Cut: heartbeats go unanswered, the node notices and reconnects.
-    a.send(ClientFault(FaultRule { fault: LinkFault::Cut, trigger: FaultTrigger::default() })).await.unwrap();
+    a.send(ClientFault(FaultRule { fault: LinkFault::Cut, trigger: FaultTrigger::default(), name: None })).await.unwrap();
     until("heartbeat timeout observed", async || {
         kinds(&log, "a").iter().any(|k| matches!(k, ObservationKind::BscHeartbeatTimeout { hub } if hub == "primary"))
     })

@@ -24,9 +24,9 @@ fn malformed_files_name_line_column_and_what_was_expected() {
     let e = parse("steps: []\n");
     assert!(e.contains("missing field `name`"), "{e}");
     let e = parse(&format!("name: x\n{BUS}steps:\n  - set: {{device: d, state: {{soc: 10, warp: 9}}}}\n"));
-    assert!(e.contains("step 1 (set)") && e.contains("unknown state key `warp`"), "{e}");
+    assert!(e.starts_with("bad.yaml:6:") && e.contains("steps[0].set.state.warp") && e.contains("unknown state key `warp`"), "{e}");
     let e = parse(&format!("name: x\n{BUS}steps:\n  - fault: {{link: d, kind: delay}}\n"));
-    assert!(e.contains("step 1 (fault)") && e.contains("needs `ms`"), "{e}");
+    assert!(e.starts_with("bad.yaml:6:") && e.contains("steps[0].fault") && e.contains("needs `ms`"), "{e}");
     let e = parse(&format!("name: x\n{BUS}steps:\n  - fault: {{link: nowhere, kind: drop}}\n"));
     assert!(e.contains("no link `nowhere`") && e.contains("links: p, d"), "{e}");
     let e = parse("name: x\nbuses: [{name: b, ports: [p]}]\nclients:\n  - {name: m, kind: modbus-master, port: q, addresses: [1]}\nsteps: []\n");
@@ -39,7 +39,67 @@ fn malformed_files_name_line_column_and_what_was_expected() {
     let e = parse("name: x\nble_hosts: [phone]\nsteps: []\n");
     assert!(e.contains("needs at least one BLE device"), "{e}");
     let e = parse(&format!("name: x\n{ble}steps:\n  - ble: {{device: bms, rssi: -200}}\n"));
-    assert!(e.contains("step 1 (ble)") && e.contains("rssi -200"), "{e}");
+    assert!(e.starts_with("bad.yaml:5:") && e.contains("steps[0].ble.rssi") && e.contains("rssi -200"), "{e}");
+}
+
+/// Every file under scenarios/ (and its subfolders) parses and passes
+/// validation, so a typo in the suite fails `cargo test`, not CI's run.
+#[test]
+fn every_scenario_file_is_valid() {
+    fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios"), &mut files);
+    assert!(files.len() >= 40, "found only {} scenario files", files.len());
+    let bad: Vec<String> = files.iter().filter_map(|f| Scenario::load(f).err().map(|e| e.to_string())).collect();
+    assert!(bad.is_empty(), "invalid scenarios:\n{}", bad.join("\n"));
+}
+
+/// Selectors that could only pass vacuously are located errors.
+#[test]
+fn typos_in_selectors_are_located_errors() {
+    let serial = "buses: [{name: b, ports: [p]}]\ndevices:\n  - {name: d, kind: eg4-lp4, bus: b, address: 1}\nclients:\n  - {name: m, kind: modbus-master, port: p, addresses: [1]}\nsteps:\n";
+    let at = |steps: &str| parse(&format!("name: x\n{serial}{steps}"));
+    let e = at("  - expect_errors: {client: m, kind: timout, at_most: 0}\n");
+    assert!(e.starts_with("bad.yaml:8:32:") && e.contains("no error kind `timout`") && e.contains("timeout"), "{e}");
+    let e = at("  - expect_flag: {client: m, flag: 'protection:cel_ov'}\n");
+    assert!(e.starts_with("bad.yaml:8:") && e.contains("no flag `protection:cel_ov`"), "{e}");
+    assert!(Scenario::parse(Path::new("ok.yaml"), &format!("name: x\n{serial}  - expect_flag: {{client: m, flag: 'protection:cell_ov', present: false}}\n")).is_ok());
+    let e = at("  - expect_reading: {client: m, field: soc, min: 1}\n");
+    assert!(e.contains("no field `soc`") && e.contains("soc_pct"), "{e}");
+    assert!(Scenario::parse(Path::new("ok.yaml"), &format!("name: x\n{serial}  - expect_reading: {{client: m, field: cell16_mv, min: 1}}\n")).is_ok());
+    let e = at("  - expect_observation: {kind: collision, source: buss, at_least: 1}\n");
+    assert!(e.contains("no device, client or bus named `buss`"), "{e}");
+    let e = at("  - expect_frames: {link: p, at_least: 3, at_most: 1}\n");
+    assert!(e.contains("nothing can pass"), "{e}");
+    let e = at("  - fault: {link: m, kind: drop, name: a}\n  - clear_faults: {link: m, name: b}\n");
+    assert!(e.starts_with("bad.yaml:9:") && e.contains("no earlier `fault` on `m` is named `b`"), "{e}");
+    let e = at("  - send_npdu: {client: m}\n");
+    assert!(e.contains("`m` is a modbus-master; only a bsc-node takes `send_npdu`"), "{e}");
+    let e = at("  - expect_errors: {client: d, at_least: 1}\n");
+    assert!(e.contains("no client named `d`"), "{e}");
+
+    let hub = "devices:\n  - {name: hub, kind: bsc-hub}\nclients:\n  - {name: a, kind: bsc-node, hub: hub}\n  - {name: s, kind: bsc-raw, hub: hub}\nsteps:\n";
+    let e = parse(&format!("name: x\n{hub}  - fault: {{link: hub, kind: drop}}\n"));
+    assert!(e.starts_with("bad.yaml:8:") && e.contains("no link `hub`") && e.contains("bsc-hub, which has no link"), "{e}");
+    let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: bad_checksum}}\n"));
+    assert!(e.contains("carries BVLC-SC over WebSocket") && e.contains("no checksum"), "{e}");
+    let e = parse(&format!("name: x\n{hub}  - expect_reading: {{client: a, field: soc_pct, min: 1}}\n"));
+    assert!(e.contains("bsc-node, which publishes no readings"), "{e}");
+    let e = parse(&format!("name: x\n{hub}  - set: {{device: hub, state: {{soc: 1}}}}\n"));
+    assert!(e.contains("no state to set"), "{e}");
+    let e = parse(&format!("name: x\n{hub}  - ble: {{device: hub, mtu: 100}}\n"));
+    assert!(e.contains("not a BLE device"), "{e}");
+    let e = parse("name: x\ndevices:\n  - {name: d, kind: modbus-master}\nsteps: []\n");
+    assert!(e.starts_with("bad.yaml:3:") && e.contains("that is a client kind"), "{e}");
 }
 
 #[test]

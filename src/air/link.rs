@@ -120,6 +120,11 @@ impl BleLink {
         self.lock().engine.clear();
     }
 
+    /// Removes the fault rules called `name`; false when none had it.
+    pub fn clear_fault(&self, name: &str) -> bool {
+        self.lock().engine.clear_named(name)
+    }
+
     pub fn frames(&self) -> Vec<FrameRecord> {
         self.lock().engine.frames().cloned().collect()
     }

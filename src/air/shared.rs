@@ -77,3 +77,47 @@ fn start() -> Result<SharedAir, String> {
     std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", shared.address());
     Ok(shared)
 }
+
+/// A fresh peripheral adapter of the process's air for one device, with its
+/// link's MTU and RSSI set. Give it back with [`return_adapter`].
+pub async fn lend_adapter(mtu: u16, rssi: Option<i16>) -> Result<String, String> {
+    let air = shared()?;
+    let info = air.run(|air| async move { air.add_peripheral_adapter().await.map_err(|e| format!("{e:#}")) }).await??;
+    let name = info.name.clone();
+    let set = with_link(&name, move |l| async move {
+        l.set_rssi(rssi);
+        l.set_mtu(mtu).await
+    })
+    .await;
+    if let Err(e) = set {
+        return_adapter(&name).await;
+        return Err(e);
+    }
+    Ok(name)
+}
+
+/// Removes a lent adapter, so later scans never see its device.
+pub async fn return_adapter(adapter: &str) {
+    if let Ok(air) = shared() {
+        let adapter = adapter.to_string();
+        let _ = air.run(move |air| async move { air.remove_peripheral_adapter(&adapter).await }).await;
+    }
+}
+
+/// Runs `f` on the link of the device that holds `adapter`.
+pub async fn with_link<F, Fut, T>(adapter: &str, f: F) -> Result<T, String>
+where
+    F: FnOnce(super::LinkControl) -> Fut + Send + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let air = shared()?;
+    let adapter = adapter.to_string();
+    air.run(move |air| async move {
+        match air.link(&adapter) {
+            Some(link) => Ok(f(link).await),
+            None => Err(format!("the air has no link for {adapter}")),
+        }
+    })
+    .await?
+}

@@ -163,48 +163,45 @@ fn run(a: RunArgs) -> i32 {
 }
 
 fn list() {
-    println!("Device kinds:");
-    for (k, d) in crate::device::DEVICE_KINDS {
-        println!("  {k:<18} {d}");
+    use crate::kind::{self, Role};
+    for (title, role) in [("Device kinds", Role::Device), ("Client kinds", Role::Client)] {
+        println!("{title}:");
+        for k in kind::REGISTRY.iter().filter(|k| k.role() == role) {
+            println!("  {:<18} {}", k.name(), k.about());
+        }
+        println!();
     }
-    println!("\nEG4 register profiles:");
-    for p in crate::protocol::eg4::RegisterProfile::ALL {
-        println!("  {:<18} {}", p.name(), p.description());
+    for k in kind::REGISTRY {
+        for section in k.list() {
+            println!("{}:", section.title);
+            for (name, about) in &section.rows {
+                println!("  {name:<26} {about}");
+            }
+            println!();
+        }
     }
-    println!("\nEG4 protocols:\n  modbus             Modbus RTU (fn 03/04/06/16)\n  legacy             EG4 7E/0D binary (commands 0x01, 0x33, 0x42)");
-    println!("\nEG4 quirks:");
-    for (k, d) in crate::device::eg4_core::Eg4Quirk::ALL {
-        println!("  {k:<18} {d}");
+    println!("What clients publish (expect_reading `field`, expect_flag `flag`, expect_errors `kind`; N is a number):");
+    for k in kind::REGISTRY {
+        if let Some(v) = k.vocabulary() {
+            println!("  {}:", k.name());
+            for (what, list) in [("fields", &v.fields), ("flags", &v.flags), ("errors", &v.errors)] {
+                if !list.is_empty() {
+                    println!("    {what}: {}", list.join(", "));
+                }
+            }
+        }
     }
-    println!("\nJBD profiles:");
-    for (k, d) in crate::device::jbd_core::JbdProfile::ALL {
-        println!("  {k:<24} {d}");
-    }
-    println!("\nJBD quirks:");
-    for (k, d) in crate::device::jbd_core::JbdQuirk::ALL {
-        println!("  {k:<26} {d}");
-    }
-    println!("\nClient kinds:");
-    for (k, d) in crate::client::CLIENT_KINDS {
-        println!("  {k:<18} {d}");
-    }
-    println!("\nLink faults (one-shot by default; count: N, probability: P, always: true; direction: request|response):");
+    println!("\nLink faults (one-shot by default; count: N, probability: P, always: true; direction: request|response; name: N):");
     for (k, d) in crate::link::LinkFault::CATALOG {
-        println!("  {k:<18} {d}");
-    }
-    println!("\nPack state keys (sim --set KEY=VALUE, scenario `set`):");
-    println!("  {:<18} Modbus address (the DIP switches), 1..=247", "address");
-    for (k, d) in crate::model::STATE_KEYS {
-        println!("  {k:<18} {d}");
-    }
-    println!("\nJBD state keys (besides the pack's; no `address`):");
-    for (k, d) in crate::device::jbd_core::JBD_STATE_KEYS {
         println!("  {k:<18} {d}");
     }
     println!("\nObservation kinds (scenario `expect_observation: {{kind: …, contains: …}}`):");
     println!("  {}", crate::observe::ObservationKind::NAMES.join(", "));
     println!("\nScenario steps:");
-    println!("  wait, set, fault, clear_faults, ble (jbd-bms link: mtu, refuse_connections, disconnect, reject_write),");
-    println!("  send_npdu (bsc-node), send_raw (bsc-raw), stop / start (bsc-hub), expect_reading, expect_flag,");
-    println!("  expect_errors, expect_observation, expect_frames, expect_output, expect_exit");
+    for (name, keys) in crate::scenario::spec::COMMON_STEPS {
+        println!("  {name:<20} {keys}");
+    }
+    for (step, k) in kind::kind_steps() {
+        println!("  {:<20} {} ({}: {})", step.name, step.keys, k.name(), step.about);
+    }
 }

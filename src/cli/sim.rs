@@ -247,7 +247,7 @@ fn parse_sets(sets: &[String]) -> Result<Vec<(String, f64)>, String> {
                 .trim()
                 .parse()
                 .map_err(|_| format!("--set `{s}`: `{v}` is not a number"))?;
-            crate::scenario::spec::check_state_key(k.trim())?;
+            crate::model::check_state_key(k.trim())?;
             Ok((k.trim().to_string(), v))
         })
         .collect()

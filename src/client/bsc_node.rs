@@ -26,7 +26,7 @@ use super::bsc_node_core::{
     EndReason, FailoverPlan, HubChoice, HubLimits, NodeConfig, NodeSession, PlanStep, ReceivedNak, SendError,
     SessionEvent, SessionOutput,
 };
-use super::poller::{ClientClearFaults, ClientFault, ClientFrames};
+use super::poller::{ClientClearFault, ClientClearFaults, ClientFault, ClientFrames};
 use crate::link::fault::LinkEngine;
 use crate::link::record::{Direction, FrameRecord};
 use crate::observe::{ObservationKind, ObservationLog};
@@ -304,6 +304,13 @@ impl Handler<ClientClearFaults> for BscNodeActor {
     type Result = ();
     fn handle(&mut self, _msg: ClientClearFaults, _ctx: &mut Context<Self>) {
         self.link.borrow_mut().clear();
+    }
+}
+
+impl Handler<ClientClearFault> for BscNodeActor {
+    type Result = bool;
+    fn handle(&mut self, msg: ClientClearFault, _ctx: &mut Context<Self>) -> bool {
+        self.link.borrow_mut().clear_named(&msg.0)
     }
 }
 

@@ -28,7 +28,7 @@ use btleplug::api::{Central, Characteristic, Manager as _, Peripheral as _, Scan
 use btleplug::platform::{Adapter, Manager, Peripheral};
 use futures::{FutureExt, Stream, StreamExt};
 
-use super::poller::{ClientClearFaults, ClientFault, ClientFrames};
+use super::poller::{ClientClearFault, ClientClearFaults, ClientFault, ClientFrames};
 use super::{hex, TransactionError};
 use crate::device::jbd::{NOTIFY_UUID, SERVICE_UUID, WRITE_UUID};
 use crate::link::fault::LinkEngine;
@@ -425,6 +425,13 @@ impl Handler<ClientClearFaults> for JbdClientActor {
     type Result = ();
     fn handle(&mut self, _msg: ClientClearFaults, _ctx: &mut Context<Self>) {
         self.link.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+impl Handler<ClientClearFault> for JbdClientActor {
+    type Result = bool;
+    fn handle(&mut self, msg: ClientClearFault, _ctx: &mut Context<Self>) -> bool {
+        self.link.lock().unwrap_or_else(|p| p.into_inner()).clear_named(&msg.0)
     }
 }
 

@@ -28,15 +28,6 @@ use crate::link::record::Direction;
 use crate::protocol::eg4::{self, Eg4Telemetry};
 use crate::protocol::modbus::FrameLength;
 
-pub const CLIENT_KINDS: &[(&str, &str)] = &[
-    ("modbus-master", "polls packs over Modbus RTU: schedule, timeout, retries, CRC check; publishes readings"),
-    ("inverter-master", "an inverter polling packs over Modbus RTU: bus traffic for passive listeners"),
-    ("modbus-sniffer", "listens on a bus port and decodes other masters' request/response pairs"),
-    ("jbd-client", "polls a JBD BMS over BLE (btleplug): 0x03/0x04/0x05 without response, reassembly, checksum; publishes readings"),
-    ("legacy-client", "polls packs with the legacy EG4 7E/0D protocol (command 0x01)"),
-    ("bsc-node", "a BACnet/SC node: primary/failover hub connection, heartbeats, sends and receives NPDUs"),
-    ("bsc-raw", "a raw BACnet/SC peer: sends scripted bytes (malformed, TEXT, oversize), reports what comes back"),
-];
 
 /// A failed transaction, classified the way a report wants it.
 #[derive(Debug, Clone, PartialEq)]

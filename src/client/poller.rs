@@ -157,6 +157,12 @@ pub struct ClientFault(pub FaultRule);
 #[rtype(result = "()")]
 pub struct ClientClearFaults;
 
+/// Remove the fault rules called this from the client's link; false when
+/// none had the name.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct ClientClearFault(pub String);
+
 #[derive(Message)]
 #[rtype(result = "Vec<FrameRecord>")]
 pub struct ClientFrames;
@@ -173,6 +179,13 @@ impl<P: PollProtocol> Handler<ClientClearFaults> for PollerActor<P> {
     type Result = ();
     fn handle(&mut self, _msg: ClientClearFaults, _ctx: &mut Context<Self>) {
         self.link.borrow_mut().clear();
+    }
+}
+
+impl<P: PollProtocol> Handler<ClientClearFault> for PollerActor<P> {
+    type Result = bool;
+    fn handle(&mut self, msg: ClientClearFault, _ctx: &mut Context<Self>) -> bool {
+        self.link.borrow_mut().clear_named(&msg.0)
     }
 }
 

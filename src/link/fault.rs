@@ -42,9 +42,12 @@ pub enum LinkFault {
         #[serde(default)]
         fill: Option<u8>,
     },
-    /// The protocol's checksum is wrong but everything else is intact
-    /// (CRC-16 for Modbus RTU, the check byte for EG4 7E/0D frames).
-    BadChecksum,
+    /// The protocol's checksum is wrong but everything else is intact.
+    /// Where the checksum is comes from the link's owner (CRC-16 for Modbus
+    /// RTU, the check byte for EG4 7E/0D, the two-byte sum for JBD); a frame
+    /// that holds no checksum (a middle BLE notification) passes untouched
+    /// and does not use the fault up.
+    BadChecksum { layout: ChecksumLayout },
     /// The frame is sent twice, `gap_ms` apart.
     Duplicate {
         #[serde(default)]
@@ -84,7 +87,7 @@ impl LinkFault {
         ("drop", "the frame vanishes"),
         ("delay", "the frame arrives late: ms, jitter_ms"),
         ("corrupt", "bytes damaged: offsets | count_bytes (random), mask (XOR, default 0xFF), or fill (every byte)"),
-        ("bad_checksum", "protocol-aware: CRC-16 (Modbus) or check byte (7E/0D) wrong"),
+        ("bad_checksum", "the link's own checksum is wrong: CRC-16 (Modbus), check byte (7E/0D), two-byte sum (JBD)"),
         ("duplicate", "the frame is sent twice: gap_ms"),
         ("split", "the frame arrives in pieces: offsets | chunk, gap_ms"),
         ("truncate", "only the first `keep` bytes arrive"),
@@ -99,7 +102,7 @@ impl LinkFault {
             LinkFault::Drop => "drop",
             LinkFault::Delay { .. } => "delay",
             LinkFault::Corrupt { .. } => "corrupt",
-            LinkFault::BadChecksum => "bad_checksum",
+            LinkFault::BadChecksum { .. } => "bad_checksum",
             LinkFault::Duplicate { .. } => "duplicate",
             LinkFault::Split { .. } => "split",
             LinkFault::Truncate { .. } => "truncate",
@@ -107,6 +110,15 @@ impl LinkFault {
             LinkFault::Echo => "echo",
             LinkFault::Stall { .. } => "stall",
             LinkFault::Cut => "cut",
+        }
+    }
+
+    /// Whether the fault can act on this frame (a checksum fault needs a
+    /// frame that holds the checksum).
+    pub fn fits(&self, frame: &[u8]) -> bool {
+        match self {
+            LinkFault::BadChecksum { layout } => layout.holds_checksum(frame),
+            _ => true,
         }
     }
 
@@ -140,36 +152,53 @@ impl LinkFault {
 }
 
 /// How the checksum of a frame is laid out, so `bad_checksum` can break just
-/// that and nothing else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// that and nothing else. The link's owner knows which one its protocol uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ChecksumLayout {
     /// Modbus RTU: CRC-16 in the last two bytes.
     ModbusCrc,
     /// EG4 7E/0D: one check byte before the trailing 0x0D.
     Eg4Legacy,
+    /// A bus carrying both: a 7E…0D frame is 7E/0D, anything else Modbus.
+    ModbusOrEg4Legacy,
+    /// JBD: a two-byte sum before the trailing 0x77 (only the last piece of
+    /// a frame split into notifications holds it).
+    JbdSum,
 }
 
 impl ChecksumLayout {
-    /// Guess the layout from the frame itself: 7E…0D is the legacy protocol.
-    pub fn detect(frame: &[u8]) -> Self {
-        if frame.len() >= 6 && frame[0] == 0x7E && frame[frame.len() - 1] == 0x0D {
-            ChecksumLayout::Eg4Legacy
-        } else {
-            ChecksumLayout::ModbusCrc
+    fn is_eg4_legacy(frame: &[u8]) -> bool {
+        frame.len() >= 6 && frame[0] == 0x7E && frame[frame.len() - 1] == 0x0D
+    }
+
+    /// Whether `frame` holds this layout's checksum at all.
+    pub fn holds_checksum(self, frame: &[u8]) -> bool {
+        match self {
+            ChecksumLayout::ModbusCrc | ChecksumLayout::ModbusOrEg4Legacy => frame.len() >= 3,
+            ChecksumLayout::Eg4Legacy => Self::is_eg4_legacy(frame),
+            ChecksumLayout::JbdSum => frame.len() >= 3 && frame.last() == Some(&0x77),
         }
     }
 
     fn break_checksum(self, frame: &mut [u8]) {
+        let n = frame.len();
         match self {
-            ChecksumLayout::ModbusCrc => {
+            ChecksumLayout::ModbusOrEg4Legacy if Self::is_eg4_legacy(frame) => ChecksumLayout::Eg4Legacy.break_checksum(frame),
+            ChecksumLayout::ModbusCrc | ChecksumLayout::ModbusOrEg4Legacy => {
                 if let Some(b) = frame.last_mut() {
                     *b ^= 0x5A;
                 }
             }
             ChecksumLayout::Eg4Legacy => {
-                let n = frame.len();
                 if n >= 2 {
                     frame[n - 2] = frame[n - 2].wrapping_add(0x33);
+                }
+            }
+            ChecksumLayout::JbdSum => {
+                // The sum's low byte, just before the 0x77 end marker.
+                if n >= 3 {
+                    frame[n - 2] ^= 0x5A;
                 }
             }
         }
@@ -213,11 +242,13 @@ impl FaultTrigger {
     }
 }
 
-/// A fault plus when it fires.
+/// A fault plus when it fires. A named rule can be cleared on its own.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FaultRule {
     pub fault: LinkFault,
     pub trigger: FaultTrigger,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// The flat YAML form of a fault: `{kind: split, offsets: [97], gap_ms: 30,
@@ -230,6 +261,9 @@ pub struct FaultSpec {
     /// Which link the fault goes on (scenario steps; ignored elsewhere).
     #[serde(default)]
     pub link: Option<String>,
+    /// A name `clear_faults: {link, name}` can remove it by.
+    #[serde(default)]
+    pub name: Option<String>,
     pub kind: String,
     #[serde(default)]
     pub ms: Option<u64>,
@@ -264,9 +298,12 @@ pub struct FaultSpec {
 }
 
 impl FaultSpec {
-    pub fn into_rule(self) -> Result<FaultRule, String> {
+    /// The rule, for a link whose protocol keeps its checksum as `checksum`
+    /// says (`None`: it has none, so `bad_checksum` is refused).
+    pub fn into_rule(self, checksum: Option<ChecksumLayout>) -> Result<FaultRule, String> {
         let FaultSpec {
             link: _,
+            name,
             kind,
             ms,
             jitter_ms,
@@ -327,7 +364,9 @@ impl FaultSpec {
         let need = |v: Option<u64>, name: &str| v.ok_or_else(|| format!("fault `{kind}` needs `{name}`"));
         let fault = match kind.as_str() {
             "drop" => LinkFault::Drop,
-            "bad_checksum" => LinkFault::BadChecksum,
+            "bad_checksum" => LinkFault::BadChecksum {
+                layout: checksum.ok_or_else(|| "this link's protocol has no checksum for `bad_checksum` to break".to_string())?,
+            },
             "echo" => LinkFault::Echo,
             "cut" => LinkFault::Cut,
             "delay" => LinkFault::Delay {
@@ -366,7 +405,7 @@ impl FaultSpec {
             always,
         };
         trigger.validate()?;
-        Ok(FaultRule { fault, trigger })
+        Ok(FaultRule { fault, trigger, name })
     }
 }
 
@@ -426,9 +465,18 @@ pub struct LinkEngine {
     /// Monotonic time (ns since the owner's epoch) until which nothing passes.
     stalled_until_ns: u64,
     cut: bool,
+    /// Names of the stall and cut in force, for `clear_named`.
+    state_names: Vec<(String, LinkState)>,
     record: bool,
     log: FrameLog,
     pub counters: LinkCounters,
+}
+
+/// A fault that is a state of the link rather than a per-frame change.
+#[derive(Debug, Clone, Copy)]
+enum LinkState {
+    Stall,
+    Cut,
 }
 
 impl LinkEngine {
@@ -447,6 +495,7 @@ impl LinkEngine {
             rng: ChaCha8Rng::seed_from_u64(s),
             stalled_until_ns: 0,
             cut: false,
+            state_names: Vec::new(),
             record: true,
             log: FrameLog::default(),
             counters: LinkCounters::default(),
@@ -480,8 +529,16 @@ impl LinkEngine {
         match rule.fault {
             LinkFault::Stall { ms } => {
                 self.stalled_until_ns = now_ns.saturating_add(ms.saturating_mul(1_000_000));
+                if let Some(n) = rule.name {
+                    self.state_names.push((n, LinkState::Stall));
+                }
             }
-            LinkFault::Cut => self.cut = true,
+            LinkFault::Cut => {
+                self.cut = true;
+                if let Some(n) = rule.name {
+                    self.state_names.push((n, LinkState::Cut));
+                }
+            }
             _ => {
                 let remaining = if rule.trigger.always {
                     None
@@ -502,6 +559,23 @@ impl LinkEngine {
         self.rules.clear();
         self.stalled_until_ns = 0;
         self.cut = false;
+        self.state_names.clear();
+    }
+
+    /// Remove the rules called `name` (ending a stall or cut of that name);
+    /// false when none had it.
+    pub fn clear_named(&mut self, name: &str) -> bool {
+        let before = self.rules.len();
+        self.rules.retain(|r| r.rule.name.as_deref() != Some(name));
+        let mut found = self.rules.len() != before;
+        if let Some(pos) = self.state_names.iter().position(|(n, _)| n == name) {
+            match self.state_names.remove(pos).1 {
+                LinkState::Stall => self.stalled_until_ns = 0,
+                LinkState::Cut => self.cut = false,
+            }
+            found = true;
+        }
+        found
     }
 
     pub fn is_blocked(&self, now_ns: u64) -> bool {
@@ -556,7 +630,7 @@ impl LinkEngine {
         while i < self.rules.len() {
             let applies = {
                 let r = &self.rules[i].rule;
-                let dir_ok = r.trigger.direction.is_none_or(|d| d == direction);
+                let dir_ok = r.trigger.direction.is_none_or(|d| d == direction) && r.fault.fits(frame);
                 dir_ok
                     && match r.trigger.probability {
                         Some(p) => self.rng.gen_bool(p.clamp(0.0, 1.0)),
@@ -567,7 +641,8 @@ impl LinkEngine {
                 .rule
                 .trigger
                 .direction
-                .is_none_or(|d| d == direction);
+                .is_none_or(|d| d == direction)
+                && self.rules[i].rule.fault.fits(frame);
             if dir_ok {
                 // A counted rule is consumed by every matching frame, fired
                 // or not, so `count: 10, probability: 0.5` means "about half
@@ -659,10 +734,12 @@ impl LinkEngine {
                     p
                 })
                 .collect(),
-            LinkFault::BadChecksum => pieces
+            LinkFault::BadChecksum { layout } => pieces
                 .into_iter()
                 .map(|mut p| {
-                    ChecksumLayout::detect(&p.bytes).break_checksum(&mut p.bytes);
+                    if layout.holds_checksum(&p.bytes) {
+                        layout.break_checksum(&mut p.bytes);
+                    }
                     p
                 })
                 .collect(),
@@ -735,6 +812,7 @@ mod tests {
         FaultRule {
             fault,
             trigger: FaultTrigger::default(),
+            name: None,
         }
     }
 
@@ -769,6 +847,7 @@ mod tests {
                     count: Some(2),
                     ..Default::default()
                 },
+                name: None,
             },
             0,
         );
@@ -815,10 +894,47 @@ mod tests {
     #[test]
     fn bad_checksum_touches_only_the_crc() {
         let mut l = LinkEngine::new("a", 1);
-        l.add_rule(rule(LinkFault::BadChecksum), 0);
+        l.add_rule(rule(LinkFault::BadChecksum { layout: ChecksumLayout::ModbusCrc }), 0);
         let out = l.process(Direction::Response, FRAME, 0, 0);
         assert_eq!(&out[0].bytes[..7], &FRAME[..7]);
         assert_ne!(out[0].bytes[7], FRAME[7]);
+    }
+
+    #[test]
+    fn jbd_bad_checksum_waits_for_the_piece_with_the_sum() {
+        let mut l = LinkEngine::new("bms", 1);
+        l.add_rule(rule(LinkFault::BadChecksum { layout: ChecksumLayout::JbdSum }), 0);
+        // A middle notification has no checksum: it passes and the fault stays armed.
+        let middle = [0xDD, 0x03, 0x00, 0x1B, 0x01, 0x02];
+        assert_eq!(l.process(Direction::Response, &middle, 0, 0)[0].bytes, middle);
+        let last = [0x05, 0x06, 0xFF, 0xF2, 0x77];
+        let out = l.process(Direction::Response, &last, 0, 0);
+        assert_eq!(out[0].bytes[4], 0x77, "the end marker stays");
+        assert_ne!(out[0].bytes[3], 0xF2, "the sum's low byte is broken");
+        assert_eq!(&out[0].bytes[..3], &last[..3]);
+        assert_eq!(l.process(Direction::Response, &last, 0, 0)[0].bytes, last, "one-shot");
+    }
+
+    #[test]
+    fn named_rules_clear_alone() {
+        let mut l = LinkEngine::new("a", 1);
+        let named = |fault, name: &str| FaultRule { name: Some(name.into()), ..rule(fault) };
+        l.add_rule(FaultRule { trigger: FaultTrigger { always: true, ..Default::default() }, ..named(LinkFault::Truncate { keep: 2 }, "short") }, 0);
+        l.add_rule(named(LinkFault::Cut, "gone"), 0);
+        assert!(l.process(Direction::Request, FRAME, 0, 0).is_empty());
+        assert!(l.clear_named("gone"));
+        assert_eq!(l.process(Direction::Request, FRAME, 0, 0)[0].bytes.len(), 2, "the other rule stays");
+        assert!(!l.clear_named("gone"), "already cleared");
+        assert!(l.clear_named("short"));
+        assert_eq!(l.process(Direction::Request, FRAME, 0, 0)[0].bytes, FRAME);
+    }
+
+    #[test]
+    fn bad_checksum_needs_a_link_with_one() {
+        let spec: FaultSpec = yaml_serde::from_str("kind: bad_checksum\n").unwrap();
+        assert!(spec.clone().into_rule(None).unwrap_err().contains("no checksum"));
+        let r = spec.into_rule(Some(ChecksumLayout::Eg4Legacy)).unwrap();
+        assert_eq!(r.fault, LinkFault::BadChecksum { layout: ChecksumLayout::Eg4Legacy });
     }
 
     #[test]
@@ -859,6 +975,7 @@ mod tests {
                         probability: Some(0.5),
                         ..Default::default()
                     },
+                    name: None,
                 },
                 0,
             );
@@ -908,14 +1025,14 @@ mod tests {
         let s: FaultSpec =
             yaml_serde::from_str("kind: split\noffsets: [97]\ngap_ms: 30\ndirection: response\ncount: 2\n")
                 .unwrap();
-        let r = s.into_rule().unwrap();
+        let r = s.into_rule(None).unwrap();
         assert_eq!(r.trigger.count, Some(2));
         assert!(matches!(r.fault, LinkFault::Split { .. }));
     }
 
     #[test]
     fn spec_errors_say_what_is_wrong() {
-        let e = |y: &str| yaml_serde::from_str::<FaultSpec>(y).unwrap().into_rule().unwrap_err();
+        let e = |y: &str| yaml_serde::from_str::<FaultSpec>(y).unwrap().into_rule(None).unwrap_err();
         assert!(e("kind: delay\n").contains("needs `ms`"));
         assert!(e("kind: drop\nms: 3\n").contains("does not take `ms`"));
         assert!(e("kind: frobnicate\n").contains("unknown fault kind"));
@@ -934,7 +1051,7 @@ mod probability_tests {
         let spec: FaultSpec =
             yaml_serde::from_str("kind: drop\ndirection: response\nprobability: 0.35\n").unwrap();
         let mut l = LinkEngine::new("pack2", 42);
-        l.add_rule(spec.into_rule().unwrap(), 0);
+        l.add_rule(spec.into_rule(None).unwrap(), 0);
         let mut dropped = 0;
         for _ in 0..200 {
             assert_eq!(l.process(Direction::Request, &[1, 2, 3], 0, 0).len(), 1);

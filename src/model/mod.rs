@@ -9,3 +9,18 @@
 
 pub mod pack;
 pub use pack::*;
+
+/// A key the pack model understands (`N` stands for an index: `cell12_mv`
+/// is `cellN_mv`), plus `address`, the devices' bus address.
+pub fn check_state_key(key: &str) -> Result<(), String> {
+    if key == "address" {
+        return Ok(());
+    }
+    let generic = crate::kind::numbers_as_n(key);
+    if STATE_KEYS.iter().any(|(k, _)| *k == key || *k == generic) {
+        Ok(())
+    } else {
+        let keys: Vec<_> = STATE_KEYS.iter().map(|(k, _)| *k).collect();
+        Err(format!("unknown state key `{key}` (known: address, {})", keys.join(", ")))
+    }
+}

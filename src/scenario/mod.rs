@@ -3,9 +3,11 @@
 //! `report` renders results (terminal, JSON, JUnit), `transcript` decodes
 //! captured frames for humans and snapshots.
 
+pub mod expect;
 pub mod process;
 pub mod report;
 pub mod runner;
+pub mod source;
 pub mod spec;
 pub mod transcript;
 

@@ -74,6 +74,16 @@ struct Device {
     link: LinkEngine,
 }
 
+impl Device {
+    /// A device on the bus, with its own link (its faults, its frames).
+    fn on(cfg: &BusConfig, d: BusDevice) -> Device {
+        let mut link = LinkEngine::new(d.name.clone(), cfg.seed);
+        link.set_log_limit(cfg.frame_limit);
+        link.set_recording(cfg.record);
+        Device { name: d.name, recipient: d.recipient, link }
+    }
+}
+
 pub struct BusActor {
     cfg: BusConfig,
     ports: Vec<Port>,
@@ -103,19 +113,7 @@ impl BusActor {
                 silence: None,
             });
         }
-        let devices = devices
-            .into_iter()
-            .map(|d| {
-                let mut link = LinkEngine::new(d.name.clone(), cfg.seed);
-                link.set_log_limit(cfg.frame_limit);
-                link.set_recording(cfg.record);
-                Device {
-                    name: d.name,
-                    recipient: d.recipient,
-                    link,
-                }
-            })
-            .collect();
+        let devices = devices.into_iter().map(|d| Device::on(&cfg, d)).collect();
         let wall_epoch_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -499,6 +497,8 @@ pub struct InjectFault {
 #[rtype(result = "Result<(), String>")]
 pub struct ClearFaults {
     pub link: String,
+    /// Only the rules of this name (all rules without one).
+    pub name: Option<String>,
 }
 
 /// Every frame recorded on this bus's links so far, oldest first.
@@ -544,9 +544,14 @@ impl Handler<ClearFaults> for BusActor {
     type Result = Result<(), String>;
     fn handle(&mut self, msg: ClearFaults, _ctx: &mut Context<Self>) -> Self::Result {
         let names = self.link_names();
-        self.link_mut(&msg.link)
-            .ok_or_else(|| format!("no link `{}` (links: {})", msg.link, names.join(", ")))?
-            .clear();
+        let link = self
+            .link_mut(&msg.link)
+            .ok_or_else(|| format!("no link `{}` (links: {})", msg.link, names.join(", ")))?;
+        match &msg.name {
+            None => link.clear(),
+            Some(n) if link.clear_named(n) => {}
+            Some(n) => return Err(format!("no fault named `{n}` on `{}`", msg.link)),
+        }
         Ok(())
     }
 }
@@ -579,6 +584,19 @@ impl Handler<BusLinkCounters> for BusActor {
 }
 
 /// Stop the bus now: its ports' symlinks are removed before this returns.
+/// A device joins a running bus (a scenario's devices start after its buses).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachDevice(pub BusDevice);
+
+impl Handler<AttachDevice> for BusActor {
+    type Result = ();
+    fn handle(&mut self, msg: AttachDevice, _ctx: &mut Context<Self>) {
+        let device = Device::on(&self.cfg, msg.0);
+        self.devices.push(device);
+    }
+}
+
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Shutdown;

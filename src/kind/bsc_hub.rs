@@ -1,0 +1,274 @@
+//! `bsc-hub`: a BACnet/SC hub (ASHRAE 135 Annex AB) on loopback, ws:// or
+//! wss:// with a test PKI the run makes. Its URL is `{{hub.NAME}}`; with
+//! `tls: true`, `{{pki_dir}}` names the PKI. It can be stopped and started
+//! again on the same address (a hub restart).
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures::future::LocalBoxFuture;
+use serde::Deserialize;
+
+use super::{at_key, decode_keys, Declared, Kind, Names, Role, Running, StartContext};
+use crate::device::bsc_hub::{HubHandle, HubServer, HubServerConfig, HubServerEvent};
+use crate::device::bsc_hub_core::{HubConfig, HubEvent, HubRole};
+use crate::observe::{ObservationKind, ObservationLog};
+use crate::scenario::source::Problem;
+use crate::scenario::spec::Dur;
+use crate::transport::tls::TlsDir;
+
+pub struct BscHubKind;
+
+/// The service bsc-node and bsc-raw clients name a hub for.
+pub const BACNET_SC_HUB: &str = "bacnet-sc-hub";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BscHubRole {
+    #[default]
+    Primary,
+    Failover,
+}
+
+/// Its scenario keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BscHubKeys {
+    pub name: String,
+    #[serde(default)]
+    pub tls: bool,
+    #[serde(default)]
+    pub role: BscHubRole,
+    /// A connected node silent for twice this long is dropped.
+    #[serde(default)]
+    pub heartbeat_timeout: Option<Dur>,
+    /// Time a new WebSocket has to send its Connect-Request.
+    #[serde(default)]
+    pub connect_wait: Option<Dur>,
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    #[serde(default)]
+    pub max_bvlc: Option<u16>,
+    /// Largest WebSocket message read before BVLC parsing (close 1009 above).
+    #[serde(default)]
+    pub max_message: Option<usize>,
+    /// Frames queued per receiver before drops start.
+    #[serde(default)]
+    pub queue_depth: Option<usize>,
+    #[serde(default)]
+    pub slow_consumer_close_after: Option<Dur>,
+    /// Broadcasts per second per sending node.
+    #[serde(default)]
+    pub broadcast_rate_limit: Option<u32>,
+}
+
+impl Kind for BscHubKind {
+    fn name(&self) -> &'static str {
+        "bsc-hub"
+    }
+    fn role(&self) -> Role {
+        Role::Device
+    }
+    fn about(&self) -> &'static str {
+        "BACnet/SC hub (ASHRAE 135 Annex AB): ws:// or wss:// (TLS 1.3, client certificates), hub function"
+    }
+    fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
+        Ok(Box::new(decode_keys::<BscHubKeys>(entry)?))
+    }
+}
+
+impl BscHubKeys {
+    fn config(&self, pki_dir: &Path) -> HubServerConfig {
+        let mut core = HubConfig {
+            hub_status: match self.role {
+                BscHubRole::Primary => HubRole::Primary,
+                BscHubRole::Failover => HubRole::Failover,
+            },
+            broadcast_rate_limit: self.broadcast_rate_limit,
+            ..HubConfig::default()
+        };
+        if let Some(d) = self.heartbeat_timeout {
+            core.heartbeat_timeout = d.0;
+        }
+        if let Some(d) = self.connect_wait {
+            core.connect_wait = d.0;
+        }
+        if let Some(b) = self.max_bvlc {
+            core.max_bvlc = b;
+        }
+        let mut cfg = HubServerConfig {
+            tls: self.tls.then(|| TlsDir::hub(pki_dir)),
+            core,
+            // Two runtime threads per hub are plenty for a scenario and keep many hubs cheap.
+            worker_threads: 2,
+            ..HubServerConfig::default()
+        };
+        if let Some(n) = self.max_connections {
+            cfg.max_connections = n;
+            cfg.core.max_connections = n;
+        }
+        if let Some(m) = self.max_message {
+            cfg.max_message = m;
+        }
+        cfg.max_message = cfg.max_message.max(cfg.core.max_bvlc as usize);
+        if let Some(q) = self.queue_depth {
+            cfg.queue_depth = q;
+        }
+        if let Some(d) = self.slow_consumer_close_after {
+            cfg.slow_consumer_close_after = Some(d.0);
+        }
+        cfg
+    }
+}
+
+impl Declared for BscHubKeys {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind_name(&self) -> &'static str {
+        "bsc-hub"
+    }
+    fn check(&self, _names: &Names<'_>) -> Result<(), Problem> {
+        if self.max_bvlc.is_some_and(|b| b < 600) {
+            return Err(at_key("max_bvlc", "max_bvlc below 600 cannot carry a Connect-Request and an NPDU"));
+        }
+        if self.queue_depth == Some(0) {
+            return Err(at_key("queue_depth", "queue_depth must be at least 1"));
+        }
+        if self.max_connections == Some(0) {
+            return Err(at_key("max_connections", "max_connections must be at least 1"));
+        }
+        Ok(())
+    }
+    fn serves(&self) -> &'static [&'static str] {
+        &[BACNET_SC_HUB]
+    }
+    fn restartable(&self) -> bool {
+        true
+    }
+    fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
+        Box::pin(async move {
+            let pki_dir = cx.tmp.join("pki");
+            if self.tls && !pki_dir.exists() {
+                // One node certificate per BACnet/SC client, in client order (node-1, node-2, …).
+                let nodes = cx.names.clients_of(BACNET_SC_HUB).len().max(1);
+                crate::cli::pki::generate(&pki_dir, nodes, &[], 1, false).map_err(|e| format!("test PKI: {e}"))?;
+                cx.vars.insert("pki_dir".into(), pki_dir.display().to_string());
+            }
+            let hub = RunningHub::start(&self.name, self.config(&pki_dir), &cx.log).await?;
+            Ok(Box::new(hub) as Box<dyn Running>)
+        })
+    }
+}
+
+/// A running hub. `handle` is `None` while stopped; a restart binds the
+/// same address, so nodes find it where they left it.
+struct RunningHub {
+    name: String,
+    config: HubServerConfig,
+    url: String,
+    handle: Option<HubHandle>,
+    events: Option<tokio::task::JoinHandle<()>>,
+    log: ObservationLog,
+}
+
+impl RunningHub {
+    async fn start(name: &str, config: HubServerConfig, log: &ObservationLog) -> Result<RunningHub, String> {
+        let mut hub = RunningHub { name: name.to_string(), config, url: String::new(), handle: None, events: None, log: log.clone() };
+        hub.serve(log).await?;
+        Ok(hub)
+    }
+
+    async fn serve(&mut self, log: &ObservationLog) -> Result<(), String> {
+        let handle = HubServer::start(self.config.clone()).await.map_err(|e| format!("hub `{}`: {e}", self.name))?;
+        self.config.listen = handle.local_addr();
+        self.url = handle.url();
+        let mut rx = handle.subscribe();
+        let (log, source) = (log.clone(), self.name.clone());
+        self.events = Some(actix::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => log.push(&source, hub_observation(&ev)),
+                    Err(RecvError::Lagged(n)) => log.push(
+                        &source,
+                        ObservationKind::Hub { event: "events_lost".into(), detail: format!("{n} events not observed") },
+                    ),
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        }));
+        self.handle = Some(handle);
+        Ok(())
+    }
+
+    async fn shut(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await;
+        }
+        if let Some(t) = self.events.take() {
+            // Events already queued are delivered before the channel reports closed.
+            let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+        }
+    }
+}
+
+impl Running for RunningHub {
+    fn vars(&self) -> Vec<(String, String)> {
+        vec![(format!("hub.{}", self.name), self.url.clone())]
+    }
+    fn pause(&mut self) -> LocalBoxFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            if self.handle.is_none() {
+                return Err(format!("hub `{}` is already stopped", self.name));
+            }
+            self.shut().await;
+            self.log.push(&self.name, ObservationKind::Hub { event: "stopped".into(), detail: String::new() });
+            Ok(format!("stopped `{}`", self.name))
+        })
+    }
+    fn resume<'a>(&'a mut self, log: &'a ObservationLog) -> LocalBoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            if self.handle.is_some() {
+                return Err(format!("hub `{}` is already running", self.name));
+            }
+            self.serve(log).await?;
+            log.push(&self.name, ObservationKind::Hub { event: "started".into(), detail: String::new() });
+            Ok(format!("started `{}` again on its address", self.name))
+        })
+    }
+    fn stop(mut self: Box<Self>) -> LocalBoxFuture<'static, ()> {
+        Box::pin(async move { self.shut().await })
+    }
+}
+
+/// A hub event as an observation: `event` is a stable snake-case name scenarios
+/// match on; `detail` is the event's debug form (connection, VMAC, reason).
+fn hub_observation(ev: &HubServerEvent) -> ObservationKind {
+    let event = match ev {
+        HubServerEvent::Accepted { .. } => "accepted",
+        HubServerEvent::Refused { .. } => "refused",
+        HubServerEvent::Core(c) => match c {
+            HubEvent::Connected { .. } => "connected",
+            HubEvent::Replaced { .. } => "replaced",
+            HubEvent::DuplicateVmac { .. } => "duplicate_vmac",
+            HubEvent::SilentPeerDropped { .. } => "silent_peer_dropped",
+            HubEvent::ConnectWaitExpired { .. } => "connect_wait_expired",
+            HubEvent::Disconnected { .. } => "disconnected",
+            HubEvent::PeerClosed { .. } => "peer_closed",
+            HubEvent::NakSent { .. } => "nak_sent",
+            HubEvent::Dropped { .. } => "dropped",
+            HubEvent::OriginatingVmacPresent { .. } => "originating_vmac_present",
+        },
+        HubServerEvent::ClosedByHub { .. } => "closed_by_hub",
+        HubServerEvent::ClosedByShell { .. } => "closed_by_shell",
+        HubServerEvent::SlowConsumer { .. } => "slow_consumer",
+        HubServerEvent::SlowConsumerRecovered { .. } => "slow_consumer_recovered",
+        HubServerEvent::Ended { .. } => "ended",
+    };
+    let detail = match ev {
+        HubServerEvent::Core(c) => format!("{c:?}"),
+        other => format!("{other:?}"),
+    };
+    ObservationKind::Hub { event: event.into(), detail }
+}

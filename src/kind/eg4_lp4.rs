@@ -1,0 +1,180 @@
+//! `eg4-lp4`: an EG4 LifePower4 pack, a Modbus RTU (or legacy 7E/0D) slave
+//! on one of the scenario's RS-485 buses.
+
+use std::collections::BTreeMap;
+
+use actix::Actor;
+use futures::future::LocalBoxFuture;
+use serde::Deserialize;
+
+use super::{at_key, decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, ListSection, Names, Role, Running, StartContext};
+use crate::device::eg4::{Eg4PackActor, SetState};
+use crate::device::eg4_core::{Eg4Pack, Eg4Protocol, Eg4Quirk};
+use crate::link::capture::CaptureFormat;
+use crate::link::fault::ChecksumLayout;
+use crate::model::PackConfig;
+use crate::protocol::eg4::RegisterProfile;
+use crate::scenario::source::{Problem, YamlPath};
+use crate::transport::bus::{AttachDevice, BusDevice};
+
+pub struct Eg4Lp4;
+
+/// Its scenario keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Eg4Keys {
+    pub name: String,
+    pub bus: String,
+    pub address: u8,
+    #[serde(default)]
+    pub profile: Option<RegisterProfile>,
+    #[serde(default)]
+    pub protocol: Option<Eg4Protocol>,
+    #[serde(default)]
+    pub cells: Option<usize>,
+    #[serde(default)]
+    pub ntc: Option<usize>,
+    #[serde(default)]
+    pub quirks: Vec<Eg4Quirk>,
+    /// Initial state: any pack state key (`hilbench list`).
+    #[serde(default)]
+    pub state: BTreeMap<String, f64>,
+}
+
+impl Kind for Eg4Lp4 {
+    fn name(&self) -> &'static str {
+        "eg4-lp4"
+    }
+    fn role(&self) -> Role {
+        Role::Device
+    }
+    fn about(&self) -> &'static str {
+        "EG4 LifePower4 v2 battery pack: Modbus RTU slave (or legacy 7E/0D) on an RS-485 bus of PTYs"
+    }
+    fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
+        Ok(Box::new(decode_keys::<Eg4Keys>(entry)?))
+    }
+    fn list(&self) -> Vec<ListSection> {
+        let rows = |all: &[(&str, &str)]| all.iter().map(|(k, d)| (k.to_string(), d.to_string())).collect();
+        vec![
+            ListSection {
+                title: "EG4 register profiles (eg4-lp4 `profile`)".into(),
+                rows: RegisterProfile::ALL.iter().map(|p| (p.name().to_string(), p.description().to_string())).collect(),
+            },
+            ListSection {
+                title: "EG4 protocols (eg4-lp4 `protocol`)".into(),
+                rows: rows(&[("modbus", "Modbus RTU (fn 03/04/06/16)"), ("legacy", "EG4 7E/0D binary (commands 0x01, 0x33, 0x42)")]),
+            },
+            ListSection { title: "EG4 quirks (eg4-lp4 `quirks`)".into(), rows: rows(Eg4Quirk::ALL) },
+            ListSection {
+                title: "Pack state keys (eg4-lp4 and jbd-bms `state`, `set`, sim --set)".into(),
+                rows: std::iter::once(("address".to_string(), "Modbus address (the DIP switches), 1..=247; eg4-lp4 only".to_string()))
+                    .chain(crate::model::STATE_KEYS.iter().map(|(k, d)| (k.to_string(), d.to_string())))
+                    .collect(),
+            },
+        ]
+    }
+}
+
+impl Eg4Keys {
+    fn pack(&self) -> Result<Eg4Pack, String> {
+        let mut cfg = PackConfig::default();
+        if let Some(c) = self.cells {
+            cfg.cells = c;
+        }
+        if let Some(n) = self.ntc {
+            cfg.ntc = n;
+        }
+        let mut pack = Eg4Pack::new(self.address, cfg)?;
+        if let Some(p) = self.profile {
+            pack.profile = p;
+        }
+        if let Some(p) = self.protocol {
+            pack.protocol = p;
+        }
+        pack.quirks = self.quirks.clone();
+        for (k, v) in &self.state {
+            pack.set(k, *v).map_err(|e| format!("state {k}: {e}"))?;
+        }
+        Ok(pack)
+    }
+}
+
+impl Declared for Eg4Keys {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind_name(&self) -> &'static str {
+        "eg4-lp4"
+    }
+    fn check(&self, names: &Names<'_>) -> Result<(), Problem> {
+        if !names.buses.contains(&self.bus.as_str()) {
+            return Err(at_key("bus", format!("bus `{}` is not declared under `buses` (buses: {})", self.bus, list(&names.buses))));
+        }
+        if self.address == 0 || self.address > 247 {
+            return Err(at_key("address", format!("address {} is outside 1..=247", self.address)));
+        }
+        if let Some(c) = self.cells.filter(|c| !(4..=24).contains(c)) {
+            return Err(at_key("cells", format!("cells {c} is outside 4..=24")));
+        }
+        for k in self.state.keys() {
+            crate::model::check_state_key(k).map_err(|e| Problem::at(YamlPath::key("state").then_key(k), e))?;
+        }
+        // The model checks ranges (a cell index past `cells`, a SoC of 140).
+        self.pack().map_err(|e| at_key("state", e))?;
+        Ok(())
+    }
+    fn links(&self) -> Vec<LinkDecl> {
+        let (checksum, carries) = match self.protocol.unwrap_or_default() {
+            Eg4Protocol::Modbus => (ChecksumLayout::ModbusCrc, "Modbus RTU"),
+            Eg4Protocol::Legacy => (ChecksumLayout::Eg4Legacy, "EG4 7E/0D"),
+        };
+        vec![LinkDecl {
+            name: self.name.clone(),
+            home: LinkHomeDecl::Bus(self.bus.clone()),
+            capture: Some(CaptureFormat::ModbusRtu),
+            checksum: Some(checksum),
+            carries,
+        }]
+    }
+    fn bus(&self) -> Option<&str> {
+        Some(&self.bus)
+    }
+    fn check_state_key(&self, key: &str) -> Result<(), String> {
+        crate::model::check_state_key(key)
+    }
+    fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
+        Box::pin(async move {
+            let pack = self.pack()?;
+            let bus = cx.buses.get(&self.bus).ok_or_else(|| format!("bus `{}` is not running", self.bus))?;
+            let addr = Eg4PackActor::new(self.name.clone(), pack, cx.log.clone()).start();
+            bus.send(AttachDevice(BusDevice { name: self.name.clone(), recipient: addr.clone().recipient() }))
+                .await
+                .map_err(|e| format!("bus `{}`: {e}", self.bus))?;
+            Ok(Box::new(RunningPack { addr }) as Box<dyn Running>)
+        })
+    }
+}
+
+fn list(names: &[&str]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+struct RunningPack {
+    addr: actix::Addr<Eg4PackActor>,
+}
+
+impl Running for RunningPack {
+    fn set<'a>(&'a self, key: &'a str, value: f64) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.addr.send(SetState { key: key.to_string(), value }).await.map_err(|e| e.to_string())?
+        })
+    }
+    fn stop(self: Box<Self>) -> LocalBoxFuture<'static, ()> {
+        Box::pin(async move { drop(self) })
+    }
+}

@@ -1,0 +1,197 @@
+//! `jbd-bms`: a JBD / Xiaoxiang smart BMS, a GATT peripheral (0xFF00) on
+//! the run's virtual BLE air, with its own peripheral adapter and address.
+
+use std::collections::BTreeMap;
+
+use futures::future::LocalBoxFuture;
+use serde::Deserialize;
+
+use super::{at_key, decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, ListSection, Names, Role, Running, StartContext};
+use crate::device::eg4::SetState;
+use crate::device::jbd::{JbdBmsDevice, JbdGattConfig, DEFAULT_ATT_MTU};
+use crate::device::jbd_core::{JbdBms, JbdConfig, JbdProfile, JbdQuirk, JBD_STATE_KEYS};
+use crate::link::capture::CaptureFormat;
+use crate::link::fault::ChecksumLayout;
+use crate::model::PackConfig;
+use crate::scenario::source::{Problem, YamlPath};
+
+pub struct JbdBmsKind;
+
+/// Its scenario keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JbdKeys {
+    pub name: String,
+    /// Advertised LocalName (default `xiaoxiang BMS`).
+    #[serde(default)]
+    pub local_name: Option<String>,
+    #[serde(default)]
+    pub cells: Option<usize>,
+    #[serde(default)]
+    pub ntc: Option<usize>,
+    #[serde(default)]
+    pub capacity_ah: Option<f64>,
+    #[serde(default)]
+    pub profile: Option<JbdProfile>,
+    #[serde(default)]
+    pub quirks: Vec<JbdQuirk>,
+    /// ATT MTU of the link (default 23: 20-byte notifications).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Where the BMS is: centrals hear it at about this RSSI in dBm
+    /// (default: a seeded value between -78 and -42).
+    #[serde(default)]
+    pub rssi: Option<i16>,
+    /// Initial state: the pack model's keys plus the JBD ones (`hilbench list`).
+    #[serde(default)]
+    pub state: BTreeMap<String, f64>,
+}
+
+/// The service a `jbd-client` names a device for.
+pub const JBD_GATT: &str = "jbd-gatt";
+
+impl Kind for JbdBmsKind {
+    fn name(&self) -> &'static str {
+        "jbd-bms"
+    }
+    fn role(&self) -> Role {
+        Role::Device
+    }
+    fn about(&self) -> &'static str {
+        "JBD / Xiaoxiang smart BMS: GATT service 0xFF00 through bluer, on the virtual BLE air or real BlueZ"
+    }
+    fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
+        Ok(Box::new(decode_keys::<JbdKeys>(entry)?))
+    }
+    fn list(&self) -> Vec<ListSection> {
+        let rows = |all: &[(&str, &str)]| all.iter().map(|(k, d)| (k.to_string(), d.to_string())).collect();
+        vec![
+            ListSection { title: "JBD profiles (jbd-bms `profile`)".into(), rows: rows(JbdProfile::ALL) },
+            ListSection { title: "JBD quirks (jbd-bms `quirks`)".into(), rows: rows(JbdQuirk::ALL) },
+            ListSection { title: "JBD state keys (besides the pack's; no `address`)".into(), rows: rows(JBD_STATE_KEYS) },
+        ]
+    }
+}
+
+impl JbdKeys {
+    fn core(&self, seed: u64) -> Result<JbdBms, String> {
+        let mut pack = PackConfig::default();
+        if let Some(c) = self.cells {
+            pack.cells = c;
+        }
+        if let Some(n) = self.ntc {
+            pack.ntc = n;
+        }
+        if let Some(a) = self.capacity_ah {
+            pack.capacity_ah = a;
+        }
+        let cfg = JbdConfig { pack, profile: self.profile.unwrap_or_default(), quirks: self.quirks.clone(), seed, ..JbdConfig::default() };
+        let mut core = JbdBms::new(cfg)?;
+        for (k, v) in &self.state {
+            core.set(k, *v).map_err(|e| format!("state {k}: {e}"))?;
+        }
+        Ok(core)
+    }
+}
+
+/// A key a JBD BMS understands: its own, or the pack model's.
+fn jbd_state_key(key: &str) -> Result<(), String> {
+    if JBD_STATE_KEYS.iter().any(|(k, _)| *k == key) {
+        return Ok(());
+    }
+    if key == "address" {
+        return Err("`address` is an RS-485 setting; a jbd-bms has none".into());
+    }
+    crate::model::check_state_key(key).map_err(|e| {
+        let extra: Vec<_> = JBD_STATE_KEYS.iter().map(|(k, _)| *k).collect();
+        format!("{e}; a jbd-bms also knows {}", extra.join(", "))
+    })
+}
+
+impl Declared for JbdKeys {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind_name(&self) -> &'static str {
+        "jbd-bms"
+    }
+    fn check(&self, _names: &Names<'_>) -> Result<(), Problem> {
+        if let Some(c) = self.cells.filter(|c| !(4..=24).contains(c)) {
+            return Err(at_key("cells", format!("cells {c} is outside 4..=24 (the pack sizes JBD BMSes come in)")));
+        }
+        if let Some(n) = self.ntc.filter(|n| !(1..=6).contains(n)) {
+            return Err(at_key("ntc", format!("ntc {n} is outside 1..=6")));
+        }
+        crate::scenario::spec::check_ble_link(self.mtu, self.rssi).map_err(|e| at_key(if e.starts_with("mtu") { "mtu" } else { "rssi" }, e))?;
+        for k in self.state.keys() {
+            jbd_state_key(k).map_err(|e| Problem::at(YamlPath::key("state").then_key(k), e))?;
+        }
+        self.core(1).map_err(|e| at_key("state", e))?;
+        Ok(())
+    }
+    fn links(&self) -> Vec<LinkDecl> {
+        vec![LinkDecl {
+            name: self.name.clone(),
+            home: LinkHomeDecl::Air,
+            capture: Some(CaptureFormat::BleAtt),
+            checksum: Some(ChecksumLayout::JbdSum),
+            carries: "JBD frames in BLE notifications",
+        }]
+    }
+    fn serves(&self) -> &'static [&'static str] {
+        &[JBD_GATT]
+    }
+    fn on_air(&self) -> bool {
+        true
+    }
+    fn check_state_key(&self, key: &str) -> Result<(), String> {
+        jbd_state_key(key)
+    }
+    fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
+        Box::pin(async move {
+            let core = self.core(cx.seed)?;
+            let adapter = crate::air::shared::lend_adapter(self.mtu.unwrap_or(DEFAULT_ATT_MTU), self.rssi).await?;
+            let gatt = JbdGattConfig {
+                adapter: adapter.clone(),
+                local_name: self.local_name.clone().unwrap_or_else(|| JbdGattConfig::default().local_name),
+                ..JbdGattConfig::default()
+            };
+            match JbdBmsDevice::start(self.name.clone(), core, gatt, cx.log.clone()).await {
+                Ok(device) => Ok(Box::new(RunningBms { name: self.name.clone(), device, adapter }) as Box<dyn Running>),
+                Err(e) => {
+                    crate::air::shared::return_adapter(&adapter).await;
+                    Err(format!("{e:#}"))
+                }
+            }
+        })
+    }
+}
+
+struct RunningBms {
+    name: String,
+    device: JbdBmsDevice,
+    /// The peripheral adapter (hciN) the shared air lent it for this run.
+    adapter: String,
+}
+
+impl Running for RunningBms {
+    fn vars(&self) -> Vec<(String, String)> {
+        vec![(format!("ble.{}", self.name), self.device.address.clone())]
+    }
+    fn air_adapter(&self) -> Option<&str> {
+        Some(&self.adapter)
+    }
+    fn set<'a>(&'a self, key: &'a str, value: f64) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.device.addr.send(SetState { key: key.to_string(), value }).await.map_err(|e| e.to_string())?
+        })
+    }
+    fn stop(self: Box<Self>) -> LocalBoxFuture<'static, ()> {
+        Box::pin(async move {
+            let RunningBms { device, adapter, .. } = *self;
+            device.stop().await;
+            // Given back, so the next scenario's scans never see it.
+            crate::air::shared::return_adapter(&adapter).await;
+        })
+    }
+}
