@@ -129,17 +129,18 @@ fn legacy_protocol_and_one_pty_per_pack() {
     assert!(a.symlink_metadata().is_err() && b.symlink_metadata().is_err());
 }
 
+/// Runs a simulator that must refuse its input: a clear error on stderr,
+/// never a panic before or after it.
 fn sim_error(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_hilbench"))
         .arg("sim")
         .args(args)
         .output()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "sim {args:?} panicked:\n{err}");
+    assert!(err.trim_start().starts_with("error: "), "sim {args:?}: the error comes first:\n{err}");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), err)
 }
 
 #[test]

@@ -16,7 +16,7 @@ use crate::device::eg4_core::{Eg4Pack, Eg4Protocol, Eg4Quirk};
 use crate::model::PackConfig;
 use crate::observe::ObservationLog;
 use crate::protocol::eg4::RegisterProfile;
-use crate::transport::bus::{BusActor, BusConfig, BusDevice, BusPortSpec};
+use crate::transport::bus::{AttachDevice, BusActor, BusConfig, BusDevice, BusPortSpec};
 
 #[derive(Args, Debug)]
 pub struct SimArgs {
@@ -338,11 +338,12 @@ fn eg4(a: Eg4SimArgs) -> Result<(), String> {
     let sys = actix::System::new();
     let result: Result<(), String> = sys.block_on(async move {
         let log = ObservationLog::bounded(Instant::now(), 10_000);
-        let mut buses = Vec::new();
-        let mut ttys = Vec::new();
-        let mut packs = Vec::new();
+        // Everything that can fail (a pack's settings, a PTY path) comes
+        // before any actor starts: an actor that never ran would otherwise
+        // be dropped with the runtime and panic on its way out.
+        let mut opened = Vec::new();
         for (bi, bp) in plans.into_iter().enumerate() {
-            let mut devices = Vec::new();
+            let mut cores = Vec::new();
             for p in &bp.packs {
                 let cfg = PackConfig {
                     cells: a.cells,
@@ -355,12 +356,7 @@ fn eg4(a: Eg4SimArgs) -> Result<(), String> {
                 for (k, v) in &sets {
                     pack.set(k, *v).map_err(|e| format!("--set {k}={v}: {e}"))?;
                 }
-                let addr = Eg4PackActor::new(p.name.clone(), pack, log.clone()).start();
-                devices.push(BusDevice {
-                    name: p.name.clone(),
-                    recipient: addr.clone().recipient(),
-                });
-                packs.push(addr);
+                cores.push((p.name.clone(), pack));
             }
             let cfg = BusConfig {
                 name: format!("bus{}", bi + 1),
@@ -374,9 +370,27 @@ fn eg4(a: Eg4SimArgs) -> Result<(), String> {
                 frame_limit: Some(256),
                 record: false,
             };
-            let bus = BusActor::open(cfg, devices, log.clone()).map_err(|e| e.to_string())?;
+            let bus = BusActor::open(cfg, Vec::new(), log.clone()).map_err(|e| e.to_string())?;
+            opened.push((bus, cores));
+        }
+        let mut buses = Vec::new();
+        let mut ttys = Vec::new();
+        let mut packs = Vec::new();
+        for (bus, cores) in opened {
             ttys.extend(bus.port_paths().into_iter().map(|(_, p)| p));
-            buses.push(bus.start());
+            let bus = bus.start();
+            for (name, pack) in cores {
+                let addr = Eg4PackActor::new(name.clone(), pack, log.clone()).start();
+                // Attached before the ready line, so the first request finds it.
+                bus.send(AttachDevice(BusDevice {
+                    name,
+                    recipient: addr.clone().recipient(),
+                }))
+                .await
+                .map_err(|e| format!("bus: {e}"))?;
+                packs.push(addr);
+            }
+            buses.push(bus);
         }
         let mut endpoints = serde_json::json!({ "tty": ttys[0] });
         if ttys.len() > 1 {
