@@ -90,6 +90,10 @@ fn typos_in_selectors_are_located_errors() {
     let hub = "devices:\n  - {name: hub, kind: bsc-hub}\nclients:\n  - {name: a, kind: bsc-node, hub: hub}\n  - {name: s, kind: bsc-raw, hub: hub}\nsteps:\n";
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: hub, kind: drop}}\n"));
     assert!(e.starts_with("bad.yaml:8:") && e.contains("no link `hub`") && e.contains("bsc-hub, which has no link"), "{e}");
+    let e = parse(&format!("name: x\n{hub}  - send_npdu: {{client: a, count: 10, paced_by: s}}\n"));
+    assert!(e.starts_with("bad.yaml:8:") && e.contains("steps[0].send_npdu.paced_by") && e.contains("must name another bsc-node"), "{e}");
+    let e = parse(&format!("name: x\n{hub}  - send_npdu: {{client: a, count: 10, window: 8}}\n"));
+    assert!(e.contains("window needs `paced_by`"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: bad_checksum}}\n"));
     assert!(e.contains("carries BVLC-SC over WebSocket") && e.contains("no checksum"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - expect_reading: {{client: a, field: soc_pct, min: 1}}\n"));

@@ -13,6 +13,7 @@ use super::{at_key, bsc_peer, decode_keys, step_body, Declared, Kind, LinkDecl, 
 use crate::client::bsc_node::{BscNodeActor, BscNodeConfig, SendNpdu};
 use crate::client::bsc_node_core::NodeConfig;
 use crate::link::{FaultRule, FrameRecord};
+use crate::observe::{ObservationKind, ObservationLog};
 use crate::protocol::bvlc_sc::Vmac;
 use crate::scenario::source::Problem;
 use crate::scenario::spec::{parse_hex, Dur};
@@ -61,13 +62,24 @@ pub struct SendNpduStep {
     pub pad_to: Option<usize>,
     #[serde(default)]
     pub count: Option<u32>,
+    /// Another bsc-node whose receipts pace the sends: at most `window`
+    /// NPDUs of this step are on their way to it at any time, so a fast
+    /// reader never falls behind on a busy machine (`bsc-slow-consumer`).
+    #[serde(default)]
+    pub paced_by: Option<String>,
+    /// With `paced_by`: NPDUs in flight (default 64).
+    #[serde(default)]
+    pub window: Option<u32>,
 }
+
+/// `window` when a step gives none: well under a hub's usual queue (256).
+const DEFAULT_PACING_WINDOW: u32 = 64;
 
 static STEPS: &[StepDoc] = &[StepDoc {
     name: "send_npdu",
     target: "client",
     about: "a bsc-node sends Encapsulated-NPDUs",
-    keys: "client, to (broadcast | VMAC | bsc-node), npdu (hex), pad_to, count",
+    keys: "client, to (broadcast | VMAC | bsc-node), npdu (hex), pad_to, count, paced_by (bsc-node), window",
 }];
 
 impl Kind for BscNodeKind {
@@ -122,7 +134,16 @@ impl Declared for BscNodeKeys {
         if s.pad_to.is_some_and(|n| n > 65_535) {
             return Err(at_key("pad_to", "pad_to is capped at 65535 (the largest BVLC payload)"));
         }
-        Ok(())
+        if let Some(reader) = &s.paced_by {
+            if !names.client(reader).is_some_and(|c| c.kind_name() == "bsc-node") || *reader == self.name {
+                return Err(at_key("paced_by", format!("`paced_by: {reader}` must name another bsc-node, whose receipts pace the sends")));
+            }
+        }
+        match (s.window, &s.paced_by) {
+            (Some(0), _) => Err(at_key("window", "window must be at least 1")),
+            (Some(_), None) => Err(at_key("window", "window needs `paced_by` (the node whose receipts it counts)")),
+            _ => Ok(()),
+        }
     }
     fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
         Box::pin(async move {
@@ -159,7 +180,7 @@ struct RunningNode {
 }
 
 impl RunningNode {
-    async fn send_npdu(&self, s: SendNpduStep, vars: &std::collections::BTreeMap<String, String>) -> Result<String, String> {
+    async fn send_npdu(&self, s: SendNpduStep, vars: &std::collections::BTreeMap<String, String>, log: &ObservationLog) -> Result<String, String> {
         let dest = match s.to.as_deref() {
             None | Some("broadcast") => Vmac::BROADCAST,
             Some(to) => match vars.get(&format!("bsc_node.{to}.vmac")) {
@@ -177,10 +198,19 @@ impl RunningNode {
             }
         }
         let count = s.count.unwrap_or(1);
+        let pacing = s.paced_by.as_deref().map(|reader| Pacing {
+            reader,
+            from: self.vmac.to_string(),
+            window: s.window.unwrap_or(DEFAULT_PACING_WINDOW),
+            since_ms: log.now_ms(),
+        });
         // A node that is (re)connecting refuses sends: wait for it, boundedly.
         let deadline = Instant::now() + crate::scenario::expect::DEFAULT_WITHIN;
         let mut sent = 0;
         while sent < count {
+            if let Some(p) = &pacing {
+                p.wait_for_room(sent, log).await.map_err(|err| format!("`{}` sent {sent} of {count}: {err}", self.name))?;
+            }
             match self.node.addr.send(SendNpdu { dest, npdu: npdu.clone() }).await.map_err(|err| err.to_string())? {
                 Ok(()) => sent += 1,
                 Err(err) if Instant::now() < deadline => {
@@ -194,6 +224,49 @@ impl RunningNode {
     }
 }
 
+/// `paced_by`: the reader's receipts of this step's NPDUs open the window.
+struct Pacing<'s> {
+    reader: &'s str,
+    /// The sender's VMAC as the reader reports it (`from`).
+    from: String,
+    window: u32,
+    since_ms: f64,
+}
+
+impl Pacing<'_> {
+    /// How long the reader may receive nothing before the step fails.
+    const STALL: Duration = crate::scenario::expect::DEFAULT_WITHIN;
+
+    fn received(&self, log: &ObservationLog) -> u32 {
+        let n = log.count_since(self.since_ms, |o| {
+            o.source == self.reader && matches!(&o.kind, ObservationKind::BscNpdu { from: Some(f), .. } if *f == self.from)
+        });
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Returns once fewer than `window` NPDUs are in flight to the reader.
+    async fn wait_for_room(&self, sent: u32, log: &ObservationLog) -> Result<(), String> {
+        let mut received = self.received(log);
+        let mut progress_at = Instant::now();
+        while sent.saturating_sub(received) >= self.window {
+            if progress_at.elapsed() >= Self::STALL {
+                return Err(format!(
+                    "`{}` received {received} and nothing more for {}",
+                    self.reader,
+                    humantime::format_duration(Self::STALL)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let now = self.received(log);
+            if now > received {
+                received = now;
+                progress_at = Instant::now();
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Running for RunningNode {
     fn vars(&self) -> Vec<(String, String)> {
         vec![(format!("bsc_node.{}.vmac", self.name), self.vmac.to_string())]
@@ -201,7 +274,7 @@ impl Running for RunningNode {
     fn step<'a>(&'a mut self, _step: &'a str, body: &'a yaml_serde::Value, cx: StepContext<'a>) -> LocalBoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
             let s: SendNpduStep = step_body(body).map_err(|p| p.message)?;
-            self.send_npdu(s, cx.vars).await
+            self.send_npdu(s, cx.vars, cx.log).await
         })
     }
     fn add_fault<'a>(&'a self, link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
