@@ -124,7 +124,7 @@ async fn discovery_filters_decide_what_a_scan_reports() {
     // A UUID filter (16-bit form) reports the BMS only.
     scan(&central, HashMap::from([("UUIDs", Value::from(vec!["ff00"])), ("Transport", Value::from("le"))])).await;
     wait_until("the BMS is reported", || async { devices(&central).await.contains(&device_path(&bms_addr)) }).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    timeout(T, air.full_round_heard()).await.expect("a round of advertisements");
     assert_eq!(devices(&central).await, vec![device_path(&bms_addr)], "the relay does not pass the UUID filter");
 
     // A second client scanning with a name pattern: the union is reported.
@@ -139,7 +139,7 @@ async fn discovery_filters_decide_what_a_scan_reports() {
     let phone = connect(&host.dbus_system_bus_address).await;
     scan(&phone, HashMap::from([("RSSI", Value::from(-70i16))])).await;
     wait_until("the phone hears the near relay", || async { devices(&phone).await.contains(&device_path(&relay_addr)) }).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    timeout(T, air.full_round_heard()).await.expect("a round of advertisements");
     assert_eq!(devices(&phone).await, vec![device_path(&relay_addr)], "the far BMS is below the RSSI floor");
 
     // Bad filters are refused with the reason.
@@ -165,7 +165,7 @@ async fn a_central_keeps_a_silent_device_cached_until_its_temporary_timeout() {
     // It stops advertising: still cached a while later.
     let adv = OwnedObjectPath::try_from("/adv0").unwrap();
     call(&bms, &adapter, "org.bluez.LEAdvertisingManager1", "UnregisterAdvertisement", &(adv,)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    timeout(T, air.full_round_heard()).await.expect("a silent round");
     assert!(devices(&central).await.contains(&path), "cached after its advertising stopped");
 
     // A Connect to it now waits for it to advertise again, and connects then.
@@ -174,8 +174,11 @@ async fn a_central_keeps_a_silent_device_cached_until_its_temporary_timeout() {
         let path = path.clone();
         tokio::spawn(async move { call(&central, &path, "org.bluez.Device1", "Connect", &()).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let link = air.link(&addr).unwrap();
+    wait_until("the Connect is pending", || async { link.connect_pending() }).await;
+    timeout(T, air.full_round_heard()).await.expect("a silent round");
     assert!(!connecting.is_finished(), "Connect waits for the device to become connectable");
+    assert!(link.connect_pending());
     let adv = OwnedObjectPath::try_from("/adv0").unwrap();
     call(&bms, &adapter, "org.bluez.LEAdvertisingManager1", "RegisterAdvertisement", &(adv, HashMap::<String, Value>::new())).await.unwrap();
     timeout(T, connecting).await.unwrap().unwrap().expect("connected once it advertised");
@@ -233,7 +236,7 @@ async fn a_second_machine_competes_for_the_one_link() {
         let path = path.clone();
         tokio::spawn(async move { call(&gateway, &path, "org.bluez.Device1", "Connect", &()).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until("the gateway's Connect is pending", || async { link.connect_pending() }).await;
     call(&gateway, &path, "org.bluez.Device1", "Disconnect", &()).await.unwrap();
     let e = timeout(Duration::from_millis(500), pending).await.expect("cancelled at once").unwrap().unwrap_err();
     assert!(e.contains("le-connection-abort-by-local"), "{e}");

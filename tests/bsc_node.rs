@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use hilbench::client::bsc_node::{BscNodeActor, BscNodeConfig, DisconnectNode, GetNodeStatus, SendNpdu, TakeReceived};
 use hilbench::client::bsc_node_core::{HubChoice, NodeConfig, SendError};
-use hilbench::client::poller::{ClientClearFaults, ClientFault};
+use hilbench::client::poller::{ClientClearFaults, ClientFault, ClientFrames};
 use hilbench::device::bsc_hub::{HubHandle, HubServer, HubServerConfig};
 use hilbench::device::bsc_hub_core::{HubConfig, HubRole};
 use hilbench::link::fault::{FaultRule, FaultTrigger, LinkFault};
 use hilbench::link::record::Direction;
 use hilbench::observe::{Observation, ObservationKind, ObservationLog};
-use hilbench::protocol::bvlc_sc::{DeviceUuid, Vmac};
+use hilbench::protocol::bvlc_sc::{function, DeviceUuid, Vmac};
 use hilbench::transport::tls::TlsDir;
 use hilbench::transport::ws_client::WsConnectOptions;
 
@@ -117,7 +117,11 @@ async fn node_fails_over_and_returns_to_the_primary_when_it_is_back() {
     assert_eq!((got[0].npdu.as_slice(), got[0].via), (&b"on-failover"[..], HubChoice::Failover));
 
     // Let a few primary probes fail (backoff), then bring the primary back on its port.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let since = log.now_ms();
+    until("a's probes of the primary fail twice", async || {
+        log.count_since(since, |o| o.source == "a" && matches!(&o.kind, ObservationKind::BscConnectFailed { hub, .. } if hub == "primary")) >= 2
+    })
+    .await;
     let primary = start_hub(HubRole::Primary, p_addr).await;
     wait_on(&a, Some(HubChoice::Primary)).await;
     wait_on(&b, Some(HubChoice::Primary)).await;
@@ -197,14 +201,13 @@ async fn link_faults_drop_npdus_and_a_cut_link_times_out_the_heartbeat() {
     .unwrap();
     a.send(SendNpdu { dest: vmac(2), npdu: b"one".to_vec() }).await.unwrap().unwrap();
     a.send(SendNpdu { dest: vmac(2), npdu: b"two".to_vec() }).await.unwrap().unwrap();
+    // One WebSocket delivers in order: once "two" is there, "one" had its chance.
     let mut got = Vec::new();
-    until("b receives", async || {
+    until("b receives the second NPDU", async || {
         got.extend(b.send(TakeReceived).await.unwrap());
-        !got.is_empty()
+        got.iter().any(|r| r.npdu == b"two")
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    got.extend(b.send(TakeReceived).await.unwrap());
     assert_eq!(got.iter().map(|r| r.npdu.as_slice()).collect::<Vec<_>>(), [&b"two"[..]]);
 
     // Delay: arrives, but late.
@@ -234,7 +237,12 @@ async fn link_faults_drop_npdus_and_a_cut_link_times_out_the_heartbeat() {
     a.send(ClientClearFaults).await.unwrap();
     wait_on(&a, Some(HubChoice::Primary)).await;
     let since = log.now_ms();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let acks = async || {
+        let frames = a.send(ClientFrames).await.unwrap();
+        frames.iter().filter(|f| f.direction == Direction::Response && f.bytes.first() == Some(&function::HEARTBEAT_ACK)).count()
+    };
+    let before = acks().await;
+    until("three heartbeats answered after the restore", async || acks().await >= before + 3).await;
     assert_eq!(
         log.count_since(since, |o| o.source == "a" && matches!(o.kind, ObservationKind::BscHeartbeatTimeout { .. })),
         0,

@@ -87,6 +87,11 @@ impl RemoteDevice {
         lock(&self.st).connected
     }
 
+    /// A Device1.Connect is waiting (for the device to advertise, or its link to come free).
+    pub fn is_connecting(&self) -> bool {
+        lock(&self.st).connecting
+    }
+
     /// Not connected, not connecting, and unheard for longer than `timeout`.
     pub fn expired(&self, timeout: std::time::Duration) -> bool {
         let st = lock(&self.st);

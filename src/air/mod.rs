@@ -175,6 +175,8 @@ pub(crate) struct AirInner {
     pub rssi_rng: Mutex<ChaCha8Rng>,
     /// Wakes the advertiser at once (a scan started).
     pub advertise_now: tokio::sync::Notify,
+    /// Rounds of advertisements every central has heard so far.
+    pub rounds_heard: tokio::sync::watch::Sender<u64>,
     /// App characteristics (owner, path) whose PropertiesChanged are notifications.
     pub notify_routes: Mutex<HashMap<(String, String), Weak<device::RemoteChar>>>,
     /// One listener per application owner that sends notifications as
@@ -362,6 +364,7 @@ impl Air {
             registry: Mutex::new(Registry { next_index: 1, next_host: 1, ..Default::default() }),
             rssi_rng: Mutex::new(ChaCha8Rng::seed_from_u64(config.seed ^ 0x5251_5349)),
             advertise_now: tokio::sync::Notify::new(),
+            rounds_heard: tokio::sync::watch::Sender::new(0),
             notify_routes: Mutex::new(HashMap::new()),
             notify_listeners: Mutex::new(HashMap::new()),
             config: config.clone(),
@@ -488,6 +491,22 @@ impl Air {
             .find(|p| p.name == which || p.path == which || p.address_string().eq_ignore_ascii_case(which))
             .cloned()?;
         Some(LinkControl { air: Arc::downgrade(&self.inner), peripheral: p })
+    }
+
+    /// Returns once every central has heard a whole round of advertisements
+    /// that began after the call (the next round is started at once): what
+    /// a scan has not reported by then, its filters did not let through,
+    /// and what a central still caches then, it kept past a silent round.
+    pub async fn full_round_heard(&self) {
+        let mut rounds = self.inner.rounds_heard.subscribe();
+        // The round under way may have begun before the call: wait for the one after it.
+        let target = *rounds.borrow_and_update() + 2;
+        while *rounds.borrow_and_update() < target {
+            self.inner.advertise_now.notify_one();
+            if rounds.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Stops serving; the broker (if ours) goes with the Air.
@@ -623,6 +642,13 @@ impl LinkControl {
     pub fn is_connected(&self) -> bool {
         self.peripheral.lock().connection.as_ref().is_some_and(|d| d.is_connected())
     }
+    /// Whether some central's Device1.Connect to this device is waiting:
+    /// what a test waits for before it checks that the Connect waits.
+    pub fn connect_pending(&self) -> bool {
+        let Some(air) = self.air.upgrade() else { return false };
+        let pending = air.centrals().iter().any(|c| c.device(&self.peripheral.address).is_some_and(|d| d.is_connecting()));
+        pending
+    }
     /// The host holding the link: `""` for the air's own bus, a host name, or None.
     pub fn connected_host(&self) -> Option<String> {
         self.peripheral.lock().connection.as_ref().filter(|d| d.is_connected()).map(|d| d.central.host.clone())
@@ -755,6 +781,7 @@ async fn advertise(air: Arc<AirInner>) {
             expire_devices(&central, air.config.temporary_timeout).await;
             hear(&air, &central).await;
         }
+        air.rounds_heard.send_modify(|n| *n += 1);
     }
 }
 
