@@ -12,6 +12,9 @@ command -v tshark >/dev/null || need+=(tshark)
 # dbus-send, an independent client of the air's own bus (tests/air_bus.rs).
 command -v dbus-daemon >/dev/null || need+=(dbus-daemon)
 command -v dbus-send >/dev/null || need+=(dbus-bin)
+# jq and busctl: the --help examples use them, and tests/examples.rs runs every example.
+command -v jq >/dev/null || need+=(jq)
+command -v busctl >/dev/null || need+=(systemd)
 if ((${#need[@]})); then
   echo "== installing Debian packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

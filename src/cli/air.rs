@@ -11,7 +11,11 @@ use crate::air::{Air, AirConfig};
 #[command(after_help = "Examples:
   hilbench air --adapters 2
   hilbench air --host phone     # a second machine: its own bus and hci0 (see `hosts` in the ready line)
-  export DBUS_SYSTEM_BUS_ADDRESS=$(hilbench air | jq -r .dbus_system_bus_address)  # in another shell: keep it running")]
+  # clients on this shell's system bus, while it runs; then stop it:
+  hilbench air > air.json & air=$!
+  until [ -s air.json ] || ! kill -0 $air; do sleep 0.1; done
+  export DBUS_SYSTEM_BUS_ADDRESS=$(jq -r .dbus_system_bus_address air.json)
+  busctl --system tree org.bluez; kill $air")]
 pub struct AirArgs {
     /// Peripheral adapters (hci1…) to create at start; devices can add more
     /// through org.hilbench.Air1.AddPeripheralAdapter.

@@ -85,7 +85,11 @@ Exits 1 when a check fails.
 Examples:
   hilbench validate jbd-bms --address A4:C1:38:12:34:56              # a real pack, from a Pi's hci0
   hilbench validate jbd-bms --name 'xiaoxiang BMS' --json
-  # against the simulator: export DBUS_SYSTEM_BUS_ADDRESS from its ready line first")]
+  # against the simulator, on its own bus:
+  hilbench sim jbd-bms > bms.json & sim=$!
+  until [ -s bms.json ] || ! kill -0 $sim; do sleep 0.1; done
+  DBUS_SYSTEM_BUS_ADDRESS=$(jq -r .dbus_system_bus_address bms.json) hilbench validate jbd-bms --name 'xiaoxiang BMS'
+  kill $sim")]
 pub struct JbdValidateArgs {
     /// The BMS's BLE address.
     #[arg(long, required_unless_present = "name")]

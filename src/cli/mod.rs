@@ -22,10 +22,10 @@ use crate::scenario::{self, report, RunOptions, Scenario};
   hilbench run scenarios/                      run every scenario in a folder
   hilbench run scenarios/eg4-fault5-late-crc.yaml --capture captures/ --junit report.xml
   hilbench sim eg4-lp4 --tty /tmp/bms --address 1 --address 2 --set soc=55
+  hilbench pki --out target/pki --nodes 3
   hilbench sim bsc-hub --listen 127.0.0.1:4443 --tls-dir target/pki
   hilbench sim jbd-bms --cells 16 --set soc=55
   hilbench validate jbd-bms --address A4:C1:38:12:34:56
-  hilbench pki --out target/pki --nodes 3
   hilbench list
 
 Logs: RUST_LOG=hilbench=debug hilbench run …"
@@ -40,7 +40,7 @@ pub enum Command {
     /// Run scenario files or folders; exits non-zero if any scenario fails.
     #[command(after_help = "Examples:
   hilbench run scenarios/
-  hilbench run scenarios/a.yaml scenarios/b.yaml --seed 7 --json
+  hilbench run scenarios/eg4-healthy-multidrop.yaml scenarios/jbd-healthy-poll.yaml --seed 7 --json
   hilbench run scenarios/ --junit target/junit.xml --capture target/captures")]
     Run(RunArgs),
     /// Run a simulated device until SIGINT/SIGTERM, for poking a client by hand.

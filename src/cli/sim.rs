@@ -50,7 +50,7 @@ Examples:
   # legacy 7E/0D protocol with 9600-baud wire timing
   hilbench sim eg4-lp4 --tty /tmp/eg4 --protocol legacy --wire-time
   # 1000 packs, one PTY each, for scale tests
-  hilbench sim eg4-lp4 --packs 1000 --tty-dir /tmp/packs
+  mkdir -p /tmp/packs && hilbench sim eg4-lp4 --packs 1000 --tty-dir /tmp/packs
 
 Then poll it, e.g. with mbpoll:  mbpoll -m rtu -b 9600 -P none -a 1 -r 1 -c 47 /tmp/eg4"
     )]
