@@ -238,3 +238,57 @@ fn junit_and_exit_code_report_each_scenario() {
     assert!(xml.contains(r#"<testcase name="expects twelve""#), "{xml}");
     assert!(xml.contains("soc_pct from `m` was 80, expected 12"), "{xml}");
 }
+
+/// Every kind in the registry has a minimal scenario entry that parses, and
+/// every entry here is a kind the registry knows: a new kind adds its row.
+#[test]
+fn the_registry_lists_every_kind_and_a_minimal_entry_of_each_parses() {
+    use hilbench::kind::{Role, REGISTRY};
+    let minimal: &[(&str, Role, &str)] = &[
+        ("eg4-lp4", Role::Device, "{name: pack, kind: eg4-lp4, bus: b, address: 1}"),
+        ("jbd-bms", Role::Device, "{name: bms, kind: jbd-bms}"),
+        ("bsc-hub", Role::Device, "{name: hub, kind: bsc-hub}"),
+        ("modbus-master", Role::Client, "{name: c, kind: modbus-master, port: p, addresses: [1]}"),
+        ("inverter-master", Role::Client, "{name: c, kind: inverter-master, port: p, addresses: [1]}"),
+        ("modbus-sniffer", Role::Client, "{name: c, kind: modbus-sniffer, port: p}"),
+        ("legacy-client", Role::Client, "{name: c, kind: legacy-client, port: p, addresses: [1]}"),
+        ("jbd-client", Role::Client, "{name: c, kind: jbd-client, device: bms}"),
+        ("bsc-node", Role::Client, "{name: c, kind: bsc-node, hub: hub}"),
+        ("bsc-raw", Role::Client, "{name: c, kind: bsc-raw, hub: hub}"),
+    ];
+    let mut registered: Vec<(&str, Role)> = REGISTRY.iter().map(|k| (k.name(), k.role())).collect();
+    let mut listed: Vec<(&str, Role)> = minimal.iter().map(|(n, r, _)| (*n, *r)).collect();
+    registered.sort_by_key(|k| k.0);
+    listed.sort_by_key(|k| k.0);
+    assert_eq!(registered, listed, "the registry's kinds and this test's rows differ");
+    assert!(REGISTRY.iter().all(|k| !k.about().is_empty()), "every kind has a one-line summary");
+
+    // The smallest world every entry can live in: a bus port, a BMS, a hub.
+    for (name, role, entry) in minimal {
+        let mut devices = vec!["{name: bms, kind: jbd-bms}", "{name: hub, kind: bsc-hub}"];
+        let mut clients = Vec::new();
+        match role {
+            Role::Device if !devices.iter().any(|d| d.contains(&format!("kind: {name}}}"))) => devices.push(entry),
+            Role::Device => {}
+            Role::Client => clients.push(*entry),
+        }
+        let list = |v: &[&str]| v.iter().map(|e| format!("  - {e}\n")).collect::<String>();
+        let text = format!(
+            "name: x\nbuses: [{{name: b, ports: [p]}}]\ndevices:\n{}clients:\n{}steps: []\n",
+            list(&devices),
+            if clients.is_empty() { "  []\n".to_string() } else { list(&clients) }
+        );
+        if let Err(e) = Scenario::parse(Path::new("k.yaml"), &text) {
+            panic!("{name}: its minimal entry is refused: {e}\n{text}");
+        }
+    }
+
+    // A misspelled kind: located, with the kinds there are.
+    let e = parse("name: x\nclients:\n  - {name: c, kind: modbus-mastr, port: p}\nsteps: []\n");
+    assert!(e.starts_with("bad.yaml:3:") && e.contains("unknown client kind `modbus-mastr`"), "{e}");
+    for (name, role, _) in minimal.iter().filter(|(_, r, _)| *r == Role::Client) {
+        assert!(e.contains(name), "{role:?} kind {name} missing from: {e}");
+    }
+    let e = parse("name: x\ndevices:\n  - {name: d, kind: eg4-lp5}\nsteps: []\n");
+    assert!(e.starts_with("bad.yaml:3:") && e.contains("unknown device kind `eg4-lp5`") && e.contains("eg4-lp4, jbd-bms, bsc-hub"), "{e}");
+}
