@@ -187,9 +187,10 @@ fn run(text: &str, dir: &Path) -> Outcome {
             Err(_) => continue,
         }
     };
-    // Stop whatever it left running: SIGTERM first (simulators clean up), then SIGKILL.
+    // Stop whatever it left running: SIGTERM first (simulators clean up;
+    // give them 10 s on a loaded machine), then SIGKILL.
     let _ = killpg(group, Signal::SIGTERM);
-    let stopped = (0..100).any(|_| {
+    let stopped = (0..500).any(|_| {
         std::thread::sleep(Duration::from_millis(20));
         child.try_wait().ok().flatten().is_some() && killpg(group, None).is_err()
     });
@@ -391,4 +392,26 @@ fn readme_contributing_commands_run() {
     let words: Vec<String> = shlex::split(command_part(line)).unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(&words[1..]).current_dir(repo()).stdout(Stdio::null()).status().unwrap();
     assert!(status.success(), "`{line}` failed");
+}
+
+/// Every kind that contributes `sim KIND` or `validate KIND` answers `--help`
+/// from the real binary, with its summary and its examples.
+#[test]
+fn every_kind_command_has_help() {
+    use hilbench::kind::REGISTRY;
+    let mut seen = 0;
+    for k in REGISTRY {
+        for (verb, has) in [("sim", k.sim().is_some()), ("validate", k.validate().is_some())] {
+            if !has {
+                continue;
+            }
+            let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args([verb, k.name(), "--help"]).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "hilbench {verb} {} --help failed: {}", k.name(), String::from_utf8_lossy(&out.stderr));
+            assert!(text.contains(&format!("Usage: hilbench {verb} {}", k.name())) && text.contains("Examples:"), "{verb} {}:\n{text}", k.name());
+            seen += 1;
+        }
+    }
+    // eg4-lp4, jbd-bms and bsc-hub simulate; jbd-bms and bsc-hub validate.
+    assert_eq!(seen, 5);
 }

@@ -76,8 +76,8 @@ pub struct JbdSimArgs {
     pub seed: u64,
 }
 
-#[derive(Args, Debug)]
-#[command(after_help = "Checks: advertisement (0xFF00), GATT properties of 0xFF01/0xFF02, 0x03/0x04/0x05 decode
+/// `hilbench validate jbd-bms --help` after the options.
+pub const VALIDATE_HELP: &str = "Checks: advertisement (0xFF00), GATT properties of 0xFF01/0xFF02, 0x03/0x04/0x05 decode
 and checksums, cell count agreement, notification sizes against MTU − 3, the answer to a
 request with a bad checksum (status 0x80 or silence), whether write-with-response is accepted.
 Exits 1 when a check fails.
@@ -89,7 +89,9 @@ Examples:
   hilbench sim jbd-bms > bms.json & sim=$!
   until [ -s bms.json ] || ! kill -0 $sim; do sleep 0.1; done
   DBUS_SYSTEM_BUS_ADDRESS=$(jq -r .dbus_system_bus_address bms.json) hilbench validate jbd-bms --name 'xiaoxiang BMS'
-  kill $sim")]
+  kill $sim";
+
+#[derive(Args, Debug)]
 pub struct JbdValidateArgs {
     /// The BMS's BLE address.
     #[arg(long, required_unless_present = "name")]

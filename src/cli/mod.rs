@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::kind;
 use crate::scenario::{self, report, RunOptions, Scenario};
 
 #[derive(Parser, Debug)]
@@ -44,13 +45,13 @@ pub enum Command {
   hilbench run scenarios/ --junit target/junit.xml --capture target/captures")]
     Run(RunArgs),
     /// Run a simulated device until SIGINT/SIGTERM, for poking a client by hand.
-    Sim(sim::SimArgs),
+    Sim(SimArgs),
     /// Write a test CA, a BACnet/SC hub certificate and node certificates (no openssl needed).
     Pki(pki::PkiArgs),
     /// Load generators: `load bsc` (a BACnet/SC hub), `load merge` (combine shards).
     Load(load::LoadArgs),
-    /// Conformance checks against a real or simulated device: `validate bsc-hub`, `validate jbd-bms`.
-    Validate(validate::ValidateArgs),
+    /// Conformance checks against a real or simulated device of a kind (`validate --help` lists them).
+    Validate(ValidateArgs),
     /// Run the virtual BLE air (hilbench's own BlueZ on its own D-Bus bus) until SIGINT/SIGTERM.
     Air(air::AirArgs),
     /// Show device kinds, profiles, client kinds and faults.
@@ -79,11 +80,11 @@ pub struct RunArgs {
 pub fn main_with(cli: Cli) -> i32 {
     match cli.command {
         Command::Run(a) => run(a),
-        Command::Sim(a) => sim::run(a),
+        Command::Sim(a) => a.run(),
         Command::Air(a) => air::run(a),
         Command::Pki(a) => pki::run(a),
         Command::Load(a) => load::run(a),
-        Command::Validate(a) => validate::run(a),
+        Command::Validate(a) => a.run(),
         Command::List => {
             list();
             0
@@ -162,8 +163,61 @@ fn run(a: RunArgs) -> i32 {
     }
 }
 
+/// `hilbench sim KIND …`: each kind with a simulator contributes its subcommand.
+pub type SimArgs = ByKind<false>;
+/// `hilbench validate KIND …`: each kind with conformance checks contributes its subcommand.
+pub type ValidateArgs = ByKind<true>;
+
+/// A command whose subcommands come from the kind registry: `sim` (false)
+/// or `validate` (true), the kind chosen and what clap parsed for it.
+#[derive(Debug, Clone)]
+pub struct ByKind<const VALIDATE: bool> {
+    pub kind: String,
+    pub matches: clap::ArgMatches,
+}
+
+impl<const VALIDATE: bool> ByKind<VALIDATE> {
+    fn of(k: &dyn kind::Kind) -> Option<kind::KindCommand> {
+        if VALIDATE {
+            k.validate()
+        } else {
+            k.sim()
+        }
+    }
+
+    pub fn run(self) -> i32 {
+        match kind::commands(Self::of).find(|(name, _)| *name == self.kind) {
+            Some((_, c)) => (c.run)(&self.matches),
+            None => {
+                eprintln!("error: no kind `{}` here", self.kind);
+                2
+            }
+        }
+    }
+}
+
+impl<const VALIDATE: bool> clap::FromArgMatches for ByKind<VALIDATE> {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let (kind, matches) = m.subcommand().ok_or_else(|| clap::Error::new(clap::error::ErrorKind::MissingSubcommand))?;
+        Ok(ByKind { kind: kind.to_string(), matches: matches.clone() })
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl<const VALIDATE: bool> clap::Args for ByKind<VALIDATE> {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        cmd.subcommand_required(true).subcommands(kind::commands(Self::of).map(|(_, c)| (c.command)()))
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
 fn list() {
-    use crate::kind::{self, Role};
+    use crate::kind::Role;
     for (title, role) in [("Device kinds", Role::Device), ("Client kinds", Role::Client)] {
         println!("{title}:");
         for k in kind::REGISTRY.iter().filter(|k| k.role() == role) {

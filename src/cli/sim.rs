@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use actix::Actor;
-use clap::{Args, Subcommand};
+use clap::Args;
 
 use crate::device::eg4::Eg4PackActor;
 use crate::device::eg4_core::{Eg4Pack, Eg4Protocol, Eg4Quirk};
@@ -18,18 +18,8 @@ use crate::observe::ObservationLog;
 use crate::protocol::eg4::RegisterProfile;
 use crate::transport::bus::{AttachDevice, BusActor, BusConfig, BusDevice, BusPortSpec};
 
-#[derive(Args, Debug)]
-pub struct SimArgs {
-    #[command(subcommand)]
-    pub kind: SimKind,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum SimKind {
-    /// EG4 LifePower4 v2 packs as Modbus RTU (or legacy 7E/0D) slaves on PTYs.
-    #[command(
-        name = "eg4-lp4",
-        after_help = "State keys for --set (KEY=VALUE):
+/// `hilbench sim eg4-lp4 --help` after the options.
+pub const EG4_SIM_HELP: &str = "State keys for --set (KEY=VALUE):
   address          Modbus address (DIP switches), 1..=247 (only with one --address)
   soc              state of charge, % (0..100)
   soh              state of health, % (1..100)
@@ -52,13 +42,10 @@ Examples:
   # 1000 packs, one PTY each, for scale tests
   mkdir -p /tmp/packs && hilbench sim eg4-lp4 --packs 1000 --tty-dir /tmp/packs
 
-Then poll it, e.g. with mbpoll:  mbpoll -m rtu -b 9600 -P none -a 1 -r 1 -c 47 /tmp/eg4"
-    )]
-    Eg4Lp4(Eg4SimArgs),
-    /// BACnet/SC hub (Annex AB): ws:// or wss:// with TLS 1.3 mutual authentication.
-    #[command(
-        name = "bsc-hub",
-        after_help = "Examples:
+Then poll it, e.g. with mbpoll:  mbpoll -m rtu -b 9600 -P none -a 1 -r 1 -c 47 /tmp/eg4";
+
+/// `hilbench sim bsc-hub --help` after the options.
+pub const BSC_HUB_SIM_HELP: &str = "Examples:
   # TLS 1.3, client certificates from the test CA required
   hilbench pki --out pki && hilbench sim bsc-hub --listen 127.0.0.1:4443 --tls-dir pki
   # plaintext ws:// on a free port (see the ready line for the URL)
@@ -69,13 +56,7 @@ Then poll it, e.g. with mbpoll:  mbpoll -m rtu -b 9600 -P none -a 1 -r 1 -c 47 /
 Prints one JSON line when listening:
   {\"ready\":true,\"kind\":\"bsc-hub\",\"url\":\"wss://127.0.0.1:4443\",\"role\":\"primary\",…}
 then serves until SIGINT/SIGTERM and prints its counters as JSON on stderr.
-Logs (connects, NAKs, refusals, slow consumers): RUST_LOG=hilbench=info"
-    )]
-    BscHub(BscHubSimArgs),
-    /// JBD / Xiaoxiang smart BMS over BLE (GATT 0xFF00), on the virtual air or real BlueZ.
-    #[command(name = "jbd-bms", after_help = super::jbd::SIM_HELP)]
-    JbdBms(super::jbd::JbdSimArgs),
-}
+Logs (connects, NAKs, refusals, slow consumers): RUST_LOG=hilbench=info";
 
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("security").required(true).args(["plaintext", "tls_dir"])))]
@@ -159,12 +140,8 @@ pub struct Eg4SimArgs {
     pub tty_dir: Option<PathBuf>,
 }
 
-pub fn run(a: SimArgs) -> i32 {
-    let r = match a.kind {
-        SimKind::Eg4Lp4(args) => eg4(args),
-        SimKind::BscHub(args) => bsc_hub(args),
-        SimKind::JbdBms(args) => super::jbd::sim(args),
-    };
+/// A simulator's outcome as an exit code: 0, or 1 with the error on stderr.
+pub fn exit_code(r: Result<(), String>) -> i32 {
     match r {
         Ok(()) => 0,
         Err(e) => {
@@ -172,6 +149,16 @@ pub fn run(a: SimArgs) -> i32 {
             1
         }
     }
+}
+
+/// `hilbench sim eg4-lp4`.
+pub fn eg4_main(a: Eg4SimArgs) -> i32 {
+    exit_code(eg4(a))
+}
+
+/// `hilbench sim bsc-hub`.
+pub fn bsc_hub_main(a: BscHubSimArgs) -> i32 {
+    exit_code(bsc_hub(a))
 }
 
 fn bsc_hub(a: BscHubSimArgs) -> Result<(), String> {

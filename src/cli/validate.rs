@@ -21,16 +21,8 @@ use crate::protocol::bvlc_sc::{
 use crate::transport::tls::{node_client_config, TlsDir};
 use crate::transport::ws_client::{connect_ws, HubUrl, WsConnectError, WsConnectOptions, WsStream};
 
-#[derive(clap::Args, Debug)]
-pub struct ValidateArgs {
-    #[command(subcommand)]
-    pub what: ValidateCommand,
-}
-
-#[derive(clap::Subcommand, Debug)]
-pub enum ValidateCommand {
-    /// Conformance checks against a BACnet/SC hub (uses three nodes of its own).
-    #[command(after_help = "Examples:
+/// `hilbench validate bsc-hub --help` after the options.
+pub const BSC_HUB_VALIDATE_HELP: &str = "Examples:
   hilbench validate bsc-hub --url ws://127.0.0.1:4443
   hilbench validate bsc-hub --url wss://127.0.0.1:4443 --tls-dir target/pki
   hilbench validate bsc-hub --url wss://hub.lab:443 --ca ca.pem --cert node.pem --key node.key --json
@@ -41,12 +33,7 @@ messages carrying an originating VMAC, NAK for an unknown must-understand header
 NAK for a duplicate VMAC with another UUID (151 is the standard's node-duplicate-vmac; 113 is
 read but flagged), same UUID replacing a connection, Heartbeat-ACK echoing the message ID,
 missing and wrong subprotocol, oversize messages, TEXT frames.
-Exit 0 when every required check passes, 1 when one fails, 2 on bad arguments.")]
-    BscHub(BscHubArgs),
-    /// A JBD / Xiaoxiang BMS over BLE: framing, checksums, MTU splits, write types.
-    #[command(name = "jbd-bms")]
-    JbdBms(super::jbd::JbdValidateArgs),
-}
+Exit 0 when every required check passes, 1 when one fails, 2 on bad arguments.";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BscHubArgs {
@@ -102,14 +89,8 @@ impl ValidationReport {
     }
 }
 
-pub fn run(a: ValidateArgs) -> i32 {
-    match a.what {
-        ValidateCommand::BscHub(b) => run_bsc_hub(b),
-        ValidateCommand::JbdBms(j) => super::jbd::validate(j),
-    }
-}
-
-fn run_bsc_hub(a: BscHubArgs) -> i32 {
+/// `hilbench validate bsc-hub`.
+pub fn run_bsc_hub(a: BscHubArgs) -> i32 {
     let opts = match ws_options(&a) {
         Ok(o) => o,
         Err(e) => {

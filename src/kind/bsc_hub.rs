@@ -63,6 +63,30 @@ pub struct BscHubKeys {
 }
 
 impl Kind for BscHubKind {
+    fn sim(&self) -> Option<super::KindCommand> {
+        Some(super::KindCommand {
+            command: || {
+                super::subcommand::<crate::cli::sim::BscHubSimArgs>(
+                    "bsc-hub",
+                    "BACnet/SC hub (Annex AB): ws:// or wss:// with TLS 1.3 mutual authentication.",
+                    crate::cli::sim::BSC_HUB_SIM_HELP,
+                )
+            },
+            run: |m| super::run_parsed(m, crate::cli::sim::bsc_hub_main),
+        })
+    }
+    fn validate(&self) -> Option<super::KindCommand> {
+        Some(super::KindCommand {
+            command: || {
+                super::subcommand::<crate::cli::validate::BscHubArgs>(
+                    "bsc-hub",
+                    "Conformance checks against a BACnet/SC hub (uses three nodes of its own).",
+                    crate::cli::validate::BSC_HUB_VALIDATE_HELP,
+                )
+            },
+            run: |m| super::run_parsed(m, crate::cli::validate::run_bsc_hub),
+        })
+    }
     fn name(&self) -> &'static str {
         "bsc-hub"
     }

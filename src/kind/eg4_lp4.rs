@@ -42,6 +42,18 @@ pub struct Eg4Keys {
 }
 
 impl Kind for Eg4Lp4 {
+    fn sim(&self) -> Option<super::KindCommand> {
+        Some(super::KindCommand {
+            command: || {
+                super::subcommand::<crate::cli::sim::Eg4SimArgs>(
+                    "eg4-lp4",
+                    "EG4 LifePower4 v2 packs as Modbus RTU (or legacy 7E/0D) slaves on PTYs.",
+                    crate::cli::sim::EG4_SIM_HELP,
+                )
+            },
+            run: |m| super::run_parsed(m, crate::cli::sim::eg4_main),
+        })
+    }
     fn name(&self) -> &'static str {
         "eg4-lp4"
     }

@@ -51,6 +51,30 @@ pub struct JbdKeys {
 pub const JBD_GATT: &str = "jbd-gatt";
 
 impl Kind for JbdBmsKind {
+    fn sim(&self) -> Option<super::KindCommand> {
+        Some(super::KindCommand {
+            command: || {
+                super::subcommand::<crate::cli::jbd::JbdSimArgs>(
+                    "jbd-bms",
+                    "JBD / Xiaoxiang smart BMS over BLE (GATT 0xFF00), on the virtual air or real BlueZ.",
+                    crate::cli::jbd::SIM_HELP,
+                )
+            },
+            run: |m| super::run_parsed(m, |a| crate::cli::sim::exit_code(crate::cli::jbd::sim(a))),
+        })
+    }
+    fn validate(&self) -> Option<super::KindCommand> {
+        Some(super::KindCommand {
+            command: || {
+                super::subcommand::<crate::cli::jbd::JbdValidateArgs>(
+                    "jbd-bms",
+                    "A JBD / Xiaoxiang BMS over BLE: framing, checksums, MTU splits, write types.",
+                    crate::cli::jbd::VALIDATE_HELP,
+                )
+            },
+            run: |m| super::run_parsed(m, crate::cli::jbd::validate),
+        })
+    }
     fn name(&self) -> &'static str {
         "jbd-bms"
     }

@@ -155,6 +155,44 @@ pub trait Kind: Sync {
     fn list(&self) -> Vec<ListSection> {
         Vec::new()
     }
+    /// Its `hilbench sim KIND` command (devices that run on their own).
+    fn sim(&self) -> Option<KindCommand> {
+        None
+    }
+    /// Its `hilbench validate KIND` command (checks of a real device of the kind).
+    fn validate(&self) -> Option<KindCommand> {
+        None
+    }
+}
+
+/// A command a kind contributes under `hilbench sim` or `hilbench validate`.
+#[derive(Clone, Copy)]
+pub struct KindCommand {
+    /// The subcommand, named after the kind, with its arguments and help.
+    pub command: fn() -> clap::Command,
+    /// Runs it with what clap parsed; returns the exit code.
+    pub run: fn(&clap::ArgMatches) -> i32,
+}
+
+/// The subcommand `name` taking the arguments `A`.
+pub fn subcommand<A: clap::Args>(name: &'static str, about: &'static str, after_help: &'static str) -> clap::Command {
+    A::augment_args(clap::Command::new(name).about(about).after_help(after_help))
+}
+
+/// Runs `body` with the arguments clap parsed into `A`.
+pub fn run_parsed<A: clap::FromArgMatches>(m: &clap::ArgMatches, body: fn(A) -> i32) -> i32 {
+    match A::from_arg_matches(m) {
+        Ok(a) => body(a),
+        Err(e) => {
+            eprintln!("error: {e}");
+            2
+        }
+    }
+}
+
+/// The subcommands kinds contribute under one command, and the chosen one.
+pub fn commands(of: fn(&dyn Kind) -> Option<KindCommand>) -> impl Iterator<Item = (&'static str, KindCommand)> {
+    REGISTRY.iter().filter_map(move |k| of(*k).map(|c| (k.name(), c)))
 }
 
 /// Decodes a kind's keys with serde, locating a problem at the key it is
