@@ -101,7 +101,7 @@ fn typos_in_selectors_are_located_errors() {
     let e = parse(&format!("name: x\n{hub}  - set: {{device: hub, state: {{soc: 1}}}}\n"));
     assert!(e.contains("no state to set"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - ble: {{device: hub, mtu: 100}}\n"));
-    assert!(e.contains("not a BLE device"), "{e}");
+    assert!(e.starts_with("bad.yaml:8:") && e.contains("`hub` is a bsc-hub") && e.contains("takes `ble`"), "{e}");
     let e = parse("name: x\ndevices:\n  - {name: d, kind: modbus-master}\nsteps: []\n");
     assert!(e.starts_with("bad.yaml:3:") && e.contains("that is a client kind"), "{e}");
 }

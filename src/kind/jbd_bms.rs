@@ -6,12 +6,14 @@ use std::collections::BTreeMap;
 use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
-use super::{at_key, decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, ListSection, Names, Role, Running, StartContext};
+use super::ble::{self, AirLink};
+use super::{at_key, decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, ListSection, Names, Role, Running, StartContext, StepContext, StepDoc};
 use crate::device::eg4::SetState;
-use crate::device::jbd::{JbdBmsDevice, JbdGattConfig, DEFAULT_ATT_MTU};
+use crate::device::jbd::{JbdBmsDevice, JbdGattConfig};
 use crate::device::jbd_core::{JbdBms, JbdConfig, JbdProfile, JbdQuirk, JBD_STATE_KEYS};
 use crate::link::capture::CaptureFormat;
 use crate::link::fault::ChecksumLayout;
+use crate::link::{FaultRule, FrameRecord};
 use crate::model::PackConfig;
 use crate::scenario::source::{Problem, YamlPath};
 
@@ -87,6 +89,9 @@ impl Kind for JbdBmsKind {
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<JbdKeys>(entry)?))
     }
+    fn steps(&self) -> &'static [StepDoc] {
+        std::slice::from_ref(&ble::BLE_STEP)
+    }
     fn list(&self) -> Vec<ListSection> {
         let rows = |all: &[(&str, &str)]| all.iter().map(|(k, d)| (k.to_string(), d.to_string())).collect();
         vec![
@@ -146,7 +151,7 @@ impl Declared for JbdKeys {
         if let Some(n) = self.ntc.filter(|n| !(1..=6).contains(n)) {
             return Err(at_key("ntc", format!("ntc {n} is outside 1..=6")));
         }
-        crate::scenario::spec::check_ble_link(self.mtu, self.rssi).map_err(|e| at_key(if e.starts_with("mtu") { "mtu" } else { "rssi" }, e))?;
+        ble::check_link_settings(self.mtu, self.rssi)?;
         for k in self.state.keys() {
             jbd_state_key(k).map_err(|e| Problem::at(YamlPath::key("state").then_key(k), e))?;
         }
@@ -156,7 +161,7 @@ impl Declared for JbdKeys {
     fn links(&self) -> Vec<LinkDecl> {
         vec![LinkDecl {
             name: self.name.clone(),
-            home: LinkHomeDecl::Air,
+            home: LinkHomeDecl::Own,
             capture: Some(CaptureFormat::BleAtt),
             checksum: Some(ChecksumLayout::JbdSum),
             carries: "JBD frames in BLE notifications",
@@ -168,22 +173,25 @@ impl Declared for JbdKeys {
     fn on_air(&self) -> bool {
         true
     }
+    fn check_step(&self, _step: &str, body: &yaml_serde::Value, _names: &Names<'_>) -> Result<(), Problem> {
+        ble::check_step(body)
+    }
     fn check_state_key(&self, key: &str) -> Result<(), String> {
         jbd_state_key(key)
     }
     fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
         Box::pin(async move {
             let core = self.core(cx.seed)?;
-            let adapter = crate::air::shared::lend_adapter(self.mtu.unwrap_or(DEFAULT_ATT_MTU), self.rssi).await?;
+            let air = AirLink::lend(self.mtu, self.rssi).await?;
             let gatt = JbdGattConfig {
-                adapter: adapter.clone(),
+                adapter: air.adapter().to_string(),
                 local_name: self.local_name.clone().unwrap_or_else(|| JbdGattConfig::default().local_name),
                 ..JbdGattConfig::default()
             };
             match JbdBmsDevice::start(self.name.clone(), core, gatt, cx.log.clone()).await {
-                Ok(device) => Ok(Box::new(RunningBms { name: self.name.clone(), device, adapter }) as Box<dyn Running>),
+                Ok(device) => Ok(Box::new(RunningBms { name: self.name.clone(), device, air }) as Box<dyn Running>),
                 Err(e) => {
-                    crate::air::shared::return_adapter(&adapter).await;
+                    air.give_back().await;
                     Err(format!("{e:#}"))
                 }
             }
@@ -194,16 +202,30 @@ impl Declared for JbdKeys {
 struct RunningBms {
     name: String,
     device: JbdBmsDevice,
-    /// The peripheral adapter (hciN) the shared air lent it for this run.
-    adapter: String,
+    /// Its place on the air for this run: faults, frames, the `ble` step.
+    air: AirLink,
 }
 
 impl Running for RunningBms {
     fn vars(&self) -> Vec<(String, String)> {
-        vec![(format!("ble.{}", self.name), self.device.address.clone())]
+        let mut vars = vec![(format!("ble.{}", self.name), self.device.address.clone())];
+        vars.extend(self.air.vars());
+        vars
     }
-    fn air_adapter(&self) -> Option<&str> {
-        Some(&self.adapter)
+    fn step<'a>(&'a mut self, _step: &'a str, body: &'a yaml_serde::Value, _cx: StepContext<'a>) -> LocalBoxFuture<'a, Result<String, String>> {
+        Box::pin(self.air.apply(body))
+    }
+    fn add_fault<'a>(&'a self, _link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(self.air.add_fault(rule))
+    }
+    fn clear_faults<'a>(&'a self, link: &'a str, name: Option<&'a str>) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(self.air.clear_faults(link, name))
+    }
+    fn frames(&self) -> LocalBoxFuture<'_, Vec<FrameRecord>> {
+        Box::pin(self.air.frames(&self.name))
+    }
+    fn capture<'a>(&'a self, link: &'a str) -> LocalBoxFuture<'a, Vec<FrameRecord>> {
+        Box::pin(self.air.att_frames(link))
     }
     fn set<'a>(&'a self, key: &'a str, value: f64) -> LocalBoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
@@ -212,10 +234,10 @@ impl Running for RunningBms {
     }
     fn stop(self: Box<Self>) -> LocalBoxFuture<'static, ()> {
         Box::pin(async move {
-            let RunningBms { device, adapter, .. } = *self;
+            let RunningBms { device, air, .. } = *self;
             device.stop().await;
             // Given back, so the next scenario's scans never see it.
-            crate::air::shared::return_adapter(&adapter).await;
+            air.give_back().await;
         })
     }
 }

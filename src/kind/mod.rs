@@ -9,6 +9,7 @@
 //! [`REGISTRY`] lists every kind once; scenario parsing and `hilbench list`
 //! come from it.
 
+pub mod ble;
 pub mod bsc_hub;
 pub mod bsc_node;
 pub mod bsc_raw;
@@ -208,8 +209,6 @@ pub enum LinkHomeDecl {
     Own,
     /// A link on a scenario bus: the bus applies its faults.
     Bus(String),
-    /// A BLE device's link on the air.
-    Air,
 }
 
 /// A link an entity brings into the scenario.
@@ -324,10 +323,6 @@ pub trait Running {
     fn vars(&self) -> Vec<(String, String)> {
         Vec::new()
     }
-    /// The BLE adapter it holds on the air, if it is a BLE device.
-    fn air_adapter(&self) -> Option<&str> {
-        None
-    }
     /// Sets one state key (`set` steps).
     fn set<'a>(&'a self, key: &'a str, value: f64) -> LocalBoxFuture<'a, Result<(), String>> {
         let _ = value;
@@ -351,6 +346,11 @@ pub trait Running {
     /// Frames its own links carried.
     fn frames(&self) -> LocalBoxFuture<'_, Vec<FrameRecord>> {
         Box::pin(async { Vec::new() })
+    }
+    /// What its link `link` carried, in the capture format the link
+    /// declares (`--capture`): by default its frames as they are.
+    fn capture<'a>(&'a self, link: &'a str) -> LocalBoxFuture<'a, Vec<FrameRecord>> {
+        Box::pin(async move { self.frames().await.into_iter().filter(|f| f.link == link).collect() })
     }
     /// `stop` step: stop serving, keeping what a restart needs.
     fn pause(&mut self) -> LocalBoxFuture<'_, Result<String, String>> {

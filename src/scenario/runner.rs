@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::expect::{self, count_check, within, POLL};
 use super::process::{ProcessReport, RunningProcess};
 use super::spec::*;
-use crate::kind::{LinkDecl, LinkHomeDecl, Running, StartContext, StepContext};
+use crate::kind::{ble, LinkDecl, LinkHomeDecl, Running, StartContext, StepContext};
 use crate::link::capture::{CaptureFormat, PcapngCapture};
 use crate::link::record::FrameRecord;
 use crate::observe::{Observation, ObservationLog};
@@ -129,10 +129,8 @@ struct RunningEntity {
 enum LinkOwner {
     /// A scenario bus: every port and device link on it.
     Bus(String),
-    /// The entity's own fault engine (a client actor's link).
+    /// The entity that brings it (a client actor's link, a device's air link).
     Entity(String),
-    /// A BLE device's link on the air.
-    Air(String),
 }
 
 /// Everything a running scenario owns. `teardown` releases it.
@@ -163,11 +161,6 @@ impl World {
         self.links.iter().find(|(l, _)| l.name == name).ok_or_else(|| format!("no link `{name}`"))
     }
 
-    /// The air adapter a BLE device holds.
-    fn adapter_of(&self, name: &str) -> Result<String, String> {
-        self.entity(name)?.running.air_adapter().map(str::to_string).ok_or_else(|| format!("`{name}` is not on the air"))
-    }
-
     async fn add_fault(&self, link: &str, rule: crate::link::FaultRule) -> Result<(), String> {
         match &self.link(link)?.1 {
             LinkOwner::Bus(bus) => {
@@ -175,7 +168,6 @@ impl World {
                 bus.send(InjectFault { link: link.to_string(), rule }).await.map_err(|e| e.to_string())?
             }
             LinkOwner::Entity(owner) => self.entity(owner)?.running.add_fault(link, rule).await,
-            LinkOwner::Air(owner) => crate::air::shared::with_link(&self.adapter_of(owner)?, move |l| async move { l.add_fault(rule) }).await,
         }
     }
 
@@ -187,21 +179,6 @@ impl World {
                 bus.send(msg).await.map_err(|e| e.to_string())?
             }
             LinkOwner::Entity(owner) => self.entity(owner)?.running.clear_faults(link, name).await,
-            LinkOwner::Air(owner) => {
-                let adapter = self.adapter_of(owner)?;
-                let name = name.map(str::to_string);
-                let found = crate::air::shared::with_link(&adapter, move |l| async move {
-                    match name {
-                        None => {
-                            l.clear_faults();
-                            true
-                        }
-                        Some(n) => l.link().clear_fault(&n),
-                    }
-                })
-                .await?;
-                found.then_some(()).ok_or_else(|| format!("no fault of that name on `{link}`"))
-            }
         }
     }
 }
@@ -302,7 +279,7 @@ async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<
         return Err((e, Some(world)));
     }
     for name in &scenario.ble_hosts {
-        match add_ble_host(name).await {
+        match ble::add_host(name).await {
             Ok(info) => {
                 world.vars.insert(format!("ble_host.{name}.bus"), info.dbus_system_bus_address.clone());
                 world.vars.insert(format!("ble_host.{name}.address"), info.address.clone());
@@ -332,20 +309,15 @@ fn link_owners(scenario: &Scenario) -> Vec<(LinkDecl, LinkOwner)> {
     for l in scenario.links() {
         let owner = match &l.home {
             LinkHomeDecl::Bus(b) => LinkOwner::Bus(b.clone()),
-            home => {
-                let entity = scenario
+            LinkHomeDecl::Own => LinkOwner::Entity(
+                scenario
                     .devices
                     .iter()
                     .chain(&scenario.clients)
                     .find(|e| e.decl.links().iter().any(|d| d.name == l.name))
                     .map(|e| e.name().to_string())
-                    .unwrap_or_default();
-                if *home == LinkHomeDecl::Air {
-                    LinkOwner::Air(entity)
-                } else {
-                    LinkOwner::Entity(entity)
-                }
-            }
+                    .unwrap_or_default(),
+            ),
         };
         owners.push((l, owner));
     }
@@ -391,11 +363,6 @@ async fn start_entities(scenario: &Scenario, seed: u64, world: &mut World) -> Re
         };
         let running = e.decl.start(&mut cx).await.map_err(|err| format!("{} `{}`: {err}", e.kind.role().noun(), e.name()))?;
         world.vars.extend(running.vars());
-        if running.air_adapter().is_some() {
-            if let Ok(air) = crate::air::shared::shared() {
-                world.vars.insert("air.bus".into(), air.address().to_string());
-            }
-        }
         world.entities.push(RunningEntity { name: e.name().to_string(), running });
     }
     Ok(())
@@ -424,15 +391,6 @@ async fn wait_ready(proc: &mut RunningProcess, ready: &str, limit: Duration) -> 
         }
         tokio::time::sleep(POLL).await;
     }
-}
-
-/// Another machine on the process's air, under a name no other scenario
-/// in this process has used (teardown removes it).
-async fn add_ble_host(name: &str) -> Result<crate::air::HostInfo, String> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let unique = format!("{name}-{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    let air = crate::air::shared::shared()?;
-    air.run(move |air| async move { air.add_host(&unique).await.map_err(|e| format!("{e:#}")) }).await?
 }
 
 async fn run_steps(scenario: &Scenario, world: &mut World, report: &mut ScenarioReport) {
@@ -467,7 +425,6 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
             }
             Ok(format!("{}: {:?}", s.device, s.state))
         }
-        Step::Ble(b) => ble_step(b, world).await,
         Step::Fault(f) => {
             let link = f.link.clone().unwrap_or_default();
             let rule = f.clone().into_rule(world.link(&link)?.0.checksum)?;
@@ -499,47 +456,6 @@ async fn run_step(step: &Step, world: &mut World) -> Result<String, String> {
     }
 }
 
-/// The `ble` step: controls on a BLE device's link, the air's side of it.
-async fn ble_step(b: &BleStep, world: &World) -> Result<String, String> {
-    let adapter = world.adapter_of(&b.device)?;
-    let b2 = b.clone();
-    let done = crate::air::shared::with_link(&adapter, move |l| async move {
-        let mut done = Vec::new();
-        if let Some(on) = b2.refuse_connections {
-            l.refuse_connections(on);
-            done.push(format!("refuse_connections={on}"));
-        }
-        if let Some(on) = b2.stop_advertising_while_connected {
-            l.stop_advertising_while_connected(on);
-            done.push(format!("stop_advertising_while_connected={on}"));
-        }
-        if let Some(r) = b2.rssi {
-            l.set_rssi(Some(r));
-            done.push(format!("rssi={r} dBm"));
-        }
-        if let Some(w) = &b2.reject_write {
-            let kind = match w.as_str() {
-                "request" => Some(crate::air::WriteKind::Request),
-                "command" => Some(crate::air::WriteKind::Command),
-                _ => None,
-            };
-            l.reject_write(kind);
-            done.push(format!("reject_write={w}"));
-        }
-        if let Some(m) = b2.mtu {
-            done.push(format!("mtu={}", l.set_mtu(m).await));
-        }
-        if b2.disconnect {
-            let was = l.is_connected();
-            l.disconnect_now().await;
-            done.push(if was { "disconnected".to_string() } else { "disconnect (was not connected)".to_string() });
-        }
-        done
-    })
-    .await?;
-    Ok(format!("{}: {}", b.device, done.join(", ")))
-}
-
 async fn expect_frames(e: &ExpectFrames, world: &World, step_start: f64) -> Result<String, String> {
     let since_ns = world.wall_start_ns + (step_start * 1e6) as u64;
     let what = format!("frames on `{}`", e.link);
@@ -563,7 +479,7 @@ async fn expect_frames(e: &ExpectFrames, world: &World, step_start: f64) -> Resu
 async fn collect_frames(world: &World) -> Vec<FrameRecord> {
     let mut all = Vec::new();
     let mut asked: Vec<String> = Vec::new();
-    for (decl, owner) in &world.links {
+    for (_, owner) in &world.links {
         let key = format!("{owner:?}");
         let frames = match owner {
             _ if asked.contains(&key) => continue,
@@ -575,14 +491,6 @@ async fn collect_frames(world: &World) -> Vec<FrameRecord> {
                 Ok(e) => e.running.frames().await,
                 Err(_) => continue,
             },
-            LinkOwner::Air(n) => {
-                let Ok(adapter) = world.adapter_of(n) else { continue };
-                let mut recs = crate::air::shared::with_link(&adapter, |l| async move { l.frames() }).await.unwrap_or_default();
-                for r in &mut recs {
-                    r.link.clone_from(&decl.name);
-                }
-                recs
-            }
         };
         asked.push(key);
         all.extend(frames);
@@ -591,26 +499,31 @@ async fn collect_frames(world: &World) -> Vec<FrameRecord> {
     all
 }
 
-/// What went over each BLE device's air as ATT PDUs, for the ATT capture.
-async fn att_frames(world: &World) -> Vec<FrameRecord> {
-    let mut att = Vec::new();
+/// What each link with a capture format carried, in that format: a bus's
+/// frames as they crossed the bus, an entity's as its `capture` gives them.
+async fn capture_frames(world: &World, frames: &[FrameRecord]) -> Vec<(CaptureFormat, Vec<FrameRecord>)> {
+    let mut out: Vec<(CaptureFormat, Vec<FrameRecord>)> = Vec::new();
     for (decl, owner) in &world.links {
-        let LinkOwner::Air(n) = owner else { continue };
-        let Ok(adapter) = world.adapter_of(n) else { continue };
-        if let Ok(mut recs) = crate::air::shared::with_link(&adapter, |l| async move { l.att_frames() }).await {
-            for r in &mut recs {
-                r.link.clone_from(&decl.name);
-            }
-            att.extend(recs);
+        let Some(format) = decl.capture else { continue };
+        let recs = match owner {
+            LinkOwner::Bus(_) => frames.iter().filter(|f| f.link == decl.name).cloned().collect(),
+            LinkOwner::Entity(n) => match world.entity(n) {
+                Ok(e) => e.running.capture(&decl.name).await,
+                Err(_) => continue,
+            },
+        };
+        match out.iter_mut().find(|(f, _)| *f == format) {
+            Some((_, all)) => all.extend(recs),
+            None => out.push((format, recs)),
         }
     }
-    att
+    out
 }
 
 async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOptions, scenario: &Scenario) {
     let frames = collect_frames(&world).await;
-    let att = if options.capture_dir.is_some() { att_frames(&world).await } else { Vec::new() };
-    let World { log, buses, entities, links, ble_hosts, processes, .. } = world;
+    let captures = if options.capture_dir.is_some() { capture_frames(&world, &frames).await } else { Vec::new() };
+    let World { log, buses, entities, ble_hosts, processes, .. } = world;
     for p in processes {
         report.processes.push(p.stop().await);
     }
@@ -618,10 +531,8 @@ async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOption
     for e in entities.into_iter().rev() {
         e.running.stop().await;
     }
-    if let (false, Ok(air)) = (ble_hosts.is_empty(), crate::air::shared::shared()) {
-        for (_, host) in ble_hosts {
-            let _ = air.run(move |air| async move { air.remove_host(&host).await }).await;
-        }
+    for (_, host) in ble_hosts {
+        ble::remove_host(host).await;
     }
     for bus in buses.values() {
         // Stopped now, so its PTY symlinks are gone when the run returns.
@@ -629,12 +540,9 @@ async fn teardown(world: World, report: &mut ScenarioReport, options: &RunOption
     }
     drop(buses);
     if let Some(dir) = &options.capture_dir {
-        let serial: Vec<String> =
-            links.iter().filter(|(l, _)| l.capture == Some(CaptureFormat::ModbusRtu)).map(|(l, _)| l.name.clone()).collect();
-        let serial_frames: Vec<FrameRecord> = frames.iter().filter(|f| serial.contains(&f.link)).cloned().collect();
-        let written = write_captures(dir, &scenario.name, &serial_frames, CaptureFormat::ModbusRtu).and_then(|mut files| {
-            files.extend(write_captures(dir, &scenario.name, &att, CaptureFormat::BleAtt)?);
-            Ok(files)
+        let written = captures.iter().try_fold(Vec::new(), |mut files, (format, recs)| {
+            files.extend(write_captures(dir, &scenario.name, recs, *format)?);
+            Ok::<_, String>(files)
         });
         match written {
             Ok(files) => report.captures = files,

@@ -34,19 +34,6 @@ fn default_seed() -> u64 {
 }
 
 
-/// The BLE link settings a device or a `ble` step may give: an ATT MTU and
-/// an RSSI a central can hear.
-pub fn check_ble_link(mtu: Option<u16>, rssi: Option<i16>) -> Result<(), String> {
-    use crate::air::att::{DEFAULT_ATT_MTU, MAX_ATT_MTU};
-    if let Some(m) = mtu.filter(|m| !(DEFAULT_ATT_MTU..=MAX_ATT_MTU).contains(m)) {
-        return Err(format!("mtu {m} is outside {DEFAULT_ATT_MTU}..={MAX_ATT_MTU} (ATT)"));
-    }
-    if let Some(r) = rssi.filter(|r| !(-127..=20).contains(r)) {
-        return Err(format!("rssi {r} is outside -127..=20 dBm"));
-    }
-    Ok(())
-}
-
 fn default_baud() -> u32 {
     9600
 }
@@ -63,34 +50,6 @@ pub struct BusSpec {
     /// PTY ports on this bus. Each is a link (faults apply per port) and a
     /// path that clients and processes open: `{{port.NAME}}` in templates.
     pub ports: Vec<String>,
-}
-
-
-/// BLE link controls on a BLE device's link (the air's side of it).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct BleStep {
-    pub device: String,
-    /// Renegotiated ATT MTU (23..=517).
-    #[serde(default)]
-    pub mtu: Option<u16>,
-    /// Refuse (true) or accept again (false) connection attempts.
-    #[serde(default)]
-    pub refuse_connections: Option<bool>,
-    /// Drop the connection now, as a device going out of range.
-    #[serde(default)]
-    pub disconnect: bool,
-    /// Make the characteristic reject this write type (`none` accepts both again).
-    #[serde(default)]
-    pub reject_write: Option<String>,
-    /// The air withdraws the device's advertising while a central is connected
-    /// (single-connection modules), whatever the device itself does.
-    #[serde(default)]
-    pub stop_advertising_while_connected: Option<bool>,
-    /// Move the device: centrals hear it at about this RSSI in dBm
-    /// (−127..=20), so RSSI discovery filters can leave it out.
-    #[serde(default)]
-    pub rssi: Option<i16>,
 }
 
 
@@ -365,7 +324,6 @@ pub enum Step {
     ExpectExit(ExpectExit),
     Stop(DeviceStep),
     Start(DeviceStep),
-    Ble(BleStep),
     /// A step of some kinds only (`send_npdu`), for the entity it names.
     Kind(KindStep),
 }
@@ -394,7 +352,6 @@ pub const COMMON_STEPS: &[(&str, &str)] = &[
     ("expect_exit", "process, code, within"),
     ("stop", "device (one that can restart)"),
     ("start", "device, after `stop`"),
-    ("ble", "device on the air: mtu, refuse_connections, disconnect, reject_write, stop_advertising_while_connected, rssi"),
 ];
 
 impl Step {
@@ -413,7 +370,6 @@ impl Step {
             Step::ExpectExit(_) => "expect_exit",
             Step::Stop(_) => "stop",
             Step::Start(_) => "start",
-            Step::Ble(_) => "ble",
             Step::Kind(k) => k.doc.name,
         }
     }
@@ -448,7 +404,6 @@ impl Step {
                 "expect_exit" => Step::ExpectExit(d(body)?),
                 "stop" => Step::Stop(d(body)?),
                 "start" => Step::Start(d(body)?),
-                "ble" => Step::Ble(d(body)?),
                 _ => unreachable!("only common names come here"),
             })
         };
@@ -847,32 +802,8 @@ impl StepChecker<'_> {
                 }
                 Ok(())
             }
-            Step::Ble(b) => self.check_ble(b),
             Step::Kind(k) => self.check_kind_step(k),
         }
-    }
-
-    fn check_ble(&self, b: &BleStep) -> Result<(), Problem> {
-        let d = self.device(&b.device)?;
-        if !d.on_air() {
-            return Err(Problem::at(YamlPath::key("device"), format!("`{}` is a {}, not a BLE device", b.device, d.kind_name())));
-        }
-        check_ble_link(b.mtu, b.rssi).map_err(|e| Problem::at(YamlPath::key(if e.starts_with("mtu") { "mtu" } else { "rssi" }), e))?;
-        if let Some(w) = &b.reject_write {
-            if !["request", "command", "none"].contains(&w.as_str()) {
-                return Err(Problem::at(YamlPath::key("reject_write"), format!("reject_write must be request, command or none, not `{w}`")));
-            }
-        }
-        if b.mtu.is_none()
-            && b.refuse_connections.is_none()
-            && !b.disconnect
-            && b.reject_write.is_none()
-            && b.stop_advertising_while_connected.is_none()
-            && b.rssi.is_none()
-        {
-            return Err(Problem::here("give at least one of mtu, refuse_connections, disconnect, reject_write, stop_advertising_while_connected, rssi"));
-        }
-        Ok(())
     }
 
     fn check_kind_step(&self, k: &KindStep) -> Result<(), Problem> {
