@@ -3,6 +3,7 @@
 
 pub mod bus;
 pub mod framer;
+pub mod gatt;
 pub mod pty;
 pub mod serial;
 pub mod tls;
