@@ -140,3 +140,40 @@ async fn a_caller_hears_no_reply_when_its_callee_leaves() {
     let e = timeout(T, call).await.expect("answered at once, not after a timeout").unwrap().unwrap_err();
     assert!(e.to_string().contains("NoReply"), "{e}");
 }
+
+/// Nobody takes `org.bluez` from the air (issue 13): a client asking with
+/// replace-existing (flags 6, what took it before) or queueing behind it is
+/// refused with AccessDenied, as dbus-daemon's system policy refuses it, and
+/// the air still answers afterwards. Tried with libdbus as well as zbus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_can_take_org_bluez_from_the_air() {
+    use zbus::fdo::RequestNameFlags;
+    let air = hilbench::air::Air::start(hilbench::air::AirConfig::default()).await.unwrap();
+    let addr = air.address().to_string();
+    let thief = client(&addr).await;
+    let dbus = zbus::fdo::DBusProxy::new(&thief).await.unwrap();
+    let owner_before = dbus.get_name_owner("org.bluez".try_into().unwrap()).await.unwrap().to_string();
+    for flags in [RequestNameFlags::ALLOW_REPLACEMENT | RequestNameFlags::REPLACE_EXISTING, RequestNameFlags::empty(), RequestNameFlags::DO_NOT_QUEUE] {
+        let e = dbus.request_name("org.bluez".try_into().unwrap(), flags).await.unwrap_err().to_string();
+        assert!(e.contains("AccessDenied") && e.contains("org.bluez"), "flags {flags:?}: {e}");
+    }
+    let e = {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            dbus_send(&addr, &["--dest=org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus.RequestName", "string:org.bluez", "uint32:6"])
+        })
+        .await
+        .unwrap()
+        .unwrap_err()
+    };
+    assert!(e.contains("AccessDenied"), "{e}");
+    assert!(dbus.list_queued_owners("org.bluez".try_into().unwrap()).await.unwrap().len() == 1, "nobody queued behind the air");
+    drop(thief);
+    // The air still owns it and answers.
+    let other = client(&addr).await;
+    let dbus = zbus::fdo::DBusProxy::new(&other).await.unwrap();
+    assert_eq!(dbus.get_name_owner("org.bluez".try_into().unwrap()).await.unwrap().to_string(), owner_before);
+    let om = zbus::fdo::ObjectManagerProxy::builder(&other).destination("org.bluez").path("/").build().await.unwrap();
+    assert!(om.get_managed_objects().await.unwrap().keys().any(|p| p.as_str() == "/org/bluez/hci0"));
+    air.stop().await;
+}

@@ -66,7 +66,14 @@ struct State {
     names: BTreeMap<String, VecDeque<(String, u32)>>,
     /// Calls awaiting a reply: (callee, caller, serial).
     pending: HashSet<(String, String, u32)>,
+    /// Names only their first owner may hold (the air's `org.bluez`), as
+    /// dbus-daemon's system policy keeps `org.bluez` for bluetoothd: that
+    /// owner, once it has taken one.
+    reserved: BTreeMap<&'static str, Option<String>>,
 }
+
+/// What a client of the air's bus may not take from the air.
+const RESERVED_NAMES: &[&str] = &["org.bluez"];
 
 const ALLOW_REPLACEMENT: u32 = 0x1;
 const REPLACE_EXISTING: u32 = 0x2;
@@ -168,6 +175,19 @@ impl State {
         }
         if !new.is_empty() {
             self.emit("NameAcquired", Some(new), vec![BusValue::Str(name.into())]);
+        }
+    }
+
+    /// Whether `who` may own `name`: a reserved name belongs to the first
+    /// connection that took it, for good.
+    fn may_own(&mut self, name: &str, who: &str) -> bool {
+        match self.reserved.iter_mut().find(|(n, _)| **n == name) {
+            None => true,
+            Some((_, first @ None)) => {
+                *first = Some(who.to_string());
+                true
+            }
+            Some((_, Some(first))) => first == who,
         }
     }
 
@@ -337,7 +357,7 @@ async fn until_stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
 
 /// Accepts connections until told to stop; then every connection ends.
 async fn accept(listener: UnixListener, guid: String, stop: tokio::sync::watch::Receiver<bool>) {
-    let state = Arc::new(Mutex::new(State { guid, ..Default::default() }));
+    let state = Arc::new(Mutex::new(State { guid, reserved: RESERVED_NAMES.iter().map(|n| (*n, None)).collect(), ..Default::default() }));
     let stopped = stop.clone();
     loop {
         tokio::select! {
@@ -592,6 +612,9 @@ fn bus_method(st: &mut State, from: &str, msg: &[u8], h: &Header) {
         ("org.freedesktop.DBus.Introspectable", "Introspect") => Ok(vec![BusValue::Str(INTROSPECTION.into())]),
         (BUS_NAME, "Hello") => Err(("org.freedesktop.DBus.Error.Failed".into(), "Already handled an Hello message".into())),
         (BUS_NAME, "RequestName") => match (s(0), u(1)) {
+            (Some(name), Some(_)) if !name.starts_with(':') && name != BUS_NAME && !name.is_empty() && !st.may_own(&name, from) => {
+                Err(("org.freedesktop.DBus.Error.AccessDenied".into(), format!("Connection \"{from}\" is not allowed to own the service \"{name}\": it belongs to the virtual air")))
+            }
             (Some(name), Some(flags)) if !name.starts_with(':') && name != BUS_NAME && !name.is_empty() => Ok(vec![BusValue::U32(st.request_name(&name, from, flags))]),
             (Some(name), Some(_)) => Err(("org.freedesktop.DBus.Error.InvalidArgs".into(), format!("cannot request the name {name}"))),
             _ => bad_args(),

@@ -377,7 +377,7 @@ impl Air {
         for _ in 0..config.peripheral_adapters {
             air.add_peripheral_adapter().await?;
         }
-        conn.request_name(BLUEZ).await.context("taking org.bluez on the air's bus")?;
+        take_bluez(&conn).await.context("taking org.bluez on the air's bus")?;
         drop(main);
         Ok(air)
     }
@@ -407,7 +407,7 @@ impl Air {
         };
         let served = async {
             let central = serve_central(&self.inner, conn.clone(), name, &address, index).await?;
-            conn.request_name(BLUEZ).await.with_context(|| format!("taking org.bluez on host {name}'s bus"))?;
+            take_bluez(&conn).await.with_context(|| format!("taking org.bluez on host {name}'s bus"))?;
             Ok::<_, anyhow::Error>(central)
         }
         .await;
@@ -764,6 +764,17 @@ async fn route_notifications(air: Weak<AirInner>, conn: Connection, owner: &str)
             ch.notify_from_app(&air, &value).await;
         }
     })
+}
+
+/// Takes `org.bluez` for good: no replacement allowed (zbus's default
+/// flags allow it, and any client could then take the name and leave the
+/// air unreachable), and no queueing behind someone who holds it already.
+async fn take_bluez(conn: &Connection) -> Result<()> {
+    use zbus::fdo::{RequestNameFlags, RequestNameReply};
+    match conn.request_name_with_flags(BLUEZ, RequestNameFlags::DO_NOT_QUEUE).await? {
+        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => Ok(()),
+        other => anyhow::bail!("{BLUEZ} is held by another connection ({other:?})"),
+    }
 }
 
 /// While a central scans, every advertising device its clients' filters
