@@ -25,10 +25,13 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::protocol::dbus::{self as wire, BusMessage, BusValue, Header, MatchRule, SaslServer, SaslStep, BUS_NAME};
 
-/// A connection with more than this many messages waiting to be written
-/// is not reading: it is dropped, as dbus-daemon drops a client past its
-/// outgoing limits, so one stuck client cannot take the bus's memory.
-const MAX_QUEUED: usize = 500_000;
+/// A connection with more than this many bytes waiting to be written is
+/// not reading: it is dropped, as dbus-daemon drops a client past its
+/// outgoing byte limit, so one stuck client cannot take the bus's memory.
+/// Each queued message counts its length plus [`QUEUED_OVERHEAD`].
+const MAX_QUEUED_BYTES: usize = 32 << 20;
+/// What a queued message costs besides its bytes (its slot, its Arc).
+const QUEUED_OVERHEAD: usize = 128;
 
 /// One message on its way to a connection; `written` bytes of it are out.
 struct Outgoing {
@@ -42,6 +45,26 @@ struct Outgoing {
 #[derive(Default)]
 struct OutQueue {
     queue: VecDeque<Outgoing>,
+    /// What the queue holds, counted as [`MAX_QUEUED_BYTES`] counts it.
+    bytes: usize,
+}
+
+impl OutQueue {
+    fn push(&mut self, m: Outgoing) {
+        self.bytes += m.bytes.len() - m.written + QUEUED_OVERHEAD;
+        self.queue.push_back(m);
+    }
+
+    /// `n` more bytes of the front message went out.
+    fn wrote(&mut self, n: usize) {
+        let Some(m) = self.queue.front_mut() else { return };
+        m.written += n;
+        self.bytes = self.bytes.saturating_sub(n);
+        if m.written >= m.bytes.len() {
+            self.queue.pop_front();
+            self.bytes = self.bytes.saturating_sub(QUEUED_OVERHEAD);
+        }
+    }
 }
 
 struct Conn {
@@ -106,23 +129,23 @@ impl State {
         if out.queue.is_empty() {
             match send_with_fds(c.stream.as_raw_fd(), &bytes, &fds) {
                 Ok(n) if n == bytes.len() => return true,
-                Ok(n) => out.queue.push_back(Outgoing { bytes, fds: Vec::new(), written: n }),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => out.queue.push_back(Outgoing { bytes, fds, written: 0 }),
+                Ok(n) => out.push(Outgoing { bytes, fds: Vec::new(), written: n }),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => out.push(Outgoing { bytes, fds, written: 0 }),
                 // Gone: its reader sees the end and cleans up.
                 Err(_) => return false,
             }
             c.wake.notify_one();
             return true;
         }
-        if out.queue.len() >= MAX_QUEUED {
-            tracing::warn!("air bus: {to} has {MAX_QUEUED} messages unread; disconnecting it");
+        if out.bytes + bytes.len() + QUEUED_OVERHEAD > MAX_QUEUED_BYTES {
+            tracing::warn!("air bus: {to} has {} bytes in {} messages unread; disconnecting it", out.bytes, out.queue.len());
             drop(out);
             c.stuck = true;
             // Its reader sees the end and cleans up as for any departure.
             let _ = nix::sys::socket::shutdown(c.stream.as_raw_fd(), nix::sys::socket::Shutdown::Both);
             return false;
         }
-        out.queue.push_back(Outgoing { bytes, fds, written: 0 });
+        out.push(Outgoing { bytes, fds, written: 0 });
         true
     }
 
@@ -456,13 +479,7 @@ async fn writer(stream: Arc<UnixStream>, out: Arc<Mutex<OutQueue>>, wake: Arc<to
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let mut o = lock_out();
-        if let Some(m) = o.queue.front_mut() {
-            m.written += n;
-            if m.written >= m.bytes.len() {
-                o.queue.pop_front();
-            }
-        }
+        lock_out().wrote(n);
     }
 }
 
