@@ -12,6 +12,7 @@ pub mod client;
 pub mod device;
 pub mod fuzzing;
 pub mod kind;
+pub mod limits;
 pub mod link;
 pub mod model;
 pub mod observe;

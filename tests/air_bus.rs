@@ -178,22 +178,34 @@ async fn no_client_can_take_org_bluez_from_the_air() {
     air.stop().await;
 }
 
-/// A client that authenticates and says Hello, then only writes.
-fn raw_client(address: &str) -> std::os::unix::net::UnixStream {
-    use std::io::{BufRead, Write};
+/// A bare connection to the bus, before any authentication.
+fn raw_socket(address: &str) -> std::os::unix::net::UnixStream {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixStream};
     let spec = address.strip_prefix("unix:").expect("a unix address");
     let value = |key: &str| spec.split(',').find_map(|kv| kv.strip_prefix(key).map(str::to_string));
-    let mut sock = match (value("abstract="), value("path=")) {
+    match (value("abstract="), value("path=")) {
         (Some(a), _) => UnixStream::connect_addr(&SocketAddr::from_abstract_name(a.as_bytes()).unwrap()).unwrap(),
         (_, Some(p)) => UnixStream::connect(p).unwrap(),
         _ => panic!("no socket in {address}"),
-    };
-    let uid: String = unsafe { libc::getuid() }.to_string().bytes().map(|b| format!("{b:02x}")).collect();
-    sock.write_all(format!("\0AUTH EXTERNAL {uid}\r\n").as_bytes()).unwrap();
+    }
+}
+
+/// Sends `\0AUTH EXTERNAL <uid as hex digits>` and returns the bus's answer line.
+fn auth_external(sock: &std::os::unix::net::UnixStream, uid: u32) -> String {
+    use std::io::{BufRead, Write};
+    let hex: String = uid.to_string().bytes().map(|b| format!("{b:02x}")).collect();
+    (&*sock).write_all(format!("\0AUTH EXTERNAL {hex}\r\n").as_bytes()).unwrap();
     let mut line = String::new();
-    std::io::BufReader::new(&sock).read_line(&mut line).unwrap();
+    std::io::BufReader::new(sock).read_line(&mut line).unwrap();
+    line
+}
+
+/// A client that authenticates and says Hello, then only writes.
+fn raw_client(address: &str) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    let mut sock = raw_socket(address);
+    let line = auth_external(&sock, unsafe { libc::getuid() });
     assert!(line.starts_with("OK "), "{line}");
     sock.write_all(b"BEGIN\r\n").unwrap();
     sock.write_all(&bus_call(1, "org.freedesktop.DBus", "Hello")).unwrap();
@@ -247,4 +259,41 @@ async fn a_client_that_never_reads_is_cut_off_at_a_byte_limit() {
     let other = client(&addr).await;
     let dbus = zbus::fdo::DBusProxy::new(&other).await.unwrap();
     assert!(dbus.list_names().await.unwrap().iter().any(|n| n.as_str() == "org.freedesktop.DBus"));
+}
+
+/// SASL EXTERNAL must claim the uid the socket reports (issue 13: uid
+/// 999999, or a claim that is not hex, was accepted).
+#[test]
+fn external_auth_claiming_another_uid_is_rejected() {
+    let bus = InProcessBus::start().unwrap();
+    let me = unsafe { libc::getuid() };
+    let line = auth_external(&raw_socket(bus.address()), 999_999);
+    assert!(line.starts_with("REJECTED"), "{line}");
+    let line = auth_external(&raw_socket(bus.address()), me);
+    assert!(line.starts_with("OK "), "{line}");
+}
+
+/// Connections that never authenticate cannot take the bus's descriptors
+/// (issue 13: 20,000 of them did): past 64 at once a new one is closed at
+/// once, and each is closed after 5 s; then clients connect again.
+#[test]
+fn connections_that_never_authenticate_are_capped_and_timed_out() {
+    use std::io::Read;
+    let bus = InProcessBus::start().unwrap();
+    let idle: Vec<_> = (0..64).map(|_| raw_socket(bus.address())).collect();
+    // Each of the 64 is counted once the bus has accepted it: wait until a
+    // 65th is refused, which proves the cap is reached.
+    let refused_at_once = (0..100).any(|_| {
+        let mut extra = raw_socket(bus.address());
+        extra.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        matches!(extra.read(&mut [0u8; 16]), Ok(0))
+    });
+    assert!(refused_at_once, "a 65th unauthenticated connection was kept open");
+    // The idle ones are closed after the authentication timeout.
+    for mut s in idle {
+        s.set_read_timeout(Some(T)).unwrap();
+        assert!(matches!(s.read(&mut [0u8; 16]), Ok(0)), "an idle connection stayed open");
+    }
+    let line = auth_external(&raw_socket(bus.address()), unsafe { libc::getuid() });
+    assert!(line.starts_with("OK "), "{line}");
 }

@@ -25,13 +25,12 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::protocol::dbus::{self as wire, BusMessage, BusValue, Header, MatchRule, SaslServer, SaslStep, BUS_NAME};
 
-/// A connection with more than this many bytes waiting to be written is
-/// not reading: it is dropped, as dbus-daemon drops a client past its
-/// outgoing byte limit, so one stuck client cannot take the bus's memory.
-/// Each queued message counts its length plus [`QUEUED_OVERHEAD`].
-const MAX_QUEUED_BYTES: usize = 32 << 20;
-/// What a queued message costs besides its bytes (its slot, its Arc).
-const QUEUED_OVERHEAD: usize = 128;
+// A connection with more than MAX_QUEUED_BYTES waiting to be written is not
+// reading: it is dropped, so one stuck client cannot take the bus's memory.
+// A connection gets AUTH_TIMEOUT to authenticate, and at most MAX_INCOMPLETE
+// may be authenticating at once, so idle sockets cannot take every descriptor.
+use crate::limits::air_bus::{AUTH_TIMEOUT, MAX_INCOMPLETE, MAX_QUEUED_BYTES, QUEUED_OVERHEAD};
+use crate::limits::LogEvery;
 
 /// One message on its way to a connection; `written` bytes of it are out.
 struct Outgoing {
@@ -382,15 +381,25 @@ async fn until_stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
 async fn accept(listener: UnixListener, guid: String, stop: tokio::sync::watch::Receiver<bool>) {
     let state = Arc::new(Mutex::new(State { guid, reserved: RESERVED_NAMES.iter().map(|n| (*n, None)).collect(), ..Default::default() }));
     let stopped = stop.clone();
+    let incomplete = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut refused_log = LogEvery::new(std::time::Duration::from_secs(10));
+    let mut accept_log = LogEvery::new(std::time::Duration::from_secs(10));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    if incomplete.load(std::sync::atomic::Ordering::Relaxed) >= MAX_INCOMPLETE {
+                        if let Some(more) = refused_log.check(std::time::Instant::now()) {
+                            tracing::warn!("air bus: {MAX_INCOMPLETE} connections are still authenticating; closing new ones ({more} more since the last line)");
+                        }
+                        continue;
+                    }
                     let state = state.clone();
                     let stop = stop.clone();
+                    let incomplete = Incomplete::count(&incomplete);
                     tokio::spawn(async move {
                         tokio::select! {
-                            r = serve(stream, state) => if let Err(e) = r {
+                            r = serve(stream, state, incomplete) => if let Err(e) = r {
                                 tracing::debug!("air bus connection ended: {e:#}");
                             },
                             _ = until_stopped(stop.clone()) => {}
@@ -398,7 +407,9 @@ async fn accept(listener: UnixListener, guid: String, stop: tokio::sync::watch::
                     });
                 }
                 Err(e) => {
-                    tracing::warn!("air bus: accept failed: {e}");
+                    if let Some(more) = accept_log.check(std::time::Instant::now()) {
+                        tracing::warn!("air bus: accept failed: {e} ({more} more since the last line)");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
@@ -407,6 +418,22 @@ async fn accept(listener: UnixListener, guid: String, stop: tokio::sync::watch::
     }
     // Dropping the writers' senders ends them and closes every socket.
     lock(&state).conns.clear();
+}
+
+/// One connection that has not authenticated yet; counted until dropped.
+struct Incomplete(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Incomplete {
+    fn count(n: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Incomplete(n.clone())
+    }
+}
+
+impl Drop for Incomplete {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 fn lock(s: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -483,7 +510,7 @@ async fn writer(stream: Arc<UnixStream>, out: Arc<Mutex<OutQueue>>, wake: Arc<to
     }
 }
 
-async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> Result<()> {
+async fn serve(stream: UnixStream, state: Arc<Mutex<State>>, incomplete: Incomplete) -> Result<()> {
     let cred = stream.peer_cred().ok();
     let (uid, pid) = (cred.map(|c| c.uid()).unwrap_or(0), cred.and_then(|c| c.pid()).unwrap_or(0).max(0) as u32);
     let guid = lock(&state).guid.clone();
@@ -491,20 +518,26 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> Result<()> {
     let mut fds: VecDeque<OwnedFd> = VecDeque::new();
     // Per connection: small, as a thousand peripherals may each have one.
     let mut buf = vec![0u8; 16 * 1024];
-    let mut sasl = SaslServer::default();
-    let mut pending: Vec<u8> = loop {
-        let n = stream.async_io(Interest::READABLE, || recv_with_fds(stream.as_raw_fd(), &mut buf, &mut fds)).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        match sasl.feed(&buf[..n], &guid).map_err(|e| anyhow::anyhow!("authentication: {e}"))? {
-            SaslStep::Reply(r) => write_all(&stream, &r, &[]).await?,
-            SaslStep::Begin { reply, rest } => {
-                write_all(&stream, &reply, &[]).await?;
-                break rest;
+    let mut sasl = SaslServer::for_peer(cred.map(|c| c.uid()));
+    let authenticated = tokio::time::timeout(AUTH_TIMEOUT, async {
+        loop {
+            let n = stream.async_io(Interest::READABLE, || recv_with_fds(stream.as_raw_fd(), &mut buf, &mut fds)).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            match sasl.feed(&buf[..n], &guid).map_err(|e| anyhow::anyhow!("authentication: {e}"))? {
+                SaslStep::Reply(r) => write_all(&stream, &r, &[]).await?,
+                SaslStep::Begin { reply, rest } => {
+                    write_all(&stream, &reply, &[]).await?;
+                    return Ok::<_, anyhow::Error>(Some(rest));
+                }
             }
         }
-    };
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("not authenticated within {AUTH_TIMEOUT:?}: closed"))??;
+    drop(incomplete);
+    let Some(mut pending) = authenticated else { return Ok(()) };
     let out = Arc::new(Mutex::new(OutQueue::default()));
     let wake = Arc::new(tokio::sync::Notify::new());
     // Ends with this function, however it ends (the bus stopping drops it mid-await).

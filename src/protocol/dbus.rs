@@ -713,6 +713,9 @@ pub struct SaslServer {
     awaiting_data: bool,
     authed: bool,
     pub unix_fds: bool,
+    /// The socket peer's uid (SO_PEERCRED): EXTERNAL must claim this one,
+    /// as dbus-daemon checks. None accepts any claim (no credentials known).
+    peer_uid: Option<u32>,
 }
 
 /// What the handshake wants next.
@@ -724,7 +727,36 @@ pub enum SaslStep {
     Begin { reply: Vec<u8>, rest: Vec<u8> },
 }
 
+/// The uid an EXTERNAL response claims: hex of its decimal digits
+/// (`31303030` is uid 1000). None when it is not that.
+fn claimed_uid(hex: &str) -> Option<u32> {
+    if hex.len() % 2 != 0 || hex.len() > 20 {
+        return None;
+    }
+    let digits: Option<String> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok().map(char::from)).collect();
+    let digits = digits?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 impl SaslServer {
+    /// A handshake with a peer whose uid the socket reports.
+    pub fn for_peer(uid: Option<u32>) -> Self {
+        SaslServer { peer_uid: uid, ..Default::default() }
+    }
+
+    /// Whether an EXTERNAL response (`None`: empty, meaning "my socket
+    /// credentials") names the peer.
+    fn external_ok(&self, response: Option<&str>) -> bool {
+        match (response.filter(|r| !r.is_empty()), self.peer_uid) {
+            (None, _) => true,
+            (Some(r), None) => claimed_uid(r).is_some(),
+            (Some(r), Some(uid)) => claimed_uid(r) == Some(uid),
+        }
+    }
+
     /// Feeds bytes from the client; `guid` is the bus's id.
     pub fn feed(&mut self, input: &[u8], guid: &str) -> Result<SaslStep, WireError> {
         self.buf.extend_from_slice(input);
@@ -747,6 +779,10 @@ impl SaslServer {
             let line = String::from_utf8_lossy(&line[..end]).to_string();
             let mut words = line.split(' ');
             match (words.next().unwrap_or(""), words.next(), words.next()) {
+                ("AUTH", Some("EXTERNAL"), Some(claim)) if !self.external_ok(Some(claim)) => {
+                    self.authed = false;
+                    reply.extend_from_slice(b"REJECTED EXTERNAL ANONYMOUS\r\n");
+                }
                 ("AUTH", Some("EXTERNAL"), Some(_)) | ("AUTH", Some("ANONYMOUS"), _) => {
                     self.authed = true;
                     reply.extend_from_slice(format!("OK {guid}\r\n").as_bytes());
@@ -755,10 +791,14 @@ impl SaslServer {
                     self.awaiting_data = true;
                     reply.extend_from_slice(b"DATA\r\n");
                 }
-                ("DATA", _, _) if self.awaiting_data => {
+                ("DATA", claim, _) if self.awaiting_data => {
                     self.awaiting_data = false;
-                    self.authed = true;
-                    reply.extend_from_slice(format!("OK {guid}\r\n").as_bytes());
+                    if self.external_ok(claim) {
+                        self.authed = true;
+                        reply.extend_from_slice(format!("OK {guid}\r\n").as_bytes());
+                    } else {
+                        reply.extend_from_slice(b"REJECTED EXTERNAL ANONYMOUS\r\n");
+                    }
                 }
                 ("AUTH", _, _) | ("CANCEL", _, _) | ("ERROR", _, _) => {
                     self.authed = false;
@@ -885,6 +925,27 @@ mod tests {
         // DATA without AUTH EXTERNAL first, or BEGIN unauthenticated, gets nowhere.
         let mut s = SaslServer::default();
         assert_eq!(s.feed(b"\0DATA\r\nBEGIN\r\n", "g").unwrap(), SaslStep::Reply(b"ERROR \"unexpected command\"\r\nERROR \"unexpected command\"\r\n".to_vec()));
+    }
+
+    #[test]
+    fn sasl_external_must_claim_the_peers_own_uid() {
+        // uid 1000 is hex of "1000".
+        let mut s = SaslServer::for_peer(Some(1000));
+        assert_eq!(s.feed(b"\0AUTH EXTERNAL 31303030\r\n", "g").unwrap(), SaslStep::Reply(b"OK g\r\n".to_vec()));
+        // Another uid, non-hex, odd length, not digits: refused, and BEGIN gets nowhere.
+        for claim in ["393939393939", "30", "zz", "3", "2d31"] {
+            let mut s = SaslServer::for_peer(Some(1000));
+            let line = format!("\0AUTH EXTERNAL {claim}\r\nBEGIN\r\n");
+            let want = b"REJECTED EXTERNAL ANONYMOUS\r\nERROR \"unexpected command\"\r\n".to_vec();
+            assert_eq!(s.feed(line.as_bytes(), "g").unwrap(), SaslStep::Reply(want), "claim `{claim}`");
+        }
+        // The same check after DATA; an empty DATA means "my socket credentials".
+        let mut s = SaslServer::for_peer(Some(0));
+        s.feed(b"\0AUTH EXTERNAL\r\n", "g").unwrap();
+        assert_eq!(s.feed(b"DATA 31\r\n", "g").unwrap(), SaslStep::Reply(b"REJECTED EXTERNAL ANONYMOUS\r\n".to_vec()));
+        let mut s = SaslServer::for_peer(Some(0));
+        s.feed(b"\0AUTH EXTERNAL\r\n", "g").unwrap();
+        assert_eq!(s.feed(b"DATA 30\r\n", "g").unwrap(), SaslStep::Reply(b"OK g\r\n".to_vec()));
     }
 
     #[test]

@@ -1,0 +1,69 @@
+//! The limits hilbench's servers apply to their clients, in one place, so
+//! every server (the air's bus now; the hub, SMP and Shelly servers next)
+//! is born with them: bounded queues in bytes, handshake timeouts, caps on
+//! connections that have not finished their handshake, and logs that
+//! cannot flood.
+
+use std::time::{Duration, Instant};
+
+/// The air's D-Bus bus.
+pub mod air_bus {
+    use std::time::Duration;
+
+    /// Bytes waiting for one connection before it counts as not reading
+    /// and is dropped (dbus-daemon drops a client past its byte limit).
+    pub const MAX_QUEUED_BYTES: usize = 32 << 20;
+    /// What a queued message costs besides its bytes (its slot, its Arc).
+    pub const QUEUED_OVERHEAD: usize = 128;
+    /// Time a new connection has to authenticate (dbus-daemon's `auth_timeout`).
+    pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Connections still authenticating at once; more are closed as they
+    /// come (dbus-daemon's `max_incomplete_connections` is 64 on the system bus).
+    pub const MAX_INCOMPLETE: usize = 64;
+}
+
+/// A log line that repeats says so once per `period`, with how many it
+/// stood for, instead of once per event.
+#[derive(Debug)]
+pub struct LogEvery {
+    period: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogEvery {
+    pub const fn new(period: Duration) -> Self {
+        LogEvery { period, last: None, suppressed: 0 }
+    }
+
+    /// Whether to log now; `Some(n)`: log, and say `n` more were left out since the last line.
+    pub fn check(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.duration_since(t) < self.period => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeating_line_is_logged_once_per_period_with_a_count() {
+        let mut l = LogEvery::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(l.check(t0), Some(0));
+        for i in 1..=500 {
+            assert_eq!(l.check(t0 + Duration::from_millis(i * 10)), None);
+        }
+        assert_eq!(l.check(t0 + Duration::from_secs(10)), Some(500));
+        assert_eq!(l.check(t0 + Duration::from_secs(11)), None);
+    }
+}
