@@ -292,3 +292,80 @@ fn the_registry_lists_every_kind_and_a_minimal_entry_of_each_parses() {
     let e = parse("name: x\ndevices:\n  - {name: d, kind: eg4-lp5}\nsteps: []\n");
     assert!(e.starts_with("bad.yaml:3:") && e.contains("unknown device kind `eg4-lp5`") && e.contains("eg4-lp4, jbd-bms, bsc-hub"), "{e}");
 }
+
+/// `hilbench run` told to stop (issue 13): on SIGTERM or SIGINT the running
+/// scenario fails as interrupted, its process group is stopped, its folder
+/// (PTYs included) removed, no further scenario starts, the JUnit report is
+/// written and the exit status is 128 + the signal. On SIGKILL the
+/// scenario's processes die with the run, and the next run removes the
+/// folder it left.
+#[test]
+fn a_run_stopped_by_a_signal_leaves_no_process_and_no_folder() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let pidfile = dir.path().join("sleeper.pid");
+    let long = format!(
+        "name: long\n{BUS}processes:\n  - {{name: sleeper, command: sh, args: ['-c', 'echo $$ > {}; echo up; exec sleep 90'], ready: up}}\nsteps:\n  - wait: 60s\n",
+        pidfile.display()
+    );
+    std::fs::write(dir.path().join("a-long.yaml"), &long).unwrap();
+    std::fs::write(dir.path().join("b-next.yaml"), "name: next\nsteps:\n  - wait: 10ms\n").unwrap();
+    let run_folders = || std::fs::read_dir(&tmp).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("hilbench-run-")).count();
+    let start = || {
+        let _ = std::fs::remove_file(&pidfile);
+        let child = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+            .args(["run", dir.path().to_str().unwrap(), "--junit"])
+            .arg(dir.path().join("junit.xml"))
+            .env("TMPDIR", &tmp)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // The sleeper is up once it has written its pid.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let pid = loop {
+            if let Some(p) = std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+                break Pid::from_raw(p);
+            }
+            assert!(std::time::Instant::now() < deadline, "the scenario's process never started");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(run_folders(), 1);
+        (child, pid)
+    };
+    let gone = |pid: Pid| {
+        (0..250).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            kill(pid, None).is_err()
+        })
+    };
+
+    for (sig, code) in [(Signal::SIGTERM, 143), (Signal::SIGINT, 130)] {
+        let (mut child, sleeper) = start();
+        kill(Pid::from_raw(child.id() as i32), sig).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "{sig}");
+        assert!(gone(sleeper), "{sig}: the scenario's process outlived the run");
+        assert_eq!(run_folders(), 0, "{sig}: the scenario's folder is still there");
+        let junit = std::fs::read_to_string(dir.path().join("junit.xml")).unwrap();
+        assert!(junit.contains(&format!("interrupted by {sig}")) && !junit.contains("next"), "{sig}: {junit}");
+    }
+
+    let (mut child, sleeper) = start();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(gone(sleeper), "SIGKILL: the scenario's process outlived the run");
+    assert_eq!(run_folders(), 1, "a killed run cannot clean up itself");
+    std::fs::remove_file(dir.path().join("a-long.yaml")).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+        .args(["run", dir.path().to_str().unwrap()])
+        .env("TMPDIR", &tmp)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(run_folders(), 0, "the next run removes what the killed one left");
+}

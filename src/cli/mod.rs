@@ -115,6 +115,15 @@ fn run(a: RunArgs) -> i32 {
     if bad {
         return 2;
     }
+    // Stopped by SIGTERM or SIGINT, a run cleans up and reports what it did;
+    // folders of runs that were killed outright go now.
+    if let Err(e) = scenario::interrupt::install() {
+        eprintln!("error: {e}");
+        return 2;
+    }
+    for stale in scenario::interrupt::remove_stale_folders(&std::env::temp_dir()) {
+        tracing::info!("removed {}, left by a run that was killed", stale.display());
+    }
     let bar = if a.json {
         indicatif::ProgressBar::hidden()
     } else {
@@ -133,6 +142,9 @@ fn run(a: RunArgs) -> i32 {
     };
     let mut reports = Vec::new();
     for (file, s) in parsed {
+        if scenario::interrupt::signal().is_some() {
+            break;
+        }
         bar.set_message(s.name.clone());
         let r = scenario::run_file_blocking(s, file, opts.clone());
         bar.suspend(|| {
@@ -145,10 +157,15 @@ fn run(a: RunArgs) -> i32 {
     }
     bar.finish_and_clear();
     let failed = reports.iter().filter(|r| !r.passed).count();
+    let interrupted = scenario::interrupt::signal();
     if a.json {
         println!("{}", report::to_json(&reports));
     } else {
         println!("\n{} passed, {} failed", reports.len() - failed, failed);
+    }
+    if let Some(sig) = interrupted {
+        let not_run = files.len() - reports.len();
+        eprintln!("interrupted by {}: {not_run} scenario(s) not run", scenario::interrupt::name(sig));
     }
     if let Some(j) = &a.junit {
         if let Err(e) = report::write_junit(j, &reports) {
@@ -156,10 +173,11 @@ fn run(a: RunArgs) -> i32 {
             return 2;
         }
     }
-    if failed > 0 {
-        1
-    } else {
-        0
+    match interrupted {
+        // As a shell reports a process ended by that signal.
+        Some(sig) => 128 + sig,
+        None if failed > 0 => 1,
+        None => 0,
     }
 }
 

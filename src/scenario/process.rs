@@ -77,6 +77,21 @@ impl RunningProcess {
             .kill_on_drop(true)
             // Its own process group, so we can kill what it spawns too.
             .process_group(0);
+        // SAFETY: prctl is async-signal-safe and touches nothing of ours.
+        // It dies with the run even when the run is killed with SIGKILL.
+        let run_pid = std::process::id();
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The run died before prctl took effect: nobody will signal us.
+                if libc::getppid() as u32 != run_pid {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
         let cwd: PathBuf = match &spec.cwd {
             Some(c) => base_dir.join(render(&c.to_string_lossy(), vars)?),
             None => std::env::current_dir().map_err(|e| e.to_string())?,

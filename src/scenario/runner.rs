@@ -213,15 +213,15 @@ async fn run_scenario(scenario: Scenario, file: PathBuf, options: RunOptions) ->
         }
     };
     let limit = scenario.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(120));
-    let timeline = run_steps(&scenario, &mut world, &mut report);
-    if tokio::time::timeout(limit, timeline).await.is_err() {
-        report.steps.push(StepReport {
-            index: report.steps.len() + 1,
-            step: "timeout",
-            passed: false,
-            message: format!("scenario exceeded its timeout of {}", humantime::format_duration(limit)),
-            t_ms: world.log.now_ms(),
-        });
+    let timeline = tokio::time::timeout(limit, run_steps(&scenario, &mut world, &mut report));
+    let ended = tokio::select! {
+        r = timeline => r.map_err(|_| ("timeout", format!("scenario exceeded its timeout of {}", humantime::format_duration(limit)))),
+        sig = super::interrupt::interrupted() => {
+            Err(("interrupted", format!("interrupted by {}: its processes were stopped and its folder removed", super::interrupt::name(sig))))
+        }
+    };
+    if let Err((step, message)) = ended {
+        report.steps.push(StepReport { index: report.steps.len() + 1, step, passed: false, message, t_ms: world.log.now_ms() });
     }
     for (p, spec) in world.processes.iter().zip(&scenario.processes) {
         if p.timed_out() {
@@ -250,7 +250,7 @@ type Partial = (String, Option<World>);
 
 async fn build_world(scenario: &Scenario, seed: u64, base_dir: &Path) -> Result<World, Partial> {
     let tmp = tempfile::Builder::new()
-        .prefix("hilbench-")
+        .prefix(&super::interrupt::folder_prefix())
         .tempdir()
         .map_err(|e| (format!("cannot create a temporary directory: {e}"), None))?;
     let log = ObservationLog::new(Instant::now());
