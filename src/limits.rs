@@ -22,6 +22,10 @@ pub mod air_bus {
     pub const MAX_INCOMPLETE: usize = 64;
 }
 
+/// How often a server writes a line about refused or failed connections
+/// of one kind; the line says how many it stands for.
+pub const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
+
 /// A log line that repeats says so once per `period`, with how many it
 /// stood for, instead of once per event.
 #[derive(Debug)]

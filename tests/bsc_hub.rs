@@ -695,3 +695,33 @@ fn sim_bsc_hub_serves_and_exits_on_sigterm() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing ca.pem, hub.pem, hub.key"), "{err}");
 }
+
+/// Refusals are counted one by one but logged once per kind per period
+/// (issue 13: a flood of refused peers wrote one WARN line each, 176,258
+/// lines in two minutes).
+#[tokio::test]
+async fn a_flood_of_refused_peers_is_counted_but_not_logged_line_by_line() {
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_max_level(tracing::Level::WARN).with_ansi(false).finish();
+    tracing::subscriber::set_global_default(subscriber).expect("the only subscriber in this test process");
+    let hub = start(plain()).await;
+    for _ in 0..300 {
+        assert!(matches!(ws_connect(&hub, None).await, Err(WsError::Http(_))));
+    }
+    until_stats(&hub, "300 refusals counted", |s| s.refused.subprotocol == 300).await;
+    let text = String::from_utf8_lossy(&lines.0.lock().unwrap()).to_string();
+    let refusal_lines = text.lines().filter(|l| l.contains("refused")).count();
+    assert!((1..=2).contains(&refusal_lines), "{refusal_lines} lines for 300 refusals:\n{text}");
+}

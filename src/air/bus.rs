@@ -30,7 +30,7 @@ use crate::protocol::dbus::{self as wire, BusMessage, BusValue, Header, MatchRul
 // A connection gets AUTH_TIMEOUT to authenticate, and at most MAX_INCOMPLETE
 // may be authenticating at once, so idle sockets cannot take every descriptor.
 use crate::limits::air_bus::{AUTH_TIMEOUT, MAX_INCOMPLETE, MAX_QUEUED_BYTES, QUEUED_OVERHEAD};
-use crate::limits::LogEvery;
+use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
 
 /// One message on its way to a connection; `written` bytes of it are out.
 struct Outgoing {
@@ -382,8 +382,8 @@ async fn accept(listener: UnixListener, guid: String, stop: tokio::sync::watch::
     let state = Arc::new(Mutex::new(State { guid, reserved: RESERVED_NAMES.iter().map(|n| (*n, None)).collect(), ..Default::default() }));
     let stopped = stop.clone();
     let incomplete = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut refused_log = LogEvery::new(std::time::Duration::from_secs(10));
-    let mut accept_log = LogEvery::new(std::time::Duration::from_secs(10));
+    let mut refused_log = LogEvery::new(REFUSAL_LOG_PERIOD);
+    let mut accept_log = LogEvery::new(REFUSAL_LOG_PERIOD);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -65,6 +65,7 @@ use crate::device::bsc_hub_core::{
     BscHubCore, CloseReason, ConnId, DropReason, HubConfig, HubEvent, HubOutput, HubRole,
 };
 use crate::protocol::bvlc_sc::Vmac;
+use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
 use crate::transport::tls::{TlsDir, TlsError};
 
 /// The WebSocket subprotocol a node uses towards a hub (Annex AB).
@@ -144,6 +145,20 @@ pub enum RefuseReason {
     Handshake(String),
     /// Handshake not done within `handshake_timeout`.
     HandshakeTimeout,
+}
+
+impl RefuseReason {
+    /// Its place among the kinds of refusal (each kind logs on its own).
+    fn kind_index(&self) -> usize {
+        match self {
+            RefuseReason::HandshakesBusy => 0,
+            RefuseReason::AtCapacity => 1,
+            RefuseReason::Subprotocol { .. } => 2,
+            RefuseReason::Tls(_) => 3,
+            RefuseReason::Handshake(_) => 4,
+            RefuseReason::HandshakeTimeout => 5,
+        }
+    }
 }
 
 impl std::fmt::Display for RefuseReason {
@@ -332,6 +347,9 @@ struct Shared {
     events: broadcast::Sender<HubServerEvent>,
     /// OS thread ids of the runtime's threads, for [`HubHandle::cpu_time`].
     tids: Mutex<Vec<i32>>,
+    /// One line per kind of refusal per period, with a count, however many
+    /// peers are refused (a flood wrote 176,258 lines in two minutes).
+    refuse_logs: Mutex<[LogEvery; 6]>,
 }
 
 impl Shared {
@@ -343,7 +361,12 @@ impl Shared {
 
     fn refuse(&self, peer: SocketAddr, reason: RefuseReason) {
         self.counters.refused(&reason).fetch_add(1, Relaxed);
-        tracing::warn!(%peer, "refused: {reason}");
+        let logged = self.refuse_logs.lock().map(|mut l| l[reason.kind_index()].check(Instant::now()));
+        match logged {
+            Ok(Some(0)) => tracing::warn!(%peer, "refused: {reason}"),
+            Ok(Some(more)) => tracing::warn!(%peer, "refused: {reason} (and {more} more of this kind since the last such line)"),
+            Ok(None) | Err(_) => tracing::debug!(%peer, "refused: {reason}"),
+        }
         self.emit(|| HubServerEvent::Refused { peer, reason });
     }
 }
@@ -498,7 +521,8 @@ impl HubServer {
             None => None,
         };
         let (events, _) = broadcast::channel(cfg.event_capacity);
-        let shared = Arc::new(Shared { counters: Counters::default(), events, tids: Mutex::new(Vec::new()) });
+        let refuse_logs = Mutex::new(std::array::from_fn(|_| LogEvery::new(REFUSAL_LOG_PERIOD)));
+        let shared = Arc::new(Shared { counters: Counters::default(), events, tids: Mutex::new(Vec::new()), refuse_logs });
         let tids = shared.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cfg.worker_threads)
@@ -655,6 +679,7 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let handshakes = Arc::new(Semaphore::new(cfg.max_handshakes));
+    let mut accept_log = LogEvery::new(REFUSAL_LOG_PERIOD);
     let next_id = Arc::new(AtomicU64::new(1));
     // Small buffers: an idle connection holds its read buffer (tungstenite zero-fills it
     // on every read attempt, so it is resident) and the high-water mark of its write
@@ -679,7 +704,9 @@ async fn accept_loop(
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
+                    if let Some(more) = accept_log.check(Instant::now()) {
+                        tracing::warn!("accept failed: {e} ({more} more since the last line)");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
