@@ -725,3 +725,33 @@ async fn a_flood_of_refused_peers_is_counted_but_not_logged_line_by_line() {
     let refusal_lines = text.lines().filter(|l| l.contains("refused")).count();
     assert!((1..=2).contains(&refusal_lines), "{refusal_lines} lines for 300 refusals:\n{text}");
 }
+
+/// Slowloris (issue 13): 200 sockets from one address that never finish a
+/// handshake (half of them send half an HTTP request) held all 64 slots for
+/// 10 s, and 1 of 28 legitimate connects got through. Now that source is
+/// held to its share once the hub is busy, the rest of the slots stay free
+/// for others, and a node from another address joins at once.
+#[tokio::test]
+async fn slow_handshakes_from_one_address_cannot_lock_others_out() {
+    let hub = start(plain()).await;
+    let mut bad = Vec::new();
+    for i in 0..200 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = sock.connect(hub.local_addr()).await.unwrap();
+        if i % 2 == 0 {
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: hub\r\n").await;
+        }
+        bad.push(s);
+    }
+    // The hub has seen all 200: the source took slots until only the reserve
+    // was left, and everything past that was refused.
+    let cfg = plain();
+    let admitted = (cfg.max_handshakes - cfg.reserved_handshakes) as u64;
+    let s = until_stats(&hub, "the flood refused", |s| s.refused.source_busy + s.refused.handshakes_busy >= 200 - admitted).await;
+    assert_eq!(s.refused.handshakes_busy, 0, "the flood never took the last slots: {s:?}");
+    let started = std::time::Instant::now();
+    let node = Node::join(ws_connect(&hub, Some(HUB_SUBPROTOCOL)).await.expect("a node from another address is let in"), vmac(1), uuid(1)).await;
+    eprintln!("joined under 200 slow sockets in {:?}", started.elapsed());
+    drop((node, bad));
+}

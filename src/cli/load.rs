@@ -127,8 +127,10 @@ pub struct BscLoadArgs {
     /// Per-connection timeout (TCP, TLS, upgrade, Connect-Accept).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub connect_timeout: Duration,
-    /// Connections opened at once.
-    #[arg(long, default_value_t = 64)]
+    /// Connections opened at once. A hub holds one source to 8 handshakes
+    /// once fewer than 16 of its 64 slots are free (slowloris defence), so
+    /// from one address more than 48 at once get refused.
+    #[arg(long, default_value_t = 32)]
     pub connect_concurrency: usize,
     /// Heartbeat interval of every node.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]

@@ -79,6 +79,16 @@ pub struct BscHubSimArgs {
     /// TLS/WebSocket handshakes in progress at once (more are closed at once).
     #[arg(long, default_value_t = 64)]
     pub max_handshakes: usize,
+    /// Handshakes one source address may hold once fewer than
+    /// --reserved-handshakes slots are free, or after one of its handshakes timed out.
+    #[arg(long, default_value_t = 8)]
+    pub max_handshakes_per_source: usize,
+    /// Handshake slots kept for sources within their share.
+    #[arg(long, default_value_t = 16)]
+    pub reserved_handshakes: usize,
+    /// Time from TCP accept to the first byte (ClientHello or HTTP request).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub first_byte_timeout: std::time::Duration,
     /// Frames queued per receiver before its frames are dropped.
     #[arg(long, default_value_t = 1024)]
     pub queue_depth: usize,
@@ -183,6 +193,9 @@ fn bsc_hub(a: BscHubSimArgs) -> Result<(), String> {
         max_message: a.max_message,
         max_connections: a.max_connections,
         max_handshakes: a.max_handshakes,
+        max_handshakes_per_source: a.max_handshakes_per_source,
+        reserved_handshakes: a.reserved_handshakes,
+        first_byte_timeout: a.first_byte_timeout,
         queue_depth: a.queue_depth,
         ..HubServerConfig::default()
     };

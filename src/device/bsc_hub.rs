@@ -100,7 +100,17 @@ pub struct HubServerConfig {
     pub max_connections: usize,
     /// TLS + WebSocket handshakes in progress at once; more TCP connections are closed.
     pub max_handshakes: usize,
-    /// Time for the TLS and WebSocket handshakes together.
+    /// Of those, how many one source address may hold once the hub is
+    /// busy (no more than `reserved_handshakes` free), and always for a
+    /// source whose handshake timed out in the last minute: a few slow or
+    /// hostile peers cannot take every slot (slowloris).
+    pub max_handshakes_per_source: usize,
+    /// Slots kept for sources holding fewer than `max_handshakes_per_source`.
+    pub reserved_handshakes: usize,
+    /// Time from accepting a TCP connection to its first byte (a ClientHello
+    /// or an HTTP request line).
+    pub first_byte_timeout: Duration,
+    /// Time for each handshake phase after that: TLS, then the WebSocket upgrade.
     pub handshake_timeout: Duration,
     /// Frames queued per receiver before its frames are dropped.
     pub queue_depth: usize,
@@ -121,7 +131,10 @@ impl Default for HubServerConfig {
             max_message: 8 * 1024,
             max_connections: 1024,
             max_handshakes: 64,
-            handshake_timeout: Duration::from_secs(10),
+            max_handshakes_per_source: 8,
+            reserved_handshakes: 16,
+            first_byte_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(5),
             queue_depth: 1024,
             slow_consumer_close_after: Some(Duration::from_secs(30)),
             worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
@@ -135,6 +148,8 @@ impl Default for HubServerConfig {
 pub enum RefuseReason {
     /// `max_handshakes` handshakes already in progress (TCP closed at once).
     HandshakesBusy,
+    /// Its source address already holds `max_handshakes_per_source` of them.
+    SourceBusy,
     /// `max_connections` WebSockets open (HTTP 503).
     AtCapacity,
     /// Subprotocol missing or not `hub.bsc.bacnet.org` (HTTP 400); what was offered.
@@ -157,6 +172,7 @@ impl RefuseReason {
             RefuseReason::Tls(_) => 3,
             RefuseReason::Handshake(_) => 4,
             RefuseReason::HandshakeTimeout => 5,
+            RefuseReason::SourceBusy => 6,
         }
     }
 }
@@ -165,6 +181,7 @@ impl std::fmt::Display for RefuseReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RefuseReason::HandshakesBusy => write!(f, "too many handshakes in progress"),
+            RefuseReason::SourceBusy => write!(f, "too many handshakes in progress from this address"),
             RefuseReason::AtCapacity => write!(f, "hub full (HTTP 503)"),
             RefuseReason::Subprotocol { offered: None } => {
                 write!(f, "no subprotocol offered, {HUB_SUBPROTOCOL} required (HTTP 400)")
@@ -231,6 +248,7 @@ pub struct DropCounts {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RefusedCounts {
     pub handshakes_busy: u64,
+    pub source_busy: u64,
     pub at_capacity: u64,
     pub subprotocol: u64,
     pub tls: u64,
@@ -286,6 +304,7 @@ struct Counters {
     drop_exceeds_peer_max_bvlc: AtomicU64,
     drop_other: AtomicU64,
     refused_handshakes_busy: AtomicU64,
+    refused_source_busy: AtomicU64,
     refused_at_capacity: AtomicU64,
     refused_subprotocol: AtomicU64,
     refused_tls: AtomicU64,
@@ -320,6 +339,7 @@ impl Counters {
             },
             refused: RefusedCounts {
                 handshakes_busy: g(&self.refused_handshakes_busy),
+                source_busy: g(&self.refused_source_busy),
                 at_capacity: g(&self.refused_at_capacity),
                 subprotocol: g(&self.refused_subprotocol),
                 tls: g(&self.refused_tls),
@@ -332,6 +352,7 @@ impl Counters {
     fn refused(&self, r: &RefuseReason) -> &AtomicU64 {
         match r {
             RefuseReason::HandshakesBusy => &self.refused_handshakes_busy,
+            RefuseReason::SourceBusy => &self.refused_source_busy,
             RefuseReason::AtCapacity => &self.refused_at_capacity,
             RefuseReason::Subprotocol { .. } => &self.refused_subprotocol,
             RefuseReason::Tls(_) => &self.refused_tls,
@@ -349,7 +370,74 @@ struct Shared {
     tids: Mutex<Vec<i32>>,
     /// One line per kind of refusal per period, with a count, however many
     /// peers are refused (a flood wrote 176,258 lines in two minutes).
-    refuse_logs: Mutex<[LogEvery; 6]>,
+    refuse_logs: Mutex<[LogEvery; 7]>,
+    /// Handshakes in progress per source address.
+    handshaking: Mutex<HashMap<IpAddr, usize>>,
+    /// Sources whose handshake timed out, and when it last did.
+    misbehaving: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+/// How long a source whose handshake timed out is held to its share.
+const MISBEHAVING_FOR: Duration = Duration::from_secs(60);
+/// Sources remembered as misbehaving, at most (oldest forgotten first).
+const MAX_MISBEHAVING: usize = 10_000;
+
+/// A handshake in progress: one of `max_handshakes`, one of its source's
+/// `max_handshakes_per_source`. Both free when it is dropped.
+struct HandshakeSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    source: IpAddr,
+    shared: Arc<Shared>,
+}
+
+impl Shared {
+    /// Counts a handshake for `source`, unless it must keep to its share
+    /// (`strict`: the hub is busy, or the source misbehaved) and holds it.
+    fn enter_source(&self, source: IpAddr, share: usize, busy: bool) -> bool {
+        let strict = busy || self.misbehaved(source);
+        let mut h = self.handshaking.lock().unwrap_or_else(|p| p.into_inner());
+        let n = h.entry(source).or_insert(0);
+        if strict && *n >= share {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn misbehaved(&self, source: IpAddr) -> bool {
+        let m = self.misbehaving.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&source).is_some_and(|t| t.elapsed() < MISBEHAVING_FOR)
+    }
+
+    /// A handshake from `source` timed out: hold it to its share for a while.
+    fn misbehaves(&self, source: IpAddr) {
+        let mut m = self.misbehaving.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= MAX_MISBEHAVING {
+            m.retain(|_, t| t.elapsed() < MISBEHAVING_FOR);
+            if m.len() >= MAX_MISBEHAVING {
+                if let Some(oldest) = m.iter().min_by_key(|(_, t)| **t).map(|(ip, _)| *ip) {
+                    m.remove(&oldest);
+                }
+            }
+        }
+        m.insert(source, Instant::now());
+    }
+
+    fn leave_source(&self, source: IpAddr) {
+        let mut h = self.handshaking.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = h.get_mut(&source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                h.remove(&source);
+            }
+        }
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.shared.leave_source(self.source);
+    }
 }
 
 impl Shared {
@@ -361,6 +449,9 @@ impl Shared {
 
     fn refuse(&self, peer: SocketAddr, reason: RefuseReason) {
         self.counters.refused(&reason).fetch_add(1, Relaxed);
+        if matches!(reason, RefuseReason::HandshakeTimeout) {
+            self.misbehaves(peer.ip());
+        }
         let logged = self.refuse_logs.lock().map(|mut l| l[reason.kind_index()].check(Instant::now()));
         match logged {
             Ok(Some(0)) => tracing::warn!(%peer, "refused: {reason}"),
@@ -507,6 +598,7 @@ impl HubServer {
         for (name, v) in [
             ("max_connections", cfg.max_connections),
             ("max_handshakes", cfg.max_handshakes),
+            ("max_handshakes_per_source", cfg.max_handshakes_per_source),
             ("queue_depth", cfg.queue_depth),
             ("worker_threads", cfg.worker_threads),
             ("event_capacity", cfg.event_capacity),
@@ -522,7 +614,14 @@ impl HubServer {
         };
         let (events, _) = broadcast::channel(cfg.event_capacity);
         let refuse_logs = Mutex::new(std::array::from_fn(|_| LogEvery::new(REFUSAL_LOG_PERIOD)));
-        let shared = Arc::new(Shared { counters: Counters::default(), events, tids: Mutex::new(Vec::new()), refuse_logs });
+        let shared = Arc::new(Shared {
+            counters: Counters::default(),
+            events,
+            tids: Mutex::new(Vec::new()),
+            refuse_logs,
+            handshaking: Mutex::new(HashMap::new()),
+            misbehaving: Mutex::new(HashMap::new()),
+        });
         let tids = shared.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cfg.worker_threads)
@@ -665,6 +764,7 @@ async fn serve(
 
 struct ConnSettings {
     ws: WebSocketConfig,
+    first_byte_timeout: Duration,
     handshake_timeout: Duration,
     max_connections: u64,
     queue_depth: usize,
@@ -693,6 +793,7 @@ async fn accept_loop(
         .max_frame_size(Some(cfg.max_message));
     let settings = Arc::new(ConnSettings {
         ws,
+        first_byte_timeout: cfg.first_byte_timeout,
         handshake_timeout: cfg.handshake_timeout,
         max_connections: cfg.max_connections as u64,
         queue_depth: cfg.queue_depth,
@@ -712,11 +813,20 @@ async fn accept_loop(
                 }
             },
         };
+        let source = peer.ip();
+        let busy = handshakes.available_permits() <= cfg.reserved_handshakes;
+        if !shared.enter_source(source, cfg.max_handshakes_per_source, busy) {
+            shared.refuse(peer, RefuseReason::SourceBusy);
+            drop(tcp);
+            continue;
+        }
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            shared.leave_source(source);
             shared.refuse(peer, RefuseReason::HandshakesBusy);
             drop(tcp);
             continue;
         };
+        let permit = HandshakeSlot { _permit: permit, source, shared: shared.clone() };
         let _ = tcp.set_nodelay(true);
         let conn = ConnId(next_id.fetch_add(1, Relaxed));
         let (tls, in_tx, shared, settings) = (tls.clone(), in_tx.clone(), shared.clone(), settings.clone());
@@ -724,6 +834,13 @@ async fn accept_loop(
         // largest state of its future, and inline TLS and WebSocket handshake state made
         // every idle connection's task 13 kB.
         tokio::spawn(async move {
+            // Phase one: a first byte soon, or the slot goes back.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(settings.first_byte_timeout, tcp.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return,
+                Err(_) => return shared.refuse(peer, RefuseReason::HandshakeTimeout),
+            }
             match tls {
                 Some(acceptor) => {
                     let hs = Box::pin(tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp))).await;
@@ -773,7 +890,7 @@ async fn connection<S>(
     stream: S,
     conn: ConnId,
     peer: SocketAddr,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: HandshakeSlot,
     settings: Arc<ConnSettings>,
     in_tx: mpsc::Sender<Inbound>,
     shared: Arc<Shared>,
