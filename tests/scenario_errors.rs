@@ -90,6 +90,8 @@ fn typos_in_selectors_are_located_errors() {
     let hub = "devices:\n  - {name: hub, kind: bsc-hub}\nclients:\n  - {name: a, kind: bsc-node, hub: hub}\n  - {name: s, kind: bsc-raw, hub: hub}\nsteps:\n";
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: hub, kind: drop}}\n"));
     assert!(e.starts_with("bad.yaml:8:") && e.contains("no link `hub`") && e.contains("bsc-hub, which has no link"), "{e}");
+    let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: echo}}\n"));
+    assert!(e.starts_with("bad.yaml:8:") && e.contains("steps[0].fault.kind") && e.contains("websocket link") && e.contains("only acts on serial links"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - send_npdu: {{client: a, count: 10, paced_by: s}}\n"));
     assert!(e.starts_with("bad.yaml:8:") && e.contains("steps[0].send_npdu.paced_by") && e.contains("must name another bsc-node"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - send_npdu: {{client: a, count: 10, window: 8}}\n"));

@@ -264,8 +264,10 @@ fn list() {
         }
     }
     println!("\nLink faults (one-shot by default; count: N, probability: P, always: true; direction: request|response; name: N):");
-    for (k, d) in crate::link::LinkFault::CATALOG {
-        println!("  {k:<18} {d}");
+    for d in crate::link::LinkFault::CATALOG {
+        let media: Vec<&str> = d.media.iter().map(|m| m.name()).collect();
+        let on = if d.media.len() == crate::link::fault::LinkMedium::ALL.len() { "any link".to_string() } else { format!("{} links only", media.join(", ")) };
+        println!("  {:<18} {} [{on}]", d.name, d.about);
     }
     println!("\nObservation kinds (scenario `expect_observation: {{kind: …, contains: …}}`):");
     println!("  {}", crate::observe::ObservationKind::NAMES.join(", "));

@@ -12,6 +12,7 @@ use super::serial_client::LinkedClient;
 use super::{at_key, bsc_peer, decode_keys, step_body, Declared, Kind, LinkDecl, LinkHomeDecl, Names, Role, Running, StartContext, StepContext, StepDoc};
 use crate::client::bsc_node::{BscNodeActor, BscNodeConfig, SendNpdu};
 use crate::client::bsc_node_core::NodeConfig;
+use crate::link::fault::LinkMedium;
 use crate::link::{FaultRule, FrameRecord};
 use crate::observe::{ObservationKind, ObservationLog};
 use crate::protocol::bvlc_sc::Vmac;
@@ -115,7 +116,7 @@ impl Declared for BscNodeKeys {
         bsc_peer::check_identity(self.vmac.as_deref(), self.uuid.as_deref())
     }
     fn links(&self) -> Vec<LinkDecl> {
-        vec![LinkDecl { name: self.name.clone(), home: LinkHomeDecl::Own, capture: None, checksum: None, carries: "BVLC-SC over WebSocket" }]
+        vec![LinkDecl { name: self.name.clone(), home: LinkHomeDecl::Own, capture: None, checksum: None, carries: "BVLC-SC over WebSocket", medium: LinkMedium::WebSocket }]
     }
     fn client_of(&self) -> Option<&'static str> {
         Some(BACNET_SC_HUB)

@@ -11,7 +11,7 @@ use super::{at_key, decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, ListSec
 use crate::device::eg4::{Eg4PackActor, SetState};
 use crate::device::eg4_core::{Eg4Pack, Eg4Protocol, Eg4Quirk};
 use crate::link::capture::CaptureFormat;
-use crate::link::fault::ChecksumLayout;
+use crate::link::fault::{ChecksumLayout, LinkMedium};
 use crate::model::PackConfig;
 use crate::protocol::eg4::RegisterProfile;
 use crate::scenario::source::{Problem, YamlPath};
@@ -147,6 +147,7 @@ impl Declared for Eg4Keys {
             capture: Some(CaptureFormat::ModbusRtu),
             checksum: Some(checksum),
             carries,
+            medium: LinkMedium::Serial,
         }]
     }
     fn bus(&self) -> Option<&str> {

@@ -12,7 +12,7 @@ use crate::device::eg4::SetState;
 use crate::device::jbd::{JbdBmsDevice, JbdGattConfig};
 use crate::device::jbd_core::{JbdBms, JbdConfig, JbdProfile, JbdQuirk, JBD_STATE_KEYS};
 use crate::link::capture::CaptureFormat;
-use crate::link::fault::ChecksumLayout;
+use crate::link::fault::{ChecksumLayout, LinkMedium};
 use crate::link::{FaultRule, FrameRecord};
 use crate::model::PackConfig;
 use crate::scenario::source::{Problem, YamlPath};
@@ -165,6 +165,7 @@ impl Declared for JbdKeys {
             capture: Some(CaptureFormat::BleAtt),
             checksum: Some(ChecksumLayout::JbdSum),
             carries: "JBD frames in BLE notifications",
+            medium: LinkMedium::Gatt,
         }]
     }
     fn serves(&self) -> &'static [&'static str] {

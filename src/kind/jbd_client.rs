@@ -12,7 +12,7 @@ use super::jbd_bms::JBD_GATT;
 use super::serial_client::LinkedClient;
 use super::{at_key, decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, Names, Role, Running, StartContext, Vocabulary};
 use crate::client::jbd_client::{JbdClientActor, JbdClientConfig, JbdTarget};
-use crate::link::fault::ChecksumLayout;
+use crate::link::fault::{ChecksumLayout, LinkMedium};
 use crate::scenario::source::Problem;
 use crate::scenario::spec::Dur;
 
@@ -109,6 +109,7 @@ impl Declared for JbdClientKeys {
             capture: None,
             checksum: Some(ChecksumLayout::JbdSum),
             carries: "JBD frames in BLE notifications",
+            medium: LinkMedium::Gatt,
         }]
     }
     fn client_of(&self) -> Option<&'static str> {

@@ -28,7 +28,7 @@ use std::path::Path;
 use futures::future::LocalBoxFuture;
 
 use crate::link::capture::CaptureFormat;
-use crate::link::fault::ChecksumLayout;
+use crate::link::fault::{ChecksumLayout, LinkMedium};
 use crate::link::{FaultRule, FrameRecord};
 use crate::observe::ObservationLog;
 use crate::scenario::source::{Problem, YamlPath};
@@ -222,6 +222,8 @@ pub struct LinkDecl {
     pub checksum: Option<ChecksumLayout>,
     /// What it carries, for messages ("Modbus RTU", "BVLC-SC over WebSocket").
     pub carries: &'static str,
+    /// What it is made of: which faults it can take.
+    pub medium: LinkMedium,
 }
 
 /// The scenario's names, for cross-references while checking.

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::{at_key, LinkDecl, LinkHomeDecl, Names, Running, Vocabulary};
 use crate::client::poller::{ClientClearFault, ClientClearFaults, ClientFault, ClientFrames, PollerConfig};
 use crate::link::capture::CaptureFormat;
-use crate::link::fault::ChecksumLayout;
+use crate::link::fault::{ChecksumLayout, LinkMedium};
 use crate::link::{FaultRule, FrameRecord};
 use crate::protocol::eg4::RegisterProfile;
 use crate::scenario::source::Problem;
@@ -79,7 +79,7 @@ impl SerialKeys {
 
     /// The client's own link, between it and its port.
     pub fn link(&self, checksum: ChecksumLayout, carries: &'static str) -> LinkDecl {
-        LinkDecl { name: self.name.clone(), home: LinkHomeDecl::Own, capture: Some(CaptureFormat::ModbusRtu), checksum: Some(checksum), carries }
+        LinkDecl { name: self.name.clone(), home: LinkHomeDecl::Own, capture: Some(CaptureFormat::ModbusRtu), checksum: Some(checksum), carries, medium: LinkMedium::Serial }
     }
 }
 

@@ -81,21 +81,67 @@ pub enum LinkFault {
     Cut,
 }
 
+/// What a link is made of, which decides the faults it can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkMedium {
+    /// A serial line or an RS-485 bus: bytes on a wire.
+    Serial,
+    /// A BLE GATT link: writes and notifications.
+    Gatt,
+    /// A WebSocket: messages on a TCP (or TLS) connection.
+    WebSocket,
+}
+
+impl LinkMedium {
+    pub const ALL: [LinkMedium; 3] = [LinkMedium::Serial, LinkMedium::Gatt, LinkMedium::WebSocket];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkMedium::Serial => "serial",
+            LinkMedium::Gatt => "ble-gatt",
+            LinkMedium::WebSocket => "websocket",
+        }
+    }
+}
+
+/// One fault of the vocabulary: its name, what it does, and the links that can take it.
+pub struct FaultDoc {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub media: &'static [LinkMedium],
+}
+
+const ANY_LINK: &[LinkMedium] = &LinkMedium::ALL;
+
 impl LinkFault {
-    /// Names and a one-line description of every fault, for `hilbench list`.
-    pub const CATALOG: &'static [(&'static str, &'static str)] = &[
-        ("drop", "the frame vanishes"),
-        ("delay", "the frame arrives late: ms, jitter_ms"),
-        ("corrupt", "bytes damaged: offsets | count_bytes (random), mask (XOR, default 0xFF), or fill (every byte)"),
-        ("bad_checksum", "the link's own checksum is wrong: CRC-16 (Modbus), check byte (7E/0D), two-byte sum (JBD)"),
-        ("duplicate", "the frame is sent twice: gap_ms"),
-        ("split", "the frame arrives in pieces: offsets | chunk, gap_ms"),
-        ("truncate", "only the first `keep` bytes arrive"),
-        ("garbage", "noise before and/or after the frame: before, after (bytes)"),
-        ("echo", "the frame is reflected back to its sender (RS-485 adapter echo)"),
-        ("stall", "nothing passes for ms"),
-        ("cut", "nothing passes until the fault is cleared"),
+    /// Every fault, for `hilbench list` and for validation.
+    pub const CATALOG: &'static [FaultDoc] = &[
+        FaultDoc { name: "drop", about: "the frame vanishes", media: ANY_LINK },
+        FaultDoc { name: "delay", about: "the frame arrives late: ms, jitter_ms", media: ANY_LINK },
+        FaultDoc {
+            name: "corrupt",
+            about: "bytes damaged: offsets | count_bytes (random), mask (XOR, default 0xFF), or fill (every byte)",
+            media: ANY_LINK,
+        },
+        FaultDoc {
+            name: "bad_checksum",
+            about: "the link's own checksum is wrong: CRC-16 (Modbus), check byte (7E/0D), two-byte sum (JBD)",
+            media: ANY_LINK,
+        },
+        FaultDoc { name: "duplicate", about: "the frame is sent twice: gap_ms", media: ANY_LINK },
+        FaultDoc { name: "split", about: "the frame arrives in pieces: offsets | chunk, gap_ms", media: ANY_LINK },
+        FaultDoc { name: "truncate", about: "only the first `keep` bytes arrive", media: ANY_LINK },
+        FaultDoc { name: "garbage", about: "noise before and/or after the frame: before, after (bytes)", media: ANY_LINK },
+        // A reflection needs a shared wire: a GATT or TCP peer never hears itself.
+        FaultDoc { name: "echo", about: "the frame is reflected back to its sender (RS-485 adapter echo)", media: &[LinkMedium::Serial] },
+        FaultDoc { name: "stall", about: "nothing passes for ms", media: ANY_LINK },
+        FaultDoc { name: "cut", about: "nothing passes until the fault is cleared", media: ANY_LINK },
     ];
+
+    /// The catalog entry of the fault called `name`.
+    pub fn doc(name: &str) -> Option<&'static FaultDoc> {
+        Self::CATALOG.iter().find(|d| d.name == name)
+    }
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -348,7 +394,7 @@ impl FaultSpec {
             "garbage" => &["before", "after"],
             "stall" => &["ms"],
             other => {
-                let names: Vec<_> = LinkFault::CATALOG.iter().map(|(n, _)| *n).collect();
+                let names: Vec<_> = LinkFault::CATALOG.iter().map(|d| d.name).collect();
                 return Err(format!(
                     "unknown fault kind `{other}`, expected one of: {}",
                     names.join(", ")

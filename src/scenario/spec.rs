@@ -543,6 +543,7 @@ impl Scenario {
                     capture: Some(crate::link::capture::CaptureFormat::ModbusRtu),
                     checksum,
                     carries: "RS-485 (a bus port)",
+                    medium: crate::link::fault::LinkMedium::Serial,
                 });
             }
         }
@@ -723,6 +724,14 @@ impl StepChecker<'_> {
                     let at = if e.contains("checksum") || e.contains("fault kind") { YamlPath::key("kind") } else { YamlPath::default() };
                     Problem::at(at, if e.contains("no checksum") { format!("`{name}` carries {}: {e}", link.carries) } else { e })
                 })?;
+                // A fault the link is not made for is refused, not ignored at run time.
+                if let Some(doc) = crate::link::LinkFault::doc(&f.kind).filter(|d| !d.media.contains(&link.medium)) {
+                    let takes: Vec<&str> = doc.media.iter().map(|m| m.name()).collect();
+                    return Err(Problem::at(
+                        YamlPath::key("kind"),
+                        format!("`{name}` is a {} link ({}); `{}` only acts on {} links", link.medium.name(), link.carries, doc.name, takes.join(" and ")),
+                    ));
+                }
                 Ok(())
             }
             Step::ClearFaults(c) => {
