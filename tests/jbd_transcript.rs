@@ -80,3 +80,38 @@ fn jbd_chins_and_field_quirks() {
     );
     insta::assert_snapshot!(transcript(&mut bms, &poll()));
 }
+
+/// `bad_checksum` on a jbd-bms link, with the checksum layout the jbd-bms kind
+/// declares for its link: the BMS's 0x03 reply goes out in 20-byte
+/// notifications (MTU 23), the middle ones pass untouched, and in the last one
+/// the sum changes while the 0x77 end marker stays.
+#[test]
+fn jbd_bad_checksum_breaks_the_sum_and_keeps_the_end_marker() {
+    use hilbench::kind::{find, Role};
+    use hilbench::link::{FaultSpec, LinkEngine};
+
+    let entry: yaml_serde::Value = yaml_serde::from_str("{name: bms}").unwrap();
+    let declared = find(Role::Device, "jbd-bms").unwrap().decode(entry).unwrap();
+    let link = declared.links().into_iter().next().expect("jbd-bms has a link");
+    let spec = FaultSpec { kind: "bad_checksum".into(), direction: Some(Direction::Response), ..Default::default() };
+    let mut engine = LinkEngine::new("bms", 1);
+    engine.add_rule(spec.into_rule(link.checksum).unwrap(), 0);
+
+    let mut bms = pack(JbdProfile::Standard, vec![]);
+    let reply = bms.handle_write(&encode_read(reg::BASIC_INFO), Duration::from_millis(100)).remove(0);
+    let mut lines = vec![format!("as sent:     {}", hilbench::client::hex(&reply))];
+    let mut received = Vec::new();
+    for piece in reply.chunks(20) {
+        for e in engine.process(Direction::Response, piece, 0, 0) {
+            lines.push(format!("notification {}", hilbench::client::hex(&e.bytes)));
+            received.extend_from_slice(&e.bytes);
+        }
+    }
+    lines.push(format!("as received: {}", hilbench::client::hex(&received)));
+    lines.push(format!("decoded:     {}", describe_jbd(Direction::Response, &received)));
+    let n = reply.len();
+    assert_eq!(received[..n - 3], reply[..n - 3], "only the checksum changes");
+    assert_ne!(received[n - 3..n - 1], reply[n - 3..n - 1], "the sum is broken");
+    assert_eq!(received[n - 1], 0x77, "the end marker stays");
+    insta::assert_snapshot!(lines.join("\n"));
+}

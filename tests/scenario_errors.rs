@@ -27,6 +27,8 @@ fn malformed_files_name_line_column_and_what_was_expected() {
     assert!(e.starts_with("bad.yaml:6:") && e.contains("steps[0].set.state.warp") && e.contains("unknown state key `warp`"), "{e}");
     let e = parse(&format!("name: x\n{BUS}steps:\n  - fault: {{link: d, kind: delay}}\n"));
     assert!(e.starts_with("bad.yaml:6:") && e.contains("steps[0].fault") && e.contains("needs `ms`"), "{e}");
+    let e = parse(&format!("name: x\n{BUS}steps:\n  - fault: {{link: d, kind: reset}}\n"));
+    assert!(e.contains("steps[0].fault.kind") && e.contains("is a serial link") && e.contains("only acts on websocket links"), "{e}");
     let e = parse(&format!("name: x\n{BUS}steps:\n  - fault: {{link: nowhere, kind: drop}}\n"));
     assert!(e.contains("no link `nowhere`") && e.contains("links: p, d"), "{e}");
     let e = parse("name: x\nbuses: [{name: b, ports: [p]}]\nclients:\n  - {name: m, kind: modbus-master, port: q, addresses: [1]}\nsteps: []\n");
@@ -92,6 +94,12 @@ fn typos_in_selectors_are_located_errors() {
     assert!(e.starts_with("bad.yaml:8:") && e.contains("no link `hub`") && e.contains("bsc-hub, which has no link"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: echo}}\n"));
     assert!(e.starts_with("bad.yaml:8:") && e.contains("steps[0].fault.kind") && e.contains("websocket link") && e.contains("only acts on serial links"), "{e}");
+    let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: close_after}}\n"));
+    assert!(e.contains("fault `close_after` needs `bytes`"), "{e}");
+    let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: bandwidth, bytes_per_s: 0}}\n"));
+    assert!(e.contains("at least 1"), "{e}");
+    let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: half_open, ms: 3}}\n"));
+    assert!(e.contains("does not take `ms`"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - send_npdu: {{client: a, count: 10, paced_by: s}}\n"));
     assert!(e.starts_with("bad.yaml:8:") && e.contains("steps[0].send_npdu.paced_by") && e.contains("must name another bsc-node"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - send_npdu: {{client: a, count: 10, window: 8}}\n"));

@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -28,6 +29,7 @@ use super::bsc_node_core::{
 };
 use super::poller::{ClientClearFault, ClientClearFaults, ClientFault, ClientFrames};
 use crate::link::fault::LinkEngine;
+use crate::link::stream::{ConnFaults, FaultedConnector};
 use crate::link::record::{Direction, FrameRecord};
 use crate::observe::{ObservationKind, ObservationLog};
 use crate::protocol::bvlc_sc::Vmac;
@@ -109,6 +111,10 @@ pub struct BscNodeConfig {
     /// Received NPDUs kept for [`TakeReceived`] (oldest dropped first).
     pub inbox_limit: usize,
     pub seed: u64,
+    /// Carry the node's connections through a pump that can reset, refuse,
+    /// hold, slow or close them (link faults `reset`, `half_open`, …).
+    /// Off for load tests: the pump costs a copy each way.
+    pub connection_faults: bool,
 }
 
 impl BscNodeConfig {
@@ -123,6 +129,7 @@ impl BscNodeConfig {
             backoff_max: Duration::from_secs(30),
             inbox_limit: 10_000,
             seed: 0,
+            connection_faults: false,
         }
     }
 
@@ -195,6 +202,8 @@ struct Shared {
 pub struct BscNodeActor {
     cfg: BscNodeConfig,
     link: Rc<RefCell<LinkEngine>>,
+    /// The node's connection faults, when its config asks for them.
+    conn_faults: Option<Arc<ConnFaults>>,
     log: ObservationLog,
     shared: Rc<RefCell<Shared>>,
     commands: Option<mpsc::UnboundedSender<NodeCommand>>,
@@ -202,8 +211,12 @@ pub struct BscNodeActor {
 }
 
 impl BscNodeActor {
-    pub fn new(cfg: BscNodeConfig, log: ObservationLog) -> Self {
+    pub fn new(mut cfg: BscNodeConfig, log: ObservationLog) -> Self {
         let link = Rc::new(RefCell::new(LinkEngine::new(cfg.name.clone(), cfg.seed)));
+        let conn_faults = cfg.connection_faults.then(|| ConnFaults::new(cfg.name.clone(), cfg.seed));
+        if let Some(f) = &conn_faults {
+            cfg.ws.connector = Some(Arc::new(FaultedConnector(f.clone())));
+        }
         let status = NodeStatus {
             vmac: cfg.session.vmac,
             connected_to: None,
@@ -219,6 +232,7 @@ impl BscNodeActor {
         BscNodeActor {
             cfg,
             link,
+            conn_faults,
             log,
             shared: Rc::new(RefCell::new(Shared { status, inbox: VecDeque::new() })),
             commands: None,
@@ -249,6 +263,9 @@ impl Actor for BscNodeActor {
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         if let Some(t) = self.task.take() {
             t.abort();
+        }
+        if let Some(f) = &self.conn_faults {
+            f.stop();
         }
     }
 }
@@ -295,6 +312,13 @@ impl Handler<DisconnectNode> for BscNodeActor {
 impl Handler<ClientFault> for BscNodeActor {
     type Result = ();
     fn handle(&mut self, msg: ClientFault, _ctx: &mut Context<Self>) {
+        if msg.0.fault.is_connection_level() {
+            match &self.conn_faults {
+                Some(f) => f.add_rule(msg.0),
+                None => tracing::warn!(node = %self.cfg.name, fault = msg.0.fault.name(), "connection fault on a node without connection faults; ignored"),
+            }
+            return;
+        }
         let now = self.log.start().elapsed().as_nanos() as u64;
         self.link.borrow_mut().add_rule(msg.0, now);
     }
@@ -304,13 +328,18 @@ impl Handler<ClientClearFaults> for BscNodeActor {
     type Result = ();
     fn handle(&mut self, _msg: ClientClearFaults, _ctx: &mut Context<Self>) {
         self.link.borrow_mut().clear();
+        if let Some(f) = &self.conn_faults {
+            f.clear();
+        }
     }
 }
 
 impl Handler<ClientClearFault> for BscNodeActor {
     type Result = bool;
     fn handle(&mut self, msg: ClientClearFault, _ctx: &mut Context<Self>) -> bool {
-        self.link.borrow_mut().clear_named(&msg.0)
+        let frames = self.link.borrow_mut().clear_named(&msg.0);
+        let conns = self.conn_faults.as_ref().is_some_and(|f| f.clear_named(&msg.0));
+        frames || conns
     }
 }
 

@@ -168,6 +168,7 @@ impl Declared for BscNodeKeys {
             cfg.backoff_min = first;
             cfg.backoff_max = if self.reconnect.is_some() { first * 10 } else { Duration::from_secs(2) };
             cfg.seed = cx.seed.wrapping_add(index as u64);
+            cfg.connection_faults = true;
             let addr = BscNodeActor::new(cfg, cx.log.clone()).start();
             Ok(Box::new(RunningNode { name: self.name.clone(), vmac, node: LinkedClient { addr } }) as Box<dyn Running>)
         })

@@ -79,6 +79,23 @@ pub enum LinkFault {
     Stall { ms: u64 },
     /// The link is cut until the fault is cleared.
     Cut,
+    // Connection-level faults, for stream links ([`super::conn`] decides, [`super::stream`] acts).
+    /// The connection is reset (RST): at once, or after `bytes` more bytes.
+    Reset { bytes: Option<u64> },
+    /// A new connection is accepted at TCP and closed at once.
+    AcceptClose,
+    /// A new connection is refused.
+    Refuse,
+    /// Nothing moves either way and nothing closes (a Wi-Fi drop).
+    HalfOpen,
+    /// Every byte arrives `ms` late, in order.
+    Latency { ms: u64 },
+    /// At most `bytes_per_s` bytes a second.
+    Bandwidth { bytes_per_s: u64 },
+    /// The connection is closed gracefully (FIN both ways) after `bytes` more bytes.
+    CloseAfter { bytes: u64 },
+    /// A close, from either end, goes out `ms` late.
+    SlowClose { ms: u64 },
 }
 
 /// What a link is made of, which decides the faults it can take.
@@ -112,6 +129,8 @@ pub struct FaultDoc {
 }
 
 const ANY_LINK: &[LinkMedium] = &LinkMedium::ALL;
+/// Links with connections (TCP now; UDP and HTTP join with the SMP and Shelly servers).
+const STREAM_LINK: &[LinkMedium] = &[LinkMedium::WebSocket];
 
 impl LinkFault {
     /// Every fault, for `hilbench list` and for validation.
@@ -136,6 +155,15 @@ impl LinkFault {
         FaultDoc { name: "echo", about: "the frame is reflected back to its sender (RS-485 adapter echo)", media: &[LinkMedium::Serial] },
         FaultDoc { name: "stall", about: "nothing passes for ms", media: ANY_LINK },
         FaultDoc { name: "cut", about: "nothing passes until the fault is cleared", media: ANY_LINK },
+        // Connection-level: `count` counts connections, not frames.
+        FaultDoc { name: "reset", about: "the connection is reset (RST) now, or after `bytes` more bytes", media: STREAM_LINK },
+        FaultDoc { name: "accept_close", about: "a new connection is accepted and closed at once", media: STREAM_LINK },
+        FaultDoc { name: "refuse", about: "a new connection is refused", media: STREAM_LINK },
+        FaultDoc { name: "half_open", about: "nothing moves either way and nothing closes (until cleared)", media: STREAM_LINK },
+        FaultDoc { name: "latency", about: "every byte arrives late, in order: ms", media: STREAM_LINK },
+        FaultDoc { name: "bandwidth", about: "bytes a second per direction: bytes_per_s", media: STREAM_LINK },
+        FaultDoc { name: "close_after", about: "the connection is closed (FIN) after `bytes` more bytes", media: STREAM_LINK },
+        FaultDoc { name: "slow_close", about: "a close from either end goes out late: ms", media: STREAM_LINK },
     ];
 
     /// The catalog entry of the fault called `name`.
@@ -156,7 +184,30 @@ impl LinkFault {
             LinkFault::Echo => "echo",
             LinkFault::Stall { .. } => "stall",
             LinkFault::Cut => "cut",
+            LinkFault::Reset { .. } => "reset",
+            LinkFault::AcceptClose => "accept_close",
+            LinkFault::Refuse => "refuse",
+            LinkFault::HalfOpen => "half_open",
+            LinkFault::Latency { .. } => "latency",
+            LinkFault::Bandwidth { .. } => "bandwidth",
+            LinkFault::CloseAfter { .. } => "close_after",
+            LinkFault::SlowClose { .. } => "slow_close",
         }
+    }
+
+    /// Whether the fault acts on a connection rather than on frames.
+    pub fn is_connection_level(&self) -> bool {
+        matches!(
+            self,
+            LinkFault::Reset { .. }
+                | LinkFault::AcceptClose
+                | LinkFault::Refuse
+                | LinkFault::HalfOpen
+                | LinkFault::Latency { .. }
+                | LinkFault::Bandwidth { .. }
+                | LinkFault::CloseAfter { .. }
+                | LinkFault::SlowClose { .. }
+        )
     }
 
     /// Whether the fault can act on this frame (a checksum fault needs a
@@ -192,6 +243,7 @@ impl LinkFault {
             LinkFault::Garbage { before, after } if before.is_empty() && after.is_empty() => {
                 Err("garbage needs `before` or `after` bytes".into())
             }
+            LinkFault::Bandwidth { bytes_per_s: 0 } => Err("bandwidth `bytes_per_s` must be at least 1 (use half_open to stop the bytes)".into()),
             _ => Ok(()),
         }
     }
@@ -333,6 +385,11 @@ pub struct FaultSpec {
     pub before: Option<Vec<u8>>,
     #[serde(default)]
     pub after: Option<Vec<u8>>,
+    /// reset, close_after: bytes that pass first.
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    #[serde(default)]
+    pub bytes_per_s: Option<u64>,
     #[serde(default)]
     pub direction: Option<Direction>,
     #[serde(default)]
@@ -362,6 +419,8 @@ impl FaultSpec {
             keep,
             before,
             after,
+            bytes,
+            bytes_per_s,
             direction,
             count,
             probability,
@@ -384,6 +443,8 @@ impl FaultSpec {
         take("keep", keep.is_some());
         take("before", before.is_some());
         take("after", after.is_some());
+        take("bytes", bytes.is_some());
+        take("bytes_per_s", bytes_per_s.is_some());
         let allowed: &[&str] = match kind.as_str() {
             "drop" | "bad_checksum" | "echo" | "cut" => &[],
             "delay" => &["ms", "jitter_ms"],
@@ -392,7 +453,10 @@ impl FaultSpec {
             "split" => &["offsets", "chunk", "gap_ms"],
             "truncate" => &["keep"],
             "garbage" => &["before", "after"],
-            "stall" => &["ms"],
+            "stall" | "latency" | "slow_close" => &["ms"],
+            "accept_close" | "refuse" | "half_open" => &[],
+            "reset" | "close_after" => &["bytes"],
+            "bandwidth" => &["bytes_per_s"],
             other => {
                 let names: Vec<_> = LinkFault::CATALOG.iter().map(|d| d.name).collect();
                 return Err(format!(
@@ -441,6 +505,14 @@ impl FaultSpec {
                 after: after.unwrap_or_default(),
             },
             "stall" => LinkFault::Stall { ms: need(ms, "ms")? },
+            "reset" => LinkFault::Reset { bytes },
+            "accept_close" => LinkFault::AcceptClose,
+            "refuse" => LinkFault::Refuse,
+            "half_open" => LinkFault::HalfOpen,
+            "latency" => LinkFault::Latency { ms: need(ms, "ms")? },
+            "bandwidth" => LinkFault::Bandwidth { bytes_per_s: need(bytes_per_s, "bytes_per_s")? },
+            "close_after" => LinkFault::CloseAfter { bytes: need(bytes, "bytes")? },
+            "slow_close" => LinkFault::SlowClose { ms: need(ms, "ms")? },
             _ => unreachable!("kind checked above"),
         };
         fault.validate()?;
@@ -573,6 +645,9 @@ impl LinkEngine {
     /// the link, not per-frame transformations).
     pub fn add_rule(&mut self, rule: FaultRule, now_ns: u64) {
         match rule.fault {
+            ref f if f.is_connection_level() => {
+                tracing::warn!(link = %self.name, fault = f.name(), "a connection fault reached a frame link; ignored");
+            }
             LinkFault::Stall { ms } => {
                 self.stalled_until_ns = now_ns.saturating_add(ms.saturating_mul(1_000_000));
                 if let Some(n) = rule.name {
@@ -844,8 +919,9 @@ impl LinkEngine {
                     p
                 })
                 .collect(),
-            // Echo is handled by the caller; stall and cut are link states.
-            LinkFault::Echo | LinkFault::Stall { .. } | LinkFault::Cut => pieces,
+            // Echo is handled by the caller; stall and cut are link states; connection
+            // faults never reach a frame engine (their link's owner routes them).
+            _ => pieces,
         }
     }
 }

@@ -2,8 +2,10 @@
 //! (the capture tap) and apply the shared fault vocabulary.
 
 pub mod capture;
+pub mod conn;
 pub mod fault;
 pub mod record;
+pub mod stream;
 
 pub use fault::{FaultRule, FaultSpec, LinkEngine, LinkFault};
 pub use record::{Direction, FrameRecord};

@@ -24,6 +24,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
 
 pub type WsStream = WebSocketStream<Box<dyn ByteStream>>;
 
+/// Opens the TCP connection under a WebSocket some other way than a plain
+/// connect (a link with connection faults carries it through its pump).
+pub trait StreamConnector: Send + Sync {
+    fn connect(&self, host: &str, port: u16) -> futures::future::BoxFuture<'static, std::io::Result<Box<dyn ByteStream>>>;
+}
+
 /// How to open one WebSocket.
 #[derive(Clone)]
 pub struct WsConnectOptions {
@@ -35,6 +41,8 @@ pub struct WsConnectOptions {
     pub timeout: Duration,
     /// Largest WebSocket message and frame accepted from the peer.
     pub max_message: usize,
+    /// Opens the TCP connection; `None`: a plain connect.
+    pub connector: Option<Arc<dyn StreamConnector>>,
 }
 
 impl WsConnectOptions {
@@ -46,6 +54,7 @@ impl WsConnectOptions {
             subprotocol: Some(HUB_SUBPROTOCOL.into()),
             timeout: Duration::from_secs(10),
             max_message: 64 * 1024,
+            connector: None,
         }
     }
 }
@@ -57,6 +66,7 @@ impl std::fmt::Debug for WsConnectOptions {
             .field("subprotocol", &self.subprotocol)
             .field("timeout", &self.timeout)
             .field("max_message", &self.max_message)
+            .field("connector", &self.connector.is_some())
             .finish()
     }
 }
@@ -136,11 +146,15 @@ async fn connect_inner(url: &str, opts: &WsConnectOptions) -> Result<WsStream, W
         (false, Some(_)) => return Err(WsConnectError::TlsOnPlaintext { url: url.into() }),
         _ => {}
     }
-    let tcp = TcpStream::connect((parsed.host.as_str(), parsed.port))
-        .await
-        .map_err(|source| WsConnectError::Tcp { url: url.into(), source })?;
-    // BVLC messages are small and latency matters more than packet count.
-    let _ = tcp.set_nodelay(true);
+    let tcp: Box<dyn ByteStream> = match &opts.connector {
+        Some(c) => c.connect(&parsed.host, parsed.port).await,
+        None => TcpStream::connect((parsed.host.as_str(), parsed.port)).await.map(|tcp| {
+            // BVLC messages are small and latency matters more than packet count.
+            let _ = tcp.set_nodelay(true);
+            Box::new(tcp) as Box<dyn ByteStream>
+        }),
+    }
+    .map_err(|source| WsConnectError::Tcp { url: url.into(), source })?;
     let stream: Box<dyn ByteStream> = match (parsed.tls, &opts.tls) {
         (true, Some(cfg)) => {
             let name = rustls::pki_types::ServerName::try_from(parsed.host.clone()).map_err(|e| {
@@ -152,7 +166,7 @@ async fn connect_inner(url: &str, opts: &WsConnectOptions) -> Result<WsStream, W
                 .map_err(|source| WsConnectError::Tls { url: url.into(), source })?;
             Box::new(tls)
         }
-        _ => Box::new(tcp),
+        _ => tcp,
     };
     let mut request = url
         .into_client_request()
