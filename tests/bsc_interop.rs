@@ -599,6 +599,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 fn our_node_talks_to_the_peer_device(
     hub_url: &str,
     pki: &Path,
+    reset_between: bool,
 ) -> Vec<hilbench::client::bsc_node::ReceivedNpdu> {
     use actix::Actor;
     use hilbench::client::bsc_node::{
@@ -619,6 +620,8 @@ fn our_node_talks_to_the_peer_device(
     );
     let mut cfg = BscNodeConfig::new("our-node", hub_url, session);
     cfg.ws = WsConnectOptions::hub(Some(tls));
+    cfg.connection_faults = reset_between;
+    cfg.backoff_min = Duration::from_millis(200);
     let sys = actix::System::new();
     sys.block_on(async move {
         let node = BscNodeActor::new(
@@ -683,6 +686,9 @@ fn our_node_talks_to_the_peer_device(
             )
             .await,
         );
+        if reset_between {
+            reset_and_reconnect(&node).await;
+        }
         // ReadProperty-ACK: complex ACK, invoke ID 7, service 12, then the name.
         let mut ack = vec![0x30, 0x07, 0x0c];
         ack.extend_from_slice(&[
@@ -703,11 +709,37 @@ fn our_node_talks_to_the_peer_device(
     })
 }
 
+/// Resets the node's TCP connection (a real RST under its TLS) and waits
+/// until the hub has taken it back with the same VMAC and UUID.
+async fn reset_and_reconnect(node: &actix::Addr<hilbench::client::bsc_node::BscNodeActor>) {
+    use hilbench::client::bsc_node::GetNodeStatus;
+    use hilbench::client::poller::ClientFault;
+    use hilbench::link::fault::{FaultRule, FaultTrigger, LinkFault};
+    let before = node.send(GetNodeStatus).await.unwrap().connects_primary;
+    node.send(ClientFault(FaultRule { fault: LinkFault::Reset { bytes: None }, trigger: FaultTrigger::default(), name: None }))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + STEP;
+    loop {
+        let st = node.send(GetNodeStatus).await.unwrap();
+        if st.connects_primary > before && st.connected_to.is_some() {
+            assert!(st.last_error.as_deref().is_some_and(|e| e.contains("reset")), "{st:?}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "our node did not reconnect after the reset: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The peer's device on the hub at `hub_url` and our node talking to it there (see
 /// `our_node_talks_to_the_peer_device`); the ReadProperty-ACK must come as a unicast.
 fn assert_our_node_talks_to_the_peer_device(peer: &Peer, hub_url: &str) {
+    assert_our_node_talks_to_the_peer_device_with(peer, hub_url, false)
+}
+
+fn assert_our_node_talks_to_the_peer_device_with(peer: &Peer, hub_url: &str, reset_between: bool) {
     let responder = peer.responder(hub_url);
-    let got = our_node_talks_to_the_peer_device(hub_url, &peer.pki);
+    let got = our_node_talks_to_the_peer_device(hub_url, &peer.pki, reset_between);
     drop(responder);
     assert!(
         got.iter().any(|r| !r.broadcast),
@@ -722,6 +754,19 @@ fn our_node_talks_to_the_peer_device_through_the_peer_hub() {
     let peer = Peer::new(dir.path());
     let (hub, url) = peer.hub();
     assert_our_node_talks_to_the_peer_device(&peer, &url);
+    drop(hub);
+}
+
+/// A reset of our node's connection (link fault `reset`: an RST under TLS)
+/// between the I-Am and the ReadProperty: the peer's hub lets the node back in
+/// with the same VMAC and UUID, and the unicast exchange works on the new
+/// connection.
+#[test]
+fn our_node_reconnects_to_the_peer_hub_after_a_reset_on_its_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::new(dir.path());
+    let (hub, url) = peer.hub();
+    assert_our_node_talks_to_the_peer_device_with(&peer, &url, true);
     drop(hub);
 }
 

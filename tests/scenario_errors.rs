@@ -28,7 +28,7 @@ fn malformed_files_name_line_column_and_what_was_expected() {
     let e = parse(&format!("name: x\n{BUS}steps:\n  - fault: {{link: d, kind: delay}}\n"));
     assert!(e.starts_with("bad.yaml:6:") && e.contains("steps[0].fault") && e.contains("needs `ms`"), "{e}");
     let e = parse(&format!("name: x\n{BUS}steps:\n  - fault: {{link: d, kind: reset}}\n"));
-    assert!(e.contains("steps[0].fault.kind") && e.contains("is a serial link") && e.contains("only acts on websocket links"), "{e}");
+    assert!(e.contains("steps[0].fault.kind") && e.contains("is a serial link") && e.contains("only acts on websocket and server links"), "{e}");
     let e = parse(&format!("name: x\n{BUS}steps:\n  - fault: {{link: nowhere, kind: drop}}\n"));
     assert!(e.contains("no link `nowhere`") && e.contains("links: p, d"), "{e}");
     let e = parse("name: x\nbuses: [{name: b, ports: [p]}]\nclients:\n  - {name: m, kind: modbus-master, port: q, addresses: [1]}\nsteps: []\n");
@@ -91,7 +91,7 @@ fn typos_in_selectors_are_located_errors() {
 
     let hub = "devices:\n  - {name: hub, kind: bsc-hub}\nclients:\n  - {name: a, kind: bsc-node, hub: hub}\n  - {name: s, kind: bsc-raw, hub: hub}\nsteps:\n";
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: hub, kind: drop}}\n"));
-    assert!(e.starts_with("bad.yaml:8:") && e.contains("no link `hub`") && e.contains("bsc-hub, which has no link"), "{e}");
+    assert!(e.starts_with("bad.yaml:8:") && e.contains("`hub` is a server link") && e.contains("`drop` only acts on serial, ble-gatt and websocket links"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: echo}}\n"));
     assert!(e.starts_with("bad.yaml:8:") && e.contains("steps[0].fault.kind") && e.contains("websocket link") && e.contains("only acts on serial links"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: close_after}}\n"));

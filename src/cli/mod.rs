@@ -266,7 +266,7 @@ fn list() {
     println!("\nLink faults (one-shot by default; count: N, probability: P, always: true; direction: request|response; name: N):");
     for d in crate::link::LinkFault::CATALOG {
         let media: Vec<&str> = d.media.iter().map(|m| m.name()).collect();
-        let on = if d.media.len() == crate::link::fault::LinkMedium::ALL.len() { "any link".to_string() } else { format!("{} links only", media.join(", ")) };
+        let on = format!("{} links", media.join(", "));
         println!("  {:<18} {} [{on}]", d.name, d.about);
     }
     println!("\nObservation kinds (scenario `expect_observation: {{kind: …, contains: …}}`):");

@@ -66,6 +66,7 @@ use crate::device::bsc_hub_core::{
 };
 use crate::protocol::bvlc_sc::Vmac;
 use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
+use crate::link::stream::ConnFaults;
 use crate::transport::tls::{TlsDir, TlsError};
 
 /// The WebSocket subprotocol a node uses towards a hub (Annex AB).
@@ -120,6 +121,9 @@ pub struct HubServerConfig {
     pub worker_threads: usize,
     /// Events buffered per subscriber before it lags (see [`HubHandle::subscribe`]).
     pub event_capacity: usize,
+    /// Carry every accepted connection through these connection faults (a
+    /// scenario hub's link); `None` for `sim` and load tests.
+    pub connection_faults: Option<Arc<ConnFaults>>,
 }
 
 impl Default for HubServerConfig {
@@ -139,6 +143,7 @@ impl Default for HubServerConfig {
             slow_consumer_close_after: Some(Duration::from_secs(30)),
             worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
             event_capacity: 4096,
+            connection_faults: None,
         }
     }
 }
@@ -830,6 +835,7 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let conn = ConnId(next_id.fetch_add(1, Relaxed));
         let (tls, in_tx, shared, settings) = (tls.clone(), in_tx.clone(), shared.clone(), settings.clone());
+        let faults = cfg.connection_faults.clone();
         // Handshake futures are boxed and freed once done: a task is as large as the
         // largest state of its future, and inline TLS and WebSocket handshake state made
         // every idle connection's task 13 kB.
@@ -841,21 +847,49 @@ async fn accept_loop(
                 Ok(_) => return,
                 Err(_) => return shared.refuse(peer, RefuseReason::HandshakeTimeout),
             }
-            match tls {
-                Some(acceptor) => {
-                    let hs = Box::pin(tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp))).await;
-                    let stream = match hs {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => return shared.refuse(peer, RefuseReason::Tls(e.to_string())),
-                        Err(_) => return shared.refuse(peer, RefuseReason::HandshakeTimeout),
-                    };
-                    Box::pin(connection(stream, conn, peer, permit, settings, in_tx, shared)).await;
+            let conn = Accepted { conn, peer, permit, settings, in_tx, shared };
+            match &faults {
+                Some(f) => {
+                    if let Some(stream) = f.accepted(tcp).await {
+                        conn.serve(stream, tls).await;
+                    }
                 }
-                None => Box::pin(connection(tcp, conn, peer, permit, settings, in_tx, shared)).await,
+                None => conn.serve(tcp, tls).await,
             }
         });
     }
     tracing::debug!("listener closed");
+}
+
+/// A TCP connection past its first byte, before TLS and the upgrade.
+struct Accepted {
+    conn: ConnId,
+    peer: SocketAddr,
+    permit: HandshakeSlot,
+    settings: Arc<ConnSettings>,
+    in_tx: mpsc::Sender<Inbound>,
+    shared: Arc<Shared>,
+}
+
+impl Accepted {
+    async fn serve<S>(self, stream: S, tls: Option<tokio_rustls::TlsAcceptor>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Accepted { conn, peer, permit, settings, in_tx, shared } = self;
+        match tls {
+            Some(acceptor) => {
+                let hs = Box::pin(tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream))).await;
+                let stream = match hs {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return shared.refuse(peer, RefuseReason::Tls(e.to_string())),
+                    Err(_) => return shared.refuse(peer, RefuseReason::HandshakeTimeout),
+                };
+                Box::pin(connection(stream, conn, peer, permit, settings, in_tx, shared)).await;
+            }
+            None => Box::pin(connection(stream, conn, peer, permit, settings, in_tx, shared)).await,
+        }
+    }
 }
 
 /// The requested subprotocols, comma-separated over any number of header lines.

@@ -12,6 +12,9 @@ use serde::Deserialize;
 use super::{at_key, decode_keys, Declared, Kind, Names, Role, Running, StartContext};
 use crate::device::bsc_hub::{HubHandle, HubServer, HubServerConfig, HubServerEvent};
 use crate::device::bsc_hub_core::{HubConfig, HubEvent, HubRole};
+use crate::link::fault::LinkMedium;
+use crate::link::stream::ConnFaults;
+use crate::link::FaultRule;
 use crate::observe::{ObservationKind, ObservationLog};
 use crate::scenario::source::Problem;
 use crate::scenario::spec::Dur;
@@ -167,6 +170,16 @@ impl Declared for BscHubKeys {
     fn serves(&self) -> &'static [&'static str] {
         &[BACNET_SC_HUB]
     }
+    fn links(&self) -> Vec<super::LinkDecl> {
+        vec![super::LinkDecl {
+            name: self.name.clone(),
+            home: super::LinkHomeDecl::Own,
+            capture: None,
+            checksum: None,
+            carries: "the BACnet/SC connections it accepts",
+            medium: LinkMedium::Server,
+        }]
+    }
     fn restartable(&self) -> bool {
         true
     }
@@ -179,7 +192,15 @@ impl Declared for BscHubKeys {
                 crate::cli::pki::generate(&pki_dir, nodes, &[], 1, false).map_err(|e| format!("test PKI: {e}"))?;
                 cx.vars.insert("pki_dir".into(), pki_dir.display().to_string());
             }
-            let hub = RunningHub::start(&self.name, self.config(&pki_dir), &cx.log).await?;
+            let mut config = self.config(&pki_dir);
+            // Kept across a stop and start: faults stay on the hub's link.
+            let faults = ConnFaults::new(self.name.clone(), cx.seed);
+            // The pump copies every byte and buffers ahead of the hub's own queues (which
+            // would hide a slow consumer): only a hub whose link gets faults has one.
+            if cx.faulted_links.contains(&self.name) {
+                config.connection_faults = Some(faults.clone());
+            }
+            let hub = RunningHub::start(&self.name, config, faults, &cx.log).await?;
             Ok(Box::new(hub) as Box<dyn Running>)
         })
     }
@@ -190,6 +211,7 @@ impl Declared for BscHubKeys {
 struct RunningHub {
     name: String,
     config: HubServerConfig,
+    faults: std::sync::Arc<ConnFaults>,
     url: String,
     handle: Option<HubHandle>,
     events: Option<tokio::task::JoinHandle<()>>,
@@ -197,8 +219,8 @@ struct RunningHub {
 }
 
 impl RunningHub {
-    async fn start(name: &str, config: HubServerConfig, log: &ObservationLog) -> Result<RunningHub, String> {
-        let mut hub = RunningHub { name: name.to_string(), config, url: String::new(), handle: None, events: None, log: log.clone() };
+    async fn start(name: &str, config: HubServerConfig, faults: std::sync::Arc<ConnFaults>, log: &ObservationLog) -> Result<RunningHub, String> {
+        let mut hub = RunningHub { name: name.to_string(), config, faults, url: String::new(), handle: None, events: None, log: log.clone() };
         hub.serve(log).await?;
         Ok(hub)
     }
@@ -240,6 +262,26 @@ impl RunningHub {
 impl Running for RunningHub {
     fn vars(&self) -> Vec<(String, String)> {
         vec![(format!("hub.{}", self.name), self.url.clone())]
+    }
+    fn add_fault<'a>(&'a self, _link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if !rule.fault.is_connection_level() {
+                // Validation refuses these; a hub's link sees connections, not frames.
+                return Err(format!("`{}` takes connection faults only, not `{}`", self.name, rule.fault.name()));
+            }
+            self.faults.add_rule(rule);
+            Ok(())
+        })
+    }
+    fn clear_faults<'a>(&'a self, _link: &'a str, name: Option<&'a str>) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            match name {
+                None => self.faults.clear(),
+                Some(n) if !self.faults.clear_named(n) => return Err(format!("no fault named `{n}` on `{}`", self.name)),
+                Some(_) => {}
+            }
+            Ok(())
+        })
     }
     fn pause(&mut self) -> LocalBoxFuture<'_, Result<String, String>> {
         Box::pin(async move {

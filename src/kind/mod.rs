@@ -311,6 +311,10 @@ pub struct StartContext<'w> {
     pub vars: &'w mut BTreeMap<String, String>,
     pub names: &'w Names<'w>,
     pub buses: &'w BTreeMap<String, actix::Addr<crate::transport::bus::BusActor>>,
+    /// Links some `fault` step of the scenario acts on: a link whose faults
+    /// cost something when idle (a hub carrying every connection through a
+    /// pump) arms them only then.
+    pub faulted_links: &'w std::collections::BTreeSet<String>,
 }
 
 /// What a kind step may read of the run while it acts.

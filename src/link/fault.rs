@@ -107,16 +107,20 @@ pub enum LinkMedium {
     Gatt,
     /// A WebSocket: messages on a TCP (or TLS) connection.
     WebSocket,
+    /// The connections a server accepts (a hub's listener): whole
+    /// connections, not frames.
+    Server,
 }
 
 impl LinkMedium {
-    pub const ALL: [LinkMedium; 3] = [LinkMedium::Serial, LinkMedium::Gatt, LinkMedium::WebSocket];
+    pub const ALL: [LinkMedium; 4] = [LinkMedium::Serial, LinkMedium::Gatt, LinkMedium::WebSocket, LinkMedium::Server];
 
     pub fn name(self) -> &'static str {
         match self {
             LinkMedium::Serial => "serial",
             LinkMedium::Gatt => "ble-gatt",
             LinkMedium::WebSocket => "websocket",
+            LinkMedium::Server => "server",
         }
     }
 }
@@ -128,9 +132,10 @@ pub struct FaultDoc {
     pub media: &'static [LinkMedium],
 }
 
-const ANY_LINK: &[LinkMedium] = &LinkMedium::ALL;
+/// Frame faults: every link that sees frames.
+const ANY_LINK: &[LinkMedium] = &[LinkMedium::Serial, LinkMedium::Gatt, LinkMedium::WebSocket];
 /// Links with connections (TCP now; UDP and HTTP join with the SMP and Shelly servers).
-const STREAM_LINK: &[LinkMedium] = &[LinkMedium::WebSocket];
+const STREAM_LINK: &[LinkMedium] = &[LinkMedium::WebSocket, LinkMedium::Server];
 
 impl LinkFault {
     /// Every fault, for `hilbench list` and for validation.

@@ -36,6 +36,7 @@ const PIPE: usize = 64 * 1024;
 
 /// The connection faults of one link, shared by its owner (which adds and
 /// clears rules) and the pumps of its connections.
+#[derive(Debug)]
 pub struct ConnFaults {
     link: String,
     engine: Mutex<ConnFaultEngine>,
@@ -113,11 +114,49 @@ impl ConnFaults {
                 let (app, pump) = tokio::io::duplex(PIPE);
                 let state = Arc::new(StreamState::default());
                 let id = guard.disarm();
-                tokio::spawn(carry_connection(self.clone(), id, tcp, pump, state.clone()));
+                tokio::spawn(carry_connection(self.clone(), id, tcp, pump, state.clone(), Side::Client));
                 Ok(Box::new(LinkStream { inner: app, state }))
             }
         }
     }
+
+    /// A server accepted `tcp`. `None` when a fault ends it at once: `refuse`
+    /// resets it (a listening server cannot answer a SYN with a refusal; the
+    /// client sees ECONNRESET), `accept_close` closes it (a FIN). Otherwise the
+    /// stream the server reads and writes, carried through the link.
+    pub async fn accepted(self: &Arc<Self>, mut tcp: TcpStream) -> Option<Box<dyn ByteStream>> {
+        let opening = self.engine().open();
+        match opening {
+            Opening::Refuse => {
+                tracing::info!(link = %self.link, "link fault refuse: accepted connection reset");
+                let _ = tcp.set_zero_linger();
+                None
+            }
+            Opening::AcceptClose => {
+                tracing::info!(link = %self.link, "link fault accept_close: accepted connection closed");
+                // A FIN first, and what the client already sent read away: closing a socket
+                // with unread bytes would send an RST instead of the close.
+                let _ = tcp.shutdown().await;
+                let mut sink = [0u8; 4096];
+                while matches!(tcp.try_read(&mut sink), Ok(n) if n > 0) {}
+                None
+            }
+            Opening::Open(id) => {
+                let (app, pump) = tokio::io::duplex(PIPE);
+                let state = Arc::new(StreamState::default());
+                tokio::spawn(carry_connection(self.clone(), id, tcp, pump, state.clone(), Side::Server));
+                Some(Box::new(LinkStream { inner: app, state }))
+            }
+        }
+    }
+}
+
+/// Which end of its connections a link's owner is: a client's writes are
+/// requests, a server's writes are responses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Server,
 }
 
 /// Opens the TCP connections of a link through its [`ConnFaults`].
@@ -290,17 +329,22 @@ enum Carried {
 }
 
 /// One connection from connect to close: both directions, then the engine forgets it.
-async fn carry_connection(faults: Arc<ConnFaults>, id: ConnId, tcp: TcpStream, app: DuplexStream, state: Arc<StreamState>) {
+async fn carry_connection(faults: Arc<ConnFaults>, id: ConnId, tcp: TcpStream, app: DuplexStream, state: Arc<StreamState>, side: Side) {
     let (tcp_r, tcp_w) = tcp.into_split();
     let (app_r, app_w) = tokio::io::split(app);
-    let (up_tx, up_rx) = mpsc::channel(16);
-    let (down_tx, down_rx) = mpsc::channel(16);
+    let (out_tx, out_rx) = mpsc::channel(16);
+    let (in_tx, in_rx) = mpsc::channel(16);
     let one = |d| OneWay::new(faults.clone(), id, d);
+    // What the owner writes goes out; what the peer writes comes in.
+    let (outward, inward) = match side {
+        Side::Client => (Direction::Request, Direction::Response),
+        Side::Server => (Direction::Response, Direction::Request),
+    };
     tokio::join!(
-        one(Direction::Request).read(app_r, up_tx),
-        one(Direction::Request).write(up_rx, TcpSink(tcp_w)),
-        one(Direction::Response).read(tcp_r, down_tx),
-        one(Direction::Response).write(down_rx, AppSink { half: app_w, state }),
+        one(outward).read(app_r, out_tx),
+        one(outward).write(out_rx, TcpSink(tcp_w)),
+        one(inward).read(tcp_r, in_tx),
+        one(inward).write(in_rx, AppSink { half: app_w, state }),
     );
     faults.engine().closed(id);
     tracing::debug!(link = %faults.link, conn = id, "connection carried to its end");

@@ -352,8 +352,17 @@ fn open_buses(scenario: &Scenario, seed: u64, world: &mut World) -> Result<(), S
 /// variables devices publish), then clients.
 async fn start_entities(scenario: &Scenario, seed: u64, world: &mut World) -> Result<(), String> {
     let names = scenario.names();
+    let faulted_links: std::collections::BTreeSet<String> = scenario
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Fault(f) => f.link.clone(),
+            _ => None,
+        })
+        .collect();
     for e in scenario.devices.iter().chain(&scenario.clients) {
         let mut cx = StartContext {
+            faulted_links: &faulted_links,
             log: world.log.clone(),
             seed,
             tmp: world._tmp.path(),

@@ -729,7 +729,7 @@ impl StepChecker<'_> {
                     let takes: Vec<&str> = doc.media.iter().map(|m| m.name()).collect();
                     return Err(Problem::at(
                         YamlPath::key("kind"),
-                        format!("`{name}` is a {} link ({}); `{}` only acts on {} links", link.medium.name(), link.carries, doc.name, takes.join(" and ")),
+                        format!("`{name}` is a {} link ({}); `{}` only acts on {} links", link.medium.name(), link.carries, doc.name, and_list(&takes)),
                     ));
                 }
                 Ok(())
@@ -930,5 +930,14 @@ mod tests {
         assert!(check_state_key("cell123_mv").is_ok(), "range is the model's to check");
         assert!(check_state_key("temp2_c").is_ok());
         assert!(check_state_key("cellx_mv").is_err());
+    }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn and_list(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
     }
 }
