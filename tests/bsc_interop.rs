@@ -622,6 +622,11 @@ fn our_node_talks_to_the_peer_device(
     cfg.ws = WsConnectOptions::hub(Some(tls));
     cfg.connection_faults = reset_between;
     cfg.backoff_min = Duration::from_millis(200);
+    if reset_between {
+        // A half-open connection is found out by the heartbeat.
+        cfg.session.heartbeat_interval = Duration::from_millis(300);
+        cfg.session.heartbeat_ack_wait = Duration::from_millis(500);
+    }
     let sys = actix::System::new();
     sys.block_on(async move {
         let node = BscNodeActor::new(
@@ -687,7 +692,7 @@ fn our_node_talks_to_the_peer_device(
             .await,
         );
         if reset_between {
-            reset_and_reconnect(&node).await;
+            every_connection_fault(&node).await;
         }
         // ReadProperty-ACK: complex ACK, invoke ID 7, service 12, then the name.
         let mut ack = vec![0x30, 0x07, 0x0c];
@@ -709,24 +714,60 @@ fn our_node_talks_to_the_peer_device(
     })
 }
 
-/// Resets the node's TCP connection (a real RST under its TLS) and waits
-/// until the hub has taken it back with the same VMAC and UUID.
-async fn reset_and_reconnect(node: &actix::Addr<hilbench::client::bsc_node::BscNodeActor>) {
-    use hilbench::client::bsc_node::GetNodeStatus;
+/// Every connection fault on the node's link, on its way to the peer's hub
+/// (under TLS): each ends the node's connection in its own way, the node
+/// reports it and connects again, and the hub takes it back with the same
+/// VMAC and UUID (after a half-open, while it may still hold the stale one).
+/// Latency and bandwidth stay on for the exchange that follows.
+async fn every_connection_fault(node: &actix::Addr<hilbench::client::bsc_node::BscNodeActor>) {
+    use hilbench::link::fault::{FaultTrigger, LinkFault};
+    let once = FaultTrigger::default();
+    let always = FaultTrigger { always: true, ..Default::default() };
+    let reset = (LinkFault::Reset { bytes: None }, once.clone());
+    let cases: Vec<(&str, Vec<(LinkFault, FaultTrigger)>)> = vec![
+        ("reset", vec![reset.clone()]),
+        // The last error is the failed connect.
+        ("fault refuse", vec![(LinkFault::Refuse, once.clone()), reset.clone()]),
+        ("TLS handshake failed", vec![(LinkFault::AcceptClose, once.clone()), reset.clone()]),
+        ("", vec![(LinkFault::SlowClose { ms: 300 }, once.clone()), (LinkFault::CloseAfter { bytes: 0 }, once.clone())]),
+        ("no answer to Heartbeat-Request", vec![(LinkFault::HalfOpen, once.clone())]),
+    ];
+    for (error, rules) in cases {
+        let names: Vec<&str> = rules.iter().map(|r| r.0.name()).collect();
+        fault_and_reconnect(node, rules, error, &names.join(" + ")).await;
+    }
+    for (fault, trigger) in [(LinkFault::Latency { ms: 100 }, always.clone()), (LinkFault::Bandwidth { bytes_per_s: 4000 }, always)] {
+        add(node, fault, trigger).await;
+    }
+}
+
+async fn add(node: &actix::Addr<hilbench::client::bsc_node::BscNodeActor>, fault: hilbench::link::fault::LinkFault, trigger: hilbench::link::fault::FaultTrigger) {
     use hilbench::client::poller::ClientFault;
-    use hilbench::link::fault::{FaultRule, FaultTrigger, LinkFault};
+    use hilbench::link::fault::FaultRule;
+    node.send(ClientFault(FaultRule { fault, trigger, name: None })).await.unwrap();
+}
+
+/// Adds the faults and waits until the node has lost its connection (its
+/// last error containing `error`) and connected again.
+async fn fault_and_reconnect(
+    node: &actix::Addr<hilbench::client::bsc_node::BscNodeActor>,
+    rules: Vec<(hilbench::link::fault::LinkFault, hilbench::link::fault::FaultTrigger)>,
+    error: &str,
+    what: &str,
+) {
+    use hilbench::client::bsc_node::GetNodeStatus;
     let before = node.send(GetNodeStatus).await.unwrap().connects_primary;
-    node.send(ClientFault(FaultRule { fault: LinkFault::Reset { bytes: None }, trigger: FaultTrigger::default(), name: None }))
-        .await
-        .unwrap();
+    for (fault, trigger) in rules {
+        add(node, fault, trigger).await;
+    }
     let deadline = Instant::now() + STEP;
     loop {
         let st = node.send(GetNodeStatus).await.unwrap();
         if st.connects_primary > before && st.connected_to.is_some() {
-            assert!(st.last_error.as_deref().is_some_and(|e| e.contains("reset")), "{st:?}");
+            assert!(st.last_error.as_deref().is_some_and(|e| e.contains(error)), "{what}: {st:?}");
             return;
         }
-        assert!(Instant::now() < deadline, "our node did not reconnect after the reset: {st:?}");
+        assert!(Instant::now() < deadline, "{what}: our node did not reconnect: {st:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -757,12 +798,12 @@ fn our_node_talks_to_the_peer_device_through_the_peer_hub() {
     drop(hub);
 }
 
-/// A reset of our node's connection (link fault `reset`: an RST under TLS)
-/// between the I-Am and the ReadProperty: the peer's hub lets the node back in
-/// with the same VMAC and UUID, and the unicast exchange works on the new
-/// connection.
+/// Every connection fault on our node's link between the I-Am and the
+/// ReadProperty (see `every_connection_fault`): the peer's hub lets the node
+/// back in each time, and the unicast exchange works on the last connection,
+/// slowed by latency and a bandwidth limit.
 #[test]
-fn our_node_reconnects_to_the_peer_hub_after_a_reset_on_its_link() {
+fn our_node_reconnects_to_the_peer_hub_after_every_connection_fault() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::new(dir.path());
     let (hub, url) = peer.hub();

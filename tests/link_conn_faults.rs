@@ -187,3 +187,17 @@ async fn latency_and_bandwidth_delay_but_lose_nothing() {
     // At least the latency plus most of 4 kB at 20 kB/s: the lower bound is what the fault promises.
     assert!(sent.elapsed() >= Duration::from_millis(350), "{:?}", sent.elapsed());
 }
+
+#[tokio::test]
+async fn a_slow_close_reaches_the_server_late() {
+    let (url, mut saw, _) = server().await;
+    let faults = ConnFaults::new("t", 1);
+    let mut ws = connect_ws(&url, &options(&faults)).await.unwrap();
+    echo(&mut ws, &mut saw, b"bye soon").await;
+    faults.add_rule(rule(LinkFault::SlowClose { ms: 300 }, FaultTrigger::default(), None));
+    let closed = tokio::time::Instant::now();
+    drop(ws);
+    let end = next(&mut saw).await;
+    assert!(matches!(end, ServerSaw::ClosedWithoutHandshake), "{end:?}");
+    assert!(closed.elapsed() >= Duration::from_millis(300), "the FIN came after {:?}", closed.elapsed());
+}
