@@ -23,7 +23,7 @@
 //! Knobs (environment):
 //!   AIR_BENCH_ROUNDS=2000   measured rounds per central in `rtt` (warm-up AIR_BENCH_WARMUP=200)
 //!   AIR_BENCH_DEVICES=1000  peripherals in `scale`
-//!   AIR_BENCH_JBD_DEVICES=1000  BMSes in `jbd`; AIR_BENCH_JBD_TICK_MS=1000 their pack-model tick;
+//!   AIR_BENCH_JBD_DEVICES=1000  BMSes in `jbd`;
 //!   AIR_BENCH_JBD_DEADLINE_S=900 bound on the whole `jbd` part's polling;
 //!   AIR_BENCH_JBD_OWN_SESSIONS=1 one bluer session (bus connection) per BMS instead of one shared
 //!   AIR_BENCH_STRICT=1      exit 1 when a target is missed (default: report only)
@@ -507,13 +507,12 @@ fn part_jbd(t: &mut Targets) -> Res<()> {
     use hilbench::protocol::jbd::{encode_read, reg};
 
     let n = env_num("AIR_BENCH_JBD_DEVICES", 1000) as usize;
-    let tick = Duration::from_millis(env_num("AIR_BENCH_JBD_TICK_MS", 1000));
     let deadline = Instant::now() + Duration::from_secs(env_num("AIR_BENCH_JBD_DEADLINE_S", 900));
     // 1: each BMS opens its own bluer session (its own bus connection), as `JbdBmsDevice::start` does.
     let own_sessions = env_num("AIR_BENCH_JBD_OWN_SESSIONS", 0) == 1;
     let air = AirProcess::start(n)?;
     std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &air.address);
-    println!("jbd: {n} JBD BMS peripherals (pack tick {tick:?}, {}); hilbench air pid {} ready in {:?}", if own_sessions { "one bluer session each" } else { "one shared bluer session" }, air.pid(), air.ready_after);
+    println!("jbd: {n} JBD BMS peripherals (no ticks: a core wakes only when it asks, {}); hilbench air pid {} ready in {:?}", if own_sessions { "one bluer session each" } else { "one shared bluer session" }, air.pid(), air.ready_after);
     memory_line("at ready", &air);
     let log = hilbench::observe::ObservationLog::bounded(Instant::now(), 10_000);
     actix_rt::System::new().block_on(async move {
@@ -524,7 +523,7 @@ fn part_jbd(t: &mut Targets) -> Res<()> {
                 let (session, log) = (session.clone(), log.clone());
                 async move {
                     let core = JbdBms::new(JbdConfig::default()).map_err(|e| format!("JBD model: {e}"))?;
-                    let cfg = JbdGattConfig { adapter: format!("hci{i}"), tick, ..JbdGattConfig::default() };
+                    let cfg = JbdGattConfig { adapter: format!("hci{i}"), ..JbdGattConfig::default() };
                     let start = async {
                         if own_sessions {
                             JbdBmsDevice::start(format!("bms-{i}"), core, cfg, log).await

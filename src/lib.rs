@@ -17,6 +17,7 @@ pub mod link;
 pub mod model;
 pub mod observe;
 pub mod protocol;
+pub mod sans_io;
 pub mod scenario;
 pub mod transport;
 

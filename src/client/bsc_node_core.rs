@@ -663,6 +663,36 @@ impl FailoverPlan {
     }
 }
 
+
+/// One peer, the hub. `Connected` is the WebSocket opening: the session sends
+/// its Connect-Request. The node actor keeps its own select loop (failover
+/// probes, commands); this is the shape tests, the fuzzer and replays use.
+impl crate::sans_io::SansIoCore for NodeSession {
+    type Event = SessionEvent;
+
+    fn handle_input(&mut self, input: crate::sans_io::Input<'_>, now: Duration, out: &mut Vec<crate::sans_io::Output<SessionEvent>>) -> Result<(), String> {
+        use crate::sans_io::{Input, Output, Peer};
+        let session = |v: Vec<SessionOutput>, to: Peer, out: &mut Vec<Output<SessionEvent>>| {
+            out.extend(v.into_iter().map(|o| match o {
+                SessionOutput::Send(bytes) => Output::Send { to, bytes },
+                SessionOutput::Event(e) => Output::Event(e),
+            }))
+        };
+        match input {
+            Input::Connected(p) => out.push(Output::Send { to: p, bytes: self.start(now) }),
+            Input::Disconnected(_) => {}
+            Input::Bytes { from, bytes } => session(self.receive(bytes, now), from, out),
+            Input::Timeout => session(self.tick(now), Peer::ONLY, out),
+            Input::Set { key, .. } => return Err(format!("a node session has no state key `{key}`")),
+        }
+        Ok(())
+    }
+
+    fn next_wakeup(&self) -> Option<Duration> {
+        self.poll_timeout()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -856,6 +856,61 @@ impl BscHubCore {
     }
 }
 
+
+/// What the hub core reports through [`SansIoCore`](crate::sans_io::SansIoCore).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubCoreEvent {
+    Hub(HubEvent),
+    /// A connection the core would not take (it is closed).
+    Refused { conn: ConnId, refusal: Refusal },
+    /// The core closed a connection, and why.
+    Closed { conn: ConnId, reason: CloseReason },
+}
+
+impl BscHubCore {
+    fn outputs(v: Vec<HubOutput>, out: &mut Vec<crate::sans_io::Output<HubCoreEvent>>) {
+        use crate::sans_io::{Output, Peer};
+        for o in v {
+            match o {
+                // A copy per receiver: the hub's own driver shares broadcast buffers instead.
+                HubOutput::Send { to, frame } => out.push(Output::Send { to: Peer(to.0), bytes: frame.to_vec() }),
+                HubOutput::Close { conn, reason } => {
+                    out.push(Output::Event(HubCoreEvent::Closed { conn, reason }));
+                    out.push(Output::Close(Peer(conn.0)));
+                }
+                HubOutput::Event(e) => out.push(Output::Event(HubCoreEvent::Hub(e))),
+            }
+        }
+    }
+}
+
+/// Peers are connections ([`ConnId`]). The hub's server keeps its own batched
+/// driver; this is the shape the fuzzer, tests and replays use.
+impl crate::sans_io::SansIoCore for BscHubCore {
+    type Event = HubCoreEvent;
+
+    fn handle_input(&mut self, input: crate::sans_io::Input<'_>, now: Duration, out: &mut Vec<crate::sans_io::Output<HubCoreEvent>>) -> Result<(), String> {
+        use crate::sans_io::{Input, Output};
+        match input {
+            Input::Connected(p) => {
+                if let Err(refusal) = self.accept(ConnId(p.0), now) {
+                    out.push(Output::Event(HubCoreEvent::Refused { conn: ConnId(p.0), refusal }));
+                    out.push(Output::Close(p));
+                }
+            }
+            Input::Disconnected(p) => Self::outputs(self.closed(ConnId(p.0), now), out),
+            Input::Bytes { from, bytes } => Self::outputs(self.receive(ConnId(from.0), bytes, now), out),
+            Input::Timeout => Self::outputs(self.tick(now), out),
+            Input::Set { key, .. } => return Err(format!("a hub has no state key `{key}`")),
+        }
+        Ok(())
+    }
+
+    fn next_wakeup(&self) -> Option<Duration> {
+        self.poll_timeout()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

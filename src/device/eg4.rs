@@ -1,33 +1,33 @@
-//! The `eg4-lp4` device actor: a thin shell that owns an [`Eg4Pack`] core,
-//! keeps its physics running on a clock, and answers frames from the bus.
+//! The `eg4-lp4` device actor: the transport shell around an [`Eg4Pack`]
+//! core on the generic [`CoreDriver`]. The bus hands it frames; the core's
+//! answer goes back as the frame's reply.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix::prelude::*;
 
-use super::eg4_core::{Eg4Pack, Eg4Silence};
+use super::driver::{feed, CoreDriver, CoreHost};
+use super::eg4_core::{Eg4Event, Eg4Pack};
 use crate::model::PackSnapshot;
 use crate::observe::{ObservationKind, ObservationLog};
+use crate::sans_io::{Input, Output, Peer};
 use crate::transport::bus::BusFrame;
-
-/// How often the model advances when nobody is polling, so SoC and
-/// protections evolve between scenario steps.
-const MODEL_TICK: Duration = Duration::from_millis(100);
 
 pub struct Eg4PackActor {
     name: String,
-    core: Eg4Pack,
-    epoch: Instant,
+    driver: CoreDriver<Eg4Pack>,
     log: ObservationLog,
 }
 
 impl Eg4PackActor {
     pub fn new(name: impl Into<String>, core: Eg4Pack, log: ObservationLog) -> Self {
-        Eg4PackActor {
-            name: name.into(),
-            core,
-            epoch: log.start(),
-            log,
+        let epoch: Instant = log.start();
+        Eg4PackActor { name: name.into(), driver: CoreDriver::new(core, epoch), log }
+    }
+
+    fn observe(&self, e: Eg4Event) {
+        match e {
+            Eg4Event::Silent { reason } => self.log.push(&self.name, ObservationKind::DeviceSilent { reason }),
         }
     }
 }
@@ -36,23 +36,45 @@ impl Actor for Eg4PackActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.core.tick(self.epoch.elapsed());
-        ctx.run_interval(MODEL_TICK, |act, _| act.core.tick(act.epoch.elapsed()));
+        // The physics start now; after that they catch up on every input.
+        if let Ok(out) = feed(self, Input::Timeout, ctx) {
+            self.deliver(out, ctx);
+        }
+    }
+}
+
+impl CoreHost for Eg4PackActor {
+    type Core = Eg4Pack;
+
+    fn driver(&mut self) -> &mut CoreDriver<Eg4Pack> {
+        &mut self.driver
+    }
+
+    fn deliver(&mut self, outputs: Vec<Output<Eg4Event>>, _ctx: &mut Context<Self>) {
+        for o in outputs {
+            match o {
+                Output::Event(e) => self.observe(e),
+                // A pack on a bus speaks only when asked: its answers go back with the request.
+                Output::Send { .. } | Output::Close(_) => tracing::warn!(device = %self.name, "unasked output dropped"),
+            }
+        }
     }
 }
 
 impl Handler<BusFrame> for Eg4PackActor {
     type Result = Option<Vec<u8>>;
 
-    fn handle(&mut self, msg: BusFrame, _ctx: &mut Context<Self>) -> Self::Result {
-        match self.core.handle_frame(&msg.bytes, self.epoch.elapsed()) {
-            Ok(reply) => Some(reply),
-            Err(Eg4Silence::OtherAddress(_)) => None,
-            Err(Eg4Silence::Undecodable(reason)) => {
-                self.log.push(&self.name, ObservationKind::DeviceSilent { reason });
-                None
+    fn handle(&mut self, msg: BusFrame, ctx: &mut Context<Self>) -> Self::Result {
+        let out = feed(self, Input::Bytes { from: Peer::ONLY, bytes: &msg.bytes }, ctx).ok()?;
+        let mut reply = None;
+        for o in out {
+            match o {
+                Output::Send { bytes, .. } => reply = Some(bytes),
+                Output::Event(e) => self.observe(e),
+                Output::Close(_) => {}
             }
         }
+        reply
     }
 }
 
@@ -66,9 +88,10 @@ pub struct SetState {
 
 impl Handler<SetState> for Eg4PackActor {
     type Result = Result<(), String>;
-    fn handle(&mut self, msg: SetState, _ctx: &mut Context<Self>) -> Self::Result {
-        self.core.tick(self.epoch.elapsed());
-        self.core.set(&msg.key, msg.value)
+    fn handle(&mut self, msg: SetState, ctx: &mut Context<Self>) -> Self::Result {
+        let out = feed(self, Input::Set { key: &msg.key, value: msg.value }, ctx)?;
+        self.deliver(out, ctx);
+        Ok(())
     }
 }
 
@@ -78,8 +101,11 @@ pub struct GetSnapshot;
 
 impl Handler<GetSnapshot> for Eg4PackActor {
     type Result = MessageResult<GetSnapshot>;
-    fn handle(&mut self, _msg: GetSnapshot, _ctx: &mut Context<Self>) -> Self::Result {
-        self.core.tick(self.epoch.elapsed());
-        MessageResult(self.core.snapshot())
+    fn handle(&mut self, _msg: GetSnapshot, ctx: &mut Context<Self>) -> Self::Result {
+        // Bring the physics up to now before reading them.
+        if let Ok(out) = feed(self, Input::Timeout, ctx) {
+            self.deliver(out, ctx);
+        }
+        MessageResult(self.driver.core().snapshot())
     }
 }

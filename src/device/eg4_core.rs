@@ -332,3 +332,36 @@ pub fn legacy_status_from(s: &PackSnapshot) -> LegacyStatus {
         pack_cv: (s.pack_mv / 10).min(u32::from(u16::MAX)),
     }
 }
+
+/// What a pack reports through [`SansIoCore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Eg4Event {
+    /// A frame a real pack would not answer (bad CRC, truncated, garbage).
+    Silent { reason: String },
+}
+
+impl crate::sans_io::SansIoCore for Eg4Pack {
+    type Event = Eg4Event;
+
+    fn handle_input(&mut self, input: crate::sans_io::Input<'_>, now: Duration, out: &mut Vec<crate::sans_io::Output<Eg4Event>>) -> Result<(), String> {
+        use crate::sans_io::{Input, Output};
+        match input {
+            Input::Bytes { from, bytes } => match self.handle_frame(bytes, now) {
+                Ok(reply) => out.push(Output::Send { to: from, bytes: reply }),
+                Err(Eg4Silence::OtherAddress(_)) => {}
+                Err(Eg4Silence::Undecodable(reason)) => out.push(Output::Event(Eg4Event::Silent { reason })),
+            },
+            Input::Set { key, value } => {
+                self.tick(now);
+                self.set(key, value)?;
+            }
+            Input::Timeout | Input::Connected(_) | Input::Disconnected(_) => self.tick(now),
+        }
+        Ok(())
+    }
+
+    /// None: the physics catch up on every input, and a pack says nothing unasked.
+    fn next_wakeup(&self) -> Option<Duration> {
+        None
+    }
+}

@@ -16,9 +16,11 @@ use actix::prelude::*;
 use bluer::adv::{Advertisement, AdvertisementHandle};
 use serde::Serialize;
 
+use super::driver::{feed, CoreDriver, CoreHost};
 use super::eg4::{GetSnapshot, SetState};
 use super::jbd_core::{JbdBms, JbdEvent};
 use crate::observe::{ObservationKind, ObservationLog};
+use crate::sans_io::{Input, Output, Peer};
 use crate::transport::gatt::{uuid16, GattEvent, GattRefusal, GattServer, GattService, Props, ReadValue};
 
 pub use crate::air::att::DEFAULT_ATT_MTU;
@@ -52,8 +54,6 @@ pub struct JbdGattConfig {
     pub manufacturer_data: BTreeMap<u16, Vec<u8>>,
     /// Withdraw the advertisement while a central is connected (the modules do).
     pub stop_advertising_while_connected: bool,
-    /// How often the pack model runs when nobody writes.
-    pub tick: Duration,
 }
 
 impl Default for JbdGattConfig {
@@ -63,7 +63,6 @@ impl Default for JbdGattConfig {
             local_name: "xiaoxiang BMS".into(),
             manufacturer_data: BTreeMap::new(),
             stop_advertising_while_connected: true,
-            tick: Duration::from_millis(100),
         }
     }
 }
@@ -90,9 +89,8 @@ struct AdvertisementRegistered(Result<AdvertisementHandle, String>);
 
 pub struct JbdBmsActor {
     name: String,
-    core: JbdBms,
+    driver: CoreDriver<JbdBms>,
     cfg: JbdGattConfig,
-    epoch: Instant,
     log: ObservationLog,
     adapter: bluer::Adapter,
     /// The registered JBD service; dropped (unregistered) on shutdown.
@@ -138,10 +136,10 @@ impl JbdBmsDevice {
         let (gatt, events) = GattServer::serve(&adapter, &jbd_gatt())
             .await
             .with_context(|| format!("registering the JBD GATT application on {adapter_name}"))?;
+        let epoch: Instant = log.start();
         let actor = JbdBmsActor {
             name: name.into(),
-            core,
-            epoch: log.start(),
+            driver: CoreDriver::new(core, epoch),
             log,
             adapter,
             gatt: Some(gatt),
@@ -173,25 +171,42 @@ impl JbdBmsDevice {
 #[rtype(result = "()")]
 struct Shutdown;
 
-impl JbdBmsActor {
-    fn now(&self) -> Duration {
-        self.epoch.elapsed()
+impl CoreHost for JbdBmsActor {
+    type Core = JbdBms;
+
+    fn driver(&mut self) -> &mut CoreDriver<JbdBms> {
+        &mut self.driver
     }
 
-    fn drain_events(&mut self) {
-        for e in self.core.take_events() {
-            match e {
-                JbdEvent::Silent { reason } => self.log.push(&self.name, ObservationKind::DeviceSilent { reason }),
-                other => tracing::info!(device = %self.name, event = ?other, "jbd"),
+    /// Answers go out as notifications on 0xFF01, in ATT_MTU − 3 pieces.
+    fn deliver(&mut self, outputs: Vec<Output<JbdEvent>>, _ctx: &mut Context<Self>) {
+        for o in outputs {
+            match o {
+                Output::Send { bytes, .. } => {
+                    if let Some(gatt) = &self.gatt {
+                        gatt.notify(NOTIFY_UUID, &bytes, self.mtu);
+                    }
+                }
+                Output::Event(JbdEvent::Silent { reason }) => self.log.push(&self.name, ObservationKind::DeviceSilent { reason }),
+                Output::Event(other) => tracing::info!(device = %self.name, event = ?other, "jbd"),
+                Output::Close(_) => {}
             }
         }
+    }
+}
+
+impl JbdBmsActor {
+    /// Feeds the core and carries out its answer at once.
+    fn input(&mut self, input: Input<'_>, ctx: &mut Context<Self>) -> Result<(), String> {
+        let out = feed(self, input, ctx)?;
+        self.deliver(out, ctx);
+        Ok(())
     }
 
     fn begin_session(&mut self, central: &str, ctx: &mut Context<Self>) {
         tracing::info!(device = %self.name, central, "central connected");
         self.central = Some(central.to_string());
-        let now = self.now();
-        self.core.connected(now);
+        let _ = self.input(Input::Connected(Peer::ONLY), ctx);
         if self.cfg.stop_advertising_while_connected {
             self.advertising_wanted = false;
             self.update_advertising(ctx);
@@ -204,8 +219,7 @@ impl JbdBmsActor {
         }
         self.subscribed = false;
         self.mtu = DEFAULT_ATT_MTU;
-        let now = self.now();
-        self.core.disconnected(now);
+        let _ = self.input(Input::Disconnected(Peer::ONLY), ctx);
         self.advertising_wanted = true;
         self.update_advertising(ctx);
     }
@@ -241,12 +255,9 @@ impl Actor for JbdBmsActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.core.tick(self.now());
+        // The physics start now; the core asks for the wake-ups it needs (a partial request's timeout).
+        let _ = self.input(Input::Timeout, ctx);
         self.update_advertising(ctx);
-        ctx.run_interval(self.cfg.tick, |act, _| {
-            act.core.tick(act.now());
-            act.drain_events();
-        });
     }
 }
 
@@ -289,17 +300,13 @@ impl JbdBmsActor {
             Some(_) => {}
             None => self.begin_session(central, ctx),
         }
-        if request && self.core.rejects_write_request() {
+        if request && self.driver.core().rejects_write_request() {
             // The firmware only takes write commands: ATT Write Not Permitted.
             return Err(GattRefusal::NotPermitted);
         }
         self.mtu = mtu.max(DEFAULT_ATT_MTU);
-        let frames = self.core.handle_write(value, self.now());
-        self.drain_events();
-        if let Some(gatt) = &self.gatt {
-            for f in &frames {
-                gatt.notify(NOTIFY_UUID, f, self.mtu);
-            }
+        if let Err(e) = self.input(Input::Bytes { from: Peer::ONLY, bytes: value }, ctx) {
+            tracing::warn!(device = %self.name, "write not taken: {e}");
         }
         Ok(())
     }
@@ -346,17 +353,17 @@ impl StreamHandler<GattEvent> for JbdBmsActor {
 
 impl Handler<SetState> for JbdBmsActor {
     type Result = Result<(), String>;
-    fn handle(&mut self, msg: SetState, _ctx: &mut Context<Self>) -> Self::Result {
-        self.core.tick(self.now());
-        self.core.set(&msg.key, msg.value)
+    fn handle(&mut self, msg: SetState, ctx: &mut Context<Self>) -> Self::Result {
+        self.input(Input::Set { key: &msg.key, value: msg.value }, ctx)
     }
 }
 
 impl Handler<GetSnapshot> for JbdBmsActor {
     type Result = MessageResult<GetSnapshot>;
-    fn handle(&mut self, _msg: GetSnapshot, _ctx: &mut Context<Self>) -> Self::Result {
-        self.core.tick(self.now());
-        MessageResult(self.core.snapshot())
+    fn handle(&mut self, _msg: GetSnapshot, ctx: &mut Context<Self>) -> Self::Result {
+        // Bring the physics up to now before reading them.
+        let _ = self.input(Input::Timeout, ctx);
+        MessageResult(self.driver.core().snapshot())
     }
 }
 

@@ -913,6 +913,35 @@ impl PinState {
     }
 }
 
+
+impl crate::sans_io::SansIoCore for JbdBms {
+    type Event = JbdEvent;
+
+    fn handle_input(&mut self, input: crate::sans_io::Input<'_>, now: Duration, out: &mut Vec<crate::sans_io::Output<JbdEvent>>) -> Result<(), String> {
+        use crate::sans_io::{Input, Output};
+        let result = match input {
+            Input::Bytes { from, bytes } => {
+                out.extend(self.handle_write(bytes, now).into_iter().map(|f| Output::Send { to: from, bytes: f }));
+                Ok(())
+            }
+            Input::Connected(_) => Ok(self.connected(now)),
+            Input::Disconnected(_) => Ok(self.disconnected(now)),
+            Input::Set { key, value } => {
+                self.tick(now);
+                self.set(key, value)
+            }
+            Input::Timeout => Ok(self.tick(now)),
+        };
+        out.extend(self.take_events().into_iter().map(Output::Event));
+        result
+    }
+
+    /// When a partial request times out; the physics catch up on every input.
+    fn next_wakeup(&self) -> Option<Duration> {
+        self.poll_timeout()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

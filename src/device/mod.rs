@@ -2,6 +2,7 @@
 
 pub mod bsc_hub;
 pub mod bsc_hub_core;
+pub mod driver;
 pub mod eg4;
 pub mod eg4_core;
 pub mod jbd;
