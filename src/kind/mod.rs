@@ -47,19 +47,39 @@ pub static REGISTRY: &[&dyn Kind] = &[
     &bsc_raw::BscRawKind,
 ];
 
+/// Kinds a program using hilbench as a library added with [`register`].
+static ADDED: std::sync::RwLock<Vec<&'static dyn Kind>> = std::sync::RwLock::new(Vec::new());
+
+/// Adds a kind defined outside this crate (a test's own device, an
+/// embedder's): scenarios then take it like a built-in one. A name already
+/// taken in its role is refused.
+pub fn register(kind: &'static dyn Kind) -> Result<(), String> {
+    if find(kind.role(), kind.name()).is_some() {
+        return Err(format!("a {} kind `{}` already exists", kind.role().noun(), kind.name()));
+    }
+    ADDED.write().unwrap_or_else(|p| p.into_inner()).push(kind);
+    Ok(())
+}
+
+/// The built-in kinds, then the added ones.
+pub fn all() -> Vec<&'static dyn Kind> {
+    let added = ADDED.read().unwrap_or_else(|p| p.into_inner());
+    REGISTRY.iter().copied().chain(added.iter().copied()).collect()
+}
+
 /// The kind called `name` in that role.
 pub fn find(role: Role, name: &str) -> Option<&'static dyn Kind> {
-    REGISTRY.iter().copied().find(|k| k.role() == role && k.name() == name)
+    all().into_iter().find(|k| k.role() == role && k.name() == name)
 }
 
 /// Names of the kinds in a role, for error messages and `hilbench list`.
 pub fn names(role: Role) -> Vec<&'static str> {
-    REGISTRY.iter().filter(|k| k.role() == role).map(|k| k.name()).collect()
+    all().into_iter().filter(|k| k.role() == role).map(|k| k.name()).collect()
 }
 
 /// Every kind step (`send_npdu`, …) with the kinds that take it.
 pub fn kind_steps() -> Vec<(&'static StepDoc, &'static dyn Kind)> {
-    REGISTRY.iter().flat_map(|k| k.steps().iter().map(move |s| (s, *k))).collect()
+    all().into_iter().flat_map(|k| k.steps().iter().map(move |s| (s, k))).collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
