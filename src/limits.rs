@@ -20,6 +20,10 @@ pub mod air_bus {
     /// Connections still authenticating at once; more are closed as they
     /// come (dbus-daemon's `max_incomplete_connections` is 64 on the system bus).
     pub const MAX_INCOMPLETE: usize = 64;
+    /// Longest AddMatch rule text (dbus-daemon's DBUS_MAXIMUM_MATCH_RULE_LENGTH).
+    pub const MAX_MATCH_RULE_LENGTH: usize = 1024;
+    /// Match rules one connection may hold (dbus-daemon's system bus: 512).
+    pub const MAX_MATCH_RULES: usize = 512;
 }
 
 /// How often a server writes a line about refused or failed connections

@@ -297,3 +297,44 @@ fn connections_that_never_authenticate_are_capped_and_timed_out() {
     let line = auth_external(&raw_socket(bus.address()), unsafe { libc::getuid() });
     assert!(line.starts_with("OK "), "{line}");
 }
+
+/// What dbus-daemon refuses in AddMatch and RequestName, the air refuses
+/// too, with dbus-daemon's errors, as libdbus (`dbus-send`) and zbus see them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_match_rules_and_invalid_names_are_refused() {
+    let bus = InProcessBus::start().unwrap();
+    let addr = bus.address().to_string();
+    let send = |args: Vec<String>| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            dbus_send(&addr, &args)
+        })
+    };
+    let bus_call = |member: &str, arg: String| {
+        vec!["--dest=org.freedesktop.DBus".to_string(), "/org/freedesktop/DBus".into(), format!("org.freedesktop.DBus.{member}"), arg]
+    };
+    let e = send(bus_call("AddMatch", format!("string:type='signal',member='{}'", "a".repeat(100_000)))).await.unwrap().unwrap_err();
+    assert!(e.contains("org.freedesktop.DBus.Error.LimitsExceeded") && e.contains("maximum is 1024"), "{e}");
+    let e = send(bus_call("AddMatch", "string:type='signal',interface='not valid'".into())).await.unwrap().unwrap_err();
+    assert!(e.contains("org.freedesktop.DBus.Error.MatchRuleInvalid") && e.contains("not an interface name"), "{e}");
+    let e = send(bus_call("AddMatch", "string:type='signal',type='error'".into())).await.unwrap().unwrap_err();
+    assert!(e.contains("org.freedesktop.DBus.Error.MatchRuleInvalid") && e.contains("twice"), "{e}");
+    let e = send(bus_call("RequestName", "string:not a name".into()).into_iter().chain(["uint32:0".to_string()]).collect()).await.unwrap().unwrap_err();
+    assert!(e.contains("org.freedesktop.DBus.Error.InvalidArgs") && e.contains("is not valid"), "{e}");
+
+    // One connection holds at most 512 rules.
+    let c = client(&addr).await;
+    let add = |i: usize| {
+        let c = c.clone();
+        async move {
+            c.call_method(Some("org.freedesktop.DBus"), "/org/freedesktop/DBus", Some("org.freedesktop.DBus"), "AddMatch", &(format!("type='signal',member='M{i}'"),))
+                .await
+        }
+    };
+    for i in 0..512 {
+        add(i).await.unwrap_or_else(|e| panic!("rule {i}: {e}"));
+    }
+    let e = add(512).await.unwrap_err().to_string();
+    assert!(e.contains("LimitsExceeded") && e.contains("too many match rules"), "{e}");
+}

@@ -253,3 +253,27 @@ async fn a_second_machine_competes_for_the_one_link() {
     assert!(connected(&gateway, &path).await);
     air.stop().await;
 }
+
+/// Calls bluetoothd refuses, refused the same way: an agent with a
+/// capability BlueZ does not know, and Connect or Disconnect with arguments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bogus_agent_capabilities_and_extra_arguments_are_refused() {
+    let air = air(AirConfig::default()).await;
+    let (_bms, _, addr) = advertise(&air, "xiaoxiang BMS", &[JBD_SERVICE]).await;
+    let central = connect(air.address()).await;
+    let agent = OwnedObjectPath::try_from("/agent").unwrap();
+    let e = call(&central, "/org/bluez", "org.bluez.AgentManager1", "RegisterAgent", &(agent.clone(), "Telepathic")).await.unwrap_err();
+    assert!(e.starts_with("org.bluez.Error.InvalidArguments") && e.contains("Telepathic"), "{e}");
+    call(&central, "/org/bluez", "org.bluez.AgentManager1", "RegisterAgent", &(agent, "NoInputNoOutput")).await.expect("a known capability");
+
+    let path = device_path(&addr);
+    scan(&central, HashMap::new()).await;
+    wait_until("the BMS is reported", || async { devices(&central).await.contains(&path) }).await;
+    for method in ["Connect", "Disconnect"] {
+        let e = call(&central, &path, "org.bluez.Device1", method, &("extra",)).await.unwrap_err();
+        assert!(e.starts_with("org.freedesktop.DBus.Error.InvalidArgs"), "{method}: {e}");
+    }
+    call(&central, &path, "org.bluez.Device1", "Connect", &()).await.expect("Connect without arguments");
+    assert!(connected(&central, &path).await);
+    air.stop().await;
+}

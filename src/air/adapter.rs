@@ -52,12 +52,34 @@ fn sender_of(hdr: &Header<'_>) -> String {
     hdr.sender().map(|s| s.to_string()).unwrap_or_default()
 }
 
+/// A method that takes no arguments called with some: refused as bluetoothd
+/// refuses a call whose signature does not match.
+pub(crate) fn no_args(hdr: &Header<'_>) -> Result<()> {
+    let sig = hdr.signature().to_string();
+    if sig.is_empty() {
+        Ok(())
+    } else {
+        Err(BluezError::ZBus(zbus::Error::FDO(Box::new(zbus::fdo::Error::InvalidArgs(format!(
+            "Invalid arguments in method call: expected no arguments, got `{sig}`"
+        ))))))
+    }
+}
+
+/// The agent capabilities bluetoothd knows (an empty one means KeyboardDisplay).
+const AGENT_CAPABILITIES: &[&str] = &["", "DisplayOnly", "DisplayYesNo", "KeyboardOnly", "NoInputNoOutput", "KeyboardDisplay"];
+
 /// `/org/bluez`: agents are accepted and ignored (nothing pairs on the air).
 pub struct BluezRoot;
 
 #[interface(name = "org.bluez.AgentManager1")]
 impl BluezRoot {
-    fn register_agent(&self, _agent: ObjectPath<'_>, _capability: &str) {}
+    fn register_agent(&self, _agent: ObjectPath<'_>, capability: &str) -> Result<()> {
+        if AGENT_CAPABILITIES.contains(&capability) {
+            Ok(())
+        } else {
+            Err(BluezError::InvalidArguments(format!("Invalid capability \"{capability}\"; one of {}", AGENT_CAPABILITIES[1..].join(", "))))
+        }
+    }
     fn unregister_agent(&self, _agent: ObjectPath<'_>) {}
     fn request_default_agent(&self, _agent: ObjectPath<'_>) {}
 }

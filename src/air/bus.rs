@@ -29,7 +29,7 @@ use crate::protocol::dbus::{self as wire, BusMessage, BusValue, Header, MatchRul
 // reading: it is dropped, so one stuck client cannot take the bus's memory.
 // A connection gets AUTH_TIMEOUT to authenticate, and at most MAX_INCOMPLETE
 // may be authenticating at once, so idle sockets cannot take every descriptor.
-use crate::limits::air_bus::{AUTH_TIMEOUT, MAX_INCOMPLETE, MAX_QUEUED_BYTES, QUEUED_OVERHEAD};
+use crate::limits::air_bus::{self as limits, AUTH_TIMEOUT, MAX_INCOMPLETE, MAX_QUEUED_BYTES, QUEUED_OVERHEAD};
 use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
 
 /// One message on its way to a connection; `written` bytes of it are out.
@@ -662,6 +662,9 @@ fn bus_method(st: &mut State, from: &str, msg: &[u8], h: &Header) {
         ("org.freedesktop.DBus.Introspectable", "Introspect") => Ok(vec![BusValue::Str(INTROSPECTION.into())]),
         (BUS_NAME, "Hello") => Err(("org.freedesktop.DBus.Error.Failed".into(), "Already handled an Hello message".into())),
         (BUS_NAME, "RequestName") => match (s(0), u(1)) {
+            (Some(name), Some(_)) if !wire::names::is_bus_name(&name) => {
+                Err(("org.freedesktop.DBus.Error.InvalidArgs".into(), format!("Requested bus name \"{name}\" is not valid")))
+            }
             (Some(name), Some(_)) if !name.starts_with(':') && name != BUS_NAME && !name.is_empty() && !st.may_own(&name, from) => {
                 Err(("org.freedesktop.DBus.Error.AccessDenied".into(), format!("Connection \"{from}\" is not allowed to own the service \"{name}\": it belongs to the virtual air")))
             }
@@ -697,8 +700,16 @@ fn bus_method(st: &mut State, from: &str, msg: &[u8], h: &Header) {
             None => bad_args(),
         },
         (BUS_NAME, "AddMatch") => match s(0) {
+            Some(text) if text.len() > limits::MAX_MATCH_RULE_LENGTH => Err((
+                "org.freedesktop.DBus.Error.LimitsExceeded".into(),
+                format!("Match rule text is {} bytes, maximum is {}", text.len(), limits::MAX_MATCH_RULE_LENGTH),
+            )),
             Some(text) => match MatchRule::parse(&text) {
                 Ok(rule) => match st.conns.get_mut(from) {
+                    Some(c) if c.rules.len() >= limits::MAX_MATCH_RULES => Err((
+                        "org.freedesktop.DBus.Error.LimitsExceeded".into(),
+                        format!("Connection \"{from}\" is trying to add too many match rules (at most {})", limits::MAX_MATCH_RULES),
+                    )),
                     Some(c) => {
                         c.rules.push((text, rule));
                         Ok(vec![])

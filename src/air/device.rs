@@ -378,11 +378,13 @@ impl Device1 {
 
 #[interface(name = "org.bluez.Device1")]
 impl Device1 {
-    async fn connect(&self) -> Result<()> {
+    async fn connect(&self, #[zbus(header)] hdr: Header<'_>) -> Result<()> {
+        super::adapter::no_args(&hdr)?;
         let air = self.air()?;
         self.d.connect(&air).await
     }
-    async fn disconnect(&self) -> Result<()> {
+    async fn disconnect(&self, #[zbus(header)] hdr: Header<'_>) -> Result<()> {
+        super::adapter::no_args(&hdr)?;
         let air = self.air()?;
         self.d.disconnect(&air, "central asked").await;
         Ok(())

@@ -542,6 +542,50 @@ pub fn bus_call_args(msg: &[u8], h: &Header) -> Result<Vec<BusValue>, WireError>
 // Match rules
 // ------------------------------------------------------------------------------------
 
+/// Names as the D-Bus specification's "Valid Names" has them (at most 255
+/// bytes; elements of ASCII letters, digits and `_`, not starting with a
+/// digit; bus names also allow `-`, and unique names digits first).
+pub mod names {
+    const MAX: usize = 255;
+
+    fn elements(n: &str, min: usize, hyphen: bool, digit_first: bool) -> bool {
+        let ok = |e: &str| {
+            !e.is_empty()
+                && e.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || (hyphen && b == b'-'))
+                && (digit_first || !e.as_bytes()[0].is_ascii_digit())
+        };
+        n.len() <= MAX && n.split('.').count() >= min && n.split('.').all(ok)
+    }
+
+    /// A unique (`:1.42`) or well-known (`org.bluez`) bus name.
+    pub fn is_bus_name(n: &str) -> bool {
+        match n.strip_prefix(':') {
+            Some(unique) => n.len() <= MAX && elements(unique, 2, true, true),
+            None => elements(n, 2, true, false),
+        }
+    }
+
+    pub fn is_interface(n: &str) -> bool {
+        elements(n, 2, false, false)
+    }
+
+    pub fn is_member(n: &str) -> bool {
+        !n.contains('.') && elements(n, 1, false, false)
+    }
+
+    /// A namespace of bus or interface names (`arg0namespace`): one element is enough.
+    pub fn is_namespace(n: &str) -> bool {
+        elements(n, 1, true, false)
+    }
+
+    pub fn is_object_path(p: &str) -> bool {
+        p == "/"
+            || (p.starts_with('/')
+                && !p.ends_with('/')
+                && p[1..].split('/').all(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')))
+    }
+}
+
 /// One `AddMatch` rule.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MatchRule {
@@ -557,10 +601,20 @@ pub struct MatchRule {
     pub arg0_namespace: Option<String>,
 }
 
+/// `value` when `ok` says it is well formed, else what it should have been.
+fn valid(key: &str, value: String, ok: fn(&str) -> bool, what: &str) -> Result<String, WireError> {
+    if ok(&value) {
+        Ok(value)
+    } else {
+        err(format!("match rule `{key}='{value}'` is not {what}"))
+    }
+}
+
 impl MatchRule {
     /// Parses `type='signal',interface='…',arg0path='/org/bluez/'`.
     pub fn parse(text: &str) -> Result<MatchRule, WireError> {
         let mut rule = MatchRule::default();
+        let mut seen: Vec<String> = Vec::new();
         let b = text.as_bytes();
         let mut i = 0;
         while i < b.len() {
@@ -609,6 +663,10 @@ impl MatchRule {
                     }
                 }
             }
+            if seen.iter().any(|k| k == key) {
+                return err(format!("key `{key}` specified twice in match rule"));
+            }
+            seen.push(key.to_string());
             rule.set(key, value)?;
         }
         Ok(rule)
@@ -625,13 +683,13 @@ impl MatchRule {
                     other => return err(format!("match rule type `{other}`")),
                 })
             }
-            "sender" => self.sender = Some(value),
-            "interface" => self.interface = Some(value),
-            "member" => self.member = Some(value),
-            "path" => self.path = Some(value),
-            "path_namespace" => self.path_namespace = Some(value),
-            "destination" => self.destination = Some(value),
-            "arg0namespace" => self.arg0_namespace = Some(value),
+            "sender" => self.sender = Some(valid(key, value, names::is_bus_name, "a bus name")?),
+            "interface" => self.interface = Some(valid(key, value, names::is_interface, "an interface name")?),
+            "member" => self.member = Some(valid(key, value, names::is_member, "a member name")?),
+            "path" => self.path = Some(valid(key, value, names::is_object_path, "an object path")?),
+            "path_namespace" => self.path_namespace = Some(valid(key, value, names::is_object_path, "an object path")?),
+            "destination" => self.destination = Some(valid(key, value, names::is_bus_name, "a bus name")?),
+            "arg0namespace" => self.arg0_namespace = Some(valid(key, value, names::is_namespace, "a name namespace")?),
             "eavesdrop" => {}
             k if k.starts_with("arg") => {
                 let rest = &k[3..];
@@ -972,5 +1030,39 @@ mod tests {
         assert_eq!(sig, "as");
         let (v, _): (Vec<String>, _) = zbus::wire::serialized::Data::new(b, ctx(at)).deserialize().unwrap();
         assert_eq!(v, vec!["org.freedesktop.DBus".to_string(), ":1.3".to_string()]);
+    }
+
+    #[test]
+    fn names_follow_the_specification() {
+        use super::names::*;
+        assert!(is_bus_name("org.bluez") && is_bus_name(":1.42") && is_bus_name("org.example.my-app"));
+        assert!(!is_bus_name("bluez") && !is_bus_name("org..bluez") && !is_bus_name("org.1bluez") && !is_bus_name("not a name") && !is_bus_name(""));
+        assert!(!is_bus_name(&format!("org.{}", "a".repeat(300))));
+        assert!(is_interface("org.bluez.Device1") && !is_interface("org.bluez-x.Device1") && !is_interface("Device1"));
+        assert!(is_member("PropertiesChanged") && !is_member("Properties.Changed") && !is_member("1x") && !is_member(""));
+        assert!(is_object_path("/") && is_object_path("/org/bluez/hci0") && !is_object_path("/org/") && !is_object_path("org") && !is_object_path("/a//b") && !is_object_path("/a-b"));
+    }
+
+    #[test]
+    fn malformed_match_rules_are_refused_with_what_is_wrong() {
+        let e = MatchRule::parse("interface='not valid'").unwrap_err().0;
+        assert!(e.contains("is not an interface name"), "{e}");
+        let e = MatchRule::parse("member='a.b'").unwrap_err().0;
+        assert!(e.contains("is not a member name"), "{e}");
+        let e = MatchRule::parse("path='/org/'").unwrap_err().0;
+        assert!(e.contains("is not an object path"), "{e}");
+        let e = MatchRule::parse("sender='x'").unwrap_err().0;
+        assert!(e.contains("is not a bus name"), "{e}");
+        let e = MatchRule::parse("type='signal',type='error'").unwrap_err().0;
+        assert!(e.contains("specified twice"), "{e}");
+        // What bleak, zbus and libdbus send still parses.
+        for ok in [
+            "type='signal',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',arg0='org.bluez.Device1',path_namespace='/org/bluez'",
+            "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged',arg0=':1.3'",
+            "type='signal',arg0path='/org/bluez/',eavesdrop='true'",
+            "type='signal',arg0namespace='org.bluez',destination=':1.7'",
+        ] {
+            MatchRule::parse(ok).unwrap_or_else(|e| panic!("{ok}: {e:?}"));
+        }
     }
 }
