@@ -8,11 +8,10 @@
 use std::path::Path;
 
 use futures::future::LocalBoxFuture;
-use hilbench::kind::ble::{self, AirLink, BLE_STEP};
-use hilbench::kind::{decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, Names, Role, Running, StartContext, StepContext, StepDoc};
+use hilbench::kind::ble::{self, AirDevice, AirLink, OnAir, BLE_STEP};
+use hilbench::kind::{decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, Names, Role, Running, StartContext, StepDoc};
 use hilbench::link::capture::CaptureFormat;
 use hilbench::link::fault::LinkMedium;
-use hilbench::link::{FaultRule, FrameRecord};
 use hilbench::scenario::runner::{run_file_blocking, RunOptions};
 use hilbench::scenario::source::Problem;
 use hilbench::scenario::Scenario;
@@ -102,45 +101,18 @@ impl Declared for EchoKeys {
                     }
                 }
             });
-            Ok(Box::new(RunningEcho { name: self.name.clone(), address, air, serving }) as Box<dyn Running>)
+            Ok(Box::new(OnAir::new(self.name.clone(), address, air, Serving(serving))) as Box<dyn Running>)
         })
     }
 }
 
-struct RunningEcho {
-    name: String,
-    address: String,
-    air: AirLink,
-    serving: tokio::task::JoinHandle<()>,
-}
+/// The echo's own part: the task serving its GATT events.
+struct Serving(tokio::task::JoinHandle<()>);
 
-impl Running for RunningEcho {
-    fn vars(&self) -> Vec<(String, String)> {
-        let mut vars = vec![(format!("ble.{}", self.name), self.address.clone())];
-        vars.extend(self.air.vars());
-        vars
-    }
-    fn step<'a>(&'a mut self, _step: &'a str, body: &'a yaml_serde::Value, _cx: StepContext<'a>) -> LocalBoxFuture<'a, Result<String, String>> {
-        Box::pin(self.air.apply(body))
-    }
-    fn add_fault<'a>(&'a self, _link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
-        Box::pin(self.air.add_fault(rule))
-    }
-    fn clear_faults<'a>(&'a self, link: &'a str, name: Option<&'a str>) -> LocalBoxFuture<'a, Result<(), String>> {
-        Box::pin(self.air.clear_faults(link, name))
-    }
-    fn frames(&self) -> LocalBoxFuture<'_, Vec<FrameRecord>> {
-        Box::pin(self.air.frames(&self.name))
-    }
-    fn capture<'a>(&'a self, link: &'a str) -> LocalBoxFuture<'a, Vec<FrameRecord>> {
-        Box::pin(self.air.att_frames(link))
-    }
+impl AirDevice for Serving {
     fn stop(self: Box<Self>) -> LocalBoxFuture<'static, ()> {
-        Box::pin(async move {
-            let RunningEcho { air, serving, .. } = *self;
-            serving.abort();
-            air.give_back().await;
-        })
+        self.0.abort();
+        Box::pin(async {})
     }
 }
 

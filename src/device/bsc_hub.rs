@@ -876,18 +876,17 @@ impl Accepted {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Accepted { conn, peer, permit, settings, in_tx, shared } = self;
         match tls {
             Some(acceptor) => {
-                let hs = Box::pin(tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream))).await;
+                let hs = Box::pin(tokio::time::timeout(self.settings.handshake_timeout, acceptor.accept(stream))).await;
                 let stream = match hs {
                     Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return shared.refuse(peer, RefuseReason::Tls(e.to_string())),
-                    Err(_) => return shared.refuse(peer, RefuseReason::HandshakeTimeout),
+                    Ok(Err(e)) => return self.shared.refuse(self.peer, RefuseReason::Tls(e.to_string())),
+                    Err(_) => return self.shared.refuse(self.peer, RefuseReason::HandshakeTimeout),
                 };
-                Box::pin(connection(stream, conn, peer, permit, settings, in_tx, shared)).await;
+                Box::pin(connection(stream, self)).await;
             }
-            None => Box::pin(connection(stream, conn, peer, permit, settings, in_tx, shared)).await,
+            None => Box::pin(connection(stream, self)).await,
         }
     }
 }
@@ -919,18 +918,11 @@ impl Drop for Slot<'_> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn connection<S>(
-    stream: S,
-    conn: ConnId,
-    peer: SocketAddr,
-    permit: HandshakeSlot,
-    settings: Arc<ConnSettings>,
-    in_tx: mpsc::Sender<Inbound>,
-    shared: Arc<Shared>,
-) where
+async fn connection<S>(stream: S, accepted: Accepted)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Accepted { conn, peer, permit, settings, in_tx, shared } = accepted;
     let counters = &shared.counters;
     // Reserve a connection slot before the upgrade so the answer can be 503.
     let admitted = counters

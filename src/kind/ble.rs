@@ -6,7 +6,9 @@
 
 use serde::Deserialize;
 
-use super::{at_key, step_body, StepDoc};
+use futures::future::LocalBoxFuture;
+
+use super::{at_key, step_body, Running, StepContext, StepDoc};
 use crate::air::att::{DEFAULT_ATT_MTU, MAX_ATT_MTU};
 use crate::air::shared;
 use crate::air::WriteKind;
@@ -212,5 +214,68 @@ pub async fn add_host(name: &str) -> Result<crate::air::HostInfo, String> {
 pub async fn remove_host(host: String) {
     if let Ok(air) = shared::shared() {
         let _ = air.run(move |air| async move { air.remove_host(&host).await }).await;
+    }
+}
+
+/// A GATT device's own part of a running entity: its state and its
+/// teardown. Everything else a GATT kind does in a scenario (template
+/// variables, the `ble` step, link faults, frames, ATT capture) is the same
+/// for every kind and lives in [`OnAir`].
+pub trait AirDevice: 'static {
+    /// A `set` step or `state` key.
+    fn set<'a>(&'a self, key: &'a str, value: f64) -> LocalBoxFuture<'a, Result<(), String>> {
+        let _ = value;
+        Box::pin(async move { Err(format!("no state key `{key}` to set")) })
+    }
+    /// Unregisters what it registered on its adapter.
+    fn stop(self: Box<Self>) -> LocalBoxFuture<'static, ()>;
+}
+
+/// A running GATT device: an [`AirDevice`] on its [`AirLink`], under the
+/// name and BLE address scenarios use (`{{ble.NAME}}`).
+pub struct OnAir {
+    name: String,
+    address: String,
+    air: AirLink,
+    device: Box<dyn AirDevice>,
+}
+
+impl OnAir {
+    pub fn new(name: impl Into<String>, address: impl Into<String>, air: AirLink, device: impl AirDevice) -> Self {
+        OnAir { name: name.into(), address: address.into(), air, device: Box::new(device) }
+    }
+}
+
+impl Running for OnAir {
+    fn vars(&self) -> Vec<(String, String)> {
+        let mut vars = vec![(format!("ble.{}", self.name), self.address.clone())];
+        vars.extend(self.air.vars());
+        vars
+    }
+    fn step<'a>(&'a mut self, _step: &'a str, body: &'a yaml_serde::Value, _cx: StepContext<'a>) -> LocalBoxFuture<'a, Result<String, String>> {
+        Box::pin(self.air.apply(body))
+    }
+    fn add_fault<'a>(&'a self, _link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(self.air.add_fault(rule))
+    }
+    fn clear_faults<'a>(&'a self, link: &'a str, name: Option<&'a str>) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(self.air.clear_faults(link, name))
+    }
+    fn frames(&self) -> LocalBoxFuture<'_, Vec<FrameRecord>> {
+        Box::pin(self.air.frames(&self.name))
+    }
+    fn capture<'a>(&'a self, link: &'a str) -> LocalBoxFuture<'a, Vec<FrameRecord>> {
+        Box::pin(self.air.att_frames(link))
+    }
+    fn set<'a>(&'a self, key: &'a str, value: f64) -> LocalBoxFuture<'a, Result<(), String>> {
+        self.device.set(key, value)
+    }
+    fn stop(self: Box<Self>) -> LocalBoxFuture<'static, ()> {
+        Box::pin(async move {
+            let OnAir { device, air, .. } = *self;
+            device.stop().await;
+            // Given back, so the next scenario's scans never see it.
+            air.give_back().await;
+        })
     }
 }

@@ -7,13 +7,12 @@ use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
 use super::ble::{self, AirLink};
-use super::{at_key, decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, ListSection, Names, Role, Running, StartContext, StepContext, StepDoc};
+use super::{at_key, decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, ListSection, Names, Role, Running, StartContext, StepDoc};
 use crate::device::eg4::SetState;
 use crate::device::jbd::{JbdBmsDevice, JbdGattConfig};
 use crate::device::jbd_core::{JbdBms, JbdConfig, JbdProfile, JbdQuirk, JBD_STATE_KEYS};
 use crate::link::capture::CaptureFormat;
 use crate::link::fault::{ChecksumLayout, LinkMedium};
-use crate::link::{FaultRule, FrameRecord};
 use crate::model::PackConfig;
 use crate::scenario::source::{Problem, YamlPath};
 
@@ -190,7 +189,7 @@ impl Declared for JbdKeys {
                 ..JbdGattConfig::default()
             };
             match JbdBmsDevice::start(self.name.clone(), core, gatt, cx.log.clone()).await {
-                Ok(device) => Ok(Box::new(RunningBms { name: self.name.clone(), device, air }) as Box<dyn Running>),
+                Ok(device) => Ok(Box::new(ble::OnAir::new(self.name.clone(), device.address.clone(), air, device)) as Box<dyn Running>),
                 Err(e) => {
                     air.give_back().await;
                     Err(format!("{e:#}"))
@@ -200,45 +199,12 @@ impl Declared for JbdKeys {
     }
 }
 
-struct RunningBms {
-    name: String,
-    device: JbdBmsDevice,
-    /// Its place on the air for this run: faults, frames, the `ble` step.
-    air: AirLink,
-}
-
-impl Running for RunningBms {
-    fn vars(&self) -> Vec<(String, String)> {
-        let mut vars = vec![(format!("ble.{}", self.name), self.device.address.clone())];
-        vars.extend(self.air.vars());
-        vars
-    }
-    fn step<'a>(&'a mut self, _step: &'a str, body: &'a yaml_serde::Value, _cx: StepContext<'a>) -> LocalBoxFuture<'a, Result<String, String>> {
-        Box::pin(self.air.apply(body))
-    }
-    fn add_fault<'a>(&'a self, _link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
-        Box::pin(self.air.add_fault(rule))
-    }
-    fn clear_faults<'a>(&'a self, link: &'a str, name: Option<&'a str>) -> LocalBoxFuture<'a, Result<(), String>> {
-        Box::pin(self.air.clear_faults(link, name))
-    }
-    fn frames(&self) -> LocalBoxFuture<'_, Vec<FrameRecord>> {
-        Box::pin(self.air.frames(&self.name))
-    }
-    fn capture<'a>(&'a self, link: &'a str) -> LocalBoxFuture<'a, Vec<FrameRecord>> {
-        Box::pin(self.air.att_frames(link))
-    }
+/// The BMS actor is the jbd-bms part of its running entity; [`ble::OnAir`] does the rest.
+impl ble::AirDevice for JbdBmsDevice {
     fn set<'a>(&'a self, key: &'a str, value: f64) -> LocalBoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            self.device.addr.send(SetState { key: key.to_string(), value }).await.map_err(|e| e.to_string())?
-        })
+        Box::pin(async move { self.addr.send(SetState { key: key.to_string(), value }).await.map_err(|e| e.to_string())? })
     }
     fn stop(self: Box<Self>) -> LocalBoxFuture<'static, ()> {
-        Box::pin(async move {
-            let RunningBms { device, air, .. } = *self;
-            device.stop().await;
-            // Given back, so the next scenario's scans never see it.
-            air.give_back().await;
-        })
+        Box::pin((*self).stop())
     }
 }

@@ -127,15 +127,7 @@ impl ConnFaultEngine {
     /// Adds a rule. A per-connection fault acts first on the connections open
     /// now (a `reset` without `bytes` resets them at once).
     pub fn add_rule(&mut self, rule: FaultRule) {
-        let remaining = if rule.trigger.always {
-            None
-        } else {
-            match (rule.trigger.count, rule.trigger.probability) {
-                (Some(n), _) => Some(n),
-                (None, Some(_)) => None,
-                (None, None) => Some(1),
-            }
-        };
+        let remaining = rule.trigger.uses();
         let mut r = ConnRule { rule, remaining };
         if !matches!(r.rule.fault, LinkFault::Refuse | LinkFault::AcceptClose) {
             let ids: Vec<ConnId> = self.open.keys().copied().collect();

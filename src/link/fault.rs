@@ -329,6 +329,20 @@ pub struct FaultTrigger {
 }
 
 impl FaultTrigger {
+    /// How many frames (or connections) the rule may act on: `None` until
+    /// cleared (`always`, or a probability with no count), else the count,
+    /// and one by default.
+    pub fn uses(&self) -> Option<u32> {
+        if self.always {
+            return None;
+        }
+        match (self.count, self.probability) {
+            (Some(n), _) => Some(n),
+            (None, Some(_)) => None,
+            (None, None) => Some(1),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if let Some(p) = self.probability {
             if !(0.0..=1.0).contains(&p) || p.is_nan() {
@@ -666,15 +680,7 @@ impl LinkEngine {
                 }
             }
             _ => {
-                let remaining = if rule.trigger.always {
-                    None
-                } else {
-                    match (rule.trigger.count, rule.trigger.probability) {
-                        (Some(n), _) => Some(n),
-                        (None, Some(_)) => None,
-                        (None, None) => Some(1),
-                    }
-                };
+                let remaining = rule.trigger.uses();
                 self.rules.push(ActiveRule { rule, remaining });
             }
         }

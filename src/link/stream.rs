@@ -137,8 +137,13 @@ impl ConnFaults {
                 // A FIN first, and what the client already sent read away: closing a socket
                 // with unread bytes would send an RST instead of the close.
                 let _ = tcp.shutdown().await;
+                // Bounded: a client that keeps sending gets an RST after 64 KiB instead of a FIN.
                 let mut sink = [0u8; 4096];
-                while matches!(tcp.try_read(&mut sink), Ok(n) if n > 0) {}
+                for _ in 0..16 {
+                    if !matches!(tcp.try_read(&mut sink), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
                 None
             }
             Opening::Open(id) => {
