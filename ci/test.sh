@@ -15,6 +15,10 @@ command -v dbus-send >/dev/null || need+=(dbus-bin)
 # jq and busctl: the --help examples use them, and tests/examples.rs runs every example.
 command -v jq >/dev/null || need+=(jq)
 command -v busctl >/dev/null || need+=(systemd)
+# bluetoothctl, the reference BlueZ client (tests/air_bluetoothctl.rs). The
+# package also brings bluetoothd, which nothing starts here: the tests use
+# the air's own bus, and there is no kernel controller.
+command -v bluetoothctl >/dev/null || need+=(bluez)
 if ((${#need[@]})); then
   echo "== installing Debian packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -10,6 +10,7 @@ use zbus::{interface, Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Var
 
 use super::central::{Central, DiscoveryFilter};
 use super::device;
+use super::tree::{export, unexport};
 use super::gatt::{self, AppObject};
 use super::{AdvData, AirInner, Peripheral, PeripheralAdapterInfo, PeripheralState, Registration, CENTRAL_PATH};
 
@@ -669,10 +670,10 @@ pub(crate) async fn add_peripheral_adapter(air: &Arc<AirInner>) -> Result<Periph
         r.peripherals.insert(index, p.clone());
         p
     };
-    let server = air.conn.object_server();
-    server.at(p.path.as_str(), Adapter1::new(&p.name, AdapterRole::Peripheral(p.clone()))).await?;
-    server.at(p.path.as_str(), AdvertisingManager { p: p.clone(), air: Arc::downgrade(air) }).await?;
-    server.at(p.path.as_str(), GattManager { p: p.clone(), air: Arc::downgrade(air) }).await?;
+    let conn = &air.conn;
+    export(conn, p.path.as_str(), Adapter1::new(&p.name, AdapterRole::Peripheral(p.clone()))).await?;
+    export(conn, p.path.as_str(), AdvertisingManager { p: p.clone(), air: Arc::downgrade(air) }).await?;
+    export(conn, p.path.as_str(), GattManager { p: p.clone(), air: Arc::downgrade(air) }).await?;
     Ok(p.info())
 }
 
@@ -702,10 +703,9 @@ pub(crate) async fn remove_peripheral_adapter(air: &Arc<AirInner>, which: &str) 
             d.unpublish().await;
         }
     }
-    let server = air.conn.object_server();
-    let _ = server.remove::<GattManager, _>(p.path.as_str()).await;
-    let _ = server.remove::<AdvertisingManager, _>(p.path.as_str()).await;
-    let _ = server.remove::<Adapter1, _>(p.path.as_str()).await;
+    let _ = unexport::<GattManager>(&air.conn, p.path.as_str()).await;
+    let _ = unexport::<AdvertisingManager>(&air.conn, p.path.as_str()).await;
+    let _ = unexport::<Adapter1>(&air.conn, p.path.as_str()).await;
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use zbus::message::Header;
 use zbus::{interface, Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant};
 
 use super::adapter::{BluezError, Result};
+use super::tree::{export, unexport};
 use super::att::{self, WriteProcedure, WriteRefusal};
 use super::gatt::{CharacteristicLayout, DescriptorLayout};
 use super::central::Central;
@@ -101,10 +102,7 @@ impl RemoteDevice {
     /// Exports Device1 (InterfacesAdded on the central's bus).
     pub async fn publish(self: &Arc<Self>, air: &Arc<AirInner>) -> zbus::Result<()> {
         lock(&self.st).published = true;
-        self.conn()
-            .object_server()
-            .at(self.path.as_str(), Device1 { d: self.clone(), air: Arc::downgrade(air) })
-            .await?;
+        export(self.conn(), self.path.as_str(), Device1 { d: self.clone(), air: Arc::downgrade(air) }).await?;
         Ok(())
     }
 
@@ -112,7 +110,7 @@ impl RemoteDevice {
     pub async fn unpublish(&self) {
         let was = std::mem::replace(&mut lock(&self.st).published, false);
         if was {
-            let _ = self.conn().object_server().remove::<Device1, _>(self.path.as_str()).await;
+            let _ = unexport::<Device1>(self.conn(), self.path.as_str()).await;
         }
     }
 
@@ -163,26 +161,22 @@ impl RemoteDevice {
     pub async fn resolve_services(self: &Arc<Self>, air: &Arc<AirInner>) {
         self.drop_services(air).await;
         let app = self.peripheral.lock().app.clone();
-        let server = self.conn().object_server();
+        let conn = self.conn();
         if let Some((reg, layout)) = app {
             let mut service_paths = Vec::new();
             let mut chars = Vec::new();
             let mut descs = Vec::new();
             for s in &layout {
                 let spath = format!("{}/service{:04x}", self.path, s.handle);
-                let _ = server
-                    .at(spath.as_str(), GattService { uuid: s.uuid.clone(), device: self.path.clone(), primary: s.primary, handle: s.handle })
-                    .await;
+                let _ = export(conn, spath.as_str(), GattService { uuid: s.uuid.clone(), device: self.path.clone(), primary: s.primary, handle: s.handle }).await;
                 for c in &s.characteristics {
                     let cpath = format!("{spath}/char{:04x}", c.handle);
                     let ch = RemoteChar::new(air, self, &reg.owner, &spath, &cpath, c.clone());
-                    let _ = server.at(cpath.as_str(), GattCharacteristic { c: ch.clone(), air: Arc::downgrade(air) }).await;
+                    let _ = export(conn, cpath.as_str(), GattCharacteristic { c: ch.clone(), air: Arc::downgrade(air) }).await;
                     lock(&air.notify_routes).insert((reg.owner.clone(), c.app_path.clone()), Arc::downgrade(&ch));
                     for d in &c.descriptors {
                         let dpath = format!("{cpath}/desc{:04x}", d.handle);
-                        let _ = server
-                            .at(dpath.as_str(), GattDescriptor { d: d.clone(), characteristic: ch.clone(), air: Arc::downgrade(air) })
-                            .await;
+                        let _ = export(conn, dpath.as_str(), GattDescriptor { d: d.clone(), characteristic: ch.clone(), air: Arc::downgrade(air) }).await;
                         descs.push(dpath);
                     }
                     chars.push(ch);
@@ -205,19 +199,19 @@ impl RemoteDevice {
             let was = std::mem::replace(&mut st.services_resolved, false);
             (std::mem::take(&mut st.service_paths), std::mem::take(&mut st.chars), std::mem::take(&mut st.descs), was)
         };
-        let server = self.conn().object_server();
+        let conn = self.conn();
         for c in &chars {
             lock(&air.notify_routes).remove(&(c.owner.clone(), c.layout.app_path.clone()));
             c.shut(air).await;
         }
         for d in descs {
-            let _ = server.remove::<GattDescriptor, _>(d.as_str()).await;
+            let _ = unexport::<GattDescriptor>(conn, d.as_str()).await;
         }
         for c in &chars {
-            let _ = server.remove::<GattCharacteristic, _>(c.path.as_str()).await;
+            let _ = unexport::<GattCharacteristic>(conn, c.path.as_str()).await;
         }
         for s in services {
-            let _ = server.remove::<GattService, _>(s.as_str()).await;
+            let _ = unexport::<GattService>(conn, s.as_str()).await;
         }
         if was_resolved && self.is_connected() {
             emit_properties_changed(self.conn(), &self.path, DEVICE_IFACE, HashMap::from([("ServicesResolved", Variant::from(false))])).await;

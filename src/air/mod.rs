@@ -26,6 +26,7 @@ mod device;
 pub mod gatt;
 pub mod link;
 pub mod shared;
+mod tree;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
@@ -355,7 +356,7 @@ impl Air {
             (None, None) => unreachable!("one of the two is set above"),
         };
         let conn = zbus::connection::Builder::address(address.as_str())
-            .serve_at("/", zbus::fdo::ObjectManager)
+            .serve_at("/", tree::AirObjectManager::default())
             .build()
             .await
             .with_context(|| format!("connecting the air to {address}"))?;
@@ -369,7 +370,7 @@ impl Air {
             notify_listeners: Mutex::new(HashMap::new()),
             config: config.clone(),
         });
-        conn.object_server().at(CONTROL_PATH, adapter::AirControl { air: Arc::downgrade(&inner) }).await?;
+        tree::export(&conn, CONTROL_PATH, adapter::AirControl { air: Arc::downgrade(&inner) }).await?;
         // Listen before taking the name, so no app can register and vanish unseen.
         let main = serve_central(&inner, conn.clone(), "", &address, 0).await?;
         let tasks = vec![tokio::spawn(advertise(inner.clone()))];
@@ -394,7 +395,7 @@ impl Air {
         let broker = tokio::task::spawn_blocking(move || broker::Broker::start(kind)).await??;
         let address = broker.address().to_string();
         let conn = zbus::connection::Builder::address(address.as_str())
-            .serve_at("/", zbus::fdo::ObjectManager)
+            .serve_at("/", tree::AirObjectManager::default())
             .build()
             .await
             .with_context(|| format!("connecting the air to host {name}'s bus {address}"))?;
@@ -572,10 +573,9 @@ async fn serve_central(air: &Arc<AirInner>, conn: Connection, host: &str, bus_ad
         devices: Mutex::new(BTreeMap::new()),
         tasks: Mutex::new(Vec::new()),
     });
-    let server = conn.object_server();
-    server.at("/org/bluez", adapter::BluezRoot).await?;
-    server
-        .at(
+    tree::export(&conn, "/org/bluez", adapter::BluezRoot).await?;
+    tree::export(
+            &conn,
             CENTRAL_PATH,
             adapter::Adapter1::new("hci0", adapter::AdapterRole::Central { air: Arc::downgrade(air), central: Arc::downgrade(&central) }),
         )
