@@ -151,7 +151,7 @@ fn check_link_path(l: &Path) -> Result<(), TransportError> {
     match l.symlink_metadata() {
         Err(_) => Ok(()),
         Ok(m) if m.file_type().is_symlink() => {
-            if l.exists() {
+            if l.exists() && !outlived_its_target(&m, l) {
                 Err(err(format!(
                     "already in use: it links to {} (is another simulator running?)",
                     std::fs::read_link(l).map(|p| p.display().to_string()).unwrap_or_default()
@@ -162,6 +162,18 @@ fn check_link_path(l: &Path) -> Result<(), TransportError> {
         }
         Ok(_) => Err(err("already exists and is not a symlink; refusing to replace it".into())),
     }
+}
+
+/// A link left by a simulator that was killed (SIGKILL, a crash) can point
+/// at a `/dev/pts/N` that another program has opened since: the target
+/// exists, but the link is older than it. A live simulator makes its link
+/// after opening its PTY, so its link is never older than the PTY node.
+fn outlived_its_target(link: &std::fs::Metadata, path: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(target) = std::fs::metadata(path) else { return false };
+    let made = (link.mtime(), link.mtime_nsec());
+    let target_made = (target.ctime(), target.ctime_nsec());
+    target.file_type().is_char_device() && made < target_made
 }
 
 #[cfg(test)]
@@ -177,6 +189,26 @@ mod tests {
         assert!(matches!(PtyPort::open(Some(&l)), Err(TransportError::Path { .. })));
         drop(p);
         assert!(l.symlink_metadata().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_stale_link_to_a_reused_pts_is_replaced() {
+        use nix::sys::stat::{utimensat, UtimensatFlags};
+        use nix::sys::time::TimeSpec;
+        let dir = tempfile::tempdir().unwrap();
+        let l = dir.path().join("tty");
+        // Another program's terminal now holds the pts the link names.
+        let other = nix::pty::openpty(None, None).unwrap();
+        let pts = nix::unistd::ttyname(&other.slave).unwrap();
+        std::os::unix::fs::symlink(&pts, &l).unwrap();
+        // The link was left before that pts was opened (a killed simulator's).
+        let old = TimeSpec::new(1_000_000, 0);
+        utimensat(None, &l, &old, &old, UtimensatFlags::NoFollowSymlink).unwrap();
+        let p = PtyPort::open(Some(&l)).expect("a stale link is replaced");
+        assert_ne!(std::fs::read_link(&l).unwrap(), pts, "the link names the new PTY");
+        // A live simulator's link (made after its PTY) is still refused.
+        assert!(matches!(PtyPort::open(Some(&l)), Err(TransportError::Path { .. })));
+        drop(p);
     }
 
     #[tokio::test]
