@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use hilbench::device::bsc_hub::{
-    HubHandle, HubServer, HubServerConfig, HubServerEvent, HubServerStats, RefuseReason, HUB_SUBPROTOCOL,
+    ClientCertPolicy, HubHandle, HubServer, HubServerConfig, HubServerEvent, HubServerStats, RefuseReason, HUB_SUBPROTOCOL,
 };
 use hilbench::device::bsc_hub_core::{CloseReason, ConnId, HubConfig, HubEvent, HubRole};
 use hilbench::protocol::bvlc_sc::{
@@ -459,6 +459,38 @@ async fn tls_requires_a_client_certificate_from_the_ca() {
     let s = until_stats(&hub, "TLS refusals", |s| s.refused.tls >= 3).await;
     assert_eq!(s.connections, 2, "the good nodes are unaffected");
     a.expect_nothing_queued().await;
+}
+
+#[tokio::test]
+async fn a_client_certificate_without_client_auth_is_refused_unless_relaxed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = hilbench::cli::pki::generate(dir.path(), 1, &[], 30, false).unwrap();
+    // Signed by the hub's own CA, but with no extended key usage at all:
+    // webpki alone would take it for any purpose.
+    let (cert, key) = hilbench::cli::pki::sign_leaf(dir.path(), "vendor-node", &[], Vec::new()).unwrap();
+    let vendor = || node_client_config(&pki.ca_cert, Some((&cert, &key))).unwrap();
+
+    let hub = start(HubServerConfig { tls: Some(TlsDir::hub(&pki.dir)), ..plain() }).await;
+    let mut events = hub.subscribe();
+    assert!(wss_connect(&hub, vendor()).await.is_err(), "a certificate without clientAuth got in");
+    let why = until_event(&mut events, "TLS refusal", |e| match e {
+        HubServerEvent::Refused { reason: RefuseReason::Tls(why), .. } => Some(why.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(why.contains("extended key usage for client authentication"), "{why}");
+    hub.shutdown().await;
+
+    let relaxed = HubServerConfig {
+        tls: Some(TlsDir::hub(&pki.dir)),
+        client_certs: ClientCertPolicy { require_client_auth_eku: false },
+        ..plain()
+    };
+    let hub = start(relaxed).await;
+    let mut a = Node::join(wss_connect(&hub, vendor()).await.unwrap(), vmac(1), uuid(1)).await;
+    let mut b = Node::join(wss_connect(&hub, TlsDir::node(&pki.dir, "node-1").client_config().unwrap()).await.unwrap(), vmac(2), uuid(2)).await;
+    a.send(&npdu(1, Vmac::BROADCAST, b"\x01\x00vendor")).await;
+    assert_eq!(b.recv_msg().await.originating, Some(vmac(1)));
 }
 
 #[tokio::test]

@@ -112,6 +112,8 @@ fn typos_in_selectors_are_located_errors() {
     assert!(e.contains("no state to set"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - ble: {{device: hub, mtu: 100}}\n"));
     assert!(e.starts_with("bad.yaml:8:") && e.contains("`hub` is a bsc-hub") && e.contains("takes `ble`"), "{e}");
+    let e = parse("name: x\ndevices:\n  - {name: hub, kind: bsc-hub, allow_client_cert_without_eku: true}\nsteps: []\n");
+    assert!(e.starts_with("bad.yaml:3:") && e.contains("allow_client_cert_without_eku needs `tls: true`"), "{e}");
     let e = parse("name: x\ndevices:\n  - {name: d, kind: modbus-master}\nsteps: []\n");
     assert!(e.starts_with("bad.yaml:3:") && e.contains("that is a client kind"), "{e}");
 }

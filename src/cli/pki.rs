@@ -107,6 +107,28 @@ pub fn run(a: PkiArgs) -> i32 {
     }
 }
 
+/// One more leaf certificate from the CA `generate` wrote in `dir`, as
+/// `name.pem` / `name.key`, with exactly the extended key usages in `eku`
+/// (empty: no EKU extension) and `sans`: the certificates a vendor's
+/// devices come with, for tests of what the hub accepts.
+pub fn sign_leaf(dir: &Path, name: &str, eku: &[ExtendedKeyUsagePurpose], sans: Vec<SanType>) -> Result<(PathBuf, PathBuf), String> {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("cannot read {}: {e}", dir.join(f).display()));
+    let err = |what: &str, e: rcgen::Error| format!("cannot make {what}: {e}");
+    let ca_key = KeyPair::from_pem(&read("ca.key")?).map_err(|e| err("CA key", e))?;
+    let issuer = Issuer::from_ca_cert_pem(&read("ca.pem")?, ca_key).map_err(|e| err("CA", e))?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(name, e))?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn(name);
+    p.subject_alt_names = sans;
+    p.extended_key_usages = eku.to_vec();
+    p.serial_number = Some(serial());
+    let cert = p.signed_by(&key, &issuer).map_err(|e| err(name, e))?;
+    let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    std::fs::write(&c, cert.pem()).map_err(|e| format!("cannot write {}: {e}", c.display()))?;
+    std::fs::write(&k, key.serialize_pem()).map_err(|e| format!("cannot write {}: {e}", k.display()))?;
+    Ok((c, k))
+}
+
 /// Make a CA, a hub certificate and `nodes` node certificates under `dir`
 /// (created if missing). Without `force`, fails before writing anything if any
 /// target file exists. Arguments (SANs, days, node count) are all checked

@@ -48,6 +48,8 @@ Then poll it, e.g. with mbpoll:  mbpoll -m rtu -b 9600 -P none -a 1 -r 1 -c 47 /
 pub const BSC_HUB_SIM_HELP: &str = "Examples:
   # TLS 1.3, client certificates from the test CA required
   hilbench pki --out pki && hilbench sim bsc-hub --listen 127.0.0.1:4443 --tls-dir pki
+  # a vendor's node certificates lack the clientAuth extended key usage
+  hilbench sim bsc-hub --listen 127.0.0.1:4443 --tls-dir pki --allow-client-cert-without-eku
   # plaintext ws:// on a free port (see the ready line for the URL)
   hilbench sim bsc-hub --listen 127.0.0.1:0 --plaintext
   # a failover hub with short timers for tests
@@ -70,6 +72,10 @@ pub struct BscHubSimArgs {
     /// Serve wss:// with ca.pem, hub.pem and hub.key from this directory (`hilbench pki`).
     #[arg(long, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Accept client certificates whose extended key usage lacks clientAuth
+    /// (some vendors' node certificates); by default they are refused.
+    #[arg(long, requires = "tls_dir")]
+    pub allow_client_cert_without_eku: bool,
     /// Hub status in Advertisements.
     #[arg(long, default_value = "primary", value_parser = ["primary", "failover"])]
     pub role: String,
@@ -189,6 +195,7 @@ fn bsc_hub(a: BscHubSimArgs) -> Result<(), String> {
     let cfg = HubServerConfig {
         listen: a.listen,
         tls: a.tls_dir.as_ref().map(crate::transport::tls::TlsDir::hub),
+        client_certs: crate::transport::tls::ClientCertPolicy { require_client_auth_eku: !a.allow_client_cert_without_eku },
         core,
         max_message: a.max_message,
         max_connections: a.max_connections,

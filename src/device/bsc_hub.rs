@@ -84,6 +84,7 @@ const WRITE_BUFFER: usize = 8 * 1024;
 
 /// The hub's certificate, key and the CA client certificates must chain to.
 pub type HubTls = TlsDir;
+pub use crate::transport::tls::ClientCertPolicy;
 
 /// Everything [`HubServer::start`] needs.
 #[derive(Debug, Clone)]
@@ -93,6 +94,8 @@ pub struct HubServerConfig {
     /// `None`: plaintext `ws://` (tests, captures). `Some`: `wss://`, TLS 1.3, client
     /// certificate required and checked against `ca` only.
     pub tls: Option<HubTls>,
+    /// What a client certificate needs beyond a chain to the CA (with `tls`).
+    pub client_certs: ClientCertPolicy,
     /// The hub function. Its `max_connections` is replaced by [`Self::max_connections`].
     pub core: HubConfig,
     /// Largest WebSocket message and frame accepted, bytes (must be ≥ `core.max_bvlc`).
@@ -131,6 +134,7 @@ impl Default for HubServerConfig {
         HubServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls: None,
+            client_certs: ClientCertPolicy::default(),
             core: HubConfig::default(),
             max_message: 8 * 1024,
             max_connections: 1024,
@@ -614,7 +618,7 @@ impl HubServer {
         }
         cfg.core.max_connections = cfg.max_connections;
         let tls = match &cfg.tls {
-            Some(dir) => Some(tokio_rustls::TlsAcceptor::from(dir.server_config()?)),
+            Some(dir) => Some(tokio_rustls::TlsAcceptor::from(dir.server_config_with(cfg.client_certs)?)),
             None => None,
         };
         let (events, _) = broadcast::channel(cfg.event_capacity);

@@ -18,7 +18,7 @@ use crate::link::FaultRule;
 use crate::observe::{ObservationKind, ObservationLog};
 use crate::scenario::source::Problem;
 use crate::scenario::spec::Dur;
-use crate::transport::tls::TlsDir;
+use crate::transport::tls::{ClientCertPolicy, TlsDir};
 
 pub struct BscHubKind;
 
@@ -40,6 +40,9 @@ pub struct BscHubKeys {
     pub name: String,
     #[serde(default)]
     pub tls: bool,
+    /// With `tls`: accept node certificates without clientAuth in their EKU.
+    #[serde(default)]
+    pub allow_client_cert_without_eku: bool,
     #[serde(default)]
     pub role: BscHubRole,
     /// A connected node silent for twice this long is dropped.
@@ -125,6 +128,7 @@ impl BscHubKeys {
         }
         let mut cfg = HubServerConfig {
             tls: self.tls.then(|| TlsDir::hub(pki_dir)),
+            client_certs: ClientCertPolicy { require_client_auth_eku: !self.allow_client_cert_without_eku },
             core,
             // Two runtime threads per hub are plenty for a scenario and keep many hubs cheap.
             worker_threads: 2,
@@ -156,6 +160,9 @@ impl Declared for BscHubKeys {
         "bsc-hub"
     }
     fn check(&self, _names: &Names<'_>) -> Result<(), Problem> {
+        if self.allow_client_cert_without_eku && !self.tls {
+            return Err(at_key("allow_client_cert_without_eku", "allow_client_cert_without_eku needs `tls: true`"));
+        }
         if self.max_bvlc.is_some_and(|b| b < 600) {
             return Err(at_key("max_bvlc", "max_bvlc below 600 cannot carry a Connect-Request and an NPDU"));
         }

@@ -10,8 +10,11 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::UnixTime;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
 
 /// Why a TLS file or config could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -75,10 +78,15 @@ impl TlsDir {
         Err(TlsError::Incomplete { dir, missing })
     }
 
-    /// The hub's server config from these files.
+    /// The hub's server config from these files (client certificates need clientAuth).
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_config_with(ClientCertPolicy::default())
+    }
+
+    /// The hub's server config from these files, asking `policy` of client certificates.
+    pub fn server_config_with(&self, policy: ClientCertPolicy) -> Result<Arc<ServerConfig>, TlsError> {
         self.check()?;
-        hub_server_config(&self.ca, &self.cert, &self.key)
+        hub_server_config(&self.ca, &self.cert, &self.key, policy)
     }
 
     /// A node's client config from these files (presenting its certificate).
@@ -134,12 +142,93 @@ pub fn load_roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
-/// The hub's TLS config: TLS 1.3 only, a client certificate chaining to `ca` is required,
-/// no ALPN (BACnet/SC negotiates its subprotocol in the WebSocket handshake).
-pub fn hub_server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(load_roots(ca)?, provider())
+/// What the hub asks of a client certificate beyond a chain to the CA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCertPolicy {
+    /// Refuse a certificate whose extended key usage does not name
+    /// clientAuth. webpki alone accepts a certificate with no EKU extension
+    /// for any purpose, so a CA-signed server or code-signing certificate
+    /// would pass as a node's; some vendors' node certificates lack the
+    /// EKU, hence the switch.
+    pub require_client_auth_eku: bool,
+}
+
+impl Default for ClientCertPolicy {
+    fn default() -> Self {
+        ClientCertPolicy { require_client_auth_eku: true }
+    }
+}
+
+/// Whether `cert` (DER) names clientAuth in its extended key usage.
+pub fn has_client_auth_eku(cert: &[u8]) -> Result<bool, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| e.to_string())?;
+    let eku = parsed.extended_key_usage().map_err(|e| e.to_string())?;
+    Ok(eku.is_some_and(|e| e.value.client_auth))
+}
+
+/// webpki's chain check, then the EKU check of [`ClientCertPolicy`].
+#[derive(Debug)]
+struct ClientAuthEkuVerifier(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for ClientAuthEkuVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        match has_client_auth_eku(end_entity) {
+            Ok(true) => Ok(verified),
+            // webpki already refused an EKU without clientAuth; what is left is no EKU at all.
+            Ok(false) => Err(rustls::Error::InvalidCertificate(CertificateError::InvalidPurposeContext {
+                required: rustls::ExtendedKeyPurpose::ClientAuth,
+                presented: Vec::new(),
+            })),
+            Err(e) => Err(rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unreadable client certificate: {e}")),
+            ))))),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The hub's TLS config: TLS 1.3 only, a client certificate chaining to `ca` is required
+/// (with clientAuth in its EKU unless `policy` relaxes it), no ALPN (BACnet/SC
+/// negotiates its subprotocol in the WebSocket handshake).
+pub fn hub_server_config(ca: &Path, cert: &Path, key: &Path, policy: ClientCertPolicy) -> Result<Arc<ServerConfig>, TlsError> {
+    let webpki = WebPkiClientVerifier::builder_with_provider(load_roots(ca)?, provider())
         .build()
         .map_err(|e| TlsError::BadCa { path: ca.to_path_buf(), reason: e.to_string() })?;
+    let verifier: Arc<dyn ClientCertVerifier> =
+        if policy.require_client_auth_eku { Arc::new(ClientAuthEkuVerifier(webpki)) } else { webpki };
     let chain = load_certs(cert)?;
     let key_der = load_key(key)?;
     let bad = |e: rustls::Error| TlsError::BadCertKey {
@@ -225,6 +314,38 @@ mod tests {
         assert!(s.unwrap_err().contains("peer sent no certificates"), "hub requires a client cert");
     }
 
+    #[tokio::test]
+    async fn client_certificates_need_client_auth_unless_relaxed() {
+        use rcgen::ExtendedKeyUsagePurpose as Eku;
+        let t = tempfile::tempdir().unwrap();
+        let f = generate(t.path(), 1, &[], 30, false).unwrap();
+        let hub = TlsDir::hub(t.path());
+        let relaxed = ClientCertPolicy { require_client_auth_eku: false };
+        for (name, eku, refused) in [
+            ("no-eku", vec![], true),
+            ("server-only", vec![Eku::ServerAuth], true),
+            ("code-signing", vec![Eku::CodeSigning], true),
+            ("client", vec![Eku::ClientAuth], false),
+            ("client-and-server", vec![Eku::ServerAuth, Eku::ClientAuth], false),
+        ] {
+            let (c, k) = crate::cli::pki::sign_leaf(t.path(), name, &eku, Vec::new()).unwrap();
+            let client = || node_client_config(&f.ca_cert, Some((&c, &k))).unwrap();
+            let (s, _) = handshake(hub.server_config().unwrap(), client()).await;
+            if refused {
+                let e = s.unwrap_err();
+                assert!(e.contains("does not allow extended key usage for client authentication"), "{name}: {e}");
+            } else {
+                s.unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+            // Relaxed, only the chain counts; except a server-only or code-signing
+            // EKU, which webpki refuses for a client on its own.
+            let (s, _) = handshake(hub.server_config_with(relaxed).unwrap(), client()).await;
+            assert_eq!(s.is_ok(), name != "server-only" && name != "code-signing", "{name} relaxed: {s:?}");
+        }
+        // The nodes `hilbench pki` writes carry clientAuth.
+        assert!(has_client_auth_eku(&load_certs(&f.nodes[0].cert).unwrap()[0]).unwrap());
+    }
+
     #[test]
     fn missing_and_bad_files_are_named() {
         let t = tempfile::tempdir().unwrap();
@@ -248,7 +369,7 @@ mod tests {
         let e = load_certs(&t.path().join("nope.pem")).unwrap_err().to_string();
         assert!(e.contains("cannot read") && e.contains("nope.pem"), "{e}");
         // A certificate with someone else's key.
-        let e = hub_server_config(&hub.ca, &hub.cert, &t.path().join("node-1.key")).unwrap_err().to_string();
+        let e = hub_server_config(&hub.ca, &hub.cert, &t.path().join("node-1.key"), ClientCertPolicy::default()).unwrap_err().to_string();
         assert!(e.contains("hub.pem") && e.contains("node-1.key") && e.contains("rejected"), "{e}");
     }
 }
