@@ -493,6 +493,59 @@ async fn a_client_certificate_without_client_auth_is_refused_unless_relaxed() {
     assert_eq!(b.recv_msg().await.originating, Some(vmac(1)));
 }
 
+/// A Connect-Request from `ws` as (`vmac`, `uuid`); the NAK's error class and code.
+async fn connect_nak(ws: Ws, vmac: Vmac, uuid: DeviceUuid) -> (u16, u16) {
+    let mut n = Node { ws, vmac, next_id: 7 };
+    match n.request(BvlcPayload::ConnectRequest { vmac, uuid, max_bvlc: 1600, max_npdu: 1497 }).await {
+        Rx::Msg(BvlcMessage { payload: BvlcPayload::Result { result: BvlcResult::Nak { error_class, error_code, .. }, .. }, .. }) => {
+            assert_eq!(close_code(&n.recv().await), Some(CloseCode::Policy), "closed after the NAK");
+            (error_class, error_code)
+        }
+        other => panic!("{vmac}: expected a NAK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn with_cert_binding_one_certificate_cannot_impersonate_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = hilbench::cli::pki::generate(dir.path(), 2, &[], 30, false).unwrap();
+    let u1: DeviceUuid = pki.nodes[0].uuid.parse().unwrap();
+    let u2: DeviceUuid = pki.nodes[1].uuid.parse().unwrap();
+    let cert = |n: &str| TlsDir::node(&pki.dir, n).client_config().unwrap();
+    let tls = Some(TlsDir::hub(&pki.dir));
+
+    // Without binding (the default), node-1's certificate takes node-2's place
+    // by naming its VMAC and UUID, and would receive its unicasts.
+    let hub = start(HubServerConfig { tls: tls.clone(), ..plain() }).await;
+    let mut two = Node::join(wss_connect(&hub, cert("node-2")).await.unwrap(), vmac(2), u2).await;
+    let _thief = Node::join(wss_connect(&hub, cert("node-1")).await.unwrap(), vmac(2), u2).await;
+    assert_eq!(close_code(&two.recv().await), Some(CloseCode::Normal), "replaced");
+    hub.shutdown().await;
+
+    let bound = HubServerConfig { tls, core: HubConfig { bind_identity: true, ..HubConfig::default() }, ..plain() };
+    let hub = start(bound).await;
+    let mut events = hub.subscribe();
+    let mut one = Node::join(wss_connect(&hub, cert("node-1")).await.unwrap(), vmac(1), u1).await;
+    let mut two = Node::join(wss_connect(&hub, cert("node-2")).await.unwrap(), vmac(2), u2).await;
+    // node-1's certificate naming node-2's VMAC and UUID: NAK security /
+    // authentication-failed, and node-2 keeps its connection and its unicasts.
+    assert_eq!(connect_nak(wss_connect(&hub, cert("node-1")).await.unwrap(), vmac(2), u2).await, (4, 1));
+    let why = until_event(&mut events, "IdentityRefused", |e| match e {
+        HubServerEvent::Core(HubEvent::IdentityRefused { reason, .. }) => Some(reason.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(why.contains("is not the one in the client certificate"), "{why}");
+    one.send(&npdu(3, vmac(2), b"\x01\x00to-two")).await;
+    assert_eq!(two.recv_msg().await.originating, Some(vmac(1)));
+    // A UUID of nobody's, on a free VMAC: refused the same way.
+    assert_eq!(connect_nak(wss_connect(&hub, cert("node-1")).await.unwrap(), vmac(3), uuid(3)).await, (4, 1));
+    // node-2 itself reconnecting (the same certificate) still replaces its old connection.
+    let _two_again = Node::join(wss_connect(&hub, cert("node-2")).await.unwrap(), vmac(2), u2).await;
+    assert_eq!(close_code(&two.recv().await), Some(CloseCode::Normal));
+    one.expect_nothing_queued().await;
+}
+
 #[tokio::test]
 async fn slow_consumer_does_not_stall_the_others() {
     const N: u16 = 6000;

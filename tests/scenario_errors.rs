@@ -114,6 +114,8 @@ fn typos_in_selectors_are_located_errors() {
     assert!(e.starts_with("bad.yaml:8:") && e.contains("`hub` is a bsc-hub") && e.contains("takes `ble`"), "{e}");
     let e = parse("name: x\ndevices:\n  - {name: hub, kind: bsc-hub, allow_client_cert_without_eku: true}\nsteps: []\n");
     assert!(e.starts_with("bad.yaml:3:") && e.contains("allow_client_cert_without_eku needs `tls: true`"), "{e}");
+    let e = parse("name: x\ndevices:\n  - {name: hub, kind: bsc-hub, cert_binding: true}\nsteps: []\n");
+    assert!(e.starts_with("bad.yaml:3:") && e.contains("cert_binding needs `tls: true`"), "{e}");
     let e = parse("name: x\ndevices:\n  - {name: d, kind: modbus-master}\nsteps: []\n");
     assert!(e.starts_with("bad.yaml:3:") && e.contains("that is a client kind"), "{e}");
 }

@@ -62,9 +62,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::device::bsc_hub_core::{
-    BscHubCore, CloseReason, ConnId, DropReason, HubConfig, HubEvent, HubOutput, HubRole,
+    BscHubCore, CertIdentity, CloseReason, ConnId, DropReason, HubConfig, HubEvent, HubOutput, HubRole,
 };
-use crate::protocol::bvlc_sc::Vmac;
+use crate::protocol::bvlc_sc::{DeviceUuid, Vmac};
 use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
 use crate::link::stream::ConnFaults;
 use crate::transport::tls::{TlsDir, TlsError};
@@ -545,7 +545,7 @@ impl Hasher for ConnIdHasher {
 type ConnMap<V> = HashMap<ConnId, V, BuildHasherDefault<ConnIdHasher>>;
 
 enum Inbound {
-    Open { conn: ConnId, outbox: Arc<Outbox>, peer: SocketAddr },
+    Open { conn: ConnId, outbox: Arc<Outbox>, peer: SocketAddr, cert: Option<CertIdentity> },
     Frame(ConnId, Bytes),
     Closed(ConnId),
 }
@@ -851,7 +851,7 @@ async fn accept_loop(
                 Ok(_) => return,
                 Err(_) => return shared.refuse(peer, RefuseReason::HandshakeTimeout),
             }
-            let conn = Accepted { conn, peer, permit, settings, in_tx, shared };
+            let conn = Accepted { conn, peer, cert: None, permit, settings, in_tx, shared };
             match &faults {
                 Some(f) => {
                     if let Some(stream) = f.accepted(tcp).await {
@@ -869,6 +869,8 @@ async fn accept_loop(
 struct Accepted {
     conn: ConnId,
     peer: SocketAddr,
+    /// The client certificate, once TLS has verified it.
+    cert: Option<CertIdentity>,
     permit: HandshakeSlot,
     settings: Arc<ConnSettings>,
     in_tx: mpsc::Sender<Inbound>,
@@ -888,7 +890,11 @@ impl Accepted {
                     Ok(Err(e)) => return self.shared.refuse(self.peer, RefuseReason::Tls(e.to_string())),
                     Err(_) => return self.shared.refuse(self.peer, RefuseReason::HandshakeTimeout),
                 };
-                Box::pin(connection(stream, self)).await;
+                let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|der| CertIdentity {
+                    uuid: crate::transport::tls::device_uuid_in_cert(der).map(DeviceUuid),
+                    der: Arc::from(der.as_ref()),
+                });
+                Box::pin(connection(stream, Accepted { cert, ..self })).await;
             }
             None => Box::pin(connection(stream, self)).await,
         }
@@ -926,7 +932,7 @@ async fn connection<S>(stream: S, accepted: Accepted)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Accepted { conn, peer, permit, settings, in_tx, shared } = accepted;
+    let Accepted { conn, peer, cert, permit, settings, in_tx, shared } = accepted;
     let counters = &shared.counters;
     // Reserve a connection slot before the upgrade so the answer can be 503.
     let admitted = counters
@@ -986,7 +992,7 @@ where
     // session) is then not also kept inline in this future.
     let (sink, stream) = ws.split();
     let outbox = Arc::new(Outbox::new());
-    if in_tx.send(Inbound::Open { conn, outbox: outbox.clone(), peer }).await.is_err() {
+    if in_tx.send(Inbound::Open { conn, outbox: outbox.clone(), peer, cert }).await.is_err() {
         return; // hub stopped
     }
     // The writer is its own task: a wake-up for frames to send then polls only the writer,
@@ -1238,8 +1244,11 @@ impl HubTask {
                 let out = self.core.receive(conn, &bytes, now);
                 self.dispatch(out);
             }
-            Inbound::Open { conn, outbox, peer } => match self.core.accept(conn, now) {
+            Inbound::Open { conn, outbox, peer, cert } => match self.core.accept(conn, now) {
                 Ok(()) => {
+                    if let Some(cert) = cert {
+                        self.core.bind_certificate(conn, cert);
+                    }
                     self.conns.insert(conn, Peer { outbox, peer, staged: Vec::new() });
                 }
                 Err(e) => {
@@ -1269,7 +1278,7 @@ impl HubTask {
                     self.hand_over(conn, Instant::now());
                     if let Some(p) = self.conns.remove(&conn) {
                         let code = match reason {
-                            CloseReason::DuplicateVmac | CloseReason::InvalidVmac => CloseCode::Policy,
+                            CloseReason::DuplicateVmac | CloseReason::InvalidVmac | CloseReason::IdentityMismatch => CloseCode::Policy,
                             CloseReason::NotConnected { .. } => CloseCode::Protocol,
                             _ => CloseCode::Normal,
                         };

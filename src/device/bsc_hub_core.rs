@@ -68,7 +68,7 @@ use std::time::Duration;
 use crate::protocol::bvlc_sc::{
     decode, encode_into, error_code, function, is_response, nak, nak_for_option, peek_header, rewrite_for_forwarding,
     unknown_must_understand, BvlcError, BvlcMessage, BvlcPayload, DeviceUuid, HubStatus, Vmac,
-    ERROR_CLASS_COMMUNICATION, FIXED_HEADER_LEN,
+    ERROR_CLASS_COMMUNICATION, ERROR_CLASS_SECURITY, FIXED_HEADER_LEN,
 };
 
 /// Opaque id the I/O layer assigns to each WebSocket.
@@ -109,6 +109,10 @@ pub struct HubConfig {
     pub hub_status: HubRole,
     /// Broadcasts per second allowed per sending VMAC; `None` = unlimited.
     pub broadcast_rate_limit: Option<u32>,
+    /// For connections with a client certificate ([`BscHubCore::bind_certificate`]):
+    /// a Connect-Request must name the Device UUID the certificate carries,
+    /// and only the same device may replace a connection.
+    pub bind_identity: bool,
 }
 
 impl Default for HubConfig {
@@ -129,6 +133,7 @@ impl Default for HubConfig {
             heartbeat_timeout: Duration::from_secs(300),
             hub_status: HubRole::Primary,
             broadcast_rate_limit: None,
+            bind_identity: false,
         }
     }
 }
@@ -153,6 +158,8 @@ pub enum CloseReason {
     DuplicateVmac,
     /// Connect-Request VMAC is broadcast or reserved (after the NAK).
     InvalidVmac,
+    /// Connect-Request for an identity the client certificate does not carry (after the NAK).
+    IdentityMismatch,
     /// The same VMAC and UUID connected again on `by`.
     Replaced { by: ConnId },
     /// Peer sent Disconnect-Request (after the ACK).
@@ -213,6 +220,15 @@ pub enum HubEvent {
         vmac: Vmac,
         uuid: DeviceUuid,
         holder: Option<ConnId>,
+    },
+    /// A Connect-Request refused because the client certificate names
+    /// another device: its UUID differs, or the VMAC is held by another
+    /// certificate (NAKed and closed).
+    IdentityRefused {
+        conn: ConnId,
+        vmac: Vmac,
+        uuid: DeviceUuid,
+        reason: String,
     },
     /// A connected peer went silent and was closed.
     SilentPeerDropped {
@@ -287,8 +303,30 @@ struct Conn {
     accepted_at: Duration,
     last_rx: Duration,
     peer: Option<Peer>,
+    /// The client certificate the connection came with (TLS).
+    cert: Option<CertIdentity>,
     /// Broadcast rate window: (start, count).
     window: (Duration, u32),
+}
+
+/// Who a client certificate says a node is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertIdentity {
+    /// The Device UUID of its `urn:uuid:` SAN, if it has one.
+    pub uuid: Option<DeviceUuid>,
+    /// The certificate (DER).
+    pub der: Arc<[u8]>,
+}
+
+impl CertIdentity {
+    /// The same device: the same UUID where both certificates carry one
+    /// (a renewed certificate), otherwise the same certificate.
+    fn same_device(&self, other: &CertIdentity) -> bool {
+        match (self.uuid, other.uuid) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.der == other.der,
+        }
+    }
 }
 
 /// The hub core. See the module docs.
@@ -351,10 +389,19 @@ impl BscHubCore {
                 accepted_at: now,
                 last_rx: now,
                 peer: None,
+                cert: None,
                 window: (now, 0),
             },
         );
         Ok(())
+    }
+
+    /// The client certificate `conn` presented in its TLS handshake, before
+    /// its Connect-Request (see [`HubConfig::bind_identity`]).
+    pub fn bind_certificate(&mut self, conn: ConnId, cert: CertIdentity) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.cert = Some(cert);
+        }
     }
 
     /// The WebSocket closed (peer close, I/O error). Forgets the connection.
@@ -550,6 +597,28 @@ impl BscHubCore {
             error_code: code,
             reason: reason.to_string(),
         }));
+    }
+
+    /// Why `conn`'s certificate does not let it connect as `uuid` in place
+    /// of `holder`, when identities are bound to certificates.
+    fn identity_problem(&self, conn: ConnId, uuid: DeviceUuid, holder: Option<ConnId>) -> Option<String> {
+        if !self.config.bind_identity {
+            return None;
+        }
+        let cert = self.conns.get(&conn)?.cert.as_ref()?;
+        if let Some(own) = cert.uuid {
+            if own != uuid {
+                return Some(format!("Device UUID {uuid} is not the one in the client certificate ({own})"));
+            }
+        }
+        // A holder with another UUID is a duplicate VMAC (the standard's NAK,
+        // below); with the same UUID, this would replace it.
+        let holder = holder.and_then(|h| self.conns.get(&h))?;
+        let held = holder.cert.as_ref()?;
+        if holder.peer.as_ref().is_some_and(|p| p.uuid == uuid) && !cert.same_device(held) {
+            return Some(format!("Device UUID {uuid} is connected with another client certificate, which this one may not replace"));
+        }
+        None
     }
 
     fn send_nak(&mut self, out: &mut Vec<HubOutput>, conn: ConnId, req: &BvlcMessage, code: u16, reason: &str) {
@@ -804,6 +873,15 @@ impl BscHubCore {
             .and_then(|h| self.conns.get(&h))
             .and_then(|c| c.peer.as_ref())
             .map(|p| p.uuid);
+        if let Some(reason) = self.identity_problem(conn, uuid, holder) {
+            let n = nak(req, ERROR_CLASS_SECURITY, error_code::AUTHENTICATION_FAILED, &reason);
+            self.reply(out, conn, n);
+            self.nak_event(out, conn, req, error_code::AUTHENTICATION_FAILED, &reason);
+            out.push(HubOutput::Event(HubEvent::IdentityRefused { conn, vmac, uuid, reason }));
+            self.forget(conn);
+            self.close(out, conn, CloseReason::IdentityMismatch);
+            return;
+        }
         let hub_own = vmac == self.config.vmac;
         if hub_own || (holder.is_some() && holder_uuid != Some(uuid)) {
             let reason = format!("VMAC {vmac} is in use by another device");
@@ -1136,6 +1214,64 @@ mod tests {
             Some(error_code::NODE_DUPLICATE_VMAC)
         );
         assert_eq!(closes(&out), vec![(C, CloseReason::DuplicateVmac)]);
+    }
+
+    fn cert(uuid: Option<DeviceUuid>, der: &[u8]) -> CertIdentity {
+        CertIdentity { uuid, der: Arc::from(der) }
+    }
+
+    /// Accepts `conn` with `cert`, then sends its Connect-Request.
+    fn join_with(hub: &mut BscHubCore, conn: ConnId, cert: CertIdentity, vmac: Vmac, uuid: DeviceUuid, now: Duration) -> Vec<HubOutput> {
+        hub.accept(conn, now).unwrap();
+        hub.bind_certificate(conn, cert);
+        hub.receive(conn, &connect_req(7, vmac, uuid), now)
+    }
+
+    fn refused_for_identity(out: &[HubOutput], conn: ConnId) -> bool {
+        nak_code(&sent(out, conn)[0]) == Some((function::CONNECT_REQUEST, ERROR_CLASS_SECURITY, error_code::AUTHENTICATION_FAILED))
+            && closes(out) == vec![(conn, CloseReason::IdentityMismatch)]
+            && events(out).iter().any(|e| matches!(e, HubEvent::IdentityRefused { conn: c, .. } if *c == conn))
+    }
+
+    #[test]
+    fn a_certificate_binds_the_device_uuid_and_who_may_replace() {
+        let mut hub = BscHubCore::new(HubConfig { bind_identity: true, ..HubConfig::default() });
+        // A's certificate carries UA: connecting as UA works, as UB does not.
+        let out = join_with(&mut hub, A, cert(Some(UA), b"cert-a"), VA, UA, t(0));
+        assert!(closes(&out).is_empty(), "{out:?}");
+        let out = join_with(&mut hub, B, cert(Some(UA), b"cert-a"), VB, UB, t(1));
+        assert!(refused_for_identity(&out, B), "{out:?}");
+        assert_eq!(hub.connection_of(VB), None);
+        // B's certificate (UB) claiming A's VMAC and UUID: refused, A keeps them.
+        let out = join_with(&mut hub, C, cert(Some(UB), b"cert-b"), VA, UA, t(2));
+        assert!(refused_for_identity(&out, C), "{out:?}");
+        assert_eq!(hub.connection_of(VA), Some(A));
+        // A renewed certificate with the same UUID replaces A's connection.
+        let out = join_with(&mut hub, ConnId(4), cert(Some(UA), b"cert-a-renewed"), VA, UA, t(3));
+        assert_eq!(closes(&out), vec![(A, CloseReason::Replaced { by: ConnId(4) })]);
+    }
+
+    #[test]
+    fn without_a_uuid_in_the_certificate_only_that_certificate_may_replace() {
+        let mut hub = BscHubCore::new(HubConfig { bind_identity: true, ..HubConfig::default() });
+        join_with(&mut hub, A, cert(None, b"vendor-1"), VA, UA, t(0));
+        let out = join_with(&mut hub, B, cert(None, b"vendor-2"), VA, UA, t(1));
+        assert!(refused_for_identity(&out, B), "{out:?}");
+        assert_eq!(hub.connection_of(VA), Some(A));
+        // Another UUID on A's VMAC is still the standard's duplicate VMAC.
+        let out = join_with(&mut hub, C, cert(None, b"vendor-2"), VA, UB, t(2));
+        assert_eq!(closes(&out), vec![(C, CloseReason::DuplicateVmac)]);
+        let out = join_with(&mut hub, ConnId(4), cert(None, b"vendor-1"), VA, UA, t(3));
+        assert_eq!(closes(&out), vec![(A, CloseReason::Replaced { by: ConnId(4) })]);
+    }
+
+    #[test]
+    fn identity_binding_can_be_turned_off() {
+        let mut hub = BscHubCore::new(HubConfig { bind_identity: false, ..HubConfig::default() });
+        join_with(&mut hub, A, cert(Some(UA), b"cert-a"), VA, UA, t(0));
+        // The old behaviour: B's certificate takes A's place by naming A's VMAC and UUID.
+        let out = join_with(&mut hub, B, cert(Some(UB), b"cert-b"), VA, UA, t(1));
+        assert_eq!(closes(&out), vec![(A, CloseReason::Replaced { by: B })]);
     }
 
     #[test]

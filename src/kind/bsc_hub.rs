@@ -43,6 +43,10 @@ pub struct BscHubKeys {
     /// With `tls`: accept node certificates without clientAuth in their EKU.
     #[serde(default)]
     pub allow_client_cert_without_eku: bool,
+    /// With `tls`: a node's Device UUID must be its certificate's, and only
+    /// the same device may replace a connection.
+    #[serde(default)]
+    pub cert_binding: bool,
     #[serde(default)]
     pub role: BscHubRole,
     /// A connected node silent for twice this long is dropped.
@@ -115,6 +119,7 @@ impl BscHubKeys {
                 BscHubRole::Failover => HubRole::Failover,
             },
             broadcast_rate_limit: self.broadcast_rate_limit,
+            bind_identity: self.cert_binding,
             ..HubConfig::default()
         };
         if let Some(d) = self.heartbeat_timeout {
@@ -160,6 +165,9 @@ impl Declared for BscHubKeys {
         "bsc-hub"
     }
     fn check(&self, _names: &Names<'_>) -> Result<(), Problem> {
+        if self.cert_binding && !self.tls {
+            return Err(at_key("cert_binding", "cert_binding needs `tls: true` (a plaintext node has no certificate)"));
+        }
         if self.allow_client_cert_without_eku && !self.tls {
             return Err(at_key("allow_client_cert_without_eku", "allow_client_cert_without_eku needs `tls: true`"));
         }
@@ -325,6 +333,7 @@ fn hub_observation(ev: &HubServerEvent) -> ObservationKind {
             HubEvent::Connected { .. } => "connected",
             HubEvent::Replaced { .. } => "replaced",
             HubEvent::DuplicateVmac { .. } => "duplicate_vmac",
+            HubEvent::IdentityRefused { .. } => "identity_refused",
             HubEvent::SilentPeerDropped { .. } => "silent_peer_dropped",
             HubEvent::ConnectWaitExpired { .. } => "connect_wait_expired",
             HubEvent::Disconnected { .. } => "disconnected",

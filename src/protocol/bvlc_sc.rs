@@ -81,9 +81,15 @@ pub const FIXED_HEADER_LEN: usize = 4;
 /// BACnetErrorClass `communication`.
 pub const ERROR_CLASS_COMMUNICATION: u16 = 7;
 
+/// BACnetErrorClass `security`.
+pub const ERROR_CLASS_SECURITY: u16 = 4;
+
 /// BACnetErrorCode values a hub or node needs in BVLC-Result NAKs.
 pub mod error_code {
     pub const OTHER: u16 = 0;
+    /// `authentication-failed` (class security): a node's Connect-Request
+    /// names a Device UUID its certificate does not carry.
+    pub const AUTHENTICATION_FAILED: u16 = 1;
     pub const OPTIONAL_FUNCTIONALITY_NOT_SUPPORTED: u16 = 45;
     /// `message-too-long`. Note: one implementation wrongly sends this value (113) for
     /// node-duplicate-vmac.

@@ -166,6 +166,20 @@ pub fn has_client_auth_eku(cert: &[u8]) -> Result<bool, String> {
     Ok(eku.is_some_and(|e| e.value.client_auth))
 }
 
+/// The Device UUID in `cert`'s `urn:uuid:` SAN (what `hilbench pki` writes
+/// for a node), if it has one. A certificate that cannot be parsed has none.
+pub fn device_uuid_in_cert(cert: &[u8]) -> Option<[u8; 16]> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => {
+            let rest = uri.get(..9).filter(|p| p.eq_ignore_ascii_case("urn:uuid:")).map(|_| &uri[9..])?;
+            uuid::Uuid::parse_str(rest).ok().map(|u| *u.as_bytes())
+        }
+        _ => None,
+    })
+}
+
 /// webpki's chain check, then the EKU check of [`ClientCertPolicy`].
 #[derive(Debug)]
 struct ClientAuthEkuVerifier(Arc<dyn ClientCertVerifier>);
@@ -342,6 +356,13 @@ mod tests {
             let (s, _) = handshake(hub.server_config_with(relaxed).unwrap(), client()).await;
             assert_eq!(s.is_ok(), name != "server-only" && name != "code-signing", "{name} relaxed: {s:?}");
         }
+        // A certificate with no urn:uuid SAN names no device.
+        let (c, _) = crate::cli::pki::sign_leaf(t.path(), "plain", &[Eku::ClientAuth], Vec::new()).unwrap();
+        assert_eq!(device_uuid_in_cert(&load_certs(&c).unwrap()[0]), None);
+        assert_eq!(device_uuid_in_cert(b"not a certificate"), None);
+        // The nodes `hilbench pki` writes carry their UUID.
+        let node = &load_certs(&f.nodes[0].cert).unwrap()[0];
+        assert_eq!(device_uuid_in_cert(node).map(|u| uuid::Uuid::from_bytes(u).to_string()), Some(f.nodes[0].uuid.to_string()));
         // The nodes `hilbench pki` writes carry clientAuth.
         assert!(has_client_auth_eku(&load_certs(&f.nodes[0].cert).unwrap()[0]).unwrap());
     }
