@@ -427,8 +427,10 @@ async fn tls_requires_a_client_certificate_from_the_ca() {
 
     let n1 = TlsDir::node(&pki.dir, "node-1").client_config().unwrap();
     let n2 = TlsDir::node(&pki.dir, "node-2").client_config().unwrap();
-    let mut a = Node::join(wss_connect(&hub, n1).await.unwrap(), vmac(1), uuid(1)).await;
-    let mut b = Node::join(wss_connect(&hub, n2).await.unwrap(), vmac(2), uuid(2)).await;
+    // Each node sends the Device UUID its certificate carries.
+    let (u1, u2): (DeviceUuid, DeviceUuid) = (pki.nodes[0].uuid.parse().unwrap(), pki.nodes[1].uuid.parse().unwrap());
+    let mut a = Node::join(wss_connect(&hub, n1).await.unwrap(), vmac(1), u1).await;
+    let mut b = Node::join(wss_connect(&hub, n2).await.unwrap(), vmac(2), u2).await;
     a.send(&npdu(1, Vmac::BROADCAST, b"\x01\x00tls")).await;
     assert_eq!(b.recv_msg().await.originating, Some(vmac(1)));
 
@@ -488,7 +490,8 @@ async fn a_client_certificate_without_client_auth_is_refused_unless_relaxed() {
     };
     let hub = start(relaxed).await;
     let mut a = Node::join(wss_connect(&hub, vendor()).await.unwrap(), vmac(1), uuid(1)).await;
-    let mut b = Node::join(wss_connect(&hub, TlsDir::node(&pki.dir, "node-1").client_config().unwrap()).await.unwrap(), vmac(2), uuid(2)).await;
+    let u1: DeviceUuid = pki.nodes[0].uuid.parse().unwrap();
+    let mut b = Node::join(wss_connect(&hub, TlsDir::node(&pki.dir, "node-1").client_config().unwrap()).await.unwrap(), vmac(2), u1).await;
     a.send(&npdu(1, Vmac::BROADCAST, b"\x01\x00vendor")).await;
     assert_eq!(b.recv_msg().await.originating, Some(vmac(1)));
 }
@@ -514,16 +517,17 @@ async fn with_cert_binding_one_certificate_cannot_impersonate_another_node() {
     let cert = |n: &str| TlsDir::node(&pki.dir, n).client_config().unwrap();
     let tls = Some(TlsDir::hub(&pki.dir));
 
-    // Without binding (the default), node-1's certificate takes node-2's place
-    // by naming its VMAC and UUID, and would receive its unicasts.
-    let hub = start(HubServerConfig { tls: tls.clone(), ..plain() }).await;
+    // Without binding (`--no-cert-binding`), node-1's certificate takes
+    // node-2's place by naming its VMAC and UUID, and would receive its unicasts.
+    let unbound = HubServerConfig { tls: tls.clone(), core: HubConfig { bind_identity: false, ..HubConfig::default() }, ..plain() };
+    let hub = start(unbound).await;
     let mut two = Node::join(wss_connect(&hub, cert("node-2")).await.unwrap(), vmac(2), u2).await;
     let _thief = Node::join(wss_connect(&hub, cert("node-1")).await.unwrap(), vmac(2), u2).await;
     assert_eq!(close_code(&two.recv().await), Some(CloseCode::Normal), "replaced");
     hub.shutdown().await;
 
-    let bound = HubServerConfig { tls, core: HubConfig { bind_identity: true, ..HubConfig::default() }, ..plain() };
-    let hub = start(bound).await;
+    // With it (the default).
+    let hub = start(HubServerConfig { tls, ..plain() }).await;
     let mut events = hub.subscribe();
     let mut one = Node::join(wss_connect(&hub, cert("node-1")).await.unwrap(), vmac(1), u1).await;
     let mut two = Node::join(wss_connect(&hub, cert("node-2")).await.unwrap(), vmac(2), u2).await;

@@ -216,6 +216,14 @@ impl Peer {
         Proc::spawn(name, &self.py, &all, &self.dir)
     }
 
+    /// The Device UUID in node-N's certificate (hex), which that node sends:
+    /// a hub that binds identities to certificates refuses any other.
+    fn cert_uuid(&self, node: &str) -> String {
+        let uuid = hilbench::transport::tls::device_uuid_in_file(&self.pki.join(format!("node-{node}.pem")))
+            .unwrap_or_else(|| panic!("node-{node}.pem carries no urn:uuid SAN"));
+        uuid.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The peer's hub; returns it and its wss:// URL.
     fn hub(&self) -> (Proc, String) {
         let mut hub = self.run("peer-hub", "bsc_peer.py", &["hub", "--vmac", HUB_VMAC]);
@@ -245,6 +253,7 @@ impl Peer {
 
     fn responder(&self, hub_url: &str) -> Proc {
         let device = RESPONDER_DEVICE.to_string();
+        let uuid = self.cert_uuid("2");
         let mut r = self.run(
             "peer-responder",
             "bsc_peer.py",
@@ -256,6 +265,8 @@ impl Peer {
                 "2",
                 "--vmac",
                 RESPONDER_VMAC,
+                "--uuid",
+                &uuid,
                 "--device",
                 &device,
             ],
@@ -267,6 +278,7 @@ impl Peer {
     /// Who-Is broadcast, I-Am back, ReadProperty unicast; returns (exit code, lines).
     fn initiator(&self, hub_url: &str, extra: &[&str]) -> (i32, Vec<Value>) {
         let device = RESPONDER_DEVICE.to_string();
+        let uuid = self.cert_uuid("1");
         let mut args = vec![
             "initiator",
             "--hub",
@@ -275,6 +287,8 @@ impl Peer {
             "1",
             "--vmac",
             INITIATOR_VMAC,
+            "--uuid",
+            &uuid,
             "--target-device",
             &device,
             "--timeout",
@@ -458,22 +472,12 @@ fn peer_nodes_talk_through_the_peer_hub_broadcast_and_unicast() {
 /// with error class communication (7) and node-duplicate-vmac, which the standard
 /// numbers 151: as the node decodes it, and big-endian in the BVLC-Result on the wire.
 fn assert_duplicate_vmac_is_naked_with_the_standard_code(peer: &Peer, hub_url: &str) {
-    let mut first = peer.connect_as(
-        "first",
-        hub_url,
-        RESPONDER_VMAC,
-        "11111111111111111111111111111111",
-        "1",
-    );
+    let mut first = peer.connect_as("first", hub_url, RESPONDER_VMAC, &peer.cert_uuid("1"), "1");
     first.wait_event("connected", STEP);
-    let (tap, tap_url) = peer.tap(hub_url, 3);
-    let second = peer.connect_as(
-        "second",
-        &tap_url,
-        RESPONDER_VMAC,
-        "22222222222222222222222222222222",
-        "2",
-    );
+    // The tap ends TLS: the hub sees its certificate, so it presents the
+    // second node's (whose UUID that node sends).
+    let (tap, tap_url) = peer.tap(hub_url, 2);
+    let second = peer.connect_as("second", &tap_url, RESPONDER_VMAC, &peer.cert_uuid("2"), "2");
     let (code, lines) = second.finish(Duration::from_secs(60));
     let tap_lines = tap.stop();
     drop(first);
@@ -513,7 +517,6 @@ fn peer_hub_naks_a_duplicate_vmac_with_the_standard_code() {
 // ---------------------------------------------------------------------------
 
 const OUR_NODE_VMAC: &str = "02:00:00:00:00:44";
-const OUR_NODE_UUID: &str = "0a0b0c0d-0000-4000-8000-000000000044";
 
 /// `hilbench sim bsc-hub --listen 127.0.0.1:0 --tls-dir PKI`; returns it and its URL.
 fn our_hub(peer: &Peer) -> (Proc, String) {
@@ -550,7 +553,9 @@ fn peer_nodes_talk_through_our_hub_broadcast_and_unicast() {
     let peer = Peer::new(dir.path());
     let (hub, url) = our_hub(&peer);
     let responder = peer.responder(&url);
-    let (tap, tap_url) = peer.tap(&url, 3);
+    // The tap ends TLS and presents the initiator's certificate (node 1), the
+    // one whose Device UUID the initiator sends: our hub binds the two.
+    let (tap, tap_url) = peer.tap(&url, 1);
     let (code, lines) = peer.initiator(&tap_url, &[]);
     let tap_lines = tap.stop();
     drop(responder);
@@ -611,12 +616,13 @@ fn our_node_talks_to_the_peer_device(
     use hilbench::transport::ws_client::WsConnectOptions;
 
     let responder: Vmac = RESPONDER_VMAC.parse().unwrap();
-    let tls = TlsDir::node(pki, "node-4")
-        .client_config()
-        .expect("node-4 TLS config");
+    let files = TlsDir::node(pki, "node-4");
+    let tls = files.client_config().expect("node-4 TLS config");
+    // The Device UUID node-4's certificate carries: our hub binds the two.
+    let uuid = files.device_uuid().expect("node-4.pem has a urn:uuid SAN");
     let session = NodeConfig::new(
         OUR_NODE_VMAC.parse().unwrap(),
-        OUR_NODE_UUID.parse().unwrap(),
+        hilbench::protocol::bvlc_sc::DeviceUuid(uuid),
     );
     let mut cfg = BscNodeConfig::new("our-node", hub_url, session);
     cfg.ws = WsConnectOptions::hub(Some(tls));
@@ -900,6 +906,14 @@ fn validate_flags_how_the_peer_hub_differs() {
         orig["detail"].as_str().unwrap().contains("not forwarded"),
         "{orig}"
     );
+    // And the peer hub does not bind identities to certificates (it checks
+    // no client certificates): node 2's certificate takes node 1's place.
+    let bound = check("certificate_bound_identity");
+    assert_eq!(bound["outcome"], "warn", "{bound}");
+    assert!(
+        bound["detail"].as_str().unwrap().contains("receives its unicasts"),
+        "{bound}"
+    );
     let flagged: Vec<&Value> = report["checks"]
         .as_array()
         .unwrap()
@@ -908,7 +922,7 @@ fn validate_flags_how_the_peer_hub_differs() {
         .collect();
     assert_eq!(
         flagged.len(),
-        1,
-        "only the originating-VMAC difference is flagged: {flagged:?}"
+        2,
+        "only the originating-VMAC and identity differences are flagged: {flagged:?}"
     );
 }

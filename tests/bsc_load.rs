@@ -186,7 +186,7 @@ fn load_over_tls_with_node_certificates() {
 #[tokio::test]
 async fn validate_reports_all_pass_against_our_hub() {
     let hub = HubServer::start(HubServerConfig { worker_threads: 1, ..HubServerConfig::default() }).await.unwrap();
-    let r = validate_bsc_hub(&hub.url(), &[WsConnectOptions::hub(None)], Duration::from_secs(3)).await;
+    let r = validate_bsc_hub(&hub.url(), &[(WsConnectOptions::hub(None), None)], Duration::from_secs(3)).await;
     for c in &r.checks {
         assert_eq!(c.outcome, Outcome::Pass, "{}: {}", c.name, c.detail);
     }
@@ -206,6 +206,34 @@ fn validate_cli_over_tls_passes_and_prints_json() {
     let r = json(&out);
     assert_eq!(r["passed"], true);
     assert!(r["checks"].as_array().unwrap().iter().all(|c| c["outcome"] == "pass"), "{r}");
+    hub.shutdown_blocking();
+}
+
+#[test]
+fn validate_flags_a_hub_that_lets_one_certificate_impersonate_another() {
+    let dir = tempfile::tempdir().unwrap();
+    hilbench::cli::pki::generate(dir.path(), 2, &[], 30, false).expect("pki");
+    let verdict = |hub: &HubHandle| {
+        let (code, out, err) =
+            hilbench(&["validate", "bsc-hub", "--url", &hub.url(), "--tls-dir", dir.path().to_str().unwrap(), "--json"]);
+        assert_eq!(code, 0, "a warning does not fail the run: {out}\n{err}");
+        let r = json(&out);
+        let c = r["checks"].as_array().unwrap().iter().find(|c| c["name"] == "certificate_bound_identity").cloned();
+        c.unwrap_or_else(|| panic!("no certificate_bound_identity check: {r}"))
+    };
+    // Our hub binds identities by default: node-2's certificate naming node-1's device is refused.
+    let hub = hub_blocking(Some(TlsDir::hub(dir.path())));
+    let c = verdict(&hub);
+    assert_eq!(c["outcome"], "pass", "{c}");
+    assert!(c["detail"].as_str().unwrap().contains("class 4 code 1"), "{c}");
+    hub.shutdown_blocking();
+    // A hub that does not (--no-cert-binding) is flagged.
+    let mut cfg = HubServerConfig { tls: Some(TlsDir::hub(dir.path())), worker_threads: 1, ..HubServerConfig::default() };
+    cfg.core.bind_identity = false;
+    let hub = HubServer::start_blocking(cfg).expect("hub starts");
+    let c = verdict(&hub);
+    assert_eq!(c["outcome"], "warn", "{c}");
+    assert!(c["detail"].as_str().unwrap().contains("receives its unicasts"), "{c}");
     hub.shutdown_blocking();
 }
 
@@ -267,7 +295,7 @@ async fn quirky_hub() -> String {
 #[tokio::test]
 async fn validate_catches_a_non_conformant_hub() {
     let url = quirky_hub().await;
-    let r = validate_bsc_hub(&url, &[WsConnectOptions::hub(None)], Duration::from_millis(500)).await;
+    let r = validate_bsc_hub(&url, &[(WsConnectOptions::hub(None), None)], Duration::from_millis(500)).await;
     let outcome = |n: &str| r.check(n).unwrap_or_else(|| panic!("no check {n}: {r:?}")).outcome;
     assert_eq!(outcome("connect"), Outcome::Pass);
     let bo = r.check("limits_byte_order").unwrap();

@@ -260,7 +260,9 @@ async fn node_connects_over_tls_with_its_client_certificate() {
         .expect("tls hub");
     assert!(hub.url().starts_with("wss://"));
     let log = ObservationLog::new(Instant::now());
-    let mut cfg = BscNodeConfig::new("tls", hub.url(), NodeConfig::new(vmac(3), uuid(3)));
+    // The Device UUID its certificate carries: the hub binds identities to certificates.
+    let cert_uuid = DeviceUuid(TlsDir::node(dir.path(), "node-1").device_uuid().expect("pki writes a urn:uuid SAN"));
+    let mut cfg = BscNodeConfig::new("tls", hub.url(), NodeConfig::new(vmac(3), cert_uuid));
     cfg.ws = WsConnectOptions::hub(Some(TlsDir::node(dir.path(), "node-1").client_config().unwrap()));
     let a = BscNodeActor::new(cfg, log.clone()).start();
     wait_on(&a, Some(HubChoice::Primary)).await;

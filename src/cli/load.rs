@@ -649,7 +649,7 @@ struct NodeResult {
 #[derive(Clone)]
 struct RunParams {
     url: String,
-    ws: Vec<WsConnectOptions>,
+    ws: Vec<(WsConnectOptions, Option<DeviceUuid>)>,
     payload: usize,
     window: Option<u32>,
     rate: Option<f64>,
@@ -738,8 +738,9 @@ pub fn run_bsc_inner(a: &BscLoadArgs) -> Result<LoadSummary, String> {
         }
     }
 
-    // TLS: node g presents node-(g % C + 1).
-    let ws_opts: Vec<WsConnectOptions> = match (&a.tls_dir, url.tls) {
+    // TLS: node g presents node-(g % C + 1) and sends the Device UUID in it
+    // (a hub may bind identities to certificates).
+    let ws_opts: Vec<(WsConnectOptions, Option<DeviceUuid>)> = match (&a.tls_dir, url.tls) {
         (Some(dir), true) => {
             let mut certs = 0;
             while dir.join(format!("node-{}.pem", certs + 1)).is_file() && certs < 100_000 {
@@ -751,12 +752,13 @@ pub fn run_bsc_inner(a: &BscLoadArgs) -> Result<LoadSummary, String> {
             let n = certs.min(globals.len()).max(1);
             (1..=n)
                 .map(|k| {
-                    TlsDir::node(dir, &format!("node-{k}"))
+                    let files = TlsDir::node(dir, &format!("node-{k}"));
+                    files
                         .client_config()
                         .map(|c| {
                             let mut o = WsConnectOptions::hub(Some(c));
                             o.timeout = a.connect_timeout;
-                            o
+                            (o, files.device_uuid().map(DeviceUuid))
                         })
                         .map_err(|e| e.to_string())
                 })
@@ -767,7 +769,7 @@ pub fn run_bsc_inner(a: &BscLoadArgs) -> Result<LoadSummary, String> {
         (None, false) => {
             let mut o = WsConnectOptions::hub(None);
             o.timeout = a.connect_timeout;
-            vec![o]
+            vec![(o, None)]
         }
     };
     let hub_pid = match (a.hub_pid, url.is_loopback()) {
@@ -1023,7 +1025,7 @@ impl NodeResult {
 #[allow(clippy::too_many_arguments)]
 async fn node_task(
     p: RunParams,
-    ws_opts: WsConnectOptions,
+    (ws_opts, cert_uuid): (WsConnectOptions, Option<DeviceUuid>),
     plan: NodePlan,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
@@ -1041,7 +1043,7 @@ async fn node_task(
         misrouted: 0,
         sender: plan.sender_slot.map(|_| plan.global as u32),
     };
-    let mut cfg = NodeConfig::new(node_vmac(plan.global), node_uuid(plan.global));
+    let mut cfg = NodeConfig::new(node_vmac(plan.global), cert_uuid.unwrap_or_else(|| node_uuid(plan.global)));
     cfg.heartbeat_interval = p.heartbeat;
     cfg.connect_wait = p.connect_timeout;
     let t0 = Instant::now();

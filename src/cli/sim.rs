@@ -76,11 +76,12 @@ pub struct BscHubSimArgs {
     /// (some vendors' node certificates); by default they are refused.
     #[arg(long, requires = "tls_dir")]
     pub allow_client_cert_without_eku: bool,
-    /// Bind a node's identity to its client certificate: a Connect-Request
-    /// must name the Device UUID in the certificate's urn:uuid SAN (if it
-    /// has one), and only the same device may replace a connection.
+    /// Do not bind a node's identity to its client certificate. By default a
+    /// Connect-Request must name the Device UUID in the certificate's
+    /// urn:uuid SAN (if it has one), and only the same device may replace a
+    /// connection.
     #[arg(long, requires = "tls_dir")]
-    pub cert_binding: bool,
+    pub no_cert_binding: bool,
     /// Hub status in Advertisements.
     #[arg(long, default_value = "primary", value_parser = ["primary", "failover"])]
     pub role: String,
@@ -192,7 +193,7 @@ fn bsc_hub(a: BscHubSimArgs) -> Result<(), String> {
         heartbeat_timeout: a.heartbeat_timeout,
         connect_wait: a.connect_wait,
         broadcast_rate_limit: a.broadcast_rate_limit,
-        bind_identity: a.cert_binding,
+        bind_identity: !a.no_cert_binding,
         ..HubConfig::default()
     };
     if let Some(v) = a.vmac {

@@ -16,9 +16,9 @@ use crate::client::bsc_node::{connect_node, NodeConnectError};
 use crate::client::bsc_node_core::{identity_from_seed, limits_byte_order, HubLimits, LimitsByteOrder, NodeConfig, NodeSession};
 use crate::protocol::bvlc_sc::{
     decode, encode, error_code, function, swap_quirk, BvlcMessage, BvlcPayload, BvlcResult, DeviceUuid, HeaderOption,
-    HeaderOptionKind, Vmac, ERROR_CLASS_COMMUNICATION,
+    HeaderOptionKind, Vmac, ERROR_CLASS_COMMUNICATION, ERROR_CLASS_SECURITY,
 };
-use crate::transport::tls::{node_client_config, TlsDir};
+use crate::transport::tls::{device_uuid_in_file, node_client_config, TlsDir};
 use crate::transport::ws_client::{connect_ws, HubUrl, WsConnectError, WsConnectOptions, WsStream};
 
 /// `hilbench validate bsc-hub --help` after the options.
@@ -32,7 +32,10 @@ Checks: connect/accept, byte order of MaxBVLC/MaxNPDU, unicast and broadcast for
 messages carrying an originating VMAC, NAK for an unknown must-understand header option,
 NAK for a duplicate VMAC with another UUID (151 is the standard's node-duplicate-vmac; 113 is
 read but flagged), same UUID replacing a connection, Heartbeat-ACK echoing the message ID,
-missing and wrong subprotocol, oversize messages, TEXT frames.
+missing and wrong subprotocol, oversize messages, TEXT frames; with TLS and two node
+certificates, whether one certificate can take over another's VMAC and Device UUID
+(certificate_bound_identity; a warning when it can). Each probe sends the Device UUID in
+its certificate's urn:uuid SAN, if it has one.
 Exit 0 when every required check passes, 1 when one fails, 2 on bad arguments.";
 
 #[derive(clap::Args, Debug, Clone)]
@@ -132,8 +135,9 @@ pub fn run_bsc_hub(a: BscHubArgs) -> i32 {
     i32::from(!report.passed)
 }
 
-/// TLS settings from the arguments: per-node options (node-1.., or one certificate for all).
-pub fn ws_options(a: &BscHubArgs) -> Result<Vec<WsConnectOptions>, String> {
+/// TLS settings from the arguments: per-node options (node-1.., or one
+/// certificate for all), each with the Device UUID its certificate carries.
+pub fn ws_options(a: &BscHubArgs) -> Result<Vec<(WsConnectOptions, Option<DeviceUuid>)>, String> {
     let url = HubUrl::parse(&a.url).map_err(|e| e.to_string())?;
     let configs = match (&a.tls_dir, &a.ca, &a.cert, &a.key) {
         (Some(dir), ..) => {
@@ -141,7 +145,7 @@ pub fn ws_options(a: &BscHubArgs) -> Result<Vec<WsConnectOptions>, String> {
             for k in 1..=4 {
                 let d = TlsDir::node(dir, &format!("node-{k}"));
                 if d.check().is_ok() {
-                    v.push(Some(d.client_config().map_err(|e| e.to_string())?));
+                    v.push(Some((d.client_config().map_err(|e| e.to_string())?, d.device_uuid().map(DeviceUuid))));
                 }
             }
             if v.is_empty() {
@@ -154,7 +158,8 @@ pub fn ws_options(a: &BscHubArgs) -> Result<Vec<WsConnectOptions>, String> {
                 (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
                 _ => None,
             };
-            vec![Some(node_client_config(ca, client).map_err(|e| e.to_string())?)]
+            let uuid = cert.as_deref().and_then(device_uuid_in_file).map(DeviceUuid);
+            vec![Some((node_client_config(ca, client).map_err(|e| e.to_string())?, uuid))]
         }
         _ => vec![None],
     };
@@ -164,7 +169,13 @@ pub fn ws_options(a: &BscHubArgs) -> Result<Vec<WsConnectOptions>, String> {
     if !url.tls && configs.iter().any(|c| c.is_some()) {
         return Err(format!("{}: TLS options given for a plaintext ws:// URL", a.url));
     }
-    Ok(configs.into_iter().map(WsConnectOptions::hub).collect())
+    Ok(configs
+        .into_iter()
+        .map(|c| match c {
+            Some((tls, uuid)) => (WsConnectOptions::hub(Some(tls)), uuid),
+            None => (WsConnectOptions::hub(None), None),
+        })
+        .collect())
 }
 
 /// What came back on a probe connection.
@@ -301,12 +312,20 @@ impl Checks {
 }
 
 /// Runs every check. Each waits at most `wait` for an answer, so the whole run is bounded.
-pub async fn validate_bsc_hub(url: &str, opts: &[WsConnectOptions], wait: Duration) -> ValidationReport {
+///
+/// Each probe connects with `opts[i]` and, where its certificate carries a
+/// Device UUID, sends that one (a hub may bind identities to certificates).
+pub async fn validate_bsc_hub(url: &str, opts: &[(WsConnectOptions, Option<DeviceUuid>)], wait: Duration) -> ValidationReport {
     let mut c = Checks { list: Vec::new() };
-    let opt = |i: usize| opts[i % opts.len().max(1)].clone();
-    let (va, ua) = random_identity();
-    let (vb, ub) = random_identity();
-    let (vc, uc) = random_identity();
+    let opt = |i: usize| opts[i % opts.len().max(1)].0.clone();
+    // A random VMAC, and the UUID of probe i's certificate if it has one.
+    let identity = |i: usize| {
+        let (v, u) = random_identity();
+        (v, opts.get(i % opts.len().max(1)).and_then(|o| o.1).unwrap_or(u))
+    };
+    let (va, ua) = identity(0);
+    let (vb, ub) = identity(1);
+    let (vc, uc) = identity(2);
 
     // --- connect ---
     let mut a = match ProbeNode::connect(url, &opt(0), va, ua).await {
@@ -509,11 +528,21 @@ pub async fn validate_bsc_hub(url: &str, opts: &[WsConnectOptions], wait: Durati
 
     // --- duplicate VMAC ---
     {
-        let (_, other_uuid) = random_identity();
-        match ProbeNode::connect(url, &opt(3), va, other_uuid).await {
+        // Another UUID: that of a certificate other than A's, so a hub that
+        // binds identities to certificates sees a genuine second device.
+        let other = (1..opts.len()).find_map(|j| opts[j].1.filter(|u| *u != ua).map(|u| (j, u)));
+        let (probe, other_uuid) = match other {
+            Some((j, u)) => (opt(j), u),
+            None => (opt(3), random_identity().1),
+        };
+        match ProbeNode::connect(url, &probe, va, other_uuid).await {
             Ok(_) => c.add("duplicate_vmac_nak", true, Outcome::Fail, "a second node with the same VMAC and another UUID was accepted"),
             Err(NodeConnectError::Rejected(n)) => {
                 let (o, d) = match (n.error_class, n.error_code) {
+                    (ERROR_CLASS_SECURITY, error_code::AUTHENTICATION_FAILED) if other.is_none() => (
+                        Outcome::Warn,
+                        "NAK authentication-failed: the hub binds Device UUIDs to certificates, and with one certificate no second device could be tried (give --tls-dir with two or more node certificates)".to_string(),
+                    ),
                     (ERROR_CLASS_COMMUNICATION, error_code::NODE_DUPLICATE_VMAC) => (Outcome::Pass, "NAK class 7 code 151 (node-duplicate-vmac)".to_string()),
                     (ERROR_CLASS_COMMUNICATION, error_code::MESSAGE_TOO_LONG) => (
                         Outcome::Warn,
@@ -603,7 +632,7 @@ pub async fn validate_bsc_hub(url: &str, opts: &[WsConnectOptions], wait: Durati
         c.add("oversize_bvlc", true, result.0, result.1);
 
         // 1 MiB in one WebSocket message: the hub must refuse it without falling over.
-        let (vd, ud) = random_identity();
+        let (vd, ud) = identity(3);
         match ProbeNode::connect(url, &opt(3), vd, ud).await {
             Ok(mut d) => {
                 let id = d.id();
@@ -627,7 +656,7 @@ pub async fn validate_bsc_hub(url: &str, opts: &[WsConnectOptions], wait: Durati
 
     // --- TEXT frame ---
     {
-        let (ve, ue) = random_identity();
+        let (ve, ue) = identity(3);
         match ProbeNode::connect(url, &opt(3), ve, ue).await {
             Ok(mut e) => {
                 let _ = e.ws.send(WsMessage::Text("hello hub".into())).await;
@@ -649,10 +678,12 @@ pub async fn validate_bsc_hub(url: &str, opts: &[WsConnectOptions], wait: Durati
         }
     }
 
-    // --- same UUID replaces (last: it takes A's VMAC) ---
+    // --- same UUID replaces (near the end: it takes A's VMAC) ---
+    let mut holder = None;
     {
         match ProbeNode::connect(url, &opt(0), a.vmac, a.uuid).await {
-            Ok(_new) => {
+            Ok(new) => {
+                holder = Some(new);
                 let old_closed = !a.alive(wait).await;
                 if old_closed {
                     c.add("same_uuid_replaces", false, Outcome::Pass, "reconnect with the same VMAC and UUID accepted; the old connection closed");
@@ -663,6 +694,35 @@ pub async fn validate_bsc_hub(url: &str, opts: &[WsConnectOptions], wait: Durati
             Err(e) => c.add("same_uuid_replaces", false, Outcome::Warn, format!("reconnect with the same VMAC and UUID refused: {e}")),
         }
     }
+
+    // --- impersonation (last: if the hub allows it, A's VMAC is taken) ---
+    // (Plaintext nodes have no certificate to bind to.)
+    let tls = url.starts_with("wss://");
+    match (1..opts.len()).find(|&j| opts[j].1.is_some_and(|u| u != a.uuid)) {
+        None if !tls => {}
+        None => c.add(
+            "certificate_bound_identity",
+            false,
+            Outcome::Warn,
+            "not tried: needs two node certificates that carry different urn:uuid SANs (--tls-dir with node-1 and node-2)",
+        ),
+        Some(j) => match ProbeNode::connect(url, &opt(j), a.vmac, a.uuid).await {
+            Ok(_) => c.add(
+                "certificate_bound_identity",
+                false,
+                Outcome::Warn,
+                format!("a node presenting certificate {} was accepted as {} / {}, another certificate's device: it takes that node's place and receives its unicasts", j + 1, a.vmac, a.uuid),
+            ),
+            Err(NodeConnectError::Rejected(n)) => c.add(
+                "certificate_bound_identity",
+                false,
+                Outcome::Pass,
+                format!("another certificate naming this node's VMAC and UUID was refused: NAK class {} code {} {:?}", n.error_class, n.error_code, n.details),
+            ),
+            Err(e) => c.add("certificate_bound_identity", false, Outcome::Warn, format!("could not try: {e}")),
+        },
+    }
+    drop(holder);
     finish(url, c)
 }
 

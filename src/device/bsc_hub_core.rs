@@ -111,7 +111,8 @@ pub struct HubConfig {
     pub broadcast_rate_limit: Option<u32>,
     /// For connections with a client certificate ([`BscHubCore::bind_certificate`]):
     /// a Connect-Request must name the Device UUID the certificate carries,
-    /// and only the same device may replace a connection.
+    /// and only the same device may replace a connection. On by default; it
+    /// changes nothing for connections without a certificate (plaintext).
     pub bind_identity: bool,
 }
 
@@ -133,7 +134,7 @@ impl Default for HubConfig {
             heartbeat_timeout: Duration::from_secs(300),
             hub_status: HubRole::Primary,
             broadcast_rate_limit: None,
-            bind_identity: false,
+            bind_identity: true,
         }
     }
 }
@@ -1235,7 +1236,7 @@ mod tests {
 
     #[test]
     fn a_certificate_binds_the_device_uuid_and_who_may_replace() {
-        let mut hub = BscHubCore::new(HubConfig { bind_identity: true, ..HubConfig::default() });
+        let mut hub = BscHubCore::new(HubConfig::default());
         // A's certificate carries UA: connecting as UA works, as UB does not.
         let out = join_with(&mut hub, A, cert(Some(UA), b"cert-a"), VA, UA, t(0));
         assert!(closes(&out).is_empty(), "{out:?}");
@@ -1253,7 +1254,7 @@ mod tests {
 
     #[test]
     fn without_a_uuid_in_the_certificate_only_that_certificate_may_replace() {
-        let mut hub = BscHubCore::new(HubConfig { bind_identity: true, ..HubConfig::default() });
+        let mut hub = BscHubCore::new(HubConfig::default());
         join_with(&mut hub, A, cert(None, b"vendor-1"), VA, UA, t(0));
         let out = join_with(&mut hub, B, cert(None, b"vendor-2"), VA, UA, t(1));
         assert!(refused_for_identity(&out, B), "{out:?}");

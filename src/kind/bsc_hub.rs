@@ -43,10 +43,10 @@ pub struct BscHubKeys {
     /// With `tls`: accept node certificates without clientAuth in their EKU.
     #[serde(default)]
     pub allow_client_cert_without_eku: bool,
-    /// With `tls`: a node's Device UUID must be its certificate's, and only
-    /// the same device may replace a connection.
+    /// With `tls` (on unless `false`): a node's Device UUID must be its
+    /// certificate's, and only the same device may replace a connection.
     #[serde(default)]
-    pub cert_binding: bool,
+    pub cert_binding: Option<bool>,
     #[serde(default)]
     pub role: BscHubRole,
     /// A connected node silent for twice this long is dropped.
@@ -119,7 +119,7 @@ impl BscHubKeys {
                 BscHubRole::Failover => HubRole::Failover,
             },
             broadcast_rate_limit: self.broadcast_rate_limit,
-            bind_identity: self.cert_binding,
+            bind_identity: self.cert_binding.unwrap_or(true),
             ..HubConfig::default()
         };
         if let Some(d) = self.heartbeat_timeout {
@@ -165,7 +165,7 @@ impl Declared for BscHubKeys {
         "bsc-hub"
     }
     fn check(&self, _names: &Names<'_>) -> Result<(), Problem> {
-        if self.cert_binding && !self.tls {
+        if self.cert_binding == Some(true) && !self.tls {
             return Err(at_key("cert_binding", "cert_binding needs `tls: true` (a plaintext node has no certificate)"));
         }
         if self.allow_client_cert_without_eku && !self.tls {

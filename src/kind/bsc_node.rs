@@ -151,7 +151,8 @@ impl Declared for BscNodeKeys {
             let index = bsc_peer::peer_index(cx.names, &self.name);
             let primary = bsc_peer::hub_url(cx.vars, &self.hub)?;
             let vmac = bsc_peer::vmac(self.vmac.as_deref(), index);
-            let mut session = NodeConfig::new(vmac, bsc_peer::uuid(self.uuid.as_deref(), vmac));
+            let (ws, cert_uuid) = bsc_peer::ws_options(&primary, index, &cx.tmp.join("pki"))?;
+            let mut session = NodeConfig::new(vmac, bsc_peer::uuid(self.uuid.as_deref(), vmac, cert_uuid));
             if let Some(h) = self.heartbeat {
                 session.heartbeat_interval = h.0;
             }
@@ -159,7 +160,7 @@ impl Declared for BscNodeKeys {
                 session.heartbeat_ack_wait = w.0;
             }
             let mut cfg = BscNodeConfig::new(self.name.clone(), primary.clone(), session);
-            cfg.ws = bsc_peer::ws_options(&primary, index, &cx.tmp.join("pki"))?;
+            cfg.ws = ws;
             if let Some(f) = &self.failover {
                 cfg.failover_url = Some(bsc_peer::hub_url(cx.vars, f)?);
             }

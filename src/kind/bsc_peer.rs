@@ -55,12 +55,15 @@ pub fn peer_index(names: &Names<'_>, me: &str) -> usize {
 }
 
 /// TLS for a client of the scenario's hubs: its own node certificate from the run's PKI.
-pub fn ws_options(url: &str, index: usize, pki_dir: &Path) -> Result<WsConnectOptions, String> {
+/// How the client connects, and (with TLS) the Device UUID its certificate
+/// carries, which it sends unless the scenario names another.
+pub fn ws_options(url: &str, index: usize, pki_dir: &Path) -> Result<(WsConnectOptions, Option<DeviceUuid>), String> {
     if !url.starts_with("wss://") {
-        return Ok(WsConnectOptions::hub(None));
+        return Ok((WsConnectOptions::hub(None), None));
     }
-    let tls = TlsDir::node(pki_dir, &format!("node-{}", index + 1)).client_config().map_err(|e| e.to_string())?;
-    Ok(WsConnectOptions::hub(Some(tls)))
+    let dir = TlsDir::node(pki_dir, &format!("node-{}", index + 1));
+    let tls = dir.client_config().map_err(|e| e.to_string())?;
+    Ok((WsConnectOptions::hub(Some(tls)), dir.device_uuid().map(DeviceUuid)))
 }
 
 /// `02:00:00:00:NN:NN` from the client's index, unless the scenario gives one.
@@ -70,8 +73,9 @@ pub fn vmac(given: Option<&str>, index: usize) -> Vmac {
         .unwrap_or(Vmac([0x02, 0, 0, 0, (index >> 8) as u8, (index as u8).wrapping_add(1)]))
 }
 
-pub fn uuid(given: Option<&str>, vmac: Vmac) -> DeviceUuid {
-    given.and_then(|u| u.parse().ok()).unwrap_or_else(|| {
+/// The scenario's UUID, else the certificate's, else one made from the VMAC.
+pub fn uuid(given: Option<&str>, vmac: Vmac, from_cert: Option<DeviceUuid>) -> DeviceUuid {
+    given.and_then(|u| u.parse().ok()).or(from_cert).unwrap_or_else(|| {
         let mut u = [0u8; 16];
         u[..8].copy_from_slice(b"hilbench");
         u[10..].copy_from_slice(&vmac.0);

@@ -115,7 +115,7 @@ impl Declared for BscRawKeys {
         Box::pin(async move {
             let index = bsc_peer::peer_index(cx.names, &self.name);
             let url = bsc_peer::hub_url(cx.vars, &self.hub)?;
-            let mut ws = bsc_peer::ws_options(&url, index, &cx.tmp.join("pki"))?;
+            let (mut ws, cert_uuid) = bsc_peer::ws_options(&url, index, &cx.tmp.join("pki"))?;
             if let Some(p) = &self.subprotocol {
                 ws.subprotocol = (!p.is_empty()).then(|| p.clone());
             }
@@ -126,7 +126,7 @@ impl Declared for BscRawKeys {
                 ws,
                 handshake: self.handshake,
                 vmac,
-                uuid: bsc_peer::uuid(self.uuid.as_deref(), vmac),
+                uuid: bsc_peer::uuid(self.uuid.as_deref(), vmac, cert_uuid),
                 read: self.read,
                 delay: self.delay.map(|d| d.0).unwrap_or_default(),
             };

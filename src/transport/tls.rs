@@ -89,6 +89,13 @@ impl TlsDir {
         hub_server_config(&self.ca, &self.cert, &self.key, policy)
     }
 
+    /// The Device UUID in this certificate's `urn:uuid:` SAN: the one a node
+    /// presenting it must send in its Connect-Request to a hub that binds
+    /// identities to certificates.
+    pub fn device_uuid(&self) -> Option<[u8; 16]> {
+        device_uuid_in_file(&self.cert)
+    }
+
     /// A node's client config from these files (presenting its certificate).
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
         self.check()?;
@@ -178,6 +185,11 @@ pub fn device_uuid_in_cert(cert: &[u8]) -> Option<[u8; 16]> {
         }
         _ => None,
     })
+}
+
+/// The Device UUID of the first certificate in the PEM file `path`.
+pub fn device_uuid_in_file(path: &Path) -> Option<[u8; 16]> {
+    load_certs(path).ok()?.first().and_then(|c| device_uuid_in_cert(c))
 }
 
 /// webpki's chain check, then the EKU check of [`ClientCertPolicy`].
