@@ -17,9 +17,13 @@ pub mod air_bus {
     pub const QUEUED_OVERHEAD: usize = 128;
     /// Time a new connection has to authenticate (dbus-daemon's `auth_timeout`).
     pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
-    /// Connections still authenticating at once; more are closed as they
-    /// come (dbus-daemon's `max_incomplete_connections` is 64 on the system bus).
+    /// Connections still authenticating at once; a newcomer closes the
+    /// oldest (dbus-daemon's `max_incomplete_connections` is 64 on the system bus).
     pub const MAX_INCOMPLETE: usize = 64;
+    /// Method calls one connection may have waiting for replies; more get
+    /// LimitsExceeded (dbus-daemon's `max_replies_per_connection`, 128 on
+    /// the system bus).
+    pub const MAX_PENDING_REPLIES: usize = 128;
     /// Longest AddMatch rule text (dbus-daemon's DBUS_MAXIMUM_MATCH_RULE_LENGTH).
     pub const MAX_MATCH_RULE_LENGTH: usize = 1024;
     /// Match rules one connection may hold (dbus-daemon's system bus: 512).

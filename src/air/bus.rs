@@ -28,8 +28,9 @@ use crate::protocol::dbus::{self as wire, BusMessage, BusValue, Header, MatchRul
 // A connection with more than MAX_QUEUED_BYTES waiting to be written is not
 // reading: it is dropped, so one stuck client cannot take the bus's memory.
 // A connection gets AUTH_TIMEOUT to authenticate, and at most MAX_INCOMPLETE
-// may be authenticating at once, so idle sockets cannot take every descriptor.
-use crate::limits::air_bus::{self as limits, AUTH_TIMEOUT, MAX_INCOMPLETE, MAX_QUEUED_BYTES, QUEUED_OVERHEAD};
+// may be authenticating at once (a newcomer closes the oldest), so idle
+// sockets can neither take every descriptor nor lock out real clients.
+use crate::limits::air_bus::{self as limits, AUTH_TIMEOUT, MAX_INCOMPLETE, MAX_PENDING_REPLIES, MAX_QUEUED_BYTES, QUEUED_OVERHEAD};
 use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
 
 /// One message on its way to a connection; `written` bytes of it are out.
@@ -88,6 +89,8 @@ struct State {
     names: BTreeMap<String, VecDeque<(String, u32)>>,
     /// Calls awaiting a reply: (callee, caller, serial).
     pending: HashSet<(String, String, u32)>,
+    /// How many of `pending` each caller has (capped at MAX_PENDING_REPLIES).
+    pending_by_caller: HashMap<String, usize>,
     /// Names only their first owner may hold (the air's `org.bluez`), as
     /// dbus-daemon's system policy keeps `org.bluez` for bluetoothd: that
     /// owner, once it has taken one.
@@ -270,6 +273,17 @@ impl State {
         1
     }
 
+    fn forget_pending(&mut self, p: &(String, String, u32)) {
+        if self.pending.remove(p) {
+            if let Some(n) = self.pending_by_caller.get_mut(&p.1) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending_by_caller.remove(&p.1);
+                }
+            }
+        }
+    }
+
     /// A connection left: its names go (to the next in queue), callers
     /// waiting on it get NoReply, and everyone hears it is gone.
     fn disconnect(&mut self, unique: &str) {
@@ -282,7 +296,7 @@ impl State {
         }
         let waiting: Vec<(String, String, u32)> = self.pending.iter().filter(|(callee, caller, _)| callee == unique || caller == unique).cloned().collect();
         for p in waiting {
-            self.pending.remove(&p);
+            self.forget_pending(&p);
             let (callee, caller, serial) = p;
             if callee == unique {
                 let h = Header { serial, sender: Some(caller.clone()), ..Default::default() };
@@ -381,27 +395,27 @@ async fn until_stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
 async fn accept(listener: UnixListener, guid: String, stop: tokio::sync::watch::Receiver<bool>) {
     let state = Arc::new(Mutex::new(State { guid, reserved: RESERVED_NAMES.iter().map(|n| (*n, None)).collect(), ..Default::default() }));
     let stopped = stop.clone();
-    let incomplete = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let authenticating = Arc::new(Mutex::new(Authenticating::default()));
     let mut refused_log = LogEvery::new(REFUSAL_LOG_PERIOD);
     let mut accept_log = LogEvery::new(REFUSAL_LOG_PERIOD);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    if incomplete.load(std::sync::atomic::Ordering::Relaxed) >= MAX_INCOMPLETE {
+                    let (incomplete, evicted, made_room) = Incomplete::admit(&authenticating);
+                    if made_room {
                         if let Some(more) = refused_log.check(std::time::Instant::now()) {
-                            tracing::warn!("air bus: {MAX_INCOMPLETE} connections are still authenticating; closing new ones ({more} more since the last line)");
+                            tracing::warn!("air bus: {MAX_INCOMPLETE} connections are still authenticating; closing the oldest to make room ({more} more since the last line)");
                         }
-                        continue;
                     }
                     let state = state.clone();
                     let stop = stop.clone();
-                    let incomplete = Incomplete::count(&incomplete);
                     tokio::spawn(async move {
                         tokio::select! {
                             r = serve(stream, state, incomplete) => if let Err(e) = r {
                                 tracing::debug!("air bus connection ended: {e:#}");
                             },
+                            Ok(()) = evicted => tracing::debug!("air bus: closed a connection still authenticating, the oldest of {MAX_INCOMPLETE}"),
                             _ = until_stopped(stop.clone()) => {}
                         }
                     });
@@ -420,19 +434,46 @@ async fn accept(listener: UnixListener, guid: String, stop: tokio::sync::watch::
     lock(&state).conns.clear();
 }
 
-/// One connection that has not authenticated yet; counted until dropped.
-struct Incomplete(Arc<std::sync::atomic::AtomicUsize>);
+/// The connections still authenticating, oldest first, each with the way
+/// to close it. Past MAX_INCOMPLETE the oldest is closed to make room, as
+/// dbus-daemon drops its oldest incomplete connection: closing the newest
+/// instead let a flood of silent sockets lock out every client, even one
+/// that authenticates at once.
+#[derive(Default)]
+struct Authenticating {
+    next: u64,
+    waiting: VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
+/// One connection that has not authenticated yet; listed until dropped.
+struct Incomplete {
+    id: u64,
+    list: Arc<Mutex<Authenticating>>,
+}
 
 impl Incomplete {
-    fn count(n: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Incomplete(n.clone())
+    /// Lists a new connection; returns it, the signal that it was evicted,
+    /// and whether the oldest had to be evicted to make room.
+    fn admit(list: &Arc<Mutex<Authenticating>>) -> (Self, tokio::sync::oneshot::Receiver<()>, bool) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut l = list.lock().unwrap_or_else(|p| p.into_inner());
+        let made_room = l.waiting.len() >= MAX_INCOMPLETE;
+        if made_room {
+            if let Some((_, evict)) = l.waiting.pop_front() {
+                let _ = evict.send(());
+            }
+        }
+        let id = l.next;
+        l.next += 1;
+        l.waiting.push_back((id, tx));
+        (Incomplete { id, list: list.clone() }, rx, made_room)
     }
 }
 
 impl Drop for Incomplete {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let mut l = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        l.waiting.retain(|(id, _)| *id != self.id);
     }
 }
 
@@ -616,10 +657,23 @@ fn route(state: &Mutex<State>, from: &str, msg: &[u8], mut h: Header, fds: Vec<O
         Some(d) => match st.owner(&d).map(str::to_string) {
             Some(to) => {
                 if h.expects_reply() {
-                    st.pending.insert((to.clone(), from.to_string(), h.serial));
+                    // A caller that never waits for its answers cannot pile
+                    // calls up on the callee (dbus-daemon's max_replies_per_connection):
+                    // without this, calls flooding org.bluez filled the air's
+                    // own queue and the bus dropped the air.
+                    let waiting = st.pending_by_caller.get(from).copied().unwrap_or(0);
+                    if waiting >= MAX_PENDING_REPLIES {
+                        let s = st.next_serial();
+                        let m = BusMessage::error(s, &h, "org.freedesktop.DBus.Error.LimitsExceeded", "The maximum number of pending replies per connection has been reached");
+                        st.send_bus(from, m);
+                        return Ok(());
+                    }
+                    if st.pending.insert((to.clone(), from.to_string(), h.serial)) {
+                        *st.pending_by_caller.entry(from.to_string()).or_default() += 1;
+                    }
                 }
                 if let (wire::METHOD_RETURN | wire::ERROR, Some(rs)) = (h.kind, h.reply_serial) {
-                    st.pending.remove(&(from.to_string(), to.clone(), rs));
+                    st.forget_pending(&(from.to_string(), to.clone(), rs));
                 }
                 st.send_to(&to, stamped, fds);
             }
