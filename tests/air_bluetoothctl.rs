@@ -296,12 +296,18 @@ fn session(bus: &str, remove_after: bool) -> Result<(), (String, String)> {
     }
 }
 
+/// `hilbench sim jbd-bms` on its own air; returns it and the air's bus address.
+fn start_bms(dir: &std::path::Path) -> (common::Sim, String) {
+    assert!(have_bluetoothctl(), "bluetoothctl is missing: ci/test.sh installs Debian's bluez package");
+    let sim = start_sim(&["jbd-bms", "--name", "xiaoxiang BMS"], dir);
+    let bus = sim.ready["dbus_system_bus_address"].as_str().unwrap().to_string();
+    (sim, bus)
+}
+
 #[test]
 fn twenty_bluetoothctl_sessions_against_the_simulated_bms() {
-    assert!(have_bluetoothctl(), "bluetoothctl is missing: ci/test.sh installs Debian's bluez package");
     let dir = tempfile::tempdir().unwrap();
-    let sim = start_sim(&["jbd-bms", "--name", "xiaoxiang BMS"], dir.path());
-    let bus = sim.ready["dbus_system_bus_address"].as_str().unwrap().to_string();
+    let (sim, bus) = start_bms(dir.path());
     let mut failed = Vec::new();
     let mut tried = 0;
     // Three failures say enough; each costs a timeout.
@@ -352,10 +358,8 @@ fn objects_in_order(reply: &str) -> Vec<(String, Vec<String>)> {
 
 #[test]
 fn managed_objects_come_in_bluetoothds_order_every_time() {
-    assert!(have_bluetoothctl(), "bluetoothctl is missing: ci/test.sh installs Debian's bluez package");
     let dir = tempfile::tempdir().unwrap();
-    let sim = start_sim(&["jbd-bms", "--name", "xiaoxiang BMS"], dir.path());
-    let bus = sim.ready["dbus_system_bus_address"].as_str().unwrap().to_string();
+    let (sim, bus) = start_bms(dir.path());
     let get = || objects_in_order(&dbus_send(&bus, &["/", "org.freedesktop.DBus.ObjectManager.GetManagedObjects"]));
     let first = get();
     let paths: Vec<&str> = first.iter().map(|(p, _)| p.as_str()).collect();

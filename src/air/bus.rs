@@ -661,8 +661,13 @@ fn route(state: &Mutex<State>, from: &str, msg: &[u8], mut h: Header, fds: Vec<O
                     // calls up on the callee (dbus-daemon's max_replies_per_connection):
                     // without this, calls flooding org.bluez filled the air's
                     // own queue and the bus dropped the air.
+                    // The air itself (owner of a reserved name) is exempt: its one
+                    // connection carries every simulated central's GATT calls to the
+                    // device apps, and a refusal there would be a fault no real
+                    // device shows.
                     let waiting = st.pending_by_caller.get(from).copied().unwrap_or(0);
-                    if waiting >= MAX_PENDING_REPLIES {
+                    let system_service = st.reserved.values().any(|owner| owner.as_deref() == Some(from));
+                    if waiting >= MAX_PENDING_REPLIES && !system_service {
                         let s = st.next_serial();
                         let m = BusMessage::error(s, &h, "org.freedesktop.DBus.Error.LimitsExceeded", "The maximum number of pending replies per connection has been reached");
                         st.send_bus(from, m);
