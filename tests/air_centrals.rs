@@ -277,3 +277,37 @@ async fn bogus_agent_capabilities_and_extra_arguments_are_refused() {
     assert!(connected(&central, &path).await);
     air.stop().await;
 }
+
+/// Properties.Set answers as bluetoothd's gdbus does: a read-only property
+/// gives PropertyReadOnly, a property nobody has UnknownProperty, and a
+/// writable one takes the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_a_read_only_property_is_refused_as_bluetoothd_refuses_it() {
+    let air = air(AirConfig::default()).await;
+    let (_bms, _, addr) = advertise(&air, "xiaoxiang BMS", &[JBD_SERVICE]).await;
+    let central = connect(air.address()).await;
+    let set = |path: String, iface: &'static str, name: &'static str, value: Value<'static>| {
+        let central = central.clone();
+        async move { call(&central, &path, "org.freedesktop.DBus.Properties", "Set", &(iface, name, value)).await }
+    };
+    let e = set("/org/bluez/hci0".into(), "org.bluez.Adapter1", "Address", Value::from("00:11:22:33:44:55")).await.unwrap_err();
+    assert_eq!(e, "org.freedesktop.DBus.Error.PropertyReadOnly: Property 'Address' is not writable");
+    let e = set("/org/bluez/hci0".into(), "org.bluez.Adapter1", "Colour", Value::from("red")).await.unwrap_err();
+    assert!(e.starts_with("org.freedesktop.DBus.Error.UnknownProperty"), "{e}");
+    set("/org/bluez/hci0".into(), "org.bluez.Adapter1", "Alias", Value::from("bench")).await.expect("Alias is writable");
+    let alias = central
+        .call_method(Some("org.bluez"), "/org/bluez/hci0", Some("org.freedesktop.DBus.Properties"), "Get", &("org.bluez.Adapter1", "Alias"))
+        .await
+        .unwrap();
+    let alias: String = alias.body().deserialize::<OwnedValue>().unwrap().try_into().unwrap();
+    assert_eq!(alias, "bench");
+
+    let path = device_path(&addr);
+    scan(&central, HashMap::new()).await;
+    wait_until("the BMS is reported", || async { devices(&central).await.contains(&path) }).await;
+    for name in ["Address", "Name", "RSSI", "Connected", "UUIDs"] {
+        let e = set(path.clone(), "org.bluez.Device1", name, Value::from(true)).await.unwrap_err();
+        assert_eq!(e, format!("org.freedesktop.DBus.Error.PropertyReadOnly: Property '{name}' is not writable"));
+    }
+    air.stop().await;
+}

@@ -15,15 +15,21 @@
 //! which keep an index beside zbus's tree; the interface registered here
 //! carries the ObjectManager name, so zbus still sends InterfacesAdded and
 //! InterfacesRemoved for each change, from `/`.
+//!
+//! [`export`] also wraps each interface in [`Exported`], so that setting a
+//! read-only property answers `PropertyReadOnly` as bluetoothd does; zbus
+//! alone answers `UnknownProperty` for a property without a setter.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
-use zbus::object_server::{Interface, SignalEmitter};
-use zbus::{fdo, interface, Connection, ObjectServer, OwnedObjectPath, OwnedVariant, Signature, Type};
+use zbus::message::{Header, Message};
+use zbus::names::{InterfaceName, MemberName};
+use zbus::object_server::{DispatchResult, Interface, SignalEmitter};
+use zbus::{fdo, interface, BoxDBusError, Connection, ObjectServer, OwnedObjectPath, OwnedVariant, Signature, Type, Variant};
 
 type Properties = HashMap<String, OwnedVariant>;
 type PropsFuture<'a> = Pin<Box<dyn Future<Output = fdo::Result<Properties>> + Send + 'a>>;
@@ -40,7 +46,7 @@ pub struct AirObjectManager {
 fn getter<I: Interface>() -> Getter {
     Arc::new(|server, conn, path| {
         Box::pin(async move {
-            let iface = server.interface::<_, I>(path.as_ref()).await.map_err(|e| fdo::Error::UnknownObject(format!("{path}: {e}")))?;
+            let iface = server.interface::<_, Exported<I>>(path.as_ref()).await.map_err(|e| fdo::Error::UnknownObject(format!("{path}: {e}")))?;
             let emitter = SignalEmitter::new(conn, path.as_ref()).map_err(|e| fdo::Error::Failed(e.to_string()))?;
             let guard = iface.get().await;
             guard.get_all(server, conn, None, &emitter).await
@@ -56,7 +62,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// When `path` already has an `I`, that one stays (as `ObjectServer::at` does).
 pub(crate) async fn export<I: Interface>(conn: &Connection, path: &str, iface: I) -> zbus::Result<()> {
     let server = conn.object_server();
-    if server.at(path, iface).await?.is_none() {
+    if server.at(path, Exported::new(iface)).await?.is_none() {
         let manager = server.interface::<_, AirObjectManager>("/").await?;
         lock(&manager.get().await.objects).entry(path.to_string()).or_default().insert(I::name().to_string(), getter::<I>());
     }
@@ -76,7 +82,119 @@ pub(crate) async fn unexport<I: Interface>(conn: &Connection, path: &str) -> zbu
             }
         }
     }
-    server.remove::<I, _>(path).await
+    server.remove::<Exported<I>, _>(path).await
+}
+
+/// An interface as the air serves it: `I` itself, except that setting one
+/// of its read-only properties answers `org.freedesktop.DBus.Error.PropertyReadOnly`
+/// ("Property 'X' is not writable", bluez's gdbus wording) where zbus would
+/// answer UnknownProperty. Which properties are read-only comes from `I`'s
+/// own introspection, so the two never disagree.
+pub(crate) struct Exported<I> {
+    inner: I,
+    read_only: BTreeSet<String>,
+}
+
+impl<I: Interface> Exported<I> {
+    fn new(inner: I) -> Self {
+        let mut xml = String::new();
+        inner.introspect_to_writer(&mut xml, 0);
+        Exported { read_only: read_only_properties(&xml), inner }
+    }
+}
+
+/// The names of the properties with `access="read"` in introspection XML.
+fn read_only_properties(xml: &str) -> BTreeSet<String> {
+    let attribute = |element: &str, name: &str| {
+        let at = element.find(&format!(" {name}=\""))? + name.len() + 3;
+        element[at..].split('"').next().map(str::to_string)
+    };
+    xml.split("<property")
+        .skip(1)
+        .filter_map(|rest| {
+            let element = rest.split('>').next()?;
+            (attribute(element, "access")? == "read").then(|| attribute(element, "name")).flatten()
+        })
+        .collect()
+}
+
+#[async_trait::async_trait]
+impl<I: Interface> Interface for Exported<I> {
+    fn name() -> InterfaceName<'static> {
+        I::name()
+    }
+
+    fn spawn_tasks_for_methods(&self) -> bool {
+        self.inner.spawn_tasks_for_methods()
+    }
+
+    async fn get(
+        &self,
+        property_name: &str,
+        server: &ObjectServer,
+        connection: &Connection,
+        header: Option<&Header<'_>>,
+        emitter: &SignalEmitter<'_>,
+    ) -> Option<Result<OwnedVariant, BoxDBusError>> {
+        self.inner.get(property_name, server, connection, header, emitter).await
+    }
+
+    async fn get_all(
+        &self,
+        server: &ObjectServer,
+        connection: &Connection,
+        header: Option<&Header<'_>>,
+        emitter: &SignalEmitter<'_>,
+    ) -> fdo::Result<HashMap<String, OwnedVariant>> {
+        self.inner.get_all(server, connection, header, emitter).await
+    }
+
+    fn set<'call>(
+        &'call self,
+        property_name: &'call str,
+        value: &'call Variant<'_>,
+        server: &'call ObjectServer,
+        connection: &'call Connection,
+        header: Option<&'call Header<'_>>,
+        emitter: &'call SignalEmitter<'_>,
+    ) -> DispatchResult<'call> {
+        match self.inner.set(property_name, value, server, connection, header, emitter) {
+            DispatchResult::NotFound if self.read_only.contains(property_name) => DispatchResult::Async(Box::pin(async move {
+                Err(Box::new(fdo::Error::PropertyReadOnly(format!("Property '{property_name}' is not writable"))) as BoxDBusError)
+            })),
+            other => other,
+        }
+    }
+
+    async fn set_mut(
+        &mut self,
+        property_name: &str,
+        value: &Variant<'_>,
+        server: &ObjectServer,
+        connection: &Connection,
+        header: Option<&Header<'_>>,
+        emitter: &SignalEmitter<'_>,
+    ) -> Option<Result<(), BoxDBusError>> {
+        self.inner.set_mut(property_name, value, server, connection, header, emitter).await
+    }
+
+    fn call<'call>(&'call self, server: &'call ObjectServer, connection: &'call Connection, msg: &'call Message, name: MemberName<'call>) -> DispatchResult<'call> {
+        self.inner.call(server, connection, msg, name)
+    }
+
+    fn call_mut<'call>(
+        &'call mut self,
+        server: &'call ObjectServer,
+        connection: &'call Connection,
+        msg: &'call Message,
+        name: MemberName<'call>,
+    ) -> DispatchResult<'call> {
+        self.inner.call_mut(server, connection, msg, name)
+    }
+
+    fn introspect_to_writer(&self, writer: &mut dyn std::fmt::Write, level: usize) {
+        self.inner.introspect_to_writer(writer, level)
+    }
 }
 
 /// Where a path stands in bluetoothd's order: `/org/bluez`, the adapters by
@@ -197,6 +315,20 @@ mod tests {
                 "/org/hilbench/air",
             ]
         );
+    }
+
+    #[test]
+    fn read_only_properties_come_from_introspection() {
+        let xml = r#"<interface name="org.bluez.Adapter1">
+  <property name="Address" type="s" access="read"/>
+  <property name="Powered" type="b" access="readwrite"/>
+  <!-- a comment with access="read" -->
+  <property type="s" name="Name" access="read">
+    <annotation name="x" value="y"/>
+  </property>
+  <property name="Token" type="ay" access="write"/>
+</interface>"#;
+        assert_eq!(read_only_properties(xml), BTreeSet::from(["Address".to_string(), "Name".to_string()]));
     }
 
     #[test]
