@@ -13,6 +13,11 @@ pub mod air_bus {
     /// Bytes waiting for one connection before it counts as not reading
     /// and is dropped (dbus-daemon drops a client past its byte limit).
     pub const MAX_QUEUED_BYTES: usize = 32 << 20;
+    /// Bytes waiting for all connections together: past it the connection
+    /// with the most waiting is dropped, so several clients that do not
+    /// read cannot take together what one may not (the air itself, owner
+    /// of `org.bluez`, is never the one dropped).
+    pub const MAX_QUEUED_BYTES_ALL: usize = 48 << 20;
     /// What a queued message costs besides its bytes (its slot, its Arc).
     pub const QUEUED_OVERHEAD: usize = 128;
     /// Time a new connection has to authenticate (dbus-daemon's `auth_timeout`).

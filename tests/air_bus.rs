@@ -261,6 +261,64 @@ async fn a_client_that_never_reads_is_cut_off_at_a_byte_limit() {
     assert!(dbus.list_names().await.unwrap().iter().any(|n| n.as_str() == "org.freedesktop.DBus"));
 }
 
+/// 200,000 unread calls spread over twenty clients, each under the 32 MiB one
+/// connection may have waiting: the bus caps what all of them have waiting
+/// together at 48 MiB by dropping the one most behind, so the process
+/// still grows by under 100 MB and a new client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_that_never_read_are_capped_together() {
+    use std::io::{Read, Write};
+    let bus = InProcessBus::start().unwrap();
+    let addr = bus.address().to_string();
+    let before = rss_bytes();
+    let writers: Vec<_> = (0..20)
+        .map(|_| {
+            let addr = addr.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut sock = raw_client(&addr);
+                sock.set_write_timeout(Some(T)).unwrap();
+                for serial in 2..10_002u32 {
+                    if sock.write_all(&bus_call(serial, "org.freedesktop.DBus.Introspectable", "Introspect")).is_err() {
+                        break;
+                    }
+                }
+                sock
+            })
+        })
+        .collect();
+    let mut socks = Vec::new();
+    for w in writers {
+        socks.push(w.await.unwrap());
+    }
+    // Every call is in: one more round trip on a fresh client proves the bus has read them all.
+    let other = client(&addr).await;
+    let dbus = zbus::fdo::DBusProxy::new(&other).await.unwrap();
+    assert!(dbus.list_names().await.unwrap().iter().any(|n| n.as_str() == "org.freedesktop.DBus"));
+    let grew = rss_bytes().saturating_sub(before);
+    assert!(grew < 100 << 20, "the process grew by {} MB", grew >> 20);
+    // The ones dropped read what reached them, then the end.
+    let cut_off = tokio::task::spawn_blocking(move || {
+        socks
+            .into_iter()
+            .filter(|sock| {
+                let mut sock = sock;
+                sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                let mut buf = vec![0u8; 1 << 16];
+                loop {
+                    match sock.read(&mut buf) {
+                        Ok(0) => return true,
+                        Ok(_) => continue,
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .count()
+    })
+    .await
+    .unwrap();
+    assert!(cut_off >= 12, "only {cut_off} of 20 clients were dropped");
+}
+
 /// SASL EXTERNAL must claim the uid the socket reports (issue 13: uid
 /// 999999, or a claim that is not hex, was accepted).
 /// A caller may have 128 calls waiting for replies, as on dbus-daemon's

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, Result};
@@ -30,7 +31,7 @@ use crate::protocol::dbus::{self as wire, BusMessage, BusValue, Header, MatchRul
 // A connection gets AUTH_TIMEOUT to authenticate, and at most MAX_INCOMPLETE
 // may be authenticating at once (a newcomer closes the oldest), so idle
 // sockets can neither take every descriptor nor lock out real clients.
-use crate::limits::air_bus::{self as limits, AUTH_TIMEOUT, MAX_INCOMPLETE, MAX_PENDING_REPLIES, MAX_QUEUED_BYTES, QUEUED_OVERHEAD};
+use crate::limits::air_bus::{self as limits, AUTH_TIMEOUT, MAX_INCOMPLETE, MAX_PENDING_REPLIES, MAX_QUEUED_BYTES, MAX_QUEUED_BYTES_ALL, QUEUED_OVERHEAD};
 use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
 
 /// One message on its way to a connection; `written` bytes of it are out.
@@ -38,20 +39,37 @@ struct Outgoing {
     bytes: Arc<Vec<u8>>,
     fds: Vec<OwnedFd>,
     written: usize,
+    /// What of it still counts against the limits: its allocation (not
+    /// just its length: an encoded message has room to spare) and
+    /// [`QUEUED_OVERHEAD`], less what is written.
+    counted: usize,
+}
+
+impl Outgoing {
+    fn new(bytes: Arc<Vec<u8>>, fds: Vec<OwnedFd>, written: usize) -> Self {
+        let counted = bytes.capacity() - written + QUEUED_OVERHEAD;
+        Outgoing { bytes, fds, written, counted }
+    }
 }
 
 /// What a connection has not been able to take yet. While it is not
 /// empty only the connection's writer task writes to the socket.
-#[derive(Default)]
 struct OutQueue {
     queue: VecDeque<Outgoing>,
     /// What the queue holds, counted as [`MAX_QUEUED_BYTES`] counts it.
     bytes: usize,
+    /// What every connection's queue holds ([`MAX_QUEUED_BYTES_ALL`]).
+    all: Arc<AtomicUsize>,
 }
 
 impl OutQueue {
+    fn new(all: Arc<AtomicUsize>) -> Self {
+        OutQueue { queue: VecDeque::new(), bytes: 0, all }
+    }
+
     fn push(&mut self, m: Outgoing) {
-        self.bytes += m.bytes.len() - m.written + QUEUED_OVERHEAD;
+        self.bytes += m.counted;
+        self.all.fetch_add(m.counted, Ordering::Relaxed);
         self.queue.push_back(m);
     }
 
@@ -59,11 +77,28 @@ impl OutQueue {
     fn wrote(&mut self, n: usize) {
         let Some(m) = self.queue.front_mut() else { return };
         m.written += n;
-        self.bytes = self.bytes.saturating_sub(n);
+        let mut gone = n.min(m.counted);
+        m.counted -= gone;
         if m.written >= m.bytes.len() {
+            gone += m.counted;
             self.queue.pop_front();
-            self.bytes = self.bytes.saturating_sub(QUEUED_OVERHEAD);
         }
+        self.bytes -= gone;
+        self.all.fetch_sub(gone, Ordering::Relaxed);
+    }
+}
+
+impl OutQueue {
+    /// Forgets what waits: the connection is being dropped for not reading.
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.all.fetch_sub(std::mem::take(&mut self.bytes), Ordering::Relaxed);
+    }
+}
+
+impl Drop for OutQueue {
+    fn drop(&mut self) {
+        self.all.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -77,6 +112,17 @@ struct Conn {
     rules: Vec<(String, MatchRule)>,
     uid: u32,
     pid: u32,
+}
+
+impl Conn {
+    /// Drops a connection that does not read: nothing more is queued for it
+    /// and what waits is freed now; its reader sees the end and cleans up
+    /// as for any departure.
+    fn cut_off(&mut self) {
+        self.stuck = true;
+        self.out.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let _ = nix::sys::socket::shutdown(self.stream.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
 }
 
 #[derive(Default)]
@@ -95,6 +141,8 @@ struct State {
     /// dbus-daemon's system policy keeps `org.bluez` for bluetoothd: that
     /// owner, once it has taken one.
     reserved: BTreeMap<&'static str, Option<String>>,
+    /// Bytes queued for all connections together.
+    queued_all: Arc<AtomicUsize>,
 }
 
 /// What a client of the air's bus may not take from the air.
@@ -131,24 +179,47 @@ impl State {
         if out.queue.is_empty() {
             match send_with_fds(c.stream.as_raw_fd(), &bytes, &fds) {
                 Ok(n) if n == bytes.len() => return true,
-                Ok(n) => out.push(Outgoing { bytes, fds: Vec::new(), written: n }),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => out.push(Outgoing { bytes, fds, written: 0 }),
+                Ok(n) => out.push(Outgoing::new(bytes, Vec::new(), n)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => out.push(Outgoing::new(bytes, fds, 0)),
                 // Gone: its reader sees the end and cleans up.
                 Err(_) => return false,
             }
             c.wake.notify_one();
             return true;
         }
-        if out.bytes + bytes.len() + QUEUED_OVERHEAD > MAX_QUEUED_BYTES {
+        if out.bytes + bytes.capacity() + QUEUED_OVERHEAD > MAX_QUEUED_BYTES {
             tracing::warn!("air bus: {to} has {} bytes in {} messages unread; disconnecting it", out.bytes, out.queue.len());
             drop(out);
-            c.stuck = true;
-            // Its reader sees the end and cleans up as for any departure.
-            let _ = nix::sys::socket::shutdown(c.stream.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            c.cut_off();
             return false;
         }
-        out.push(Outgoing { bytes, fds, written: 0 });
+        out.push(Outgoing::new(bytes, fds, 0));
+        drop(out);
+        if self.queued_all.load(Ordering::Relaxed) > MAX_QUEUED_BYTES_ALL {
+            self.drop_the_most_behind();
+        }
         true
+    }
+
+    /// Past [`MAX_QUEUED_BYTES_ALL`]: drops the connection with the most
+    /// bytes waiting, the air excepted.
+    fn drop_the_most_behind(&mut self) {
+        let air: Vec<&str> = self.reserved.values().flatten().map(String::as_str).collect();
+        let most = self
+            .conns
+            .iter()
+            .filter(|(u, c)| !c.stuck && !air.contains(&u.as_str()))
+            .map(|(u, c)| (c.out.lock().unwrap_or_else(|p| p.into_inner()).bytes, u))
+            .max();
+        let Some((bytes, unique)) = most else { return };
+        let unique = unique.clone();
+        tracing::warn!(
+            "air bus: {} bytes unread across all connections; disconnecting {unique}, which has {bytes} of them",
+            self.queued_all.load(Ordering::Relaxed)
+        );
+        if let Some(c) = self.conns.get_mut(&unique) {
+            c.cut_off();
+        }
     }
 
     fn send_bus(&mut self, to: &str, m: BusMessage) {
@@ -579,7 +650,7 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>, incomplete: Incompl
     .map_err(|_| anyhow::anyhow!("not authenticated within {AUTH_TIMEOUT:?}: closed"))??;
     drop(incomplete);
     let Some(mut pending) = authenticated else { return Ok(()) };
-    let out = Arc::new(Mutex::new(OutQueue::default()));
+    let out = Arc::new(Mutex::new(OutQueue::new(lock(&state).queued_all.clone())));
     let wake = Arc::new(tokio::sync::Notify::new());
     // Ends with this function, however it ends (the bus stopping drops it mid-await).
     let _writer = AbortOnDrop(tokio::spawn(writer(stream.clone(), out.clone(), wake.clone())));
