@@ -29,6 +29,12 @@ pub mod air_bus {
     /// LimitsExceeded (dbus-daemon's `max_replies_per_connection`, 128 on
     /// the system bus).
     pub const MAX_PENDING_REPLIES: usize = 128;
+    /// Method calls one connection may owe answers to, from all callers
+    /// (those gone included); more get LimitsExceeded, except from a caller
+    /// with fewer than [`LIGHT_CALLER_PENDING`] calls out, up to twice this.
+    pub const MAX_PENDING_PER_CALLEE: usize = 256;
+    /// A caller with fewer calls than this waiting is not flooding anyone.
+    pub const LIGHT_CALLER_PENDING: usize = 8;
     /// Longest AddMatch rule text (dbus-daemon's DBUS_MAXIMUM_MATCH_RULE_LENGTH).
     pub const MAX_MATCH_RULE_LENGTH: usize = 1024;
     /// Match rules one connection may hold (dbus-daemon's system bus: 512).

@@ -319,8 +319,6 @@ async fn many_clients_that_never_read_are_capped_together() {
     assert!(cut_off >= 12, "only {cut_off} of 20 clients were dropped");
 }
 
-/// SASL EXTERNAL must claim the uid the socket reports (issue 13: uid
-/// 999999, or a claim that is not hex, was accepted).
 /// A caller may have 128 calls waiting for replies, as on dbus-daemon's
 /// system bus; more get LimitsExceeded at once instead of piling up on the
 /// callee (the soak bench found four callers flooding org.bluez filled the
@@ -388,6 +386,106 @@ async fn a_caller_cannot_pile_more_than_128_calls_on_a_callee() {
     assert!(text.contains("org.freedesktop.DBus.Error.LimitsExceeded"));
 }
 
+/// The unique name of the next connection `connect` makes (seen in ListNames).
+async fn unique_of(dbus: &zbus::fdo::DBusProxy<'_>, connect: impl FnOnce() -> std::os::unix::net::UnixStream) -> (std::os::unix::net::UnixStream, String) {
+    let names = || async { dbus.list_names().await.unwrap().into_iter().map(|n| n.to_string()).collect::<Vec<String>>() };
+    let before = names().await;
+    let sock = connect();
+    let name = timeout(T, async {
+        loop {
+            if let Some(n) = names().await.into_iter().find(|n| n.starts_with(':') && !before.contains(n)) {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the new connection's unique name");
+    (sock, name)
+}
+
+fn pings(to: &str, first_serial: u32, n: u32) -> Vec<u8> {
+    (0..n)
+        .flat_map(|i| {
+            hilbench::protocol::dbus::BusMessage {
+                kind: hilbench::protocol::dbus::METHOD_CALL,
+                serial: first_serial + i,
+                destination: Some(to.to_string()),
+                path: Some("/".into()),
+                interface: Some("org.freedesktop.DBus.Peer".into()),
+                member: Some("Ping".into()),
+                ..Default::default()
+            }
+            .encode()
+        })
+        .collect()
+}
+
+/// Reads `sock` until `needle` has come `count` times (10 s bound), then
+/// 300 ms more for any extra; returns how many came.
+async fn count_arriving(mut sock: std::os::unix::net::UnixStream, needle: &'static str, count: usize) -> usize {
+    use std::io::Read;
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + T;
+        let mut all = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            let done = String::from_utf8_lossy(&all).matches(needle).count() >= count;
+            let left = if done { Duration::from_millis(300) } else { deadline.saturating_duration_since(std::time::Instant::now()) };
+            if left.is_zero() {
+                break;
+            }
+            sock.set_read_timeout(Some(left)).unwrap();
+            match sock.read(&mut buf) {
+                Ok(n) if n > 0 => all.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&all).matches(needle).count()
+    })
+    .await
+    .unwrap()
+}
+
+/// Callers that fill their 128 and leave cannot pile calls on a callee
+/// without end: a callee owes at most 256 answers, and past that only a
+/// caller with fewer than 8 calls out gets through (up to 512). The soak
+/// bench found callers cut off for not reading, coming back and flooding
+/// again, piled Introspect calls inside the air at 12 MB/s (650 MB in a
+/// minute) and timed out every other client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_leave_cannot_pile_calls_on_a_callee() {
+    use std::io::Write;
+    let bus = InProcessBus::start().unwrap();
+    let observer = client(bus.address()).await;
+    let dbus = zbus::fdo::DBusProxy::new(&observer).await.unwrap();
+    // A callee that reads nothing until the end: every call to it stays owed.
+    let (callee_sock, callee) = unique_of(&dbus, || raw_client(bus.address())).await;
+    for _ in 0..2 {
+        let (mut caller, name) = unique_of(&dbus, || raw_client(bus.address())).await;
+        caller.write_all(&pings(&callee, 10, 128)).unwrap();
+        drop(caller);
+        timeout(T, async {
+            while dbus.list_names().await.unwrap().iter().any(|n| n.as_str() == name) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the caller is gone");
+    }
+    // 256 owed: a third flooding caller gets 8 through, the rest refused.
+    let (mut third, _) = unique_of(&dbus, || raw_client(bus.address())).await;
+    third.write_all(&pings(&callee, 10, 128)).unwrap();
+    assert_eq!(count_arriving(third, "calls to answer already", 120).await, 120);
+    // One that asks one thing is still let through.
+    let (mut light, _) = unique_of(&dbus, || raw_client(bus.address())).await;
+    light.write_all(&pings(&callee, 10, 1)).unwrap();
+    assert_eq!(count_arriving(callee_sock, "Ping", 128 + 128 + 8 + 1).await, 265);
+    drop(light);
+}
+
+/// SASL EXTERNAL must claim the uid the socket reports (issue 13: uid
+/// 999999, or a claim that is not hex, was accepted).
 #[test]
 fn external_auth_claiming_another_uid_is_rejected() {
     let bus = InProcessBus::start().unwrap();

@@ -31,7 +31,7 @@ use crate::protocol::dbus::{self as wire, BusMessage, BusValue, Header, MatchRul
 // A connection gets AUTH_TIMEOUT to authenticate, and at most MAX_INCOMPLETE
 // may be authenticating at once (a newcomer closes the oldest), so idle
 // sockets can neither take every descriptor nor lock out real clients.
-use crate::limits::air_bus::{self as limits, AUTH_TIMEOUT, MAX_INCOMPLETE, MAX_PENDING_REPLIES, MAX_QUEUED_BYTES, MAX_QUEUED_BYTES_ALL, QUEUED_OVERHEAD};
+use crate::limits::air_bus::{self as limits, AUTH_TIMEOUT, LIGHT_CALLER_PENDING, MAX_INCOMPLETE, MAX_PENDING_PER_CALLEE, MAX_PENDING_REPLIES, MAX_QUEUED_BYTES, MAX_QUEUED_BYTES_ALL, QUEUED_OVERHEAD};
 use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
 
 /// One message on its way to a connection; `written` bytes of it are out.
@@ -137,6 +137,9 @@ struct State {
     pending: HashSet<(String, String, u32)>,
     /// How many of `pending` each caller has (capped at MAX_PENDING_REPLIES).
     pending_by_caller: HashMap<String, usize>,
+    /// How many of `pending` each callee owes (capped at MAX_PENDING_PER_CALLEE).
+    /// A call whose caller left stays owed until the callee answers it.
+    owed_by_callee: HashMap<String, usize>,
     /// Names only their first owner may hold (the air's `org.bluez`), as
     /// dbus-daemon's system policy keeps `org.bluez` for bluetoothd: that
     /// owner, once it has taken one.
@@ -346,12 +349,8 @@ impl State {
 
     fn forget_pending(&mut self, p: &(String, String, u32)) {
         if self.pending.remove(p) {
-            if let Some(n) = self.pending_by_caller.get_mut(&p.1) {
-                *n -= 1;
-                if *n == 0 {
-                    self.pending_by_caller.remove(&p.1);
-                }
-            }
+            count_down(&mut self.pending_by_caller, &p.1);
+            count_down(&mut self.owed_by_callee, &p.0);
         }
     }
 
@@ -365,7 +364,10 @@ impl State {
         for n in owned {
             self.release_name(&n, unique);
         }
-        let waiting: Vec<(String, String, u32)> = self.pending.iter().filter(|(callee, caller, _)| callee == unique || caller == unique).cloned().collect();
+        // Calls it made stay owed by their callees (which are still working
+        // on them) until answered; only its own count goes.
+        self.pending_by_caller.remove(unique);
+        let waiting: Vec<(String, String, u32)> = self.pending.iter().filter(|(callee, _, _)| callee == unique).cloned().collect();
         for p in waiting {
             self.forget_pending(&p);
             let (callee, caller, serial) = p;
@@ -378,6 +380,15 @@ impl State {
             }
         }
         self.owner_changed(unique, unique, "");
+    }
+}
+
+fn count_down(counts: &mut HashMap<String, usize>, key: &str) {
+    if let Some(n) = counts.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(key);
+        }
     }
 }
 
@@ -744,8 +755,25 @@ fn route(state: &Mutex<State>, from: &str, msg: &[u8], mut h: Header, fds: Vec<O
                         st.send_bus(from, m);
                         return Ok(());
                     }
+                    // However many callers come and go, a callee has at most
+                    // MAX_PENDING_PER_CALLEE calls to answer (dbus-daemon refuses a
+                    // call when its destination's queue is full): the air reads
+                    // every call at once, so calls from callers that were cut off
+                    // and came back piled up inside it without this.
+                    // A caller with only a few calls out still gets through up to
+                    // twice that, so callers that flood cannot lock out one that
+                    // asks one thing at a time.
+                    let owed = st.owed_by_callee.get(&to).copied().unwrap_or(0);
+                    let light = waiting < LIGHT_CALLER_PENDING;
+                    if !system_service && (owed >= 2 * MAX_PENDING_PER_CALLEE || (owed >= MAX_PENDING_PER_CALLEE && !light)) {
+                        let s = st.next_serial();
+                        let m = BusMessage::error(s, &h, "org.freedesktop.DBus.Error.LimitsExceeded", &format!("The destination {d} has {MAX_PENDING_PER_CALLEE} calls to answer already"));
+                        st.send_bus(from, m);
+                        return Ok(());
+                    }
                     if st.pending.insert((to.clone(), from.to_string(), h.serial)) {
                         *st.pending_by_caller.entry(from.to_string()).or_default() += 1;
+                        *st.owed_by_callee.entry(to.clone()).or_default() += 1;
                     }
                 }
                 if let (wire::METHOD_RETURN | wire::ERROR, Some(rs)) = (h.kind, h.reply_serial) {
@@ -758,7 +786,12 @@ fn route(state: &Mutex<State>, from: &str, msg: &[u8], mut h: Header, fds: Vec<O
                 let m = BusMessage::error(s, &h, "org.freedesktop.DBus.Error.ServiceUnknown", &format!("The name {d} was not provided by any .service files"));
                 st.send_bus(from, m);
             }
-            None => {}
+            None => {
+                // An answer to a caller that left: the call is no longer owed.
+                if let (wire::METHOD_RETURN | wire::ERROR, Some(rs)) = (h.kind, h.reply_serial) {
+                    st.forget_pending(&(from.to_string(), d, rs));
+                }
+            }
         },
         None if h.kind == wire::SIGNAL => st.broadcast(&stamped, &h, &fds),
         None => {
