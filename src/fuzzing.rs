@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::device::jbd_core::{JbdBms, JbdConfig, JbdProfile, JbdQuirk};
 use crate::protocol::eg4::{Eg4Telemetry, RegisterImage, RegisterProfile};
 use crate::protocol::modbus::FrameLength;
-use crate::protocol::{bvlc_sc, dbus, eg4_legacy, jbd, modbus};
+use crate::protocol::{bvlc_sc, dbus, eg4_legacy, jbd, modbus, smp};
 
 /// A fuzz harness: arbitrary bytes in, panic on a broken invariant.
 pub type Harness = fn(&[u8]) -> bool;
@@ -31,6 +31,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("jbd_frame", jbd_frames_round_trip_and_assemble),
     ("jbd_device", jbd_device_replies_are_well_formed),
     ("dbus_wire", dbus_wire_parses_restamps_and_matches),
+    ("smp_frame", smp_frames_round_trip),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -549,5 +550,44 @@ pub fn dbus_wire_parses_restamps_and_matches(data: &[u8]) -> bool {
         "stamping the sender changed another field"
     );
     assert_eq!(stamped.get(again.body_offset..), msg.get(h.body_offset..), "stamping the sender changed the body");
+    true
+}
+
+// ---------------------------------------------------------------------------------------
+// MCUmgr SMP
+// ---------------------------------------------------------------------------------------
+
+/// Arbitrary bytes as an SMP message (UDP datagram, reassembled BLE writes, raw serial) and
+/// as serial console lines. Invariants: no panic; a parsed header encodes back to the same
+/// eight bytes; a whole frame encodes back to the same bytes; a payload that decodes to a
+/// map re-encodes to CBOR that decodes to a map again; the bytes as console lines are never
+/// over the line length and decode back to themselves; a receiver fed the bytes as lines
+/// never holds more than the packet length allows.
+pub fn smp_frames_round_trip(data: &[u8]) -> bool {
+    let mut rx = smp::serial::Receiver::new();
+    for line in data.split_inclusive(|b| *b == b'\n') {
+        let _ = rx.push_line(line);
+    }
+    if data.len() + 2 <= usize::from(u16::MAX) {
+        // 7 ..= 127: the receiver drops longer lines, as firmware does.
+        let max_line = 7 + usize::from(data.first().copied().unwrap_or(0)) % (smp::serial::MAX_LINE - 6);
+        let lines = smp::serial::encode(data, max_line);
+        let mut rx = smp::serial::Receiver::new();
+        let mut got = None;
+        for line in lines.split_inclusive(|b| *b == b'\n') {
+            assert!(line.len() <= max_line, "a {}-byte line with a {max_line}-byte limit", line.len());
+            if let smp::serial::LineOutcome::Message(m) = rx.push_line(line) {
+                got = Some(m);
+            }
+        }
+        assert_eq!(got.as_deref(), Some(data), "serial lines did not decode to what was encoded");
+    }
+    let Some(header) = smp::SmpHeader::parse(data) else { return false };
+    assert_eq!(&header.encode()[..], &data[..smp::HEADER_LEN], "a header did not encode back to its bytes");
+    let Ok(frame) = smp::SmpFrame::parse(data) else { return false };
+    assert_eq!(frame.encode(), data, "a frame did not encode back to its bytes");
+    let Ok(m) = smp::decode_map(&frame.payload) else { return false };
+    let again = smp::encode_value(&ciborium::Value::Map(m));
+    assert!(smp::decode_map(&again).is_ok(), "a decoded map did not survive re-encoding");
     true
 }

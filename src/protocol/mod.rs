@@ -15,6 +15,7 @@
 //!   framing, header fields and the sender stamp, match rules.
 //! * [`bvlc_sc`] — BACnet/SC BVLC messages (ASHRAE 135 Annex AB), header options,
 //!   and the hub's forwarding rewrite.
+//! * [`smp`] — MCUmgr SMP: header, CBOR payloads, error forms, serial console lines.
 
 pub mod bvlc_sc;
 pub mod dbus;
@@ -22,3 +23,4 @@ pub mod eg4;
 pub mod eg4_legacy;
 pub mod jbd;
 pub mod modbus;
+pub mod smp;
