@@ -557,13 +557,16 @@ pub fn dbus_wire_parses_restamps_and_matches(data: &[u8]) -> bool {
 // MCUmgr SMP
 // ---------------------------------------------------------------------------------------
 
-/// Arbitrary bytes as an SMP message (UDP datagram, reassembled BLE writes, raw serial) and
-/// as serial console lines. Invariants: no panic; a parsed header encodes back to the same
+/// Arbitrary bytes as an SMP message (UDP datagram, reassembled BLE writes, raw serial), as
+/// serial console lines and as an MCUboot image in a slot. Invariants: no panic; a parsed header encodes back to the same
 /// eight bytes; a whole frame encodes back to the same bytes; a payload that decodes to a
 /// map re-encodes to CBOR that decodes to a map again; the bytes as console lines are never
 /// over the line length and decode back to themselves; a receiver fed the bytes as lines
 /// never holds more than the packet length allows.
 pub fn smp_frames_round_trip(data: &[u8]) -> bool {
+    if let Ok(img) = crate::protocol::mcuboot::McubootImage::parse(data) {
+        assert!(img.total_len <= data.len(), "an image longer than its bytes");
+    }
     let mut rx = smp::serial::Receiver::new();
     for line in data.split_inclusive(|b| *b == b'\n') {
         let _ = rx.push_line(line);

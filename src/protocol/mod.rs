@@ -15,6 +15,7 @@
 //!   framing, header fields and the sender stamp, match rules.
 //! * [`bvlc_sc`] — BACnet/SC BVLC messages (ASHRAE 135 Annex AB), header options,
 //!   and the hub's forwarding rewrite.
+//! * [`mcuboot`] — MCUboot images: header, TLVs, the SHA-256 an SMP server reports.
 //! * [`smp`] — MCUmgr SMP: header, CBOR payloads, error forms, serial console lines.
 
 pub mod bvlc_sc;
@@ -22,5 +23,6 @@ pub mod dbus;
 pub mod eg4;
 pub mod eg4_legacy;
 pub mod jbd;
+pub mod mcuboot;
 pub mod modbus;
 pub mod smp;
