@@ -6,7 +6,11 @@
 //! state into its frames. The model is pure: no I/O and no clock, time only
 //! moves when the caller passes a `Duration` to [`PackModel::advance`], so
 //! scenarios and tests are deterministic.
+//!
+//! [`firmware`] is an MCUboot device's two image slots and the swap it runs
+//! at each boot, behind the SMP server.
 
+pub mod firmware;
 pub mod pack;
 pub use pack::*;
 
