@@ -32,6 +32,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("jbd_device", jbd_device_replies_are_well_formed),
     ("dbus_wire", dbus_wire_parses_restamps_and_matches),
     ("smp_frame", smp_frames_round_trip),
+    ("smp_server", smp_server_answers_are_well_formed),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -593,4 +594,43 @@ pub fn smp_frames_round_trip(data: &[u8]) -> bool {
     let again = smp::encode_value(&ciborium::Value::Map(m));
     assert!(smp::decode_map(&again).is_ok(), "a decoded map did not survive re-encoding");
     true
+}
+
+/// Arbitrary bytes as datagrams to a simulated SMP server: split at every 0xC0 byte, 100 ms
+/// apart (so resets and reboots happen), each datagram holding any number of messages.
+/// Invariants: no panic; every answer is one whole SMP message whose payload is a CBOR map,
+/// a response op of the request's group, seq and command; no slot holds more than its size.
+pub fn smp_server_answers_are_well_formed(data: &[u8]) -> bool {
+    use crate::device::smp_core::{SmpServer, SmpServerConfig};
+    let config = SmpServerConfig { slot_size: 4096, ..Default::default() };
+    let mut server = SmpServer::new(config).expect("the default image fits 4 KiB");
+    let mut answered = false;
+    for (i, datagram) in data.split(|b| *b == 0xc0).enumerate() {
+        let now = Duration::from_millis(100 * i as u64);
+        let requests: Vec<smp::SmpHeader> = {
+            let mut rest = datagram;
+            let mut hs = Vec::new();
+            while let Some(h) = smp::SmpHeader::parse(rest) {
+                hs.push(h);
+                rest = rest.get(smp::HEADER_LEN + usize::from(h.len)..).unwrap_or(&[]);
+            }
+            hs
+        };
+        for answer in server.handle_bytes(datagram, now) {
+            let frame = smp::SmpFrame::parse(&answer).expect("an answer is one whole message");
+            let h = frame.header;
+            assert!(h.op == 1 || h.op == 3, "answer op {}", h.op);
+            assert!(
+                requests.iter().any(|r| r.group == h.group && r.seq == h.seq && r.command == h.command && r.version == h.version && r.op + 1 == h.op),
+                "an answer to no request: {h:?}"
+            );
+            smp::decode_map(&frame.payload).expect("an answer's payload is a map");
+            answered = true;
+        }
+        for slot in 0..2 {
+            assert!(server.firmware().contents(slot).len() <= 4096, "slot {slot} holds more than its size");
+        }
+        let _ = server.take_events();
+    }
+    answered
 }

@@ -209,7 +209,7 @@ mod tests {
         assert_eq!(fw.boot(), SwapType::Test);
         assert_eq!(running(&fw), v("2.0.0"));
         assert_eq!(fw.flags(PRIMARY), SlotFlags { active: true, bootable: true, ..Default::default() }, "not confirmed: the next boot reverts");
-        assert_eq!(fw.flags(SECONDARY).confirmed, true, "the revert target");
+        assert!(fw.flags(SECONDARY).confirmed, "the revert target");
         assert!(!fw.secondary_free());
         assert_eq!(fw.boot(), SwapType::Revert);
         assert_eq!(running(&fw), v("1.0.0"));

@@ -1,0 +1,1005 @@
+//! An MCUmgr SMP server as Zephyr's mcumgr with MCUboot runs it, sans-IO:
+//! one SMP message (a UDP datagram, reassembled BLE writes, a decoded
+//! serial packet) and the time in, answers out. Facts from
+//! `../shared/reference/smp.md`; the firmware's slots are [`Firmware`].
+//!
+//! Groups: OS (echo as read and write, taskstat, datetime, reset, mcumgr
+//! params, OS info, bootloader info) and Image (state read and write,
+//! upload, erase, slot info). Any other group or command, or an op a
+//! command has no handler for, gets `{"rc": 8}` as Zephyr answers.
+//!
+//! Answers carry the request's version, group, seq and command. A reserved
+//! version gets `{"rc": 13}`. Group errors are `err {group, rc}` under v2
+//! and Zephyr's translation to an `rc` under v1.
+//!
+//! Reset answers `{}`, and 250 ms later the device reboots: every peer is
+//! closed, MCUboot runs its swap ([`Firmware::boot`]), and for the boot
+//! time nothing answers.
+//!
+//! Choices where the reference is silent (each a guess a capture could
+//! overturn): a message whose header says more bytes than follow is
+//! dropped in silence, and so is a response op; a payload that is not one
+//! CBOR map gets `{"rc": 3}`; datetime read before any write gets OS error
+//! 4 (RTC not set); an upload chunk at off > 0 with no session answers
+//! `{"off": 0}`.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use ciborium::Value;
+use serde::Serialize;
+
+use crate::model::firmware::{Firmware, Pending, SwapType, PRIMARY, SECONDARY};
+use crate::protocol::mcuboot::{self, ImageHeader, ImageVersion};
+use crate::protocol::smp::{self, group, map, MgmtErr, SmpHeader, SmpOp, SmpVersion, HEADER_LEN};
+use crate::sans_io::{Input, Output, Peer, SansIoCore};
+
+/// How long after its answer a reset takes effect (Zephyr's default).
+pub const RESET_DELAY: Duration = Duration::from_millis(250);
+
+/// Image group errors (Zephyr's `IMG_MGMT_ERR_*`).
+pub mod img_err {
+    pub const HASH_NOT_FOUND: u16 = 8;
+    pub const NO_FREE_SLOT: u16 = 9;
+    pub const FLASH_WRITE_FAILED: u16 = 12;
+    pub const INVALID_SLOT: u16 = 14;
+    pub const INVALID_OFFSET: u16 = 20;
+    pub const INVALID_LENGTH: u16 = 21;
+    pub const INVALID_IMAGE_HEADER: u16 = 22;
+    pub const INVALID_IMAGE_HEADER_MAGIC: u16 = 23;
+    pub const INVALID_HASH: u16 = 24;
+    pub const CURRENT_VERSION_IS_NEWER: u16 = 27;
+    pub const IMAGE_ALREADY_PENDING: u16 = 28;
+    pub const INVALID_IMAGE_TOO_LARGE: u16 = 30;
+    pub const INVALID_IMAGE_DATA_OVERRUN: u16 = 31;
+    pub const SETTING_TEST_TO_ACTIVE_DENIED: u16 = 33;
+}
+
+/// OS group errors (Zephyr's `OS_MGMT_ERR_*`).
+pub mod os_err {
+    pub const INVALID_FORMAT: u16 = 2;
+    pub const QUERY_YIELDS_NO_ANSWER: u16 = 3;
+    pub const RTC_NOT_SET: u16 = 4;
+}
+
+/// A group error as v1 sees it (Zephyr's `*_translate_error_code`).
+fn v1_rc(group_id: u16, rc: u16) -> MgmtErr {
+    match (group_id, rc) {
+        (group::IMAGE, 3 | 4) => MgmtErr::NoEnt,
+        (group::IMAGE, 9 | 27 | 28) => MgmtErr::BadState,
+        (group::IMAGE, 15) => MgmtErr::NoMem,
+        (group::IMAGE, 14 | 19 | 20 | 21 | 22 | 24 | 25) => MgmtErr::Inval,
+        (group::OS, os_err::INVALID_FORMAT) => MgmtErr::Inval,
+        (group::OS, os_err::QUERY_YIELDS_NO_ANSWER | os_err::RTC_NOT_SET) => MgmtErr::NoEnt,
+        _ => MgmtErr::Unknown,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SmpServerConfig {
+    /// Node name (OS info `n`).
+    pub name: String,
+    /// mcumgr params: the largest message, header included, and how many buffers.
+    pub buf_size: u16,
+    pub buf_count: u16,
+    pub slot_size: usize,
+    /// MCUboot mode reported by bootloader info (3: swap using move).
+    pub boot_mode: u8,
+    pub no_downgrade: bool,
+    /// What slot 0 holds at start; `None`: a generated valid image, version 1.0.0.
+    pub image: Option<Vec<u8>>,
+    /// How long the device is gone after a reset.
+    pub boot_time: Duration,
+    /// Add `"rc": 0` to successes (a "legacy rc" build).
+    pub legacy_rc: bool,
+}
+
+impl Default for SmpServerConfig {
+    fn default() -> Self {
+        SmpServerConfig {
+            name: "hilbench-smp".into(),
+            buf_size: 384,
+            buf_count: 4,
+            slot_size: 0x40000,
+            boot_mode: 3,
+            no_downgrade: false,
+            image: None,
+            boot_time: Duration::from_millis(500),
+            legacy_rc: false,
+        }
+    }
+}
+
+/// What the server reports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SmpEvent {
+    /// A message got no answer, and why.
+    Silent { reason: String },
+    UploadStarted { len: usize },
+    UploadDone { len: usize, matched: Option<bool> },
+    /// The secondary was asked for at the next boot.
+    Pending { permanent: bool },
+    Confirmed,
+    Erased { slot: usize },
+    ResetRequested,
+    /// The device rebooted and MCUboot ran this swap.
+    Rebooted { swap: SwapType },
+    /// The boot time passed: the device answers again.
+    Up,
+}
+
+#[derive(Debug, Clone)]
+struct UploadSession {
+    sha: Option<Vec<u8>>,
+    len: usize,
+    off: usize,
+}
+
+/// A command's handler: the request's map and the time in, the answer out.
+type Handler = fn(&mut SmpServer, &[(Value, Value)], Duration) -> Reply;
+
+/// An answer body, or an error in one of the two forms.
+enum Reply {
+    Body(Vec<(&'static str, Value)>),
+    Rc(MgmtErr),
+    Group(u16, u16),
+}
+
+pub struct SmpServer {
+    config: SmpServerConfig,
+    fw: Firmware,
+    upload: Option<UploadSession>,
+    peers: BTreeSet<Peer>,
+    reset_at: Option<Duration>,
+    down_until: Option<Duration>,
+    /// Seconds since the epoch the RTC was set to, and when.
+    rtc: Option<(i64, Duration)>,
+    events: Vec<SmpEvent>,
+}
+
+impl SmpServer {
+    pub fn new(config: SmpServerConfig) -> Result<SmpServer, String> {
+        let image = match &config.image {
+            Some(i) => {
+                mcuboot::McubootImage::parse(i).map_err(|e| format!("the image for slot 0 is not an MCUboot image: {e}"))?;
+                i.clone()
+            }
+            None => mcuboot::build_image(ImageVersion { major: 1, ..Default::default() }, b"hilbench smp-server generated image"),
+        };
+        if image.len() > config.slot_size {
+            return Err(format!("the image ({} bytes) does not fit the {}-byte slot", image.len(), config.slot_size));
+        }
+        if config.buf_size < 64 {
+            return Err(format!("buf_size {} is under 64 bytes", config.buf_size));
+        }
+        Ok(SmpServer { fw: Firmware::new(config.slot_size, image), config, upload: None, peers: BTreeSet::new(), reset_at: None, down_until: None, rtc: None, events: Vec::new() })
+    }
+
+    pub fn firmware(&self) -> &Firmware {
+        &self.fw
+    }
+
+    pub fn take_events(&mut self) -> Vec<SmpEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn silent(&mut self, reason: impl Into<String>) {
+        self.events.push(SmpEvent::Silent { reason: reason.into() });
+    }
+
+    /// Every SMP message in `bytes` (one datagram or packet may hold several), answered.
+    pub fn handle_bytes(&mut self, bytes: &[u8], now: Duration) -> Vec<Vec<u8>> {
+        self.tick(now);
+        if self.down_until.is_some() {
+            self.silent("rebooting");
+            return Vec::new();
+        }
+        let mut answers = Vec::new();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let Some(header) = SmpHeader::parse(rest) else {
+                self.silent(format!("{} bytes are fewer than a header", rest.len()));
+                break;
+            };
+            let end = HEADER_LEN + usize::from(header.len);
+            let Some(payload) = rest.get(HEADER_LEN..end) else {
+                self.silent(format!("the header says {} payload bytes, {} follow", header.len, rest.len() - HEADER_LEN));
+                break;
+            };
+            rest = &rest[end..];
+            if let Some(a) = self.answer(header, payload, now) {
+                answers.push(a);
+            }
+        }
+        answers
+    }
+
+    fn answer(&mut self, header: SmpHeader, payload: &[u8], now: Duration) -> Option<Vec<u8>> {
+        let Some(response) = header.response(0) else {
+            self.silent(format!("op {} is not a request", header.op));
+            return None;
+        };
+        let reply = match header.smp_version() {
+            None => Reply::Rc(MgmtErr::UnsupportedTooNew),
+            Some(_) => self.dispatch(&header, payload, now),
+        };
+        let version = header.smp_version().unwrap_or(SmpVersion::V2);
+        let body = match reply {
+            Reply::Body(mut entries) => {
+                if self.config.legacy_rc {
+                    entries.push(("rc", Value::from(0)));
+                }
+                smp::encode_map(entries)
+            }
+            Reply::Rc(rc) => smp::rc_payload(rc),
+            Reply::Group(g, rc) => smp::group_error_payload(version, g, rc, v1_rc(g, rc)),
+        };
+        let mut out = SmpHeader { len: body.len() as u16, ..response }.encode().to_vec();
+        out.extend(body);
+        Some(out)
+    }
+
+    fn dispatch(&mut self, h: &SmpHeader, payload: &[u8], now: Duration) -> Reply {
+        let read = h.smp_op() == Some(SmpOp::Read);
+        let handler: Option<Handler> = match (h.group, h.command, read) {
+            (group::OS, 0, _) => Some(Self::echo),
+            (group::OS, 2, true) => Some(Self::taskstat),
+            (group::OS, 4, true) => Some(Self::datetime_read),
+            (group::OS, 4, false) => Some(Self::datetime_write),
+            (group::OS, 5, false) => Some(Self::reset),
+            (group::OS, 6, true) => Some(Self::params),
+            (group::OS, 7, true) => Some(Self::os_info),
+            (group::OS, 8, true) => Some(Self::bootloader_info),
+            (group::IMAGE, 0, true) => Some(Self::state_read),
+            (group::IMAGE, 0, false) => Some(Self::state_write),
+            (group::IMAGE, 1, false) => Some(Self::upload),
+            (group::IMAGE, 5, false) => Some(Self::erase),
+            (group::IMAGE, 6, true) => Some(Self::slot_info),
+            _ => None,
+        };
+        let Some(handler) = handler else { return Reply::Rc(MgmtErr::NotSup) };
+        match smp::decode_map(payload) {
+            Ok(m) => handler(self, &m, now),
+            Err(_) => Reply::Rc(MgmtErr::Inval),
+        }
+    }
+
+    // --- OS group -------------------------------------------------------------------------
+
+    fn echo(&mut self, m: &[(Value, Value)], _: Duration) -> Reply {
+        match smp::get(m, "d") {
+            Some(Value::Text(d)) => Reply::Body(vec![("r", Value::Text(d.clone()))]),
+            _ => Reply::Rc(MgmtErr::Inval),
+        }
+    }
+
+    fn taskstat(&mut self, _: &[(Value, Value)], _: Duration) -> Reply {
+        let task = |prio: i64, tid: u64, stkuse: u64, stksiz: u64| {
+            map(vec![
+                ("prio", Value::from(prio)),
+                ("tid", Value::from(tid)),
+                ("state", Value::from(0)),
+                ("stkuse", Value::from(stkuse)),
+                ("stksiz", Value::from(stksiz)),
+                ("cswcnt", Value::from(0)),
+                ("runtime", Value::from(0)),
+                ("last_checkin", Value::from(0)),
+                ("next_checkin", Value::from(0)),
+            ])
+        };
+        Reply::Body(vec![("tasks", map(vec![("idle", task(15, 1, 64, 320)), ("main", task(0, 2, 412, 2048)), ("smp_work", task(-2, 3, 780, 2304))]))])
+    }
+
+    fn datetime_read(&mut self, _: &[(Value, Value)], now: Duration) -> Reply {
+        match self.rtc {
+            Some((secs, at)) => Reply::Body(vec![("datetime", Value::Text(format_datetime(secs + now.saturating_sub(at).as_secs() as i64)))]),
+            None => Reply::Group(group::OS, os_err::RTC_NOT_SET),
+        }
+    }
+
+    fn datetime_write(&mut self, m: &[(Value, Value)], now: Duration) -> Reply {
+        match smp::get(m, "datetime") {
+            Some(Value::Text(t)) => match parse_datetime(t) {
+                Some(secs) => {
+                    self.rtc = Some((secs, now));
+                    Reply::Body(vec![])
+                }
+                None => Reply::Rc(MgmtErr::Inval),
+            },
+            _ => Reply::Rc(MgmtErr::Inval),
+        }
+    }
+
+    fn reset(&mut self, m: &[(Value, Value)], now: Duration) -> Reply {
+        if smp::get(m, "force").is_some_and(|f| !matches!(f, Value::Bool(_) | Value::Integer(_))) || smp::get(m, "boot_mode").is_some_and(|b| smp::as_u64(b).is_none()) {
+            return Reply::Rc(MgmtErr::Inval);
+        }
+        self.reset_at = Some(now + RESET_DELAY);
+        self.events.push(SmpEvent::ResetRequested);
+        Reply::Body(vec![])
+    }
+
+    fn params(&mut self, _: &[(Value, Value)], _: Duration) -> Reply {
+        Reply::Body(vec![("buf_size", Value::from(self.config.buf_size)), ("buf_count", Value::from(self.config.buf_count))])
+    }
+
+    fn os_info(&mut self, m: &[(Value, Value)], _: Duration) -> Reply {
+        let format = match smp::get(m, "format") {
+            None => "s".to_string(),
+            Some(Value::Text(f)) => f.clone(),
+            Some(_) => return Reply::Rc(MgmtErr::Inval),
+        };
+        let fields: [(char, &str); 9] = [
+            ('s', "Zephyr"),
+            ('n', &self.config.name),
+            ('r', "v4.4.0-hilbench"),
+            ('v', "4.4.0"),
+            ('b', "Mon Dec  7 00:00:00 2026"),
+            ('m', "arm"),
+            ('p', "cortex-m4"),
+            ('i', "hilbench_sim/nrf52840"),
+            ('o', "Zephyr"),
+        ];
+        if format.chars().any(|c| c != 'a' && !fields.iter().any(|(f, _)| *f == c)) {
+            return Reply::Group(group::OS, os_err::INVALID_FORMAT);
+        }
+        let all = format.contains('a');
+        let output: Vec<&str> = fields.iter().filter(|(c, _)| all || format.contains(*c)).map(|(_, v)| *v).collect();
+        Reply::Body(vec![("output", Value::Text(output.join(" ")))])
+    }
+
+    fn bootloader_info(&mut self, m: &[(Value, Value)], _: Duration) -> Reply {
+        match smp::get(m, "query") {
+            None => Reply::Body(vec![("bootloader", Value::Text("MCUboot".into()))]),
+            Some(Value::Text(q)) if q == "mode" => {
+                let mut body = vec![("mode", Value::from(self.config.boot_mode))];
+                if self.config.no_downgrade {
+                    body.push(("no-downgrade", Value::Bool(true)));
+                }
+                Reply::Body(body)
+            }
+            Some(Value::Text(_)) => Reply::Group(group::OS, os_err::QUERY_YIELDS_NO_ANSWER),
+            Some(_) => Reply::Rc(MgmtErr::Inval),
+        }
+    }
+
+    // --- Image group ----------------------------------------------------------------------
+
+    fn state_body(&self) -> Vec<(&'static str, Value)> {
+        let mut images = Vec::new();
+        for slot in [PRIMARY, SECONDARY] {
+            let Some(img) = self.fw.image(slot) else { continue };
+            let f = self.fw.flags(slot);
+            images.push(map(vec![
+                ("slot", Value::from(slot as u64)),
+                ("version", Value::Text(img.header.version.to_string())),
+                ("hash", Value::Bytes(img.hash.to_vec())),
+                ("bootable", Value::Bool(f.bootable)),
+                ("pending", Value::Bool(f.pending)),
+                ("confirmed", Value::Bool(f.confirmed)),
+                ("active", Value::Bool(f.active)),
+                ("permanent", Value::Bool(f.permanent)),
+            ]));
+        }
+        vec![("images", Value::Array(images)), ("splitStatus", Value::from(0))]
+    }
+
+    fn state_read(&mut self, _: &[(Value, Value)], _: Duration) -> Reply {
+        Reply::Body(self.state_body())
+    }
+
+    fn state_write(&mut self, m: &[(Value, Value)], _: Duration) -> Reply {
+        let confirm = match smp::get(m, "confirm") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Reply::Rc(MgmtErr::Inval),
+        };
+        let hash = match smp::get(m, "hash") {
+            None => None,
+            Some(Value::Bytes(h)) => Some(h.clone()),
+            Some(_) => return Reply::Rc(MgmtErr::Inval),
+        };
+        let slot = match hash {
+            None if confirm => PRIMARY,
+            None => return Reply::Group(group::IMAGE, img_err::INVALID_HASH),
+            Some(h) if h.len() != 32 => return Reply::Group(group::IMAGE, img_err::INVALID_HASH),
+            Some(h) => match self.fw.slot_with_hash(&h) {
+                Some(s) => s,
+                None => return Reply::Group(group::IMAGE, img_err::HASH_NOT_FOUND),
+            },
+        };
+        if slot == PRIMARY {
+            if !confirm {
+                return Reply::Group(group::IMAGE, img_err::SETTING_TEST_TO_ACTIVE_DENIED);
+            }
+            if !self.fw.confirmed() {
+                self.fw.confirm();
+                self.events.push(SmpEvent::Confirmed);
+            }
+        } else if self.fw.pending().is_some() {
+            // Asking again for what is already pending changes nothing, confirm or not.
+        } else if !self.fw.confirmed() {
+            // Running a test image: the secondary is the revert target.
+            return Reply::Group(group::IMAGE, img_err::IMAGE_ALREADY_PENDING);
+        } else {
+            self.fw.set_pending(if confirm { Pending::Perm } else { Pending::Test });
+            self.events.push(SmpEvent::Pending { permanent: confirm });
+        }
+        Reply::Body(self.state_body())
+    }
+
+    fn upload(&mut self, m: &[(Value, Value)], _: Duration) -> Reply {
+        let image = smp::get(m, "image").map(smp::as_u64).unwrap_or(Some(0));
+        let data = match smp::get(m, "data") {
+            Some(Value::Bytes(d)) => d.as_slice(),
+            None => &[],
+            Some(_) => return Reply::Rc(MgmtErr::Inval),
+        };
+        let Some(off) = smp::get(m, "off").and_then(smp::as_u64).map(|o| o as usize) else {
+            return Reply::Group(group::IMAGE, img_err::INVALID_OFFSET);
+        };
+        if image != Some(0) {
+            return Reply::Group(group::IMAGE, img_err::INVALID_SLOT);
+        }
+        if off == 0 {
+            if let Err(r) = self.start_upload(m, data) {
+                return r;
+            }
+        } else {
+            let expected = self.upload.as_ref().map(|u| u.off).unwrap_or(0);
+            if off != expected {
+                return Reply::Body(vec![("off", Value::from(expected as u64))]);
+            }
+        }
+        let Some(session) = self.upload.as_mut() else { return Reply::Body(vec![("off", Value::from(0))]) };
+        if off == 0 && session.off > 0 {
+            // Resumed: the same sha, nothing written.
+            return Reply::Body(vec![("off", Value::from(session.off as u64))]);
+        }
+        if off + data.len() > session.len {
+            self.upload = None;
+            return Reply::Group(group::IMAGE, img_err::INVALID_IMAGE_DATA_OVERRUN);
+        }
+        if self.fw.write(SECONDARY, off, data).is_err() {
+            self.upload = None;
+            return Reply::Group(group::IMAGE, img_err::FLASH_WRITE_FAILED);
+        }
+        session.off = off + data.len();
+        let next = session.off;
+        let mut body = vec![("off", Value::from(next as u64))];
+        if next == session.len {
+            let matched = session.sha.as_ref().filter(|s| s.len() == 32).map(|s| mcuboot::sha256(&self.fw.contents(SECONDARY)[..next]) == s.as_slice());
+            if let Some(ok) = matched {
+                body.push(("match", Value::Bool(ok)));
+            }
+            self.events.push(SmpEvent::UploadDone { len: next, matched });
+            self.upload = None;
+        }
+        Reply::Body(body)
+    }
+
+    /// The first chunk: checks, resume by `sha`, or a new session on an erased secondary.
+    fn start_upload(&mut self, m: &[(Value, Value)], data: &[u8]) -> Result<(), Reply> {
+        let err = |rc| Err(Reply::Group(group::IMAGE, rc));
+        if data.len() < 32 {
+            return err(img_err::INVALID_IMAGE_HEADER);
+        }
+        let Some(len) = smp::get(m, "len").and_then(smp::as_u64).map(|l| l as usize) else { return err(img_err::INVALID_LENGTH) };
+        let header = match ImageHeader::parse(data) {
+            Ok(h) => h,
+            Err(_) => return err(img_err::INVALID_IMAGE_HEADER_MAGIC),
+        };
+        let sha = match smp::get(m, "sha") {
+            None => None,
+            Some(Value::Bytes(s)) if s.len() <= 32 => Some(s.clone()),
+            Some(_) => return err(img_err::INVALID_HASH),
+        };
+        if let Some(session) = &self.upload {
+            if sha.is_some() && session.sha == sha && session.len == len {
+                return Ok(());
+            }
+        }
+        if !self.fw.secondary_free() {
+            return err(img_err::NO_FREE_SLOT);
+        }
+        if len > self.fw.slot_size() {
+            return err(img_err::INVALID_IMAGE_TOO_LARGE);
+        }
+        if smp::get(m, "upgrade") == Some(&Value::Bool(true)) {
+            let running = self.fw.image(PRIMARY).map(|i| i.header.version).unwrap_or_default();
+            if header.version <= running {
+                return err(img_err::CURRENT_VERSION_IS_NEWER);
+            }
+        }
+        self.fw.erase(SECONDARY);
+        self.upload = Some(UploadSession { sha, len, off: 0 });
+        self.events.push(SmpEvent::UploadStarted { len });
+        Ok(())
+    }
+
+    fn erase(&mut self, m: &[(Value, Value)], _: Duration) -> Reply {
+        let slot = match smp::get(m, "slot") {
+            None => SECONDARY,
+            Some(v) => match smp::as_u64(v) {
+                Some(s) if s <= 1 => s as usize,
+                Some(_) => return Reply::Group(group::IMAGE, img_err::INVALID_SLOT),
+                None => return Reply::Rc(MgmtErr::Inval),
+            },
+        };
+        if slot == PRIMARY || !self.fw.secondary_free() {
+            return Reply::Group(group::IMAGE, img_err::NO_FREE_SLOT);
+        }
+        self.fw.erase(slot);
+        self.upload = None;
+        self.events.push(SmpEvent::Erased { slot });
+        Reply::Body(vec![])
+    }
+
+    fn slot_info(&mut self, _: &[(Value, Value)], _: Duration) -> Reply {
+        let size = self.fw.slot_size() as u64;
+        let slots = Value::Array(vec![
+            map(vec![("slot", Value::from(0)), ("size", Value::from(size))]),
+            map(vec![("slot", Value::from(1)), ("size", Value::from(size)), ("upload_image_id", Value::from(0))]),
+        ]);
+        Reply::Body(vec![("images", Value::Array(vec![map(vec![("image", Value::from(0)), ("slots", slots), ("max_image_size", Value::from(size))])]))])
+    }
+
+    // --- Time -----------------------------------------------------------------------------
+
+    /// Runs a due reset or the end of the boot time; returns peers to close.
+    pub fn tick(&mut self, now: Duration) -> Vec<Peer> {
+        let mut closed = Vec::new();
+        if self.reset_at.is_some_and(|t| now >= t) {
+            self.reset_at = None;
+            closed = std::mem::take(&mut self.peers).into_iter().collect();
+            self.upload = None;
+            let swap = self.fw.boot();
+            self.events.push(SmpEvent::Rebooted { swap });
+            self.down_until = Some(now + self.config.boot_time);
+        }
+        if self.down_until.is_some_and(|t| now >= t) {
+            self.down_until = None;
+            self.events.push(SmpEvent::Up);
+        }
+        closed
+    }
+
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.reset_at.or(self.down_until)
+    }
+}
+
+impl SansIoCore for SmpServer {
+    type Event = SmpEvent;
+
+    fn handle_input(&mut self, input: Input<'_>, now: Duration, out: &mut Vec<Output<SmpEvent>>) -> Result<(), String> {
+        let result = match input {
+            Input::Bytes { from, bytes } => {
+                out.extend(self.handle_bytes(bytes, now).into_iter().map(|b| Output::Send { to: from, bytes: b }));
+                Ok(())
+            }
+            Input::Connected(p) => {
+                if self.down_until.is_some() {
+                    out.push(Output::Close(p));
+                } else {
+                    self.peers.insert(p);
+                }
+                Ok(())
+            }
+            Input::Disconnected(p) => {
+                self.peers.remove(&p);
+                Ok(())
+            }
+            Input::Set { key, .. } => Err(format!("smp-server has no state key `{key}`")),
+            Input::Timeout => Ok(()),
+        };
+        out.extend(self.tick(now).into_iter().map(Output::Close));
+        out.extend(self.take_events().into_iter().map(Output::Event));
+        result
+    }
+
+    fn next_wakeup(&self) -> Option<Duration> {
+        self.poll_timeout()
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` with optional `.fff` and a `Z` or `±HH:MM` zone,
+/// as seconds since the epoch (UTC).
+fn parse_datetime(t: &str) -> Option<i64> {
+    let b = t.as_bytes();
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| t.get(r).filter(|s| s.bytes().all(|c| c.is_ascii_digit())).and_then(|s| s.parse::<i64>().ok());
+    let (y, mo, d, h, mi, s) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 59 {
+        return None;
+    }
+    let mut rest = &t[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "" | "Z" => 0,
+        z if z.len() == 6 && (z.starts_with('+') || z.starts_with('-')) && &z[3..4] == ":" => {
+            let (zh, zm) = (num_in(z, 1..3)?, num_in(z, 4..6)?);
+            let sign = if z.starts_with('-') { -1 } else { 1 };
+            sign * (zh * 3600 + zm * 60)
+        }
+        _ => return None,
+    };
+    Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s - offset)
+}
+
+fn num_in(t: &str, r: std::ops::Range<usize>) -> Option<i64> {
+    t.get(r).filter(|s| s.bytes().all(|c| c.is_ascii_digit())).and_then(|s| s.parse().ok())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` (UTC), as Zephyr's datetime read writes it.
+fn format_datetime(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::mcuboot::build_image;
+
+    const T0: Duration = Duration::ZERO;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn server() -> SmpServer {
+        SmpServer::new(SmpServerConfig::default()).unwrap()
+    }
+
+    fn request(version: SmpVersion, op: SmpOp, g: u16, cmd: u8, seq: u8, body: Vec<(&str, Value)>) -> Vec<u8> {
+        let payload = smp::encode_map(body);
+        let mut b = SmpHeader::new(version, op, g, cmd, seq, payload.len() as u16).encode().to_vec();
+        b.extend(payload);
+        b
+    }
+
+    /// One request, exactly one answer: its header and decoded map.
+    fn ask_v(s: &mut SmpServer, version: SmpVersion, op: SmpOp, g: u16, cmd: u8, body: Vec<(&str, Value)>) -> (SmpHeader, Vec<(Value, Value)>) {
+        let answers = s.handle_bytes(&request(version, op, g, cmd, 42, body), ms(1));
+        assert_eq!(answers.len(), 1, "{answers:?}");
+        let f = smp::SmpFrame::parse(&answers[0]).expect("an answer frames exactly");
+        (f.header, smp::decode_map(&f.payload).expect("an answer is a map"))
+    }
+
+    fn ask(s: &mut SmpServer, op: SmpOp, g: u16, cmd: u8, body: Vec<(&str, Value)>) -> Vec<(Value, Value)> {
+        ask_v(s, SmpVersion::V2, op, g, cmd, body).1
+    }
+
+    fn rc(m: &[(Value, Value)]) -> Option<u64> {
+        smp::get(m, "rc").and_then(smp::as_u64)
+    }
+
+    fn group_rc(m: &[(Value, Value)]) -> Option<(u64, u64)> {
+        match smp::get(m, "err") {
+            Some(Value::Map(e)) => Some((smp::get(e, "group").and_then(smp::as_u64)?, smp::get(e, "rc").and_then(smp::as_u64)?)),
+            _ => None,
+        }
+    }
+
+    fn u(m: &[(Value, Value)], k: &str) -> Option<u64> {
+        smp::get(m, k).and_then(smp::as_u64)
+    }
+
+    /// Slots in a state answer: (slot, version, pending, confirmed, active, permanent).
+    fn slots(m: &[(Value, Value)]) -> Vec<(u64, String, bool, bool, bool, bool)> {
+        let Some(Value::Array(images)) = smp::get(m, "images") else { panic!("no images in {m:?}") };
+        images
+            .iter()
+            .map(|i| {
+                let Value::Map(i) = i else { panic!("{i:?}") };
+                let b = |k: &str| smp::get(i, k) == Some(&Value::Bool(true));
+                let Some(Value::Text(v)) = smp::get(i, "version") else { panic!("{i:?}") };
+                (u(i, "slot").unwrap(), v.clone(), b("pending"), b("confirmed"), b("active"), b("permanent"))
+            })
+            .collect()
+    }
+
+    fn upload_all(s: &mut SmpServer, image: &[u8], chunk: usize) {
+        let sha = mcuboot::sha256(image).to_vec();
+        let mut off = 0;
+        while off < image.len() {
+            let end = (off + chunk).min(image.len());
+            let mut body = vec![("off", Value::from(off as u64)), ("data", Value::Bytes(image[off..end].to_vec()))];
+            if off == 0 {
+                body.extend([("len", Value::from(image.len() as u64)), ("sha", Value::Bytes(sha.clone()))]);
+            }
+            let a = ask(s, SmpOp::Write, group::IMAGE, 1, body);
+            assert_eq!(u(&a, "off"), Some(end as u64), "{a:?}");
+            if end == image.len() {
+                assert_eq!(smp::get(&a, "match"), Some(&Value::Bool(true)));
+            }
+            off = end;
+        }
+    }
+
+    fn reset_and_boot(s: &mut SmpServer, at: Duration) -> SwapType {
+        assert!(ask(s, SmpOp::Write, group::OS, 5, vec![]).is_empty());
+        s.take_events();
+        let closed = s.tick(at + RESET_DELAY);
+        let _ = closed;
+        let swap = s.take_events().into_iter().find_map(|e| match e {
+            SmpEvent::Rebooted { swap } => Some(swap),
+            _ => None,
+        });
+        assert!(s.handle_bytes(&request(SmpVersion::V2, SmpOp::Read, 0, 6, 1, vec![]), at + RESET_DELAY + ms(1)).is_empty(), "silent while booting");
+        s.tick(at + Duration::from_secs(5));
+        swap.expect("a reboot")
+    }
+
+    #[test]
+    fn answers_echo_the_request_header_and_version() {
+        let mut s = server();
+        let (h, m) = ask_v(&mut s, SmpVersion::V2, SmpOp::Write, group::OS, 0, vec![("d", Value::Text("hi".into()))]);
+        assert_eq!((h.version, h.op, h.group, h.seq, h.command), (1, 3, 0, 42, 0));
+        assert_eq!(smp::get(&m, "r"), Some(&Value::Text("hi".into())));
+        // Echo as a read, v1: a v1 read response.
+        let (h, m) = ask_v(&mut s, SmpVersion::V1, SmpOp::Read, group::OS, 0, vec![("d", Value::Text("x".into()))]);
+        assert_eq!((h.version, h.op), (0, 1));
+        assert_eq!(smp::get(&m, "r"), Some(&Value::Text("x".into())));
+        let m = ask(&mut s, SmpOp::Read, group::OS, 6, vec![]);
+        assert_eq!((u(&m, "buf_size"), u(&m, "buf_count")), (Some(384), Some(4)));
+    }
+
+    #[test]
+    fn unknown_groups_commands_and_ops_get_rc_8() {
+        let mut s = server();
+        assert_eq!(rc(&ask(&mut s, SmpOp::Read, 77, 0, vec![])), Some(8));
+        assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::OS, 99, vec![])), Some(8));
+        assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::OS, 5, vec![])), Some(8), "reset has no read handler");
+        assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::OS, 3, vec![])), Some(8), "no mpstat in Zephyr");
+        // A reserved version: rc 13, the version echoed.
+        let mut req = request(SmpVersion::V2, SmpOp::Read, group::OS, 6, 1, vec![]);
+        req[0] = 2 << 3;
+        let a = s.handle_bytes(&req, T0);
+        let f = smp::SmpFrame::parse(&a[0]).unwrap();
+        assert_eq!((f.header.version, f.header.op), (2, 1));
+        assert_eq!(rc(&smp::decode_map(&f.payload).unwrap()), Some(13));
+    }
+
+    #[test]
+    fn bad_messages_are_answered_or_dropped_as_firmware_does() {
+        let mut s = server();
+        assert!(s.handle_bytes(&[0, 0, 0], T0).is_empty());
+        assert!(s.handle_bytes(&[0, 0, 0, 9, 0, 0, 0, 0, 0xa0], T0).is_empty(), "length past the datagram");
+        assert!(s.handle_bytes(&request(SmpVersion::V2, SmpOp::ReadResponse, 0, 0, 0, vec![]), T0).is_empty(), "a response is not answered");
+        let mut not_a_map = SmpHeader::new(SmpVersion::V2, SmpOp::Write, 0, 0, 1, 1).encode().to_vec();
+        not_a_map.push(0x01);
+        let a = s.handle_bytes(&not_a_map, T0);
+        assert_eq!(rc(&smp::decode_map(&a[0][8..]).unwrap()), Some(3));
+        // Two messages in one datagram: two answers.
+        let mut two = request(SmpVersion::V2, SmpOp::Read, 0, 6, 1, vec![]);
+        two.extend(request(SmpVersion::V2, SmpOp::Read, 0, 6, 2, vec![]));
+        assert_eq!(s.handle_bytes(&two, T0).len(), 2);
+        assert!(s.take_events().iter().filter(|e| matches!(e, SmpEvent::Silent { .. })).count() >= 3);
+    }
+
+    #[test]
+    fn test_reset_confirm_keeps_the_new_image() {
+        let mut s = server();
+        assert_eq!(slots(&ask(&mut s, SmpOp::Read, group::IMAGE, 0, vec![])), vec![(0, "1.0.0".into(), false, true, true, false)]);
+        let new = build_image("2.0.0".parse().unwrap(), &[0x5a; 3000]);
+        upload_all(&mut s, &new, 700);
+        assert_eq!(slots(&ask(&mut s, SmpOp::Read, group::IMAGE, 0, vec![]))[1], (1, "2.0.0".into(), false, false, false, false));
+        let hash = mcuboot::McubootImage::parse(&new).unwrap().hash.to_vec();
+        let m = ask(&mut s, SmpOp::Write, group::IMAGE, 0, vec![("hash", Value::Bytes(hash.clone())), ("confirm", Value::Bool(false))]);
+        assert_eq!(slots(&m)[1], (1, "2.0.0".into(), true, false, false, false), "state write answers with the state");
+        assert_eq!(reset_and_boot(&mut s, ms(10)), SwapType::Test);
+        assert_eq!(
+            slots(&ask(&mut s, SmpOp::Read, group::IMAGE, 0, vec![])),
+            vec![(0, "2.0.0".into(), false, false, true, false), (1, "1.0.0".into(), false, true, false, false)]
+        );
+        let m = ask(&mut s, SmpOp::Write, group::IMAGE, 0, vec![("confirm", Value::Bool(true))]);
+        assert_eq!(slots(&m)[0], (0, "2.0.0".into(), false, true, true, false));
+        assert_eq!(reset_and_boot(&mut s, ms(10_000)), SwapType::None);
+        assert_eq!(slots(&ask(&mut s, SmpOp::Read, group::IMAGE, 0, vec![]))[0].1, "2.0.0");
+    }
+
+    #[test]
+    fn an_unconfirmed_test_image_reverts() {
+        let mut s = server();
+        let new = build_image("1.1.0".parse().unwrap(), b"new");
+        upload_all(&mut s, &new, 1000);
+        let hash = mcuboot::McubootImage::parse(&new).unwrap().hash.to_vec();
+        ask(&mut s, SmpOp::Write, group::IMAGE, 0, vec![("hash", Value::Bytes(hash.clone()))]);
+        assert_eq!(reset_and_boot(&mut s, ms(10)), SwapType::Test);
+        // Running the test image: testing the revert target again is refused.
+        let revert_target = mcuboot::McubootImage::parse(s.firmware().contents(SECONDARY)).unwrap().hash.to_vec();
+        assert_eq!(group_rc(&ask(&mut s, SmpOp::Write, group::IMAGE, 0, vec![("hash", Value::Bytes(revert_target))])), Some((1, 28)));
+        assert_eq!(reset_and_boot(&mut s, ms(10_000)), SwapType::Revert);
+        assert_eq!(slots(&ask(&mut s, SmpOp::Read, group::IMAGE, 0, vec![]))[0], (0, "1.0.0".into(), false, true, true, false));
+    }
+
+    #[test]
+    fn upload_rules() {
+        let mut s = server();
+        let img = build_image("2.0.0".parse().unwrap(), &[1; 500]);
+        let sha = mcuboot::sha256(&img).to_vec();
+        let first = |extra: Vec<(&'static str, Value)>| {
+            let mut b = vec![("off", Value::from(0)), ("data", Value::Bytes(img[..100].to_vec())), ("len", Value::from(img.len() as u64)), ("sha", Value::Bytes(sha.clone()))];
+            for (k, v) in extra {
+                b.retain(|(key, _)| *key != k);
+                if v != Value::Null {
+                    b.push((k, v));
+                }
+            }
+            b
+        };
+        let err = |s: &mut SmpServer, body| group_rc(&ask(s, SmpOp::Write, group::IMAGE, 1, body));
+        assert_eq!(err(&mut s, first(vec![("off", Value::Null)])), Some((1, 20)));
+        assert_eq!(err(&mut s, first(vec![("data", Value::Bytes(img[..31].to_vec()))])), Some((1, 22)));
+        assert_eq!(err(&mut s, first(vec![("len", Value::Null)])), Some((1, 21)));
+        assert_eq!(err(&mut s, first(vec![("data", Value::Bytes(vec![0; 100]))])), Some((1, 23)));
+        assert_eq!(err(&mut s, first(vec![("sha", Value::Bytes(vec![0; 33]))])), Some((1, 24)));
+        assert_eq!(err(&mut s, first(vec![("len", Value::from(0x40001))])), Some((1, 30)));
+        assert_eq!(err(&mut s, first(vec![("upgrade", Value::Bool(true)), ("data", Value::Bytes(build_image("1.0.0".parse().unwrap(), &[1; 500])[..100].to_vec()))])), Some((1, 27)));
+        // v1: the group error becomes an rc (INVALID_OFFSET → EINVAL).
+        let (_, m) = ask_v(&mut s, SmpVersion::V1, SmpOp::Write, group::IMAGE, 1, first(vec![("off", Value::Null)]));
+        assert_eq!(rc(&m), Some(3));
+
+        assert_eq!(u(&ask(&mut s, SmpOp::Write, group::IMAGE, 1, first(vec![])), "off"), Some(100));
+        // A chunk at the wrong offset: success with the expected one, nothing written.
+        let m = ask(&mut s, SmpOp::Write, group::IMAGE, 1, vec![("off", Value::from(300)), ("data", Value::Bytes(vec![9; 10]))]);
+        assert_eq!((u(&m, "off"), rc(&m), group_rc(&m)), (Some(100), None, None));
+        // The same sha at off 0 resumes.
+        assert_eq!(u(&ask(&mut s, SmpOp::Write, group::IMAGE, 1, first(vec![])), "off"), Some(100));
+        // Past len: overrun, and the session is gone.
+        assert_eq!(err(&mut s, vec![("off", Value::from(100)), ("data", Value::Bytes(vec![0; img.len()]))]), Some((1, 31)));
+        assert_eq!(u(&ask(&mut s, SmpOp::Write, group::IMAGE, 1, vec![("off", Value::from(100)), ("data", Value::Bytes(vec![0; 4]))]), "off"), Some(0));
+        // No free slot while the secondary is pending.
+        upload_all(&mut s, &img, 256);
+        ask(&mut s, SmpOp::Write, group::IMAGE, 0, vec![("hash", Value::Bytes(mcuboot::McubootImage::parse(&img).unwrap().hash.to_vec()))]);
+        assert_eq!(err(&mut s, first(vec![("sha", Value::Bytes(vec![7; 32]))])), Some((1, 9)));
+        assert_eq!(group_rc(&ask(&mut s, SmpOp::Write, group::IMAGE, 5, vec![])), Some((1, 9)), "erase of a pending slot");
+    }
+
+    #[test]
+    fn state_write_rules() {
+        let mut s = server();
+        let active = mcuboot::McubootImage::parse(s.firmware().contents(PRIMARY)).unwrap().hash.to_vec();
+        let w = |s: &mut SmpServer, body| group_rc(&ask(s, SmpOp::Write, group::IMAGE, 0, body));
+        assert_eq!(w(&mut s, vec![]), Some((1, 24)));
+        assert_eq!(w(&mut s, vec![("hash", Value::Bytes(vec![1; 31]))]), Some((1, 24)));
+        assert_eq!(w(&mut s, vec![("hash", Value::Bytes(vec![1; 32]))]), Some((1, 8)));
+        assert_eq!(w(&mut s, vec![("hash", Value::Bytes(active.clone()))]), Some((1, 33)));
+        assert_eq!(w(&mut s, vec![("hash", Value::Bytes(active)), ("confirm", Value::Bool(true))]), None);
+        // Test, then confirm of the same pending slot: a no-op, still TEST.
+        let img = build_image("2.0.0".parse().unwrap(), b"two");
+        upload_all(&mut s, &img, 1000);
+        let hash = mcuboot::McubootImage::parse(&img).unwrap().hash.to_vec();
+        ask(&mut s, SmpOp::Write, group::IMAGE, 0, vec![("hash", Value::Bytes(hash.clone()))]);
+        let m = ask(&mut s, SmpOp::Write, group::IMAGE, 0, vec![("hash", Value::Bytes(hash)), ("confirm", Value::Bool(true))]);
+        assert_eq!(slots(&m)[1], (1, "2.0.0".into(), true, false, false, false));
+    }
+
+    #[test]
+    fn os_group_answers() {
+        let mut s = server();
+        assert_eq!(group_rc(&ask(&mut s, SmpOp::Read, group::OS, 4, vec![])), Some((0, 4)), "RTC not set");
+        assert!(ask(&mut s, SmpOp::Write, group::OS, 4, vec![("datetime", Value::Text("2026-12-07T03:30:00.123+01:00".into()))]).is_empty());
+        assert_eq!(smp::get(&ask(&mut s, SmpOp::Read, group::OS, 4, vec![]), "datetime"), Some(&Value::Text("2026-12-07T02:30:00".into())));
+        assert_eq!(rc(&ask(&mut s, SmpOp::Write, group::OS, 4, vec![("datetime", Value::Text("yesterday".into()))])), Some(3));
+        let out = |s: &mut SmpServer, f: &str| smp::get(&ask(s, SmpOp::Read, group::OS, 7, vec![("format", Value::Text(f.into()))]), "output").cloned();
+        assert_eq!(out(&mut s, "s"), Some(Value::Text("Zephyr".into())));
+        assert_eq!(out(&mut s, "a").map(|v| matches!(v, Value::Text(t) if t.starts_with("Zephyr hilbench-smp "))), Some(true));
+        assert_eq!(group_rc(&ask(&mut s, SmpOp::Read, group::OS, 7, vec![("format", Value::Text("q".into()))])), Some((0, 2)));
+        assert_eq!(smp::get(&ask(&mut s, SmpOp::Read, group::OS, 8, vec![]), "bootloader"), Some(&Value::Text("MCUboot".into())));
+        assert_eq!(u(&ask(&mut s, SmpOp::Read, group::OS, 8, vec![("query", Value::Text("mode".into()))]), "mode"), Some(3));
+        assert_eq!(group_rc(&ask(&mut s, SmpOp::Read, group::OS, 8, vec![("query", Value::Text("colour".into()))])), Some((0, 3)));
+        let (_, m) = ask_v(&mut s, SmpVersion::V1, SmpOp::Read, group::OS, 8, vec![("query", Value::Text("colour".into()))]);
+        assert_eq!(rc(&m), Some(5), "v1: QUERY_YIELDS_NO_ANSWER → ENOENT");
+        assert!(smp::get(&ask(&mut s, SmpOp::Read, group::OS, 2, vec![]), "tasks").is_some());
+    }
+
+    #[test]
+    fn legacy_rc_adds_rc_0_to_successes() {
+        let mut s = SmpServer::new(SmpServerConfig { legacy_rc: true, ..Default::default() }).unwrap();
+        assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::OS, 6, vec![])), Some(0));
+        assert_eq!(rc(&ask(&mut s, SmpOp::Read, 77, 0, vec![])), Some(8));
+    }
+
+    #[test]
+    fn a_reset_closes_every_peer() {
+        let mut s = server();
+        let mut out = Vec::new();
+        s.handle_input(Input::Connected(Peer(1)), T0, &mut out).unwrap();
+        s.handle_input(Input::Bytes { from: Peer(1), bytes: &request(SmpVersion::V2, SmpOp::Write, 0, 5, 1, vec![]) }, T0, &mut out).unwrap();
+        assert!(out.iter().any(|o| matches!(o, Output::Send { to: Peer(1), .. })));
+        assert_eq!(s.next_wakeup(), Some(RESET_DELAY));
+        out.clear();
+        s.handle_input(Input::Timeout, RESET_DELAY, &mut out).unwrap();
+        assert!(out.contains(&Output::Close(Peer(1))));
+        assert!(out.contains(&Output::Event(SmpEvent::Rebooted { swap: SwapType::None })));
+        out.clear();
+        s.handle_input(Input::Connected(Peer(2)), RESET_DELAY + ms(1), &mut out).unwrap();
+        assert_eq!(out, vec![Output::Close(Peer(2))], "nothing accepts a connection while booting");
+    }
+
+    #[test]
+    fn datetimes_round_trip() {
+        for t in ["1970-01-01T00:00:00", "2000-02-29T12:34:56", "2026-12-31T23:59:59"] {
+            assert_eq!(format_datetime(parse_datetime(t).unwrap()), t);
+        }
+        assert_eq!(parse_datetime("2026-13-01T00:00:00"), None);
+        assert_eq!(parse_datetime("2026-01-01T00:00:00+1"), None);
+    }
+
+    /// Seeded random datagrams through the fuzz harness (no nightly here):
+    /// requests to every handler with random keys and values, mixed with noise.
+    #[test]
+    fn seeded_random_datagrams_keep_the_invariants() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5350_0002);
+        let handlers = [(0u16, 0u8), (0, 2), (0, 4), (0, 5), (0, 6), (0, 7), (0, 8), (1, 0), (1, 1), (1, 5), (1, 6), (9, 0)];
+        let keys = ["d", "off", "len", "data", "sha", "hash", "confirm", "image", "upgrade", "slot", "format", "query", "datetime", "force"];
+        let img = build_image("3.0.0".parse().unwrap(), &[7; 100]);
+        let mut reached = 0;
+        for _ in 0..300 {
+            let mut data = Vec::new();
+            for seq in 0..rng.gen_range(1..20u8) {
+                let (g, cmd) = handlers[rng.gen_range(0..handlers.len())];
+                let body: Vec<(&str, Value)> = (0..rng.gen_range(0..4))
+                    .map(|_| {
+                        let v = match rng.gen_range(0..6) {
+                            0 => Value::from(rng.gen_range(0..700u64)),
+                            1 => Value::Bool(rng.gen()),
+                            2 => Value::Text("mode".into()),
+                            3 => Value::Bytes(img[..rng.gen_range(0..img.len())].to_vec()),
+                            4 => Value::Bytes(mcuboot::McubootImage::parse(&img).unwrap().hash.to_vec()),
+                            _ => Value::Bytes((0..rng.gen_range(0..40)).map(|_| rng.gen()).collect()),
+                        };
+                        (keys[rng.gen_range(0..keys.len())], v)
+                    })
+                    .collect();
+                let version = if rng.gen() { SmpVersion::V2 } else { SmpVersion::V1 };
+                let op = if rng.gen() { SmpOp::Read } else { SmpOp::Write };
+                data.extend(request(version, op, g, cmd, seq, body));
+                if rng.gen_bool(0.1) {
+                    data.extend((0..rng.gen_range(0..20)).map(|_| rng.gen::<u8>()));
+                }
+                if rng.gen_bool(0.5) {
+                    data.push(0xc0);
+                }
+            }
+            reached += usize::from(crate::fuzzing::smp_server_answers_are_well_formed(&data));
+        }
+        assert!(reached > 200, "only {reached} sequences got answers");
+    }
+}
