@@ -75,6 +75,9 @@ pub enum ObservationKind {
     /// Something a hub reported: `event` is its snake-case name (accepted, refused,
     /// connected, nak_sent, dropped, slow_consumer, closed_by_hub, …).
     Hub { event: String, detail: String },
+    /// Something an SMP server reported: `event` is its snake-case name
+    /// (upload_started, upload_done, pending, confirmed, reset_requested, rebooted, …).
+    Smp { event: String, detail: String },
 }
 
 impl ObservationKind {
@@ -96,6 +99,7 @@ impl ObservationKind {
         "bsc_raw_closed",
         "bsc_raw_refused",
         "hub",
+        "smp",
     ];
 
     /// The serialized `type` tag.
@@ -117,6 +121,7 @@ impl ObservationKind {
             ObservationKind::BscRawClosed { .. } => "bsc_raw_closed",
             ObservationKind::BscRawRefused { .. } => "bsc_raw_refused",
             ObservationKind::Hub { .. } => "hub",
+            ObservationKind::Smp { .. } => "smp",
         }
     }
 }
@@ -218,6 +223,7 @@ mod tests {
             ObservationKind::GaveUp { address: 1, attempts: 2 },
             ObservationKind::BscRawClosed { code: Some(1003), reason: String::new() },
             ObservationKind::Hub { event: "accepted".into(), detail: String::new() },
+            ObservationKind::Smp { event: "rebooted".into(), detail: String::new() },
         ];
         for k in kinds {
             let v = serde_json::to_value(&k).unwrap();

@@ -8,3 +8,4 @@ pub mod eg4_core;
 pub mod jbd;
 pub mod jbd_core;
 pub mod smp_core;
+pub mod smp_udp;

@@ -1,0 +1,270 @@
+//! `smp-server`: a Zephyr/MCUboot device's MCUmgr SMP server (OS and Image
+//! groups, two image slots that test, swap, confirm and revert) over UDP.
+//! Its address is `{{smp.NAME}}`. `hilbench sim smp-server` serves one
+//! from the command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use futures::future::LocalBoxFuture;
+use serde::Deserialize;
+
+use super::{at_key, decode_keys, Declared, Kind, Names, Role, Running, StartContext};
+use crate::device::smp_core::{SmpEvent, SmpServerConfig};
+use crate::device::smp_udp::{self, SmpUdpHandle};
+use crate::link::fault::LinkMedium;
+use crate::observe::{ObservationKind, ObservationLog};
+use crate::scenario::source::Problem;
+use crate::scenario::spec::Dur;
+
+pub struct SmpServerKind;
+
+/// Its scenario keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmpServerKeys {
+    pub name: String,
+    /// UDP address to serve on (port 0: any free port; default 127.0.0.1:0).
+    #[serde(default)]
+    pub udp: Option<SocketAddr>,
+    /// mcumgr params: largest message with its header (also the UDP net
+    /// buffer; default 2048, Zephyr's smp_svr UDP configuration).
+    #[serde(default)]
+    pub buf_size: Option<u16>,
+    #[serde(default)]
+    pub buf_count: Option<u16>,
+    /// Bytes per image slot.
+    #[serde(default)]
+    pub slot_size: Option<usize>,
+    /// An MCUboot image file for slot 0 (default: a generated 1.0.0 image).
+    #[serde(default)]
+    pub image: Option<PathBuf>,
+    /// How long the device is gone after a reset.
+    #[serde(default)]
+    pub boot_time: Option<Dur>,
+    /// Add `"rc": 0` to successes, as "legacy rc" firmware does.
+    #[serde(default)]
+    pub legacy_rc: bool,
+}
+
+/// `hilbench sim smp-server --help` after the options.
+pub const SIM_HELP: &str = "Examples:
+  # the SMP UDP port Zephyr uses, on loopback
+  hilbench sim smp-server --udp 127.0.0.1:1337
+  # any free port, Zephyr's default 384-byte buffers (see the ready line for the address)
+  hilbench sim smp-server --udp 127.0.0.1:0 --buf-size 384
+
+Then, e.g. with smpmgr from PyPI:  smpmgr --ip 127.0.0.1 image state-read
+
+Prints one JSON line when serving:
+  {\"ready\":true,\"kind\":\"smp-server\",\"endpoints\":{\"udp\":\"127.0.0.1:1337\"}}
+then serves until SIGINT/SIGTERM, printing what the device does (uploads,
+test/confirm, resets and the swap MCUboot ran) as JSON lines on stdout.";
+
+#[derive(Args, Debug)]
+pub struct SmpServerSimArgs {
+    /// UDP address to serve on (port 0: any free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1337")]
+    pub udp: SocketAddr,
+    /// Node name (OS info).
+    #[arg(long, default_value = "hilbench-smp")]
+    pub name: String,
+    /// mcumgr params buf_size: largest message with its header; larger datagrams are
+    /// dropped unread. 2048 is Zephyr's smp_svr UDP configuration; smpclient sends
+    /// 1472-byte datagrams whatever the device says, so below that its uploads time out.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u16).range(64..))]
+    pub buf_size: u16,
+    #[arg(long, default_value_t = 4)]
+    pub buf_count: u16,
+    /// Bytes per image slot.
+    #[arg(long, default_value_t = 0x40000)]
+    pub slot_size: usize,
+    /// An MCUboot image for slot 0 (e.g. from `imgtool sign`); default: a generated 1.0.0 image.
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// How long the device is gone after a reset.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub boot_time: Duration,
+    /// Add "rc": 0 to successes ("legacy rc" firmware; strict clients reject it).
+    #[arg(long)]
+    pub legacy_rc: bool,
+}
+
+fn read_image(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read the image {}: {e}", path.display()))
+}
+
+fn sim_main(a: SmpServerSimArgs) -> i32 {
+    crate::cli::sim::exit_code(sim(a))
+}
+
+fn sim(a: SmpServerSimArgs) -> Result<(), String> {
+    let config = SmpServerConfig {
+        name: a.name,
+        buf_size: a.buf_size,
+        buf_count: a.buf_count,
+        slot_size: a.slot_size,
+        image: a.image.as_deref().map(read_image).transpose()?,
+        boot_time: a.boot_time,
+        legacy_rc: a.legacy_rc,
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
+    rt.block_on(async move {
+        let server = smp_udp::serve(config, a.udp).await?;
+        let mut events = server.subscribe();
+        println!("{}", serde_json::json!({ "ready": true, "kind": "smp-server", "endpoints": { "udp": server.local_addr().to_string() } }));
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let signal = crate::cli::sim::wait_for_signal();
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                _ = &mut signal => break,
+                ev = events.recv() => match ev {
+                    Ok(SmpEvent::Silent { reason }) => tracing::debug!("silent: {reason}"),
+                    Ok(e) => {
+                        // Whoever started us may have stopped reading (it had the
+                        // ready line); the device goes on serving regardless.
+                        let mut out = std::io::stdout().lock();
+                        let _ = writeln!(out, "{}", serde_json::to_string(&e).unwrap_or_default()).and_then(|_| out.flush());
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::warn!("{n} events not printed"),
+                    Err(_) => break,
+                },
+            }
+        }
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+impl Kind for SmpServerKind {
+    fn name(&self) -> &'static str {
+        "smp-server"
+    }
+    fn role(&self) -> Role {
+        Role::Device
+    }
+    fn about(&self) -> &'static str {
+        "Zephyr/MCUboot MCUmgr SMP server over UDP: OS and Image groups, two slots that test, swap, confirm and revert"
+    }
+    fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
+        Ok(Box::new(decode_keys::<SmpServerKeys>(entry)?))
+    }
+    fn sim(&self) -> Option<super::KindCommand> {
+        Some(super::KindCommand {
+            command: || super::subcommand::<SmpServerSimArgs>("smp-server", "MCUmgr SMP server (Zephyr with MCUboot) over UDP.", SIM_HELP),
+            run: |m| super::run_parsed(m, sim_main),
+        })
+    }
+}
+
+impl SmpServerKeys {
+    fn config(&self) -> Result<SmpServerConfig, String> {
+        let mut c = SmpServerConfig { name: self.name.clone(), legacy_rc: self.legacy_rc, buf_size: 2048, ..Default::default() };
+        if let Some(b) = self.buf_size {
+            c.buf_size = b;
+        }
+        if let Some(b) = self.buf_count {
+            c.buf_count = b;
+        }
+        if let Some(s) = self.slot_size {
+            c.slot_size = s;
+        }
+        if let Some(d) = self.boot_time {
+            c.boot_time = d.0;
+        }
+        c.image = self.image.as_deref().map(read_image).transpose()?;
+        Ok(c)
+    }
+}
+
+impl Declared for SmpServerKeys {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind_name(&self) -> &'static str {
+        "smp-server"
+    }
+    fn check(&self, _names: &Names<'_>) -> Result<(), Problem> {
+        if self.buf_size.is_some_and(|b| b < 64) {
+            return Err(at_key("buf_size", "buf_size must be at least 64 bytes"));
+        }
+        if let Some(p) = &self.image {
+            if !p.is_file() {
+                return Err(at_key("image", format!("no image file at {}", p.display())));
+            }
+        }
+        Ok(())
+    }
+    fn links(&self) -> Vec<super::LinkDecl> {
+        vec![super::LinkDecl {
+            name: self.name.clone(),
+            home: super::LinkHomeDecl::Own,
+            capture: None,
+            checksum: None,
+            carries: "the SMP datagrams it answers",
+            medium: LinkMedium::Server,
+        }]
+    }
+    fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
+        Box::pin(async move {
+            let config = self.config().map_err(|e| format!("`{}`: {e}", self.name))?;
+            let bind = self.udp.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+            let handle = smp_udp::serve(config, bind).await.map_err(|e| format!("`{}`: {e}", self.name))?;
+            let events = forward_events(&handle, cx.log.clone(), self.name.clone());
+            Ok(Box::new(RunningSmp { name: self.name.clone(), handle: Some(handle), events: Some(events) }) as Box<dyn Running>)
+        })
+    }
+}
+
+fn forward_events(handle: &SmpUdpHandle, log: ObservationLog, source: String) -> tokio::task::JoinHandle<()> {
+    let mut rx = handle.subscribe();
+    actix::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match rx.recv().await {
+                Ok(ev) => log.push(&source, smp_observation(&ev)),
+                Err(RecvError::Lagged(n)) => log.push(&source, ObservationKind::Smp { event: "events_lost".into(), detail: format!("{n} events not observed") }),
+                Err(RecvError::Closed) => break,
+            }
+        }
+    })
+}
+
+/// An SMP server event as an observation: `event` is its snake-case tag,
+/// `detail` its other fields as JSON.
+fn smp_observation(ev: &SmpEvent) -> ObservationKind {
+    let mut v = serde_json::to_value(ev).unwrap_or_default();
+    let event = v.get("event").and_then(|e| e.as_str()).unwrap_or("unknown").to_string();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("event");
+    }
+    let detail = if v.as_object().is_some_and(|m| m.is_empty()) { String::new() } else { v.to_string() };
+    ObservationKind::Smp { event, detail }
+}
+
+struct RunningSmp {
+    name: String,
+    handle: Option<SmpUdpHandle>,
+    events: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running for RunningSmp {
+    fn vars(&self) -> Vec<(String, String)> {
+        self.handle.as_ref().map(|h| vec![(format!("smp.{}", self.name), h.local_addr().to_string())]).unwrap_or_default()
+    }
+    fn stop(mut self: Box<Self>) -> LocalBoxFuture<'static, ()> {
+        Box::pin(async move {
+            if let Some(h) = self.handle.take() {
+                h.shutdown().await;
+            }
+            if let Some(t) = self.events.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+            }
+        })
+    }
+}

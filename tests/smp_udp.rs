@@ -1,0 +1,70 @@
+//! `hilbench sim smp-server` over UDP against smpclient (PyPI), a client nobody here wrote,
+//! run unchanged (tests/py/smp_dfu.py): params, echo, state read, a multi-chunk upload of an
+//! MCUboot image, test + reset + confirm + reset (the new image stays), and a second update
+//! tested and not confirmed (the next reset reverts it). Needs the venv that `ci/test.sh`
+//! creates (or HILBENCH_PYTHON pointing at a Python with smpclient).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use hilbench::protocol::mcuboot::build_image;
+
+fn steps(stdout: &str) -> Vec<serde_json::Value> {
+    stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn step<'a>(all: &'a [serde_json::Value], name: &str, nth: usize) -> &'a serde_json::Value {
+    all.iter().filter(|s| s["step"] == name).nth(nth).unwrap_or_else(|| panic!("no step {name} #{nth} in {all:#?}"))
+}
+
+/// (slot, version, pending, confirmed, active, permanent) of each reported slot.
+fn slots(s: &serde_json::Value) -> Vec<(u64, String, bool, bool, bool, bool)> {
+    s["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            let b = |k: &str| x[k].as_bool().unwrap();
+            (x["slot"].as_u64().unwrap(), x["version"].as_str().unwrap().to_string(), b("pending"), b("confirmed"), b("active"), b("permanent"))
+        })
+        .collect()
+}
+
+#[test]
+fn smpclient_updates_tests_confirms_and_reverts_over_udp() {
+    let py = hilbench::python_with("smpclient").unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sim = common::start_sim(&["smp-server", "--udp", "127.0.0.1:0", "--boot-time", "300ms"], dir.path());
+    let addr: std::net::SocketAddr = sim.ready["endpoints"]["udp"].as_str().expect("endpoints.udp").parse().unwrap();
+    let (first, second) = (dir.path().join("v2.bin"), dir.path().join("v3.bin"));
+    std::fs::write(&first, build_image("2.0.0".parse().unwrap(), &[0x5a; 20_000])).unwrap();
+    std::fs::write(&second, build_image("3.0.0".parse().unwrap(), &[0xa5; 9_000])).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/smp_dfu.py");
+    let out = Command::new("timeout")
+        .args(["120", &py])
+        .arg(&script)
+        .arg(addr.to_string())
+        .args([&first, &second])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "smp_dfu.py failed\nstdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    let all = steps(&stdout);
+    assert_eq!(step(&all, "params", 0)["buf_size"], 2048);
+    assert_eq!(step(&all, "echo", 0)["r"], "hello smp");
+    let s = |v: &str, p, c, a, perm| (0u64, v.to_string(), p, c, a, perm);
+    let t = |v: &str, p, c, a, perm| (1u64, v.to_string(), p, c, a, perm);
+    assert_eq!(slots(step(&all, "state_at_start", 0)), vec![s("1.0.0", false, true, true, false)]);
+    assert!(step(&all, "upload", 0)["chunks"].as_u64().unwrap() > 10, "a multi-chunk upload");
+    assert_eq!(slots(step(&all, "test", 0))[1], t("2.0.0", true, false, false, false));
+    assert_eq!(slots(step(&all, "after_test_reset", 0)), vec![s("2.0.0", false, false, true, false), t("1.0.0", false, true, false, false)]);
+    assert_eq!(slots(step(&all, "confirm", 0))[0], s("2.0.0", false, true, true, false));
+    assert_eq!(slots(step(&all, "after_second_reset", 0))[0], s("2.0.0", false, true, true, false));
+    // The second update, not confirmed: the reset after the test run reverts it.
+    assert_eq!(slots(step(&all, "after_test_reset", 1))[0], s("3.0.0", false, false, true, false));
+    assert_eq!(slots(step(&all, "after_second_reset", 1))[0], s("2.0.0", false, true, true, false));
+    step(&all, "done", 0);
+    assert_eq!(sim.stop(), 0);
+}
