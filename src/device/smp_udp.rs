@@ -124,4 +124,29 @@ mod tests {
         assert!(seen.iter().any(|e| matches!(e, SmpEvent::Rebooted { .. })), "{seen:?}");
         server.shutdown().await;
     }
+
+    /// Zephyr drops a datagram larger than its net buffer unread: smpclient's
+    /// 1472-byte upload chunks against a 384-byte device get no answer.
+    #[tokio::test]
+    async fn a_datagram_past_the_net_buffer_is_dropped_unanswered() {
+        let server = serve(SmpServerConfig { buf_size: 384, ..Default::default() }, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let mut events = server.subscribe();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let echo = |text: &str| {
+            let body = crate::protocol::smp::encode_map(vec![("d", ciborium::Value::Text(text.into()))]);
+            let mut b = SmpHeader::new(SmpVersion::V2, SmpOp::Write, 0, 0, 1, body.len() as u16).encode().to_vec();
+            b.extend(body);
+            b
+        };
+        client.send_to(&echo(&"x".repeat(400)), server.local_addr()).await.unwrap();
+        let dropped = tokio::time::timeout(std::time::Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+        assert!(matches!(&dropped, SmpEvent::Silent { reason } if reason.contains("larger than the 384-byte net buffer")), "{dropped:?}");
+        // One that fits is answered, and it is the only answer that comes.
+        client.send_to(&echo("fits"), server.local_addr()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let (n, _) = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv_from(&mut buf)).await.unwrap().unwrap();
+        let m = crate::protocol::smp::decode_map(&buf[8..n]).unwrap();
+        assert_eq!(crate::protocol::smp::get(&m, "r"), Some(&ciborium::Value::Text("fits".into())));
+        server.shutdown().await;
+    }
 }
