@@ -305,9 +305,23 @@ async fn setting_a_read_only_property_is_refused_as_bluetoothd_refuses_it() {
     let path = device_path(&addr);
     scan(&central, HashMap::new()).await;
     wait_until("the BMS is reported", || async { devices(&central).await.contains(&path) }).await;
-    for name in ["Address", "Name", "RSSI", "Connected", "UUIDs"] {
+    for name in ["Address", "Name", "RSSI", "Connected", "UUIDs", "Blocked"] {
         let e = set(path.clone(), "org.bluez.Device1", name, Value::from(true)).await.unwrap_err();
         assert_eq!(e, format!("org.freedesktop.DBus.Error.PropertyReadOnly: Property '{name}' is not writable"));
     }
+    // Trusted and Alias are a client's to set, as on bluetoothd; an empty alias is the name again.
+    let get = |name: &'static str| {
+        let (central, path) = (central.clone(), path.clone());
+        async move {
+            let m = central.call_method(Some("org.bluez"), path.as_str(), Some("org.freedesktop.DBus.Properties"), "Get", &("org.bluez.Device1", name)).await.unwrap();
+            m.body().deserialize::<OwnedValue>().unwrap()
+        }
+    };
+    set(path.clone(), "org.bluez.Device1", "Trusted", Value::from(true)).await.expect("Trusted is writable");
+    assert!(bool::try_from(get("Trusted").await).unwrap());
+    set(path.clone(), "org.bluez.Device1", "Alias", Value::from("pack 3")).await.expect("Alias is writable");
+    assert_eq!(String::try_from(get("Alias").await).unwrap(), "pack 3");
+    set(path.clone(), "org.bluez.Device1", "Alias", Value::from("")).await.unwrap();
+    assert_eq!(String::try_from(get("Alias").await).unwrap(), "xiaoxiang BMS");
     air.stop().await;
 }

@@ -36,6 +36,11 @@ struct DeviceState {
     service_paths: Vec<String>,
     chars: Vec<Arc<RemoteChar>>,
     descs: Vec<String>,
+    /// Set by a client (Device1.Trusted): kept past the cache timeout, as
+    /// bluetoothd makes a trusted device non-temporary.
+    trusted: bool,
+    /// Set by a client (Device1.Alias); `None` falls back to the name.
+    alias: Option<String>,
 }
 
 /// A peripheral as one central knows it: `/org/bluez/hci0/dev_…` on that
@@ -75,6 +80,8 @@ impl RemoteDevice {
                 service_paths: Vec::new(),
                 chars: Vec::new(),
                 descs: Vec::new(),
+                trusted: false,
+                alias: None,
             }),
             cancelled: tokio::sync::Notify::new(),
         })
@@ -96,7 +103,7 @@ impl RemoteDevice {
     /// Not connected, not connecting, and unheard for longer than `timeout`.
     pub fn expired(&self, timeout: std::time::Duration) -> bool {
         let st = lock(&self.st);
-        !st.connected && !st.connecting && st.last_seen.elapsed() > timeout
+        !st.connected && !st.connecting && !st.trusted && st.last_seen.elapsed() > timeout
     }
 
     /// Exports Device1 (InterfacesAdded on the central's bus).
@@ -410,7 +417,14 @@ impl Device1 {
     }
     #[zbus(property)]
     fn alias(&self) -> String {
-        self.name()
+        // The guard must be gone before name() locks the state again.
+        let alias = lock(&self.d.st).alias.clone();
+        alias.unwrap_or_else(|| self.name())
+    }
+    /// An empty alias goes back to the name (bluez's set_alias).
+    #[zbus(property)]
+    fn set_alias(&self, v: String) {
+        lock(&self.d.st).alias = (!v.is_empty()).then_some(v);
     }
     #[zbus(property)]
     fn appearance(&self) -> u16 {
@@ -426,7 +440,11 @@ impl Device1 {
     }
     #[zbus(property)]
     fn trusted(&self) -> bool {
-        false
+        lock(&self.d.st).trusted
+    }
+    #[zbus(property)]
+    fn set_trusted(&self, v: bool) {
+        lock(&self.d.st).trusted = v;
     }
     #[zbus(property)]
     fn blocked(&self) -> bool {
