@@ -626,7 +626,7 @@ fn parse_datetime(t: &str) -> Option<i64> {
     }
     let offset = match rest {
         "" | "Z" => 0,
-        z if z.len() == 6 && (z.starts_with('+') || z.starts_with('-')) && &z[3..4] == ":" => {
+        z if z.len() == 6 && (z.starts_with('+') || z.starts_with('-')) && z.as_bytes()[3] == b':' => {
             let (zh, zm) = (num_in(z, 1..3)?, num_in(z, 4..6)?);
             let sign = if z.starts_with('-') { -1 } else { 1 };
             sign * (zh * 3600 + zm * 60)
@@ -959,6 +959,8 @@ mod tests {
         }
         assert_eq!(parse_datetime("2026-13-01T00:00:00"), None);
         assert_eq!(parse_datetime("2026-01-01T00:00:00+1"), None);
+        // Not ASCII where the zone's colon goes: refused, not a panic on a char boundary.
+        assert_eq!(parse_datetime("2026-01-01T00:00:00+0\u{e9}00"), None);
     }
 
     /// Seeded random datagrams through the fuzz harness (no nightly here):
