@@ -54,6 +54,13 @@ pub struct LogEvery {
     suppressed: u64,
 }
 
+impl Default for LogEvery {
+    /// Once per [`REFUSAL_LOG_PERIOD`].
+    fn default() -> Self {
+        LogEvery::new(REFUSAL_LOG_PERIOD)
+    }
+}
+
 impl LogEvery {
     pub const fn new(period: Duration) -> Self {
         LogEvery { period, last: None, suppressed: 0 }

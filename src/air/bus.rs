@@ -146,6 +146,8 @@ struct State {
     reserved: BTreeMap<&'static str, Option<String>>,
     /// Bytes queued for all connections together.
     queued_all: Arc<AtomicUsize>,
+    /// Lines about connections dropped for not reading, at most one per period.
+    cut_off_log: LogEvery,
 }
 
 /// What a client of the air's bus may not take from the air.
@@ -191,7 +193,9 @@ impl State {
             return true;
         }
         if out.bytes + bytes.capacity() + QUEUED_OVERHEAD > MAX_QUEUED_BYTES {
-            tracing::warn!("air bus: {to} has {} bytes in {} messages unread; disconnecting it", out.bytes, out.queue.len());
+            if let Some(more) = self.cut_off_log.check(std::time::Instant::now()) {
+                tracing::warn!("air bus: {to} has {} bytes in {} messages unread; disconnecting it ({more} more cut off since the last line)", out.bytes, out.queue.len());
+            }
             drop(out);
             c.cut_off();
             return false;
@@ -208,18 +212,23 @@ impl State {
     /// bytes waiting, the air excepted.
     fn drop_the_most_behind(&mut self) {
         let air: Vec<&str> = self.reserved.values().flatten().map(String::as_str).collect();
-        let most = self
+        let behind: Vec<(usize, &String)> = self
             .conns
             .iter()
             .filter(|(u, c)| !c.stuck && !air.contains(&u.as_str()))
             .map(|(u, c)| (c.out.lock().unwrap_or_else(|p| p.into_inner()).bytes, u))
-            .max();
-        let Some((bytes, unique)) = most else { return };
+            .collect();
+        // The air's own queue counts in the total but is never dropped: only
+        // what the others have waiting can put them over the cap.
+        let theirs: usize = behind.iter().map(|(b, _)| b).sum();
+        if theirs <= MAX_QUEUED_BYTES_ALL {
+            return;
+        }
+        let Some((bytes, unique)) = behind.into_iter().max() else { return };
         let unique = unique.clone();
-        tracing::warn!(
-            "air bus: {} bytes unread across all connections; disconnecting {unique}, which has {bytes} of them",
-            self.queued_all.load(Ordering::Relaxed)
-        );
+        if let Some(more) = self.cut_off_log.check(std::time::Instant::now()) {
+            tracing::warn!("air bus: {theirs} bytes unread across connections; disconnecting {unique}, which has {bytes} of them ({more} more cut off since the last line)");
+        }
         if let Some(c) = self.conns.get_mut(&unique) {
             c.cut_off();
         }
