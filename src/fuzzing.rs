@@ -561,8 +561,8 @@ pub fn dbus_wire_parses_restamps_and_matches(data: &[u8]) -> bool {
 /// Arbitrary bytes as an SMP message (UDP datagram, reassembled BLE writes, raw serial), as
 /// serial console lines and as an MCUboot image in a slot. Invariants: no panic; a parsed header encodes back to the same
 /// eight bytes; a whole frame encodes back to the same bytes; a payload that decodes to a
-/// map re-encodes to CBOR that decodes to a map again; the bytes as console lines are never
-/// over the line length and decode back to themselves; a receiver fed the bytes as lines
+/// map re-encodes to CBOR that decodes to a map again; the bytes as console lines (ours and
+/// Zephyr's layout) are never over the line length and decode back to themselves; a receiver fed the bytes as lines
 /// never holds more than the packet length allows.
 pub fn smp_frames_round_trip(data: &[u8]) -> bool {
     if let Ok(img) = crate::protocol::mcuboot::McubootImage::parse(data) {
@@ -585,6 +585,17 @@ pub fn smp_frames_round_trip(data: &[u8]) -> bool {
             }
         }
         assert_eq!(got.as_deref(), Some(data), "serial lines did not decode to what was encoded");
+        if !data.is_empty() {
+            let mut rx = smp::serial::Receiver::new();
+            let mut got = None;
+            for line in smp::serial::encode_as_zephyr(data).split_inclusive(|b| *b == b'\n') {
+                assert!(line.len() <= smp::serial::MAX_LINE, "a {}-byte line in Zephyr's layout", line.len());
+                if let smp::serial::LineOutcome::Message(m) = rx.push_line(line) {
+                    got = Some(m);
+                }
+            }
+            assert_eq!(got.as_deref(), Some(data), "Zephyr's serial lines did not decode to what was encoded");
+        }
     }
     let Some(header) = smp::SmpHeader::parse(data) else { return false };
     assert_eq!(&header.encode()[..], &data[..smp::HEADER_LEN], "a header did not encode back to its bytes");

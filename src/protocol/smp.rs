@@ -363,7 +363,8 @@ pub mod serial {
     }
 
     /// `message` as console lines of at most `max_line` bytes (at least 7:
-    /// a marker, one base64 group and the newline).
+    /// a marker, one base64 group and the newline), the packet's base64 cut
+    /// at 4-character boundaries, as smpclient writes requests.
     pub fn encode(message: &[u8], max_line: usize) -> Vec<u8> {
         let mut packet = Vec::with_capacity(message.len() + 4);
         packet.extend_from_slice(&u16::try_from(message.len() + 2).unwrap_or(u16::MAX).to_be_bytes());
@@ -380,6 +381,74 @@ pub mod serial {
         out
     }
 
+    /// `message` as Zephyr's serial transport writes it (`mcumgr_serial_tx_pkt`):
+    /// each 3-byte group encoded on its own, at most 93 raw bytes a line, and
+    /// the CRC never split across lines, so a line may end short and the
+    /// 3-byte grouping restart on the next. Clients that decode the whole
+    /// text at once, not line by line, meet this layout only on firmware.
+    pub fn encode_as_zephyr(message: &[u8]) -> Vec<u8> {
+        let crc = crc16(message).to_be_bytes();
+        let mut out = Vec::with_capacity(message.len() * 4 / 3 + message.len() / 31 + 12);
+        let mut rest = message;
+        let mut first = true;
+        while !rest.is_empty() {
+            let taken = zephyr_line(&mut out, rest, first, message.len(), crc);
+            rest = &rest[taken..];
+            first = false;
+        }
+        out
+    }
+
+    /// One line of [`encode_as_zephyr`]; returns how many message bytes it carried.
+    fn zephyr_line(out: &mut Vec<u8>, rest: &[u8], first: bool, total: usize, crc: [u8; 2]) -> usize {
+        fn group(out: &mut Vec<u8>, raw: &[u8]) {
+            let mut b = [0u8; 4];
+            let n = B64.encode_slice(raw, &mut b).unwrap_or(0);
+            out.extend_from_slice(&b[..n]);
+        }
+        // Raw bytes a line holds: whole base64 groups between the marker and the newline.
+        let mut max_input = ((MAX_LINE - 3) / 4 * 3) as isize;
+        let mut off = 0;
+        out.extend_from_slice(if first { &START } else { &CONTINUATION });
+        if first {
+            // The length (CRC included) shares the first group with the first byte.
+            let len = u16::try_from(total + 2).unwrap_or(u16::MAX).to_be_bytes();
+            group(out, &[len[0], len[1], rest[0]]);
+            off = 1;
+            max_input -= 3;
+        }
+        let left = (rest.len() - off) as isize;
+        let mut to_process = max_input.min(left);
+        let reminder = max_input - left;
+        let mut last = false;
+        if reminder == 0 || reminder == 1 {
+            // The CRC would not fit whole: hold a byte back for the next line.
+            to_process -= 1;
+        } else if reminder >= 2 {
+            last = true;
+        }
+        while to_process >= 3 {
+            group(out, &rest[off..off + 3]);
+            off += 3;
+            to_process -= 3;
+        }
+        if last {
+            match &rest[off..] {
+                [] => group(out, &crc),
+                [a] => group(out, &[*a, crc[0], crc[1]]),
+                [a, b] => {
+                    group(out, &[*a, *b, crc[0]]);
+                    group(out, &crc[1..]);
+                }
+                // Unreachable: under three bytes are left when the line is the last.
+                _ => {}
+            }
+            off = rest.len();
+        }
+        out.push(b'\n');
+        off
+    }
+
     /// What [`Receiver::push_line`] made of a line.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum LineOutcome {
@@ -394,12 +463,24 @@ pub mod serial {
         Dropped(&'static str),
     }
 
+    /// Longest line a receiver takes, newline included: Zephyr's UART
+    /// receive buffer (CONFIG_UART_MCUMGR_RX_BUF_SIZE, 128) holds one line.
+    pub const MAX_RX_LINE: usize = 128;
+
     /// The firmware's receiver: decodes each line on its own and keeps the
-    /// packet being assembled.
-    #[derive(Debug, Default)]
+    /// packet being assembled, which must fit the net buffer.
+    #[derive(Debug)]
     pub struct Receiver {
         packet: Vec<u8>,
         assembling: bool,
+        max_line: usize,
+        max_packet: usize,
+    }
+
+    impl Default for Receiver {
+        fn default() -> Self {
+            Receiver::with_limits(MAX_RX_LINE, usize::from(u16::MAX) + 2)
+        }
     }
 
     impl Receiver {
@@ -407,13 +488,20 @@ pub mod serial {
             Receiver::default()
         }
 
+        /// Lines over `max_line` bytes are dropped; so is a packet (length,
+        /// message and CRC) that outgrows `max_packet`, the net buffer it is
+        /// decoded into (Zephyr's CONFIG_MCUMGR_TRANSPORT_NETBUF_SIZE).
+        pub fn with_limits(max_line: usize, max_packet: usize) -> Receiver {
+            Receiver { packet: Vec::new(), assembling: false, max_line, max_packet }
+        }
+
         /// One line, with or without its `\n` (and an optional `\r`).
         pub fn push_line(&mut self, line: &[u8]) -> LineOutcome {
-            if line.len() > MAX_LINE {
+            if line.len() > self.max_line {
                 // A real receiver never sees the end of an over-long line's
                 // packet, so the packet is lost with it.
                 self.reset();
-                return LineOutcome::Dropped("line longer than 127 bytes");
+                return LineOutcome::Dropped("line longer than the receive buffer");
             }
             let body = line.strip_suffix(b"\n").unwrap_or(line);
             let body = body.strip_suffix(b"\r").unwrap_or(body);
@@ -431,6 +519,10 @@ pub mod serial {
             };
             if start {
                 self.packet.clear();
+            }
+            if self.packet.len() + bytes.len() > self.max_packet {
+                self.reset();
+                return LineOutcome::Dropped("packet larger than the net buffer");
             }
             self.assembling = true;
             self.packet.extend_from_slice(&bytes);
@@ -551,6 +643,62 @@ mod tests {
             }
             assert_eq!(got, Some(message));
         }
+    }
+
+    /// Zephyr's layout: short messages look like one base64 text, longer ones
+    /// restart the 3-byte grouping on each line and keep the CRC on the last.
+    #[test]
+    fn zephyr_lines_keep_the_crc_whole_and_decode_line_by_line() {
+        let echo = [0x02, 0, 0, 6, 0, 0, 1, 0, 0xa1, 0x61, b'd', 0x61, b'x'];
+        assert_eq!(serial::encode_as_zephyr(&echo), serial::encode(&echo, serial::MAX_LINE));
+        for n in [1usize, 2, 3, 88, 89, 90, 91, 92, 93, 94, 181, 182, 183, 184, 185, 300, 2044] {
+            let message: Vec<u8> = (0..n).map(|i| (i * 7) as u8).collect();
+            let text = serial::encode_as_zephyr(&message);
+            let lines: Vec<&[u8]> = text.split_inclusive(|b| *b == b'\n').collect();
+            let mut rx = serial::Receiver::new();
+            for (i, line) in lines.iter().enumerate() {
+                assert!(line.len() <= serial::MAX_LINE, "{n}: line {i} is {} bytes", line.len());
+                assert_eq!((line.len() - 3) % 4, 0, "{n}: line {i} splits a base64 group");
+                let pad = line.iter().position(|b| *b == b'=');
+                assert!(pad.is_none() || (i == lines.len() - 1 && pad >= Some(line.len() - 3)), "{n}: padding inside line {i}");
+                let outcome = rx.push_line(line);
+                if i + 1 < lines.len() {
+                    assert_eq!(outcome, serial::LineOutcome::Partial, "{n}: line {i}");
+                } else {
+                    assert_eq!(outcome, serial::LineOutcome::Message(message.clone()), "{n}: last line");
+                }
+            }
+            // The CRC's two bytes are on the last line.
+            let last = lines[lines.len() - 1];
+            use base64::Engine as _;
+            let raw = base64::engine::general_purpose::STANDARD.decode(&last[2..last.len() - 1]).unwrap();
+            assert!(raw.len() >= 2, "{n}: the last line has no whole CRC");
+        }
+        // 90 bytes: one whole-text base64 would put the CRC's first byte on the
+        // first line; Zephyr holds two message bytes back so the CRC stays whole.
+        let m = vec![0u8; 90];
+        let lines = serial::encode_as_zephyr(&m);
+        assert_eq!(lines.split_inclusive(|b| *b == b'\n').map(<[u8]>::len).collect::<Vec<_>>(), vec![123, 11]);
+        assert_ne!(lines, serial::encode(&m, serial::MAX_LINE));
+    }
+
+    #[test]
+    fn a_packet_past_the_net_buffer_is_dropped() {
+        let mut rx = serial::Receiver::with_limits(serial::MAX_RX_LINE, 384);
+        let fits = vec![1u8; 380];
+        assert_eq!(serial::encode_as_zephyr(&fits).split_inclusive(|b| *b == b'\n').map(|l| rx.push_line(l)).last(), Some(serial::LineOutcome::Message(fits)));
+        let over = vec![1u8; 381];
+        let outcomes: Vec<_> = serial::encode_as_zephyr(&over).split_inclusive(|b| *b == b'\n').map(|l| rx.push_line(l)).collect();
+        assert!(outcomes.contains(&serial::LineOutcome::Dropped("packet larger than the net buffer")), "{outcomes:?}");
+        // A 128-byte line fits Zephyr's receive buffer; 129 does not.
+        let mut rx = serial::Receiver::new();
+        // (Its packet says 2 bytes and brings 91: decoded, then refused for that.)
+        let mut line = b"\x06\x09AAIA".to_vec();
+        line.extend(std::iter::repeat_n(b'A', 120));
+        line.extend(b"\r\n");
+        assert_eq!(rx.push_line(&line), serial::LineOutcome::Dropped("more bytes than the packet length"));
+        line.insert(2, b'A');
+        assert_eq!(rx.push_line(&line), serial::LineOutcome::Dropped("line longer than the receive buffer"));
     }
 
     #[test]
