@@ -33,6 +33,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("dbus_wire", dbus_wire_parses_restamps_and_matches),
     ("smp_frame", smp_frames_round_trip),
     ("smp_server", smp_server_answers_are_well_formed),
+    ("smp_serial", smp_serial_link_keeps_time_and_bounds),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -644,4 +645,57 @@ pub fn smp_server_answers_are_well_formed(data: &[u8]) -> bool {
         let _ = server.take_events();
     }
     answered
+}
+
+/// Arbitrary bytes into the SMP server's serial port and its answers back out. The first
+/// byte picks the framing (bit 0: raw), flow control (bit 1), a work-queue time per line
+/// (bits 2-4, 0..35 ms) and wire time (bit 5, 115200 baud); the rest is cut at every 0xC0
+/// byte into writes 7 ms apart. Invariants: no panic; arrivals come in time order, never
+/// before their bytes were written; a message fits the net buffer (raw: exactly its
+/// header's length); every message's answer goes out and the link ends with nothing left.
+pub fn smp_serial_link_keeps_time_and_bounds(data: &[u8]) -> bool {
+    use crate::device::smp_core::{SmpServer, SmpServerConfig};
+    use crate::device::smp_serial::{SerialArrival, SerialFraming, SerialLink, SerialLinkConfig};
+    let Some((&mode, rest)) = data.split_first() else { return false };
+    let cfg = SerialLinkConfig {
+        framing: if mode & 1 == 1 { SerialFraming::Raw } else { SerialFraming::Console },
+        pause_when_full: mode & 2 == 2,
+        line_work: Duration::from_millis(5 * u64::from((mode >> 2) & 7)),
+        baud: (mode & 0x20 != 0).then_some(115_200),
+        net_buf: 384,
+        ..Default::default()
+    };
+    let raw = cfg.framing == SerialFraming::Raw;
+    let mut link = SerialLink::new(cfg);
+    let mut server = SmpServer::new(SmpServerConfig { slot_size: 4096, ..Default::default() }).expect("the default image fits 4 KiB");
+    let mut last = Duration::ZERO;
+    let mut messages = 0;
+    let mut step = |link: &mut SerialLink, server: &mut SmpServer, now: Duration, last: &mut Duration| {
+        while let Some(at) = link.next_due().filter(|at| *at <= now) {
+            assert!(at >= *last, "an arrival at {at:?} after one at {last:?}");
+            *last = at;
+            for a in link.take_arrivals(at) {
+                if let SerialArrival::Message(m) = a {
+                    assert!(m.len() <= 384, "a {}-byte message through a 384-byte net buffer", m.len());
+                    if raw {
+                        assert_eq!(smp::frame_len(&m), Some(m.len()), "a raw message is not its header's length");
+                    }
+                    messages += 1;
+                    for answer in server.handle_bytes(&m, at) {
+                        link.send_message(&answer, at);
+                    }
+                }
+            }
+            let _ = link.take_writes(at);
+        }
+    };
+    for (i, write) in rest.split(|b| *b == 0xc0).enumerate() {
+        let now = Duration::from_millis(7 * i as u64);
+        step(&mut link, &mut server, now, &mut last);
+        link.receive(write, now);
+    }
+    step(&mut link, &mut server, Duration::from_secs(3600), &mut last);
+    assert_eq!(link.next_due(), None, "something left on the link after an hour");
+    let _ = server.take_events();
+    messages > 0
 }

@@ -8,4 +8,5 @@ pub mod eg4_core;
 pub mod jbd;
 pub mod jbd_core;
 pub mod smp_core;
+pub mod smp_serial;
 pub mod smp_udp;
