@@ -232,3 +232,21 @@ fn wire_time_half_duplex_and_the_eg4_ll_profile() {
     drop(port);
     assert_eq!(sim.stop(), 0);
 }
+
+/// A SIGTERM the moment the ready line is out shuts every simulator down
+/// cleanly: the handlers are in place before the line is printed, so the
+/// symlink goes with the process (it used to be installed on the first poll
+/// after the line, and a fast SIGTERM killed the process with its link left).
+#[test]
+fn a_sigterm_right_after_the_ready_line_removes_the_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("port");
+    let l = link.to_str().unwrap();
+    for args in [vec!["smp-server", "--tty", l], vec!["eg4-lp4", "--tty", l]] {
+        for _ in 0..10 {
+            let sim = common::start_sim(&args, dir.path());
+            assert_eq!(sim.stop(), 0, "{args:?}");
+            assert!(link.symlink_metadata().is_err(), "{args:?} left {}", link.display());
+        }
+    }
+}

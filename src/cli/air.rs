@@ -94,10 +94,11 @@ pub fn run(a: AirArgs) -> i32 {
             "adapters": air.peripheral_adapters(),
             "hosts": air.hosts(),
         });
+        let signal = super::sim::wait_for_signal();
         println!("{ready}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        super::sim::wait_for_signal().await;
+        signal.await;
         tracing::info!("shutting down");
         air.stop().await;
         0

@@ -171,10 +171,11 @@ pub fn sim(a: JbdSimArgs) -> Result<(), String> {
             "profile": a.profile,
             "endpoints": { "address": device.address, "dbus_system_bus_address": bus },
         });
+        let signal = super::sim::wait_for_signal();
         println!("{ready}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        super::sim::wait_for_signal().await;
+        signal.await;
         tracing::info!("shutting down");
         device.stop().await;
         unplace(placement).await;

@@ -229,10 +229,11 @@ fn bsc_hub(a: BscHubSimArgs) -> Result<(), String> {
             "tls": hub.is_tls(),
             "subprotocol": crate::device::bsc_hub::HUB_SUBPROTOCOL,
         });
+        let signal = wait_for_signal();
         println!("{ready}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        wait_for_signal().await;
+        signal.await;
         tracing::info!("shutting down");
         let stats = hub.stats();
         hub.shutdown().await;
@@ -418,10 +419,11 @@ fn eg4(a: Eg4SimArgs) -> Result<(), String> {
             "protocol": a.protocol,
             "packs": packs.len(),
         });
+        let signal = wait_for_signal();
         println!("{ready}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        wait_for_signal().await;
+        signal.await;
         tracing::info!("shutting down");
         for b in &buses {
             // Stop the bus so its `stopped` removes the symlinks now.
@@ -434,16 +436,22 @@ fn eg4(a: Eg4SimArgs) -> Result<(), String> {
     result
 }
 
-pub(crate) async fn wait_for_signal() {
+pub(crate) fn wait_for_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers we cannot shut down cleanly: wait forever
-        // on ctrl-c via the portable API instead.
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    // Installed now, not when first polled: a SIGTERM that comes right
+    // after the ready line must shut down cleanly, not kill the process
+    // with its symlinks left behind.
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers we cannot shut down cleanly: wait forever
+            // on ctrl-c via the portable API instead.
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
     }
 }

@@ -9,4 +9,4 @@ pub mod jbd;
 pub mod jbd_core;
 pub mod smp_core;
 pub mod smp_serial;
-pub mod smp_udp;
+pub mod smp_host;

@@ -1,7 +1,8 @@
 //! `smp-server`: a Zephyr/MCUboot device's MCUmgr SMP server (OS and Image
-//! groups, two image slots that test, swap, confirm and revert) over UDP.
-//! Its address is `{{smp.NAME}}`. `hilbench sim smp-server` serves one
-//! from the command line.
+//! groups, two image slots that test, swap, confirm and revert) over UDP
+//! and a serial port on a PTY, one device behind both. Its UDP address is
+//! `{{smp.NAME}}`, its serial port `{{smp.NAME.tty}}`. `hilbench sim
+//! smp-server` serves one from the command line.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,7 +14,8 @@ use serde::Deserialize;
 
 use super::{at_key, decode_keys, Declared, Kind, Names, Role, Running, StartContext};
 use crate::device::smp_core::{SmpEvent, SmpServerConfig};
-use crate::device::smp_udp::{self, SmpUdpHandle};
+use crate::device::smp_host::{self, SmpEndpoints, SmpHandle, SmpTty};
+use crate::device::smp_serial::{SerialFraming, SerialLinkConfig};
 use crate::link::fault::LinkMedium;
 use crate::observe::{ObservationKind, ObservationLog};
 use crate::scenario::source::Problem;
@@ -26,9 +28,16 @@ pub struct SmpServerKind;
 #[serde(deny_unknown_fields)]
 pub struct SmpServerKeys {
     pub name: String,
-    /// UDP address to serve on (port 0: any free port; default 127.0.0.1:0).
+    /// UDP address to serve on (port 0: any free port; default 127.0.0.1:0
+    /// unless only `tty` is given).
     #[serde(default)]
     pub udp: Option<SocketAddr>,
+    /// A serial port on a PTY: `auto` (its /dev/pts path) or the path of a
+    /// symlink to make.
+    #[serde(default)]
+    pub tty: Option<PathBuf>,
+    #[serde(flatten)]
+    pub serial: SerialKeys,
     /// mcumgr params: largest message with its header (also the UDP net
     /// buffer; default 2048, Zephyr's smp_svr UDP configuration).
     #[serde(default)]
@@ -49,25 +58,99 @@ pub struct SmpServerKeys {
     pub legacy_rc: bool,
 }
 
+/// The serial port's keys (scenario) and options (`sim`).
+#[derive(Debug, Clone, Default, Deserialize, Args)]
+#[serde(deny_unknown_fields)]
+pub struct SerialKeys {
+    /// Serial: pace both directions at this baud rate (8N1), as the wire would.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(300..))]
+    #[serde(default)]
+    pub baud: Option<u32>,
+    /// Serial: console lines (base64, CRC; the default) or raw header + payload.
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub framing: Option<SerialFraming>,
+    /// Serial: line buffers in the receive pool (CONFIG_UART_MCUMGR_RX_BUF_COUNT; default 2).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    #[serde(default)]
+    pub line_buffers: Option<u16>,
+    /// Serial: how long the firmware's work queue takes per line; lines that
+    /// come while every buffer waits are dropped (or paused, with --flow-control). Default 0.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_dur")]
+    pub line_work: Option<Duration>,
+    /// Serial: pause the sender while no line buffer is free, as drivers with
+    /// flow control do, instead of dropping lines.
+    #[arg(long)]
+    #[serde(default)]
+    pub flow_control: bool,
+    /// Serial: no boot banner on the console after a reboot.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_banner: bool,
+}
+
+/// A duration key as `Dur` spells it (`300ms`, `2s`).
+mod opt_dur {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::time::Duration>, D::Error> {
+        Ok(Option::<crate::scenario::spec::Dur>::deserialize(d)?.map(|x| x.0))
+    }
+}
+
+impl SerialKeys {
+    fn tty(&self, link: Option<PathBuf>) -> SmpTty {
+        let d = SerialLinkConfig::default();
+        SmpTty {
+            link,
+            serial: SerialLinkConfig {
+                framing: self.framing.unwrap_or(d.framing),
+                baud: self.baud,
+                line_buffers: self.line_buffers.map_or(d.line_buffers, usize::from),
+                line_work: self.line_work.unwrap_or(d.line_work),
+                pause_when_full: self.flow_control,
+                ..d
+            },
+            banner: !self.no_banner,
+        }
+    }
+}
+
+/// `auto` is the PTY's own path; anything else is a symlink to make.
+fn tty_link(p: &std::path::Path) -> Option<PathBuf> {
+    (p != std::path::Path::new("auto")).then(|| p.to_path_buf())
+}
+
 /// `hilbench sim smp-server --help` after the options.
 pub const SIM_HELP: &str = "Examples:
   # the SMP UDP port Zephyr uses, on loopback
   hilbench sim smp-server --udp 127.0.0.1:1337
   # any free port, Zephyr's default 384-byte buffers (see the ready line for the address)
   hilbench sim smp-server --udp 127.0.0.1:0 --buf-size 384
+  # a serial port at /tmp/smp (a symlink to the PTY), paced at 115200 baud
+  hilbench sim smp-server --tty /tmp/smp --baud 115200 --buf-size 384
+  # the same device over UDP and serial at once
+  hilbench sim smp-server --udp 127.0.0.1:1337 --tty /tmp/smp
 
 Then, e.g. with smpmgr from PyPI:  smpmgr --ip 127.0.0.1 image state-read
+                              or:  smpmgr --port /tmp/smp image state-read
 
-Prints one JSON line when serving:
-  {\"ready\":true,\"kind\":\"smp-server\",\"endpoints\":{\"udp\":\"127.0.0.1:1337\"}}
+Prints one JSON line when serving, with every endpoint it serves:
+  {\"ready\":true,\"kind\":\"smp-server\",\"endpoints\":{\"udp\":\"127.0.0.1:1337\",\"tty\":\"/tmp/smp\"}}
 then serves until SIGINT/SIGTERM, printing what the device does (uploads,
 test/confirm, resets and the swap MCUboot ran) as JSON lines on stdout.";
 
 #[derive(Args, Debug)]
 pub struct SmpServerSimArgs {
-    /// UDP address to serve on (port 0: any free port).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1337")]
-    pub udp: SocketAddr,
+    /// UDP address to serve on (port 0: any free port). Default 127.0.0.1:1337
+    /// unless --tty is given alone.
+    #[arg(long, value_name = "ADDR")]
+    pub udp: Option<SocketAddr>,
+    /// Serve a serial port on a PTY: `auto` (see the ready line) or a symlink path to make.
+    #[arg(long, value_name = "PATH")]
+    pub tty: Option<PathBuf>,
+    #[command(flatten)]
+    pub serial: SerialKeys,
     /// Node name (OS info).
     #[arg(long, default_value = "hilbench-smp")]
     pub name: String,
@@ -92,6 +175,17 @@ pub struct SmpServerSimArgs {
     pub legacy_rc: bool,
 }
 
+fn endpoints_json(h: &SmpHandle) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    if let Some(a) = h.udp_addr() {
+        m.insert("udp".into(), a.to_string().into());
+    }
+    if let Some(p) = h.tty_path() {
+        m.insert("tty".into(), p.display().to_string().into());
+    }
+    m.into()
+}
+
 fn read_image(path: &std::path::Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read the image {}: {e}", path.display()))
 }
@@ -113,12 +207,17 @@ fn sim(a: SmpServerSimArgs) -> Result<(), String> {
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
     rt.block_on(async move {
-        let server = smp_udp::serve(config, a.udp).await?;
+        let udp = match (a.udp, &a.tty) {
+            (None, None) => Some(SocketAddr::from(([127, 0, 0, 1], 1337))),
+            (udp, _) => udp,
+        };
+        let tty = a.tty.as_deref().map(|p| a.serial.tty(tty_link(p)));
+        let server = smp_host::serve(config, SmpEndpoints { udp, tty }).await?;
         let mut events = server.subscribe();
-        println!("{}", serde_json::json!({ "ready": true, "kind": "smp-server", "endpoints": { "udp": server.local_addr().to_string() } }));
+        let signal = crate::cli::sim::wait_for_signal();
+        println!("{}", serde_json::json!({ "ready": true, "kind": "smp-server", "endpoints": endpoints_json(&server) }));
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        let signal = crate::cli::sim::wait_for_signal();
         tokio::pin!(signal);
         loop {
             tokio::select! {
@@ -149,20 +248,25 @@ impl Kind for SmpServerKind {
         Role::Device
     }
     fn about(&self) -> &'static str {
-        "Zephyr/MCUboot MCUmgr SMP server over UDP: OS and Image groups, two slots that test, swap, confirm and revert"
+        "Zephyr/MCUboot MCUmgr SMP server over UDP and serial: OS and Image groups, two slots that test, swap, confirm and revert"
     }
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<SmpServerKeys>(entry)?))
     }
     fn sim(&self) -> Option<super::KindCommand> {
         Some(super::KindCommand {
-            command: || super::subcommand::<SmpServerSimArgs>("smp-server", "MCUmgr SMP server (Zephyr with MCUboot) over UDP.", SIM_HELP),
+            command: || super::subcommand::<SmpServerSimArgs>("smp-server", "MCUmgr SMP server (Zephyr with MCUboot) over UDP and serial.", SIM_HELP),
             run: |m| super::run_parsed(m, sim_main),
         })
     }
 }
 
 impl SmpServerKeys {
+    fn serial_keys_given(&self) -> bool {
+        let k = &self.serial;
+        k.baud.is_some() || k.framing.is_some() || k.line_buffers.is_some() || k.line_work.is_some() || k.flow_control || k.no_banner
+    }
+
     fn config(&self) -> Result<SmpServerConfig, String> {
         let mut c = SmpServerConfig { name: self.name.clone(), legacy_rc: self.legacy_rc, buf_size: 2048, ..Default::default() };
         if let Some(b) = self.buf_size {
@@ -193,6 +297,20 @@ impl Declared for SmpServerKeys {
         if self.buf_size.is_some_and(|b| b < 64) {
             return Err(at_key("buf_size", "buf_size must be at least 64 bytes"));
         }
+        if let Some(t) = self.tty.as_deref().and_then(tty_link) {
+            if let Some(dir) = t.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+                return Err(at_key("tty", format!("directory {} does not exist", dir.display())));
+            }
+        }
+        if self.serial.line_buffers == Some(0) {
+            return Err(at_key("line_buffers", "line_buffers must be at least 1"));
+        }
+        if self.serial.baud.is_some_and(|b| b < 300) {
+            return Err(at_key("baud", "baud must be at least 300"));
+        }
+        if self.tty.is_none() && self.serial_keys_given() {
+            return Err(at_key("tty", "serial keys (baud, framing, line_buffers, line_work, flow_control, no_banner) need `tty`"));
+        }
         if let Some(p) = &self.image {
             if !p.is_file() {
                 return Err(at_key("image", format!("no image file at {}", p.display())));
@@ -213,15 +331,19 @@ impl Declared for SmpServerKeys {
     fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
         Box::pin(async move {
             let config = self.config().map_err(|e| format!("`{}`: {e}", self.name))?;
-            let bind = self.udp.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-            let handle = smp_udp::serve(config, bind).await.map_err(|e| format!("`{}`: {e}", self.name))?;
+            let udp = match (self.udp, &self.tty) {
+                (None, None) => Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                (udp, _) => udp,
+            };
+            let tty = self.tty.as_deref().map(|p| self.serial.tty(tty_link(p)));
+            let handle = smp_host::serve(config, SmpEndpoints { udp, tty }).await.map_err(|e| format!("`{}`: {e}", self.name))?;
             let events = forward_events(&handle, cx.log.clone(), self.name.clone());
             Ok(Box::new(RunningSmp { name: self.name.clone(), handle: Some(handle), events: Some(events) }) as Box<dyn Running>)
         })
     }
 }
 
-fn forward_events(handle: &SmpUdpHandle, log: ObservationLog, source: String) -> tokio::task::JoinHandle<()> {
+fn forward_events(handle: &SmpHandle, log: ObservationLog, source: String) -> tokio::task::JoinHandle<()> {
     let mut rx = handle.subscribe();
     actix::spawn(async move {
         use tokio::sync::broadcast::error::RecvError;
@@ -249,13 +371,21 @@ fn smp_observation(ev: &SmpEvent) -> ObservationKind {
 
 struct RunningSmp {
     name: String,
-    handle: Option<SmpUdpHandle>,
+    handle: Option<SmpHandle>,
     events: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running for RunningSmp {
     fn vars(&self) -> Vec<(String, String)> {
-        self.handle.as_ref().map(|h| vec![(format!("smp.{}", self.name), h.local_addr().to_string())]).unwrap_or_default()
+        let Some(h) = &self.handle else { return Vec::new() };
+        let mut vars = Vec::new();
+        if let Some(a) = h.udp_addr() {
+            vars.push((format!("smp.{}", self.name), a.to_string()));
+        }
+        if let Some(p) = h.tty_path() {
+            vars.push((format!("smp.{}.tty", self.name), p.display().to_string()));
+        }
+        vars
     }
     fn stop(mut self: Box<Self>) -> LocalBoxFuture<'static, ()> {
         Box::pin(async move {

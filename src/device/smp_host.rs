@@ -1,0 +1,347 @@
+//! The SMP server's host: one sans-IO [`SmpServer`] behind every transport
+//! it serves, so a reset over one is a reboot on all.
+//!
+//! - UDP, as Zephyr's UDP transport serves it: one SMP message per datagram
+//!   (or several back to back), the answer to the sender's address, and a
+//!   datagram larger than the net buffer dropped unread. UDP has no
+//!   connections, so a reset only makes the server silent for the boot time.
+//! - A serial port on a PTY, through the [`SerialLink`] model (console or raw
+//!   framing, the line-buffer pool, wire time). The PTY stays through a
+//!   reset; nothing answers until the device is up, and with console
+//!   framing the boot banner comes first.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, watch};
+
+use super::smp_core::{SmpEvent, SmpServer, SmpServerConfig};
+use super::smp_serial::{SerialArrival, SerialFraming, SerialLink, SerialLinkConfig};
+use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
+use crate::sans_io::{Input, Output, Peer, SansIoCore};
+use crate::transport::pty::PtyPort;
+
+/// What Zephyr prints on its console at every boot.
+pub const BOOT_BANNER: &str = "*** Booting Zephyr OS build v4.4.0 ***\r\n";
+
+/// Where the server is reached; at least one.
+#[derive(Debug, Clone, Default)]
+pub struct SmpEndpoints {
+    pub udp: Option<SocketAddr>,
+    pub tty: Option<SmpTty>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SmpTty {
+    /// A symlink to the PTY's slave side (`None`: only the /dev/pts path).
+    pub link: Option<PathBuf>,
+    pub serial: SerialLinkConfig,
+    /// Print the boot banner on the line after each reboot (console framing only).
+    pub banner: bool,
+}
+
+/// A running SMP server; dropping it (or [`SmpHandle::shutdown`]) stops it.
+pub struct SmpHandle {
+    udp: Option<SocketAddr>,
+    tty: Option<PathBuf>,
+    events: broadcast::Sender<SmpEvent>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SmpHandle {
+    /// The UDP address served, if any.
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.udp
+    }
+
+    /// The path a serial client opens, if a PTY is served.
+    pub fn tty_path(&self) -> Option<&Path> {
+        self.tty.as_deref()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<SmpEvent> {
+        self.events.subscribe()
+    }
+
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for SmpHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Peers as the core sees them: each transport is one.
+const UDP_PEER: Peer = Peer(0);
+const TTY_PEER: Peer = Peer(1);
+
+/// Opens every endpoint and serves `config` there until shut down.
+pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<SmpHandle, String> {
+    if endpoints.udp.is_none() && endpoints.tty.is_none() {
+        return Err("an SMP server needs at least one endpoint (UDP or a PTY)".into());
+    }
+    let netbuf = usize::from(config.buf_size);
+    let core = SmpServer::new(config)?;
+    let udp = match endpoints.udp {
+        Some(bind) => Some(UdpSocket::bind(bind).await.map_err(|e| format!("cannot bind UDP {bind}: {e}"))?),
+        None => None,
+    };
+    let udp_addr = udp.as_ref().map(|s| s.local_addr().map_err(|e| e.to_string())).transpose()?;
+    let tty = match endpoints.tty {
+        Some(t) => {
+            let pty = PtyPort::open(t.link.as_deref()).map_err(|e| e.to_string())?;
+            let banner = t.banner && t.serial.framing == SerialFraming::Console;
+            Some(Tty { link: SerialLink::new(SerialLinkConfig { net_buf: netbuf, ..t.serial }), pty, banner })
+        }
+        None => None,
+    };
+    let tty_path = tty.as_ref().map(|t| t.pty.path().to_path_buf());
+    let (events, _) = broadcast::channel(1024);
+    let (stop, stop_rx) = watch::channel(false);
+    let host = Host { core, epoch: Instant::now(), udp, netbuf, tty, events: events.clone(), dropped: LogEvery::new(REFUSAL_LOG_PERIOD) };
+    let task = tokio::spawn(host.run(stop_rx));
+    Ok(SmpHandle { udp: udp_addr, tty: tty_path, events, stop, task: Some(task) })
+}
+
+struct Tty {
+    link: SerialLink,
+    pty: PtyPort,
+    banner: bool,
+}
+
+struct Host {
+    core: SmpServer,
+    epoch: Instant,
+    udp: Option<UdpSocket>,
+    netbuf: usize,
+    tty: Option<Tty>,
+    events: broadcast::Sender<SmpEvent>,
+    dropped: LogEvery,
+}
+
+/// What woke the host.
+enum Wake {
+    Stop,
+    Timer,
+    Datagram(std::io::Result<(usize, SocketAddr)>),
+    Serial(std::io::Result<usize>),
+}
+
+impl Host {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        // The largest datagram, so one past the net buffer is seen whole and dropped, not cut.
+        let mut dgram = vec![0u8; 65_536];
+        let mut serial = vec![0u8; 4096];
+        loop {
+            let wake = self.next_wakeup().map(|d| tokio::time::Instant::from_std(self.epoch + d));
+            let woke = tokio::select! {
+                _ = stop.changed() => Wake::Stop,
+                _ = async { tokio::time::sleep_until(wake.expect("guarded")).await }, if wake.is_some() => Wake::Timer,
+                r = async { self.udp.as_ref().expect("guarded").recv_from(&mut dgram).await }, if self.udp.is_some() => Wake::Datagram(r),
+                r = async { self.tty.as_ref().expect("guarded").pty.read(&mut serial).await }, if self.tty.is_some() => Wake::Serial(r),
+            };
+            let now = self.epoch.elapsed();
+            match woke {
+                Wake::Stop => return,
+                Wake::Timer => self.feed(Input::Timeout, now, None).await,
+                Wake::Datagram(Ok((n, from))) => self.datagram(&dgram[..n], from, now).await,
+                Wake::Datagram(Err(_)) => {}
+                Wake::Serial(Ok(n)) => {
+                    if let Some(t) = &mut self.tty {
+                        t.link.receive(&serial[..n], now);
+                    }
+                }
+                Wake::Serial(Err(e)) => {
+                    tracing::warn!("smp serial: the PTY failed ({e}); serving UDP only");
+                    self.tty = None;
+                    if self.udp.is_none() {
+                        return;
+                    }
+                }
+            }
+            self.pump_serial(now).await;
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Duration> {
+        let serial = self.tty.as_ref().and_then(|t| t.link.next_due());
+        match (self.core.next_wakeup(), serial) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    async fn datagram(&mut self, bytes: &[u8], from: SocketAddr, now: Duration) {
+        if bytes.len() > self.netbuf {
+            let n = bytes.len();
+            if let Some(more) = self.dropped.check(Instant::now()) {
+                tracing::warn!("smp udp: dropped a {n}-byte datagram from {from}, larger than the {}-byte net buffer ({more} more since the last line)", self.netbuf);
+            }
+            let _ = self.events.send(SmpEvent::Silent { reason: format!("{n}-byte datagram is larger than the {}-byte net buffer", self.netbuf) });
+            return;
+        }
+        self.feed(Input::Bytes { from: UDP_PEER, bytes }, now, Some(from)).await;
+    }
+
+    /// Feeds the core and carries out what it says: answers to the peer they
+    /// are for, events to subscribers (and a reboot to the serial line).
+    async fn feed(&mut self, input: Input<'_>, now: Duration, udp_from: Option<SocketAddr>) {
+        let mut out = Vec::new();
+        let _ = self.core.handle_input(input, now, &mut out);
+        for o in out {
+            match o {
+                Output::Send { to, bytes } if to == UDP_PEER => {
+                    if let (Some(sock), Some(addr)) = (&self.udp, udp_from) {
+                        let _ = sock.send_to(&bytes, addr).await;
+                    }
+                }
+                Output::Send { bytes, .. } => {
+                    if let Some(t) = &mut self.tty {
+                        t.link.send_message(&bytes, now);
+                    }
+                }
+                Output::Event(e) => {
+                    if let Some(t) = &mut self.tty {
+                        match e {
+                            SmpEvent::Rebooted { .. } => t.link.reset_rx(),
+                            SmpEvent::Up if t.banner => t.link.send_text(BOOT_BANNER.as_bytes(), now),
+                            _ => {}
+                        }
+                    }
+                    let _ = self.events.send(e);
+                }
+                Output::Close(_) => {}
+            }
+        }
+    }
+
+    /// Hands the core what the serial line has delivered by `now` and writes
+    /// what is due on the line.
+    async fn pump_serial(&mut self, now: Duration) {
+        let arrivals = match &mut self.tty {
+            Some(t) => t.link.take_arrivals(now),
+            None => return,
+        };
+        for a in arrivals {
+            match a {
+                SerialArrival::Message(m) => self.feed(Input::Bytes { from: TTY_PEER, bytes: &m }, now, None).await,
+                SerialArrival::Dropped(reason) => {
+                    if let Some(more) = self.dropped.check(Instant::now()) {
+                        tracing::warn!("smp {reason} ({more} more since the last line)");
+                    }
+                    let _ = self.events.send(SmpEvent::Silent { reason });
+                }
+            }
+        }
+        if let Some(t) = &mut self.tty {
+            let bytes = t.link.take_writes(now);
+            // Nobody reading the port fills the PTY; a UART with nobody
+            // listening loses what it sends, and so does this one.
+            if !bytes.is_empty() {
+                let _ = t.pty.try_write(&bytes);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::smp::{SmpHeader, SmpOp, SmpVersion};
+
+    fn udp_only() -> SmpEndpoints {
+        SmpEndpoints { udp: Some("127.0.0.1:0".parse().unwrap()), tty: None }
+    }
+
+    #[tokio::test]
+    async fn a_reset_over_udp_reboots_and_comes_back() {
+        let server = serve(SmpServerConfig { boot_time: std::time::Duration::from_millis(100), ..Default::default() }, udp_only()).await.unwrap();
+        let mut events = server.subscribe();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut reset = SmpHeader::new(SmpVersion::V2, SmpOp::Write, 0, 5, 1, 1).encode().to_vec();
+        reset.push(0xa0);
+        client.send_to(&reset, server.udp_addr().unwrap()).await.unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(n, 9, "an empty map answers the reset");
+        let mut seen = Vec::new();
+        while !seen.contains(&SmpEvent::Up) {
+            seen.push(tokio::time::timeout(std::time::Duration::from_secs(5), events.recv()).await.expect("events keep coming").unwrap());
+        }
+        assert!(seen.iter().any(|e| matches!(e, SmpEvent::Rebooted { .. })), "{seen:?}");
+        server.shutdown().await;
+    }
+
+    /// Zephyr drops a datagram larger than its net buffer unread: smpclient's
+    /// 1472-byte upload chunks against a 384-byte device get no answer.
+    #[tokio::test]
+    async fn a_datagram_past_the_net_buffer_is_dropped_unanswered() {
+        let server = serve(SmpServerConfig { buf_size: 384, ..Default::default() }, udp_only()).await.unwrap();
+        let mut events = server.subscribe();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let echo = |text: &str| {
+            let body = crate::protocol::smp::encode_map(vec![("d", ciborium::Value::Text(text.into()))]);
+            let mut b = SmpHeader::new(SmpVersion::V2, SmpOp::Write, 0, 0, 1, body.len() as u16).encode().to_vec();
+            b.extend(body);
+            b
+        };
+        client.send_to(&echo(&"x".repeat(400)), server.udp_addr().unwrap()).await.unwrap();
+        let dropped = tokio::time::timeout(std::time::Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+        assert!(matches!(&dropped, SmpEvent::Silent { reason } if reason.contains("larger than the 384-byte net buffer")), "{dropped:?}");
+        // One that fits is answered, and it is the only answer that comes.
+        client.send_to(&echo("fits"), server.udp_addr().unwrap()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let (n, _) = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv_from(&mut buf)).await.unwrap().unwrap();
+        let m = crate::protocol::smp::decode_map(&buf[8..n]).unwrap();
+        assert_eq!(crate::protocol::smp::get(&m, "r"), Some(&ciborium::Value::Text("fits".into())));
+        server.shutdown().await;
+    }
+
+    /// One device behind both transports: a reset asked over serial reboots it
+    /// for UDP too, the serial line shows the boot banner after the answer,
+    /// and both answer again once it is up.
+    #[tokio::test]
+    async fn a_reset_over_serial_reboots_the_device_on_every_transport() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let endpoints = SmpEndpoints { udp: Some("127.0.0.1:0".parse().unwrap()), tty: Some(SmpTty { link: None, serial: SerialLinkConfig::default(), banner: true }) };
+        let server = serve(SmpServerConfig { boot_time: std::time::Duration::from_millis(100), ..Default::default() }, endpoints).await.unwrap();
+        let mut events = server.subscribe();
+        let mut port = crate::transport::serial::open_serial(server.tty_path().unwrap(), 115_200).unwrap();
+        let mut reset = SmpHeader::new(SmpVersion::V2, SmpOp::Write, 0, 5, 9, 1).encode().to_vec();
+        reset.push(0xa0);
+        port.write_all(&crate::protocol::smp::serial::encode(&reset, 127)).await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains(BOOT_BANNER) {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), port.read(&mut buf)).await.expect("the banner comes").unwrap();
+            seen.extend(&buf[..n]);
+        }
+        let answer_end = seen.iter().position(|b| *b == b'\n').unwrap() + 1;
+        let mut rx = crate::protocol::smp::serial::Receiver::new();
+        let crate::protocol::smp::serial::LineOutcome::Message(m) = rx.push_line(&seen[..answer_end]) else { panic!("{seen:?}") };
+        assert_eq!(&m[..8], SmpHeader::new(SmpVersion::V2, SmpOp::WriteResponse, 0, 5, 9, 1).encode(), "the answer comes before the banner");
+        assert_eq!(&seen[answer_end..], BOOT_BANNER.as_bytes());
+        let mut rebooted = false;
+        while let Ok(Ok(e)) = tokio::time::timeout(std::time::Duration::from_millis(200), events.recv()).await {
+            rebooted |= matches!(e, SmpEvent::Rebooted { .. });
+        }
+        assert!(rebooted);
+        // Up again on UDP as well.
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut params = SmpHeader::new(SmpVersion::V2, SmpOp::Read, 0, 6, 2, 1).encode().to_vec();
+        params.push(0xa0);
+        client.send_to(&params, server.udp_addr().unwrap()).await.unwrap();
+        let (n, _) = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 8);
+        server.shutdown().await;
+    }
+}
