@@ -10,8 +10,9 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
-use hilbench::protocol::mcuboot::build_image;
+use hilbench::protocol::mcuboot::{build_image, McubootImage};
 
 fn steps(stdout: &str) -> Vec<serde_json::Value> {
     stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
@@ -110,4 +111,93 @@ fn mcumgr_toolkit_updates_tests_confirms_and_reverts_over_serial_lines() {
 #[test]
 fn mcumgr_toolkit_updates_tests_confirms_and_reverts_over_raw_serial() {
     toolkit_extras(&dfu("mcumgr_toolkit_dfu.py", &["--tty", "auto", "--framing", "raw", "--buf-size", "384"], |e| format!("raw:{}", e["tty"].as_str().expect("endpoints.tty"))));
+}
+
+/// Runs the smpmgr command line (from the venv, next to its Python) with `args`; smpmgr exits 0
+/// even when the device answers with an error, so callers read its output.
+fn smpmgr(py: &str, connection: &[&str], args: &[&str]) -> String {
+    let bin = Path::new(py).with_file_name("smpmgr");
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(&bin)
+        .args(connection)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("COLUMNS", "200")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "smpmgr {args:?} exited {:?}:\n{text}", out.status);
+    text
+}
+
+/// (slot, version, pending, confirmed, active, permanent) from smpmgr's `image state-read`.
+fn smpmgr_slots(text: &str) -> Vec<(u64, String, bool, bool, bool, bool)> {
+    let flat: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    flat.split("ImageState(")
+        .skip(1)
+        .map(|s| {
+            let field = |k: &str| s.split(&format!("{k}=")).nth(1).and_then(|v| v.split([',', ')']).next()).unwrap_or_else(|| panic!("no {k} in {s}")).to_string();
+            let b = |k: &str| field(k) == "True";
+            (field("slot").parse().unwrap(), field("version").trim_matches('\'').to_string(), b("pending"), b("confirmed"), b("active"), b("permanent"))
+        })
+        .collect()
+}
+
+/// smpmgr as users type it: echo; `upgrade`, which uploads to image 0 and resets without
+/// marking a test (on a Zephyr application nothing swaps: its `--slot 0` path is meant for
+/// MCUboot's serial recovery); `image state-write HASH` + `os reset` (TEST swap);
+/// `state-write --confirm`; then `upgrade --confirm` (PERM swap in one go).
+fn smpmgr_session(sim_args: &[&str], connection: impl Fn(&serde_json::Value) -> Vec<String>) {
+    let py = hilbench::python_with("smpmgr").unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["smp-server", "--boot-time", "300ms"];
+    args.extend(sim_args);
+    let sim = common::start_sim(&args, dir.path());
+    let connection = connection(&sim.ready["endpoints"]);
+    let c: Vec<&str> = connection.iter().map(String::as_str).collect();
+    let (v2, v3) = (build_image("2.0.0".parse().unwrap(), &[0x5a; 20_000]), build_image("3.0.0".parse().unwrap(), &[0xa5; 9_000]));
+    let (first, second) = (dir.path().join("v2.bin"), dir.path().join("v3.bin"));
+    std::fs::write(&first, &v2).unwrap();
+    std::fs::write(&second, &v3).unwrap();
+    let hash: String = McubootImage::parse(&v2).unwrap().hash.iter().map(|b| format!("{b:02X}")).collect();
+
+    assert!(smpmgr(&py, &c, &["os", "echo", "hello"]).contains("r='hello'"));
+    let up = smpmgr(&py, &c, &["upgrade", first.to_str().unwrap()]);
+    assert!(up.contains("Upgrade complete"), "{up}");
+    assert!(sim.wait_line("\"rebooted\"", Duration::from_secs(10)).contains("\"swap\":\"none\""), "nothing was marked for the next boot");
+    sim.wait_line("\"up\"", Duration::from_secs(10));
+    let s = |v: &str, p, c, a, perm| (0u64, v.to_string(), p, c, a, perm);
+    let t = |v: &str, p, c, a, perm| (1u64, v.to_string(), p, c, a, perm);
+    assert_eq!(smpmgr_slots(&smpmgr(&py, &c, &["image", "state-read"])), vec![s("1.0.0", false, true, true, false), t("2.0.0", false, false, false, false)], "uploaded, not tested");
+    // (state-write prints only errors: read the state back.)
+    smpmgr(&py, &c, &["image", "state-write", &hash]);
+    assert_eq!(smpmgr_slots(&smpmgr(&py, &c, &["image", "state-read"]))[1], t("2.0.0", true, false, false, false));
+    smpmgr(&py, &c, &["os", "reset"]);
+    // The device's own account: it rebooted with a TEST swap and is up again.
+    assert!(sim.wait_line("\"rebooted\"", Duration::from_secs(10)).contains("\"swap\":\"test\""));
+    sim.wait_line("\"up\"", Duration::from_secs(10));
+    assert_eq!(smpmgr_slots(&smpmgr(&py, &c, &["image", "state-read"]))[0], s("2.0.0", false, false, true, false), "the test swap ran");
+    smpmgr(&py, &c, &["image", "state-write", "--confirm"]);
+    assert_eq!(smpmgr_slots(&smpmgr(&py, &c, &["image", "state-read"]))[0], s("2.0.0", false, true, true, false));
+    let up = smpmgr(&py, &c, &["upgrade", "--confirm", second.to_str().unwrap()]);
+    assert!(up.contains("Upgrade complete"), "{up}");
+    assert!(sim.wait_line("\"rebooted\"", Duration::from_secs(10)).contains("\"swap\":\"perm\""));
+    sim.wait_line("\"up\"", Duration::from_secs(10));
+    assert_eq!(smpmgr_slots(&smpmgr(&py, &c, &["image", "state-read"]))[0], s("3.0.0", false, true, true, false), "a permanent swap, confirmed");
+    // A bad hash gets the group error, which smpmgr prints (and exits 0).
+    assert!(smpmgr(&py, &c, &["image", "state-write", "00"]).contains("INVALID_HASH"));
+    assert_eq!(sim.stop(), 0);
+}
+
+/// smpmgr always uses port 1337, so this server has a loopback address of its own. The
+/// default 2048-byte buffer: smpmgr's UDP datagrams are 1472 bytes whatever the device says.
+#[test]
+fn smpmgr_upgrades_tests_and_confirms_over_udp() {
+    smpmgr_session(&["--udp", "127.0.0.31:1337"], |_| vec!["--ip".into(), "127.0.0.31".into()]);
+}
+
+#[test]
+fn smpmgr_upgrades_tests_and_confirms_over_serial_lines() {
+    smpmgr_session(&["--tty", "auto", "--buf-size", "384"], |e| vec!["--port".into(), e["tty"].as_str().expect("endpoints.tty").into()]);
 }

@@ -12,6 +12,8 @@ pub struct Sim {
     pub child: Child,
     pub ready: serde_json::Value,
     pub stderr_path: PathBuf,
+    /// The lines it printed after the ready line.
+    pub lines: std::sync::mpsc::Receiver<String>,
 }
 
 /// Starts `hilbench sim ARGS…` and waits (10 s at most) for its ready line.
@@ -27,9 +29,11 @@ pub fn start_sim(args: &[&str], dir: &Path) -> Sim {
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
     });
     let line = match rx.recv_timeout(Duration::from_secs(10)) {
         Ok(l) => l,
@@ -49,10 +53,24 @@ pub fn start_sim(args: &[&str], dir: &Path) -> Sim {
         child,
         ready,
         stderr_path,
+        lines: rx,
     }
 }
 
 impl Sim {
+    /// Waits (`within` at most) for a printed line containing `needle`; earlier lines are skipped.
+    pub fn wait_line(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("no line with {needle:?} within {within:?}"),
+            }
+        }
+    }
+
     pub fn tty(&self) -> PathBuf {
         PathBuf::from(self.ready["endpoints"]["tty"].as_str().expect("endpoints.tty"))
     }
