@@ -62,6 +62,19 @@ pub mod os_err {
     pub const RTC_NOT_SET: u16 = 4;
 }
 
+/// Enumeration group error numbers (enum_mgmt.h).
+mod enum_err {
+    pub const TOO_MANY_GROUP_ENTRIES: u16 = 2;
+    pub const INDEX_TOO_LARGE: u16 = 4;
+}
+
+/// The groups this server registers, in the order Zephyr's enumeration
+/// group lists them (handlers are registered sorted by handler name:
+/// enum_mgmt, img_mgmt, os_mgmt), with the names and handler counts it
+/// reports (a group's handler table is indexed by command id, so the count
+/// is the highest id + 1).
+const GROUPS: [(u16, &str, u64); 3] = [(group::ENUM, "enum mgmt", 4), (group::IMAGE, "img mgmt", 7), (group::OS, "os mgmt", 9)];
+
 /// A group error as v1 sees it (Zephyr's `*_translate_error_code`).
 fn v1_rc(group_id: u16, rc: u16) -> MgmtErr {
     match (group_id, rc) {
@@ -71,6 +84,7 @@ fn v1_rc(group_id: u16, rc: u16) -> MgmtErr {
         (group::IMAGE, 14 | 19 | 20 | 21 | 22 | 24 | 25) => MgmtErr::Inval,
         (group::OS, os_err::INVALID_FORMAT) => MgmtErr::Inval,
         (group::OS, os_err::QUERY_YIELDS_NO_ANSWER | os_err::RTC_NOT_SET) => MgmtErr::NoEnt,
+        (group::ENUM, enum_err::TOO_MANY_GROUP_ENTRIES) => MgmtErr::Inval,
         _ => MgmtErr::Unknown,
     }
 }
@@ -256,6 +270,10 @@ impl SmpServer {
             (group::IMAGE, 1, false) => Some(Self::upload),
             (group::IMAGE, 5, false) => Some(Self::erase),
             (group::IMAGE, 6, true) => Some(Self::slot_info),
+            (group::ENUM, 0, true) => Some(Self::enum_count),
+            (group::ENUM, 1, true) => Some(Self::enum_list),
+            (group::ENUM, 2, true) => Some(Self::enum_single),
+            (group::ENUM, 3, true) => Some(Self::enum_details),
             _ => None,
         };
         let Some(handler) = handler else { return Reply::Rc(MgmtErr::NotSup) };
@@ -545,6 +563,51 @@ impl SmpServer {
         Reply::Body(vec![("images", Value::Array(vec![map(vec![("image", Value::from(0)), ("slots", slots), ("max_image_size", Value::from(size))])]))])
     }
 
+    // --- Enumeration group ----------------------------------------------------------------
+
+    fn enum_count(&mut self, _: &[(Value, Value)], _: Duration) -> Reply {
+        Reply::Body(vec![("count", Value::from(GROUPS.len() as u64))])
+    }
+
+    fn enum_list(&mut self, _: &[(Value, Value)], _: Duration) -> Reply {
+        Reply::Body(vec![("groups", Value::Array(GROUPS.iter().map(|g| Value::from(g.0)).collect()))])
+    }
+
+    /// `{"index": n}` (0 when absent) → that group's id, and `"end": true` on the last.
+    fn enum_single(&mut self, m: &[(Value, Value)], _: Duration) -> Reply {
+        let index = match smp::get(m, "index") {
+            None => 0,
+            Some(v) => match smp::as_u64(v) {
+                Some(i) if i <= 65_535 => i as usize,
+                _ => return Reply::Rc(MgmtErr::Inval),
+            },
+        };
+        match GROUPS.get(index) {
+            None => Reply::Group(group::ENUM, enum_err::INDEX_TOO_LARGE),
+            Some(g) if index + 1 == GROUPS.len() => Reply::Body(vec![("group", Value::from(g.0)), ("end", Value::Bool(true))]),
+            Some(g) => Reply::Body(vec![("group", Value::from(g.0))]),
+        }
+    }
+
+    /// `{"groups": [ids]}` selects (an empty or absent list: all, and a
+    /// `groups` that is not a list is ignored, as zcbor's bulk decoder skips
+    /// it); an entry that is not an unsigned integer is refused.
+    fn enum_details(&mut self, m: &[(Value, Value)], _: Duration) -> Reply {
+        let wanted: Option<Vec<u64>> = match smp::get(m, "groups") {
+            Some(Value::Array(ids)) if !ids.is_empty() => match ids.iter().map(|v| smp::as_u64(v).filter(|x| *x <= u64::from(u32::MAX))).collect::<Option<Vec<u64>>>() {
+                Some(v) => Some(v),
+                None => return Reply::Rc(MgmtErr::Inval),
+            },
+            _ => None,
+        };
+        let groups = GROUPS
+            .iter()
+            .filter(|g| wanted.as_ref().is_none_or(|w| w.contains(&u64::from(g.0))))
+            .map(|&(id, name, handlers)| map(vec![("group", Value::from(id)), ("name", Value::Text(name.into())), ("handlers", Value::from(handlers))]))
+            .collect();
+        Reply::Body(vec![("groups", Value::Array(groups))])
+    }
+
     // --- Time -----------------------------------------------------------------------------
 
     /// Runs a due reset or the end of the boot time; returns peers to close.
@@ -762,6 +825,43 @@ mod tests {
         assert!(s.handle_bytes(&request(SmpVersion::V2, SmpOp::Read, 0, 6, 1, vec![]), at + RESET_DELAY + ms(1)).is_empty(), "silent while booting");
         s.tick(at + Duration::from_secs(5));
         swap.expect("a reboot")
+    }
+
+    /// The enumeration group as enum_mgmt.c answers: groups in registration
+    /// order, `end` on the last index, a group error past it, and details
+    /// filtered by id (an empty list meaning all).
+    #[test]
+    fn the_enumeration_group_lists_what_is_registered() {
+        let mut s = server();
+        assert_eq!(u(&ask(&mut s, SmpOp::Read, group::ENUM, 0, vec![]), "count"), Some(3));
+        let Some(Value::Array(ids)) = smp::get(&ask(&mut s, SmpOp::Read, group::ENUM, 1, vec![]), "groups").cloned() else { panic!() };
+        assert_eq!(ids.iter().filter_map(smp::as_u64).collect::<Vec<_>>(), vec![10, 1, 0]);
+        let first = ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![]);
+        assert_eq!((u(&first, "group"), smp::get(&first, "end")), (Some(10), None), "no index: index 0");
+        let last = ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(2))]);
+        assert_eq!((u(&last, "group"), smp::get(&last, "end")), (Some(0), Some(&Value::Bool(true))));
+        assert_eq!(group_rc(&ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(3))])), Some((10, 4)));
+        assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(70_000))])), Some(3));
+        assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(-1))])), Some(3));
+        // v1 sees the group error as EUNKNOWN (enum_mgmt_translate_error_code).
+        assert_eq!(rc(&ask_v(&mut s, SmpVersion::V1, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(9))]).1), Some(1));
+        let details = |s: &mut SmpServer, body| {
+            let Some(Value::Array(g)) = smp::get(&ask(s, SmpOp::Read, group::ENUM, 3, body), "groups").cloned() else { panic!() };
+            g.iter()
+                .map(|g| {
+                    let Value::Map(g) = g else { panic!() };
+                    let Some(Value::Text(name)) = smp::get(g, "name") else { panic!() };
+                    (u(g, "group").unwrap(), name.clone(), u(g, "handlers").unwrap())
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(details(&mut s, vec![]), vec![(10, "enum mgmt".into(), 4), (1, "img mgmt".into(), 7), (0, "os mgmt".into(), 9)]);
+        assert_eq!(details(&mut s, vec![("groups", Value::Array(vec![]))]).len(), 3);
+        assert_eq!(details(&mut s, vec![("groups", Value::Array(vec![Value::from(0), Value::from(10), Value::from(8)]))]).iter().map(|g| g.0).collect::<Vec<_>>(), vec![10, 0]);
+        assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::ENUM, 3, vec![("groups", Value::Array(vec![Value::Text("os".into())]))])), Some(3));
+        // Writes and unknown commands are not registered.
+        assert_eq!(rc(&ask(&mut s, SmpOp::Write, group::ENUM, 0, vec![])), Some(8));
+        assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::ENUM, 4, vec![])), Some(8));
     }
 
     #[test]
