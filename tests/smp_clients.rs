@@ -72,16 +72,19 @@ fn dfu(script: &str, sim_args: &[&str], target: impl Fn(&serde_json::Value) -> S
 }
 
 /// What mcumgr-toolkit reads besides images: OS/app info, bootloader info, tasks, the RTC,
-/// the enumeration group (all at once, one index at a time until `end`, details).
+/// the enumeration group (all at once, one index at a time until `end`, details), statistics.
 fn toolkit_extras(all: &[serde_json::Value]) {
     assert!(step(all, "app_info", 0)["output"].as_str().unwrap().starts_with("Zephyr"), "{all:?}");
     assert!(step(all, "bootloader", 0)["info"].as_str().unwrap().contains("'name': 'MCUboot', 'mode': 3"), "{all:?}");
     assert!(step(all, "tasks", 0)["names"].as_array().unwrap().iter().any(|n| n == "main"), "{all:?}");
     assert_eq!(step(all, "datetime", 0)["ok"], true, "{all:?}");
     let e = step(all, "enum", 0);
-    assert_eq!(e["ids"], serde_json::json!([10, 1, 0]), "{e}");
+    assert_eq!(e["ids"], serde_json::json!([10, 1, 0, 2]), "{e}");
     assert_eq!(e["one_by_one"], e["ids"], "{e}");
-    assert_eq!(e["details"], serde_json::json!([[10, "enum mgmt", 4], [1, "img mgmt", 7], [0, "os mgmt", 9]]), "{e}");
+    assert_eq!(e["details"], serde_json::json!([[10, "enum mgmt", 4], [1, "img mgmt", 7], [0, "os mgmt", 9], [2, "stat mgmt", 2]]), "{e}");
+    let st = step(all, "stats", 0);
+    assert_eq!(st["groups"], serde_json::json!(["smp_svr_stats"]), "{st}");
+    assert!(st["data"]["smp_svr_stats"]["ticks"].is_u64(), "{st}");
 }
 
 #[test]

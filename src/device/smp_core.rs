@@ -73,7 +73,12 @@ mod enum_err {
 /// enum_mgmt, img_mgmt, os_mgmt), with the names and handler counts it
 /// reports (a group's handler table is indexed by command id, so the count
 /// is the highest id + 1).
-const GROUPS: [(u16, &str, u64); 3] = [(group::ENUM, "enum mgmt", 4), (group::IMAGE, "img mgmt", 7), (group::OS, "os mgmt", 9)];
+const GROUPS: [(u16, &str, u64); 4] = [(group::ENUM, "enum mgmt", 4), (group::IMAGE, "img mgmt", 7), (group::OS, "os mgmt", 9), (group::STAT, "stat mgmt", 2)];
+
+/// Statistics group error numbers (stat_mgmt.h).
+mod stat_err {
+    pub const INVALID_STAT_NAME: u16 = 3;
+}
 
 /// A group error as v1 sees it (Zephyr's `*_translate_error_code`).
 fn v1_rc(group_id: u16, rc: u16) -> MgmtErr {
@@ -85,6 +90,8 @@ fn v1_rc(group_id: u16, rc: u16) -> MgmtErr {
         (group::OS, os_err::INVALID_FORMAT) => MgmtErr::Inval,
         (group::OS, os_err::QUERY_YIELDS_NO_ANSWER | os_err::RTC_NOT_SET) => MgmtErr::NoEnt,
         (group::ENUM, enum_err::TOO_MANY_GROUP_ENTRIES) => MgmtErr::Inval,
+        (group::STAT, 2 | stat_err::INVALID_STAT_NAME) => MgmtErr::NoEnt,
+        (group::STAT, 4) => MgmtErr::Inval,
         _ => MgmtErr::Unknown,
     }
 }
@@ -169,6 +176,8 @@ pub struct SmpServer {
     down_until: Option<Duration>,
     /// Seconds since the epoch the RTC was set to, and when.
     rtc: Option<(i64, Duration)>,
+    /// When the running image started (stat counters count from here).
+    booted_at: Duration,
     events: Vec<SmpEvent>,
 }
 
@@ -187,7 +196,7 @@ impl SmpServer {
         if config.buf_size < 64 {
             return Err(format!("buf_size {} is under 64 bytes", config.buf_size));
         }
-        Ok(SmpServer { fw: Firmware::new(config.slot_size, image), config, upload: None, peers: BTreeSet::new(), reset_at: None, down_until: None, rtc: None, events: Vec::new() })
+        Ok(SmpServer { fw: Firmware::new(config.slot_size, image), config, upload: None, peers: BTreeSet::new(), reset_at: None, down_until: None, rtc: None, booted_at: Duration::ZERO, events: Vec::new() })
     }
 
     pub fn firmware(&self) -> &Firmware {
@@ -270,6 +279,8 @@ impl SmpServer {
             (group::IMAGE, 1, false) => Some(Self::upload),
             (group::IMAGE, 5, false) => Some(Self::erase),
             (group::IMAGE, 6, true) => Some(Self::slot_info),
+            (group::STAT, 0, true) => Some(Self::stat_show),
+            (group::STAT, 1, true) => Some(Self::stat_list),
             (group::ENUM, 0, true) => Some(Self::enum_count),
             (group::ENUM, 1, true) => Some(Self::enum_list),
             (group::ENUM, 2, true) => Some(Self::enum_single),
@@ -563,6 +574,32 @@ impl SmpServer {
         Reply::Body(vec![("images", Value::Array(vec![map(vec![("image", Value::from(0)), ("slots", slots), ("max_image_size", Value::from(size))])]))])
     }
 
+    // --- Statistics group -----------------------------------------------------------------
+
+    /// smp_svr's statistics: `ticks` counts seconds since boot (its main
+    /// loop increments it once a second).
+    fn stats(&self, now: Duration) -> Vec<(&'static str, Vec<(&'static str, u64)>)> {
+        let ticks = now.saturating_sub(self.booted_at).as_secs() & u64::from(u32::MAX);
+        vec![("smp_svr_stats", vec![("ticks", ticks)])]
+    }
+
+    fn stat_list(&mut self, _: &[(Value, Value)], now: Duration) -> Reply {
+        Reply::Body(vec![("stat_list", Value::Array(self.stats(now).into_iter().map(|(n, _)| Value::Text(n.into())).collect()))])
+    }
+
+    /// `{"name"}` → `{"name", "fields"}`; an unknown name is group error 3,
+    /// a missing or empty one EINVAL (as Zephyr 4.4's native_sim answers).
+    fn stat_show(&mut self, m: &[(Value, Value)], now: Duration) -> Reply {
+        let name = match smp::get(m, "name") {
+            Some(Value::Text(n)) if !n.is_empty() && n.len() < 32 => n.clone(),
+            _ => return Reply::Rc(MgmtErr::Inval),
+        };
+        match self.stats(now).into_iter().find(|(n, _)| *n == name) {
+            Some((_, fields)) => Reply::Body(vec![("name", Value::Text(name)), ("fields", map(fields.into_iter().map(|(k, v)| (k, Value::from(v))).collect()))]),
+            None => Reply::Group(group::STAT, stat_err::INVALID_STAT_NAME),
+        }
+    }
+
     // --- Enumeration group ----------------------------------------------------------------
 
     fn enum_count(&mut self, _: &[(Value, Value)], _: Duration) -> Reply {
@@ -623,6 +660,7 @@ impl SmpServer {
         }
         if self.down_until.is_some_and(|t| now >= t) {
             self.down_until = None;
+            self.booted_at = now;
             self.events.push(SmpEvent::Up);
         }
         closed
@@ -833,14 +871,14 @@ mod tests {
     #[test]
     fn the_enumeration_group_lists_what_is_registered() {
         let mut s = server();
-        assert_eq!(u(&ask(&mut s, SmpOp::Read, group::ENUM, 0, vec![]), "count"), Some(3));
+        assert_eq!(u(&ask(&mut s, SmpOp::Read, group::ENUM, 0, vec![]), "count"), Some(4));
         let Some(Value::Array(ids)) = smp::get(&ask(&mut s, SmpOp::Read, group::ENUM, 1, vec![]), "groups").cloned() else { panic!() };
-        assert_eq!(ids.iter().filter_map(smp::as_u64).collect::<Vec<_>>(), vec![10, 1, 0]);
+        assert_eq!(ids.iter().filter_map(smp::as_u64).collect::<Vec<_>>(), vec![10, 1, 0, 2]);
         let first = ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![]);
         assert_eq!((u(&first, "group"), smp::get(&first, "end")), (Some(10), None), "no index: index 0");
-        let last = ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(2))]);
-        assert_eq!((u(&last, "group"), smp::get(&last, "end")), (Some(0), Some(&Value::Bool(true))));
-        assert_eq!(group_rc(&ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(3))])), Some((10, 4)));
+        let last = ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(3))]);
+        assert_eq!((u(&last, "group"), smp::get(&last, "end")), (Some(2), Some(&Value::Bool(true))));
+        assert_eq!(group_rc(&ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(4))])), Some((10, 4)));
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(70_000))])), Some(3));
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(-1))])), Some(3));
         // v1 sees the group error as EUNKNOWN (enum_mgmt_translate_error_code).
@@ -855,13 +893,38 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
-        assert_eq!(details(&mut s, vec![]), vec![(10, "enum mgmt".into(), 4), (1, "img mgmt".into(), 7), (0, "os mgmt".into(), 9)]);
-        assert_eq!(details(&mut s, vec![("groups", Value::Array(vec![]))]).len(), 3);
+        assert_eq!(details(&mut s, vec![]), vec![(10, "enum mgmt".into(), 4), (1, "img mgmt".into(), 7), (0, "os mgmt".into(), 9), (2, "stat mgmt".into(), 2)]);
+        assert_eq!(details(&mut s, vec![("groups", Value::Array(vec![]))]).len(), 4);
         assert_eq!(details(&mut s, vec![("groups", Value::Array(vec![Value::from(0), Value::from(10), Value::from(8)]))]).iter().map(|g| g.0).collect::<Vec<_>>(), vec![10, 0]);
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::ENUM, 3, vec![("groups", Value::Array(vec![Value::Text("os".into())]))])), Some(3));
         // Writes and unknown commands are not registered.
         assert_eq!(rc(&ask(&mut s, SmpOp::Write, group::ENUM, 0, vec![])), Some(8));
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::ENUM, 4, vec![])), Some(8));
+    }
+
+    /// The statistics group as Zephyr 4.4's smp_svr answers on native_sim
+    /// (no `rc` on success; an unknown name is group error 3, ENOENT in v1).
+    #[test]
+    fn the_statistics_group_counts_ticks_since_boot() {
+        let mut s = SmpServer::new(SmpServerConfig { boot_time: ms(100), ..Default::default() }).unwrap();
+        let list = ask(&mut s, SmpOp::Read, group::STAT, 1, vec![]);
+        assert_eq!(list, vec![(Value::Text("stat_list".into()), Value::Array(vec![Value::Text("smp_svr_stats".into())]))]);
+        let show = |s: &mut SmpServer, at: Duration| {
+            let a = s.handle_bytes(&request(SmpVersion::V2, SmpOp::Read, group::STAT, 0, 1, vec![("name", Value::Text("smp_svr_stats".into()))]), at);
+            let m = smp::decode_map(&smp::SmpFrame::parse(&a[0]).unwrap().payload).unwrap();
+            assert_eq!(smp::get(&m, "name"), Some(&Value::Text("smp_svr_stats".into())));
+            let Some(Value::Map(f)) = smp::get(&m, "fields").cloned() else { panic!("{m:?}") };
+            u(&f, "ticks").unwrap()
+        };
+        assert_eq!(show(&mut s, ms(7_500)), 7);
+        // A reset starts the count again when the device is back.
+        s.handle_bytes(&request(SmpVersion::V2, SmpOp::Write, group::OS, 5, 2, vec![]), ms(8_000));
+        s.tick(ms(8_300));
+        s.tick(ms(8_500));
+        assert_eq!(show(&mut s, ms(10_600)), 2);
+        assert_eq!(group_rc(&ask(&mut s, SmpOp::Read, group::STAT, 0, vec![("name", Value::Text("nope".into()))])), Some((2, 3)));
+        assert_eq!(rc(&ask_v(&mut s, SmpVersion::V1, SmpOp::Read, group::STAT, 0, vec![("name", Value::Text("nope".into()))]).1), Some(5));
+        assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::STAT, 0, vec![])), Some(3));
     }
 
     #[test]

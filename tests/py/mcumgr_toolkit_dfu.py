@@ -2,7 +2,7 @@
 against an SMP server: the same steps and the same JSON lines as smp_dfu.py (params and echo, image
 state read, a multi-chunk upload, test, reset, confirm, reset, then a second image tested and not
 confirmed, which the next reset reverts), plus OS/app and bootloader info, task statistics, the
-RTC and the enumeration group. mcumgr-toolkit checks every answer's header strictly (group, command, op and length must match).
+RTC, the enumeration and statistics groups. mcumgr-toolkit checks every answer's header strictly (group, command, op and length must match).
 Exits 1 on the first failure.
 
 usage: mcumgr_toolkit_dfu.py TARGET IMAGE1 IMAGE2
@@ -112,6 +112,8 @@ def main():
     one_by_one = [ask("enum", lambda i=i: client.enum_get_group_id(i)) for i in range(ask("enum", lambda: client.enum_get_group_count()))]
     details = [(d.group, d.name, d.handlers) for d in ask("enum", lambda: client.enum_get_group_details())]
     say("enum", ids=list(ids), one_by_one=list(one_by_one), details=details)
+    groups = ask("stats", lambda: client.stats_list_groups())
+    say("stats", groups=list(groups), data={g: dict(ask("stats", lambda g=g: client.stats_get_group_data(g))) for g in groups})
     when = datetime.datetime(2026, 12, 7, 6, 30, 0)
     ask("datetime_set", lambda: client.os_set_datetime(when))
     got = ask("datetime", lambda: client.os_get_datetime())
