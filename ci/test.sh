@@ -19,10 +19,16 @@ command -v busctl >/dev/null || need+=(systemd)
 # package also brings bluetoothd, which nothing starts here: the tests use
 # the air's own bus, and there is no kernel controller.
 command -v bluetoothctl >/dev/null || need+=(bluez)
+# The 32-bit C library for Zephyr's own SMP server, a native_sim (i386) binary
+# (tests/smp_zephyr_differential.rs).
+dpkg -s libc6:i386 >/dev/null 2>&1 || need+=(libc6:i386)
 if ((${#need[@]})); then
   echo "== installing Debian packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
+  if [[ " ${need[*]} " == *" libc6:i386 "* ]] && ! dpkg --print-foreign-architectures | grep -qx i386; then
+    $SUDO dpkg --add-architecture i386
+  fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
@@ -35,6 +41,19 @@ if ! "$venv/bin/python" -c 'import pymodbus, serial, rusty_bacnet, bleak, smpcli
   "$venv/bin/pip" install -q --disable-pip-version-check -r ci/requirements.txt
 fi
 export HILBENCH_PYTHON="$PWD/$venv/bin/python"
+
+# Zephyr 4.4.0's smp_svr built for native_sim (serial), from the smpclient 7.3.0
+# source package on PyPI: fetched here, checked, never committed.
+zephyr=target/zephyr-smp
+zephyr_exe=zephyr_4.4.0_smp_server_0eae053d_native_sim_serial.exe
+if ! echo "3f0ed0fdc2dd9193b48df7069acc47dc6ce136856b3633c8d776844b11612b10  $zephyr/$zephyr_exe" | sha256sum -c --status 2>/dev/null; then
+  echo "== fetching Zephyr's own SMP server (smpclient 7.3.0 sdist from PyPI) into $zephyr"
+  mkdir -p "$zephyr"
+  "$venv/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: -d "$zephyr" smpclient==7.3.0
+  echo "86aa4bc1c621805d97f449793a4077f049aa88a98a1e916bf59423d072bd2a3b  $zephyr/smpclient-7.3.0.tar.gz" | sha256sum -c --quiet
+  tar -xzf "$zephyr/smpclient-7.3.0.tar.gz" -C "$zephyr" --strip-components=4 "smpclient-7.3.0/tests/fixtures/smp-server/$zephyr_exe"
+  chmod +x "$zephyr/$zephyr_exe"
+fi
 
 # One build of the dependency tree: the tests and the scenario suite both use
 # the dev profile (Cargo.toml: our crate at opt-level 1, dependencies at 2),

@@ -247,7 +247,9 @@ impl SmpServer {
             None => Reply::Rc(MgmtErr::UnsupportedTooNew),
             Some(_) => self.dispatch(&header, payload, now),
         };
+        // A reserved version gets its rc 13 in a v2 header, as Zephyr answers.
         let version = header.smp_version().unwrap_or(SmpVersion::V2);
+        let response = SmpHeader { version: version.bits(), ..response };
         let body = match reply {
             Reply::Body(mut entries) => {
                 if self.config.legacy_rc {
@@ -290,15 +292,26 @@ impl SmpServer {
         let Some(handler) = handler else { return Reply::Rc(MgmtErr::NotSup) };
         match smp::decode_map(payload) {
             Ok(m) => handler(self, &m, now),
+            // Zephyr's handlers that take no arguments never decode the
+            // payload: params answers whatever follows the header.
+            Err(_) if Self::takes_no_arguments(handler) => handler(self, &[], now),
             Err(_) => Reply::Rc(MgmtErr::Inval),
         }
     }
 
+    fn takes_no_arguments(h: Handler) -> bool {
+        let none: [Handler; 7] = [Self::taskstat, Self::datetime_read, Self::params, Self::state_read, Self::slot_info, Self::enum_count, Self::enum_list];
+        none.iter().chain([Self::stat_list as Handler].iter()).any(|f| std::ptr::fn_addr_eq(*f, h))
+    }
+
     // --- OS group -------------------------------------------------------------------------
 
+    /// No `d` echoes an empty text, as Zephyr does (its bulk decoder leaves
+    /// the string empty); a `d` that is not text is EINVAL.
     fn echo(&mut self, m: &[(Value, Value)], _: Duration) -> Reply {
         match smp::get(m, "d") {
             Some(Value::Text(d)) => Reply::Body(vec![("r", Value::Text(d.clone()))]),
+            None => Reply::Body(vec![("r", Value::Text(String::new()))]),
             _ => Reply::Rc(MgmtErr::Inval),
         }
     }
@@ -948,12 +961,12 @@ mod tests {
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::OS, 99, vec![])), Some(8));
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::OS, 5, vec![])), Some(8), "reset has no read handler");
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::OS, 3, vec![])), Some(8), "no mpstat in Zephyr");
-        // A reserved version: rc 13, the version echoed.
+        // A reserved version: rc 13 in a v2 header (Zephyr 4.4 does not echo the version).
         let mut req = request(SmpVersion::V2, SmpOp::Read, group::OS, 6, 1, vec![]);
         req[0] = 2 << 3;
         let a = s.handle_bytes(&req, T0);
         let f = smp::SmpFrame::parse(&a[0]).unwrap();
-        assert_eq!((f.header.version, f.header.op), (2, 1));
+        assert_eq!((f.header.version, f.header.op), (1, 1));
         assert_eq!(rc(&smp::decode_map(&f.payload).unwrap()), Some(13));
     }
 

@@ -272,7 +272,7 @@ mod tests {
         client.send_to(&reset, server.udp_addr().unwrap()).await.unwrap();
         let mut buf = [0u8; 64];
         let (n, _) = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv_from(&mut buf)).await.unwrap().unwrap();
-        assert_eq!(n, 9, "an empty map answers the reset");
+        assert_eq!(n, 10, "an empty map (bf ff) answers the reset");
         let mut seen = Vec::new();
         while !seen.contains(&SmpEvent::Up) {
             seen.push(tokio::time::timeout(std::time::Duration::from_secs(5), events.recv()).await.expect("events keep coming").unwrap());
@@ -328,7 +328,7 @@ mod tests {
         let answer_end = seen.iter().position(|b| *b == b'\n').unwrap() + 1;
         let mut rx = crate::protocol::smp::serial::Receiver::new();
         let crate::protocol::smp::serial::LineOutcome::Message(m) = rx.push_line(&seen[..answer_end]) else { panic!("{seen:?}") };
-        assert_eq!(&m[..8], SmpHeader::new(SmpVersion::V2, SmpOp::WriteResponse, 0, 5, 9, 1).encode(), "the answer comes before the banner");
+        assert_eq!(&m[..8], SmpHeader::new(SmpVersion::V2, SmpOp::WriteResponse, 0, 5, 9, 2).encode(), "the answer (an empty map, bf ff) comes before the banner");
         assert_eq!(&seen[answer_end..], BOOT_BANNER.as_bytes());
         let mut rebooted = false;
         while let Ok(Ok(e)) = tokio::time::timeout(std::time::Duration::from_millis(200), events.recv()).await {

@@ -248,7 +248,7 @@ impl Kind for SmpServerKind {
         Role::Device
     }
     fn about(&self) -> &'static str {
-        "Zephyr/MCUboot MCUmgr SMP server over UDP and serial: OS, Image and Enumeration groups, two slots that test, swap, confirm and revert"
+        "Zephyr/MCUboot MCUmgr SMP server over UDP and serial: OS, Image, Statistics and Enumeration groups, two slots that test, swap, confirm and revert"
     }
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<SmpServerKeys>(entry)?))

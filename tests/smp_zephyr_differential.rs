@@ -1,0 +1,222 @@
+//! A differential test against Zephyr's own SMP server: the prebuilt Zephyr 4.4.0 `smp_svr`
+//! native_sim binary (serial transport, 384-byte buffers, no MCUboot) from the smpclient 7.3.0
+//! source package on PyPI, which `ci/test.sh` fetches into target/zephyr-smp/ at test time
+//! (never committed; it needs libc6:i386). The same requests go to it and to `hilbench sim
+//! smp-server` over their serial ports, and the answers are compared: byte for byte where
+//! both devices have the same thing to say, field by field where the firmware differs by
+//! configuration (its build, its tasks, the groups it was built with; this build has no
+//! datetime command and no image group, so those are not compared).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ciborium::Value;
+use hilbench::protocol::smp::{self, serial, SmpHeader, SmpOp, SmpVersion};
+
+const ZEPHYR_SERIAL: &str = "zephyr_4.4.0_smp_server_0eae053d_native_sim_serial.exe";
+
+fn zephyr_binary() -> PathBuf {
+    let dir = std::env::var_os("HILBENCH_ZEPHYR_SMP_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/zephyr-smp"));
+    let exe = dir.join(ZEPHYR_SERIAL);
+    assert!(
+        exe.is_file(),
+        "{} is missing: run ci/test.sh once (it fetches the smpclient 7.3.0 sdist from PyPI and installs libc6:i386), or set HILBENCH_ZEPHYR_SMP_DIR",
+        exe.display()
+    );
+    exe
+}
+
+/// The Zephyr binary, running, and the pseudotty its UART is on.
+struct Zephyr {
+    child: Child,
+    tty: PathBuf,
+}
+
+impl Drop for Zephyr {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs in `dir` (native_sim keeps its flash in ./flash.bin) and stops by itself after two
+/// simulated minutes should the test die without killing it.
+fn start_zephyr(dir: &std::path::Path) -> Zephyr {
+    let mut child = Command::new(zephyr_binary())
+        .arg("-stop_at=120")
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the Zephyr binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(p) = line.strip_prefix("uart connected to pseudotty: ") {
+                let _ = tx.send(PathBuf::from(p.trim()));
+            }
+        }
+    });
+    let tty = rx.recv_timeout(Duration::from_secs(10)).expect("Zephyr names its pseudotty within 10 s");
+    Zephyr { child, tty }
+}
+
+/// A serial SMP client: requests as smpclient frames them, answers decoded line by line.
+struct Client {
+    port: common::RawPort,
+    rx: serial::Receiver,
+    pending: Vec<u8>,
+}
+
+impl Client {
+    fn open(path: &std::path::Path) -> Client {
+        Client { port: common::RawPort::open(path), rx: serial::Receiver::new(), pending: Vec::new() }
+    }
+
+    /// One request; the one SMP message that answers it (console text between is skipped).
+    fn ask(&mut self, version: SmpVersion, op: SmpOp, group: u16, command: u8, seq: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = SmpHeader::new(version, op, group, command, seq, body.len() as u16).encode().to_vec();
+        m.extend(body);
+        self.send_paced(&m);
+        self.next_message().unwrap_or_else(|| panic!("no answer to group {group} command {command} within 5 s"))
+    }
+
+    /// One line at a time, 30 ms apart: native_sim polls its UART every 20 ms into two
+    /// line buffers, and drops the lines of a burst that find none free (as hilbench does
+    /// with `--line-work 20ms`).
+    fn send_paced(&mut self, message: &[u8]) {
+        for line in serial::encode(message, serial::MAX_LINE).split_inclusive(|b| *b == b'\n') {
+            self.port.send(line);
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    fn next_message(&mut self) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                if let serial::LineOutcome::Message(answer) = self.rx.push_line(&line) {
+                    return Some(answer);
+                }
+            }
+            self.pending.extend(self.port.read_up_to(1, Duration::from_millis(100)));
+        }
+        None
+    }
+
+    /// Asks for the params until the device answers (Zephyr takes a moment to boot).
+    fn wait_ready(&mut self) {
+        for seq in 0..20 {
+            let mut m = SmpHeader::new(SmpVersion::V2, SmpOp::Read, 0, 6, seq, 1).encode().to_vec();
+            m.push(0xa0);
+            self.send_paced(&m);
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < deadline {
+                self.pending.extend(self.port.read_up_to(1, Duration::from_millis(50)));
+                while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = self.pending.drain(..=end).collect();
+                    if let serial::LineOutcome::Message(_) = self.rx.push_line(&line) {
+                        return;
+                    }
+                }
+            }
+        }
+        panic!("the device never answered its params");
+    }
+}
+
+fn cbor(v: Vec<(&str, Value)>) -> Vec<u8> {
+    smp::encode_map(v)
+}
+
+fn decoded(answer: &[u8]) -> (SmpHeader, Vec<(Value, Value)>) {
+    let f = smp::SmpFrame::parse(answer).unwrap_or_else(|e| panic!("{e:?}: {answer:02x?}"));
+    (f.header, smp::decode_map(&f.payload).unwrap_or_else(|e| panic!("{e:?}: {answer:02x?}")))
+}
+
+fn keys(m: &[(Value, Value)]) -> Vec<String> {
+    m.iter().map(|(k, _)| format!("{k:?}")).collect()
+}
+
+#[test]
+fn hilbench_answers_as_zephyrs_own_smp_server_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let zephyr = start_zephyr(dir.path());
+    let sim = common::start_sim(&["smp-server", "--tty", "auto", "--buf-size", "384", "--buf-count", "4", "--no-banner"], dir.path());
+    let mut z = Client::open(&zephyr.tty);
+    let mut h = Client::open(&sim.tty());
+    z.wait_ready();
+    h.wait_ready();
+    use SmpOp::{Read, Write};
+    use SmpVersion::{V1, V2};
+    let name = |n: &str| cbor(vec![("name", Value::Text(n.into()))]);
+    // Requests whose answers must be the same bytes.
+    let same: Vec<(&str, SmpVersion, SmpOp, u16, u8, Vec<u8>)> = vec![
+        ("echo v2", V2, Write, 0, 0, cbor(vec![("d", Value::Text("hilbench".into()))])),
+        ("echo v1 as a read", V1, Read, 0, 0, cbor(vec![("d", Value::Text("x".repeat(200)))])),
+        ("echo without d", V2, Write, 0, 0, cbor(vec![])),
+        ("params", V2, Read, 0, 6, cbor(vec![])),
+        ("mpstat (not built)", V2, Read, 0, 3, cbor(vec![])),
+        ("os info", V2, Read, 0, 7, cbor(vec![])),
+        ("os info, an unknown format letter", V2, Read, 0, 7, cbor(vec![("format", Value::Text("q".into()))])),
+        ("unknown OS command", V2, Read, 0, 30, cbor(vec![])),
+        ("unknown group", V2, Read, 77, 0, cbor(vec![])),
+        ("unknown group, v1", V1, Write, 77, 3, cbor(vec![])),
+        ("reserved version", SmpVersion::V2, Read, 0, 0, vec![]),
+        ("payload that is not a map", V2, Read, 0, 6, vec![0x01]),
+        ("stat list has smp_svr_stats", V2, Read, 2, 0, name("smp_svr_stats")),
+        ("stat show, unknown name", V2, Read, 2, 0, name("nope")),
+        ("stat show, unknown name, v1", V1, Read, 2, 0, name("nope")),
+        ("stat show, no name", V2, Read, 2, 0, cbor(vec![])),
+        ("enum single past the end", V2, Read, 10, 2, cbor(vec![("index", Value::from(99))])),
+        ("enum single, a negative index", V2, Read, 10, 2, cbor(vec![("index", Value::from(-1))])),
+        ("echo, d not text", V2, Write, 0, 0, cbor(vec![("d", Value::from(5))])),
+        ("enum single, no index", V2, Read, 10, 2, cbor(vec![])),
+    ];
+    let mut differ = Vec::new();
+    for (i, (what, version, op, group, command, body)) in same.iter().enumerate() {
+        let seq = 100 + i as u8;
+        // The reserved version: version bits 2 (0x10) in byte 0, sent as built here.
+        let (za, ha) = if *what == "reserved version" {
+            let raw = |c: &mut Client| {
+                c.send_paced(&[0x10, 0, 0, 1, 0, 0, seq, 0, 0xa0]);
+                c.next_message().expect("an answer to a reserved version")
+            };
+            (raw(&mut z), raw(&mut h))
+        } else {
+            (z.ask(*version, *op, *group, *command, seq, body), h.ask(*version, *op, *group, *command, seq, body))
+        };
+        if za != ha {
+            differ.push(format!("{what}:\n  zephyr   {:02x?}\n  hilbench {:02x?}\n  zephyr   {:?}\n  hilbench {:?}", za, ha, decoded(&za), decoded(&ha)));
+        }
+    }
+    // Configuration differs (build, tasks, groups built in): the same shape, not the same bytes.
+    let (zh, zm) = decoded(&z.ask(V2, Read, 0, 2, 1, &cbor(vec![])));
+    let (hh, hm) = decoded(&h.ask(V2, Read, 0, 2, 1, &cbor(vec![])));
+    assert_eq!((zh.op, zh.group, zh.command), (hh.op, hh.group, hh.command));
+    assert_eq!(keys(&zm), keys(&hm), "taskstat");
+    // A handler that takes no arguments answers whatever payload follows the header
+    // (native_sim also lists its flash simulator's statistics).
+    let (_, zm) = decoded(&z.ask(V2, Read, 2, 1, 3, &[0x82, 0x01]));
+    let (_, hm) = decoded(&h.ask(V2, Read, 2, 1, 3, &[0x82, 0x01]));
+    assert_eq!((keys(&zm), keys(&hm)), (vec!["Text(\"stat_list\")".to_string()], vec!["Text(\"stat_list\")".to_string()]));
+    let (_, zm) = decoded(&z.ask(V2, Read, 10, 1, 2, &cbor(vec![])));
+    let (_, hm) = decoded(&h.ask(V2, Read, 10, 1, 2, &cbor(vec![])));
+    let ids = |m: &[(Value, Value)]| match smp::get(m, "groups") {
+        Some(Value::Array(a)) => a.iter().filter_map(smp::as_u64).collect::<Vec<_>>(),
+        _ => panic!("{m:?}"),
+    };
+    let ours = ids(&hm);
+    let theirs: Vec<u64> = ids(&zm).into_iter().filter(|g| ours.contains(g)).collect();
+    assert_eq!(theirs, ours.iter().copied().filter(|g| *g != 1).collect::<Vec<_>>(), "the groups both have, in the same order (Zephyr's has no image group)");
+    assert!(differ.is_empty(), "{} answers differ from Zephyr's:\n{}", differ.len(), differ.join("\n"));
+    drop(zephyr);
+    assert_eq!(sim.stop(), 0);
+}
+
