@@ -611,10 +611,17 @@ pub fn smp_frames_round_trip(data: &[u8]) -> bool {
 /// Arbitrary bytes as datagrams to a simulated SMP server: split at every 0xC0 byte, 100 ms
 /// apart (so resets and reboots happen), each datagram holding any number of messages.
 /// Invariants: no panic; every answer is one whole SMP message whose payload is a CBOR map,
-/// a response op of the request's group, seq and command, in its version (a reserved one: v2); no slot holds more than its size.
+/// a response op of the request's group, seq and command, in its version (a reserved one: v2); no slot holds more than its size, the filesystem no more than its capacity.
 pub fn smp_server_answers_are_well_formed(data: &[u8]) -> bool {
     use crate::device::smp_core::{SmpServer, SmpServerConfig};
-    let config = SmpServerConfig { slot_size: 4096, ..Default::default() };
+    let config = SmpServerConfig {
+        slot_size: 4096,
+        fs_capacity: 4096,
+        files: vec![("/lfs1/etc/motd".into(), b"hello".to_vec())],
+        settings: Some([("app/mode".to_string(), b"eco".to_vec())].into()),
+        shell: vec![("bms status".into(), "ok".into())],
+        ..Default::default()
+    };
     let mut server = SmpServer::new(config).expect("the default image fits 4 KiB");
     let mut answered = false;
     for (i, datagram) in data.split(|b| *b == 0xc0).enumerate() {
@@ -642,6 +649,7 @@ pub fn smp_server_answers_are_well_formed(data: &[u8]) -> bool {
         for slot in 0..2 {
             assert!(server.firmware().contents(slot).len() <= 4096, "slot {slot} holds more than its size");
         }
+        assert!(server.filesystem().files().map(|(_, c)| c.len()).sum::<usize>() <= 4096, "the filesystem holds more than its capacity");
         let _ = server.take_events();
     }
     answered

@@ -79,9 +79,10 @@ fn toolkit_extras(all: &[serde_json::Value]) {
     assert!(step(all, "tasks", 0)["names"].as_array().unwrap().iter().any(|n| n == "main"), "{all:?}");
     assert_eq!(step(all, "datetime", 0)["ok"], true, "{all:?}");
     let e = step(all, "enum", 0);
-    assert_eq!(e["ids"], serde_json::json!([10, 1, 0, 2]), "{e}");
+    assert_eq!(e["ids"], serde_json::json!([10, 8, 1, 0, 3, 9, 2]), "{e}");
     assert_eq!(e["one_by_one"], e["ids"], "{e}");
-    assert_eq!(e["details"], serde_json::json!([[10, "enum mgmt", 4], [1, "img mgmt", 7], [0, "os mgmt", 9], [2, "stat mgmt", 2]]), "{e}");
+    let details = serde_json::json!([[10, "enum mgmt", 4], [8, "fs mgmt", 5], [1, "img mgmt", 7], [0, "os mgmt", 9], [3, "settings mgmt", 4], [9, "shell mgmt", 1], [2, "stat mgmt", 2]]);
+    assert_eq!(e["details"], details, "{e}");
     let st = step(all, "stats", 0);
     assert_eq!(st["groups"], serde_json::json!(["smp_svr_stats"]), "{st}");
     assert!(st["data"]["smp_svr_stats"]["ticks"].is_u64(), "{st}");
@@ -208,4 +209,59 @@ fn smpmgr_upgrades_tests_and_confirms_over_udp() {
 #[test]
 fn smpmgr_upgrades_tests_and_confirms_over_serial_lines() {
     smpmgr_session(&["--tty", "auto", "--buf-size", "384"], |e| vec!["--port".into(), e["tty"].as_str().expect("endpoints.tty").into()]);
+}
+
+/// The file system, settings and shell groups with mcumgr-toolkit (tests/py/mcumgr_toolkit_groups.py):
+/// a 5000-byte file up and down in chunks, its status, crc32 and sha256; a stored setting read,
+/// written, saved and deleted; Zephyr's `kernel version` and a command of the device's own.
+fn toolkit_groups(sim_args: &[&str], target: impl Fn(&serde_json::Value) -> String) {
+    let py = hilbench::python_with("mcumgr_toolkit").unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["smp-server", "--setting", "app/mode=eco", "--shell", "bms status=soc 80%"];
+    args.extend(sim_args);
+    let sim = common::start_sim(&args, dir.path());
+    let target = target(&sim.ready["endpoints"]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/mcumgr_toolkit_groups.py");
+    let out = Command::new("timeout").args(["120", &py]).arg(&script).arg(&target).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{} {target} failed\nstdout:\n{stdout}\nstderr:\n{}", script.display(), String::from_utf8_lossy(&out.stderr));
+    let all = steps(&stdout);
+    for s in ["fs download", "fs crc32", "fs sha256 of 1000 bytes at 100", "settings read back", "shell bms status", "done"] {
+        assert_eq!(step(&all, s, 0)["ok"], true, "{s}");
+    }
+    assert_eq!(sim.stop(), 0);
+}
+
+#[test]
+fn mcumgr_toolkit_uses_files_settings_and_shell_over_udp() {
+    toolkit_groups(&["--udp", "127.0.0.1:0"], |e| e["udp"].as_str().expect("endpoints.udp").to_string());
+}
+
+#[test]
+fn mcumgr_toolkit_uses_files_settings_and_shell_over_serial_lines() {
+    toolkit_groups(&["--tty", "auto", "--buf-size", "384"], |e| format!("serial:{}", e["tty"].as_str().expect("endpoints.tty")));
+}
+
+/// smpmgr's file and shell commands as users type them: upload, read-size, get-hash, download
+/// (the same bytes back), and `shell`.
+#[test]
+fn smpmgr_moves_files_and_runs_shell_commands_over_udp() {
+    let py = hilbench::python_with("smpmgr").unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sim = common::start_sim(&["smp-server", "--udp", "127.0.0.32:1337", "--shell", "bms status=soc 80%"], dir.path());
+    let c = ["--ip", "127.0.0.32"];
+    let data: Vec<u8> = (0..7000u32).map(|i| (i * 13 % 256) as u8).collect();
+    let (src, back) = (dir.path().join("src.bin"), dir.path().join("back.bin"));
+    std::fs::write(&src, &data).unwrap();
+    smpmgr(&py, &c, &["file", "upload", src.to_str().unwrap(), "/lfs1/src.bin"]);
+    let size = smpmgr(&py, &c, &["file", "read-size", "/lfs1/src.bin"]);
+    assert!(size.contains("7000"), "{size}");
+    let hash = smpmgr(&py, &c, &["file", "get-hash", "/lfs1/src.bin"]);
+    let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC).checksum(&data);
+    assert!(hash.contains(&crc.to_string()) || hash.to_lowercase().contains(&format!("{crc:08x}")), "crc32 {crc:08x} in {hash}");
+    smpmgr(&py, &c, &["file", "download", "/lfs1/src.bin", back.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    assert!(smpmgr(&py, &c, &["shell", "kernel version"]).contains("Zephyr version 4.4.0"));
+    assert!(smpmgr(&py, &c, &["shell", "bms status"]).contains("soc 80%"));
+    assert_eq!(sim.stop(), 0);
 }

@@ -5,7 +5,9 @@
 //! smp-server` over their serial ports, and the answers are compared: byte for byte where
 //! both devices have the same thing to say, field by field where the firmware differs by
 //! configuration (its build, its tasks, the groups it was built with; this build has no
-//! datetime command and no image group, so those are not compared).
+//! datetime command and no image group, so those are not compared). The OS, Statistics,
+//! Enumeration, Shell, Settings and File system groups are compared, the last through one
+//! file's life (upload, a wrong offset, resume, hashes, downloads in chunks).
 
 mod common;
 
@@ -131,6 +133,9 @@ impl Client {
     }
 }
 
+/// What a request is called, and its header fields and payload.
+type Request<'a> = (&'a str, SmpVersion, SmpOp, u16, u8, Vec<u8>);
+
 fn cbor(v: Vec<(&str, Value)>) -> Vec<u8> {
     smp::encode_map(v)
 }
@@ -156,8 +161,23 @@ fn hilbench_answers_as_zephyrs_own_smp_server_does() {
     use SmpOp::{Read, Write};
     use SmpVersion::{V1, V2};
     let name = |n: &str| cbor(vec![("name", Value::Text(n.into()))]);
+    let argv = |words: &[&str]| cbor(vec![("argv", Value::Array(words.iter().map(|w| Value::Text(w.to_string())).collect()))]);
+    let chunk = |path: &str, off: u64, data: &[u8], len: Option<u64>| {
+        let mut b = vec![("name", Value::Text(path.into())), ("off", Value::from(off)), ("data", Value::Bytes(data.to_vec()))];
+        b.extend(len.map(|l| ("len", Value::from(l))));
+        cbor(b)
+    };
+    const BIG: [u8; 1000] = {
+        let mut b = [0u8; 1000];
+        let mut i = 0;
+        while i < 1000 {
+            b[i] = (i * 7 % 251) as u8;
+            i += 1;
+        }
+        b
+    };
     // Requests whose answers must be the same bytes.
-    let same: Vec<(&str, SmpVersion, SmpOp, u16, u8, Vec<u8>)> = vec![
+    let same: Vec<Request> = vec![
         ("echo v2", V2, Write, 0, 0, cbor(vec![("d", Value::Text("hilbench".into()))])),
         ("echo v1 as a read", V1, Read, 0, 0, cbor(vec![("d", Value::Text("x".repeat(200)))])),
         ("echo without d", V2, Write, 0, 0, cbor(vec![])),
@@ -178,10 +198,77 @@ fn hilbench_answers_as_zephyrs_own_smp_server_does() {
         ("enum single, a negative index", V2, Read, 10, 2, cbor(vec![("index", Value::from(-1))])),
         ("echo, d not text", V2, Write, 0, 0, cbor(vec![("d", Value::from(5))])),
         ("enum single, no index", V2, Read, 10, 2, cbor(vec![])),
+        // Shell (9).
+        ("shell: kernel version", V2, Write, 9, 0, argv(&["kernel", "version"])),
+        ("shell: kernel version, v1", V1, Write, 9, 0, argv(&["kernel", "version", "x"])),
+        ("shell: an unknown command", V2, Write, 9, 0, argv(&["nope", "x"])),
+        ("shell: an empty word", V2, Write, 9, 0, argv(&[""])),
+        ("shell: kernel uptime, an unknown option", V2, Write, 9, 0, argv(&["kernel", "uptime", "x"])),
+        ("shell: no words", V2, Write, 9, 0, argv(&[])),
+        ("shell: no words, v1", V1, Write, 9, 0, argv(&[])),
+        ("shell: a 256-byte line", V2, Write, 9, 0, argv(&[&"a".repeat(128), &"b".repeat(127)])),
+        ("shell: a 255-byte line", V2, Write, 9, 0, argv(&[&"a".repeat(127), &"b".repeat(127)])),
+        ("shell: no argv", V2, Write, 9, 0, cbor(vec![])),
+        ("shell: as a read", V2, Read, 9, 0, argv(&["kernel", "version"])),
+        ("shell: not a map", V2, Write, 9, 0, vec![0x01]),
+        // Settings (3): smp_svr has no handlers and no storage backend, as hilbench by default.
+        ("settings: read, an unknown root", V2, Read, 3, 0, name("foo/bar")),
+        ("settings: read, an unknown root, v1", V1, Read, 3, 0, name("foo/bar")),
+        ("settings: read, a 32-byte name", V2, Read, 3, 0, name(&"a".repeat(32))),
+        ("settings: read, no name", V2, Read, 3, 0, cbor(vec![])),
+        ("settings: write, an unknown root", V2, Write, 3, 0, cbor(vec![("name", Value::Text("foo/bar".into())), ("val", Value::Bytes(b"x".to_vec()))])),
+        ("settings: delete without storage", V2, Write, 3, 1, name("foo/bar")),
+        ("settings: delete without storage, v1", V1, Write, 3, 1, name("foo/bar")),
+        ("settings: commit", V2, Write, 3, 2, cbor(vec![])),
+        ("settings: load, not a map", V2, Read, 3, 3, vec![0x01]),
+        ("settings: save without storage", V2, Write, 3, 3, cbor(vec![])),
+        ("settings: save without storage, v1", V1, Write, 3, 3, cbor(vec![])),
+        // File system (8) on /lfs1.
+        ("fs: supported types", V2, Read, 8, 3, cbor(vec![])),
+        ("fs: status, no such file", V2, Read, 8, 1, name("/lfs1/nope")),
+        ("fs: status, no mount point", V2, Read, 8, 1, name("/nope/x")),
+        ("fs: status, a relative path", V2, Read, 8, 1, name("x")),
+        ("fs: status, the mount point", V2, Read, 8, 1, name("/lfs1")),
+        ("fs: status, /", V2, Read, 8, 1, name("/")),
+        ("fs: status, v1", V1, Read, 8, 1, name("/lfs1/nope")),
+        ("fs: upload, no mount point", V2, Write, 8, 0, chunk("/lfs2/x", 0, b"a", Some(1))),
+        ("fs: upload, no directory", V2, Write, 8, 0, chunk("/lfs1/no/x", 0, b"a", Some(1))),
+        ("fs: upload, no mount point, v1", V1, Write, 8, 0, chunk("/lfs2/x", 0, b"a", Some(1))),
+        ("fs: upload, a relative path", V2, Write, 8, 0, chunk("x", 0, b"a", Some(1))),
+        ("fs: upload, onto a directory", V2, Write, 8, 0, chunk("/lfs1", 0, b"a", Some(1))),
+        ("fs: upload at 0 without len", V2, Write, 8, 0, chunk("/lfs1/x", 0, b"a", None)),
+        ("fs: upload, a 65-byte path", V2, Write, 8, 0, chunk(&format!("/lfs1/{}", "a".repeat(59)), 0, b"a", Some(1))),
+        ("fs: hash, an unknown type", V2, Read, 8, 2, cbor(vec![("name", Value::Text("/lfs1/nope".into())), ("type", Value::Text("md5".into()))])),
+        ("fs: close", V2, Write, 8, 4, cbor(vec![])),
+        ("fs: close as a read", V2, Read, 8, 4, cbor(vec![])),
+        // One file's life: in order, each step depending on the last.
+        ("fs: upload the first chunk", V2, Write, 8, 0, chunk("/lfs1/h.txt", 0, b"hello", Some(11))),
+        ("fs: status while open", V2, Read, 8, 1, name("/lfs1/h.txt")),
+        ("fs: a wrong offset", V2, Write, 8, 0, chunk("/lfs1/h.txt", 7, b"xx", None)),
+        ("fs: status after the mismatch", V2, Read, 8, 1, name("/lfs1/h.txt")),
+        ("fs: resume at the committed size", V2, Write, 8, 0, chunk("/lfs1/h.txt", 5, b" world", None)),
+        ("fs: crc32 of what is committed", V2, Read, 8, 2, name("/lfs1/h.txt")),
+        ("fs: sha256 of what is committed", V2, Read, 8, 2, cbor(vec![("name", Value::Text("/lfs1/h.txt".into())), ("type", Value::Text("sha256".into()))])),
+        ("fs: hash past the end", V2, Read, 8, 2, cbor(vec![("name", Value::Text("/lfs1/h.txt".into())), ("off", Value::from(5))])),
+        ("fs: download closes the upload", V2, Read, 8, 0, cbor(vec![("name", Value::Text("/lfs1/h.txt".into())), ("off", Value::from(0))])),
+        ("fs: download further on", V2, Read, 8, 0, cbor(vec![("name", Value::Text("/lfs1/h.txt".into())), ("off", Value::from(4))])),
+        ("fs: download past the end", V2, Read, 8, 0, cbor(vec![("name", Value::Text("/lfs1/h.txt".into())), ("off", Value::from(20))])),
+        ("fs: sha256 from an offset", V2, Read, 8, 2, cbor(vec![("name", Value::Text("/lfs1/h.txt".into())), ("type", Value::Text("sha256".into())), ("off", Value::from(6)), ("len", Value::from(3))])),
+        ("fs: an empty file", V2, Write, 8, 0, chunk("/lfs1/e", 0, b"", Some(0))),
+        ("fs: hash of an empty file", V2, Read, 8, 2, name("/lfs1/e")),
+        ("fs: a new file at an offset", V2, Write, 8, 0, chunk("/lfs1/n", 3, b"xx", None)),
+        ("fs: 1000 bytes, 1", V2, Write, 8, 0, chunk("/lfs1/big", 0, &BIG[..300], Some(1000))),
+        ("fs: 1000 bytes, 2", V2, Write, 8, 0, chunk("/lfs1/big", 300, &BIG[300..600], None)),
+        ("fs: 1000 bytes, 3", V2, Write, 8, 0, chunk("/lfs1/big", 600, &BIG[600..900], None)),
+        ("fs: 1000 bytes, 4", V2, Write, 8, 0, chunk("/lfs1/big", 900, &BIG[900..], None)),
+        ("fs: 1000 bytes, status", V2, Read, 8, 1, name("/lfs1/big")),
+        ("fs: 1000 bytes, download 1", V2, Read, 8, 0, cbor(vec![("name", Value::Text("/lfs1/big".into())), ("off", Value::from(0))])),
+        ("fs: 1000 bytes, download 2", V2, Read, 8, 0, cbor(vec![("name", Value::Text("/lfs1/big".into())), ("off", Value::from(340))])),
+        ("fs: 1000 bytes, download 3", V2, Read, 8, 0, cbor(vec![("name", Value::Text("/lfs1/big".into())), ("off", Value::from(680))])),
     ];
     let mut differ = Vec::new();
     for (i, (what, version, op, group, command, body)) in same.iter().enumerate() {
-        let seq = 100 + i as u8;
+        let seq = (100 + i) as u8;
         // The reserved version: version bits 2 (0x10) in byte 0, sent as built here.
         let (za, ha) = if *what == "reserved version" {
             let raw = |c: &mut Client| {

@@ -4,9 +4,12 @@
 //! `../shared/reference/smp.md`; the firmware's slots are [`Firmware`].
 //!
 //! Groups: OS (echo as read and write, taskstat, datetime, reset, mcumgr
-//! params, OS info, bootloader info) and Image (state read and write,
-//! upload, erase, slot info). Any other group or command, or an op a
-//! command has no handler for, gets `{"rc": 8}` as Zephyr answers.
+//! params, OS info, bootloader info), Image (state read and write,
+//! upload, erase, slot info), Statistics, Settings, File system, Shell
+//! and Enumeration. Any other group or command, or an op a command has no
+//! handler for, gets `{"rc": 8}` as Zephyr answers. An answer that would
+//! not fit `buf_size` is `{"rc": 7}` instead (EMSGSIZE, as zcbor runs out
+//! of buffer).
 //!
 //! Answers carry the request's version, group, seq and command. A reserved
 //! version gets `{"rc": 13}`. Group errors are `err {group, rc}` under v2
@@ -23,16 +26,23 @@
 //! 4 (RTC not set); an upload chunk at off > 0 with no session answers
 //! `{"off": 0}`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use ciborium::Value;
 use serde::Serialize;
 
+use crate::model::filesystem::MemFs;
 use crate::model::firmware::{Firmware, Pending, SwapType, PRIMARY, SECONDARY};
+use crate::model::settings::Settings;
 use crate::protocol::mcuboot::{self, ImageHeader, ImageVersion};
 use crate::protocol::smp::{self, group, map, MgmtErr, SmpHeader, SmpOp, SmpVersion, HEADER_LEN};
 use crate::sans_io::{Input, Output, Peer, SansIoCore};
+
+mod args;
+mod fs_group;
+mod settings_group;
+mod shell_group;
 
 /// How long after its answer a reset takes effect (Zephyr's default).
 pub const RESET_DELAY: Duration = Duration::from_millis(250);
@@ -70,10 +80,19 @@ mod enum_err {
 
 /// The groups this server registers, in the order Zephyr's enumeration
 /// group lists them (handlers are registered sorted by handler name:
-/// enum_mgmt, img_mgmt, os_mgmt), with the names and handler counts it
-/// reports (a group's handler table is indexed by command id, so the count
-/// is the highest id + 1).
-const GROUPS: [(u16, &str, u64); 4] = [(group::ENUM, "enum mgmt", 4), (group::IMAGE, "img mgmt", 7), (group::OS, "os mgmt", 9), (group::STAT, "stat mgmt", 2)];
+/// enum_mgmt, fs_mgmt, img_mgmt, os_mgmt, settings_mgmt, shell_mgmt,
+/// stat_mgmt), with the names and handler counts it reports (a group's
+/// handler table is indexed by command id, so the count is the highest
+/// id + 1).
+const GROUPS: [(u16, &str, u64); 7] = [
+    (group::ENUM, "enum mgmt", 4),
+    (group::FS, "fs mgmt", 5),
+    (group::IMAGE, "img mgmt", 7),
+    (group::OS, "os mgmt", 9),
+    (group::SETTINGS, "settings mgmt", 4),
+    (group::SHELL, "shell mgmt", 1),
+    (group::STAT, "stat mgmt", 2),
+];
 
 /// Statistics group error numbers (stat_mgmt.h).
 mod stat_err {
@@ -92,6 +111,11 @@ fn v1_rc(group_id: u16, rc: u16) -> MgmtErr {
         (group::ENUM, enum_err::TOO_MANY_GROUP_ENTRIES) => MgmtErr::Inval,
         (group::STAT, 2 | stat_err::INVALID_STAT_NAME) => MgmtErr::NoEnt,
         (group::STAT, 4) => MgmtErr::Inval,
+        (group::SETTINGS, 2) => MgmtErr::Inval,
+        (group::SETTINGS, 3 | 4) => MgmtErr::NoEnt,
+        (group::FS, 2 | 13) => MgmtErr::Inval,
+        (group::FS, 3 | 14) => MgmtErr::NoEnt,
+        (group::SHELL, 2 | 3) => MgmtErr::Inval,
         _ => MgmtErr::Unknown,
     }
 }
@@ -113,7 +137,19 @@ pub struct SmpServerConfig {
     pub boot_time: Duration,
     /// Add `"rc": 0` to successes (a "legacy rc" build).
     pub legacy_rc: bool,
+    /// Files on the device's filesystem (mounted at `/lfs1`) at start.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Bytes the filesystem holds; a write past them fails.
+    pub fs_capacity: usize,
+    /// Settings on flash at start, each root a handler. `None`: no settings
+    /// handlers and no storage backend, as Zephyr's smp_svr sample.
+    pub settings: Option<BTreeMap<String, Vec<u8>>>,
+    /// Shell commands besides Zephyr's `kernel …`: the command line and its output.
+    pub shell: Vec<(String, String)>,
 }
+
+/// Where the filesystem is mounted (littlefs in Zephyr's samples).
+pub const FS_MOUNT: &str = "/lfs1";
 
 impl Default for SmpServerConfig {
     fn default() -> Self {
@@ -127,6 +163,10 @@ impl Default for SmpServerConfig {
             image: None,
             boot_time: Duration::from_millis(500),
             legacy_rc: false,
+            files: Vec::new(),
+            fs_capacity: 256 * 1024,
+            settings: None,
+            shell: Vec::new(),
         }
     }
 }
@@ -165,6 +205,8 @@ enum Reply {
     Body(Vec<(&'static str, Value)>),
     Rc(MgmtErr),
     Group(u16, u16),
+    /// A group error and more keys after it (v1 sees only the translated rc).
+    GroupWith(u16, u16, Vec<(&'static str, Value)>),
 }
 
 pub struct SmpServer {
@@ -178,6 +220,9 @@ pub struct SmpServer {
     rtc: Option<(i64, Duration)>,
     /// When the running image started (stat counters count from here).
     booted_at: Duration,
+    fs: MemFs,
+    file: Option<fs_group::FileTransfer>,
+    settings: Settings,
     events: Vec<SmpEvent>,
 }
 
@@ -196,11 +241,37 @@ impl SmpServer {
         if config.buf_size < 64 {
             return Err(format!("buf_size {} is under 64 bytes", config.buf_size));
         }
-        Ok(SmpServer { fw: Firmware::new(config.slot_size, image), config, upload: None, peers: BTreeSet::new(), reset_at: None, down_until: None, rtc: None, booted_at: Duration::ZERO, events: Vec::new() })
+        let mut fs = MemFs::new(&[FS_MOUNT]);
+        for (path, contents) in &config.files {
+            fs.seed(path, contents.clone())?;
+        }
+        let settings = config.settings.clone().map_or_else(Settings::none, Settings::with_stored);
+        Ok(SmpServer {
+            fw: Firmware::new(config.slot_size, image),
+            config,
+            upload: None,
+            peers: BTreeSet::new(),
+            reset_at: None,
+            down_until: None,
+            rtc: None,
+            booted_at: Duration::ZERO,
+            fs,
+            file: None,
+            settings,
+            events: Vec::new(),
+        })
     }
 
     pub fn firmware(&self) -> &Firmware {
         &self.fw
+    }
+
+    pub fn filesystem(&self) -> &MemFs {
+        &self.fs
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     pub fn take_events(&mut self) -> Vec<SmpEvent> {
@@ -259,7 +330,16 @@ impl SmpServer {
             }
             Reply::Rc(rc) => smp::rc_payload(rc),
             Reply::Group(g, rc) => smp::group_error_payload(version, g, rc, v1_rc(g, rc)),
+            Reply::GroupWith(g, rc, more) => match version {
+                SmpVersion::V2 => {
+                    let mut entries = vec![("err", map(vec![("group", Value::from(g)), ("rc", Value::from(rc))]))];
+                    entries.extend(more);
+                    smp::encode_map(entries)
+                }
+                SmpVersion::V1 => smp::rc_payload(v1_rc(g, rc)),
+            },
         };
+        let body = if HEADER_LEN + body.len() > usize::from(self.config.buf_size) { smp::rc_payload(MgmtErr::MsgSize) } else { body };
         let mut out = SmpHeader { len: body.len() as u16, ..response }.encode().to_vec();
         out.extend(body);
         Some(out)
@@ -287,6 +367,19 @@ impl SmpServer {
             (group::ENUM, 1, true) => Some(Self::enum_list),
             (group::ENUM, 2, true) => Some(Self::enum_single),
             (group::ENUM, 3, true) => Some(Self::enum_details),
+            (group::SETTINGS, 0, true) => Some(Self::settings_read),
+            (group::SETTINGS, 0, false) => Some(Self::settings_write),
+            (group::SETTINGS, 1, false) => Some(Self::settings_delete),
+            (group::SETTINGS, 2, false) => Some(Self::settings_commit),
+            (group::SETTINGS, 3, true) => Some(Self::settings_load),
+            (group::SETTINGS, 3, false) => Some(Self::settings_save),
+            (group::FS, 0, true) => Some(Self::fs_download),
+            (group::FS, 0, false) => Some(Self::fs_upload),
+            (group::FS, 1, true) => Some(Self::fs_status),
+            (group::FS, 2, true) => Some(Self::fs_hash),
+            (group::FS, 3, true) => Some(Self::fs_types),
+            (group::FS, 4, false) => Some(Self::fs_close),
+            (group::SHELL, 0, false) => Some(Self::shell_exec),
             _ => None,
         };
         let Some(handler) = handler else { return Reply::Rc(MgmtErr::NotSup) };
@@ -300,8 +393,22 @@ impl SmpServer {
     }
 
     fn takes_no_arguments(h: Handler) -> bool {
-        let none: [Handler; 7] = [Self::taskstat, Self::datetime_read, Self::params, Self::state_read, Self::slot_info, Self::enum_count, Self::enum_list];
-        none.iter().chain([Self::stat_list as Handler].iter()).any(|f| std::ptr::fn_addr_eq(*f, h))
+        let none: [Handler; 13] = [
+            Self::taskstat,
+            Self::datetime_read,
+            Self::params,
+            Self::state_read,
+            Self::slot_info,
+            Self::enum_count,
+            Self::enum_list,
+            Self::stat_list,
+            Self::settings_commit,
+            Self::settings_load,
+            Self::settings_save,
+            Self::fs_types,
+            Self::fs_close,
+        ];
+        none.iter().any(|f| std::ptr::fn_addr_eq(*f, h))
     }
 
     // --- OS group -------------------------------------------------------------------------
@@ -667,6 +774,9 @@ impl SmpServer {
             self.reset_at = None;
             closed = std::mem::take(&mut self.peers).into_iter().collect();
             self.upload = None;
+            // An open file was never closed: littlefs keeps what it had.
+            self.file = None;
+            self.settings.reboot();
             let swap = self.fw.boot();
             self.events.push(SmpEvent::Rebooted { swap });
             self.down_until = Some(now + self.config.boot_time);
@@ -884,14 +994,14 @@ mod tests {
     #[test]
     fn the_enumeration_group_lists_what_is_registered() {
         let mut s = server();
-        assert_eq!(u(&ask(&mut s, SmpOp::Read, group::ENUM, 0, vec![]), "count"), Some(4));
+        assert_eq!(u(&ask(&mut s, SmpOp::Read, group::ENUM, 0, vec![]), "count"), Some(7));
         let Some(Value::Array(ids)) = smp::get(&ask(&mut s, SmpOp::Read, group::ENUM, 1, vec![]), "groups").cloned() else { panic!() };
-        assert_eq!(ids.iter().filter_map(smp::as_u64).collect::<Vec<_>>(), vec![10, 1, 0, 2]);
+        assert_eq!(ids.iter().filter_map(smp::as_u64).collect::<Vec<_>>(), vec![10, 8, 1, 0, 3, 9, 2]);
         let first = ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![]);
         assert_eq!((u(&first, "group"), smp::get(&first, "end")), (Some(10), None), "no index: index 0");
-        let last = ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(3))]);
+        let last = ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(6))]);
         assert_eq!((u(&last, "group"), smp::get(&last, "end")), (Some(2), Some(&Value::Bool(true))));
-        assert_eq!(group_rc(&ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(4))])), Some((10, 4)));
+        assert_eq!(group_rc(&ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(7))])), Some((10, 4)));
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(70_000))])), Some(3));
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::ENUM, 2, vec![("index", Value::from(-1))])), Some(3));
         // v1 sees the group error as EUNKNOWN (enum_mgmt_translate_error_code).
@@ -906,13 +1016,177 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
-        assert_eq!(details(&mut s, vec![]), vec![(10, "enum mgmt".into(), 4), (1, "img mgmt".into(), 7), (0, "os mgmt".into(), 9), (2, "stat mgmt".into(), 2)]);
-        assert_eq!(details(&mut s, vec![("groups", Value::Array(vec![]))]).len(), 4);
-        assert_eq!(details(&mut s, vec![("groups", Value::Array(vec![Value::from(0), Value::from(10), Value::from(8)]))]).iter().map(|g| g.0).collect::<Vec<_>>(), vec![10, 0]);
+        assert_eq!(
+            details(&mut s, vec![]),
+            vec![
+                (10, "enum mgmt".into(), 4),
+                (8, "fs mgmt".into(), 5),
+                (1, "img mgmt".into(), 7),
+                (0, "os mgmt".into(), 9),
+                (3, "settings mgmt".into(), 4),
+                (9, "shell mgmt".into(), 1),
+                (2, "stat mgmt".into(), 2)
+            ]
+        );
+        assert_eq!(details(&mut s, vec![("groups", Value::Array(vec![]))]).len(), 7);
+        assert_eq!(details(&mut s, vec![("groups", Value::Array(vec![Value::from(0), Value::from(10), Value::from(77)]))]).iter().map(|g| g.0).collect::<Vec<_>>(), vec![10, 0]);
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::ENUM, 3, vec![("groups", Value::Array(vec![Value::Text("os".into())]))])), Some(3));
         // Writes and unknown commands are not registered.
         assert_eq!(rc(&ask(&mut s, SmpOp::Write, group::ENUM, 0, vec![])), Some(8));
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::ENUM, 4, vec![])), Some(8));
+    }
+
+    fn at(s: &mut SmpServer, now: Duration, op: SmpOp, g: u16, cmd: u8, body: Vec<(&str, Value)>) -> Vec<(Value, Value)> {
+        let answers = s.handle_bytes(&request(SmpVersion::V2, op, g, cmd, 7, body), now);
+        assert_eq!(answers.len(), 1, "{answers:?}");
+        smp::decode_map(&smp::SmpFrame::parse(&answers[0]).unwrap().payload).unwrap()
+    }
+
+    fn file_chunk(name: &str, off: u64, data: &[u8], len: Option<u64>) -> Vec<(&'static str, Value)> {
+        let mut b = vec![("name", Value::Text(name.into())), ("off", Value::from(off)), ("data", Value::Bytes(data.to_vec()))];
+        b.extend(len.map(|l| ("len", Value::from(l))));
+        b
+    }
+
+    fn name(n: &str) -> Vec<(&'static str, Value)> {
+        vec![("name", Value::Text(n.into()))]
+    }
+
+    /// The file system group as Zephyr 4.4's fs_mgmt answers on native_sim
+    /// (each answer here was seen there): an upload is visible to status and
+    /// hash once its file closes, a wrong offset closes it and says the
+    /// length, a resume appends at the committed size, downloads come in
+    /// buf_size − 44 byte chunks.
+    #[test]
+    fn the_file_system_group_uploads_downloads_and_hashes() {
+        let mut s = SmpServer::new(SmpServerConfig { buf_size: 384, files: vec![("/lfs1/etc/motd".into(), b"hi".to_vec())], ..Default::default() }).unwrap();
+        let (r, w) = (SmpOp::Read, SmpOp::Write);
+        let fs = group::FS;
+        assert_eq!(u(&ask(&mut s, w, fs, 0, file_chunk("/lfs1/h.txt", 0, b"hello", Some(11))), "off"), Some(5));
+        assert_eq!(u(&ask(&mut s, r, fs, 1, name("/lfs1/h.txt")), "len"), Some(0), "not committed while open");
+        let a = ask(&mut s, w, fs, 0, file_chunk("/lfs1/h.txt", 7, b"xx", None));
+        assert_eq!((group_rc(&a), u(&a, "len")), (Some((8, 11)), Some(5)));
+        assert_eq!(u(&ask(&mut s, r, fs, 1, name("/lfs1/h.txt")), "len"), Some(5), "the mismatch closed it");
+        assert_eq!(u(&ask(&mut s, w, fs, 0, file_chunk("/lfs1/h.txt", 5, b" world", None)), "off"), Some(11), "resumed at the committed size");
+        let h = ask(&mut s, r, fs, 2, name("/lfs1/h.txt"));
+        assert_eq!((smp::get(&h, "type"), u(&h, "len"), u(&h, "output")), (Some(&Value::Text("crc32".into())), Some(5), Some(0x3610_a686)), "crc32 of the committed \"hello\"");
+        let d = ask(&mut s, r, fs, 0, vec![("name", Value::Text("/lfs1/h.txt".into())), ("off", Value::from(0))]);
+        assert_eq!((smp::get(&d, "data"), u(&d, "len")), (Some(&Value::Bytes(b"hello world".to_vec())), Some(11)), "a download closes the upload");
+        let d = ask(&mut s, r, fs, 0, vec![("name", Value::Text("/lfs1/h.txt".into())), ("off", Value::from(20))]);
+        assert_eq!((smp::get(&d, "data"), u(&d, "len")), (Some(&Value::Bytes(vec![])), None));
+        let h = ask(&mut s, r, fs, 2, vec![("name", Value::Text("/lfs1/h.txt".into())), ("type", Value::Text("sha256".into())), ("off", Value::from(6))]);
+        assert_eq!((u(&h, "off"), u(&h, "len"), smp::get(&h, "output")), (Some(6), Some(5), Some(&Value::Bytes(mcuboot::sha256(b"world").to_vec()))));
+        // Errors as fs_mgmt gives them.
+        assert_eq!(group_rc(&ask(&mut s, r, fs, 2, vec![("name", Value::Text("/lfs1/h.txt".into())), ("type", Value::Text("md5".into()))])), Some((8, 13)));
+        assert_eq!(group_rc(&ask(&mut s, r, fs, 2, vec![("name", Value::Text("/lfs1/h.txt".into())), ("off", Value::from(11))])), Some((8, 12)));
+        assert_eq!(rc(&ask(&mut s, r, fs, 2, vec![("name", Value::Text("/lfs1/h.txt".into())), ("len", Value::from(0))])), Some(3));
+        assert_eq!(group_rc(&ask(&mut s, r, fs, 1, name("/lfs1/nope"))), Some((8, 3)));
+        assert_eq!(group_rc(&ask(&mut s, r, fs, 1, name("/lfs1/etc"))), Some((8, 4)));
+        assert_eq!(group_rc(&ask(&mut s, r, fs, 1, name("lfs1/x"))), Some((8, 2)));
+        assert_eq!(group_rc(&ask(&mut s, w, fs, 0, file_chunk("/lfs2/x", 0, b"a", Some(1)))), Some((8, 14)));
+        assert_eq!(group_rc(&ask(&mut s, w, fs, 0, file_chunk("/lfs1/etc", 0, b"a", Some(1)))), Some((8, 1)));
+        assert_eq!(rc(&ask(&mut s, w, fs, 0, file_chunk("/lfs1/x", 0, b"a", None))), Some(3), "off 0 needs len");
+        assert_eq!(rc(&ask(&mut s, w, fs, 0, file_chunk(&format!("/lfs1/{}", "a".repeat(59)), 0, b"a", Some(1)))), Some(3), "65-byte path");
+        assert_eq!(rc(&ask_v(&mut s, SmpVersion::V1, w, fs, 0, file_chunk("/lfs2/x", 0, b"a", Some(1))).1), Some(5), "v1: ENOENT");
+        assert!(group_rc(&ask(&mut s, r, fs, 2, name("/lfs1/etc/motd"))).is_none());
+        // A multi-chunk download: buf_size 384 → 340-byte chunks.
+        let big: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let mut off = 0;
+        while off < big.len() {
+            let end = (off + 300).min(big.len());
+            let len = (off == 0).then_some(big.len() as u64);
+            assert_eq!(u(&ask(&mut s, w, fs, 0, file_chunk("/lfs1/big", off as u64, &big[off..end], len)), "off"), Some(end as u64));
+            off = end;
+        }
+        assert_eq!(u(&ask(&mut s, r, fs, 1, name("/lfs1/big")), "len"), Some(1000), "the last chunk closed it");
+        let mut got: Vec<u8> = Vec::new();
+        while got.len() < big.len() {
+            let d = ask(&mut s, r, fs, 0, vec![("name", Value::Text("/lfs1/big".into())), ("off", Value::from(got.len() as u64))]);
+            let Some(Value::Bytes(b)) = smp::get(&d, "data") else { panic!("{d:?}") };
+            assert!(b.len() == 340 || got.len() + b.len() == 1000, "{}", b.len());
+            got.extend(b);
+        }
+        assert_eq!(got, big);
+        let Some(Value::Map(types)) = smp::get(&ask(&mut s, r, fs, 3, vec![]), "types").cloned() else { panic!() };
+        assert_eq!(types.len(), 2);
+        assert!(ask(&mut s, w, fs, 4, vec![]).is_empty());
+        assert_eq!(rc(&ask(&mut s, r, fs, 4, vec![])), Some(8));
+    }
+
+    /// What a write handle holds is lost when the device resets before the
+    /// file closes, and closed by itself after 4 s idle.
+    #[test]
+    fn an_open_upload_is_lost_at_reset_and_closed_when_idle() {
+        let mut s = server();
+        let (r, w, fs) = (SmpOp::Read, SmpOp::Write, group::FS);
+        assert_eq!(u(&at(&mut s, ms(1), w, fs, 0, file_chunk("/lfs1/a", 0, b"abc", Some(10))), "off"), Some(3));
+        assert_eq!(u(&at(&mut s, ms(4000), r, fs, 1, name("/lfs1/a")), "len"), Some(0));
+        assert_eq!(u(&at(&mut s, ms(4002), r, fs, 1, name("/lfs1/a")), "len"), Some(3), "idle for 4 s: closed");
+        assert_eq!(u(&at(&mut s, ms(4003), w, fs, 0, file_chunk("/lfs1/b", 0, b"xyz", Some(10))), "off"), Some(3));
+        reset_and_boot(&mut s, ms(4004));
+        assert_eq!(u(&at(&mut s, Duration::from_secs(6), r, fs, 1, name("/lfs1/b")), "len"), Some(0), "created, but its bytes were never committed");
+    }
+
+    /// The settings group: without storage (Zephyr's smp_svr), every name is
+    /// under an unknown root; with settings, values written but not saved
+    /// are gone after a reset.
+    #[test]
+    fn the_settings_group_reads_writes_and_saves() {
+        let (r, w, g) = (SmpOp::Read, SmpOp::Write, group::SETTINGS);
+        let mut bare = server();
+        assert_eq!(group_rc(&ask(&mut bare, r, g, 0, name("foo/bar"))), Some((3, 5)));
+        assert_eq!(group_rc(&ask(&mut bare, w, g, 1, name("foo/bar"))), Some((3, 3)));
+        assert_eq!(group_rc(&ask(&mut bare, w, g, 3, vec![])), Some((3, 8)));
+        assert!(ask(&mut bare, w, g, 2, vec![]).is_empty());
+        assert!(ask(&mut bare, r, g, 3, vec![]).is_empty());
+        let stored = [("app/mode".to_string(), b"eco".to_vec())].into();
+        let mut s = SmpServer::new(SmpServerConfig { settings: Some(stored), ..Default::default() }).unwrap();
+        assert_eq!(smp::get(&ask(&mut s, r, g, 0, name("app/mode")), "val"), Some(&Value::Bytes(b"eco".to_vec())));
+        assert_eq!(group_rc(&ask(&mut s, r, g, 0, name("app/none"))), Some((3, 3)));
+        assert_eq!(group_rc(&ask(&mut s, r, g, 0, name(&"a".repeat(32)))), Some((3, 2)));
+        assert_eq!(rc(&ask(&mut s, r, g, 0, name(""))), Some(3));
+        assert_eq!(rc(&ask_v(&mut s, SmpVersion::V1, r, g, 0, name("app/none")).1), Some(5));
+        assert!(ask(&mut s, w, g, 0, vec![("name", Value::Text("app/mode".into())), ("val", Value::Bytes(vec![7; 40]))]).is_empty());
+        let a = ask(&mut s, r, g, 0, vec![("name", Value::Text("app/mode".into())), ("max_size", Value::from(100))]);
+        assert_eq!((smp::get(&a, "val"), u(&a, "max_size")), (Some(&Value::Bytes(vec![7; 32])), Some(32)));
+        reset_and_boot(&mut s, ms(10));
+        assert_eq!(smp::get(&ask(&mut s, r, g, 0, name("app/mode")), "val"), Some(&Value::Bytes(b"eco".to_vec())), "not saved: lost");
+        assert!(ask(&mut s, w, g, 0, vec![("name", Value::Text("app/mode".into())), ("val", Value::Bytes(b"boost".to_vec()))]).is_empty());
+        assert!(ask(&mut s, w, g, 3, vec![]).is_empty());
+        reset_and_boot(&mut s, Duration::from_secs(10));
+        assert_eq!(smp::get(&ask(&mut s, r, g, 0, name("app/mode")), "val"), Some(&Value::Bytes(b"boost".to_vec())), "saved: kept");
+    }
+
+    /// The shell group: Zephyr's `kernel` commands and the device's own, with
+    /// the dummy backend's output, and the line limits shell_mgmt applies.
+    #[test]
+    fn the_shell_group_runs_commands() {
+        let mut s = SmpServer::new(SmpServerConfig { shell: vec![("bms status".into(), "soc 80%\nok\n".into())], ..Default::default() }).unwrap();
+        let exec = |s: &mut SmpServer, argv: Vec<Value>| ask(s, SmpOp::Write, group::SHELL, 0, vec![("argv", Value::Array(argv))]);
+        let words = |w: &[&str]| w.iter().map(|w| Value::Text(w.to_string())).collect::<Vec<_>>();
+        let out = |m: &[(Value, Value)]| (smp::get(m, "o").cloned(), smp::get(m, "ret").and_then(smp::as_i64));
+        assert_eq!(out(&exec(&mut s, words(&["kernel", "version"]))), (Some(Value::Text("\r\nZephyr version 4.4.0\r\n".into())), Some(0)));
+        assert_eq!(out(&exec(&mut s, words(&["bms", "status"]))), (Some(Value::Text("\r\nsoc 80%\r\nok\r\n".into())), Some(0)));
+        assert_eq!(out(&exec(&mut s, words(&["nope"]))), (Some(Value::Text("\r\n\x1b[1;31mnope: command not found\r\n\x1b[m".into())), Some(-8)));
+        assert_eq!(out(&exec(&mut s, words(&[""]))), (Some(Value::Text("\r\n".into())), Some(-8)));
+        assert_eq!(out(&exec(&mut s, words(&["kernel", "foo"]))).1, Some(1), "help");
+        assert_eq!(out(&exec(&mut s, vec![Value::Text("kernel".into()), Value::from(5), Value::Text("version".into())])).1, Some(1), "argv stops at a non-text word");
+        assert_eq!(group_rc(&exec(&mut s, vec![])), Some((9, 3)));
+        assert_eq!(group_rc(&exec(&mut s, words(&[&"a".repeat(256)]))), Some((9, 2)));
+        assert_eq!(group_rc(&exec(&mut s, words(&[&"a".repeat(127), &"b".repeat(128)]))), Some((9, 2)));
+        assert_eq!(out(&exec(&mut s, words(&[&"a".repeat(127), &"b".repeat(127)]))).1, Some(-8));
+        assert_eq!(rc(&ask(&mut s, SmpOp::Write, group::SHELL, 0, vec![])), Some(3));
+        assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::SHELL, 0, vec![("argv", Value::Array(words(&["kernel"])))])), Some(8));
+        assert_eq!(rc(&ask_v(&mut s, SmpVersion::V1, SmpOp::Write, group::SHELL, 0, vec![("argv", Value::Array(vec![]))]).1), Some(3));
+    }
+
+    /// An answer that does not fit buf_size is EMSGSIZE, as Zephyr answers
+    /// `help` on a 384-byte build.
+    #[test]
+    fn an_answer_too_big_for_the_buffer_is_rc_7() {
+        let mut s = SmpServer::new(SmpServerConfig { buf_size: 384, shell: vec![("long".into(), "x".repeat(400))], ..Default::default() }).unwrap();
+        let a = ask(&mut s, SmpOp::Write, group::SHELL, 0, vec![("argv", Value::Array(vec![Value::Text("long".into())]))]);
+        assert_eq!(rc(&a), Some(7));
     }
 
     /// The statistics group as Zephyr 4.4's smp_svr answers on native_sim

@@ -1,9 +1,12 @@
-//! `smp-server`: a Zephyr/MCUboot device's MCUmgr SMP server (OS and Image
-//! groups, two image slots that test, swap, confirm and revert) over UDP
-//! and a serial port on a PTY, one device behind both. Its UDP address is
+//! `smp-server`: a Zephyr/MCUboot device's MCUmgr SMP server (OS, Image,
+//! Statistics, Settings, File system, Shell and Enumeration groups; two
+//! image slots that test, swap, confirm and revert; a filesystem, settings
+//! and shell commands a scenario can give it) over UDP and a serial port on
+//! a PTY, one device behind both. Its UDP address is
 //! `{{smp.NAME}}`, its serial port `{{smp.NAME.tty}}`. `hilbench sim
 //! smp-server` serves one from the command line.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,7 +16,7 @@ use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
 use super::{at_key, decode_keys, Declared, Kind, Names, Role, Running, StartContext};
-use crate::device::smp_core::{SmpEvent, SmpServerConfig};
+use crate::device::smp_core::{SmpEvent, SmpServerConfig, FS_MOUNT};
 use crate::device::smp_host::{self, SmpEndpoints, SmpHandle, SmpTty};
 use crate::device::smp_serial::{SerialFraming, SerialLinkConfig};
 use crate::link::fault::LinkMedium;
@@ -56,6 +59,38 @@ pub struct SmpServerKeys {
     /// Add `"rc": 0` to successes, as "legacy rc" firmware does.
     #[serde(default)]
     pub legacy_rc: bool,
+    /// Files on the device at start (littlefs at /lfs1): path → text.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// Settings on the device's flash at start: name → text. Given (even
+    /// empty), the device has a storage backend and a handler for each
+    /// name's root (`app` for `app/mode`); absent, it has neither, as
+    /// Zephyr's smp_svr sample.
+    #[serde(default)]
+    pub settings: Option<BTreeMap<String, String>>,
+    /// Shell commands besides Zephyr's `kernel …`: command line → output.
+    #[serde(default)]
+    pub shell: BTreeMap<String, String>,
+}
+
+/// A settings name as settings_mgmt takes it.
+fn check_setting_name(n: &str) -> Result<(), String> {
+    if n.is_empty() || n.len() >= 32 || n.starts_with('/') {
+        return Err(format!("setting `{n}`: a name is 1 to 31 bytes and starts with its root (e.g. app/mode)"));
+    }
+    Ok(())
+}
+
+/// A device file path: under the mount point, not the mount point itself.
+fn check_file_path(p: &str) -> Result<(), String> {
+    let mut fs = crate::model::filesystem::MemFs::new(&[FS_MOUNT]);
+    fs.seed(p, Vec::new())
+}
+
+/// `KEY=VALUE` from the command line.
+fn key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
 }
 
 /// The serial port's keys (scenario) and options (`sim`).
@@ -131,9 +166,12 @@ pub const SIM_HELP: &str = "Examples:
   hilbench sim smp-server --tty /tmp/smp --baud 115200 --buf-size 384
   # the same device over UDP and serial at once
   hilbench sim smp-server --udp 127.0.0.1:1337 --tty /tmp/smp
+  # a file on its filesystem, a saved setting and a shell command of its own
+  hilbench sim smp-server --file /lfs1/hosts=/etc/hosts --setting app/mode=eco --shell 'bms status=soc 80%'
 
 Then, e.g. with smpmgr from PyPI:  smpmgr --ip 127.0.0.1 image state-read
                               or:  smpmgr --port /tmp/smp image state-read
+                              or:  smpmgr --ip 127.0.0.1 file download /lfs1/hosts hosts
 
 Prints one JSON line when serving, with every endpoint it serves:
   {\"ready\":true,\"kind\":\"smp-server\",\"endpoints\":{\"udp\":\"127.0.0.1:1337\",\"tty\":\"/tmp/smp\"}}
@@ -173,6 +211,15 @@ pub struct SmpServerSimArgs {
     /// Add "rc": 0 to successes ("legacy rc" firmware; strict clients reject it).
     #[arg(long)]
     pub legacy_rc: bool,
+    /// A file on the device (littlefs at /lfs1), from a file here; repeatable.
+    #[arg(long = "file", value_name = "DEVICE_PATH=FILE", value_parser = key_value)]
+    pub files: Vec<(String, String)>,
+    /// A setting on the device's flash (this gives it a settings backend); repeatable.
+    #[arg(long = "setting", value_name = "NAME=VALUE", value_parser = key_value)]
+    pub settings: Vec<(String, String)>,
+    /// A shell command and its output, besides Zephyr's `kernel …`; repeatable.
+    #[arg(long = "shell", value_name = "COMMAND=OUTPUT", value_parser = key_value)]
+    pub shell: Vec<(String, String)>,
 }
 
 fn endpoints_json(h: &SmpHandle) -> serde_json::Value {
@@ -195,6 +242,14 @@ fn sim_main(a: SmpServerSimArgs) -> i32 {
 }
 
 fn sim(a: SmpServerSimArgs) -> Result<(), String> {
+    let mut files = Vec::new();
+    for (device_path, host_path) in &a.files {
+        check_file_path(device_path).map_err(|e| format!("--file: {e}"))?;
+        files.push((device_path.clone(), std::fs::read(host_path).map_err(|e| format!("--file {device_path}: cannot read {host_path}: {e}"))?));
+    }
+    for (n, _) in &a.settings {
+        check_setting_name(n).map_err(|e| format!("--setting: {e}"))?;
+    }
     let config = SmpServerConfig {
         name: a.name,
         buf_size: a.buf_size,
@@ -203,6 +258,9 @@ fn sim(a: SmpServerSimArgs) -> Result<(), String> {
         image: a.image.as_deref().map(read_image).transpose()?,
         boot_time: a.boot_time,
         legacy_rc: a.legacy_rc,
+        files,
+        settings: (!a.settings.is_empty()).then(|| a.settings.iter().map(|(k, v)| (k.clone(), v.as_bytes().to_vec())).collect()),
+        shell: a.shell,
         ..Default::default()
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
@@ -248,7 +306,7 @@ impl Kind for SmpServerKind {
         Role::Device
     }
     fn about(&self) -> &'static str {
-        "Zephyr/MCUboot MCUmgr SMP server over UDP and serial: OS, Image, Statistics and Enumeration groups, two slots that test, swap, confirm and revert"
+        "Zephyr/MCUboot MCUmgr SMP server over UDP and serial: OS, Image, Statistics, Settings, File system, Shell and Enumeration groups, two slots that test, swap, confirm and revert"
     }
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<SmpServerKeys>(entry)?))
@@ -282,6 +340,9 @@ impl SmpServerKeys {
             c.boot_time = d.0;
         }
         c.image = self.image.as_deref().map(read_image).transpose()?;
+        c.files = self.files.iter().map(|(p, t)| (p.clone(), t.as_bytes().to_vec())).collect();
+        c.settings = self.settings.as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_bytes().to_vec())).collect());
+        c.shell = self.shell.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         Ok(c)
     }
 }
@@ -315,6 +376,15 @@ impl Declared for SmpServerKeys {
             if !p.is_file() {
                 return Err(at_key("image", format!("no image file at {}", p.display())));
             }
+        }
+        for p in self.files.keys() {
+            check_file_path(p).map_err(|e| at_key("files", e))?;
+        }
+        for n in self.settings.iter().flat_map(|m| m.keys()) {
+            check_setting_name(n).map_err(|e| at_key("settings", e))?;
+        }
+        if let Some(c) = self.shell.keys().find(|c| c.split_whitespace().next().is_none_or(|w| w == "kernel")) {
+            return Err(at_key("shell", format!("shell command `{c}`: empty, or under `kernel`, which the device's own shell has")));
         }
         Ok(())
     }

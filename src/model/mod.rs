@@ -8,10 +8,13 @@
 //! scenarios and tests are deterministic.
 //!
 //! [`firmware`] is an MCUboot device's two image slots and the swap it runs
-//! at each boot, behind the SMP server.
+//! at each boot, behind the SMP server, with its [`filesystem`] and
+//! [`settings`].
 
+pub mod filesystem;
 pub mod firmware;
 pub mod pack;
+pub mod settings;
 pub use pack::*;
 
 /// A key the pack model understands (`N` stands for an index: `cell12_mv`

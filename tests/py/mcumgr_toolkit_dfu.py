@@ -124,4 +124,5 @@ def main():
     say("done", ok=True)
 
 
-main()
+if __name__ == "__main__":
+    main()
