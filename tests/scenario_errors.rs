@@ -91,7 +91,7 @@ fn typos_in_selectors_are_located_errors() {
 
     let hub = "devices:\n  - {name: hub, kind: bsc-hub}\nclients:\n  - {name: a, kind: bsc-node, hub: hub}\n  - {name: s, kind: bsc-raw, hub: hub}\nsteps:\n";
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: hub, kind: drop}}\n"));
-    assert!(e.starts_with("bad.yaml:8:") && e.contains("`hub` is a server link") && e.contains("`drop` only acts on serial, ble-gatt and websocket links"), "{e}");
+    assert!(e.starts_with("bad.yaml:8:") && e.contains("`hub` is a server link") && e.contains("`drop` only acts on serial, ble-gatt, websocket and udp links"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: echo}}\n"));
     assert!(e.starts_with("bad.yaml:8:") && e.contains("steps[0].fault.kind") && e.contains("websocket link") && e.contains("only acts on serial links"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: close_after}}\n"));

@@ -262,6 +262,11 @@ impl SmpServer {
         })
     }
 
+    /// The node name (OS info `n`; the UDP link is named after it).
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
     pub fn firmware(&self) -> &Firmware {
         &self.fw
     }

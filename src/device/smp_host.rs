@@ -5,6 +5,8 @@
 //!   (or several back to back), the answer to the sender's address, and a
 //!   datagram larger than the net buffer dropped unread. UDP has no
 //!   connections, so a reset only makes the server silent for the boot time.
+//!   Every datagram both ways crosses the device's [`LinkEngine`] (named as
+//!   the device): faults (a dropped answer, a late duplicate) and capture.
 //! - A serial port on a PTY, through the [`SerialLink`] model (console or raw
 //!   framing, the line-buffer pool, wire time). The PTY stays through a
 //!   reset; nothing answers until the device is up, and with console
@@ -12,6 +14,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
@@ -20,6 +23,7 @@ use tokio::sync::{broadcast, watch};
 use super::smp_core::{SmpEvent, SmpServer, SmpServerConfig};
 use super::smp_serial::{SerialArrival, SerialFraming, SerialLink, SerialLinkConfig};
 use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
+use crate::link::{Direction, FaultRule, FrameRecord, LinkEngine};
 use crate::sans_io::{Input, Output, Peer, SansIoCore};
 use crate::transport::pty::PtyPort;
 
@@ -31,6 +35,11 @@ pub const BOOT_BANNER: &str = "*** Booting Zephyr OS build v4.4.0 ***\r\n";
 pub struct SmpEndpoints {
     pub udp: Option<SocketAddr>,
     pub tty: Option<SmpTty>,
+    /// The UDP link's fault randomness (the scenario seed).
+    pub seed: u64,
+    /// How many frames the UDP link keeps for capture (`None`: all; a
+    /// long-running `sim` keeps the last few).
+    pub frame_limit: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +54,8 @@ pub struct SmpTty {
 /// A running SMP server; dropping it (or [`SmpHandle::shutdown`]) stops it.
 pub struct SmpHandle {
     udp: Option<SocketAddr>,
+    udp_link: Option<Arc<Mutex<LinkEngine>>>,
+    epoch: Instant,
     tty: Option<PathBuf>,
     events: broadcast::Sender<SmpEvent>,
     stop: watch::Sender<bool>,
@@ -64,6 +75,35 @@ impl SmpHandle {
 
     pub fn subscribe(&self) -> broadcast::Receiver<SmpEvent> {
         self.events.subscribe()
+    }
+
+    fn udp_link(&self) -> Result<std::sync::MutexGuard<'_, LinkEngine>, String> {
+        let link = self.udp_link.as_ref().ok_or("it serves no UDP, the only link that takes faults")?;
+        Ok(link.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A fault on the UDP link, from now.
+    pub fn add_fault(&self, rule: FaultRule) -> Result<(), String> {
+        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        self.udp_link()?.add_rule(rule, now_ns);
+        Ok(())
+    }
+
+    /// Clears the UDP link's faults: all, or those called `name` (false: none was).
+    pub fn clear_faults(&self, name: Option<&str>) -> Result<bool, String> {
+        let mut link = self.udp_link()?;
+        Ok(match name {
+            None => {
+                link.clear();
+                true
+            }
+            Some(n) => link.clear_named(n),
+        })
+    }
+
+    /// The datagrams the UDP link carried, as they went on the wire.
+    pub fn frames(&self) -> Vec<FrameRecord> {
+        self.udp_link().map(|l| l.frames().cloned().collect()).unwrap_or_default()
     }
 
     pub async fn shutdown(mut self) {
@@ -96,6 +136,11 @@ pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<S
         None => None,
     };
     let udp_addr = udp.as_ref().map(|s| s.local_addr().map_err(|e| e.to_string())).transpose()?;
+    let udp_link = udp.as_ref().map(|_| {
+        let mut link = LinkEngine::new(core.name(), endpoints.seed);
+        link.set_log_limit(endpoints.frame_limit);
+        Arc::new(Mutex::new(link))
+    });
     let tty = match endpoints.tty {
         Some(t) => {
             let pty = PtyPort::open(t.link.as_deref()).map_err(|e| e.to_string())?;
@@ -107,9 +152,10 @@ pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<S
     let tty_path = tty.as_ref().map(|t| t.pty.path().to_path_buf());
     let (events, _) = broadcast::channel(1024);
     let (stop, stop_rx) = watch::channel(false);
-    let host = Host { core, epoch: Instant::now(), udp, netbuf, tty, events: events.clone(), dropped: LogEvery::new(REFUSAL_LOG_PERIOD) };
+    let epoch = Instant::now();
+    let host = Host { core, epoch, udp, udp_link: udp_link.clone(), in_flight: Vec::new(), netbuf, tty, events: events.clone(), dropped: LogEvery::new(REFUSAL_LOG_PERIOD) };
     let task = tokio::spawn(host.run(stop_rx));
-    Ok(SmpHandle { udp: udp_addr, tty: tty_path, events, stop, task: Some(task) })
+    Ok(SmpHandle { udp: udp_addr, udp_link, epoch, tty: tty_path, events, stop, task: Some(task) })
 }
 
 struct Tty {
@@ -118,10 +164,20 @@ struct Tty {
     banner: bool,
 }
 
+/// A datagram a fault holds back (a delay, a duplicate's second copy).
+struct InFlight {
+    due: Duration,
+    toward: Direction,
+    bytes: Vec<u8>,
+    peer: SocketAddr,
+}
+
 struct Host {
     core: SmpServer,
     epoch: Instant,
     udp: Option<UdpSocket>,
+    udp_link: Option<Arc<Mutex<LinkEngine>>>,
+    in_flight: Vec<InFlight>,
     netbuf: usize,
     tty: Option<Tty>,
     events: broadcast::Sender<SmpEvent>,
@@ -152,8 +208,14 @@ impl Host {
             let now = self.epoch.elapsed();
             match woke {
                 Wake::Stop => return,
-                Wake::Timer => self.feed(Input::Timeout, now, None).await,
-                Wake::Datagram(Ok((n, from))) => self.datagram(&dgram[..n], from, now).await,
+                Wake::Timer => {
+                    self.deliver_due(now).await;
+                    self.feed(Input::Timeout, now, None).await
+                }
+                Wake::Datagram(Ok((n, from))) => {
+                    let bytes = dgram[..n].to_vec();
+                    self.through_link(Direction::Request, &bytes, from, now).await
+                }
                 Wake::Datagram(Err(_)) => {}
                 Wake::Serial(Ok(n)) => {
                     if let Some(t) = &mut self.tty {
@@ -174,9 +236,46 @@ impl Host {
 
     fn next_wakeup(&self) -> Option<Duration> {
         let serial = self.tty.as_ref().and_then(|t| t.link.next_due());
-        match (self.core.next_wakeup(), serial) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let held = self.in_flight.iter().map(|d| d.due).min();
+        [self.core.next_wakeup(), serial, held].into_iter().flatten().min()
+    }
+
+    /// A datagram through the UDP link: what comes out now goes on (to the
+    /// core or to `peer`); what a fault holds back waits in `in_flight`.
+    async fn through_link(&mut self, direction: Direction, bytes: &[u8], peer: SocketAddr, now: Duration) {
+        let emissions = match &self.udp_link {
+            Some(link) => {
+                let wall_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+                link.lock().unwrap_or_else(|p| p.into_inner()).process(direction, bytes, now.as_nanos() as u64, wall_ns)
+            }
+            None => return,
+        };
+        for e in emissions {
+            if e.after.is_zero() {
+                self.emit(e.toward, e.bytes, peer, now).await;
+            } else {
+                self.in_flight.push(InFlight { due: now + e.after, toward: e.toward, bytes: e.bytes, peer });
+            }
+        }
+    }
+
+    async fn deliver_due(&mut self, now: Duration) {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight).into_iter().partition(|d| d.due <= now);
+        self.in_flight = later;
+        for d in due {
+            self.emit(d.toward, d.bytes, d.peer, now).await;
+        }
+    }
+
+    /// A datagram past the link: a request to the device, an answer to its peer.
+    async fn emit(&mut self, toward: Direction, bytes: Vec<u8>, peer: SocketAddr, now: Duration) {
+        match toward {
+            Direction::Request => self.datagram(&bytes, peer, now).await,
+            Direction::Response => {
+                if let Some(sock) = &self.udp {
+                    let _ = sock.send_to(&bytes, peer).await;
+                }
+            }
         }
     }
 
@@ -200,8 +299,8 @@ impl Host {
         for o in out {
             match o {
                 Output::Send { to, bytes } if to == UDP_PEER => {
-                    if let (Some(sock), Some(addr)) = (&self.udp, udp_from) {
-                        let _ = sock.send_to(&bytes, addr).await;
+                    if let Some(addr) = udp_from {
+                        Box::pin(self.through_link(Direction::Response, &bytes, addr, now)).await;
                     }
                 }
                 Output::Send { bytes, .. } => {
@@ -259,7 +358,7 @@ mod tests {
     use crate::protocol::smp::{SmpHeader, SmpOp, SmpVersion};
 
     fn udp_only() -> SmpEndpoints {
-        SmpEndpoints { udp: Some("127.0.0.1:0".parse().unwrap()), tty: None }
+        SmpEndpoints { udp: Some("127.0.0.1:0".parse().unwrap()), ..Default::default() }
     }
 
     #[tokio::test]
@@ -278,6 +377,42 @@ mod tests {
             seen.push(tokio::time::timeout(std::time::Duration::from_secs(5), events.recv()).await.expect("events keep coming").unwrap());
         }
         assert!(seen.iter().any(|e| matches!(e, SmpEvent::Rebooted { .. })), "{seen:?}");
+        server.shutdown().await;
+    }
+
+    /// A datagram's length, if one comes within 300 ms.
+    async fn recv_within(sock: &UdpSocket, buf: &mut [u8]) -> Option<usize> {
+        tokio::time::timeout(Duration::from_millis(300), sock.recv_from(buf)).await.ok().map(|r| r.unwrap().0)
+    }
+
+    /// Every datagram crosses the UDP link: a dropped answer never leaves, a
+    /// duplicated one leaves twice, and the link records both directions.
+    #[tokio::test]
+    async fn answers_cross_the_udp_link_and_its_faults() {
+        use crate::link::fault::FaultTrigger;
+        let server = serve(SmpServerConfig::default(), udp_only()).await.unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let params = |seq: u8| {
+            let mut b = SmpHeader::new(SmpVersion::V2, SmpOp::Read, 0, 6, seq, 1).encode().to_vec();
+            b.push(0xa0);
+            b
+        };
+        let rule = |fault| FaultRule { fault, trigger: FaultTrigger { direction: Some(Direction::Response), ..Default::default() }, name: None };
+        let mut buf = [0u8; 256];
+        server.add_fault(rule(crate::link::LinkFault::Drop)).unwrap();
+        client.send_to(&params(1), server.udp_addr().unwrap()).await.unwrap();
+        assert_eq!(recv_within(&client, &mut buf).await, None, "the answer was dropped");
+        server.add_fault(rule(crate::link::LinkFault::Duplicate { gap_ms: 20 })).unwrap();
+        client.send_to(&params(2), server.udp_addr().unwrap()).await.unwrap();
+        for copy in 0..2 {
+            let n = recv_within(&client, &mut buf).await.unwrap_or_else(|| panic!("copy {copy} of the answer"));
+            assert_eq!(SmpHeader::parse(&buf[..n]).unwrap().seq, 2);
+        }
+        assert_eq!(recv_within(&client, &mut buf).await, None, "the fault was used up");
+        let frames = server.frames();
+        let count = |d| frames.iter().filter(|f| f.direction == d).count();
+        assert_eq!((count(Direction::Request), count(Direction::Response)), (2, 2), "{frames:?}");
+        assert!(frames.iter().all(|f| f.link == "hilbench-smp"));
         server.shutdown().await;
     }
 
@@ -312,7 +447,7 @@ mod tests {
     #[tokio::test]
     async fn a_reset_over_serial_reboots_the_device_on_every_transport() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let endpoints = SmpEndpoints { udp: Some("127.0.0.1:0".parse().unwrap()), tty: Some(SmpTty { link: None, serial: SerialLinkConfig::default(), banner: true }) };
+        let endpoints = SmpEndpoints { udp: Some("127.0.0.1:0".parse().unwrap()), tty: Some(SmpTty { link: None, serial: SerialLinkConfig::default(), banner: true }), ..Default::default() };
         let server = serve(SmpServerConfig { boot_time: std::time::Duration::from_millis(100), ..Default::default() }, endpoints).await.unwrap();
         let mut events = server.subscribe();
         let mut port = crate::transport::serial::open_serial(server.tty_path().unwrap(), 115_200).unwrap();

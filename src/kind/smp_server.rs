@@ -20,6 +20,7 @@ use crate::device::smp_core::{SmpEvent, SmpServerConfig, FS_MOUNT};
 use crate::device::smp_host::{self, SmpEndpoints, SmpHandle, SmpTty};
 use crate::device::smp_serial::{SerialFraming, SerialLinkConfig};
 use crate::link::fault::LinkMedium;
+use crate::link::{FaultRule, FrameRecord};
 use crate::observe::{ObservationKind, ObservationLog};
 use crate::scenario::source::Problem;
 use crate::scenario::spec::Dur;
@@ -237,6 +238,9 @@ fn read_image(path: &std::path::Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read the image {}: {e}", path.display()))
 }
 
+/// Datagrams `sim` keeps for the record (it prints none; the bound keeps memory flat).
+const SIM_FRAMES_KEPT: usize = 10_000;
+
 fn sim_main(a: SmpServerSimArgs) -> i32 {
     crate::cli::sim::exit_code(sim(a))
 }
@@ -270,7 +274,7 @@ fn sim(a: SmpServerSimArgs) -> Result<(), String> {
             (udp, _) => udp,
         };
         let tty = a.tty.as_deref().map(|p| a.serial.tty(tty_link(p)));
-        let server = smp_host::serve(config, SmpEndpoints { udp, tty }).await?;
+        let server = smp_host::serve(config, SmpEndpoints { udp, tty, seed: 0, frame_limit: Some(SIM_FRAMES_KEPT) }).await?;
         let mut events = server.subscribe();
         let signal = crate::cli::sim::wait_for_signal();
         println!("{}", serde_json::json!({ "ready": true, "kind": "smp-server", "endpoints": endpoints_json(&server) }));
@@ -388,14 +392,19 @@ impl Declared for SmpServerKeys {
         }
         Ok(())
     }
+    /// Its UDP datagrams, both ways, are the link `NAME` (faults, capture);
+    /// a device served only on a PTY has none yet.
     fn links(&self) -> Vec<super::LinkDecl> {
+        if self.udp.is_none() && self.tty.is_some() {
+            return Vec::new();
+        }
         vec![super::LinkDecl {
             name: self.name.clone(),
             home: super::LinkHomeDecl::Own,
             capture: None,
             checksum: None,
-            carries: "the SMP datagrams it answers",
-            medium: LinkMedium::Server,
+            carries: "SMP over UDP",
+            medium: LinkMedium::Datagram,
         }]
     }
     fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
@@ -406,7 +415,7 @@ impl Declared for SmpServerKeys {
                 (udp, _) => udp,
             };
             let tty = self.tty.as_deref().map(|p| self.serial.tty(tty_link(p)));
-            let handle = smp_host::serve(config, SmpEndpoints { udp, tty }).await.map_err(|e| format!("`{}`: {e}", self.name))?;
+            let handle = smp_host::serve(config, SmpEndpoints { udp, tty, seed: cx.seed, frame_limit: None }).await.map_err(|e| format!("`{}`: {e}", self.name))?;
             let events = forward_events(&handle, cx.log.clone(), self.name.clone());
             Ok(Box::new(RunningSmp { name: self.name.clone(), handle: Some(handle), events: Some(events) }) as Box<dyn Running>)
         })
@@ -445,7 +454,27 @@ struct RunningSmp {
     events: Option<tokio::task::JoinHandle<()>>,
 }
 
+impl RunningSmp {
+    fn handle(&self) -> Result<&SmpHandle, String> {
+        self.handle.as_ref().ok_or_else(|| format!("`{}` has stopped", self.name))
+    }
+}
+
 impl Running for RunningSmp {
+    fn add_fault<'a>(&'a self, _link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.handle()?.add_fault(rule).map_err(|e| format!("`{}`: {e}", self.name)) })
+    }
+    fn clear_faults<'a>(&'a self, link: &'a str, name: Option<&'a str>) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            match self.handle()?.clear_faults(name)? {
+                true => Ok(()),
+                false => Err(format!("no fault named `{}` on `{link}`", name.unwrap_or_default())),
+            }
+        })
+    }
+    fn frames(&self) -> LocalBoxFuture<'_, Vec<FrameRecord>> {
+        Box::pin(async move { self.handle.as_ref().map(SmpHandle::frames).unwrap_or_default() })
+    }
     fn vars(&self) -> Vec<(String, String)> {
         let Some(h) = &self.handle else { return Vec::new() };
         let mut vars = Vec::new();

@@ -107,19 +107,22 @@ pub enum LinkMedium {
     Gatt,
     /// A WebSocket: messages on a TCP (or TLS) connection.
     WebSocket,
+    /// UDP: datagrams, no connections.
+    Datagram,
     /// The connections a server accepts (a hub's listener): whole
     /// connections, not frames.
     Server,
 }
 
 impl LinkMedium {
-    pub const ALL: [LinkMedium; 4] = [LinkMedium::Serial, LinkMedium::Gatt, LinkMedium::WebSocket, LinkMedium::Server];
+    pub const ALL: [LinkMedium; 5] = [LinkMedium::Serial, LinkMedium::Gatt, LinkMedium::WebSocket, LinkMedium::Datagram, LinkMedium::Server];
 
     pub fn name(self) -> &'static str {
         match self {
             LinkMedium::Serial => "serial",
             LinkMedium::Gatt => "ble-gatt",
             LinkMedium::WebSocket => "websocket",
+            LinkMedium::Datagram => "udp",
             LinkMedium::Server => "server",
         }
     }
@@ -133,8 +136,8 @@ pub struct FaultDoc {
 }
 
 /// Frame faults: every link that sees frames.
-const ANY_LINK: &[LinkMedium] = &[LinkMedium::Serial, LinkMedium::Gatt, LinkMedium::WebSocket];
-/// Links with connections (TCP now; UDP and HTTP join with the SMP and Shelly servers).
+const ANY_LINK: &[LinkMedium] = &[LinkMedium::Serial, LinkMedium::Gatt, LinkMedium::WebSocket, LinkMedium::Datagram];
+/// Links with connections (TCP now; HTTP joins with the Shelly device).
 const STREAM_LINK: &[LinkMedium] = &[LinkMedium::WebSocket, LinkMedium::Server];
 
 impl LinkFault {
