@@ -135,8 +135,6 @@ pub struct SmpServerConfig {
     pub image: Option<Vec<u8>>,
     /// How long the device is gone after a reset.
     pub boot_time: Duration,
-    /// Add `"rc": 0` to successes (a "legacy rc" build).
-    pub legacy_rc: bool,
     /// Files on the device's filesystem (mounted at `/lfs1`) at start.
     pub files: Vec<(String, Vec<u8>)>,
     /// Bytes the filesystem holds; a write past them fails.
@@ -146,6 +144,37 @@ pub struct SmpServerConfig {
     pub settings: Option<BTreeMap<String, Vec<u8>>>,
     /// Shell commands besides Zephyr's `kernel …`: the command line and its output.
     pub shell: Vec<(String, String)>,
+    /// Firmware variants and known bugs (`--profile`).
+    pub profiles: Vec<SmpProfile>,
+    /// Flash write alignment: an upload chunk is accepted up to the last
+    /// multiple of it (the image's last chunk whole), and `off` says so.
+    /// 1: every byte.
+    pub flash_align: usize,
+}
+
+/// A firmware variant or a known bug the device reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SmpProfile {
+    /// Firmware from before SMP v2: the header's version bits are not
+    /// read, every answer is v1 and every error an `rc`.
+    V1Only,
+    /// `"rc": 0` in every success (CONFIG_MCUMGR_SMP_LEGACY_RC_BEHAVIOUR).
+    LegacyRc,
+    /// Older img_mgmt: an image erase leaves the upload session, so an
+    /// upload resumed by its `sha` continues at the offset from before the
+    /// erase over an erased slot (the image ends up corrupt).
+    StaleOffsetAfterErase,
+}
+
+impl SmpProfile {
+    pub fn name(self) -> &'static str {
+        match self {
+            SmpProfile::V1Only => "v1-only",
+            SmpProfile::LegacyRc => "legacy-rc",
+            SmpProfile::StaleOffsetAfterErase => "stale-offset-after-erase",
+        }
+    }
 }
 
 /// Where the filesystem is mounted (littlefs in Zephyr's samples).
@@ -162,11 +191,12 @@ impl Default for SmpServerConfig {
             no_downgrade: false,
             image: None,
             boot_time: Duration::from_millis(500),
-            legacy_rc: false,
             files: Vec::new(),
             fs_capacity: 256 * 1024,
             settings: None,
             shell: Vec::new(),
+            profiles: Vec::new(),
+            flash_align: 1,
         }
     }
 }
@@ -241,6 +271,9 @@ impl SmpServer {
         if config.buf_size < 64 {
             return Err(format!("buf_size {} is under 64 bytes", config.buf_size));
         }
+        if !(1..=4096).contains(&config.flash_align) || !config.flash_align.is_power_of_two() {
+            return Err(format!("flash_align {} is not a power of two from 1 to 4096", config.flash_align));
+        }
         let mut fs = MemFs::new(&[FS_MOUNT]);
         for (path, contents) in &config.files {
             fs.seed(path, contents.clone())?;
@@ -283,6 +316,10 @@ impl SmpServer {
         std::mem::take(&mut self.events)
     }
 
+    fn has(&self, p: SmpProfile) -> bool {
+        self.config.profiles.contains(&p)
+    }
+
     fn silent(&mut self, reason: impl Into<String>) {
         self.events.push(SmpEvent::Silent { reason: reason.into() });
     }
@@ -319,16 +356,18 @@ impl SmpServer {
             self.silent(format!("op {} is not a request", header.op));
             return None;
         };
-        let reply = match header.smp_version() {
+        // Firmware from before v2 never reads the version bits.
+        let version = if self.has(SmpProfile::V1Only) { Some(SmpVersion::V1) } else { header.smp_version() };
+        let reply = match version {
             None => Reply::Rc(MgmtErr::UnsupportedTooNew),
             Some(_) => self.dispatch(&header, payload, now),
         };
         // A reserved version gets its rc 13 in a v2 header, as Zephyr answers.
-        let version = header.smp_version().unwrap_or(SmpVersion::V2);
+        let version = version.unwrap_or(SmpVersion::V2);
         let response = SmpHeader { version: version.bits(), ..response };
         let body = match reply {
             Reply::Body(mut entries) => {
-                if self.config.legacy_rc {
+                if self.has(SmpProfile::LegacyRc) {
                     entries.push(("rc", Value::from(0)));
                 }
                 smp::encode_map(entries)
@@ -615,6 +654,9 @@ impl SmpServer {
             self.upload = None;
             return Reply::Group(group::IMAGE, img_err::INVALID_IMAGE_DATA_OVERRUN);
         }
+        // Only whole flash write blocks are written, but the image's end.
+        let align = self.config.flash_align;
+        let data = if off + data.len() == session.len { data } else { &data[..((off + data.len()) / align * align).saturating_sub(off).min(data.len())] };
         if self.fw.write(SECONDARY, off, data).is_err() {
             self.upload = None;
             return Reply::Group(group::IMAGE, img_err::FLASH_WRITE_FAILED);
@@ -685,7 +727,9 @@ impl SmpServer {
             return Reply::Group(group::IMAGE, img_err::NO_FREE_SLOT);
         }
         self.fw.erase(slot);
-        self.upload = None;
+        if !self.has(SmpProfile::StaleOffsetAfterErase) {
+            self.upload = None;
+        }
         self.events.push(SmpEvent::Erased { slot });
         Reply::Body(vec![])
     }
@@ -1185,6 +1229,52 @@ mod tests {
         assert_eq!(rc(&ask_v(&mut s, SmpVersion::V1, SmpOp::Write, group::SHELL, 0, vec![("argv", Value::Array(vec![]))]).1), Some(3));
     }
 
+    /// v1-only firmware answers every request in v1 with `rc` errors;
+    /// legacy-rc adds `rc: 0` to successes.
+    #[test]
+    fn v1_only_and_legacy_rc_profiles() {
+        let mut s = SmpServer::new(SmpServerConfig { profiles: vec![SmpProfile::V1Only, SmpProfile::LegacyRc], ..Default::default() }).unwrap();
+        let (h, m) = ask_v(&mut s, SmpVersion::V2, SmpOp::Read, group::OS, 6, vec![]);
+        assert_eq!((h.version, rc(&m), u(&m, "buf_size")), (0, Some(0), Some(384)));
+        let (h, m) = ask_v(&mut s, SmpVersion::V2, SmpOp::Write, group::IMAGE, 0, vec![("hash", Value::Bytes(vec![1; 32]))]);
+        assert_eq!((h.version, rc(&m), group_rc(&m)), (0, Some(u64::from(MgmtErr::Unknown.code())), None), "a group error as v1 sees it");
+        let answers = s.handle_bytes(&[0x10, 0, 0, 1, 0, 0, 3, 0, 0xa0], ms(2));
+        let f = smp::SmpFrame::parse(&answers[0]).unwrap();
+        assert_eq!((f.header.version, f.header.command), (0, 0), "reserved version bits are not read: an echo");
+    }
+
+    /// With flash alignment 8, a chunk is written up to the last whole block
+    /// and `off` says where to go on; the image's last chunk is written whole.
+    #[test]
+    fn flash_alignment_truncates_what_a_chunk_writes() {
+        let mut s = SmpServer::new(SmpServerConfig { flash_align: 8, ..Default::default() }).unwrap();
+        let image = build_image("2.0.0".parse().unwrap(), &[7; 1000]);
+        let a = ask(&mut s, SmpOp::Write, group::IMAGE, 1, vec![("off", Value::from(0)), ("data", Value::Bytes(image[..101].to_vec())), ("len", Value::from(image.len() as u64))]);
+        assert_eq!(u(&a, "off"), Some(96));
+        let a = ask(&mut s, SmpOp::Write, group::IMAGE, 1, vec![("off", Value::from(96)), ("data", Value::Bytes(image[96..].to_vec()))]);
+        assert_eq!(u(&a, "off"), Some(image.len() as u64), "the last chunk whole");
+        assert_eq!(&s.firmware().contents(SECONDARY)[..image.len()], &image[..]);
+        assert!(SmpServer::new(SmpServerConfig { flash_align: 6, ..Default::default() }).is_err());
+    }
+
+    /// The stale-offset bug: an erase leaves the session, so the client's
+    /// resume (same sha) goes on at the old offset over an erased slot and
+    /// the finished upload does not match its sha.
+    #[test]
+    fn stale_offset_after_erase_corrupts_the_resumed_upload() {
+        for (profiles, matches) in [(vec![], true), (vec![SmpProfile::StaleOffsetAfterErase], false)] {
+            let mut s = SmpServer::new(SmpServerConfig { profiles, ..Default::default() }).unwrap();
+            let image = build_image("2.0.0".parse().unwrap(), &[7; 2000]);
+            let sha = Value::Bytes(mcuboot::sha256(&image).to_vec());
+            let first = |s: &mut SmpServer| ask(s, SmpOp::Write, group::IMAGE, 1, vec![("off", Value::from(0)), ("data", Value::Bytes(image[..512].to_vec())), ("len", Value::from(image.len() as u64)), ("sha", sha.clone())]);
+            assert_eq!(u(&first(&mut s), "off"), Some(512));
+            assert!(ask(&mut s, SmpOp::Write, group::IMAGE, 5, vec![]).is_empty());
+            assert_eq!(u(&first(&mut s), "off"), Some(512), "a new session, or the stale one resumed");
+            let last = ask(&mut s, SmpOp::Write, group::IMAGE, 1, vec![("off", Value::from(512)), ("data", Value::Bytes(image[512..].to_vec()))]);
+            assert_eq!(smp::get(&last, "match"), Some(&Value::Bool(matches)));
+        }
+    }
+
     /// An answer that does not fit buf_size is EMSGSIZE, as Zephyr answers
     /// `help` on a 384-byte build.
     #[test]
@@ -1385,7 +1475,7 @@ mod tests {
 
     #[test]
     fn legacy_rc_adds_rc_0_to_successes() {
-        let mut s = SmpServer::new(SmpServerConfig { legacy_rc: true, ..Default::default() }).unwrap();
+        let mut s = SmpServer::new(SmpServerConfig { profiles: vec![SmpProfile::LegacyRc], ..Default::default() }).unwrap();
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, group::OS, 6, vec![])), Some(0));
         assert_eq!(rc(&ask(&mut s, SmpOp::Read, 77, 0, vec![])), Some(8));
     }

@@ -16,7 +16,7 @@ use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
 use super::{at_key, decode_keys, Declared, Kind, Names, Role, Running, StartContext};
-use crate::device::smp_core::{SmpEvent, SmpServerConfig, FS_MOUNT};
+use crate::device::smp_core::{SmpEvent, SmpProfile, SmpServerConfig, FS_MOUNT};
 use crate::device::smp_host::{self, SmpEndpoints, SmpHandle, SmpTty};
 use crate::device::smp_serial::{SerialFraming, SerialLinkConfig};
 use crate::link::fault::LinkMedium;
@@ -57,9 +57,14 @@ pub struct SmpServerKeys {
     /// How long the device is gone after a reset.
     #[serde(default)]
     pub boot_time: Option<Dur>,
-    /// Add `"rc": 0` to successes, as "legacy rc" firmware does.
+    /// Firmware variants and known bugs: v1-only, legacy-rc (`"rc": 0` in
+    /// successes), stale-offset-after-erase.
     #[serde(default)]
-    pub legacy_rc: bool,
+    pub profile: Vec<SmpProfile>,
+    /// Flash write alignment in bytes (a power of two): upload chunks are
+    /// written up to the last whole block.
+    #[serde(default)]
+    pub flash_align: Option<usize>,
     /// Files on the device at start (littlefs at /lfs1): path → text.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
@@ -209,9 +214,14 @@ pub struct SmpServerSimArgs {
     /// How long the device is gone after a reset.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     pub boot_time: Duration,
-    /// Add "rc": 0 to successes ("legacy rc" firmware; strict clients reject it).
-    #[arg(long)]
-    pub legacy_rc: bool,
+    /// A firmware variant or known bug to reproduce; repeatable. legacy-rc adds
+    /// "rc": 0 to successes (strict clients reject it).
+    #[arg(long = "profile", value_name = "NAME", value_enum)]
+    pub profiles: Vec<SmpProfile>,
+    /// Flash write alignment in bytes (a power of two): upload chunks are written
+    /// up to the last whole block, and the answer's `off` says so.
+    #[arg(long, default_value_t = 1, value_name = "BYTES")]
+    pub flash_align: usize,
     /// A file on the device (littlefs at /lfs1), from a file here; repeatable.
     #[arg(long = "file", value_name = "DEVICE_PATH=FILE", value_parser = key_value)]
     pub files: Vec<(String, String)>,
@@ -261,7 +271,8 @@ fn sim(a: SmpServerSimArgs) -> Result<(), String> {
         slot_size: a.slot_size,
         image: a.image.as_deref().map(read_image).transpose()?,
         boot_time: a.boot_time,
-        legacy_rc: a.legacy_rc,
+        profiles: a.profiles,
+        flash_align: a.flash_align,
         files,
         settings: (!a.settings.is_empty()).then(|| a.settings.iter().map(|(k, v)| (k.clone(), v.as_bytes().to_vec())).collect()),
         shell: a.shell,
@@ -330,7 +341,10 @@ impl SmpServerKeys {
     }
 
     fn config(&self) -> Result<SmpServerConfig, String> {
-        let mut c = SmpServerConfig { name: self.name.clone(), legacy_rc: self.legacy_rc, buf_size: 2048, ..Default::default() };
+        let mut c = SmpServerConfig { name: self.name.clone(), profiles: self.profile.clone(), buf_size: 2048, ..Default::default() };
+        if let Some(a) = self.flash_align {
+            c.flash_align = a;
+        }
         if let Some(b) = self.buf_size {
             c.buf_size = b;
         }
@@ -361,6 +375,9 @@ impl Declared for SmpServerKeys {
     fn check(&self, _names: &Names<'_>) -> Result<(), Problem> {
         if self.buf_size.is_some_and(|b| b < 64) {
             return Err(at_key("buf_size", "buf_size must be at least 64 bytes"));
+        }
+        if self.flash_align.is_some_and(|a| !(1..=4096).contains(&a) || !a.is_power_of_two()) {
+            return Err(at_key("flash_align", "flash_align must be a power of two from 1 to 4096"));
         }
         if let Some(t) = self.tty.as_deref().and_then(tty_link) {
             if let Some(dir) = t.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {

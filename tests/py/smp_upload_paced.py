@@ -4,7 +4,9 @@ Prints the offsets the client reported and the secondary slot's version afterwar
 lines; exits 1 when the upload fails.
 
 usage: smp_upload_paced.py smpclient|mcumgr-toolkit TARGET PAUSE_MS
+       smp_upload_paced.py smpclient TARGET PAUSE_MS --erase-midway
 TARGET: HOST:PORT (UDP) or serial:PATH. The image is a generated unsigned 2.0.0, 12,000 bytes.
+--erase-midway: stop after two chunks, erase the slot (image erase), then upload the image again.
 """
 
 import asyncio
@@ -13,11 +15,19 @@ import time
 
 import mcumgr_toolkit_dfu as toolkit
 import smp_dfu
-from smpclient.requests.image_management import ImageStatesRead
+from smpclient.requests.image_management import ImageErase, ImageStatesRead
 
 
-async def with_smpclient(target, image, pause):
+async def with_smpclient(target, image, pause, erase_midway):
     client = await smp_dfu.connect(target)
+    if erase_midway:
+        first = []
+        async for off in client.upload(image, first_timeout_s=10.0):
+            first.append(off)
+            if len(first) == 2:
+                break
+        await smp_dfu.ask(client, "erase", ImageErase())
+        smp_dfu.say("erased", after_offsets=first)
     offsets = []
     try:
         async for off in client.upload(image, first_timeout_s=10.0, subsequent_timeout_s=1.0):
@@ -49,7 +59,7 @@ def main():
     who, target, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]) / 1000
     image = smp_dfu.mcuboot_image(2, bytes(i % 251 for i in range(12_000 - 0x200 - 40)))
     if who == "smpclient":
-        asyncio.run(with_smpclient(target, image, pause))
+        asyncio.run(with_smpclient(target, image, pause, "--erase-midway" in sys.argv[4:]))
     else:
         with_toolkit(target, image, pause)
 
