@@ -150,6 +150,43 @@ pub struct SmpServerConfig {
     /// multiple of it (the image's last chunk whole), and `off` says so.
     /// 1: every byte.
     pub flash_align: usize,
+    /// How long the flash takes, which the answers wait for.
+    pub flash: FlashTiming,
+}
+
+/// Flash timing. The SMP work queue handles one request at a time, so a
+/// slow erase delays its answer and every request behind it; requests that
+/// come meanwhile wait in the net buffers (`buf_count`; more are dropped).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlashTiming {
+    pub page_size: usize,
+    /// Per page erased (about 85 ms for a 4 KiB page on an nRF52); zero: instant.
+    pub page_erase: Duration,
+    /// Bytes written a second; `None`: instant.
+    pub write_bytes_per_s: Option<u64>,
+    /// Erase each page as the upload reaches it (CONFIG_IMG_ERASE_PROGRESSIVELY)
+    /// instead of the whole slot at the first chunk.
+    pub progressive_erase: bool,
+}
+
+impl Default for FlashTiming {
+    fn default() -> Self {
+        FlashTiming { page_size: 4096, page_erase: Duration::ZERO, write_bytes_per_s: None, progressive_erase: false }
+    }
+}
+
+impl FlashTiming {
+    /// Time to erase the pages that hold `bytes` bytes.
+    fn erase(&self, bytes: usize) -> Duration {
+        self.page_erase * bytes.div_ceil(self.page_size.max(1)) as u32
+    }
+
+    fn write(&self, bytes: usize) -> Duration {
+        match self.write_bytes_per_s {
+            Some(rate) if rate > 0 => Duration::from_secs_f64(bytes as f64 / rate as f64),
+            _ => Duration::ZERO,
+        }
+    }
 }
 
 /// A firmware variant or a known bug the device reproduces.
@@ -197,6 +234,7 @@ impl Default for SmpServerConfig {
             shell: Vec::new(),
             profiles: Vec::new(),
             flash_align: 1,
+            flash: FlashTiming::default(),
         }
     }
 }
@@ -225,6 +263,16 @@ struct UploadSession {
     sha: Option<Vec<u8>>,
     len: usize,
     off: usize,
+    /// How far the slot is erased (progressive erase).
+    erased_to: usize,
+}
+
+/// Answers whose work is not done yet, and for whom.
+#[derive(Debug, Clone)]
+struct Deferred {
+    due: Duration,
+    to: Peer,
+    answers: Vec<Vec<u8>>,
 }
 
 /// A command's handler: the request's map and the time in, the answer out.
@@ -253,6 +301,13 @@ pub struct SmpServer {
     fs: MemFs,
     file: Option<fs_group::FileTransfer>,
     settings: Settings,
+    /// Flash time the message being handled costs.
+    work: Duration,
+    /// Until when the work queue is busy, and the answers that wait for it.
+    busy_until: Option<Duration>,
+    deferred: Vec<Deferred>,
+    /// Requests that came while it was busy, oldest first.
+    waiting: std::collections::VecDeque<(Peer, Vec<u8>)>,
     events: Vec<SmpEvent>,
 }
 
@@ -291,6 +346,10 @@ impl SmpServer {
             fs,
             file: None,
             settings,
+            work: Duration::ZERO,
+            busy_until: None,
+            deferred: Vec::new(),
+            waiting: std::collections::VecDeque::new(),
             events: Vec::new(),
         })
     }
@@ -657,6 +716,14 @@ impl SmpServer {
         // Only whole flash write blocks are written, but the image's end.
         let align = self.config.flash_align;
         let data = if off + data.len() == session.len { data } else { &data[..((off + data.len()) / align * align).saturating_sub(off).min(data.len())] };
+        let flash = self.config.flash;
+        let end = off + data.len();
+        if end > session.erased_to {
+            let from = session.erased_to / flash.page_size.max(1) * flash.page_size.max(1);
+            self.work += flash.erase(end - from);
+            session.erased_to = end.div_ceil(flash.page_size.max(1)) * flash.page_size.max(1);
+        }
+        self.work += flash.write(data.len());
         if self.fw.write(SECONDARY, off, data).is_err() {
             self.upload = None;
             return Reply::Group(group::IMAGE, img_err::FLASH_WRITE_FAILED);
@@ -709,7 +776,12 @@ impl SmpServer {
             }
         }
         self.fw.erase(SECONDARY);
-        self.upload = Some(UploadSession { sha, len, off: 0 });
+        let flash = self.config.flash;
+        let erased_to = if flash.progressive_erase { 0 } else { self.config.slot_size };
+        if !flash.progressive_erase {
+            self.work += flash.erase(self.config.slot_size);
+        }
+        self.upload = Some(UploadSession { sha, len, off: 0, erased_to });
         self.events.push(SmpEvent::UploadStarted { len });
         Ok(())
     }
@@ -727,6 +799,7 @@ impl SmpServer {
             return Reply::Group(group::IMAGE, img_err::NO_FREE_SLOT);
         }
         self.fw.erase(slot);
+        self.work += self.config.flash.erase(self.config.slot_size);
         if !self.has(SmpProfile::StaleOffsetAfterErase) {
             self.upload = None;
         }
@@ -826,6 +899,10 @@ impl SmpServer {
             // An open file was never closed: littlefs keeps what it had.
             self.file = None;
             self.settings.reboot();
+            // The work queue and its buffers are gone with the old run.
+            self.busy_until = None;
+            self.deferred.clear();
+            self.waiting.clear();
             let swap = self.fw.boot();
             self.events.push(SmpEvent::Rebooted { swap });
             self.down_until = Some(now + self.config.boot_time);
@@ -839,7 +916,61 @@ impl SmpServer {
     }
 
     pub fn poll_timeout(&self) -> Option<Duration> {
-        self.reset_at.or(self.down_until)
+        [self.reset_at, self.down_until, self.busy_until].into_iter().flatten().min()
+    }
+
+    // --- The work queue -------------------------------------------------------------------
+
+    /// Bytes from `from` as the work queue takes them: at once when idle;
+    /// when busy, in a net buffer until the work in hand is done (dropped
+    /// when every buffer is taken).
+    fn receive(&mut self, from: Peer, bytes: &[u8], now: Duration, out: &mut Vec<Output<SmpEvent>>) {
+        if self.busy_until.is_some() {
+            // One buffer holds the request in work.
+            if self.waiting.len() + 1 >= usize::from(self.config.buf_count.max(2)) {
+                self.silent("every net buffer holds a request waiting for the flash");
+            } else {
+                self.waiting.push_back((from, bytes.to_vec()));
+            }
+            return;
+        }
+        self.process(from, bytes, now, out);
+    }
+
+    /// Handles bytes at `start`; their answers leave when their flash work is done.
+    fn process(&mut self, from: Peer, bytes: &[u8], start: Duration, out: &mut Vec<Output<SmpEvent>>) {
+        self.work = Duration::ZERO;
+        let answers = self.handle_bytes(bytes, start);
+        if self.work.is_zero() {
+            out.extend(answers.into_iter().map(|b| Output::Send { to: from, bytes: b }));
+        } else {
+            let due = start + self.work;
+            self.busy_until = Some(due);
+            self.deferred.push(Deferred { due, to: from, answers });
+        }
+    }
+
+    /// Answers whose work is done by `now` go out, and waiting requests
+    /// are taken in turn, each from the moment the one before finished.
+    fn run_queue(&mut self, now: Duration, out: &mut Vec<Output<SmpEvent>>) {
+        let mut cursor = now;
+        loop {
+            match self.busy_until {
+                Some(t) if t <= now => {
+                    self.busy_until = None;
+                    cursor = t;
+                    let (done, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred).into_iter().partition(|d| d.due <= now);
+                    self.deferred = later;
+                    for d in done {
+                        out.extend(d.answers.into_iter().map(|b| Output::Send { to: d.to, bytes: b }));
+                    }
+                }
+                Some(_) => break,
+                None => {}
+            }
+            let Some((from, bytes)) = self.waiting.pop_front() else { break };
+            self.process(from, &bytes, cursor, out);
+        }
     }
 }
 
@@ -847,9 +978,10 @@ impl SansIoCore for SmpServer {
     type Event = SmpEvent;
 
     fn handle_input(&mut self, input: Input<'_>, now: Duration, out: &mut Vec<Output<SmpEvent>>) -> Result<(), String> {
+        self.run_queue(now, out);
         let result = match input {
             Input::Bytes { from, bytes } => {
-                out.extend(self.handle_bytes(bytes, now).into_iter().map(|b| Output::Send { to: from, bytes: b }));
+                self.receive(from, bytes, now, out);
                 Ok(())
             }
             Input::Connected(p) => {
@@ -868,6 +1000,7 @@ impl SansIoCore for SmpServer {
             Input::Timeout => Ok(()),
         };
         out.extend(self.tick(now).into_iter().map(Output::Close));
+        self.run_queue(now, out);
         out.extend(self.take_events().into_iter().map(Output::Event));
         result
     }
@@ -1273,6 +1406,54 @@ mod tests {
             let last = ask(&mut s, SmpOp::Write, group::IMAGE, 1, vec![("off", Value::from(512)), ("data", Value::Bytes(image[512..].to_vec()))]);
             assert_eq!(smp::get(&last, "match"), Some(&Value::Bool(matches)));
         }
+    }
+
+    /// A slow up-front erase: the first chunk's answer waits for the whole
+    /// slot's pages, requests behind it wait in the net buffers and are
+    /// answered in turn, and one past the buffers is dropped.
+    #[test]
+    fn a_slow_erase_delays_the_answer_and_every_request_behind_it() {
+        let flash = FlashTiming { page_erase: ms(10), write_bytes_per_s: Some(100_000), ..Default::default() };
+        let mut s = SmpServer::new(SmpServerConfig { slot_size: 16 * 4096, buf_count: 3, flash, ..Default::default() }).unwrap();
+        let image = build_image("2.0.0".parse().unwrap(), &[7; 1000]);
+        let chunk = request(SmpVersion::V2, SmpOp::Write, group::IMAGE, 1, 1, vec![("off", Value::from(0)), ("data", Value::Bytes(image[..500].to_vec())), ("len", Value::from(image.len() as u64))]);
+        let echo = |seq| request(SmpVersion::V2, SmpOp::Write, group::OS, 0, seq, vec![("d", Value::Text("hi".into()))]);
+        let sent = |out: &[Output<SmpEvent>]| out.iter().filter_map(|o| if let Output::Send { bytes, .. } = o { Some(SmpHeader::parse(bytes).unwrap().seq) } else { None }).collect::<Vec<_>>();
+        let mut out = Vec::new();
+        s.handle_input(Input::Bytes { from: Peer(0), bytes: &chunk }, ms(0), &mut out).unwrap();
+        assert_eq!(sent(&out), Vec::<u8>::new(), "16 pages at 10 ms, then 500 bytes at 100 kB/s");
+        assert_eq!(s.next_wakeup(), Some(ms(165)));
+        for (seq, at) in [(2, 10), (3, 20), (4, 30)] {
+            s.handle_input(Input::Bytes { from: Peer(0), bytes: &echo(seq) }, ms(at), &mut out).unwrap();
+        }
+        assert!(out.iter().any(|o| matches!(o, Output::Event(SmpEvent::Silent { reason }) if reason.contains("net buffer"))), "the third request finds no buffer");
+        out.clear();
+        s.handle_input(Input::Timeout, ms(164), &mut out).unwrap();
+        assert!(sent(&out).is_empty());
+        s.handle_input(Input::Timeout, ms(165), &mut out).unwrap();
+        assert_eq!(sent(&out), vec![1, 2, 3], "the chunk, then the two echoes that waited");
+    }
+
+    /// Progressive erase: each chunk pays for the pages it reaches first.
+    #[test]
+    fn progressive_erase_spreads_the_erase_over_the_chunks() {
+        let flash = FlashTiming { page_erase: ms(10), progressive_erase: true, ..Default::default() };
+        let mut s = SmpServer::new(SmpServerConfig { slot_size: 16 * 4096, flash, ..Default::default() }).unwrap();
+        let image = build_image("2.0.0".parse().unwrap(), &[7; 9000]);
+        let mut out = Vec::new();
+        let mut at = ms(0);
+        for (off, end, pages) in [(0usize, 4000usize, 1u64), (4000, 4100, 1), (4100, 8000, 0), (8000, image.len(), 1)] {
+            let mut body = vec![("off", Value::from(off as u64)), ("data", Value::Bytes(image[off..end].to_vec()))];
+            if off == 0 {
+                body.push(("len", Value::from(image.len() as u64)));
+            }
+            s.handle_input(Input::Bytes { from: Peer(0), bytes: &request(SmpVersion::V2, SmpOp::Write, group::IMAGE, 1, 1, body) }, at, &mut out).unwrap();
+            let due = s.next_wakeup();
+            assert_eq!(due, (pages > 0).then(|| at + ms(10 * pages)), "chunk at {off}");
+            at = due.unwrap_or(at);
+            s.handle_input(Input::Timeout, at, &mut out).unwrap();
+        }
+        assert_eq!(out.iter().filter(|o| matches!(o, Output::Send { .. })).count(), 4);
     }
 
     /// An answer that does not fit buf_size is EMSGSIZE, as Zephyr answers

@@ -120,9 +120,14 @@ impl Drop for SmpHandle {
     }
 }
 
-/// Peers as the core sees them: each transport is one.
-const UDP_PEER: Peer = Peer(0);
+/// The serial port, as the core sees it; each UDP sender is a peer of its own
+/// from [`FIRST_UDP_PEER`] on, so an answer that waits for the flash still
+/// finds its address.
 const TTY_PEER: Peer = Peer(1);
+const FIRST_UDP_PEER: u64 = 2;
+/// UDP senders remembered; past it the table starts over (answers still in
+/// work for a forgotten sender are dropped, as a datagram may be).
+const UDP_PEERS_KEPT: usize = 4096;
 
 /// Opens every endpoint and serves `config` there until shut down.
 pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<SmpHandle, String> {
@@ -153,7 +158,7 @@ pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<S
     let (events, _) = broadcast::channel(1024);
     let (stop, stop_rx) = watch::channel(false);
     let epoch = Instant::now();
-    let host = Host { core, epoch, udp, udp_link: udp_link.clone(), in_flight: Vec::new(), netbuf, tty, events: events.clone(), dropped: LogEvery::new(REFUSAL_LOG_PERIOD) };
+    let host = Host { core, epoch, udp, udp_link: udp_link.clone(), in_flight: Vec::new(), udp_peers: Default::default(), udp_addrs: Default::default(), netbuf, tty, events: events.clone(), dropped: LogEvery::new(REFUSAL_LOG_PERIOD) };
     let task = tokio::spawn(host.run(stop_rx));
     Ok(SmpHandle { udp: udp_addr, udp_link, epoch, tty: tty_path, events, stop, task: Some(task) })
 }
@@ -178,6 +183,8 @@ struct Host {
     udp: Option<UdpSocket>,
     udp_link: Option<Arc<Mutex<LinkEngine>>>,
     in_flight: Vec<InFlight>,
+    udp_peers: std::collections::HashMap<SocketAddr, Peer>,
+    udp_addrs: std::collections::HashMap<Peer, SocketAddr>,
     netbuf: usize,
     tty: Option<Tty>,
     events: broadcast::Sender<SmpEvent>,
@@ -210,7 +217,7 @@ impl Host {
                 Wake::Stop => return,
                 Wake::Timer => {
                     self.deliver_due(now).await;
-                    self.feed(Input::Timeout, now, None).await
+                    self.feed(Input::Timeout, now).await
                 }
                 Wake::Datagram(Ok((n, from))) => {
                     let bytes = dgram[..n].to_vec();
@@ -288,24 +295,39 @@ impl Host {
             let _ = self.events.send(SmpEvent::Silent { reason: format!("{n}-byte datagram is larger than the {}-byte net buffer", self.netbuf) });
             return;
         }
-        self.feed(Input::Bytes { from: UDP_PEER, bytes }, now, Some(from)).await;
+        let peer = self.udp_peer(from);
+        self.feed(Input::Bytes { from: peer, bytes }, now).await;
     }
 
     /// Feeds the core and carries out what it says: answers to the peer they
     /// are for, events to subscribers (and a reboot to the serial line).
-    async fn feed(&mut self, input: Input<'_>, now: Duration, udp_from: Option<SocketAddr>) {
+    fn udp_peer(&mut self, addr: SocketAddr) -> Peer {
+        if let Some(p) = self.udp_peers.get(&addr) {
+            return *p;
+        }
+        if self.udp_peers.len() >= UDP_PEERS_KEPT {
+            self.udp_peers.clear();
+            self.udp_addrs.clear();
+        }
+        let peer = Peer(FIRST_UDP_PEER + self.udp_peers.len() as u64);
+        self.udp_peers.insert(addr, peer);
+        self.udp_addrs.insert(peer, addr);
+        peer
+    }
+
+    async fn feed(&mut self, input: Input<'_>, now: Duration) {
         let mut out = Vec::new();
         let _ = self.core.handle_input(input, now, &mut out);
         for o in out {
             match o {
-                Output::Send { to, bytes } if to == UDP_PEER => {
-                    if let Some(addr) = udp_from {
-                        Box::pin(self.through_link(Direction::Response, &bytes, addr, now)).await;
-                    }
-                }
-                Output::Send { bytes, .. } => {
+                Output::Send { to, bytes } if to == TTY_PEER => {
                     if let Some(t) = &mut self.tty {
                         t.link.send_message(&bytes, now);
+                    }
+                }
+                Output::Send { to, bytes } => {
+                    if let Some(addr) = self.udp_addrs.get(&to).copied() {
+                        Box::pin(self.through_link(Direction::Response, &bytes, addr, now)).await;
                     }
                 }
                 Output::Event(e) => {
@@ -332,7 +354,7 @@ impl Host {
         };
         for a in arrivals {
             match a {
-                SerialArrival::Message(m) => self.feed(Input::Bytes { from: TTY_PEER, bytes: &m }, now, None).await,
+                SerialArrival::Message(m) => self.feed(Input::Bytes { from: TTY_PEER, bytes: &m }, now).await,
                 SerialArrival::Dropped(reason) => {
                     if let Some(more) = self.dropped.check(Instant::now()) {
                         tracing::warn!("smp {reason} ({more} more since the last line)");

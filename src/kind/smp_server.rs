@@ -16,7 +16,7 @@ use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
 use super::{at_key, decode_keys, Declared, Kind, Names, Role, Running, StartContext};
-use crate::device::smp_core::{SmpEvent, SmpProfile, SmpServerConfig, FS_MOUNT};
+use crate::device::smp_core::{FlashTiming, SmpEvent, SmpProfile, SmpServerConfig, FS_MOUNT};
 use crate::device::smp_host::{self, SmpEndpoints, SmpHandle, SmpTty};
 use crate::device::smp_serial::{SerialFraming, SerialLinkConfig};
 use crate::link::fault::LinkMedium;
@@ -42,6 +42,8 @@ pub struct SmpServerKeys {
     pub tty: Option<PathBuf>,
     #[serde(flatten)]
     pub serial: SerialKeys,
+    #[serde(flatten)]
+    pub flash: FlashKeys,
     /// mcumgr params: largest message with its header (also the UDP net
     /// buffer; default 2048, Zephyr's smp_svr UDP configuration).
     #[serde(default)]
@@ -131,6 +133,42 @@ pub struct SerialKeys {
     pub no_banner: bool,
 }
 
+/// The flash's timing (scenario keys and `sim` options); by default instant.
+#[derive(Debug, Clone, Default, Deserialize, Args)]
+#[serde(deny_unknown_fields)]
+pub struct FlashKeys {
+    /// Flash: time to erase one page (about 85ms for 4 KiB on an nRF52). An upload's
+    /// first chunk erases the whole slot first, so its answer waits pages × this.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_dur")]
+    pub page_erase: Option<Duration>,
+    /// Flash: page size in bytes (default 4096).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    #[serde(default)]
+    pub page_size: Option<u32>,
+    /// Flash: write speed in KiB/s (default instant).
+    #[arg(long, value_name = "KIB_S", value_parser = clap::value_parser!(u32).range(1..))]
+    #[serde(default)]
+    pub write_kib_s: Option<u32>,
+    /// Flash: erase each page as the upload reaches it, not the whole slot at the
+    /// first chunk (CONFIG_IMG_ERASE_PROGRESSIVELY).
+    #[arg(long)]
+    #[serde(default)]
+    pub progressive_erase: bool,
+}
+
+impl FlashKeys {
+    fn timing(&self) -> FlashTiming {
+        let d = FlashTiming::default();
+        FlashTiming {
+            page_size: self.page_size.map_or(d.page_size, |p| p as usize),
+            page_erase: self.page_erase.unwrap_or(d.page_erase),
+            write_bytes_per_s: self.write_kib_s.map(|k| u64::from(k) * 1024),
+            progressive_erase: self.progressive_erase,
+        }
+    }
+}
+
 /// A duration key as `Dur` spells it (`300ms`, `2s`).
 mod opt_dur {
     use serde::{Deserialize, Deserializer};
@@ -195,6 +233,8 @@ pub struct SmpServerSimArgs {
     pub tty: Option<PathBuf>,
     #[command(flatten)]
     pub serial: SerialKeys,
+    #[command(flatten)]
+    pub flash: FlashKeys,
     /// Node name (OS info).
     #[arg(long, default_value = "hilbench-smp")]
     pub name: String,
@@ -273,6 +313,7 @@ fn sim(a: SmpServerSimArgs) -> Result<(), String> {
         boot_time: a.boot_time,
         profiles: a.profiles,
         flash_align: a.flash_align,
+        flash: a.flash.timing(),
         files,
         settings: (!a.settings.is_empty()).then(|| a.settings.iter().map(|(k, v)| (k.clone(), v.as_bytes().to_vec())).collect()),
         shell: a.shell,
@@ -345,6 +386,7 @@ impl SmpServerKeys {
         if let Some(a) = self.flash_align {
             c.flash_align = a;
         }
+        c.flash = self.flash.timing();
         if let Some(b) = self.buf_size {
             c.buf_size = b;
         }
@@ -375,6 +417,12 @@ impl Declared for SmpServerKeys {
     fn check(&self, _names: &Names<'_>) -> Result<(), Problem> {
         if self.buf_size.is_some_and(|b| b < 64) {
             return Err(at_key("buf_size", "buf_size must be at least 64 bytes"));
+        }
+        if self.flash.page_size.is_some_and(|p| !(64..=1_048_576).contains(&p)) {
+            return Err(at_key("page_size", "page_size must be 64 bytes to 1 MiB"));
+        }
+        if self.flash.write_kib_s == Some(0) {
+            return Err(at_key("write_kib_s", "write_kib_s must be at least 1"));
         }
         if self.flash_align.is_some_and(|a| !(1..=4096).contains(&a) || !a.is_power_of_two()) {
             return Err(at_key("flash_align", "flash_align must be a power of two from 1 to 4096"));
