@@ -889,6 +889,15 @@ impl SmpServer {
 
     // --- Time -----------------------------------------------------------------------------
 
+    /// The device resets by itself now (a watchdog, a brown-out): nothing
+    /// answers from here on, and it boots as after an SMP reset. Ignored
+    /// while it is already down.
+    pub fn reboot_now(&mut self, now: Duration) {
+        if self.down_until.is_none() {
+            self.reset_at = Some(now);
+        }
+    }
+
     /// Runs a due reset or the end of the boot time; returns peers to close.
     pub fn tick(&mut self, now: Duration) -> Vec<Peer> {
         let mut closed = Vec::new();

@@ -59,10 +59,16 @@ pub struct SmpHandle {
     tty: Option<PathBuf>,
     events: broadcast::Sender<SmpEvent>,
     stop: watch::Sender<bool>,
+    reboot: tokio::sync::mpsc::UnboundedSender<()>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl SmpHandle {
+    /// The device resets by itself now (a watchdog): no answer, then a boot.
+    pub fn reboot(&self) -> Result<(), String> {
+        self.reboot.send(()).map_err(|_| "the device has stopped".to_string())
+    }
+
     /// The UDP address served, if any.
     pub fn udp_addr(&self) -> Option<SocketAddr> {
         self.udp
@@ -157,10 +163,11 @@ pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<S
     let tty_path = tty.as_ref().map(|t| t.pty.path().to_path_buf());
     let (events, _) = broadcast::channel(1024);
     let (stop, stop_rx) = watch::channel(false);
+    let (reboot, reboot_rx) = tokio::sync::mpsc::unbounded_channel();
     let epoch = Instant::now();
     let host = Host { core, epoch, udp, udp_link: udp_link.clone(), in_flight: Vec::new(), udp_peers: Default::default(), udp_addrs: Default::default(), netbuf, tty, events: events.clone(), dropped: LogEvery::new(REFUSAL_LOG_PERIOD) };
-    let task = tokio::spawn(host.run(stop_rx));
-    Ok(SmpHandle { udp: udp_addr, udp_link, epoch, tty: tty_path, events, stop, task: Some(task) })
+    let task = tokio::spawn(host.run(stop_rx, reboot_rx));
+    Ok(SmpHandle { udp: udp_addr, udp_link, epoch, tty: tty_path, events, stop, reboot, task: Some(task) })
 }
 
 struct Tty {
@@ -195,12 +202,13 @@ struct Host {
 enum Wake {
     Stop,
     Timer,
+    Reboot,
     Datagram(std::io::Result<(usize, SocketAddr)>),
     Serial(std::io::Result<usize>),
 }
 
 impl Host {
-    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    async fn run(mut self, mut stop: watch::Receiver<bool>, mut reboot: tokio::sync::mpsc::UnboundedReceiver<()>) {
         // The largest datagram, so one past the net buffer is seen whole and dropped, not cut.
         let mut dgram = vec![0u8; 65_536];
         let mut serial = vec![0u8; 4096];
@@ -208,6 +216,7 @@ impl Host {
             let wake = self.next_wakeup().map(|d| tokio::time::Instant::from_std(self.epoch + d));
             let woke = tokio::select! {
                 _ = stop.changed() => Wake::Stop,
+                Some(()) = reboot.recv() => Wake::Reboot,
                 _ = async { tokio::time::sleep_until(wake.expect("guarded")).await }, if wake.is_some() => Wake::Timer,
                 r = async { self.udp.as_ref().expect("guarded").recv_from(&mut dgram).await }, if self.udp.is_some() => Wake::Datagram(r),
                 r = async { self.tty.as_ref().expect("guarded").pty.read(&mut serial).await }, if self.tty.is_some() => Wake::Serial(r),
@@ -215,6 +224,10 @@ impl Host {
             let now = self.epoch.elapsed();
             match woke {
                 Wake::Stop => return,
+                Wake::Reboot => {
+                    self.core.reboot_now(now);
+                    self.feed(Input::Timeout, now).await
+                }
                 Wake::Timer => {
                     self.deliver_due(now).await;
                     self.feed(Input::Timeout, now).await

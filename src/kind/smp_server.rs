@@ -27,6 +27,13 @@ use crate::scenario::spec::Dur;
 
 pub struct SmpServerKind;
 
+static STEPS: &[super::StepDoc] = &[super::StepDoc {
+    name: "reboot",
+    target: "device",
+    about: "an smp-server resets by itself now (a watchdog, a brown-out): no answer, MCUboot runs its swap, it is back after boot_time",
+    keys: "device",
+}];
+
 /// Its scenario keys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -367,6 +374,9 @@ impl Kind for SmpServerKind {
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<SmpServerKeys>(entry)?))
     }
+    fn steps(&self) -> &'static [super::StepDoc] {
+        STEPS
+    }
     fn sim(&self) -> Option<super::KindCommand> {
         Some(super::KindCommand {
             command: || super::subcommand::<SmpServerSimArgs>("smp-server", "MCUmgr SMP server (Zephyr with MCUboot) over UDP and serial.", SIM_HELP),
@@ -459,6 +469,12 @@ impl Declared for SmpServerKeys {
     }
     /// Its UDP datagrams, both ways, are the link `NAME` (faults, capture);
     /// a device served only on a PTY has none yet.
+    fn check_step(&self, step: &str, body: &yaml_serde::Value, _names: &Names<'_>) -> Result<(), Problem> {
+        match step {
+            "reboot" => super::step_body::<RebootStep>(body).map(|_| ()),
+            _ => Err(Problem::here(format!("an smp-server takes no `{step}` step"))),
+        }
+    }
     fn links(&self) -> Vec<super::LinkDecl> {
         if self.udp.is_none() && self.tty.is_some() {
             return Vec::new();
@@ -525,7 +541,26 @@ impl RunningSmp {
     }
 }
 
+/// `reboot: {device: NAME}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RebootStep {
+    #[allow(dead_code)]
+    device: String,
+}
+
 impl Running for RunningSmp {
+    fn step<'a>(&'a mut self, step: &'a str, _body: &'a yaml_serde::Value, _cx: super::StepContext<'a>) -> LocalBoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            match step {
+                "reboot" => {
+                    self.handle()?.reboot()?;
+                    Ok(format!("`{}` resets by itself", self.name))
+                }
+                _ => Err(format!("no `{step}` step here")),
+            }
+        })
+    }
     fn add_fault<'a>(&'a self, _link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
         Box::pin(async move { self.handle()?.add_fault(rule).map_err(|e| format!("`{}`: {e}", self.name)) })
     }
