@@ -131,6 +131,11 @@ impl Drop for SmpHandle {
 /// finds its address.
 const TTY_PEER: Peer = Peer(1);
 const FIRST_UDP_PEER: u64 = 2;
+/// Datagrams up to this size are read whole whatever the net buffer, so the
+/// dropped ones are reported by their size (smpclient sends 1472 bytes).
+const DATAGRAM_SEEN: usize = 2048;
+/// Events a slow subscriber may fall behind by before it is told it lost some.
+const EVENTS_QUEUED: usize = 256;
 /// UDP senders remembered; past it the table starts over (answers still in
 /// work for a forgotten sender are dropped, as a datagram may be).
 const UDP_PEERS_KEPT: usize = 4096;
@@ -161,7 +166,7 @@ pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<S
         None => None,
     };
     let tty_path = tty.as_ref().map(|t| t.pty.path().to_path_buf());
-    let (events, _) = broadcast::channel(1024);
+    let (events, _) = broadcast::channel(EVENTS_QUEUED);
     let (stop, stop_rx) = watch::channel(false);
     let (reboot, reboot_rx) = tokio::sync::mpsc::unbounded_channel();
     let epoch = Instant::now();
@@ -209,9 +214,11 @@ enum Wake {
 
 impl Host {
     async fn run(mut self, mut stop: watch::Receiver<bool>, mut reboot: tokio::sync::mpsc::UnboundedReceiver<()>) {
-        // The largest datagram, so one past the net buffer is seen whole and dropped, not cut.
-        let mut dgram = vec![0u8; 65_536];
-        let mut serial = vec![0u8; 4096];
+        // Room for one byte past the net buffer (and for the 1472-byte
+        // datagrams clients send whatever the buffer), so an oversized one is
+        // seen and dropped; a thousand servers in one process stay small.
+        let mut dgram = vec![0u8; self.netbuf.max(DATAGRAM_SEEN) + 1];
+        let mut serial = vec![0u8; 1024];
         loop {
             let wake = self.next_wakeup().map(|d| tokio::time::Instant::from_std(self.epoch + d));
             let woke = tokio::select! {
@@ -301,11 +308,12 @@ impl Host {
 
     async fn datagram(&mut self, bytes: &[u8], from: SocketAddr, now: Duration) {
         if bytes.len() > self.netbuf {
-            let n = bytes.len();
+            // Past the receive buffer only "more than" is known.
+            let size = if bytes.len() > self.netbuf.max(DATAGRAM_SEEN) { format!("{}+", bytes.len() - 1) } else { bytes.len().to_string() };
             if let Some(more) = self.dropped.check(Instant::now()) {
-                tracing::warn!("smp udp: dropped a {n}-byte datagram from {from}, larger than the {}-byte net buffer ({more} more since the last line)", self.netbuf);
+                tracing::warn!("smp udp: dropped a {size}-byte datagram from {from}, larger than the {}-byte net buffer ({more} more since the last line)", self.netbuf);
             }
-            let _ = self.events.send(SmpEvent::Silent { reason: format!("{n}-byte datagram is larger than the {}-byte net buffer", self.netbuf) });
+            let _ = self.events.send(SmpEvent::Silent { reason: format!("{size}-byte datagram is larger than the {}-byte net buffer", self.netbuf) });
             return;
         }
         let peer = self.udp_peer(from);
