@@ -10,7 +10,9 @@
 //! - A serial port on a PTY, through the [`SerialLink`] model (console or raw
 //!   framing, the line-buffer pool, wire time). The PTY stays through a
 //!   reset; nothing answers until the device is up, and with console
-//!   framing the boot banner comes first.
+//!   framing the boot banner comes first. The serial line is a link of its
+//!   own, `NAME.tty`: its frames are console lines toward the device (raw
+//!   framing: each read) and each answer's framed bytes toward the client.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,7 @@ pub struct SmpTty {
 pub struct SmpHandle {
     udp: Option<SocketAddr>,
     udp_link: Option<Arc<Mutex<LinkEngine>>>,
+    tty_link: Option<Arc<Mutex<LinkEngine>>>,
     epoch: Instant,
     tty: Option<PathBuf>,
     events: broadcast::Sender<SmpEvent>,
@@ -83,21 +86,26 @@ impl SmpHandle {
         self.events.subscribe()
     }
 
-    fn udp_link(&self) -> Result<std::sync::MutexGuard<'_, LinkEngine>, String> {
-        let link = self.udp_link.as_ref().ok_or("it serves no UDP, the only link that takes faults")?;
-        Ok(link.lock().unwrap_or_else(|p| p.into_inner()))
+    /// The link called `link`: the UDP one (named as the device) or the serial one (`NAME.tty`).
+    fn link(&self, link: &str) -> Result<std::sync::MutexGuard<'_, LinkEngine>, String> {
+        let engine = [&self.udp_link, &self.tty_link]
+            .into_iter()
+            .flatten()
+            .find(|l| l.lock().unwrap_or_else(|p| p.into_inner()).name() == link)
+            .ok_or_else(|| format!("it has no link `{link}`"))?;
+        Ok(engine.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// A fault on the UDP link, from now.
-    pub fn add_fault(&self, rule: FaultRule) -> Result<(), String> {
+    /// A fault on a link, from now.
+    pub fn add_fault(&self, link: &str, rule: FaultRule) -> Result<(), String> {
         let now_ns = self.epoch.elapsed().as_nanos() as u64;
-        self.udp_link()?.add_rule(rule, now_ns);
+        self.link(link)?.add_rule(rule, now_ns);
         Ok(())
     }
 
-    /// Clears the UDP link's faults: all, or those called `name` (false: none was).
-    pub fn clear_faults(&self, name: Option<&str>) -> Result<bool, String> {
-        let mut link = self.udp_link()?;
+    /// Clears a link's faults: all, or those called `name` (false: none was).
+    pub fn clear_faults(&self, link: &str, name: Option<&str>) -> Result<bool, String> {
+        let mut link = self.link(link)?;
         Ok(match name {
             None => {
                 link.clear();
@@ -107,9 +115,9 @@ impl SmpHandle {
         })
     }
 
-    /// The datagrams the UDP link carried, as they went on the wire.
+    /// What its links carried (datagrams; lines and answers), as they went on the wire.
     pub fn frames(&self) -> Vec<FrameRecord> {
-        self.udp_link().map(|l| l.frames().cloned().collect()).unwrap_or_default()
+        [&self.udp_link, &self.tty_link].into_iter().flatten().flat_map(|l| l.lock().unwrap_or_else(|p| p.into_inner()).frames().cloned().collect::<Vec<_>>()).collect()
     }
 
     pub async fn shutdown(mut self) {
@@ -152,11 +160,13 @@ pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<S
         None => None,
     };
     let udp_addr = udp.as_ref().map(|s| s.local_addr().map_err(|e| e.to_string())).transpose()?;
-    let udp_link = udp.as_ref().map(|_| {
-        let mut link = LinkEngine::new(core.name(), endpoints.seed);
+    let engine = |name: String| {
+        let mut link = LinkEngine::new(name, endpoints.seed);
         link.set_log_limit(endpoints.frame_limit);
         Arc::new(Mutex::new(link))
-    });
+    };
+    let udp_link = udp.as_ref().map(|_| engine(core.name().to_string()));
+    let tty_link = endpoints.tty.as_ref().map(|_| engine(format!("{}.tty", core.name())));
     let tty = match endpoints.tty {
         Some(t) => {
             let pty = PtyPort::open(t.link.as_deref()).map_err(|e| e.to_string())?;
@@ -170,9 +180,23 @@ pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<S
     let (stop, stop_rx) = watch::channel(false);
     let (reboot, reboot_rx) = tokio::sync::mpsc::unbounded_channel();
     let epoch = Instant::now();
-    let host = Host { core, epoch, udp, udp_link: udp_link.clone(), in_flight: Vec::new(), udp_peers: Default::default(), udp_addrs: Default::default(), netbuf, tty, events: events.clone(), dropped: LogEvery::new(REFUSAL_LOG_PERIOD) };
+    let host = Host {
+        core,
+        epoch,
+        udp,
+        udp_link: udp_link.clone(),
+        tty_link: tty_link.clone(),
+        tty_in: Vec::new(),
+        in_flight: Vec::new(),
+        udp_peers: Default::default(),
+        udp_addrs: Default::default(),
+        netbuf,
+        tty,
+        events: events.clone(),
+        dropped: LogEvery::new(REFUSAL_LOG_PERIOD),
+    };
     let task = tokio::spawn(host.run(stop_rx, reboot_rx));
-    Ok(SmpHandle { udp: udp_addr, udp_link, epoch, tty: tty_path, events, stop, reboot, task: Some(task) })
+    Ok(SmpHandle { udp: udp_addr, udp_link, tty_link, epoch, tty: tty_path, events, stop, reboot, task: Some(task) })
 }
 
 struct Tty {
@@ -181,19 +205,32 @@ struct Tty {
     banner: bool,
 }
 
-/// A datagram a fault holds back (a delay, a duplicate's second copy).
+/// Bytes a fault holds back (a delay, a duplicate's second copy), and the link they are on.
 struct InFlight {
     due: Duration,
     toward: Direction,
     bytes: Vec<u8>,
-    peer: SocketAddr,
+    via: Via,
 }
+
+#[derive(Clone, Copy)]
+enum Via {
+    /// A datagram to or from this UDP peer.
+    Udp(SocketAddr),
+    Tty,
+}
+
+/// The longest console line kept while waiting for its newline; past it, it goes on as it is.
+const TTY_LINE_HELD: usize = 4096;
 
 struct Host {
     core: SmpServer,
     epoch: Instant,
     udp: Option<UdpSocket>,
     udp_link: Option<Arc<Mutex<LinkEngine>>>,
+    tty_link: Option<Arc<Mutex<LinkEngine>>>,
+    /// Serial bytes toward the device up to the next newline (console framing).
+    tty_in: Vec<u8>,
     in_flight: Vec<InFlight>,
     udp_peers: std::collections::HashMap<SocketAddr, Peer>,
     udp_addrs: std::collections::HashMap<Peer, SocketAddr>,
@@ -241,13 +278,12 @@ impl Host {
                 }
                 Wake::Datagram(Ok((n, from))) => {
                     let bytes = dgram[..n].to_vec();
-                    self.through_link(Direction::Request, &bytes, from, now).await
+                    self.through_link(Direction::Request, &bytes, Via::Udp(from), now).await
                 }
                 Wake::Datagram(Err(_)) => {}
                 Wake::Serial(Ok(n)) => {
-                    if let Some(t) = &mut self.tty {
-                        t.link.receive(&serial[..n], now);
-                    }
+                    let bytes = serial[..n].to_vec();
+                    self.serial_in(&bytes, now).await
                 }
                 Wake::Serial(Err(e)) => {
                     tracing::warn!("smp serial: the PTY failed ({e}); serving UDP only");
@@ -267,10 +303,15 @@ impl Host {
         [self.core.next_wakeup(), serial, held].into_iter().flatten().min()
     }
 
-    /// A datagram through the UDP link: what comes out now goes on (to the
-    /// core or to `peer`); what a fault holds back waits in `in_flight`.
-    async fn through_link(&mut self, direction: Direction, bytes: &[u8], peer: SocketAddr, now: Duration) {
-        let emissions = match &self.udp_link {
+    /// Bytes through their link: what comes out now goes on (to the core,
+    /// or to the peer or the serial line); what a fault holds back waits in
+    /// `in_flight`.
+    async fn through_link(&mut self, direction: Direction, bytes: &[u8], via: Via, now: Duration) {
+        let link = match via {
+            Via::Udp(_) => &self.udp_link,
+            Via::Tty => &self.tty_link,
+        };
+        let emissions = match link {
             Some(link) => {
                 let wall_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
                 link.lock().unwrap_or_else(|p| p.into_inner()).process(direction, bytes, now.as_nanos() as u64, wall_ns)
@@ -279,10 +320,28 @@ impl Host {
         };
         for e in emissions {
             if e.after.is_zero() {
-                self.emit(e.toward, e.bytes, peer, now).await;
+                self.emit(e.toward, e.bytes, via, now).await;
             } else {
-                self.in_flight.push(InFlight { due: now + e.after, toward: e.toward, bytes: e.bytes, peer });
+                self.in_flight.push(InFlight { due: now + e.after, toward: e.toward, bytes: e.bytes, via });
             }
+        }
+    }
+
+    /// Serial bytes toward the device: console lines go through the link one
+    /// by one (a line without its newline waits for it); raw reads as they come.
+    async fn serial_in(&mut self, bytes: &[u8], now: Duration) {
+        let Some(framing) = self.tty.as_ref().map(|t| t.link.framing()) else { return };
+        if framing == SerialFraming::Raw {
+            return self.through_link(Direction::Request, bytes, Via::Tty, now).await;
+        }
+        self.tty_in.extend_from_slice(bytes);
+        while let Some(end) = self.tty_in.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.tty_in.drain(..=end).collect();
+            self.through_link(Direction::Request, &line, Via::Tty, now).await;
+        }
+        if self.tty_in.len() > TTY_LINE_HELD {
+            let held = std::mem::take(&mut self.tty_in);
+            self.through_link(Direction::Request, &held, Via::Tty, now).await;
         }
     }
 
@@ -290,17 +349,27 @@ impl Host {
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight).into_iter().partition(|d| d.due <= now);
         self.in_flight = later;
         for d in due {
-            self.emit(d.toward, d.bytes, d.peer, now).await;
+            self.emit(d.toward, d.bytes, d.via, now).await;
         }
     }
 
-    /// A datagram past the link: a request to the device, an answer to its peer.
-    async fn emit(&mut self, toward: Direction, bytes: Vec<u8>, peer: SocketAddr, now: Duration) {
-        match toward {
-            Direction::Request => self.datagram(&bytes, peer, now).await,
-            Direction::Response => {
+    /// Bytes past their link: a request to the device, an answer to its peer or the line.
+    async fn emit(&mut self, toward: Direction, bytes: Vec<u8>, via: Via, now: Duration) {
+        match (toward, via) {
+            (Direction::Request, Via::Udp(peer)) => self.datagram(&bytes, peer, now).await,
+            (Direction::Response, Via::Udp(peer)) => {
                 if let Some(sock) = &self.udp {
                     let _ = sock.send_to(&bytes, peer).await;
+                }
+            }
+            (Direction::Request, Via::Tty) => {
+                if let Some(t) = &mut self.tty {
+                    t.link.receive(&bytes, now);
+                }
+            }
+            (Direction::Response, Via::Tty) => {
+                if let Some(t) = &mut self.tty {
+                    t.link.send_wire(&bytes, now);
                 }
             }
         }
@@ -342,19 +411,22 @@ impl Host {
         for o in out {
             match o {
                 Output::Send { to, bytes } if to == TTY_PEER => {
-                    if let Some(t) = &mut self.tty {
-                        t.link.send_message(&bytes, now);
+                    if let Some(wire) = self.tty.as_ref().map(|t| t.link.frame(&bytes)) {
+                        Box::pin(self.through_link(Direction::Response, &wire, Via::Tty, now)).await;
                     }
                 }
                 Output::Send { to, bytes } => {
                     if let Some(addr) = self.udp_addrs.get(&to).copied() {
-                        Box::pin(self.through_link(Direction::Response, &bytes, addr, now)).await;
+                        Box::pin(self.through_link(Direction::Response, &bytes, Via::Udp(addr), now)).await;
                     }
                 }
                 Output::Event(e) => {
                     if let Some(t) = &mut self.tty {
                         match e {
-                            SmpEvent::Rebooted { .. } => t.link.reset_rx(),
+                            SmpEvent::Rebooted { .. } => {
+                                t.link.reset_rx();
+                                self.tty_in.clear();
+                            }
                             SmpEvent::Up if t.banner => t.link.send_text(BOOT_BANNER.as_bytes(), now),
                             _ => {}
                         }
@@ -442,10 +514,10 @@ mod tests {
         };
         let rule = |fault| FaultRule { fault, trigger: FaultTrigger { direction: Some(Direction::Response), ..Default::default() }, name: None };
         let mut buf = [0u8; 256];
-        server.add_fault(rule(crate::link::LinkFault::Drop)).unwrap();
+        server.add_fault("hilbench-smp", rule(crate::link::LinkFault::Drop)).unwrap();
         client.send_to(&params(1), server.udp_addr().unwrap()).await.unwrap();
         assert_eq!(recv_within(&client, &mut buf).await, None, "the answer was dropped");
-        server.add_fault(rule(crate::link::LinkFault::Duplicate { gap_ms: 20 })).unwrap();
+        server.add_fault("hilbench-smp", rule(crate::link::LinkFault::Duplicate { gap_ms: 20 })).unwrap();
         client.send_to(&params(2), server.udp_addr().unwrap()).await.unwrap();
         for copy in 0..2 {
             let n = recv_within(&client, &mut buf).await.unwrap_or_else(|| panic!("copy {copy} of the answer"));
@@ -456,6 +528,33 @@ mod tests {
         let count = |d| frames.iter().filter(|f| f.direction == d).count();
         assert_eq!((count(Direction::Request), count(Direction::Response)), (2, 2), "{frames:?}");
         assert!(frames.iter().all(|f| f.link == "hilbench-smp"));
+        server.shutdown().await;
+    }
+
+    /// The serial line is the link `NAME.tty`: a console line toward the
+    /// device can be dropped there, and lines and answers are recorded.
+    #[tokio::test]
+    async fn console_lines_cross_the_serial_link_and_its_faults() {
+        use crate::link::fault::FaultTrigger;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let endpoints = SmpEndpoints { tty: Some(SmpTty { link: None, serial: SerialLinkConfig::default(), banner: false }), ..Default::default() };
+        let server = serve(SmpServerConfig::default(), endpoints).await.unwrap();
+        assert!(server.add_fault("hilbench-smp", FaultRule { fault: crate::link::LinkFault::Drop, trigger: FaultTrigger::default(), name: None }).is_err(), "no UDP link");
+        let drop_request = FaultRule { fault: crate::link::LinkFault::Drop, trigger: FaultTrigger { direction: Some(Direction::Request), ..Default::default() }, name: None };
+        server.add_fault("hilbench-smp.tty", drop_request).unwrap();
+        let mut port = crate::transport::serial::open_serial(server.tty_path().unwrap(), 115_200).unwrap();
+        let mut params = SmpHeader::new(SmpVersion::V2, SmpOp::Read, 0, 6, 4, 1).encode().to_vec();
+        params.push(0xa0);
+        let line = crate::protocol::smp::serial::encode(&params, 127);
+        port.write_all(&line).await.unwrap();
+        let mut buf = [0u8; 256];
+        assert!(tokio::time::timeout(Duration::from_millis(300), port.read(&mut buf)).await.is_err(), "the line was dropped");
+        port.write_all(&line).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), port.read(&mut buf)).await.expect("answered").unwrap();
+        assert!(buf[..n].starts_with(&crate::protocol::smp::serial::START));
+        let frames = server.frames();
+        assert_eq!(frames.iter().filter(|f| f.direction == Direction::Request).count(), 1, "the dropped line is not on the wire");
+        assert!(frames.iter().all(|f| f.link == "hilbench-smp.tty"));
         server.shutdown().await;
     }
 

@@ -211,15 +211,33 @@ impl SerialLink {
 
     /// An answer: framed, then on the wire after whatever is still going out.
     pub fn send_message(&mut self, message: &[u8], now: Duration) {
+        let wire = self.frame(message);
+        self.send_wire(&wire, now);
+    }
+
+    /// Framed bytes (what [`SerialLink::frame`] made, perhaps changed by a
+    /// fault), each console line due when its own wire time has passed.
+    pub fn send_wire(&mut self, wire: &[u8], now: Duration) {
         match self.cfg.framing {
             SerialFraming::Console => {
-                let text = serial::encode_as_zephyr(message);
-                for line in text.split_inclusive(|b| *b == b'\n') {
+                for line in wire.split_inclusive(|b| *b == b'\n') {
                     self.schedule_tx(line.to_vec(), now);
                 }
             }
-            SerialFraming::Raw => self.schedule_tx(message.to_vec(), now),
+            SerialFraming::Raw => self.schedule_tx(wire.to_vec(), now),
         }
+    }
+
+    /// A message as it goes on the wire: Zephyr's lines, or itself (raw).
+    pub fn frame(&self, message: &[u8]) -> Vec<u8> {
+        match self.cfg.framing {
+            SerialFraming::Console => serial::encode_as_zephyr(message),
+            SerialFraming::Raw => message.to_vec(),
+        }
+    }
+
+    pub fn framing(&self) -> SerialFraming {
+        self.cfg.framing
     }
 
     /// Console text (a boot banner, a log line) between the SMP lines.

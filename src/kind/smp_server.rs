@@ -467,26 +467,24 @@ impl Declared for SmpServerKeys {
         }
         Ok(())
     }
-    /// Its UDP datagrams, both ways, are the link `NAME` (faults, capture);
-    /// a device served only on a PTY has none yet.
     fn check_step(&self, step: &str, body: &yaml_serde::Value, _names: &Names<'_>) -> Result<(), Problem> {
         match step {
             "reboot" => super::step_body::<RebootStep>(body).map(|_| ()),
             _ => Err(Problem::here(format!("an smp-server takes no `{step}` step"))),
         }
     }
+    /// Its UDP datagrams, both ways, are the link `NAME`; its serial line
+    /// (console lines toward it, each answer's framed bytes back) `NAME.tty`.
     fn links(&self) -> Vec<super::LinkDecl> {
-        if self.udp.is_none() && self.tty.is_some() {
-            return Vec::new();
+        let mut links = Vec::new();
+        if self.udp.is_some() || self.tty.is_none() {
+            links.push(super::LinkDecl { name: self.name.clone(), home: super::LinkHomeDecl::Own, capture: None, checksum: None, carries: "SMP over UDP", medium: LinkMedium::Datagram });
         }
-        vec![super::LinkDecl {
-            name: self.name.clone(),
-            home: super::LinkHomeDecl::Own,
-            capture: None,
-            checksum: None,
-            carries: "SMP over UDP",
-            medium: LinkMedium::Datagram,
-        }]
+        if self.tty.is_some() {
+            let carries = if self.serial.framing == Some(SerialFraming::Raw) { "raw SMP on a serial line" } else { "SMP console lines on a serial line" };
+            links.push(super::LinkDecl { name: format!("{}.tty", self.name), home: super::LinkHomeDecl::Own, capture: None, checksum: None, carries, medium: LinkMedium::Serial });
+        }
+        links
     }
     fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
         Box::pin(async move {
@@ -561,12 +559,12 @@ impl Running for RunningSmp {
             }
         })
     }
-    fn add_fault<'a>(&'a self, _link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
-        Box::pin(async move { self.handle()?.add_fault(rule).map_err(|e| format!("`{}`: {e}", self.name)) })
+    fn add_fault<'a>(&'a self, link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.handle()?.add_fault(link, rule).map_err(|e| format!("`{}`: {e}", self.name)) })
     }
     fn clear_faults<'a>(&'a self, link: &'a str, name: Option<&'a str>) -> LocalBoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            match self.handle()?.clear_faults(name)? {
+            match self.handle()?.clear_faults(link, name)? {
                 true => Ok(()),
                 false => Err(format!("no fault named `{}` on `{link}`", name.unwrap_or_default())),
             }
