@@ -8,11 +8,15 @@
 //!   0.0.0.0:1337, so nothing else may hold port 1337.
 //! * `upload` – 255 KiB images one after another, stop-and-wait chunks filling the default 2048-byte buffer:
 //!   MB/s and the server's CPU per KiB (goal: the server is never the limit).
+//! * `serial` – an upload over the PTY with wire-time pacing at 115200 baud (8N1, console
+//!   framing, 384-byte buffers, stop-and-wait): the time it took against the ceiling its own
+//!   wire bytes set (requests and answers, after base64, line and CRC overhead; goal: within 5%).
 //! * `scale`  – 1,000 servers in this process (`smp_host::serve`, each on its own UDP port),
 //!   every one answering an echo: time to start, RSS added (goal: under 100 MB).
 //!
 //! Run:   cargo bench --bench smp                  (all parts; release build)
 //!        cargo bench --profile dev --bench smp -- echo   (one part, the dev profile)
+//!        parts: echo, upload, serial, scale
 //! Knobs: SMP_BENCH_REQUESTS=2000 (echo, after 100 warm-ups), SMP_BENCH_UPLOADS=20 (upload),
 //!        SMP_BENCH_SERVERS=1000 (scale).
 
@@ -200,6 +204,78 @@ fn upload() {
     );
 }
 
+fn serial() {
+    use hilbench::protocol::smp::serial;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let baud = 115_200u32;
+    let mut child = Command::new(SIM)
+        .args(["sim", "smp-server", "--tty", "auto", "--baud", "115200", "--buf-size", "384", "--no-banner"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("hilbench starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("a ready line");
+    let ready: serde_json::Value = serde_json::from_str(&line).expect("the ready line is JSON");
+    let tty = PathBuf::from(ready["endpoints"]["tty"].as_str().expect("endpoints.tty"));
+    let server = Server { child, addr: "127.0.0.1:0".parse().unwrap() };
+    let image = mcuboot::build_image(ImageVersion { major: 2, ..Default::default() }, &vec![0x5a; 32 * 1024]);
+    let sha = Value::Bytes(mcuboot::sha256(&image).to_vec());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let result: Result<(usize, usize, f64), String> = rt.block_on(async {
+        let mut port = hilbench::transport::serial::open_serial(&tty, baud).map_err(|e| e.to_string())?;
+        let (mut wire, mut chunks, mut off, mut seq) = (0usize, 0usize, 0usize, 0u8);
+        let mut rx = serial::Receiver::new();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 1024];
+        let t = Instant::now();
+        while off < image.len() {
+            // What fits 384 bytes with the header, the keys and (first) len and sha.
+            let end = (off + if off == 0 { 250 } else { 320 }).min(image.len());
+            let mut body = vec![("off", Value::from(off as u64)), ("data", Value::Bytes(image[off..end].to_vec()))];
+            if off == 0 {
+                body.extend([("len", Value::from(image.len() as u64)), ("sha", sha.clone())]);
+            }
+            seq = seq.wrapping_add(1);
+            let lines = serial::encode(&message(SmpOp::Write, 1, 1, seq, body), serial::MAX_LINE);
+            port.write_all(&lines).await.map_err(|e| e.to_string())?;
+            wire += lines.len();
+            let answer = loop {
+                if let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+                    let l: Vec<u8> = pending.drain(..=nl).collect();
+                    wire += l.len();
+                    if let serial::LineOutcome::Message(m) = rx.push_line(&l) {
+                        break m;
+                    }
+                    continue;
+                }
+                let n = tokio::time::timeout(Duration::from_secs(5), port.read(&mut buf)).await.map_err(|_| format!("no answer at {off}"))?.map_err(|e| e.to_string())?;
+                pending.extend_from_slice(&buf[..n]);
+            };
+            let f = smp::SmpFrame::parse(&answer).map_err(|e| format!("{e:?}"))?;
+            let m = smp::decode_map(&f.payload).map_err(|e| format!("{e:?}"))?;
+            off = smp::get(&m, "off").and_then(smp::as_u64).ok_or_else(|| format!("no off at {off}: {m:?}"))? as usize;
+            chunks += 1;
+        }
+        Ok((wire, chunks, t.elapsed().as_secs_f64()))
+    });
+    drop(server);
+    match result {
+        Ok((wire, chunks, secs)) => {
+            let ceiling = wire as f64 * 10.0 / f64::from(baud);
+            println!(
+                "serial {} bytes in {chunks} chunks at {baud} baud: {:.2} s, {:.0} SMP bytes/s; its {wire} wire bytes both ways need {:.2} s at line rate: {:.1}% of the ceiling (goal: ≥ 95%)",
+                image.len(),
+                secs,
+                image.len() as f64 / secs,
+                ceiling,
+                ceiling / secs * 100.0
+            );
+        }
+        Err(e) => println!("serial FAILED: {e}"),
+    }
+}
+
 fn scale() {
     use hilbench::device::smp_core::SmpServerConfig;
     use hilbench::device::smp_host::{self, SmpEndpoints};
@@ -247,6 +323,9 @@ fn main() {
     }
     if want("upload") {
         upload();
+    }
+    if want("serial") {
+        serial();
     }
     if want("scale") {
         scale();
