@@ -1379,7 +1379,7 @@ mod tests {
         let (h, m) = ask_v(&mut s, SmpVersion::V2, SmpOp::Read, group::OS, 6, vec![]);
         assert_eq!((h.version, rc(&m), u(&m, "buf_size")), (0, Some(0), Some(384)));
         let (h, m) = ask_v(&mut s, SmpVersion::V2, SmpOp::Write, group::IMAGE, 0, vec![("hash", Value::Bytes(vec![1; 32]))]);
-        assert_eq!((h.version, rc(&m), group_rc(&m)), (0, Some(u64::from(MgmtErr::Unknown.code())), None), "a group error as v1 sees it");
+        assert_eq!((h.version, rc(&m), group_rc(&m)), (0, Some(MgmtErr::Unknown.code()), None), "a group error as v1 sees it");
         let answers = s.handle_bytes(&[0x10, 0, 0, 1, 0, 0, 3, 0, 0xa0], ms(2));
         let f = smp::SmpFrame::parse(&answers[0]).unwrap();
         assert_eq!((f.header.version, f.header.command), (0, 0), "reserved version bits are not read: an echo");
