@@ -205,11 +205,21 @@ pub enum SmpProfile {
 }
 
 impl SmpProfile {
+    pub const ALL: [SmpProfile; 3] = [SmpProfile::V1Only, SmpProfile::LegacyRc, SmpProfile::StaleOffsetAfterErase];
+
     pub fn name(self) -> &'static str {
         match self {
             SmpProfile::V1Only => "v1-only",
             SmpProfile::LegacyRc => "legacy-rc",
             SmpProfile::StaleOffsetAfterErase => "stale-offset-after-erase",
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            SmpProfile::V1Only => "firmware from before SMP v2: every answer v1, every error an rc",
+            SmpProfile::LegacyRc => "\"rc\": 0 in every success (strict clients such as smpclient refuse it)",
+            SmpProfile::StaleOffsetAfterErase => "an image erase keeps the upload session: a resume by sha goes on at the old offset over an erased slot",
         }
     }
 }

@@ -377,6 +377,12 @@ impl Kind for SmpServerKind {
     fn steps(&self) -> &'static [super::StepDoc] {
         STEPS
     }
+    fn list(&self) -> Vec<super::ListSection> {
+        vec![super::ListSection {
+            title: "SMP firmware profiles (smp-server `profile`, sim --profile)".into(),
+            rows: SmpProfile::ALL.iter().map(|p| (p.name().to_string(), p.description().to_string())).collect(),
+        }]
+    }
     fn sim(&self) -> Option<super::KindCommand> {
         Some(super::KindCommand {
             command: || super::subcommand::<SmpServerSimArgs>("smp-server", "MCUmgr SMP server (Zephyr with MCUboot) over UDP and serial.", SIM_HELP),
