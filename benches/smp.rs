@@ -58,17 +58,12 @@ fn ask(sock: &UdpSocket, to: SocketAddr, request: &[u8], buf: &mut [u8]) -> Resu
     }
 }
 
-/// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    hilbench::cli::load::process_cpu_seconds(Some(pid)).unwrap_or(0.0)
 }
 
 fn rss_kb() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    hilbench::cli::load::process_rss_kb(std::process::id()).unwrap_or(0)
 }
 
 struct Server {

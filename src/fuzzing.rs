@@ -608,34 +608,33 @@ pub fn smp_frames_round_trip(data: &[u8]) -> bool {
     true
 }
 
-/// Arbitrary bytes as datagrams to a simulated SMP server: split at every 0xC0 byte, 100 ms
-/// apart (so resets and reboots happen), each datagram holding any number of messages.
-/// Invariants: no panic; every answer is one whole SMP message whose payload is a CBOR map,
-/// a response op of the request's group, seq and command, in its version (a reserved one: v2); no slot holds more than its size, the filesystem no more than its capacity.
+/// Arbitrary bytes as datagrams to a simulated SMP server, through the path its host uses
+/// (`handle_input`, timeouts when it asks): split at every 0xC0 byte, 20 ms apart, each
+/// datagram holding any number of messages; its flash is slow (10 ms a 1 KiB page), so an
+/// erase keeps it busy while later datagrams wait in its net buffers, and resets and reboots
+/// happen. Invariants: no panic and no hang (the server's wake-ups move on); every answer is
+/// one whole SMP message whose payload is a CBOR map, a response op of a request's group, seq
+/// and command, in its version (a reserved one: v2); no slot holds more than its size, the
+/// filesystem no more than its capacity.
 pub fn smp_server_answers_are_well_formed(data: &[u8]) -> bool {
-    use crate::device::smp_core::{SmpServer, SmpServerConfig};
+    use crate::device::smp_core::{FlashTiming, SmpServer, SmpServerConfig};
+    use crate::sans_io::{Input, Output, Peer, SansIoCore};
     let config = SmpServerConfig {
         slot_size: 4096,
         fs_capacity: 4096,
         files: vec![("/lfs1/etc/motd".into(), b"hello".to_vec())],
         settings: Some([("app/mode".to_string(), b"eco".to_vec())].into()),
         shell: vec![("bms status".into(), "ok".into())],
+        flash: FlashTiming { page_size: 1024, page_erase: Duration::from_millis(10), write_bytes_per_s: Some(1_000_000), progressive_erase: false },
         ..Default::default()
     };
     let mut server = SmpServer::new(config).expect("the default image fits 4 KiB");
+    let mut requests: Vec<smp::SmpHeader> = Vec::new();
     let mut answered = false;
-    for (i, datagram) in data.split(|b| *b == 0xc0).enumerate() {
-        let now = Duration::from_millis(100 * i as u64);
-        let requests: Vec<smp::SmpHeader> = {
-            let mut rest = datagram;
-            let mut hs = Vec::new();
-            while let Some(h) = smp::SmpHeader::parse(rest) {
-                hs.push(h);
-                rest = rest.get(smp::HEADER_LEN + usize::from(h.len)..).unwrap_or(&[]);
-            }
-            hs
-        };
-        for answer in server.handle_bytes(datagram, now) {
+    let mut out = Vec::new();
+    let mut check = |out: &mut Vec<Output<_>>, requests: &[smp::SmpHeader]| {
+        for o in out.drain(..) {
+            let Output::Send { bytes: answer, .. } = o else { continue };
             let frame = smp::SmpFrame::parse(&answer).expect("an answer is one whole message");
             let h = frame.header;
             assert!(h.op == 1 || h.op == 3, "answer op {}", h.op);
@@ -646,12 +645,35 @@ pub fn smp_server_answers_are_well_formed(data: &[u8]) -> bool {
             smp::decode_map(&frame.payload).expect("an answer's payload is a map");
             answered = true;
         }
+    };
+    // Wake-ups due by `until`, each at its time; a server that keeps asking for the same past
+    // time would hang its host.
+    let wake_until = |server: &mut SmpServer, out: &mut Vec<Output<_>>, until: Duration| {
+        for _ in 0..10_000 {
+            match server.next_wakeup() {
+                Some(t) if t <= until => server.handle_input(Input::Timeout, t, out).expect("a timeout is taken"),
+                _ => return,
+            }
+        }
+        panic!("the server's wake-ups do not move on");
+    };
+    for (i, datagram) in data.split(|b| *b == 0xc0).enumerate() {
+        let now = Duration::from_millis(20 * i as u64);
+        wake_until(&mut server, &mut out, now);
+        let mut rest = datagram;
+        while let Some(h) = smp::SmpHeader::parse(rest) {
+            requests.push(h);
+            rest = rest.get(smp::HEADER_LEN + usize::from(h.len)..).unwrap_or(&[]);
+        }
+        let _ = server.handle_input(Input::Bytes { from: Peer(0), bytes: datagram }, now, &mut out);
+        check(&mut out, &requests);
         for slot in 0..2 {
             assert!(server.firmware().contents(slot).len() <= 4096, "slot {slot} holds more than its size");
         }
         assert!(server.filesystem().files().map(|(_, c)| c.len()).sum::<usize>() <= 4096, "the filesystem holds more than its capacity");
-        let _ = server.take_events();
     }
+    wake_until(&mut server, &mut out, Duration::from_secs(3600));
+    check(&mut out, &requests);
     answered
 }
 

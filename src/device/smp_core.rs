@@ -44,6 +44,10 @@ mod fs_group;
 mod settings_group;
 mod shell_group;
 
+/// The longest page erase and boot time a device may be given.
+const MAX_PAGE_ERASE: Duration = Duration::from_secs(10);
+const MAX_BOOT_TIME: Duration = Duration::from_secs(3600);
+
 /// How long after its answer a reset takes effect (Zephyr's default).
 pub const RESET_DELAY: Duration = Duration::from_millis(250);
 
@@ -178,7 +182,8 @@ impl Default for FlashTiming {
 impl FlashTiming {
     /// Time to erase the pages that hold `bytes` bytes.
     fn erase(&self, bytes: usize) -> Duration {
-        self.page_erase * bytes.div_ceil(self.page_size.max(1)) as u32
+        let pages = u32::try_from(bytes.div_ceil(self.page_size.max(1))).unwrap_or(u32::MAX);
+        self.page_erase.saturating_mul(pages)
     }
 
     fn write(&self, bytes: usize) -> Duration {
@@ -338,6 +343,17 @@ impl SmpServer {
         }
         if !(1..=4096).contains(&config.flash_align) || !config.flash_align.is_power_of_two() {
             return Err(format!("flash_align {} is not a power of two from 1 to 4096", config.flash_align));
+        }
+        // Times past these only overflow the clock; no flash or boot is that slow.
+        if config.flash.page_erase > MAX_PAGE_ERASE {
+            return Err(format!("a page erase of {:?} is more than {MAX_PAGE_ERASE:?}", config.flash.page_erase));
+        }
+        if config.boot_time > MAX_BOOT_TIME {
+            return Err(format!("a boot time of {:?} is more than {MAX_BOOT_TIME:?}", config.boot_time));
+        }
+        let seeded: usize = config.files.iter().map(|(_, c)| c.len()).sum();
+        if seeded > config.fs_capacity {
+            return Err(format!("the files given ({seeded} bytes) do not fit the {}-byte filesystem", config.fs_capacity));
         }
         let mut fs = MemFs::new(&[FS_MOUNT]);
         for (path, contents) in &config.files {
@@ -963,7 +979,7 @@ impl SmpServer {
         if self.work.is_zero() {
             out.extend(answers.into_iter().map(|b| Output::Send { to: from, bytes: b }));
         } else {
-            let due = start + self.work;
+            let due = start.saturating_add(self.work);
             self.busy_until = Some(due);
             self.deferred.push(Deferred { due, to: from, answers });
         }

@@ -190,6 +190,7 @@ pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<S
         in_flight: Vec::new(),
         udp_peers: Default::default(),
         udp_addrs: Default::default(),
+        next_udp_peer: FIRST_UDP_PEER,
         netbuf,
         tty,
         events: events.clone(),
@@ -222,6 +223,8 @@ enum Via {
 
 /// The longest console line kept while waiting for its newline; past it, it goes on as it is.
 const TTY_LINE_HELD: usize = 4096;
+/// Frames a fault may hold back at once (a long `delay` under a flood); more are dropped.
+const HELD_FRAMES: usize = 4096;
 
 struct Host {
     core: SmpServer,
@@ -234,6 +237,9 @@ struct Host {
     in_flight: Vec<InFlight>,
     udp_peers: std::collections::HashMap<SocketAddr, Peer>,
     udp_addrs: std::collections::HashMap<Peer, SocketAddr>,
+    /// The next UDP peer id: never reused, so an answer still in work for a
+    /// forgotten sender cannot reach a new one.
+    next_udp_peer: u64,
     netbuf: usize,
     tty: Option<Tty>,
     events: broadcast::Sender<SmpEvent>,
@@ -321,8 +327,13 @@ impl Host {
         for e in emissions {
             if e.after.is_zero() {
                 self.emit(e.toward, e.bytes, via, now).await;
-            } else {
+            } else if self.in_flight.len() < HELD_FRAMES {
                 self.in_flight.push(InFlight { due: now + e.after, toward: e.toward, bytes: e.bytes, via });
+            } else {
+                if let Some(more) = self.dropped.check(Instant::now()) {
+                    tracing::warn!("smp: a fault holds {HELD_FRAMES} frames back already; dropped one ({more} more since the last line)");
+                }
+                let _ = self.events.send(SmpEvent::Silent { reason: format!("a fault holds {HELD_FRAMES} frames back already; one more was dropped") });
             }
         }
     }
@@ -399,7 +410,8 @@ impl Host {
             self.udp_peers.clear();
             self.udp_addrs.clear();
         }
-        let peer = Peer(FIRST_UDP_PEER + self.udp_peers.len() as u64);
+        let peer = Peer(self.next_udp_peer);
+        self.next_udp_peer += 1;
         self.udp_peers.insert(addr, peer);
         self.udp_addrs.insert(peer, addr);
         peer

@@ -471,7 +471,9 @@ impl Declared for SmpServerKeys {
         if let Some(c) = self.shell.keys().find(|c| c.split_whitespace().next().is_none_or(|w| w == "kernel")) {
             return Err(at_key("shell", format!("shell command `{c}`: empty, or under `kernel`, which the device's own shell has")));
         }
-        Ok(())
+        // What only the whole device can judge (times, the image, files against capacity).
+        let config = self.config().map_err(Problem::here)?;
+        crate::device::smp_core::SmpServer::new(config).map(|_| ()).map_err(Problem::here)
     }
     fn check_step(&self, step: &str, body: &yaml_serde::Value, _names: &Names<'_>) -> Result<(), Problem> {
         match step {
