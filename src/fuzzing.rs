@@ -598,6 +598,7 @@ pub fn smp_frames_round_trip(data: &[u8]) -> bool {
             assert_eq!(got.as_deref(), Some(data), "Zephyr's serial lines did not decode to what was encoded");
         }
     }
+    ble_reassembly_holds(data);
     let Some(header) = smp::SmpHeader::parse(data) else { return false };
     assert_eq!(&header.encode()[..], &data[..smp::HEADER_LEN], "a header did not encode back to its bytes");
     let Ok(frame) = smp::SmpFrame::parse(data) else { return false };
@@ -608,7 +609,22 @@ pub fn smp_frames_round_trip(data: &[u8]) -> bool {
     true
 }
 
-/// Arbitrary bytes as datagrams to a simulated SMP server, through the path its host uses
+/// The bytes as BLE writes of 1..=64 bytes (the first byte picks the size) into a
+/// reassembly with a net buffer of 64..=575 bytes: it never holds more than the buffer,
+/// and every message it gives is one whole SMP message by its header's length.
+fn ble_reassembly_holds(data: &[u8]) {
+    let size = 1 + usize::from(data.first().copied().unwrap_or(0)) % 64;
+    let net_buf = 64 + usize::from(data.get(1).copied().unwrap_or(0)) * 2;
+    let mut r = smp::ble::Reassembly::new(net_buf);
+    for piece in data.chunks(size) {
+        if let Ok(Some(m)) = r.push(piece) {
+            assert!(m.len() <= net_buf, "a {}-byte message through a {net_buf}-byte buffer", m.len());
+            assert_eq!(smp::frame_len(&m), Some(m.len()), "a message that is not whole by its header");
+        }
+    }
+}
+
+/// Arbitrary bytes as datagrams to a simulated SMP server/// Arbitrary bytes as datagrams to a simulated SMP server, through the path its host uses
 /// (`handle_input`, timeouts when it asks): split at every 0xC0 byte, 20 ms apart, each
 /// datagram holding any number of messages; its flash is slow (10 ms a 1 KiB page), so an
 /// erase keeps it busy while later datagrams wait in its net buffers, and resets and reboots

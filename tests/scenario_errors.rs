@@ -89,6 +89,17 @@ fn typos_in_selectors_are_located_errors() {
     let e = at("  - expect_errors: {client: d, at_least: 1}\n");
     assert!(e.contains("no client named `d`"), "{e}");
 
+    // BLE keys and the `ble` step on an smp-server need `ble: true`.
+    let e = parse("name: x\ndevices:\n  - {name: s, kind: smp-server, mtu: 247}\nsteps: []\n");
+    assert!(e.starts_with("bad.yaml:3:") && e.contains("need `ble: true`"), "{e}");
+    let e = parse("name: x\ndevices:\n  - {name: s, kind: smp-server, ble: true, mtu: 600}\nsteps: []\n");
+    assert!(e.contains("mtu 600 is outside 23..=517"), "{e}");
+    let e = parse("name: x\ndevices:\n  - {name: s, kind: smp-server}\nsteps:\n  - ble: {device: s, mtu: 100}\n");
+    assert!(e.starts_with("bad.yaml:5:") && e.contains("`s` is not on BLE"), "{e}");
+    let e = parse("name: x\ndevices:\n  - {name: s, kind: smp-server, ble: true}\nsteps:\n  - fault: {link: s, kind: drop}\n");
+    assert!(e.contains("no link `s` (links: s.ble)"), "the UDP link is not served when only BLE is: {e}");
+    assert!(Scenario::parse(Path::new("ok.yaml"), "name: x\ndevices:\n  - {name: s, kind: smp-server, ble: true}\nsteps:\n  - fault: {link: s.ble, kind: drop, direction: response}\n  - ble: {device: s, mtu: 100}\n").is_ok());
+
     let hub = "devices:\n  - {name: hub, kind: bsc-hub}\nclients:\n  - {name: a, kind: bsc-node, hub: hub}\n  - {name: s, kind: bsc-raw, hub: hub}\nsteps:\n";
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: hub, kind: drop}}\n"));
     assert!(e.starts_with("bad.yaml:8:") && e.contains("`hub` is a server link") && e.contains("`drop` only acts on serial, ble-gatt, websocket and udp links"), "{e}");

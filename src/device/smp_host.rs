@@ -13,6 +13,8 @@
 //!   framing the boot banner comes first. The serial line is a link of its
 //!   own, `NAME.tty`: its frames are console lines toward the device (raw
 //!   framing: each read) and each answer's framed bytes toward the client.
+//! - BLE GATT ([`super::smp_ble`]): writes reassembled, answers notified;
+//!   a reset drops the links and the advertisement until the device is up.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, watch};
 
+use super::smp_ble::{BleArrival, SmpBle, SmpBleSide};
 use super::smp_core::{SmpEvent, SmpServer, SmpServerConfig};
 use super::smp_serial::{SerialArrival, SerialFraming, SerialLink, SerialLinkConfig};
 use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
@@ -37,6 +40,7 @@ pub const BOOT_BANNER: &str = "*** Booting Zephyr OS build v4.4.0 ***\r\n";
 pub struct SmpEndpoints {
     pub udp: Option<SocketAddr>,
     pub tty: Option<SmpTty>,
+    pub ble: Option<SmpBle>,
     /// The UDP link's fault randomness (the scenario seed).
     pub seed: u64,
     /// How many frames the UDP link keeps for capture (`None`: all; a
@@ -60,6 +64,7 @@ pub struct SmpHandle {
     tty_link: Option<Arc<Mutex<LinkEngine>>>,
     epoch: Instant,
     tty: Option<PathBuf>,
+    ble: Option<String>,
     events: broadcast::Sender<SmpEvent>,
     stop: watch::Sender<bool>,
     reboot: tokio::sync::mpsc::UnboundedSender<()>,
@@ -80,6 +85,11 @@ impl SmpHandle {
     /// The path a serial client opens, if a PTY is served.
     pub fn tty_path(&self) -> Option<&Path> {
         self.tty.as_deref()
+    }
+
+    /// The BLE address centrals connect to, if served on BLE.
+    pub fn ble_address(&self) -> Option<&str> {
+        self.ble.as_deref()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<SmpEvent> {
@@ -134,9 +144,9 @@ impl Drop for SmpHandle {
     }
 }
 
-/// The serial port, as the core sees it; each UDP sender is a peer of its own
-/// from [`FIRST_UDP_PEER`] on, so an answer that waits for the flash still
-/// finds its address.
+/// The serial port, as the core sees it; each UDP sender and each BLE
+/// central is a peer of its own from [`FIRST_UDP_PEER`] on, so an answer
+/// that waits for the flash still finds its way.
 const TTY_PEER: Peer = Peer(1);
 const FIRST_UDP_PEER: u64 = 2;
 /// Datagrams up to this size are read whole whatever the net buffer, so the
@@ -150,8 +160,8 @@ const UDP_PEERS_KEPT: usize = 4096;
 
 /// Opens every endpoint and serves `config` there until shut down.
 pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<SmpHandle, String> {
-    if endpoints.udp.is_none() && endpoints.tty.is_none() {
-        return Err("an SMP server needs at least one endpoint (UDP or a PTY)".into());
+    if endpoints.udp.is_none() && endpoints.tty.is_none() && endpoints.ble.is_none() {
+        return Err("an SMP server needs at least one endpoint (UDP, a PTY or BLE)".into());
     }
     let netbuf = usize::from(config.buf_size);
     let core = SmpServer::new(config)?;
@@ -176,6 +186,14 @@ pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<S
         None => None,
     };
     let tty_path = tty.as_ref().map(|t| t.pty.path().to_path_buf());
+    let (ble, ble_events) = match endpoints.ble {
+        Some(b) => {
+            let (side, events) = SmpBleSide::open(b, netbuf).await?;
+            (Some(side), Some(events))
+        }
+        None => (None, None),
+    };
+    let ble_address = ble.as_ref().map(|b| b.address().to_string());
     let (events, _) = broadcast::channel(EVENTS_QUEUED);
     let (stop, stop_rx) = watch::channel(false);
     let (reboot, reboot_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -190,14 +208,15 @@ pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<S
         in_flight: Vec::new(),
         udp_peers: Default::default(),
         udp_addrs: Default::default(),
-        next_udp_peer: FIRST_UDP_PEER,
+        next_peer: FIRST_UDP_PEER,
         netbuf,
         tty,
+        ble,
         events: events.clone(),
         dropped: LogEvery::new(REFUSAL_LOG_PERIOD),
     };
-    let task = tokio::spawn(host.run(stop_rx, reboot_rx));
-    Ok(SmpHandle { udp: udp_addr, udp_link, tty_link, epoch, tty: tty_path, events, stop, reboot, task: Some(task) })
+    let task = tokio::spawn(host.run(stop_rx, reboot_rx, ble_events));
+    Ok(SmpHandle { udp: udp_addr, udp_link, tty_link, epoch, tty: tty_path, ble: ble_address, events, stop, reboot, task: Some(task) })
 }
 
 struct Tty {
@@ -237,11 +256,12 @@ struct Host {
     in_flight: Vec<InFlight>,
     udp_peers: std::collections::HashMap<SocketAddr, Peer>,
     udp_addrs: std::collections::HashMap<Peer, SocketAddr>,
-    /// The next UDP peer id: never reused, so an answer still in work for a
-    /// forgotten sender cannot reach a new one.
-    next_udp_peer: u64,
+    /// The next UDP or BLE peer id: never reused, so an answer still in
+    /// work for a forgotten sender cannot reach a new one.
+    next_peer: u64,
     netbuf: usize,
     tty: Option<Tty>,
+    ble: Option<SmpBleSide>,
     events: broadcast::Sender<SmpEvent>,
     dropped: LogEvery,
 }
@@ -253,10 +273,16 @@ enum Wake {
     Reboot,
     Datagram(std::io::Result<(usize, SocketAddr)>),
     Serial(std::io::Result<usize>),
+    Gatt(Option<crate::transport::gatt::GattEvent>),
 }
 
 impl Host {
-    async fn run(mut self, mut stop: watch::Receiver<bool>, mut reboot: tokio::sync::mpsc::UnboundedReceiver<()>) {
+    async fn run(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        mut reboot: tokio::sync::mpsc::UnboundedReceiver<()>,
+        mut gatt: Option<tokio::sync::mpsc::UnboundedReceiver<crate::transport::gatt::GattEvent>>,
+    ) {
         // Room for one byte past the net buffer (and for the 1472-byte
         // datagrams clients send whatever the buffer), so an oversized one is
         // seen and dropped; a thousand servers in one process stay small.
@@ -270,6 +296,7 @@ impl Host {
                 _ = async { tokio::time::sleep_until(wake.expect("guarded")).await }, if wake.is_some() => Wake::Timer,
                 r = async { self.udp.as_ref().expect("guarded").recv_from(&mut dgram).await }, if self.udp.is_some() => Wake::Datagram(r),
                 r = async { self.tty.as_ref().expect("guarded").pty.read(&mut serial).await }, if self.tty.is_some() => Wake::Serial(r),
+                e = async { gatt.as_mut().expect("guarded").recv().await }, if gatt.is_some() => Wake::Gatt(e),
             };
             let now = self.epoch.elapsed();
             match woke {
@@ -292,9 +319,18 @@ impl Host {
                     self.serial_in(&bytes, now).await
                 }
                 Wake::Serial(Err(e)) => {
-                    tracing::warn!("smp serial: the PTY failed ({e}); serving UDP only");
+                    tracing::warn!("smp serial: the PTY failed ({e}); serving the other transports");
                     self.tty = None;
-                    if self.udp.is_none() {
+                    if self.udp.is_none() && self.ble.is_none() {
+                        return;
+                    }
+                }
+                Wake::Gatt(Some(ev)) => self.gatt_event(ev, now).await,
+                Wake::Gatt(None) => {
+                    tracing::warn!("smp ble: the GATT service went; serving the other transports");
+                    gatt = None;
+                    self.ble = None;
+                    if self.udp.is_none() && self.tty.is_none() {
                         return;
                     }
                 }
@@ -410,11 +446,33 @@ impl Host {
             self.udp_peers.clear();
             self.udp_addrs.clear();
         }
-        let peer = Peer(self.next_udp_peer);
-        self.next_udp_peer += 1;
+        let peer = self.new_peer();
         self.udp_peers.insert(addr, peer);
         self.udp_addrs.insert(peer, addr);
         peer
+    }
+
+    fn new_peer(&mut self) -> Peer {
+        let peer = Peer(self.next_peer);
+        self.next_peer += 1;
+        peer
+    }
+
+    /// A central's write: a whole request goes to the core.
+    async fn gatt_event(&mut self, ev: crate::transport::gatt::GattEvent, now: Duration) {
+        let Some(mut ble) = self.ble.take() else { return };
+        let arrival = ble.on_event(ev, || self.new_peer());
+        self.ble = Some(ble);
+        match arrival {
+            BleArrival::Message(peer, m) => self.feed(Input::Bytes { from: peer, bytes: &m }, now).await,
+            BleArrival::Dropped(reason) => {
+                if let Some(more) = self.dropped.check(Instant::now()) {
+                    tracing::warn!("smp {reason} ({more} more since the last line)");
+                }
+                let _ = self.events.send(SmpEvent::Silent { reason });
+            }
+            BleArrival::Nothing => {}
+        }
     }
 
     async fn feed(&mut self, input: Input<'_>, now: Duration) {
@@ -427,12 +485,18 @@ impl Host {
                         Box::pin(self.through_link(Direction::Response, &wire, Via::Tty, now)).await;
                     }
                 }
+                Output::Send { to, bytes } if self.ble.as_ref().is_some_and(|b| b.serves(to)) => {
+                    if let Some(b) = &self.ble {
+                        b.send(to, &bytes);
+                    }
+                }
                 Output::Send { to, bytes } => {
                     if let Some(addr) = self.udp_addrs.get(&to).copied() {
                         Box::pin(self.through_link(Direction::Response, &bytes, Via::Udp(addr), now)).await;
                     }
                 }
                 Output::Event(e) => {
+                    self.ble_follows(&e).await;
                     if let Some(t) = &mut self.tty {
                         match e {
                             SmpEvent::Rebooted { .. } => {
@@ -447,6 +511,23 @@ impl Host {
                 }
                 Output::Close(_) => {}
             }
+        }
+    }
+
+    /// BLE follows the device's power: a reset drops the links and the
+    /// advertisement, which comes back once the device is up.
+    async fn ble_follows(&mut self, e: &SmpEvent) {
+        let Some(b) = &mut self.ble else { return };
+        let r = match e {
+            SmpEvent::Rebooted { .. } => {
+                b.reset();
+                Ok(())
+            }
+            SmpEvent::Up => b.advertise(true).await,
+            _ => Ok(()),
+        };
+        if let Err(err) = r {
+            tracing::warn!("smp ble: {err}");
         }
     }
 

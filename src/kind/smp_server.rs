@@ -2,9 +2,10 @@
 //! Statistics, Settings, File system, Shell and Enumeration groups; two
 //! image slots that test, swap, confirm and revert; a filesystem, settings
 //! and shell commands a scenario can give it) over UDP and a serial port on
-//! a PTY, one device behind both. Its UDP address is
-//! `{{smp.NAME}}`, its serial port `{{smp.NAME.tty}}`. `hilbench sim
-//! smp-server` serves one from the command line.
+//! a PTY and BLE GATT on the virtual air, one device behind all. Its UDP
+//! address is `{{smp.NAME}}`, its serial port `{{smp.NAME.tty}}`, its BLE
+//! address `{{ble.NAME}}`. `hilbench sim smp-server` serves one from the
+//! command line.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,7 +16,9 @@ use clap::Args;
 use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
+use super::ble::{self, AirLink};
 use super::{at_key, decode_keys, Declared, Kind, Names, Role, Running, StartContext};
+use crate::device::smp_ble::SmpBle;
 use crate::device::smp_core::{FlashTiming, SmpEvent, SmpProfile, SmpServerConfig, FS_MOUNT};
 use crate::device::smp_host::{self, SmpEndpoints, SmpHandle, SmpTty};
 use crate::device::smp_serial::{SerialFraming, SerialLinkConfig};
@@ -27,12 +30,15 @@ use crate::scenario::spec::Dur;
 
 pub struct SmpServerKind;
 
-static STEPS: &[super::StepDoc] = &[super::StepDoc {
-    name: "reboot",
-    target: "device",
-    about: "an smp-server resets by itself now (a watchdog, a brown-out): no answer, MCUboot runs its swap, it is back after boot_time",
-    keys: "device",
-}];
+static STEPS: &[super::StepDoc] = &[
+    super::StepDoc {
+        name: "reboot",
+        target: "device",
+        about: "an smp-server resets by itself now (a watchdog, a brown-out): no answer, MCUboot runs its swap, it is back after boot_time",
+        keys: "device",
+    },
+    ble::BLE_STEP,
+];
 
 /// Its scenario keys.
 #[derive(Debug, Clone, Deserialize)]
@@ -47,6 +53,18 @@ pub struct SmpServerKeys {
     /// symlink to make.
     #[serde(default)]
     pub tty: Option<PathBuf>,
+    /// Serve SMP over BLE GATT on the virtual air too (link `NAME.ble`).
+    #[serde(default)]
+    pub ble: bool,
+    /// BLE: advertised LocalName (default "Zephyr", as smp_svr).
+    #[serde(default)]
+    pub local_name: Option<String>,
+    /// BLE: the ATT MTU centrals get (23..=517; default 23).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// BLE: the RSSI centrals hear it at, in dBm.
+    #[serde(default)]
+    pub rssi: Option<i16>,
     #[serde(flatten)]
     pub serial: SerialKeys,
     #[serde(flatten)]
@@ -333,7 +351,7 @@ fn sim(a: SmpServerSimArgs) -> Result<(), String> {
             (udp, _) => udp,
         };
         let tty = a.tty.as_deref().map(|p| a.serial.tty(tty_link(p)));
-        let server = smp_host::serve(config, SmpEndpoints { udp, tty, seed: 0, frame_limit: Some(SIM_FRAMES_KEPT) }).await?;
+        let server = smp_host::serve(config, SmpEndpoints { udp, tty, ble: None, seed: 0, frame_limit: Some(SIM_FRAMES_KEPT) }).await?;
         let mut events = server.subscribe();
         let signal = crate::cli::sim::wait_for_signal();
         println!("{}", serde_json::json!({ "ready": true, "kind": "smp-server", "endpoints": endpoints_json(&server) }));
@@ -392,6 +410,15 @@ impl Kind for SmpServerKind {
 }
 
 impl SmpServerKeys {
+    /// UDP is served when asked for, or when no other transport is.
+    fn serves_udp(&self) -> bool {
+        self.udp.is_some() || (self.tty.is_none() && !self.ble)
+    }
+
+    fn ble_link(&self) -> String {
+        format!("{}.ble", self.name)
+    }
+
     fn serial_keys_given(&self) -> bool {
         let k = &self.serial;
         k.baud.is_some() || k.framing.is_some() || k.line_buffers.is_some() || k.line_work.is_some() || k.flow_control || k.no_banner
@@ -454,6 +481,10 @@ impl Declared for SmpServerKeys {
         if self.serial.baud.is_some_and(|b| b < 300) {
             return Err(at_key("baud", "baud must be at least 300"));
         }
+        if !self.ble && (self.local_name.is_some() || self.mtu.is_some() || self.rssi.is_some()) {
+            return Err(at_key("ble", "BLE keys (local_name, mtu, rssi) need `ble: true`"));
+        }
+        ble::check_link_settings(self.mtu, self.rssi)?;
         if self.tty.is_none() && self.serial_keys_given() {
             return Err(at_key("tty", "serial keys (baud, framing, line_buffers, line_work, flow_control, no_banner) need `tty`"));
         }
@@ -478,44 +509,78 @@ impl Declared for SmpServerKeys {
     fn check_step(&self, step: &str, body: &yaml_serde::Value, _names: &Names<'_>) -> Result<(), Problem> {
         match step {
             "reboot" => super::step_body::<RebootStep>(body).map(|_| ()),
+            "ble" if self.ble => ble::check_step(body),
+            "ble" => Err(Problem::here(format!("`{}` is not on BLE: give it `ble: true`", self.name))),
             _ => Err(Problem::here(format!("an smp-server takes no `{step}` step"))),
         }
     }
+    fn on_air(&self) -> bool {
+        self.ble
+    }
     /// Its UDP datagrams, both ways, are the link `NAME`; its serial line
-    /// (console lines toward it, each answer's framed bytes back) `NAME.tty`.
+    /// (console lines toward it, each answer's framed bytes back) `NAME.tty`;
+    /// its BLE link (ATT writes and notifications) `NAME.ble`.
     fn links(&self) -> Vec<super::LinkDecl> {
         let mut links = Vec::new();
-        if self.udp.is_some() || self.tty.is_none() {
+        if self.serves_udp() {
             links.push(super::LinkDecl { name: self.name.clone(), home: super::LinkHomeDecl::Own, capture: None, checksum: None, carries: "SMP over UDP", medium: LinkMedium::Datagram });
         }
         if self.tty.is_some() {
             let carries = if self.serial.framing == Some(SerialFraming::Raw) { "raw SMP on a serial line" } else { "SMP console lines on a serial line" };
             links.push(super::LinkDecl { name: format!("{}.tty", self.name), home: super::LinkHomeDecl::Own, capture: None, checksum: None, carries, medium: LinkMedium::Serial });
         }
+        if self.ble {
+            links.push(super::LinkDecl {
+                name: self.ble_link(),
+                home: super::LinkHomeDecl::Own,
+                capture: Some(crate::link::capture::CaptureFormat::BleAtt),
+                checksum: None,
+                carries: "SMP in BLE writes and notifications",
+                medium: LinkMedium::Gatt,
+            });
+        }
         links
     }
     fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
         Box::pin(async move {
             let config = self.config().map_err(|e| format!("`{}`: {e}", self.name))?;
-            let udp = match (self.udp, &self.tty) {
-                (None, None) => Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-                (udp, _) => udp,
-            };
+            let udp = self.udp.or_else(|| self.serves_udp().then(|| SocketAddr::from(([127, 0, 0, 1], 0))));
             let tty = self.tty.as_deref().map(|p| self.serial.tty(tty_link(p)));
-            let handle = smp_host::serve(config, SmpEndpoints { udp, tty, seed: cx.seed, frame_limit: None }).await.map_err(|e| format!("`{}`: {e}", self.name))?;
-            let events = forward_events(&handle, cx.log.clone(), self.name.clone());
-            Ok(Box::new(RunningSmp { name: self.name.clone(), handle: Some(handle), events: Some(events) }) as Box<dyn Running>)
+            let air = match self.ble {
+                true => Some(AirLink::lend(self.mtu, self.rssi).await?),
+                false => None,
+            };
+            let ble = air.as_ref().map(|a| SmpBle { adapter: a.adapter().to_string(), local_name: self.local_name.clone().unwrap_or_else(|| "Zephyr".into()) });
+            let handle = match smp_host::serve(config, SmpEndpoints { udp, tty, ble, seed: cx.seed, frame_limit: None }).await {
+                Ok(h) => h,
+                Err(e) => {
+                    if let Some(a) = air {
+                        a.give_back().await;
+                    }
+                    return Err(format!("`{}`: {e}", self.name));
+                }
+            };
+            let events = forward_events(&handle, cx.log.clone(), self.name.clone(), air.as_ref().map(|a| a.adapter().to_string()));
+            Ok(Box::new(RunningSmp { name: self.name.clone(), handle: Some(handle), events: Some(events), air }) as Box<dyn Running>)
         })
     }
 }
 
-fn forward_events(handle: &SmpHandle, log: ObservationLog, source: String) -> tokio::task::JoinHandle<()> {
+/// Its events as observations; on the air, a reset also drops the central's link.
+fn forward_events(handle: &SmpHandle, log: ObservationLog, source: String, air_adapter: Option<String>) -> tokio::task::JoinHandle<()> {
     let mut rx = handle.subscribe();
     actix::spawn(async move {
         use tokio::sync::broadcast::error::RecvError;
         loop {
             match rx.recv().await {
-                Ok(ev) => log.push(&source, smp_observation(&ev)),
+                Ok(ev) => {
+                    if let (SmpEvent::Rebooted { .. }, Some(a)) = (&ev, &air_adapter) {
+                        if let Err(e) = ble::drop_link(a).await {
+                            tracing::warn!(device = %source, "dropping the BLE link at the reset: {e}");
+                        }
+                    }
+                    log.push(&source, smp_observation(&ev))
+                }
                 Err(RecvError::Lagged(n)) => log.push(&source, ObservationKind::Smp { event: "events_lost".into(), detail: format!("{n} events not observed") }),
                 Err(RecvError::Closed) => break,
             }
@@ -539,11 +604,18 @@ struct RunningSmp {
     name: String,
     handle: Option<SmpHandle>,
     events: Option<tokio::task::JoinHandle<()>>,
+    /// Its place on the virtual air, when served on BLE.
+    air: Option<AirLink>,
 }
 
 impl RunningSmp {
     fn handle(&self) -> Result<&SmpHandle, String> {
         self.handle.as_ref().ok_or_else(|| format!("`{}` has stopped", self.name))
+    }
+
+    /// The air link when `link` names it (`NAME.ble`).
+    fn air_link(&self, link: &str) -> Option<&AirLink> {
+        self.air.as_ref().filter(|_| link == format!("{}.ble", self.name))
     }
 }
 
@@ -556,22 +628,34 @@ struct RebootStep {
 }
 
 impl Running for RunningSmp {
-    fn step<'a>(&'a mut self, step: &'a str, _body: &'a yaml_serde::Value, _cx: super::StepContext<'a>) -> LocalBoxFuture<'a, Result<String, String>> {
+    fn step<'a>(&'a mut self, step: &'a str, body: &'a yaml_serde::Value, _cx: super::StepContext<'a>) -> LocalBoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
             match step {
                 "reboot" => {
                     self.handle()?.reboot()?;
                     Ok(format!("`{}` resets by itself", self.name))
                 }
+                "ble" => match &self.air {
+                    Some(air) => air.apply(body).await,
+                    None => Err(format!("`{}` is not on BLE", self.name)),
+                },
                 _ => Err(format!("no `{step}` step here")),
             }
         })
     }
     fn add_fault<'a>(&'a self, link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
-        Box::pin(async move { self.handle()?.add_fault(link, rule).map_err(|e| format!("`{}`: {e}", self.name)) })
+        Box::pin(async move {
+            if let Some(air) = self.air_link(link) {
+                return air.add_fault(rule).await;
+            }
+            self.handle()?.add_fault(link, rule).map_err(|e| format!("`{}`: {e}", self.name))
+        })
     }
     fn clear_faults<'a>(&'a self, link: &'a str, name: Option<&'a str>) -> LocalBoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
+            if let Some(air) = self.air_link(link) {
+                return air.clear_faults(link, name).await;
+            }
             match self.handle()?.clear_faults(link, name)? {
                 true => Ok(()),
                 false => Err(format!("no fault named `{}` on `{link}`", name.unwrap_or_default())),
@@ -579,7 +663,21 @@ impl Running for RunningSmp {
         })
     }
     fn frames(&self) -> LocalBoxFuture<'_, Vec<FrameRecord>> {
-        Box::pin(async move { self.handle.as_ref().map(SmpHandle::frames).unwrap_or_default() })
+        Box::pin(async move {
+            let mut frames = self.handle.as_ref().map(SmpHandle::frames).unwrap_or_default();
+            if let Some(air) = &self.air {
+                frames.extend(air.frames(&format!("{}.ble", self.name)).await);
+            }
+            frames
+        })
+    }
+    fn capture<'a>(&'a self, link: &'a str) -> LocalBoxFuture<'a, Vec<FrameRecord>> {
+        Box::pin(async move {
+            match self.air_link(link) {
+                Some(air) => air.att_frames(link).await,
+                None => self.frames().await.into_iter().filter(|f| f.link == link).collect(),
+            }
+        })
     }
     fn vars(&self) -> Vec<(String, String)> {
         let Some(h) = &self.handle else { return Vec::new() };
@@ -590,6 +688,10 @@ impl Running for RunningSmp {
         if let Some(p) = h.tty_path() {
             vars.push((format!("smp.{}.tty", self.name), p.display().to_string()));
         }
+        if let (Some(a), Some(air)) = (h.ble_address(), &self.air) {
+            vars.push((format!("ble.{}", self.name), a.to_string()));
+            vars.extend(air.vars());
+        }
         vars
     }
     fn stop(mut self: Box<Self>) -> LocalBoxFuture<'static, ()> {
@@ -599,6 +701,10 @@ impl Running for RunningSmp {
             }
             if let Some(t) = self.events.take() {
                 let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+            }
+            if let Some(air) = self.air.take() {
+                // Given back, so the next scenario's scans never see it.
+                air.give_back().await;
             }
         })
     }

@@ -614,6 +614,93 @@ pub mod serial {
     }
 }
 
+/// The BLE transport's request reassembly, as Zephyr's `smp_reassembly`
+/// does it (CONFIG_MCUMGR_TRANSPORT_BT_REASSEMBLY): a central writes a
+/// request in pieces of at most MTU − 3 bytes; the first piece's header
+/// says how many bytes the whole takes. One reassembly per transport, as
+/// in Zephyr: a piece that cannot belong drops what was collected.
+pub mod ble {
+    use super::HEADER_LEN;
+
+    /// Why a write was refused (Zephyr answers ATT "Value Not Allowed";
+    /// the partial request is gone).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ReassemblyError {
+        /// A first piece shorter than the header (-ENODATA).
+        NoHeader { len: usize },
+        /// The message (or the piece) is larger than the net buffer (-ENOSR).
+        TooLarge { expected: usize, net_buf: usize },
+        /// The piece runs past the message's stated length (-EOVERFLOW).
+        Overflow { len: usize, remaining: usize },
+    }
+
+    impl std::fmt::Display for ReassemblyError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Self::NoHeader { len } => write!(f, "a {len}-byte first write, shorter than the 8-byte header"),
+                Self::TooLarge { expected, net_buf } => write!(f, "a {expected}-byte request, larger than the {net_buf}-byte net buffer"),
+                Self::Overflow { len, remaining } => write!(f, "a {len}-byte write where {remaining} bytes were left of the request"),
+            }
+        }
+    }
+
+    /// Collects one request at a time; never holds more than the net buffer.
+    #[derive(Debug, Clone)]
+    pub struct Reassembly {
+        net_buf: usize,
+        buf: Vec<u8>,
+        /// Bytes still to come; `None` between requests.
+        remaining: Option<usize>,
+    }
+
+    impl Reassembly {
+        pub fn new(net_buf: usize) -> Self {
+            Reassembly { net_buf, buf: Vec::new(), remaining: None }
+        }
+
+        /// A request is partly collected.
+        pub fn in_progress(&self) -> bool {
+            self.remaining.is_some()
+        }
+
+        /// Drops a partial request (its central went).
+        pub fn drop_partial(&mut self) {
+            self.buf.clear();
+            self.remaining = None;
+        }
+
+        /// One written value: `Ok(Some(message))` when it completes a
+        /// request, `Ok(None)` while more is expected.
+        pub fn push(&mut self, piece: &[u8]) -> Result<Option<Vec<u8>>, ReassemblyError> {
+            let remaining = match self.remaining {
+                Some(r) => r,
+                None => {
+                    if piece.len() < HEADER_LEN {
+                        return Err(ReassemblyError::NoHeader { len: piece.len() });
+                    }
+                    let expected = HEADER_LEN + usize::from(u16::from_be_bytes([piece[2], piece[3]]));
+                    if piece.len() > self.net_buf || expected > self.net_buf {
+                        return Err(ReassemblyError::TooLarge { expected: expected.max(piece.len()), net_buf: self.net_buf });
+                    }
+                    expected
+                }
+            };
+            if piece.len() > remaining {
+                self.drop_partial();
+                return Err(ReassemblyError::Overflow { len: piece.len(), remaining });
+            }
+            self.buf.extend_from_slice(piece);
+            let left = remaining - piece.len();
+            if left > 0 {
+                self.remaining = Some(left);
+                return Ok(None);
+            }
+            self.remaining = None;
+            Ok(Some(std::mem::take(&mut self.buf)))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -801,5 +888,35 @@ mod tests {
             reached += usize::from(crate::fuzzing::smp_frames_round_trip(&data));
         }
         assert!(reached > 300, "only {reached} inputs got past decoding");
+    }
+
+    #[test]
+    fn ble_writes_reassemble_by_the_header_length() {
+        use ble::{Reassembly, ReassemblyError};
+        let body = encode_map(vec![("d", Value::Text("x".repeat(40)))]);
+        let mut msg = SmpHeader::new(SmpVersion::V2, SmpOp::Write, group::OS, 0, 1, body.len() as u16).encode().to_vec();
+        msg.extend(&body);
+        let mut r = Reassembly::new(384);
+        // MTU 23: 20-byte writes.
+        let mut got = None;
+        for piece in msg.chunks(20) {
+            assert!(got.is_none(), "complete before the last piece");
+            got = r.push(piece).unwrap();
+        }
+        assert_eq!(got.as_deref(), Some(&msg[..]));
+        assert!(!r.in_progress());
+        // A piece past the stated length drops what was collected.
+        assert_eq!(r.push(&msg[..20]), Ok(None));
+        let mut long = msg[20..].to_vec();
+        long.push(0);
+        assert_eq!(r.push(&long), Err(ReassemblyError::Overflow { len: long.len(), remaining: msg.len() - 20 }));
+        assert!(!r.in_progress());
+        assert_eq!(r.push(&msg[..5]), Err(ReassemblyError::NoHeader { len: 5 }));
+        // Larger than the net buffer: refused at its first piece.
+        let mut small = Reassembly::new(40);
+        assert_eq!(small.push(&msg[..20]), Err(ReassemblyError::TooLarge { expected: msg.len(), net_buf: 40 }));
+        // A header alone with length 0 is a whole message.
+        let empty = SmpHeader::new(SmpVersion::V2, SmpOp::Read, group::OS, 6, 2, 0).encode();
+        assert_eq!(r.push(&empty), Ok(Some(empty.to_vec())));
     }
 }

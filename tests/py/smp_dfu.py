@@ -4,7 +4,8 @@ then a second update that is tested and not confirmed, so the next reset reverts
 Prints one JSON line per step ({"step": ..., ...}) and exits 1 on the first failure.
 
 usage: smp_dfu.py TARGET [IMAGE1 IMAGE2]
-TARGET: HOST:PORT (UDP), serial:PATH (console framing) or raw:PATH (raw serial, 384-byte MTU).
+TARGET: HOST:PORT (UDP), serial:PATH (console framing), raw:PATH (raw serial, 384-byte MTU)
+or ble:ADDRESS (BLE through bleak, on the BlueZ of DBUS_SYSTEM_BUS_ADDRESS).
 Without images it builds two unsigned MCUboot images (2.0.0 and 3.0.0) itself.
 """
 
@@ -18,6 +19,7 @@ from smpclient import SMPClient
 from smpclient.generics import error, success
 from smpclient.requests.image_management import ImageStatesRead, ImageStatesWrite
 from smpclient.requests.os_management import EchoWrite, MCUMgrParametersRead, ResetWrite
+from smpclient.transport.ble import SMPBLETransport
 from smpclient.transport.serial import SMPSerialRawTransport, SMPSerialTransport
 from smpclient.transport.udp import SMPUDPTransport
 
@@ -60,6 +62,10 @@ async def connect(target):
         client = SMPClient(SMPSerialTransport(), where, timeout_s=1.0)
     elif kind == "raw":
         client = SMPClient(SMPSerialRawTransport(mtu=384), where, timeout_s=1.0)
+    elif kind == "ble":
+        client = SMPClient(SMPBLETransport(), where, timeout_s=10.0)
+        await client.connect(10.0)
+        return client
     else:
         host, port = target.rsplit(":", 1)
         transport = SMPUDPTransport()
@@ -82,7 +88,10 @@ async def reset_and_wait(client, target):
             break
     else:
         fail("reset", "the device kept answering for 10 s after the reset")
-    await client.disconnect()
+    try:
+        await client.disconnect()
+    except Exception:
+        pass  # a BLE device that reset has dropped the link already
     for _ in range(50):
         try:
             return await connect(target)
