@@ -151,6 +151,10 @@ fn bad_input_gets_clear_errors_and_leaves_nothing_behind() {
     assert!(out.is_empty(), "no ready line on error: {out}");
     assert!(err.contains("/nonexistent-dir") && err.contains("does not exist"), "{err}");
 
+    let (code, out, err) = sim_error(&["smp-server", "--mtu", "100"]);
+    assert_ne!(code, 0);
+    assert!(out.is_empty() && err.contains("give --ble too"), "{out}{err}");
+
     let file = dir.path().join("taken");
     std::fs::write(&file, b"mine").unwrap();
     let (code, _, err) = sim_error(&["eg4-lp4", "--tty", file.to_str().unwrap()]);

@@ -211,6 +211,18 @@ fn smpmgr_upgrades_tests_and_confirms_over_serial_lines() {
     smpmgr_session(&["--tty", "auto", "--buf-size", "384"], |e| vec!["--port".into(), e["tty"].as_str().expect("endpoints.tty").into()]);
 }
 
+/// Over BLE on the simulator's own virtual air: smpmgr (bleak under smpclient) on the air's
+/// BlueZ, found by address, 20-byte writes at MTU 23; each reset drops the link and smpmgr
+/// connects anew for its next command once the device advertises again.
+#[test]
+fn smpmgr_upgrades_tests_and_confirms_over_ble() {
+    smpmgr_session(&["--ble", "--buf-size", "384"], |e| {
+        // Every smpmgr process joins the air as its system bus.
+        std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", e["dbus_system_bus_address"].as_str().expect("endpoints.dbus_system_bus_address"));
+        vec!["--ble".into(), e["ble"].as_str().expect("endpoints.ble").into()]
+    });
+}
+
 /// The file system, settings and shell groups with mcumgr-toolkit (tests/py/mcumgr_toolkit_groups.py):
 /// a 5000-byte file up and down in chunks, its status, crc32 and sha256; a stored setting read,
 /// written, saved and deleted; Zephyr's `kernel version` and a command of the device's own.

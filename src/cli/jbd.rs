@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use super::ble_place::{BlePlaceArgs, BlePlacement};
 use crate::client::jbd_client::JbdTarget;
 use crate::client::jbd_validate::{self, ValidateConfig};
 use crate::device::jbd::{JbdBmsDevice, JbdGattConfig};
@@ -59,18 +60,11 @@ pub struct JbdSimArgs {
     /// foreign_frames, truncated_cell_voltages, corrupted_data.
     #[arg(long = "quirk")]
     pub quirks: Vec<JbdQuirk>,
-    /// ATT MTU of the link on the virtual air (23..=517). Real BlueZ negotiates its own.
-    #[arg(long, default_value_t = 23)]
-    pub mtu: u16,
     /// Set a state key at start (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Join the virtual air on this D-Bus address instead of starting one.
-    #[arg(long, value_name = "ADDRESS")]
-    pub bus: Option<String>,
-    /// Register on this BlueZ adapter (real BlueZ: hci0; on an air: an adapter it already has).
-    #[arg(long, value_name = "hciN")]
-    pub adapter: Option<String>,
+    #[command(flatten)]
+    pub place: BlePlaceArgs,
     /// Seeds the PIN profile's random byte and the air's RSSI.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -119,13 +113,6 @@ fn parse_set(s: &str) -> Result<(String, f64), String> {
     Ok((k.trim().to_string(), v))
 }
 
-/// Where the BMS registers, and what to undo at the end.
-enum Placement {
-    OwnAir(crate::air::Air),
-    JoinedAir { bus: String, adapter_path: String },
-    BlueZ,
-}
-
 pub fn sim(a: JbdSimArgs) -> Result<(), String> {
     let sets: Vec<(String, f64)> = a.set.iter().map(|s| parse_set(s)).collect::<Result<_, _>>()?;
     let cfg = JbdConfig {
@@ -141,24 +128,18 @@ pub fn sim(a: JbdSimArgs) -> Result<(), String> {
     }
     let system = actix::System::new();
     system.block_on(async move {
-        let (placement, adapter) = place(&a).await?;
-        let bus = match &placement {
-            Placement::OwnAir(air) => air.address().to_string(),
-            Placement::JoinedAir { bus, .. } => bus.clone(),
-            Placement::BlueZ => std::env::var("DBUS_SYSTEM_BUS_ADDRESS").unwrap_or_else(|_| "unix:path=/run/dbus/system_bus_socket".into()),
-        };
-        // libdbus (under bluer) reads this once, at the first connection.
-        std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus);
+        let placement = BlePlacement::place(&a.place, a.seed).await?;
+        let (adapter, bus) = (placement.adapter().to_string(), placement.bus().to_string());
         let log = ObservationLog::bounded(Instant::now(), 10_000);
         let gatt = JbdGattConfig { adapter: adapter.clone(), local_name: a.name.clone(), ..JbdGattConfig::default() };
         let device = match JbdBmsDevice::start("jbd-bms", core, gatt, log).await {
             Ok(d) => d,
             Err(e) => {
-                unplace(placement).await;
+                placement.release().await;
                 return Err(format!("{e:#}"));
             }
         };
-        let on_air = !matches!(placement, Placement::BlueZ);
+        let on_air = placement.on_air();
         let ready = serde_json::json!({
             "ready": true,
             "kind": "jbd-bms",
@@ -167,7 +148,7 @@ pub fn sim(a: JbdSimArgs) -> Result<(), String> {
             "adapter": adapter,
             "dbus_system_bus_address": bus,
             "virtual_air": on_air,
-            "mtu": if on_air { Some(a.mtu) } else { None },
+            "mtu": if on_air { Some(a.place.mtu()) } else { None },
             "profile": a.profile,
             "endpoints": { "address": device.address, "dbus_system_bus_address": bus },
         });
@@ -178,63 +159,9 @@ pub fn sim(a: JbdSimArgs) -> Result<(), String> {
         signal.await;
         tracing::info!("shutting down");
         device.stop().await;
-        unplace(placement).await;
+        placement.release().await;
         Ok(())
     })
-}
-
-async fn place(a: &JbdSimArgs) -> Result<(Placement, String), String> {
-    match (&a.bus, &a.adapter) {
-        (None, Some(adapter)) => Ok((Placement::BlueZ, adapter.clone())),
-        (None, None) => {
-            let air = crate::air::Air::start(crate::air::AirConfig { seed: a.seed, ..Default::default() })
-                .await
-                .map_err(|e| format!("the virtual air did not start: {e:#}"))?;
-            let info = air.add_peripheral_adapter().await.map_err(|e| format!("{e:#}"))?;
-            if let Some(link) = air.link(&info.name) {
-                link.set_mtu(a.mtu).await;
-            }
-            Ok((Placement::OwnAir(air), info.name))
-        }
-        (Some(bus), Some(adapter)) => Ok((Placement::JoinedAir { bus: bus.clone(), adapter_path: String::new() }, adapter.clone())),
-        (Some(bus), None) => {
-            let conn = zbus::connection::Builder::address(bus.as_str())
-                .build()
-                .await
-                .map_err(|e| format!("--bus {bus}: cannot connect: {e}"))?;
-            let reply = conn
-                .call_method(Some(crate::air::BLUEZ), crate::air::CONTROL_PATH, Some("org.hilbench.Air1"), "AddPeripheralAdapter", &())
-                .await
-                .map_err(|e| format!("--bus {bus}: no hilbench air there to give an adapter (org.hilbench.Air1: {e}); pass --adapter"))?;
-            let (path, _address): (zbus::OwnedObjectPath, String) =
-                reply.body().deserialize().map_err(|e| format!("org.hilbench.Air1.AddPeripheralAdapter answered oddly: {e}"))?;
-            let name = path.as_str().rsplit('/').next().unwrap_or_default().to_string();
-            let mtu: Result<zbus::Message, _> = conn
-                .call_method(Some(crate::air::BLUEZ), crate::air::CONTROL_PATH, Some("org.hilbench.Air1"), "SetMtu", &(name.as_str(), a.mtu))
-                .await;
-            if let Err(e) = mtu {
-                tracing::warn!("setting the MTU on the air: {e}");
-            }
-            Ok((Placement::JoinedAir { bus: bus.clone(), adapter_path: path.to_string() }, name))
-        }
-    }
-}
-
-async fn unplace(p: Placement) {
-    match p {
-        Placement::OwnAir(air) => air.stop().await,
-        Placement::JoinedAir { bus, adapter_path } if !adapter_path.is_empty() => {
-            // Give the adapter back, so the air's view does not keep a dead device.
-            if let Ok(conn) = zbus::connection::Builder::address(bus.as_str()).build().await {
-                if let Ok(path) = zbus::ObjectPath::try_from(adapter_path.as_str()) {
-                    let _ = conn
-                        .call_method(Some(crate::air::BLUEZ), crate::air::CONTROL_PATH, Some("org.hilbench.Air1"), "RemovePeripheralAdapter", &(path,))
-                        .await;
-                }
-            }
-        }
-        _ => {}
-    }
 }
 
 pub fn validate(a: JbdValidateArgs) -> i32 {

@@ -1,6 +1,7 @@
 //! The command line: `run`, `sim`, `list`.
 
 pub mod air;
+pub mod ble_place;
 pub mod jbd;
 pub mod load;
 pub mod pki;

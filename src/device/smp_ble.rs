@@ -158,12 +158,10 @@ impl SmpBleSide {
         }
     }
 
-    /// The device resets: links drop (on real BlueZ; the air's links are the
-    /// air's to drop), the advertisement goes, partial requests are lost.
+    /// The device resets: links drop, the advertisement goes, partial
+    /// requests are lost.
     pub fn reset(&mut self) {
-        for central in self.centrals.keys() {
-            self.gatt.disconnect(central);
-        }
+        self.gatt.disconnect_all();
         self.forget_centrals();
         self.adv = None;
     }

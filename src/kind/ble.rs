@@ -156,11 +156,6 @@ impl AirLink {
         named(recs, link)
     }
 
-    /// Drops the central's link now, as a device that resets.
-    pub async fn disconnect(&self) -> Result<(), String> {
-        drop_link(&self.adapter).await
-    }
-
     /// Carries out a `ble` step (already checked by [`check_step`]).
     pub async fn apply(&self, body: &yaml_serde::Value) -> Result<String, String> {
         let b: BleStep = step_body(body).map_err(|p| p.message)?;
@@ -197,12 +192,6 @@ impl AirLink {
         .await?;
         Ok(format!("{device}: {}", done.join(", ")))
     }
-}
-
-/// Drops the link of the device on `adapter` now (its [`AirLink::adapter`]),
-/// from a task that does not hold the [`AirLink`].
-pub async fn drop_link(adapter: &str) -> Result<(), String> {
-    shared::with_link(adapter, |l| async move { l.disconnect_now().await }).await
 }
 
 fn named(mut recs: Vec<FrameRecord>, link: &str) -> Vec<FrameRecord> {

@@ -235,15 +235,19 @@ pub const SIM_HELP: &str = "Examples:
   hilbench sim smp-server --tty /tmp/smp --baud 115200 --buf-size 384
   # the same device over UDP and serial at once
   hilbench sim smp-server --udp 127.0.0.1:1337 --tty /tmp/smp
+  # over BLE on a virtual air of its own (centrals use the ready line's dbus_system_bus_address)
+  hilbench sim smp-server --ble --buf-size 384 --mtu 247
   # a file on its filesystem, a saved setting and a shell command of its own
   hilbench sim smp-server --file /lfs1/hosts=/etc/hosts --setting app/mode=eco --shell 'bms status=soc 80%'
 
 Then, e.g. with smpmgr from PyPI:  smpmgr --ip 127.0.0.1 image state-read
                               or:  smpmgr --port /tmp/smp image state-read
                               or:  smpmgr --ip 127.0.0.1 file download /lfs1/hosts hosts
+                              or:  DBUS_SYSTEM_BUS_ADDRESS=… smpmgr --ble C0:DE:00:00:00:01 image state-read
 
 Prints one JSON line when serving, with every endpoint it serves:
   {\"ready\":true,\"kind\":\"smp-server\",\"endpoints\":{\"udp\":\"127.0.0.1:1337\",\"tty\":\"/tmp/smp\"}}
+with --ble also \"ble\" (the address) and \"dbus_system_bus_address\" among the endpoints.
 then serves until SIGINT/SIGTERM, printing what the device does (uploads,
 test/confirm, resets and the swap MCUboot ran) as JSON lines on stdout.";
 
@@ -256,6 +260,14 @@ pub struct SmpServerSimArgs {
     /// Serve a serial port on a PTY: `auto` (see the ready line) or a symlink path to make.
     #[arg(long, value_name = "PATH")]
     pub tty: Option<PathBuf>,
+    /// Serve SMP over BLE GATT: on a virtual air of its own unless --bus or --adapter says where.
+    #[arg(long)]
+    pub ble: bool,
+    /// BLE: advertised LocalName.
+    #[arg(long, default_value = "Zephyr")]
+    pub local_name: String,
+    #[command(flatten)]
+    pub place: crate::cli::ble_place::BlePlaceArgs,
     #[command(flatten)]
     pub serial: SerialKeys,
     #[command(flatten)]
@@ -306,6 +318,9 @@ fn endpoints_json(h: &SmpHandle) -> serde_json::Value {
     if let Some(p) = h.tty_path() {
         m.insert("tty".into(), p.display().to_string().into());
     }
+    if let Some(a) = h.ble_address() {
+        m.insert("ble".into(), a.into());
+    }
     m.into()
 }
 
@@ -329,6 +344,9 @@ fn sim(a: SmpServerSimArgs) -> Result<(), String> {
     for (n, _) in &a.settings {
         check_setting_name(n).map_err(|e| format!("--setting: {e}"))?;
     }
+    if !a.ble && a.place.given() {
+        return Err("--mtu, --bus and --adapter place a BLE device: give --ble too".into());
+    }
     let config = SmpServerConfig {
         name: a.name,
         buf_size: a.buf_size,
@@ -346,15 +364,32 @@ fn sim(a: SmpServerSimArgs) -> Result<(), String> {
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
     rt.block_on(async move {
-        let udp = match (a.udp, &a.tty) {
-            (None, None) => Some(SocketAddr::from(([127, 0, 0, 1], 1337))),
-            (udp, _) => udp,
+        let udp = match (a.udp, &a.tty, a.ble) {
+            (None, None, false) => Some(SocketAddr::from(([127, 0, 0, 1], 1337))),
+            (udp, _, _) => udp,
         };
         let tty = a.tty.as_deref().map(|p| a.serial.tty(tty_link(p)));
-        let server = smp_host::serve(config, SmpEndpoints { udp, tty, ble: None, seed: 0, frame_limit: Some(SIM_FRAMES_KEPT) }).await?;
+        let placement = match a.ble {
+            true => Some(crate::cli::ble_place::BlePlacement::place(&a.place, 1).await?),
+            false => None,
+        };
+        let ble = placement.as_ref().map(|p| SmpBle { adapter: p.adapter().to_string(), local_name: a.local_name.clone() });
+        let server = match smp_host::serve(config, SmpEndpoints { udp, tty, ble, seed: 0, frame_limit: Some(SIM_FRAMES_KEPT) }).await {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(p) = placement {
+                    p.release().await;
+                }
+                return Err(e);
+            }
+        };
         let mut events = server.subscribe();
         let signal = crate::cli::sim::wait_for_signal();
-        println!("{}", serde_json::json!({ "ready": true, "kind": "smp-server", "endpoints": endpoints_json(&server) }));
+        let mut endpoints = endpoints_json(&server);
+        if let (Some(p), Some(m)) = (&placement, endpoints.as_object_mut()) {
+            m.insert("dbus_system_bus_address".into(), p.bus().into());
+        }
+        println!("{}", serde_json::json!({ "ready": true, "kind": "smp-server", "endpoints": endpoints }));
         use std::io::Write;
         let _ = std::io::stdout().flush();
         tokio::pin!(signal);
@@ -375,6 +410,9 @@ fn sim(a: SmpServerSimArgs) -> Result<(), String> {
             }
         }
         server.shutdown().await;
+        if let Some(p) = placement {
+            p.release().await;
+        }
         Ok(())
     })
 }
@@ -560,27 +598,19 @@ impl Declared for SmpServerKeys {
                     return Err(format!("`{}`: {e}", self.name));
                 }
             };
-            let events = forward_events(&handle, cx.log.clone(), self.name.clone(), air.as_ref().map(|a| a.adapter().to_string()));
+            let events = forward_events(&handle, cx.log.clone(), self.name.clone());
             Ok(Box::new(RunningSmp { name: self.name.clone(), handle: Some(handle), events: Some(events), air }) as Box<dyn Running>)
         })
     }
 }
 
-/// Its events as observations; on the air, a reset also drops the central's link.
-fn forward_events(handle: &SmpHandle, log: ObservationLog, source: String, air_adapter: Option<String>) -> tokio::task::JoinHandle<()> {
+fn forward_events(handle: &SmpHandle, log: ObservationLog, source: String) -> tokio::task::JoinHandle<()> {
     let mut rx = handle.subscribe();
     actix::spawn(async move {
         use tokio::sync::broadcast::error::RecvError;
         loop {
             match rx.recv().await {
-                Ok(ev) => {
-                    if let (SmpEvent::Rebooted { .. }, Some(a)) = (&ev, &air_adapter) {
-                        if let Err(e) = ble::drop_link(a).await {
-                            tracing::warn!(device = %source, "dropping the BLE link at the reset: {e}");
-                        }
-                    }
-                    log.push(&source, smp_observation(&ev))
-                }
+                Ok(ev) => log.push(&source, smp_observation(&ev)),
                 Err(RecvError::Lagged(n)) => log.push(&source, ObservationKind::Smp { event: "events_lost".into(), detail: format!("{n} events not observed") }),
                 Err(RecvError::Closed) => break,
             }

@@ -165,15 +165,54 @@ impl GattServer {
         }
     }
 
-    /// Drops a central's link (real BlueZ; on the air a central's link is the air's).
+    /// Drops a central's link: through BlueZ's Device1 on real BlueZ; the
+    /// virtual air has no device objects on a peripheral's adapter, and its
+    /// links are its own, so there the air is asked (org.hilbench.Air1).
     pub fn disconnect(&self, central: &str) {
-        let Ok(a) = central.parse::<bluer::Address>() else { return };
-        if let Ok(d) = self.adapter.device(a) {
-            tokio::spawn(async move {
-                let _ = d.disconnect().await;
-            });
-        }
+        let adapter = self.adapter.clone();
+        let device = central.parse::<bluer::Address>().ok().and_then(|a| adapter.device(a).ok());
+        tokio::spawn(async move {
+            if let Some(d) = device {
+                if d.disconnect().await.is_ok() {
+                    return;
+                }
+            }
+            if let Err(e) = ask_the_air_to_disconnect(adapter.name()).await {
+                tracing::debug!("dropping the link on {}: {e}", adapter.name());
+            }
+        });
     }
+}
+
+impl GattServer {
+    /// Drops every central's link, as a device that resets: each connected
+    /// device on real BlueZ; on the virtual air (no device objects on a
+    /// peripheral's adapter) the air's link.
+    pub fn disconnect_all(&self) {
+        let adapter = self.adapter.clone();
+        tokio::spawn(async move {
+            let mut dropped = false;
+            for a in adapter.device_addresses().await.unwrap_or_default() {
+                let Ok(d) = adapter.device(a) else { continue };
+                if d.is_connected().await.unwrap_or(false) {
+                    dropped |= d.disconnect().await.is_ok();
+                }
+            }
+            if !dropped {
+                if let Err(e) = ask_the_air_to_disconnect(adapter.name()).await {
+                    tracing::debug!("dropping the links on {}: {e}", adapter.name());
+                }
+            }
+        });
+    }
+}
+
+/// Drops the link of the peripheral on `adapter` through the virtual air's
+/// control interface on the system bus (fails on real BlueZ, which has none).
+async fn ask_the_air_to_disconnect(adapter: &str) -> zbus::Result<()> {
+    let conn = zbus::Connection::system().await?;
+    conn.call_method(Some(crate::air::BLUEZ), crate::air::CONTROL_PATH, Some("org.hilbench.Air1"), "Disconnect", &(adapter,)).await?;
+    Ok(())
 }
 
 /// Splits one value into notification payloads of at most `mtu − 3` bytes
