@@ -412,6 +412,6 @@ fn every_kind_command_has_help() {
             seen += 1;
         }
     }
-    // eg4-lp4, jbd-bms, bsc-hub and smp-server simulate; jbd-bms and bsc-hub validate.
-    assert_eq!(seen, 6);
+    // eg4-lp4, jbd-bms, bsc-hub and smp-server simulate; jbd-bms, bsc-hub and smp-server validate.
+    assert_eq!(seen, 7);
 }

@@ -307,3 +307,37 @@ fn hilbench_answers_as_zephyrs_own_smp_server_does() {
     assert_eq!(sim.stop(), 0);
 }
 
+
+/// `hilbench validate smp-server --read-only` against Zephyr's own server: its OS group and
+/// every answer's header and payload pass; it has no bootloader info (a warning) and no
+/// image group (state read fails with rc 8, so the run fails).
+#[test]
+fn validate_reads_zephyrs_own_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let zephyr = start_zephyr(dir.path());
+    Client::open(&zephyr.tty).wait_ready();
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_hilbench"))
+        .args(["validate", "smp-server", "--read-only", "--json", "--tty"])
+        .arg(&zephyr.tty)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let verdicts: Vec<(String, String)> =
+        report["checks"].as_array().unwrap().iter().map(|c| (c["name"].as_str().unwrap().to_string(), c["verdict"].as_str().unwrap().to_string())).collect();
+    let want = [
+        ("params", "pass"),
+        ("echo", "pass"),
+        ("echo_v1", "pass"),
+        ("unknown_group", "pass"),
+        ("bootloader_info", "warn"),
+        ("state_read", "fail"),
+        ("headers", "pass"),
+        ("payloads", "pass"),
+    ];
+    assert_eq!(verdicts, want.map(|(n, v)| (n.to_string(), v.to_string())), "{report:#}");
+    assert!(report["checks"][5]["detail"].as_str().unwrap().contains("rc 8"), "{report:#}");
+    assert_eq!(out.status.code(), Some(1));
+    drop(zephyr);
+}

@@ -10,20 +10,8 @@ use serde::Serialize;
 use super::jbd_client::{central_adapter, find_bms, Exchange, JbdSession, JbdTarget};
 use crate::protocol::jbd::{self, reg, BasicInfo, CellVoltages, HardwareVersion, BASIC_FIXED, CHINS_EXTRA, STATUS_ERROR};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    Pass,
-    Warn,
-    Fail,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Check {
-    pub name: &'static str,
-    pub verdict: Verdict,
-    pub detail: String,
-}
+pub use super::conformance::{Check, Verdict};
+use super::conformance::check;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ValidationReport {
@@ -36,7 +24,7 @@ pub struct ValidationReport {
 
 impl ValidationReport {
     pub fn count(&self, v: Verdict) -> usize {
-        self.checks.iter().filter(|c| c.verdict == v).count()
+        super::conformance::count(&self.checks, v)
     }
     pub fn passed(&self) -> bool {
         self.count(Verdict::Fail) == 0
@@ -49,10 +37,6 @@ pub struct ValidateConfig {
     pub adapter: Option<String>,
     pub timeout: Duration,
     pub scan_timeout: Duration,
-}
-
-fn check(name: &'static str, verdict: Verdict, detail: impl Into<String>) -> Check {
-    Check { name, verdict, detail: detail.into() }
 }
 
 /// Notification sizes against the MTU: none over MTU − 3 (BlueZ would cut
@@ -242,19 +226,6 @@ pub fn render(report: &ValidationReport) -> String {
         report.name.as_deref().unwrap_or("no name"),
         report.mtu.map(|m| m.to_string()).unwrap_or_else(|| "?".into())
     );
-    for c in &report.checks {
-        let v = match c.verdict {
-            Verdict::Pass => "pass",
-            Verdict::Warn => "WARN",
-            Verdict::Fail => "FAIL",
-        };
-        s.push_str(&format!("  {v}  {:<24} {}\n", c.name, c.detail));
-    }
-    s.push_str(&format!(
-        "{} passed, {} warnings, {} failed\n",
-        report.count(Verdict::Pass),
-        report.count(Verdict::Warn),
-        report.count(Verdict::Fail)
-    ));
+    s.push_str(&super::conformance::render_checks(&report.checks));
     s
 }

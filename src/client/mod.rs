@@ -8,10 +8,13 @@
 pub mod bsc_node;
 pub mod bsc_node_core;
 pub mod bsc_raw;
+pub mod conformance;
 pub mod jbd_client;
 pub mod jbd_validate;
 pub mod legacy;
 pub mod modbus_master;
+pub mod smp_client;
+pub mod smp_validate;
 pub mod poller;
 pub mod sniffer;
 

@@ -417,6 +417,105 @@ fn sim(a: SmpServerSimArgs) -> Result<(), String> {
     })
 }
 
+/// `hilbench validate smp-server --help` after the options.
+pub const VALIDATE_HELP: &str = "Checks: params; echo in v2 and in v1 (a v1 request gets a v1 answer); an unknown group
+({\"rc\": 8}); bootloader info and its mode; image state read (keys, types, the flag rules);
+then, unless --read-only, an upload of a test image (generated, one major version up, or
+--image) with two forced resumes (a new start with the same sha resumes at the current
+offset; a chunk past the expected offset is answered with the expected one), test, reset
+(gone, then back), the test boot (new image running unconfirmed), confirm, reset, the
+confirmed boot. Every answer's header (version, op, group, seq, command, length) and
+payload (one CBOR map) are checked; \"rc\": 0 in successes and late answers are warnings.
+The upload's throughput is in the report. Exits 0 when no check fails, 1 when one does.
+
+The full run replaces the device's firmware with the uploaded image: on real hardware use
+--read-only, or --image with a build of your own firmware.
+
+Examples:
+  hilbench validate smp-server --udp 192.168.1.20 --read-only
+  hilbench validate smp-server --tty /dev/ttyACM0 --baud 115200 --image app.signed.bin --json
+  # against the simulator (any free UDP port):
+  hilbench sim smp-server --udp 127.0.0.1:0 --buf-size 384 > smp.json & sim=$!
+  until [ -s smp.json ] || ! kill -0 $sim; do sleep 0.1; done
+  hilbench validate smp-server --udp $(jq -r .endpoints.udp smp.json)
+  kill $sim";
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["udp", "tty"])))]
+pub struct SmpValidateArgs {
+    /// The server's UDP address, HOST or HOST:PORT (port 1337 when not given).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub udp: Option<String>,
+    /// A serial port with the SMP console framing.
+    #[arg(long, value_name = "PATH")]
+    pub tty: Option<PathBuf>,
+    #[arg(long, default_value_t = 115_200, requires = "tty")]
+    pub baud: u32,
+    /// How long to wait for each answer (the first upload chunk, which erases, gets 40 s).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// How long a reset may keep the device away.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub boot_timeout: Duration,
+    /// Only read: no upload, test, confirm or reset.
+    #[arg(long)]
+    pub read_only: bool,
+    /// The MCUboot image to upload (default: a generated one, one major version up).
+    #[arg(long, value_name = "FILE", conflicts_with = "read_only")]
+    pub image: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// HOST or HOST:PORT, port 1337 by default, resolved.
+fn udp_target(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let with_port = if s.parse::<std::net::IpAddr>().is_ok() || !s.contains(':') { format!("{s}:1337") } else { s.to_string() };
+    with_port.to_socket_addrs().map_err(|e| format!("--udp {s}: {e}"))?.next().ok_or_else(|| format!("--udp {s}: no address"))
+}
+
+fn validate_main(a: SmpValidateArgs) -> i32 {
+    use crate::client::smp_client::SmpTarget;
+    use crate::client::smp_validate::{self, SmpValidateConfig};
+    let target = match (&a.udp, &a.tty) {
+        (Some(u), _) => match udp_target(u) {
+            Ok(addr) => SmpTarget::Udp(addr),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        },
+        (None, Some(p)) => SmpTarget::Tty { path: p.clone(), baud: a.baud },
+        (None, None) => unreachable!("clap requires --udp or --tty"),
+    };
+    let image = match a.image.as_deref().map(read_image).transpose() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let cfg = SmpValidateConfig { target, timeout: a.timeout, boot_timeout: a.boot_timeout, read_only: a.read_only, image };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start a runtime: {e}");
+            return 2;
+        }
+    };
+    let report = rt.block_on(smp_validate::validate(&cfg));
+    if a.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+    } else {
+        print!("{}", smp_validate::render(&report));
+    }
+    i32::from(!report.passed())
+}
+
 impl Kind for SmpServerKind {
     fn name(&self) -> &'static str {
         "smp-server"
@@ -443,6 +542,12 @@ impl Kind for SmpServerKind {
         Some(super::KindCommand {
             command: || super::subcommand::<SmpServerSimArgs>("smp-server", "MCUmgr SMP server (Zephyr with MCUboot) over UDP and serial.", SIM_HELP),
             run: |m| super::run_parsed(m, sim_main),
+        })
+    }
+    fn validate(&self) -> Option<super::KindCommand> {
+        Some(super::KindCommand {
+            command: || super::subcommand::<SmpValidateArgs>("smp-server", "An MCUmgr SMP server over UDP or serial: headers, error forms, image states, upload rules, test/confirm across resets.", VALIDATE_HELP),
+            run: |m| super::run_parsed(m, validate_main),
         })
     }
 }
