@@ -1,5 +1,5 @@
 //! `hilbench validate smp-server` against the simulator: the full run (upload with forced
-//! resumes, test, reset, confirm, reset) passes over UDP and serial; firmware variants show
+//! resumes, test, reset, confirm, reset) passes over UDP, serial and BLE; firmware variants show
 //! as the warnings a user needs (legacy `rc: 0`, v1-only answers); a silent target and a
 //! device that drops every upload answer fail, with the exit code saying so.
 
@@ -8,7 +8,17 @@ mod common;
 use std::process::Command;
 
 fn validate(args: &[&str]) -> (i32, serde_json::Value) {
-    let out = Command::new("timeout").arg("120").arg(env!("CARGO_BIN_EXE_hilbench")).args(["validate", "smp-server", "--json"]).args(args).output().unwrap();
+    validate_on(args, None)
+}
+
+/// With `bus` as the D-Bus system bus (a virtual air's).
+fn validate_on(args: &[&str], bus: Option<&str>) -> (i32, serde_json::Value) {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("120").arg(env!("CARGO_BIN_EXE_hilbench")).args(["validate", "smp-server", "--json"]).args(args);
+    if let Some(b) = bus {
+        cmd.env("DBUS_SYSTEM_BUS_ADDRESS", b);
+    }
+    let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr)));
     (out.status.code().unwrap_or(-1), report)
@@ -34,7 +44,8 @@ fn full_run_passes(sim_args: &[&str], target: impl Fn(&serde_json::Value) -> Vec
     args.extend(sim_args);
     let sim = common::start_sim(&args, dir.path());
     let t = target(&sim.ready["endpoints"]);
-    let (code, report) = validate(&t.iter().map(String::as_str).collect::<Vec<_>>());
+    let bus = sim.ready["endpoints"]["dbus_system_bus_address"].as_str().map(str::to_string);
+    let (code, report) = validate_on(&t.iter().map(String::as_str).collect::<Vec<_>>(), bus.as_deref());
     let all = verdicts(&report);
     assert_eq!(all.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), FULL_RUN, "{report:#}");
     assert!(all.iter().all(|(_, v)| v == "pass"), "{report:#}");
@@ -55,6 +66,13 @@ fn the_full_run_passes_over_udp() {
 #[test]
 fn the_full_run_passes_over_serial_lines() {
     full_run_passes(&["--tty", "auto"], |e| vec!["--tty".into(), e["tty"].as_str().unwrap().into()]);
+}
+
+/// Over BLE on the simulator's own air: 20-byte writes at MTU 23, answers from
+/// notifications, and each reset's dropped link reconnected once it advertises again.
+#[test]
+fn the_full_run_passes_over_ble() {
+    full_run_passes(&["--ble"], |e| vec!["--ble".into(), e["ble"].as_str().unwrap().into()]);
 }
 
 #[test]

@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use btleplug::api::{Central, Characteristic, Manager as _, Peripheral as _, ScanFilter, ValueNotification, WriteType};
-use btleplug::platform::{Adapter, Manager, Peripheral};
+use btleplug::api::{Characteristic, Peripheral as _, ValueNotification, WriteType};
+use btleplug::platform::{Adapter, Peripheral};
 use futures::{FutureExt, Stream, StreamExt};
 
 use super::poller::{ClientClearFault, ClientClearFaults, ClientFault, ClientFrames};
@@ -101,51 +101,16 @@ impl Default for JbdClientConfig {
     }
 }
 
-/// btleplug's adapter by name (`hci0`), or the first one.
-pub async fn central_adapter(name: Option<&str>) -> Result<Adapter, TransactionError> {
-    let manager = Manager::new().await.map_err(|e| TransactionError::new("io", format!("BlueZ not reachable on the system bus: {e}")))?;
-    let adapters = manager.adapters().await.map_err(|e| TransactionError::new("io", format!("listing adapters: {e}")))?;
-    let mut names = Vec::new();
-    for a in adapters {
-        let info = a.adapter_info().await.unwrap_or_default();
-        let adapter_name = info.split_whitespace().next().unwrap_or_default().to_string();
-        match name {
-            None => return Ok(a),
-            Some(n) if n == adapter_name => return Ok(a),
-            Some(_) => names.push(adapter_name),
-        }
-    }
-    Err(TransactionError::new(
-        "io",
-        format!("no adapter {} (BlueZ has: {})", name.unwrap_or("at all"), if names.is_empty() { "none".into() } else { names.join(", ") }),
-    ))
-}
+pub use super::ble_central::central_adapter;
 
 /// Scans until a peripheral matching `target` shows up.
 pub async fn find_bms(central: &Adapter, target: &JbdTarget, within: Duration) -> Result<Peripheral, TransactionError> {
-    central
-        .start_scan(ScanFilter::default())
-        .await
-        .map_err(|e| TransactionError::new("io", format!("starting a scan: {e}")))?;
-    let found = tokio::time::timeout(within, async {
-        loop {
-            for p in central.peripherals().await.unwrap_or_default() {
-                let Ok(Some(props)) = p.properties().await else { continue };
-                let hit = match (&target.address, &target.name) {
-                    (Some(a), _) => props.address.to_string().eq_ignore_ascii_case(a),
-                    (None, Some(n)) => props.local_name.as_deref() == Some(n.as_str()),
-                    (None, None) => props.services.contains(&SERVICE_UUID),
-                };
-                if hit {
-                    return p;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let _ = central.stop_scan().await;
-    found.map_err(|_| TransactionError::new("not_found", format!("{target} not seen within {} s of scanning", within.as_secs_f64())))
+    let wanted = |props: &btleplug::api::PeripheralProperties| match (&target.address, &target.name) {
+        (Some(a), _) => props.address.to_string().eq_ignore_ascii_case(a),
+        (None, Some(n)) => props.local_name.as_deref() == Some(n.as_str()),
+        (None, None) => props.services.contains(&SERVICE_UUID),
+    };
+    super::ble_central::find_peripheral(central, wanted, &target.to_string(), within).await
 }
 
 type Notifications = Pin<Box<dyn Stream<Item = ValueNotification> + Send>>;

@@ -5,6 +5,7 @@
 //! input, send the request through the client's link, read until a frame is
 //! complete or the deadline passes), so that lives here once.
 
+pub mod ble_central;
 pub mod bsc_node;
 pub mod bsc_node_core;
 pub mod bsc_raw;

@@ -1,12 +1,18 @@
-//! An SMP client connection over UDP or a serial port (console framing):
-//! one request out, its answer back, with the header checks a strict client
-//! makes. What the answer means is the caller's (`smp_validate`).
+//! An SMP client connection over UDP, a serial port (console framing) or
+//! BLE (btleplug on BlueZ): one request out, its answer back, with the
+//! header checks a strict client makes. What the answer means is the
+//! caller's (`smp_validate`). Over BLE a dropped link (a reset) is
+//! reconnected at the next request, once the device advertises again.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use btleplug::api::{Characteristic, Peripheral as _, ValueNotification, WriteType};
+use btleplug::platform::{Adapter, Peripheral};
+use futures::{Stream, StreamExt};
 use tokio::net::UdpSocket;
 
 use crate::protocol::smp::{self, SmpFrame, SmpHeader, SmpOp, SmpVersion};
@@ -17,6 +23,8 @@ pub enum SmpTarget {
     Udp(SocketAddr),
     /// A serial port with Zephyr's console framing.
     Tty { path: PathBuf, baud: u32 },
+    /// A BLE peripheral by address, through a central adapter (`None`: the first).
+    Ble { address: String, adapter: Option<String> },
 }
 
 impl std::fmt::Display for SmpTarget {
@@ -24,6 +32,7 @@ impl std::fmt::Display for SmpTarget {
         match self {
             SmpTarget::Udp(a) => write!(f, "udp {a}"),
             SmpTarget::Tty { path, baud } => write!(f, "serial {} at {baud} baud", path.display()),
+            SmpTarget::Ble { address, .. } => write!(f, "ble {address}"),
         }
     }
 }
@@ -100,6 +109,83 @@ impl Exchange {
 enum Io {
     Udp { sock: UdpSocket, to: SocketAddr },
     Serial { port: tokio_serial::SerialStream, rx: smp::serial::Receiver, line: Vec<u8>, text: Vec<String> },
+    Ble(BleIo),
+}
+
+type Notifications = Pin<Box<dyn Stream<Item = ValueNotification> + Send>>;
+
+/// The central and, while connected, the session with the server.
+struct BleIo {
+    central: Adapter,
+    address: String,
+    session: Option<BleSession>,
+    /// Connections made after the first (the link went in between).
+    reconnects: usize,
+    opened_once: bool,
+}
+
+struct BleSession {
+    peripheral: Peripheral,
+    smp: Characteristic,
+    notifications: Notifications,
+    /// Notified bytes not yet a whole message.
+    buf: Vec<u8>,
+}
+
+/// How long a BLE (re)connection may scan for the device.
+const BLE_SCAN: Duration = Duration::from_secs(3);
+
+impl BleIo {
+    /// The session, connecting (again) when there is none or its link went.
+    async fn session(&mut self, timeout: Duration) -> Result<&mut BleSession, ExchangeError> {
+        let alive = match &self.session {
+            Some(s) => s.peripheral.is_connected().await.unwrap_or(false),
+            None => false,
+        };
+        if !alive {
+            self.session = None;
+            self.session = Some(self.open(timeout).await?);
+            if self.opened_once {
+                self.reconnects += 1;
+            }
+            self.opened_once = true;
+        }
+        Ok(self.session.as_mut().expect("just opened"))
+    }
+
+    async fn open(&self, timeout: Duration) -> Result<BleSession, ExchangeError> {
+        use crate::device::smp_ble::SMP_CHARACTERISTIC_UUID;
+        let io = |what: &str, e: String| ExchangeError::Io(format!("{what}: {e}"));
+        let address = self.address.clone();
+        let peripheral = super::ble_central::find_peripheral(&self.central, |p| p.address.to_string().eq_ignore_ascii_case(&address), &self.address, BLE_SCAN.max(timeout))
+            .await
+            .map_err(|e| ExchangeError::Io(e.detail))?;
+        let within = timeout.max(Duration::from_secs(5));
+        match tokio::time::timeout(within, peripheral.connect()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(io("connect", e.to_string())),
+            Err(_) => {
+                // BlueZ would go on trying after we stopped waiting.
+                let _ = tokio::time::timeout(Duration::from_secs(5), peripheral.disconnect()).await;
+                return Err(io("connect", format!("no connection within {} ms", within.as_millis())));
+            }
+        }
+        let opened = async {
+            tokio::time::timeout(within, peripheral.discover_services()).await.map_err(|_| io("service discovery", "timed out".into()))?.map_err(|e| io("service discovery", e.to_string()))?;
+            let smp = peripheral.characteristics().into_iter().find(|c| c.uuid == SMP_CHARACTERISTIC_UUID).ok_or_else(|| io("GATT", "no SMP characteristic (DA2E7828-…)".into()))?;
+            let notifications = peripheral.notifications().await.map_err(|e| io("notifications", e.to_string()))?;
+            tokio::time::timeout(within, peripheral.subscribe(&smp)).await.map_err(|_| io("subscribe", "timed out".into()))?.map_err(|e| io("subscribe", e.to_string()))?;
+            Ok::<_, ExchangeError>((smp, notifications))
+        }
+        .await;
+        match opened {
+            Ok((smp, notifications)) => Ok(BleSession { peripheral, smp, notifications, buf: Vec::new() }),
+            Err(e) => {
+                let _ = peripheral.disconnect().await;
+                Err(e)
+            }
+        }
+    }
 }
 
 /// A connection to one SMP server.
@@ -124,15 +210,29 @@ impl SmpConn {
                 let port = crate::transport::serial::open_serial(path, *baud).map_err(|e| e.to_string())?;
                 Io::Serial { port, rx: smp::serial::Receiver::new(), line: Vec::new(), text: Vec::new() }
             }
+            SmpTarget::Ble { address, adapter } => {
+                let central = super::ble_central::central_adapter(adapter.as_deref()).await.map_err(|e| e.detail)?;
+                let mut ble = BleIo { central, address: address.clone(), session: None, reconnects: 0, opened_once: false };
+                ble.session(timeout).await.map_err(|e| e.to_string())?;
+                Io::Ble(ble)
+            }
         };
         Ok(SmpConn { io, seq: 0, timeout })
+    }
+
+    /// How often the link went and was connected again (BLE; 0 elsewhere).
+    pub fn reconnects(&self) -> usize {
+        match &self.io {
+            Io::Ble(b) => b.reconnects,
+            _ => 0,
+        }
     }
 
     /// Console text lines seen on a serial port (not SMP), oldest first.
     pub fn console_text(&self) -> &[String] {
         match &self.io {
             Io::Serial { text, .. } => text,
-            Io::Udp { .. } => &[],
+            Io::Udp { .. } | Io::Ble(_) => &[],
         }
     }
 
@@ -146,9 +246,10 @@ impl SmpConn {
         let started = Instant::now();
         self.send(&msg).await?;
         let deadline = tokio::time::Instant::now() + self.timeout;
+        let timeout = self.timeout;
         let mut skipped = 0;
         loop {
-            let got = tokio::time::timeout_at(deadline, self.receive()).await.map_err(|_| ExchangeError::Timeout(self.timeout))??;
+            let got = tokio::time::timeout_at(deadline, self.receive()).await.map_err(|_| ExchangeError::Timeout(timeout))??;
             let Ok(answer) = SmpFrame::parse(&got) else { continue };
             if answer.header.seq != request.seq {
                 skipped += 1;
@@ -164,6 +265,18 @@ impl SmpConn {
             Io::Serial { port, .. } => {
                 let lines = smp::serial::encode(msg, smp::serial::MAX_LINE);
                 port.write_all(&lines).await.map_err(|e| ExchangeError::Io(format!("writing the serial port: {e}")))
+            }
+            Io::Ble(ble) => {
+                let s = ble.session(self.timeout).await?;
+                // Stale notifications of an abandoned answer must not start this one.
+                while let Some(Some(_)) = futures::FutureExt::now_or_never(s.notifications.next()) {}
+                s.buf.clear();
+                // Writes of at most MTU − 3 bytes, reassembled by the server.
+                let room = usize::from(s.peripheral.mtu().max(23)) - 3;
+                for piece in msg.chunks(room) {
+                    s.peripheral.write(&s.smp, piece, WriteType::WithoutResponse).await.map_err(|e| ExchangeError::Io(format!("write: {e}")))?;
+                }
+                Ok(())
             }
         }
     }
@@ -197,6 +310,22 @@ impl SmpConn {
                     line.clear();
                 }
             },
+            Io::Ble(ble) => {
+                let Some(s) = ble.session.as_mut() else { return Err(ExchangeError::Io("not connected".into())) };
+                loop {
+                    if let Some(n) = smp::frame_len(&s.buf).filter(|n| *n <= s.buf.len()) {
+                        return Ok(s.buf.drain(..n).collect());
+                    }
+                    match s.notifications.next().await {
+                        Some(v) if v.uuid == s.smp.uuid => s.buf.extend_from_slice(&v.value),
+                        Some(_) => {}
+                        None => {
+                            ble.session = None;
+                            return Err(ExchangeError::Io("the BLE link went".into()));
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -545,9 +545,11 @@ async fn reset(s: &mut Session, cfg: &SmpValidateConfig, name: &'static str) -> 
     let normal = s.conn.timeout;
     s.conn.timeout = Duration::from_millis(200);
     // It answers for a moment after the reply (Zephyr resets 250 ms later); then it is gone.
+    // Over BLE the link drops at the reset, and the next request connects again.
+    let links = s.conn.reconnects();
     let mut gone = false;
     while asked.elapsed() < Duration::from_secs(3) {
-        if s.read(group::OS, 6, vec![]).await.is_err() {
+        if s.read(group::OS, 6, vec![]).await.is_err() || s.conn.reconnects() > links {
             gone = true;
             break;
         }

@@ -418,7 +418,9 @@ fn sim(a: SmpServerSimArgs) -> Result<(), String> {
 }
 
 /// `hilbench validate smp-server --help` after the options.
-pub const VALIDATE_HELP: &str = "Checks: params; echo in v2 and in v1 (a v1 request gets a v1 answer); an unknown group
+pub const VALIDATE_HELP: &str = "Over UDP, serial console lines or BLE (writes of MTU − 3 bytes, answers reassembled from
+notifications; the link a reset drops is reconnected once the device advertises again).
+Checks: params; echo in v2 and in v1 (a v1 request gets a v1 answer); an unknown group
 ({\"rc\": 8}); bootloader info and its mode; image state read (keys, types, the flag rules);
 then, unless --read-only, an upload of a test image (generated, one major version up, or
 --image) with two forced resumes (a new start with the same sha resumes at the current
@@ -434,14 +436,20 @@ The full run replaces the device's firmware with the uploaded image: on real har
 Examples:
   hilbench validate smp-server --udp 192.168.1.20 --read-only
   hilbench validate smp-server --tty /dev/ttyACM0 --baud 115200 --image app.signed.bin --json
+  hilbench validate smp-server --ble C0:DE:00:00:00:01 --adapter hci1 --read-only
   # against the simulator (any free UDP port):
   hilbench sim smp-server --udp 127.0.0.1:0 --buf-size 384 > smp.json & sim=$!
   until [ -s smp.json ] || ! kill -0 $sim; do sleep 0.1; done
   hilbench validate smp-server --udp $(jq -r .endpoints.udp smp.json)
+  kill $sim
+  # over BLE, on the simulator's own virtual air:
+  hilbench sim smp-server --ble --buf-size 384 > ble.json & sim=$!
+  until [ -s ble.json ] || ! kill -0 $sim; do sleep 0.1; done
+  DBUS_SYSTEM_BUS_ADDRESS=$(jq -r .endpoints.dbus_system_bus_address ble.json) hilbench validate smp-server --ble $(jq -r .endpoints.ble ble.json)
   kill $sim";
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("target").required(true).args(["udp", "tty"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["udp", "tty", "ble"])))]
 pub struct SmpValidateArgs {
     /// The server's UDP address, HOST or HOST:PORT (port 1337 when not given).
     #[arg(long, value_name = "HOST[:PORT]")]
@@ -451,6 +459,12 @@ pub struct SmpValidateArgs {
     pub tty: Option<PathBuf>,
     #[arg(long, default_value_t = 115_200, requires = "tty")]
     pub baud: u32,
+    /// The server's BLE address (BlueZ on the system bus, DBUS_SYSTEM_BUS_ADDRESS).
+    #[arg(long, value_name = "ADDRESS")]
+    pub ble: Option<String>,
+    /// BLE: the central adapter.
+    #[arg(long, value_name = "hciN", default_value = "hci0")]
+    pub adapter: String,
     /// How long to wait for each answer (the first upload chunk, which erases, gets 40 s).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -481,16 +495,17 @@ fn udp_target(s: &str) -> Result<SocketAddr, String> {
 fn validate_main(a: SmpValidateArgs) -> i32 {
     use crate::client::smp_client::SmpTarget;
     use crate::client::smp_validate::{self, SmpValidateConfig};
-    let target = match (&a.udp, &a.tty) {
-        (Some(u), _) => match udp_target(u) {
+    let target = match (&a.udp, &a.tty, &a.ble) {
+        (Some(u), _, _) => match udp_target(u) {
             Ok(addr) => SmpTarget::Udp(addr),
             Err(e) => {
                 eprintln!("error: {e}");
                 return 2;
             }
         },
-        (None, Some(p)) => SmpTarget::Tty { path: p.clone(), baud: a.baud },
-        (None, None) => unreachable!("clap requires --udp or --tty"),
+        (None, Some(p), _) => SmpTarget::Tty { path: p.clone(), baud: a.baud },
+        (None, None, Some(address)) => SmpTarget::Ble { address: address.clone(), adapter: Some(a.adapter.clone()) },
+        (None, None, None) => unreachable!("clap requires --udp, --tty or --ble"),
     };
     let image = match a.image.as_deref().map(read_image).transpose() {
         Ok(i) => i,
