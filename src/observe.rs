@@ -76,7 +76,9 @@ pub enum ObservationKind {
     /// connected, nak_sent, dropped, slow_consumer, closed_by_hub, …).
     Hub { event: String, detail: String },
     /// Something an SMP server reported: `event` is its snake-case name
-    /// (upload_started, upload_done, pending, confirmed, reset_requested, rebooted, …).
+    /// (upload_started, upload_done, pending, confirmed, reset_requested, rebooted, …);
+    /// or an smp-client's validation check (check_pass, check_warn, check_fail; `detail`
+    /// is `NAME: what was seen`).
     Smp { event: String, detail: String },
 }
 

@@ -100,6 +100,15 @@ fn typos_in_selectors_are_located_errors() {
     assert!(e.contains("no link `s` (links: s.ble)"), "the UDP link is not served when only BLE is: {e}");
     assert!(Scenario::parse(Path::new("ok.yaml"), "name: x\ndevices:\n  - {name: s, kind: smp-server, ble: true}\nsteps:\n  - fault: {link: s.ble, kind: drop, direction: response}\n  - ble: {device: s, mtu: 100}\n").is_ok());
 
+    // An smp-client names an smp-server that serves its transport, and checks it can fail.
+    let smp = "devices:\n  - {name: s, kind: smp-server}\n  - {name: bms, kind: jbd-bms}\nclients:\n";
+    let e = parse(&format!("name: x\n{smp}  - {{name: c, kind: smp-client, device: s, transport: ble}}\nsteps: []\n"));
+    assert!(e.starts_with("bad.yaml:6:") && e.contains("smp-server `s` does not serve BLE"), "{e}");
+    let e = parse(&format!("name: x\n{smp}  - {{name: c, kind: smp-client, device: bms}}\nsteps: []\n"));
+    assert!(e.contains("device `bms` is not an smp-server of this scenario (s)"), "{e}");
+    let e = parse(&format!("name: x\n{smp}  - {{name: c, kind: smp-client, device: s}}\nsteps:\n  - smp_validate: {{client: c, fails: [param]}}\n"));
+    assert!(e.starts_with("bad.yaml:8:") && e.contains("no check `param`") && e.contains("params"), "{e}");
+
     let hub = "devices:\n  - {name: hub, kind: bsc-hub}\nclients:\n  - {name: a, kind: bsc-node, hub: hub}\n  - {name: s, kind: bsc-raw, hub: hub}\nsteps:\n";
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: hub, kind: drop}}\n"));
     assert!(e.starts_with("bad.yaml:8:") && e.contains("`hub` is a server link") && e.contains("`drop` only acts on serial, ble-gatt, websocket and udp links"), "{e}");
@@ -281,6 +290,7 @@ fn the_registry_lists_every_kind_and_a_minimal_entry_of_each_parses() {
         ("jbd-client", Role::Client, "{name: c, kind: jbd-client, device: bms}"),
         ("bsc-node", Role::Client, "{name: c, kind: bsc-node, hub: hub}"),
         ("bsc-raw", Role::Client, "{name: c, kind: bsc-raw, hub: hub}"),
+        ("smp-client", Role::Client, "{name: c, kind: smp-client, device: smp}"),
     ];
     let mut registered: Vec<(&str, Role)> = REGISTRY.iter().map(|k| (k.name(), k.role())).collect();
     let mut listed: Vec<(&str, Role)> = minimal.iter().map(|(n, r, _)| (*n, *r)).collect();
@@ -289,9 +299,9 @@ fn the_registry_lists_every_kind_and_a_minimal_entry_of_each_parses() {
     assert_eq!(registered, listed, "the registry's kinds and this test's rows differ");
     assert!(REGISTRY.iter().all(|k| !k.about().is_empty()), "every kind has a one-line summary");
 
-    // The smallest world every entry can live in: a bus port, a BMS, a hub.
+    // The smallest world every entry can live in: a bus port, a BMS, a hub, an SMP server.
     for (name, role, entry) in minimal {
-        let mut devices = vec!["{name: bms, kind: jbd-bms}", "{name: hub, kind: bsc-hub}"];
+        let mut devices = vec!["{name: bms, kind: jbd-bms}", "{name: hub, kind: bsc-hub}", "{name: smp, kind: smp-server}"];
         let mut clients = Vec::new();
         match role {
             Role::Device if !devices.iter().any(|d| d.contains(&format!("kind: {name}}}"))) => devices.push(entry),

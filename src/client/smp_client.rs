@@ -44,13 +44,15 @@ pub enum ExchangeError {
     Timeout(Duration),
     /// The transport failed (socket, port).
     Io(String),
+    /// An answer with this request's seq that is not a whole SMP message.
+    Malformed(String),
 }
 
 impl std::fmt::Display for ExchangeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ExchangeError::Timeout(d) => write!(f, "no answer within {} ms", d.as_millis()),
-            ExchangeError::Io(e) => write!(f, "{e}"),
+            ExchangeError::Io(e) | ExchangeError::Malformed(e) => write!(f, "{e}"),
         }
     }
 }
@@ -250,7 +252,17 @@ impl SmpConn {
         let mut skipped = 0;
         loop {
             let got = tokio::time::timeout_at(deadline, self.receive()).await.map_err(|_| ExchangeError::Timeout(timeout))??;
-            let Ok(answer) = SmpFrame::parse(&got) else { continue };
+            let answer = match SmpFrame::parse(&got) {
+                Ok(a) => a,
+                Err(_) => match SmpHeader::parse(&got) {
+                    Some(h) if h.seq == request.seq => {
+                        let after = got.len() - smp::HEADER_LEN;
+                        return Err(ExchangeError::Malformed(format!("an answer with {after} bytes after its header, which says {}", h.len)));
+                    }
+                    // Not ours, or not SMP at all.
+                    _ => continue,
+                },
+            };
             if answer.header.seq != request.seq {
                 skipped += 1;
                 continue;
@@ -328,4 +340,84 @@ impl SmpConn {
             }
         }
     }
+}
+
+/// One poll's account of the device: what a scenario's `expect_reading`
+/// and `expect_flag` read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SmpReading {
+    pub values: std::collections::BTreeMap<String, f64>,
+    pub flags: Vec<String>,
+}
+
+/// A poll that went wrong, classified for `expect_errors`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollError {
+    /// timeout | io | header | malformed | smp_error
+    pub kind: &'static str,
+    pub detail: String,
+}
+
+/// What a poll reads: params, then the image state. Readings: `rtt_ms`
+/// (params), `buf_size`, `buf_count`, `slots`, the running image's
+/// `active_major`/`active_minor`/`active_revision` and `active_confirmed`
+/// (0/1), `pending` (1 when a slot is pending). Flags: `active:VERSION` and
+/// `slotN:active|confirmed|pending|permanent`.
+pub async fn poll_once(conn: &mut SmpConn) -> Result<SmpReading, PollError> {
+    let mut r = SmpReading::default();
+    let params = ask_map(conn, SmpOp::Read, smp::group::OS, 6).await?;
+    r.values.insert("rtt_ms".into(), params.1.as_secs_f64() * 1000.0);
+    for key in ["buf_size", "buf_count"] {
+        if let Some(v) = smp::get(&params.0, key).and_then(smp::as_u64) {
+            r.values.insert(key.into(), v as f64);
+        }
+    }
+    let (state, _) = ask_map(conn, SmpOp::Read, smp::group::IMAGE, 0).await?;
+    let Some(ciborium::Value::Array(images)) = smp::get(&state, "images") else {
+        return Err(PollError { kind: "malformed", detail: "image state without an `images` array".into() });
+    };
+    r.values.insert("slots".into(), images.len() as f64);
+    let mut pending = false;
+    for img in images {
+        let ciborium::Value::Map(e) = img else { continue };
+        let slot = smp::get(e, "slot").and_then(smp::as_u64).unwrap_or(0);
+        let flag = |k: &str| matches!(smp::get(e, k), Some(ciborium::Value::Bool(true)));
+        for f in ["active", "confirmed", "pending", "permanent"] {
+            if flag(f) {
+                r.flags.push(format!("slot{slot}:{f}"));
+            }
+        }
+        pending |= flag("pending");
+        if flag("active") {
+            if let Some(ciborium::Value::Text(v)) = smp::get(e, "version") {
+                r.flags.push(format!("active:{v}"));
+                for (k, part) in ["active_major", "active_minor", "active_revision"].iter().zip(v.split('.')) {
+                    if let Ok(n) = part.parse::<f64>() {
+                        r.values.insert((*k).into(), n);
+                    }
+                }
+            }
+            r.values.insert("active_confirmed".into(), f64::from(u8::from(flag("confirmed"))));
+        }
+    }
+    r.values.insert("pending".into(), f64::from(u8::from(pending)));
+    Ok(r)
+}
+
+/// One empty-bodied request whose answer must be a success map, and its round trip.
+async fn ask_map(conn: &mut SmpConn, op: SmpOp, group: u16, command: u8) -> Result<(Vec<(ciborium::Value, ciborium::Value)>, Duration), PollError> {
+    let ex = conn.exchange(SmpVersion::V2, op, group, command, vec![0xa0]).await.map_err(|e| match e {
+        ExchangeError::Timeout(_) => PollError { kind: "timeout", detail: format!("group {group} command {command}: {e}") },
+        ExchangeError::Io(_) => PollError { kind: "io", detail: format!("group {group} command {command}: {e}") },
+        ExchangeError::Malformed(_) => PollError { kind: "malformed", detail: format!("group {group} command {command}: {e}") },
+    })?;
+    if let Some(p) = ex.header_problem_besides_v1() {
+        return Err(PollError { kind: "header", detail: format!("group {group} command {command}: {p}") });
+    }
+    let m = smp::decode_map(&ex.answer.payload).map_err(|e| PollError { kind: "malformed", detail: format!("group {group} command {command}: {e}") })?;
+    let rc = smp::get(&m, "rc").and_then(smp::as_i64).filter(|rc| *rc != 0);
+    if rc.is_some() || smp::get(&m, "err").is_some() {
+        return Err(PollError { kind: "smp_error", detail: format!("group {group} command {command}: {m:?}") });
+    }
+    Ok((m, ex.rtt))
 }

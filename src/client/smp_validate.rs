@@ -40,6 +40,10 @@ pub struct SmpValidationReport {
 }
 
 impl SmpValidationReport {
+    pub fn new(target: &SmpTarget) -> Self {
+        SmpValidationReport { target: target.to_string(), buf_size: None, buf_count: None, upload_bytes_per_s: None, checks: Vec::new() }
+    }
+
     pub fn passed(&self) -> bool {
         count(&self.checks, Verdict::Fail) == 0
     }
@@ -61,8 +65,8 @@ pub fn render(r: &SmpValidationReport) -> String {
 type Map = Vec<(Value, Value)>;
 
 /// The session: the connection and what every answer showed.
-struct Session {
-    conn: SmpConn,
+struct Session<'c> {
+    conn: &'c mut SmpConn,
     checks: Vec<Check>,
     answers: usize,
     header_problems: Vec<String>,
@@ -106,7 +110,7 @@ fn text<'a>(m: &'a Map, key: &str) -> Option<&'a str> {
     }
 }
 
-impl Session {
+impl Session<'_> {
     fn add(&mut self, name: &'static str, verdict: Verdict, detail: impl Into<String>) {
         self.checks.push(check(name, verdict, detail));
     }
@@ -118,6 +122,11 @@ impl Session {
         let ex = match self.conn.exchange(version, op, grp, command, payload).await {
             Ok(ex) => ex,
             Err(ExchangeError::Timeout(d)) => return Err(format!("{what}: no answer within {} ms", d.as_millis())),
+            Err(ExchangeError::Malformed(e)) => {
+                self.answers += 1;
+                self.header_problems.push(format!("{what}: {e}"));
+                return Err(format!("{what}: {e}"));
+            }
             Err(e) => return Err(format!("{what}: {e}")),
         };
         self.answers += 1;
@@ -171,14 +180,19 @@ impl Session {
 
 /// Runs every check; a server that does not answer at all ends the run early.
 pub async fn validate(cfg: &SmpValidateConfig) -> SmpValidationReport {
-    let mut report = SmpValidationReport { target: cfg.target.to_string(), buf_size: None, buf_count: None, upload_bytes_per_s: None, checks: Vec::new() };
-    let conn = match SmpConn::connect(&cfg.target, cfg.timeout).await {
+    let mut report = SmpValidationReport::new(&cfg.target);
+    let mut conn = match SmpConn::connect(&cfg.target, cfg.timeout).await {
         Ok(c) => c,
         Err(e) => {
             report.checks.push(check("connect", Verdict::Fail, e));
             return report;
         }
     };
+    validate_on(&mut conn, cfg, report).await
+}
+
+/// [`validate`] on a connection already open (a scenario's smp-client's).
+pub async fn validate_on(conn: &mut SmpConn, cfg: &SmpValidateConfig, mut report: SmpValidationReport) -> SmpValidationReport {
     let mut s = Session { conn, checks: Vec::new(), answers: 0, header_problems: Vec::new(), payload_problems: Vec::new(), rc_zero: 0, skipped: 0, v1_answers: 0 };
     let buf_size = params(&mut s, &mut report).await;
     if s.answers > 0 {
@@ -197,7 +211,7 @@ pub async fn validate(cfg: &SmpValidateConfig) -> SmpValidationReport {
     report
 }
 
-async fn params(s: &mut Session, report: &mut SmpValidationReport) -> Option<usize> {
+async fn params(s: &mut Session<'_>, report: &mut SmpValidationReport) -> Option<usize> {
     let m = s.read(group::OS, 6, vec![]).await;
     let m = s.success("params", m)?;
     let size = smp::get(&m, "buf_size").and_then(smp::as_u64);
@@ -216,7 +230,7 @@ async fn params(s: &mut Session, report: &mut SmpValidationReport) -> Option<usi
     }
 }
 
-async fn echo(s: &mut Session) {
+async fn echo(s: &mut Session<'_>) {
     let said = "hilbench validate";
     let m = s.write(group::OS, 0, vec![("d", Value::Text(said.into()))]).await;
     if let Some(m) = s.success("echo", m) {
@@ -241,7 +255,7 @@ async fn echo(s: &mut Session) {
 }
 
 /// Zephyr answers a group it does not have with `{"rc": 8}` (MGMT_ERR_ENOTSUP).
-async fn unknown_group(s: &mut Session) {
+async fn unknown_group(s: &mut Session<'_>) {
     const NOBODY: u16 = 0x7fe0;
     match s.read(NOBODY, 0, vec![]).await {
         Ok(m) => match (smp::get(&m, "rc").and_then(smp::as_i64), error_of(&m)) {
@@ -253,7 +267,7 @@ async fn unknown_group(s: &mut Session) {
     }
 }
 
-async fn bootloader_info(s: &mut Session) {
+async fn bootloader_info(s: &mut Session<'_>) {
     let m = match s.read(group::OS, 8, vec![]).await {
         Ok(m) => m,
         Err(e) => return s.add("bootloader_info", Verdict::Fail, e),
@@ -353,13 +367,13 @@ fn show(states: &[SlotState]) -> String {
 }
 
 /// A state read, checked: its shape and its flags.
-async fn state_read(s: &mut Session, name: &'static str) -> Option<Vec<SlotState>> {
+async fn state_read(s: &mut Session<'_>, name: &'static str) -> Option<Vec<SlotState>> {
     let m = s.read(group::IMAGE, 0, vec![]).await;
     let m = s.success(name, m)?;
     judge_states(s, name, &m)
 }
 
-fn judge_states(s: &mut Session, name: &'static str, m: &Map) -> Option<Vec<SlotState>> {
+fn judge_states(s: &mut Session<'_>, name: &'static str, m: &Map) -> Option<Vec<SlotState>> {
     match slot_states(m) {
         Err(e) => {
             s.add(name, Verdict::Fail, e);
@@ -392,7 +406,7 @@ fn chunk_room(buf_size: usize, image_len: usize, sha: &[u8]) -> usize {
 }
 
 /// The upload, test, reset, confirm and reset, each checked.
-async fn update(s: &mut Session, cfg: &SmpValidateConfig, buf_size: usize, before: &[SlotState], report: &mut SmpValidationReport) {
+async fn update(s: &mut Session<'_>, cfg: &SmpValidateConfig, buf_size: usize, before: &[SlotState], report: &mut SmpValidationReport) {
     let image = cfg.image.clone().unwrap_or_else(|| generated_image(before));
     let Ok(parsed) = McubootImage::parse(&image) else {
         return s.add("upload", Verdict::Fail, "the image to upload is not an MCUboot image");
@@ -450,7 +464,7 @@ fn generated_image(before: &[SlotState]) -> Vec<u8> {
 /// The upload with two forced resumes: a fresh start with the same `sha`
 /// (the server must answer its current `off`, writing nothing) and a chunk
 /// past the expected offset (success with the expected `off`, data dropped).
-async fn upload(s: &mut Session, image: &[u8], buf_size: usize, report: &mut SmpValidationReport) -> bool {
+async fn upload(s: &mut Session<'_>, image: &[u8], buf_size: usize, report: &mut SmpValidationReport) -> bool {
     let sha = crate::protocol::mcuboot::sha256(image).to_vec();
     let room = chunk_room(buf_size, image.len(), &sha);
     let chunk = |off: usize| Value::Bytes(image[off..(off + room).min(image.len())].to_vec());
@@ -502,7 +516,7 @@ async fn upload(s: &mut Session, image: &[u8], buf_size: usize, report: &mut Smp
 }
 
 /// Returns the offset the server stands at afterwards.
-async fn forced_resumes(s: &mut Session, image: &[u8], sha: &[u8], off: usize, room: usize) -> Option<usize> {
+async fn forced_resumes(s: &mut Session<'_>, image: &[u8], sha: &[u8], off: usize, room: usize) -> Option<usize> {
     // The same session key again from offset 0: resume, not restart.
     let again = vec![
         ("image", Value::Integer(0.into())),
@@ -536,7 +550,7 @@ async fn forced_resumes(s: &mut Session, image: &[u8], sha: &[u8], off: usize, r
 }
 
 /// Resets and waits until the device has gone and answers again.
-async fn reset(s: &mut Session, cfg: &SmpValidateConfig, name: &'static str) -> bool {
+async fn reset(s: &mut Session<'_>, cfg: &SmpValidateConfig, name: &'static str) -> bool {
     let m = s.write(group::OS, 5, vec![]).await;
     if s.success(name, m).is_none() {
         return false;
@@ -580,7 +594,7 @@ async fn reset(s: &mut Session, cfg: &SmpValidateConfig, name: &'static str) -> 
 }
 
 /// The checks over every answer of the run.
-fn answers_checks(s: &mut Session) {
+fn answers_checks(s: &mut Session<'_>) {
     let n = s.answers;
     let h = std::mem::take(&mut s.header_problems);
     match h.is_empty() {

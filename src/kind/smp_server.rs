@@ -675,6 +675,12 @@ impl Declared for SmpServerKeys {
     fn on_air(&self) -> bool {
         self.ble
     }
+    /// One service per transport, so an smp-client's `transport` is checked before anything runs.
+    fn serves(&self) -> &'static [&'static str] {
+        use super::smp_client::{SMP_BLE, SMP_TTY, SMP_UDP};
+        const ALL: [&[&str]; 8] = [&[], &[SMP_UDP], &[SMP_TTY], &[SMP_UDP, SMP_TTY], &[SMP_BLE], &[SMP_UDP, SMP_BLE], &[SMP_TTY, SMP_BLE], &[SMP_UDP, SMP_TTY, SMP_BLE]];
+        ALL[usize::from(self.serves_udp()) | usize::from(self.tty.is_some()) << 1 | usize::from(self.ble) << 2]
+    }
     /// Its UDP datagrams, both ways, are the link `NAME`; its serial line
     /// (console lines toward it, each answer's framed bytes back) `NAME.tty`;
     /// its BLE link (ATT writes and notifications) `NAME.ble`.
