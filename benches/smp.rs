@@ -13,12 +13,19 @@
 //!   wire bytes set (requests and answers, after base64, line and CRC overhead; goal: within 5%).
 //! * `scale`  – 1,000 servers in this process (`smp_host::serve`, each on its own UDP port),
 //!   every one answering an echo: time to start, RSS added (goal: under 100 MB).
+//! * `ble`    – `hilbench sim smp-server --ble` on its own virtual air, hilbench's SMP client
+//!   (btleplug) as the central: echo round trips and a 64 KiB upload at one MTU (knob; run it
+//!   again for another, one air per process). The air has
+//!   no radio timing (no connection interval, no PHY rate): these are the costs of the air and
+//!   the BlueZ D-Bus path itself, the floor under any radio model (a real 1M PHY link at MTU
+//!   23 and a 30 ms interval carries about 1-3 kB/s; MTU 247 with DLE 40-100 kB/s).
 //!
 //! Run:   cargo bench --bench smp                  (all parts; release build)
 //!        cargo bench --profile dev --bench smp -- echo   (one part, the dev profile)
-//!        parts: echo, upload, serial, scale
+//!        parts: echo, upload, serial, scale, ble
 //! Knobs: SMP_BENCH_REQUESTS=2000 (echo, after 100 warm-ups), SMP_BENCH_UPLOADS=20 (upload),
-//!        SMP_BENCH_SERVERS=1000 (scale).
+//!        SMP_BENCH_SERVERS=1000 (scale), SMP_BENCH_BLE_REQUESTS=300 (ble echo),
+//!        SMP_BENCH_BLE_MTU=247 (ble).
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
@@ -310,6 +317,73 @@ fn scale() {
     });
 }
 
+/// The sim on its own air, at `mtu`: the process, its BLE address and the air's bus.
+fn start_ble_sim(mtu: u16) -> (Child, String, String) {
+    let mut child = Command::new(SIM)
+        .args(["sim", "smp-server", "--ble", "--buf-size", "2048", "--mtu", &mtu.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("hilbench starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("a ready line");
+    let ready: serde_json::Value = serde_json::from_str(&line).expect("the ready line is JSON");
+    let e = &ready["endpoints"];
+    (child, e["ble"].as_str().expect("endpoints.ble").to_string(), e["dbus_system_bus_address"].as_str().expect("the air's bus").to_string())
+}
+
+fn ble() {
+    use hilbench::client::smp_client::{SmpConn, SmpTarget};
+    let requests = knob("SMP_BENCH_BLE_REQUESTS", 300);
+    // One air per process: libdbus reads the system bus address once.
+    let mtu = knob("SMP_BENCH_BLE_MTU", 247) as u16;
+    {
+        let (mut child, address, bus) = start_ble_sim(mtu);
+        // btleplug (through bluer) reads the system bus address at its first connection.
+        std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let outcome = rt.block_on(async {
+            let target = SmpTarget::Ble { address, adapter: Some("hci0".into()) };
+            let mut conn = SmpConn::connect(&target, Duration::from_secs(5)).await?;
+            let echo = smp::encode_map(vec![("d", Value::Text("hilbench echo".into()))]);
+            for _ in 0..20 {
+                conn.exchange(SmpVersion::V2, SmpOp::Write, 0, 0, echo.clone()).await.map_err(|e| e.to_string())?;
+            }
+            let mut h = Histogram::<u64>::new(3).unwrap();
+            for _ in 0..requests {
+                let ex = conn.exchange(SmpVersion::V2, SmpOp::Write, 0, 0, echo.clone()).await.map_err(|e| e.to_string())?;
+                h.record(ex.rtt.as_micros() as u64).unwrap();
+            }
+            // 64 KiB in stop-and-wait chunks that fill the 2048-byte buffer.
+            let image = mcuboot::build_image(ImageVersion { major: 2, ..Default::default() }, &vec![0x5a; 64 * 1024]);
+            let sha = Value::Bytes(mcuboot::sha256(&image).to_vec());
+            let (t, mut off, mut chunks) = (Instant::now(), 0usize, 0usize);
+            while off < image.len() {
+                let end = (off + 1900).min(image.len());
+                let mut body = vec![("off", Value::from(off as u64)), ("data", Value::Bytes(image[off..end].to_vec()))];
+                if off == 0 {
+                    body.extend([("len", Value::from(image.len() as u64)), ("sha", sha.clone())]);
+                }
+                let ex = conn.exchange(SmpVersion::V2, SmpOp::Write, 1, 1, smp::encode_map(body)).await.map_err(|e| e.to_string())?;
+                let m = smp::decode_map(&ex.answer.payload).map_err(|e| e.to_string())?;
+                off = smp::get(&m, "off").and_then(smp::as_u64).ok_or_else(|| format!("no off in {m:?}"))? as usize;
+                chunks += 1;
+            }
+            Ok::<_, String>((h.value_at_quantile(0.5), h.value_at_quantile(0.99), image.len() as f64 / t.elapsed().as_secs_f64(), chunks))
+        });
+        match outcome {
+            Ok((p50, p99, rate, chunks)) => println!(
+                "ble   MTU {mtu:>3}  echo {requests} requests: p50 {p50} µs, p99 {p99} µs; upload 64 KiB in {chunks} chunks ({} writes each): {:.0} kB/s (no radio timing: the air's own cost)",
+                1900usize.div_ceil(usize::from(mtu) - 3),
+                rate / 1000.0
+            ),
+            Err(e) => println!("ble   MTU {mtu:>3}  FAILED: {e}"),
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 fn main() {
     let named: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let want = |part: &str| named.is_empty() || named.iter().any(|n| n == part);
@@ -324,5 +398,8 @@ fn main() {
     }
     if want("scale") {
         scale();
+    }
+    if want("ble") {
+        ble();
     }
 }
