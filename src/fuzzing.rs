@@ -628,7 +628,7 @@ fn ble_reassembly_holds(data: &[u8]) {
 /// (`handle_input`, timeouts when it asks): split at every 0xC0 byte, 20 ms apart, each
 /// datagram holding any number of messages; its flash is slow (10 ms a 1 KiB page), so an
 /// erase keeps it busy while later datagrams wait in its net buffers, and resets and reboots
-/// happen. Invariants: no panic and no hang (the server's wake-ups move on); every answer is
+/// happen; an odd first byte makes it MCUboot's serial recovery. Invariants: no panic and no hang (the server's wake-ups move on); every answer is
 /// one whole SMP message whose payload is a CBOR map, a response op of a request's group, seq
 /// and command, in its version (a reserved one: v2); no slot holds more than its size, the
 /// filesystem no more than its capacity.
@@ -642,6 +642,8 @@ pub fn smp_server_answers_are_well_formed(data: &[u8]) -> bool {
         settings: Some([("app/mode".to_string(), b"eco".to_vec())].into()),
         shell: vec![("bms status".into(), "ok".into())],
         flash: FlashTiming { page_size: 1024, page_erase: Duration::from_millis(10), write_bytes_per_s: Some(1_000_000), progressive_erase: false },
+        // An odd first byte: the bootloader's serial recovery answers instead.
+        profiles: if data.first().is_some_and(|b| b & 1 == 1) { vec![crate::device::smp_core::SmpProfile::SerialRecovery] } else { Vec::new() },
         ..Default::default()
     };
     let mut server = SmpServer::new(config).expect("the default image fits 4 KiB");

@@ -223,6 +223,31 @@ fn smpmgr_upgrades_tests_and_confirms_over_ble() {
     });
 }
 
+/// MCUboot's serial recovery (`--profile serial-recovery`): smpmgr's `upgrade --slot 0` writes
+/// the image straight into the primary slot and resets; the bootloader boots it with no swap.
+/// Its state read has no flags, and it has no state write (rc 8, which smpmgr prints).
+#[test]
+fn smpmgr_recovers_a_device_through_mcuboot_serial_recovery() {
+    let py = hilbench::python_with("smpmgr").unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sim = common::start_sim(&["smp-server", "--tty", "auto", "--profile", "serial-recovery", "--buf-size", "1024", "--boot-time", "300ms"], dir.path());
+    let tty = sim.ready["endpoints"]["tty"].as_str().unwrap().to_string();
+    let c = ["--port", tty.as_str()];
+    let v3 = build_image("3.0.0".parse().unwrap(), &[0xa5; 9_000]);
+    let file = dir.path().join("v3.bin");
+    std::fs::write(&file, &v3).unwrap();
+    assert_eq!(smpmgr_slots(&smpmgr(&py, &c, &["image", "state-read"])), vec![(0, "1.0.0".to_string(), false, false, false, false)]);
+    let up = smpmgr(&py, &c, &["upgrade", "--slot", "0", file.to_str().unwrap()]);
+    assert!(up.contains("Upgrade complete"), "{up}");
+    assert!(sim.wait_line("\"upload_done\"", Duration::from_secs(10)).contains("\"matched\":true"));
+    assert!(sim.wait_line("\"rebooted\"", Duration::from_secs(10)).contains("\"swap\":\"none\""), "the bootloader boots what it wrote");
+    sim.wait_line("\"up\"", Duration::from_secs(10));
+    assert_eq!(smpmgr_slots(&smpmgr(&py, &c, &["image", "state-read"])), vec![(0, "3.0.0".to_string(), false, false, false, false)]);
+    let hash: String = McubootImage::parse(&v3).unwrap().hash.iter().map(|b| format!("{b:02X}")).collect();
+    assert!(smpmgr(&py, &c, &["image", "state-write", &hash]).contains("MGMT_ERR.ENOTSUP: 8"), "no state write in the bootloader");
+    assert_eq!(sim.stop(), 0);
+}
+
 /// The file system, settings and shell groups with mcumgr-toolkit (tests/py/mcumgr_toolkit_groups.py):
 /// a 5000-byte file up and down in chunks, its status, crc32 and sha256; a stored setting read,
 /// written, saved and deleted; Zephyr's `kernel version` and a command of the device's own.

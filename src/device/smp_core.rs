@@ -41,6 +41,7 @@ use crate::sans_io::{Input, Output, Peer, SansIoCore};
 
 mod args;
 mod fs_group;
+mod recovery;
 mod settings_group;
 mod shell_group;
 
@@ -207,16 +208,21 @@ pub enum SmpProfile {
     /// upload resumed by its `sha` continues at the offset from before the
     /// erase over an erased slot (the image ends up corrupt).
     StaleOffsetAfterErase,
+    /// MCUboot's serial recovery: the bootloader answering, with its few
+    /// commands and `rc` in every answer; uploads go straight to the
+    /// primary slot (device/smp_core/recovery.rs).
+    SerialRecovery,
 }
 
 impl SmpProfile {
-    pub const ALL: [SmpProfile; 3] = [SmpProfile::V1Only, SmpProfile::LegacyRc, SmpProfile::StaleOffsetAfterErase];
+    pub const ALL: [SmpProfile; 4] = [SmpProfile::V1Only, SmpProfile::LegacyRc, SmpProfile::StaleOffsetAfterErase, SmpProfile::SerialRecovery];
 
     pub fn name(self) -> &'static str {
         match self {
             SmpProfile::V1Only => "v1-only",
             SmpProfile::LegacyRc => "legacy-rc",
             SmpProfile::StaleOffsetAfterErase => "stale-offset-after-erase",
+            SmpProfile::SerialRecovery => "serial-recovery",
         }
     }
 
@@ -225,6 +231,7 @@ impl SmpProfile {
             SmpProfile::V1Only => "firmware from before SMP v2: every answer v1, every error an rc",
             SmpProfile::LegacyRc => "\"rc\": 0 in every success (strict clients such as smpclient refuse it)",
             SmpProfile::StaleOffsetAfterErase => "an image erase keeps the upload session: a resume by sha goes on at the old offset over an erased slot",
+            SmpProfile::SerialRecovery => "MCUboot serial recovery: the bootloader's few commands, rc in every answer, uploads straight into the primary slot",
         }
     }
 }
@@ -306,6 +313,8 @@ pub struct SmpServer {
     config: SmpServerConfig,
     fw: Firmware,
     upload: Option<UploadSession>,
+    /// The serial-recovery profile's upload session.
+    recovery: Option<recovery::RecoveryUpload>,
     peers: BTreeSet<Peer>,
     reset_at: Option<Duration>,
     down_until: Option<Duration>,
@@ -364,6 +373,7 @@ impl SmpServer {
             fw: Firmware::new(config.slot_size, image),
             config,
             upload: None,
+            recovery: None,
             peers: BTreeSet::new(),
             reset_at: None,
             down_until: None,
@@ -443,6 +453,15 @@ impl SmpServer {
         };
         // Firmware from before v2 never reads the version bits.
         let version = if self.has(SmpProfile::V1Only) { Some(SmpVersion::V1) } else { header.smp_version() };
+        if self.has(SmpProfile::SerialRecovery) {
+            // MCUboot only increments the op: the version bits stay as sent.
+            let reply = self.recovery_dispatch(&header, payload, now);
+            let Reply::Body(entries) = reply else { return None };
+            let body = smp::encode_map(entries);
+            let mut out = SmpHeader { len: body.len() as u16, ..response }.encode().to_vec();
+            out.extend(body);
+            return Some(out);
+        }
         let reply = match version {
             None => Reply::Rc(MgmtErr::UnsupportedTooNew),
             Some(_) => self.dispatch(&header, payload, now),
@@ -931,6 +950,7 @@ impl SmpServer {
             self.reset_at = None;
             closed = std::mem::take(&mut self.peers).into_iter().collect();
             self.upload = None;
+            self.recovery = None;
             // An open file was never closed: littlefs keeps what it had.
             self.file = None;
             self.settings.reboot();
