@@ -697,7 +697,7 @@ pub fn smp_server_answers_are_well_formed(data: &[u8]) -> bool {
 
 /// Arbitrary bytes into the SMP server's serial port and its answers back out. The first
 /// byte picks the framing (bit 0: raw), flow control (bit 1), a work-queue time per line
-/// (bits 2-4, 0..35 ms) and wire time (bit 5, 115200 baud); the rest is cut at every 0xC0
+/// (bits 2-4, 0..35 ms), wire time (bit 5, 115200 baud) and MCUboot's answer lines (bit 6); the rest is cut at every 0xC0
 /// byte into writes 7 ms apart. Invariants: no panic; arrivals come in time order, never
 /// before their bytes were written; a message fits the net buffer (raw: exactly its
 /// header's length); every message's answer goes out and the link ends with nothing left.
@@ -711,6 +711,7 @@ pub fn smp_serial_link_keeps_time_and_bounds(data: &[u8]) -> bool {
         line_work: Duration::from_millis(5 * u64::from((mode >> 2) & 7)),
         baud: (mode & 0x20 != 0).then_some(115_200),
         net_buf: 384,
+        mcuboot_lines: mode & 0x40 != 0,
         ..Default::default()
     };
     let raw = cfg.framing == SerialFraming::Raw;

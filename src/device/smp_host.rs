@@ -164,6 +164,7 @@ pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<S
         return Err("an SMP server needs at least one endpoint (UDP, a PTY or BLE)".into());
     }
     let netbuf = usize::from(config.buf_size);
+    let mcuboot_lines = config.profiles.contains(&super::smp_core::SmpProfile::SerialRecovery);
     let core = SmpServer::new(config)?;
     let udp = match endpoints.udp {
         Some(bind) => Some(UdpSocket::bind(bind).await.map_err(|e| format!("cannot bind UDP {bind}: {e}"))?),
@@ -181,7 +182,7 @@ pub async fn serve(config: SmpServerConfig, endpoints: SmpEndpoints) -> Result<S
         Some(t) => {
             let pty = PtyPort::open(t.link.as_deref()).map_err(|e| e.to_string())?;
             let banner = t.banner && t.serial.framing == SerialFraming::Console;
-            Some(Tty { link: SerialLink::new(SerialLinkConfig { net_buf: netbuf, ..t.serial }), pty, banner })
+            Some(Tty { link: SerialLink::new(SerialLinkConfig { net_buf: netbuf, mcuboot_lines, ..t.serial }), pty, banner })
         }
         None => None,
     };

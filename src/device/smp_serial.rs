@@ -50,6 +50,10 @@ pub struct SerialLinkConfig {
     pub pause_when_full: bool,
     /// The net buffer a packet is decoded into (mcumgr params `buf_size`).
     pub net_buf: usize,
+    /// Answers as MCUboot's serial recovery writes them: the packet's base64
+    /// in one piece, cut every 124 characters (Zephyr's mcumgr encodes each
+    /// 3-byte group on its own).
+    pub mcuboot_lines: bool,
 }
 
 impl Default for SerialLinkConfig {
@@ -62,6 +66,7 @@ impl Default for SerialLinkConfig {
             line_work: Duration::ZERO,
             pause_when_full: false,
             net_buf: 384,
+            mcuboot_lines: false,
         }
     }
 }
@@ -231,6 +236,7 @@ impl SerialLink {
     /// A message as it goes on the wire: Zephyr's lines, or itself (raw).
     pub fn frame(&self, message: &[u8]) -> Vec<u8> {
         match self.cfg.framing {
+            SerialFraming::Console if self.cfg.mcuboot_lines => serial::encode(message, serial::MAX_LINE),
             SerialFraming::Console => serial::encode_as_zephyr(message),
             SerialFraming::Raw => message.to_vec(),
         }
@@ -432,5 +438,30 @@ mod tests {
             }
         }
         assert!(reached > 300, "only {reached} inputs reached the server");
+    }
+
+    /// MCUboot's serial recovery writes the packet's base64 whole, 124
+    /// characters a line; Zephyr's mcumgr encodes 3-byte groups on their own.
+    #[test]
+    fn mcuboot_lines_carry_124_base64_characters() {
+        let message: Vec<u8> = (0..200u8).collect();
+        let link = SerialLink::new(SerialLinkConfig { mcuboot_lines: true, ..Default::default() });
+        let wire = link.frame(&message);
+        let lines: Vec<&[u8]> = wire.split_inclusive(|b| *b == b'\n').collect();
+        assert_eq!(lines[0].len(), 127, "06 09, 124 characters, newline");
+        assert_eq!(&lines[1][..2], &serial::CONTINUATION);
+        let mut rx = serial::Receiver::new();
+        let got: Vec<_> = lines.iter().filter_map(|l| match rx.push_line(l) {
+            serial::LineOutcome::Message(m) => Some(m),
+            _ => None,
+        }).collect();
+        assert_eq!(got, vec![message.clone()]);
+        // The two differ where Zephyr keeps the CRC off a line break.
+        let zephyr = SerialLink::new(SerialLinkConfig::default());
+        let differ = (1..=400usize).filter(|n| {
+            let m: Vec<u8> = (0..*n).map(|i| i as u8).collect();
+            link.frame(&m) != zephyr.frame(&m)
+        });
+        assert!(differ.count() > 0, "MCUboot's layout is Zephyr's for every length");
     }
 }
