@@ -212,10 +212,14 @@ pub enum SmpProfile {
     /// commands and `rc` in every answer; uploads go straight to the
     /// primary slot (device/smp_core/recovery.rs).
     SerialRecovery,
+    /// The application's reset hook (CONFIG_MCUMGR_GRP_OS_RESET_HOOK)
+    /// refuses a reset that is not forced: `{"rc": 10}` (MGMT_ERR_EBUSY);
+    /// `force` > 0 resets.
+    ResetBusy,
 }
 
 impl SmpProfile {
-    pub const ALL: [SmpProfile; 4] = [SmpProfile::V1Only, SmpProfile::LegacyRc, SmpProfile::StaleOffsetAfterErase, SmpProfile::SerialRecovery];
+    pub const ALL: [SmpProfile; 5] = [SmpProfile::V1Only, SmpProfile::LegacyRc, SmpProfile::StaleOffsetAfterErase, SmpProfile::SerialRecovery, SmpProfile::ResetBusy];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -223,6 +227,7 @@ impl SmpProfile {
             SmpProfile::LegacyRc => "legacy-rc",
             SmpProfile::StaleOffsetAfterErase => "stale-offset-after-erase",
             SmpProfile::SerialRecovery => "serial-recovery",
+            SmpProfile::ResetBusy => "reset-busy",
         }
     }
 
@@ -232,6 +237,7 @@ impl SmpProfile {
             SmpProfile::LegacyRc => "\"rc\": 0 in every success (strict clients such as smpclient refuse it)",
             SmpProfile::StaleOffsetAfterErase => "an image erase keeps the upload session: a resume by sha goes on at the old offset over an erased slot",
             SmpProfile::SerialRecovery => "MCUboot serial recovery: the bootloader's few commands, rc in every answer, uploads straight into the primary slot",
+            SmpProfile::ResetBusy => "the application refuses a reset without force: {\"rc\": 10} (EBUSY); force: 1 resets",
         }
     }
 }
@@ -274,6 +280,8 @@ pub enum SmpEvent {
     Confirmed,
     Erased { slot: usize },
     ResetRequested,
+    /// The application's reset hook refused a reset that was not forced.
+    ResetRefused,
     /// The device rebooted and MCUboot ran this swap.
     Rebooted { swap: SwapType },
     /// The boot time passed: the device answers again.
@@ -611,6 +619,15 @@ impl SmpServer {
     fn reset(&mut self, m: &[(Value, Value)], now: Duration) -> Reply {
         if smp::get(m, "force").is_some_and(|f| !matches!(f, Value::Bool(_) | Value::Integer(_))) || smp::get(m, "boot_mode").is_some_and(|b| smp::as_u64(b).is_none()) {
             return Reply::Rc(MgmtErr::Inval);
+        }
+        let forced = match smp::get(m, "force") {
+            Some(Value::Bool(b)) => *b,
+            Some(v) => smp::as_i64(v).is_some_and(|f| f > 0),
+            None => false,
+        };
+        if self.has(SmpProfile::ResetBusy) && !forced {
+            self.events.push(SmpEvent::ResetRefused);
+            return Reply::Rc(MgmtErr::Busy);
         }
         self.reset_at = Some(now + RESET_DELAY);
         self.events.push(SmpEvent::ResetRequested);
@@ -1784,5 +1801,18 @@ mod tests {
             reached += usize::from(crate::fuzzing::smp_server_answers_are_well_formed(&data));
         }
         assert!(reached > 200, "only {reached} sequences got answers");
+    }
+
+    /// reset-busy: the application's reset hook answers EBUSY until the reset is forced.
+    #[test]
+    fn a_busy_application_refuses_an_unforced_reset() {
+        let mut s = SmpServer::new(SmpServerConfig { profiles: vec![SmpProfile::ResetBusy], ..Default::default() }).unwrap();
+        for body in [vec![], vec![("force", Value::from(0))], vec![("force", Value::Bool(false))]] {
+            assert_eq!(rc(&ask(&mut s, SmpOp::Write, group::OS, 5, body)), Some(10));
+        }
+        assert!(s.take_events().iter().all(|e| *e == SmpEvent::ResetRefused));
+        let m = ask(&mut s, SmpOp::Write, group::OS, 5, vec![("force", Value::from(1))]);
+        assert!(m.is_empty(), "{m:?}");
+        assert_eq!(s.take_events(), vec![SmpEvent::ResetRequested]);
     }
 }
