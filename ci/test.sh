@@ -42,17 +42,23 @@ if ! "$venv/bin/python" -c 'import pymodbus, serial, rusty_bacnet, bleak, smpcli
 fi
 export HILBENCH_PYTHON="$PWD/$venv/bin/python"
 
-# Zephyr 4.4.0's smp_svr built for native_sim (serial), from the smpclient 7.3.0
+# Zephyr 4.4.0's smp_svr built for native_sim (serial and UDP), from the smpclient 7.3.0
 # source package on PyPI: fetched here, checked, never committed.
 zephyr=target/zephyr-smp
 zephyr_exe=zephyr_4.4.0_smp_server_0eae053d_native_sim_serial.exe
-if ! echo "3f0ed0fdc2dd9193b48df7069acc47dc6ce136856b3633c8d776844b11612b10  $zephyr/$zephyr_exe" | sha256sum -c --status 2>/dev/null; then
-  echo "== fetching Zephyr's own SMP server (smpclient 7.3.0 sdist from PyPI) into $zephyr"
+zephyr_udp=zephyr_4.4.0_smp_server_0eae053d_native_sim_udp.exe
+zephyr_sums="3f0ed0fdc2dd9193b48df7069acc47dc6ce136856b3633c8d776844b11612b10  $zephyr/$zephyr_exe
+9affd08d35402b94b3f0b75dd3bfd31616151c5016bc00fcc58f8f2207a3600f  $zephyr/$zephyr_udp"
+if ! echo "$zephyr_sums" | sha256sum -c --status 2>/dev/null; then
+  echo "== fetching Zephyr's own SMP server, serial and UDP builds (smpclient 7.3.0 sdist from PyPI) into $zephyr"
   mkdir -p "$zephyr"
   "$venv/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: -d "$zephyr" smpclient==7.3.0
   echo "86aa4bc1c621805d97f449793a4077f049aa88a98a1e916bf59423d072bd2a3b  $zephyr/smpclient-7.3.0.tar.gz" | sha256sum -c --quiet
-  tar -xzf "$zephyr/smpclient-7.3.0.tar.gz" -C "$zephyr" --strip-components=4 "smpclient-7.3.0/tests/fixtures/smp-server/$zephyr_exe"
-  chmod +x "$zephyr/$zephyr_exe"
+  for exe in "$zephyr_exe" "$zephyr_udp"; do
+    tar -xzf "$zephyr/smpclient-7.3.0.tar.gz" -C "$zephyr" --strip-components=4 "smpclient-7.3.0/tests/fixtures/smp-server/$exe"
+    chmod +x "$zephyr/$exe"
+  done
+  echo "$zephyr_sums" | sha256sum -c --quiet
 fi
 
 # One build of the dependency tree: the tests and the scenario suite both use

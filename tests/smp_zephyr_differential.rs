@@ -20,10 +20,17 @@ use ciborium::Value;
 use hilbench::protocol::smp::{self, serial, SmpHeader, SmpOp, SmpVersion};
 
 const ZEPHYR_SERIAL: &str = "zephyr_4.4.0_smp_server_0eae053d_native_sim_serial.exe";
+/// The UDP build: buffers 2048 × 2, bound to 0.0.0.0:1337 (tests that use port 1337 run
+/// one at a time: .config/nextest.toml).
+const ZEPHYR_UDP: &str = "zephyr_4.4.0_smp_server_0eae053d_native_sim_udp.exe";
 
 fn zephyr_binary() -> PathBuf {
+    zephyr_exe(ZEPHYR_SERIAL)
+}
+
+fn zephyr_exe(name: &str) -> PathBuf {
     let dir = std::env::var_os("HILBENCH_ZEPHYR_SMP_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/zephyr-smp"));
-    let exe = dir.join(ZEPHYR_SERIAL);
+    let exe = dir.join(name);
     assert!(
         exe.is_file(),
         "{} is missing: run ci/test.sh once (it fetches the smpclient 7.3.0 sdist from PyPI and installs libc6:i386), or set HILBENCH_ZEPHYR_SMP_DIR",
@@ -149,15 +156,93 @@ fn keys(m: &[(Value, Value)]) -> Vec<String> {
     m.iter().map(|(k, _)| format!("{k:?}")).collect()
 }
 
-#[test]
-fn hilbench_answers_as_zephyrs_own_smp_server_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let zephyr = start_zephyr(dir.path());
-    let sim = common::start_sim(&["smp-server", "--tty", "auto", "--buf-size", "384", "--buf-count", "4", "--no-banner"], dir.path());
-    let mut z = Client::open(&zephyr.tty);
-    let mut h = Client::open(&sim.tty());
-    z.wait_ready();
-    h.wait_ready();
+/// A client of either transport: one request, its answer; or raw bytes, the answer.
+trait Asker {
+    fn ask(&mut self, version: SmpVersion, op: SmpOp, group: u16, command: u8, seq: u8, body: &[u8]) -> Vec<u8>;
+    fn raw(&mut self, message: &[u8]) -> Vec<u8>;
+}
+
+impl Asker for Client {
+    fn ask(&mut self, version: SmpVersion, op: SmpOp, group: u16, command: u8, seq: u8, body: &[u8]) -> Vec<u8> {
+        Client::ask(self, version, op, group, command, seq, body)
+    }
+    fn raw(&mut self, message: &[u8]) -> Vec<u8> {
+        self.send_paced(message);
+        self.next_message().expect("an answer to a raw message")
+    }
+}
+
+/// A UDP SMP client: one datagram out, the answer datagram back.
+struct UdpClient {
+    sock: std::net::UdpSocket,
+    to: std::net::SocketAddr,
+}
+
+impl UdpClient {
+    fn open(to: std::net::SocketAddr) -> UdpClient {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        UdpClient { sock, to }
+    }
+
+    /// Asks for the params until the server answers (Zephyr takes a moment to boot).
+    fn wait_ready(&mut self) {
+        self.sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let ready = (0..30u8).any(|seq| {
+            let mut m = SmpHeader::new(SmpVersion::V2, SmpOp::Read, 0, 6, seq, 1).encode().to_vec();
+            m.push(0xa0);
+            let _ = self.sock.send_to(&m, self.to);
+            let mut buf = [0u8; 64];
+            self.sock.recv_from(&mut buf).is_ok()
+        });
+        assert!(ready, "the server at {} never answered its params", self.to);
+        self.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Late answers to the polls must not be read as answers to what follows.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut buf = [0u8; 64];
+        self.sock.set_nonblocking(true).unwrap();
+        while self.sock.recv_from(&mut buf).is_ok() {}
+        self.sock.set_nonblocking(false).unwrap();
+    }
+}
+
+impl Asker for UdpClient {
+    fn ask(&mut self, version: SmpVersion, op: SmpOp, group: u16, command: u8, seq: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = SmpHeader::new(version, op, group, command, seq, body.len() as u16).encode().to_vec();
+        m.extend(body);
+        self.raw(&m)
+    }
+    fn raw(&mut self, message: &[u8]) -> Vec<u8> {
+        self.sock.send_to(message, self.to).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (n, _) = self.sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("no answer from {}: {e}", self.to));
+        buf.truncate(n);
+        buf
+    }
+}
+
+/// Each request to both; the ones whose answers differ, shown.
+fn compare(z: &mut dyn Asker, h: &mut dyn Asker, requests: &[Request]) -> Vec<String> {
+    let mut differ = Vec::new();
+    for (i, (what, version, op, group, command, body)) in requests.iter().enumerate() {
+        let seq = (100 + i) as u8;
+        // The reserved version: version bits 2 (0x10) in byte 0, sent as built here.
+        let (za, ha) = if *what == "reserved version" {
+            let m = [0x10, 0, 0, 1, 0, 0, seq, 0, 0xa0];
+            (z.raw(&m), h.raw(&m))
+        } else {
+            (z.ask(*version, *op, *group, *command, seq, body), h.ask(*version, *op, *group, *command, seq, body))
+        };
+        if za != ha {
+            differ.push(format!("{what}:\n  zephyr   {:02x?}\n  hilbench {:02x?}\n  zephyr   {:?}\n  hilbench {:?}", za, ha, decoded(&za), decoded(&ha)));
+        }
+    }
+    differ
+}
+
+/// Requests whose answers must be the same bytes from both servers, in order (the
+/// file's life depends on it).
+fn same_requests() -> Vec<Request<'static>> {
     use SmpOp::{Read, Write};
     use SmpVersion::{V1, V2};
     let name = |n: &str| cbor(vec![("name", Value::Text(n.into()))]);
@@ -176,8 +261,7 @@ fn hilbench_answers_as_zephyrs_own_smp_server_does() {
         }
         b
     };
-    // Requests whose answers must be the same bytes.
-    let same: Vec<Request> = vec![
+    vec![
         ("echo v2", V2, Write, 0, 0, cbor(vec![("d", Value::Text("hilbench".into()))])),
         ("echo v1 as a read", V1, Read, 0, 0, cbor(vec![("d", Value::Text("x".repeat(200)))])),
         ("echo without d", V2, Write, 0, 0, cbor(vec![])),
@@ -265,24 +349,22 @@ fn hilbench_answers_as_zephyrs_own_smp_server_does() {
         ("fs: 1000 bytes, download 1", V2, Read, 8, 0, cbor(vec![("name", Value::Text("/lfs1/big".into())), ("off", Value::from(0))])),
         ("fs: 1000 bytes, download 2", V2, Read, 8, 0, cbor(vec![("name", Value::Text("/lfs1/big".into())), ("off", Value::from(340))])),
         ("fs: 1000 bytes, download 3", V2, Read, 8, 0, cbor(vec![("name", Value::Text("/lfs1/big".into())), ("off", Value::from(680))])),
-    ];
-    let mut differ = Vec::new();
-    for (i, (what, version, op, group, command, body)) in same.iter().enumerate() {
-        let seq = (100 + i) as u8;
-        // The reserved version: version bits 2 (0x10) in byte 0, sent as built here.
-        let (za, ha) = if *what == "reserved version" {
-            let raw = |c: &mut Client| {
-                c.send_paced(&[0x10, 0, 0, 1, 0, 0, seq, 0, 0xa0]);
-                c.next_message().expect("an answer to a reserved version")
-            };
-            (raw(&mut z), raw(&mut h))
-        } else {
-            (z.ask(*version, *op, *group, *command, seq, body), h.ask(*version, *op, *group, *command, seq, body))
-        };
-        if za != ha {
-            differ.push(format!("{what}:\n  zephyr   {:02x?}\n  hilbench {:02x?}\n  zephyr   {:?}\n  hilbench {:?}", za, ha, decoded(&za), decoded(&ha)));
-        }
-    }
+    ]
+}
+
+#[test]
+fn hilbench_answers_as_zephyrs_own_smp_server_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let zephyr = start_zephyr(dir.path());
+    let sim = common::start_sim(&["smp-server", "--tty", "auto", "--buf-size", "384", "--buf-count", "4", "--no-banner"], dir.path());
+    let mut z = Client::open(&zephyr.tty);
+    let mut h = Client::open(&sim.tty());
+    z.wait_ready();
+    h.wait_ready();
+    use SmpOp::Read;
+    use SmpVersion::V2;
+    let same = same_requests();
+    let differ = compare(&mut z, &mut h, &same);
     // Configuration differs (build, tasks, groups built in): the same shape, not the same bytes.
     let (zh, zm) = decoded(&z.ask(V2, Read, 0, 2, 1, &cbor(vec![])));
     let (hh, hm) = decoded(&h.ask(V2, Read, 0, 2, 1, &cbor(vec![])));
@@ -340,4 +422,22 @@ fn validate_reads_zephyrs_own_server() {
     assert!(report["checks"][5]["detail"].as_str().unwrap().contains("rc 8"), "{report:#}");
     assert_eq!(out.status.code(), Some(1));
     drop(zephyr);
+}
+
+/// The same requests over UDP, against the UDP build of Zephyr's smp_svr (native_sim's
+/// offloaded sockets on the host's 0.0.0.0:1337) and `hilbench sim smp-server` with the same
+/// buffers: the same bytes back, datagram for datagram.
+#[test]
+fn hilbench_answers_as_zephyrs_own_udp_server_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(zephyr_exe(ZEPHYR_UDP)).arg("-stop_at=120").current_dir(dir.path()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("the Zephyr UDP binary starts");
+    let _zephyr = Zephyr { child, tty: PathBuf::new() };
+    let mut z = UdpClient::open("127.0.0.1:1337".parse().unwrap());
+    z.wait_ready();
+    let sim = common::start_sim(&["smp-server", "--udp", "127.0.0.1:0", "--buf-size", "2048", "--buf-count", "2"], dir.path());
+    let mut h = UdpClient::open(sim.ready["endpoints"]["udp"].as_str().unwrap().parse().unwrap());
+    h.wait_ready();
+    let differ = compare(&mut z, &mut h, &same_requests());
+    assert!(differ.is_empty(), "{} answers differ from Zephyr's over UDP:\n{}", differ.len(), differ.join("\n"));
+    assert_eq!(sim.stop(), 0);
 }
