@@ -107,3 +107,19 @@ fn bad_arguments_exit_2() {
     let out = run(&["--udp", "no such host!"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A firmware whose work queue takes 20 ms a line, with Zephyr's two line buffers, drops the
+/// rest of a burst: chunks that fill the 384-byte buffer (five lines) never arrive whole and
+/// the upload times out; with `--line-buffers 2` each chunk fits two lines and it passes.
+#[test]
+fn line_buffers_size_serial_chunks_for_a_slow_work_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = common::start_sim(&["smp-server", "--tty", "auto", "--buf-size", "384", "--line-work", "20ms", "--line-buffers", "2", "--boot-time", "300ms"], dir.path());
+    let tty = sim.ready["endpoints"]["tty"].as_str().unwrap().to_string();
+    let (code, report) = validate(&["--tty", &tty, "--timeout", "1s", "--erase-timeout", "2s"]);
+    assert_eq!((verdict(&report, "upload"), code), ("fail".to_string(), 1), "{report:#}");
+    let (code, report) = validate(&["--tty", &tty, "--line-buffers", "2"]);
+    assert!(verdicts(&report).iter().all(|(_, v)| v == "pass"), "{report:#}");
+    assert_eq!(code, 0);
+    assert_eq!(sim.stop(), 0);
+}

@@ -19,14 +19,20 @@ use crate::protocol::smp::{self, group, SmpOp, SmpVersion};
 #[derive(Debug, Clone)]
 pub struct SmpValidateConfig {
     pub target: SmpTarget,
-    /// Per-request answer timeout (the first upload chunk, which erases the slot, gets 40 s).
+    /// Per-request answer timeout (the first upload chunk, which erases the slot, gets `erase_timeout`).
     pub timeout: Duration,
     /// How long a reset may keep the device away.
     pub boot_timeout: Duration,
+    /// How long the first upload chunk may take: its answer waits for the slot's erase.
+    pub erase_timeout: Duration,
     /// Only read: no upload, no test, no reset.
     pub read_only: bool,
     /// The image to upload (default: a generated one, one major version up).
     pub image: Option<Vec<u8>>,
+    /// Serial: the device's receive line buffers; each request must fit in
+    /// this many console lines, or a firmware whose work queue is behind
+    /// drops the rest of the burst (smpclient's `line_buffers`).
+    pub line_buffers: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -412,7 +418,9 @@ async fn update(s: &mut Session<'_>, cfg: &SmpValidateConfig, buf_size: usize, b
         return s.add("upload", Verdict::Fail, "the image to upload is not an MCUboot image");
     };
     let version = parsed.header.version.to_string();
-    if !upload(s, &image, buf_size, report).await {
+    // A console line carries 93 bytes of the packet (124 base64 characters).
+    let limit = cfg.line_buffers.map_or(buf_size, |n| buf_size.min(93 * n.max(1)));
+    if !upload(s, &image, limit, cfg.erase_timeout, report).await {
         return;
     }
     let Some(after) = state_read(s, "state_after_upload").await else { return };
@@ -464,14 +472,14 @@ fn generated_image(before: &[SlotState]) -> Vec<u8> {
 /// The upload with two forced resumes: a fresh start with the same `sha`
 /// (the server must answer its current `off`, writing nothing) and a chunk
 /// past the expected offset (success with the expected `off`, data dropped).
-async fn upload(s: &mut Session<'_>, image: &[u8], buf_size: usize, report: &mut SmpValidationReport) -> bool {
+async fn upload(s: &mut Session<'_>, image: &[u8], buf_size: usize, erase_timeout: Duration, report: &mut SmpValidationReport) -> bool {
     let sha = crate::protocol::mcuboot::sha256(image).to_vec();
     let room = chunk_room(buf_size, image.len(), &sha);
     let chunk = |off: usize| Value::Bytes(image[off..(off + room).min(image.len())].to_vec());
     let first = vec![("image", Value::Integer(0.into())), ("len", Value::Integer(image.len().into())), ("off", Value::Integer(0.into())), ("sha", Value::Bytes(sha.clone())), ("data", chunk(0))];
     // The first chunk erases the slot: clients wait up to 40 s for it.
     let normal = s.conn.timeout;
-    s.conn.timeout = normal.max(Duration::from_secs(40));
+    s.conn.timeout = normal.max(erase_timeout);
     let m = s.write(group::IMAGE, 1, first).await;
     s.conn.timeout = normal;
     let Some(m) = s.success("upload", m) else { return false };

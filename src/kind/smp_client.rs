@@ -204,8 +204,10 @@ impl RunningSmpClient {
             target: self.target.clone(),
             timeout: conn.timeout,
             boot_timeout: s.boot_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            erase_timeout: Duration::from_secs(40),
             read_only: s.read_only,
             image: None,
+            line_buffers: None,
         };
         let report = validate_on(&mut conn, &cfg, SmpValidationReport::new(&self.target)).await;
         drop(conn);

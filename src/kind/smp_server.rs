@@ -435,7 +435,7 @@ The full run replaces the device's firmware with the uploaded image: on real har
 
 Examples:
   hilbench validate smp-server --udp 192.168.1.20 --read-only
-  hilbench validate smp-server --tty /dev/ttyACM0 --baud 115200 --image app.signed.bin --json
+  hilbench validate smp-server --tty /dev/ttyACM0 --baud 115200 --line-buffers 2 --image app.signed.bin --json
   hilbench validate smp-server --ble C0:DE:00:00:00:01 --adapter hci1 --read-only
   # against the simulator (any free UDP port):
   hilbench sim smp-server --udp 127.0.0.1:0 --buf-size 384 > smp.json & sim=$!
@@ -459,6 +459,11 @@ pub struct SmpValidateArgs {
     pub tty: Option<PathBuf>,
     #[arg(long, default_value_t = 115_200, requires = "tty")]
     pub baud: u32,
+    /// Serial: the device's receive line buffers (CONFIG_UART_MCUMGR_RX_BUF_COUNT, Zephyr's
+    /// default 2): upload chunks are sized to fit that many console lines, so a firmware
+    /// whose work queue is behind does not drop the rest of a burst.
+    #[arg(long, value_name = "N", requires = "tty", value_parser = clap::value_parser!(u16).range(1..))]
+    pub line_buffers: Option<u16>,
     /// The server's BLE address (BlueZ on the system bus, DBUS_SYSTEM_BUS_ADDRESS).
     #[arg(long, value_name = "ADDRESS")]
     pub ble: Option<String>,
@@ -471,6 +476,9 @@ pub struct SmpValidateArgs {
     /// How long a reset may keep the device away.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub boot_timeout: Duration,
+    /// How long the first upload chunk may take (its answer waits for the slot's erase).
+    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    pub erase_timeout: Duration,
     /// Only read: no upload, test, confirm or reset.
     #[arg(long)]
     pub read_only: bool,
@@ -514,7 +522,7 @@ fn validate_main(a: SmpValidateArgs) -> i32 {
             return 2;
         }
     };
-    let cfg = SmpValidateConfig { target, timeout: a.timeout, boot_timeout: a.boot_timeout, read_only: a.read_only, image };
+    let cfg = SmpValidateConfig { target, timeout: a.timeout, boot_timeout: a.boot_timeout, erase_timeout: a.erase_timeout, read_only: a.read_only, image, line_buffers: a.line_buffers.map(usize::from) };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
