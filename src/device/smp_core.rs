@@ -214,7 +214,7 @@ pub enum SmpProfile {
     SerialRecovery,
     /// The application's reset hook (CONFIG_MCUMGR_GRP_OS_RESET_HOOK)
     /// refuses a reset that is not forced: `{"rc": 10}` (MGMT_ERR_EBUSY);
-    /// `force` > 0 resets.
+    /// `"force": true` resets (os_mgmt reads it as a bool: an integer 1 does not force).
     ResetBusy,
 }
 
@@ -237,7 +237,7 @@ impl SmpProfile {
             SmpProfile::LegacyRc => "\"rc\": 0 in every success (strict clients such as smpclient refuse it)",
             SmpProfile::StaleOffsetAfterErase => "an image erase keeps the upload session: a resume by sha goes on at the old offset over an erased slot",
             SmpProfile::SerialRecovery => "MCUboot serial recovery: the bootloader's few commands, rc in every answer, uploads straight into the primary slot",
-            SmpProfile::ResetBusy => "the application refuses a reset without force: {\"rc\": 10} (EBUSY); force: 1 resets",
+            SmpProfile::ResetBusy => "the application refuses a reset without force: {\"rc\": 10} (EBUSY); \"force\": true resets (an integer 1 does not: os_mgmt decodes a bool)",
         }
     }
 }
@@ -620,11 +620,9 @@ impl SmpServer {
         if smp::get(m, "force").is_some_and(|f| !matches!(f, Value::Bool(_) | Value::Integer(_))) || smp::get(m, "boot_mode").is_some_and(|b| smp::as_u64(b).is_none()) {
             return Reply::Rc(MgmtErr::Inval);
         }
-        let forced = match smp::get(m, "force") {
-            Some(Value::Bool(b)) => *b,
-            Some(v) => smp::as_i64(v).is_some_and(|f| f > 0),
-            None => false,
-        };
+        // os_mgmt decodes `force` with zcbor_bool_decode and ignores a failure:
+        // an integer (smpclient sends 1) leaves it false.
+        let forced = matches!(smp::get(m, "force"), Some(Value::Bool(true)));
         if self.has(SmpProfile::ResetBusy) && !forced {
             self.events.push(SmpEvent::ResetRefused);
             return Reply::Rc(MgmtErr::Busy);
@@ -1807,11 +1805,12 @@ mod tests {
     #[test]
     fn a_busy_application_refuses_an_unforced_reset() {
         let mut s = SmpServer::new(SmpServerConfig { profiles: vec![SmpProfile::ResetBusy], ..Default::default() }).unwrap();
-        for body in [vec![], vec![("force", Value::from(0))], vec![("force", Value::Bool(false))]] {
+        // os_mgmt decodes a bool: an integer force (smpclient's 1) does not force.
+        for body in [vec![], vec![("force", Value::from(0))], vec![("force", Value::Bool(false))], vec![("force", Value::from(1))]] {
             assert_eq!(rc(&ask(&mut s, SmpOp::Write, group::OS, 5, body)), Some(10));
         }
         assert!(s.take_events().iter().all(|e| *e == SmpEvent::ResetRefused));
-        let m = ask(&mut s, SmpOp::Write, group::OS, 5, vec![("force", Value::from(1))]);
+        let m = ask(&mut s, SmpOp::Write, group::OS, 5, vec![("force", Value::Bool(true))]);
         assert!(m.is_empty(), "{m:?}");
         assert_eq!(s.take_events(), vec![SmpEvent::ResetRequested]);
     }
