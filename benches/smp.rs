@@ -85,12 +85,20 @@ impl Drop for Server {
     }
 }
 
-fn start_sim(args: &[&str]) -> Server {
-    let mut child = Command::new(SIM).args(["sim", "smp-server", "--udp", "127.0.0.1:0"]).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("hilbench starts");
+/// `hilbench sim smp-server ARGS…` and its ready line (its endpoints).
+fn sim_ready(args: &[&str]) -> (Child, serde_json::Value) {
+    let mut child = Command::new(SIM).args(["sim", "smp-server"]).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("hilbench starts");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("a ready line");
     let ready: serde_json::Value = serde_json::from_str(&line).expect("the ready line is JSON");
-    let addr = ready["endpoints"]["udp"].as_str().expect("endpoints.udp").parse().unwrap();
+    (child, ready["endpoints"].clone())
+}
+
+fn start_sim(args: &[&str]) -> Server {
+    let mut all = vec!["--udp", "127.0.0.1:0"];
+    all.extend(args);
+    let (child, endpoints) = sim_ready(&all);
+    let addr = endpoints["udp"].as_str().expect("endpoints.udp").parse().unwrap();
     Server { child, addr }
 }
 
@@ -210,16 +218,8 @@ fn serial() {
     use hilbench::protocol::smp::serial;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let baud = 115_200u32;
-    let mut child = Command::new(SIM)
-        .args(["sim", "smp-server", "--tty", "auto", "--baud", "115200", "--buf-size", "384", "--no-banner"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("hilbench starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("a ready line");
-    let ready: serde_json::Value = serde_json::from_str(&line).expect("the ready line is JSON");
-    let tty = PathBuf::from(ready["endpoints"]["tty"].as_str().expect("endpoints.tty"));
+    let (child, endpoints) = sim_ready(&["--tty", "auto", "--baud", "115200", "--buf-size", "384", "--no-banner"]);
+    let tty = PathBuf::from(endpoints["tty"].as_str().expect("endpoints.tty"));
     let server = Server { child, addr: "127.0.0.1:0".parse().unwrap() };
     let image = mcuboot::build_image(ImageVersion { major: 2, ..Default::default() }, &vec![0x5a; 32 * 1024]);
     let sha = Value::Bytes(mcuboot::sha256(&image).to_vec());
@@ -319,16 +319,7 @@ fn scale() {
 
 /// The sim on its own air, at `mtu`: the process, its BLE address and the air's bus.
 fn start_ble_sim(mtu: u16) -> (Child, String, String) {
-    let mut child = Command::new(SIM)
-        .args(["sim", "smp-server", "--ble", "--buf-size", "2048", "--mtu", &mtu.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("hilbench starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("a ready line");
-    let ready: serde_json::Value = serde_json::from_str(&line).expect("the ready line is JSON");
-    let e = &ready["endpoints"];
+    let (child, e) = sim_ready(&["--ble", "--buf-size", "2048", "--mtu", &mtu.to_string()]);
     (child, e["ble"].as_str().expect("endpoints.ble").to_string(), e["dbus_system_bus_address"].as_str().expect("the air's bus").to_string())
 }
 

@@ -434,6 +434,9 @@ fn hilbench_answers_as_zephyrs_own_udp_server_does() {
     let _zephyr = Zephyr { child, tty: PathBuf::new() };
     let mut z = UdpClient::open("127.0.0.1:1337".parse().unwrap());
     z.wait_ready();
+    // The one answering on port 1337 is Zephyr (not a leftover simulator): its OS info says so.
+    let (_, info) = decoded(&z.ask(SmpVersion::V2, SmpOp::Read, 0, 7, 1, &cbor(vec![("format", Value::Text("a".into()))])));
+    assert!(matches!(smp::get(&info, "output"), Some(Value::Text(o)) if o.contains("native_sim")), "not Zephyr on 127.0.0.1:1337: {info:?}");
     let sim = common::start_sim(&["smp-server", "--udp", "127.0.0.1:0", "--buf-size", "2048", "--buf-count", "2"], dir.path());
     let mut h = UdpClient::open(sim.ready["endpoints"]["udp"].as_str().unwrap().parse().unwrap());
     h.wait_ready();

@@ -51,3 +51,27 @@ pub async fn find_peripheral(central: &Adapter, wanted: impl Fn(&PeripheralPrope
     let _ = central.stop_scan().await;
     found.map_err(|_| TransactionError::new("not_found", format!("{what} not seen within {} s of scanning", within.as_secs_f64())))
 }
+
+/// Connects and discovers the services, each within `within`. A connection
+/// that does not come in time is cancelled: BlueZ would go on trying after
+/// the caller stopped waiting and connect later to no one's use (holding a
+/// single-connection device). The error names the step that failed.
+pub async fn connect_and_discover(peripheral: &Peripheral, within: Duration) -> Result<(), (&'static str, String)> {
+    match tokio::time::timeout(within, peripheral.connect()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(("connect", e.to_string())),
+        Err(_) => {
+            let _ = tokio::time::timeout(Duration::from_secs(5), peripheral.disconnect()).await;
+            return Err(("connect", format!("no connection within {} ms", within.as_millis())));
+        }
+    }
+    let discovered = match tokio::time::timeout(within, peripheral.discover_services()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(("service discovery", e.to_string())),
+        Err(_) => Err(("service discovery", "timed out".to_string())),
+    };
+    if discovered.is_err() {
+        let _ = peripheral.disconnect().await;
+    }
+    discovered
+}

@@ -149,22 +149,8 @@ impl JbdSession {
     /// Connects, finds 0xFF01/0xFF02, subscribes, waits `settle`.
     pub async fn open(peripheral: Peripheral, timeout: Duration, settle: Duration, link: Option<Arc<Mutex<LinkEngine>>>, epoch: Instant) -> Result<Self, TransactionError> {
         let failed = |what: &str, e: String| TransactionError::new("connect_failed", format!("{what}: {e}"));
-        match tokio::time::timeout(timeout, peripheral.connect()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(failed("connect", e.to_string())),
-            Err(_) => {
-                // BlueZ keeps trying after the caller stopped waiting and
-                // would connect later to no one's use (holding a
-                // single-connection BMS from the phone); Disconnect cancels it.
-                let _ = tokio::time::timeout(Duration::from_secs(5), peripheral.disconnect()).await;
-                return Err(failed("connect", format!("no connection within {} ms", timeout.as_millis())));
-            }
-        }
+        super::ble_central::connect_and_discover(&peripheral, timeout).await.map_err(|(what, e)| failed(what, e))?;
         let session = async {
-            tokio::time::timeout(timeout, peripheral.discover_services())
-                .await
-                .map_err(|_| failed("service discovery", "timed out".into()))?
-                .map_err(|e| failed("service discovery", e.to_string()))?;
             let chars = peripheral.characteristics();
             let find = |u: uuid::Uuid| chars.iter().find(|c| c.uuid == u && c.service_uuid == SERVICE_UUID).cloned();
             let notify = find(NOTIFY_UUID).ok_or_else(|| failed("GATT", "no characteristic 0xFF01 in service 0xFF00".into()))?;

@@ -163,17 +163,8 @@ impl BleIo {
             .await
             .map_err(|e| ExchangeError::Io(e.detail))?;
         let within = timeout.max(Duration::from_secs(5));
-        match tokio::time::timeout(within, peripheral.connect()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(io("connect", e.to_string())),
-            Err(_) => {
-                // BlueZ would go on trying after we stopped waiting.
-                let _ = tokio::time::timeout(Duration::from_secs(5), peripheral.disconnect()).await;
-                return Err(io("connect", format!("no connection within {} ms", within.as_millis())));
-            }
-        }
+        super::ble_central::connect_and_discover(&peripheral, within).await.map_err(|(what, e)| io(what, e))?;
         let opened = async {
-            tokio::time::timeout(within, peripheral.discover_services()).await.map_err(|_| io("service discovery", "timed out".into()))?.map_err(|e| io("service discovery", e.to_string()))?;
             let smp = peripheral.characteristics().into_iter().find(|c| c.uuid == SMP_CHARACTERISTIC_UUID).ok_or_else(|| io("GATT", "no SMP characteristic (DA2E7828-…)".into()))?;
             let notifications = peripheral.notifications().await.map_err(|e| io("notifications", e.to_string()))?;
             tokio::time::timeout(within, peripheral.subscribe(&smp)).await.map_err(|_| io("subscribe", "timed out".into()))?.map_err(|e| io("subscribe", e.to_string()))?;

@@ -487,6 +487,10 @@ async fn upload(s: &mut Session<'_>, image: &[u8], buf_size: usize, erase_timeou
         s.add("upload", Verdict::Fail, format!("the first chunk's answer has no `off`: {m:?}"));
         return false;
     };
+    if off == 0 || off > image.len() {
+        s.add("upload", Verdict::Fail, format!("the first chunk was answered with `off` {off}: no progress or past the {}-byte image", image.len()));
+        return false;
+    }
     let started = Instant::now();
     let (mut chunks, mut resumed) = (1usize, false);
     while off < image.len() {

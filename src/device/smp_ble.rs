@@ -94,7 +94,11 @@ impl SmpBleSide {
             discoverable: Some(true),
             ..Default::default()
         };
-        self.adv = Some(self.adapter.advertise(adv).await.map_err(|e| format!("advertising on {}: {e}", self.cfg.adapter))?);
+        // The host waits for this; a BlueZ that does not answer must not hold it.
+        let registered = tokio::time::timeout(std::time::Duration::from_secs(5), self.adapter.advertise(adv))
+            .await
+            .map_err(|_| format!("advertising on {}: BlueZ did not answer within 5 s", self.cfg.adapter))?;
+        self.adv = Some(registered.map_err(|e| format!("advertising on {}: {e}", self.cfg.adapter))?);
         Ok(())
     }
 

@@ -496,7 +496,10 @@ fn udp_target(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
     }
-    let with_port = if s.parse::<std::net::IpAddr>().is_ok() || !s.contains(':') { format!("{s}:1337") } else { s.to_string() };
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 1337));
+    }
+    let with_port = if s.contains(':') { s.to_string() } else { format!("{s}:1337") };
     with_port.to_socket_addrs().map_err(|e| format!("--udp {s}: {e}"))?.next().ok_or_else(|| format!("--udp {s}: no address"))
 }
 

@@ -165,22 +165,15 @@ impl GattServer {
         }
     }
 
-    /// Drops a central's link: through BlueZ's Device1 on real BlueZ; the
-    /// virtual air has no device objects on a peripheral's adapter, and its
-    /// links are its own, so there the air is asked (org.hilbench.Air1).
+    /// Drops a central's link (real BlueZ; on the air a central's link is
+    /// the air's, and only [`GattServer::disconnect_all`] asks it).
     pub fn disconnect(&self, central: &str) {
-        let adapter = self.adapter.clone();
-        let device = central.parse::<bluer::Address>().ok().and_then(|a| adapter.device(a).ok());
-        tokio::spawn(async move {
-            if let Some(d) = device {
-                if d.disconnect().await.is_ok() {
-                    return;
-                }
-            }
-            if let Err(e) = ask_the_air_to_disconnect(adapter.name()).await {
-                tracing::debug!("dropping the link on {}: {e}", adapter.name());
-            }
-        });
+        let Ok(a) = central.parse::<bluer::Address>() else { return };
+        if let Ok(d) = self.adapter.device(a) {
+            tokio::spawn(async move {
+                let _ = d.disconnect().await;
+            });
+        }
     }
 }
 
