@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::device::jbd_core::{JbdBms, JbdConfig, JbdProfile, JbdQuirk};
 use crate::protocol::eg4::{Eg4Telemetry, RegisterImage, RegisterProfile};
 use crate::protocol::modbus::FrameLength;
-use crate::protocol::{bvlc_sc, dbus, eg4_legacy, jbd, modbus, smp};
+use crate::protocol::{bvlc_sc, dbus, eg4_legacy, jbd, modbus, shelly, smp};
 
 /// A fuzz harness: arbitrary bytes in, panic on a broken invariant.
 pub type Harness = fn(&[u8]) -> bool;
@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("smp_frame", smp_frames_round_trip),
     ("smp_server", smp_server_answers_are_well_formed),
     ("smp_serial", smp_serial_link_keeps_time_and_bounds),
+    ("shelly_frame", shelly_frames_round_trip),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -747,4 +748,65 @@ pub fn smp_serial_link_keeps_time_and_bounds(data: &[u8]) -> bool {
     assert_eq!(link.next_due(), None, "something left on the link after an hour");
     let _ = server.take_events();
     messages > 0
+}
+
+// ---------------------------------------------------------------------------------------
+// Shelly RPC
+// ---------------------------------------------------------------------------------------
+
+/// Arbitrary bytes as a Shelly RPC frame, as an HTTP `Authorization` header and as an RPC
+/// `auth` object. Invariants: no panic; a decoded call or response encodes back to a frame
+/// that decodes to the same call or response; a decoded object's status delta against `{}`
+/// merges back into the object; a digest answer never authenticates against a device whose
+/// password the input cannot know.
+pub fn shelly_frames_round_trip(data: &[u8]) -> bool {
+    use shelly::digest::{AuthMode, DigestAnswer, DigestAuth};
+    let text = String::from_utf8_lossy(data);
+    let mut auth = DigestAuth::new(AuthMode::V2, "dev", "a password no input has", 0, 1);
+    if let Some(a) = DigestAnswer::from_http(&text, "GET") {
+        assert!(auth.check(Some(&a), Duration::ZERO).is_err(), "a guessed HTTP digest authenticated");
+    }
+    let Ok(frame) = shelly::decode_frame(data) else { return false };
+    let again = match &frame {
+        shelly::RpcFrame::Call(c) => {
+            if let Some(a) = c.auth.as_ref().and_then(DigestAnswer::from_rpc) {
+                assert!(auth.check(Some(&a), Duration::ZERO).is_err(), "a guessed RPC digest authenticated");
+            }
+            match &c.id {
+                Some(id) => shelly::encode_request(id, c.src.as_deref(), &c.method, &c.params, c.auth.as_ref()),
+                None => shelly::encode_notification(c.src.as_deref().unwrap_or(""), c.dst.as_deref(), &c.method, &c.params),
+            }
+        }
+        shelly::RpcFrame::Response(r) => shelly::encode_response(r.id.as_ref(), r.src.as_deref().unwrap_or(""), r.dst.as_deref(), &r.outcome),
+    };
+    let decoded = shelly::decode_frame(&again).expect("an encoded frame did not decode");
+    match (&frame, &decoded) {
+        (shelly::RpcFrame::Call(a), shelly::RpcFrame::Call(b)) => {
+            // A notification carries no auth.
+            let auth = |c: &shelly::RpcCall| c.id.as_ref().and(c.auth.clone());
+            assert_eq!((&a.id, &a.method, &a.params, auth(a)), (&b.id, &b.method, &b.params, auth(b)), "a call changed in a round trip");
+        }
+        (shelly::RpcFrame::Response(a), shelly::RpcFrame::Response(b)) => {
+            assert_eq!((&a.id, &a.outcome), (&b.id, &b.outcome), "a response changed in a round trip");
+        }
+        _ => panic!("a frame changed kind in a round trip"),
+    }
+    if let Ok(v @ serde_json::Value::Object(_)) = serde_json::from_slice::<serde_json::Value>(data) {
+        let mut merged = serde_json::json!({});
+        if let Some(delta) = shelly::status_delta(&merged, &v) {
+            shelly::merge_status(&mut merged, &delta);
+        }
+        // A null in the input is a removal in a delta, so compare without them.
+        assert_eq!(merged, without_nulls(&v), "a status delta did not merge back");
+    }
+    true
+}
+
+fn without_nulls(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => {
+            serde_json::Value::Object(m.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), without_nulls(v))).collect())
+        }
+        other => other.clone(),
+    }
 }

@@ -7,12 +7,12 @@
 //! carries `URI:urn:uuid:<random v4>` so it can be bound to the node's
 //! Device UUID. These are test credentials: never deploy them.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::protocol::lower_hex as hex;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
     IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
@@ -358,12 +358,6 @@ fn serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().fold(String::new(), |mut s, x| {
-        let _ = write!(s, "{x:02x}");
-        s
-    })
-}
 
 /// RFC 9562 version 4 UUID, lower-case hyphenated.
 fn uuid_v4() -> String {

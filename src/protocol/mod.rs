@@ -17,6 +17,7 @@
 //!   and the hub's forwarding rewrite.
 //! * [`mcuboot`] — MCUboot images: header, TLVs, the SHA-256 an SMP server reports.
 //! * [`smp`] — MCUmgr SMP: header, CBOR payloads, error forms, serial console lines.
+//! * [`shelly`] — Shelly Gen2+ RPC frames, error forms, digest authentication.
 
 pub mod bvlc_sc;
 pub mod dbus;
@@ -25,4 +26,14 @@ pub mod eg4_legacy;
 pub mod jbd;
 pub mod mcuboot;
 pub mod modbus;
+pub mod shelly;
 pub mod smp;
+
+/// Bytes as lower-case hex, no separators (digests as protocols print them).
+pub fn lower_hex(b: &[u8]) -> String {
+    use std::fmt::Write as _;
+    b.iter().fold(String::with_capacity(b.len() * 2), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
