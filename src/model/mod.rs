@@ -14,6 +14,7 @@
 pub mod filesystem;
 pub mod firmware;
 pub mod pack;
+pub mod relay;
 pub mod settings;
 pub use pack::*;
 

@@ -257,6 +257,11 @@ impl DigestAuth {
         }
     }
 
+    /// The password as `Shelly.SetAuth` sends it: its ha1, in hex.
+    pub fn set_ha1(&mut self, ha1: &str) {
+        self.ha1 = ha1.to_ascii_lowercase();
+    }
+
     pub fn mode(&self) -> AuthMode {
         self.mode
     }
