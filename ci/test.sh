@@ -34,7 +34,7 @@ if ((${#need[@]})); then
 fi
 
 venv=target/venv
-if ! "$venv/bin/python" -c 'import pymodbus, serial, rusty_bacnet, bleak, smpclient, smpmgr, mcumgr_toolkit' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import pymodbus, serial, rusty_bacnet, bleak, smpclient, smpmgr, mcumgr_toolkit, aioshelly' 2>/dev/null; then
   echo "== creating Python venv with third-party clients in $venv"
   mkdir -p target
   python3 -m venv "$venv"

@@ -80,6 +80,9 @@ pub enum ObservationKind {
     /// or an smp-client's validation check (check_pass, check_warn, check_fail; `detail`
     /// is `NAME: what was seen`).
     Smp { event: String, detail: String },
+    /// A Shelly device's event: `call` (detail `{"method", "code"}`, code 0 a
+    /// result), `invalid` (a frame dropped), `notify`, `rebooted`, `up`.
+    Shelly { event: String, detail: String },
 }
 
 impl ObservationKind {
@@ -102,6 +105,7 @@ impl ObservationKind {
         "bsc_raw_refused",
         "hub",
         "smp",
+        "shelly",
     ];
 
     /// The serialized `type` tag.
@@ -124,6 +128,7 @@ impl ObservationKind {
             ObservationKind::BscRawRefused { .. } => "bsc_raw_refused",
             ObservationKind::Hub { .. } => "hub",
             ObservationKind::Smp { .. } => "smp",
+            ObservationKind::Shelly { .. } => "shelly",
         }
     }
 }
@@ -226,6 +231,7 @@ mod tests {
             ObservationKind::BscRawClosed { code: Some(1003), reason: String::new() },
             ObservationKind::Hub { event: "accepted".into(), detail: String::new() },
             ObservationKind::Smp { event: "rebooted".into(), detail: String::new() },
+            ObservationKind::Shelly { event: "up".into(), detail: String::new() },
         ];
         for k in kinds {
             let v = serde_json::to_value(&k).unwrap();

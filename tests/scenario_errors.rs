@@ -283,6 +283,7 @@ fn the_registry_lists_every_kind_and_a_minimal_entry_of_each_parses() {
         ("jbd-bms", Role::Device, "{name: bms, kind: jbd-bms}"),
         ("bsc-hub", Role::Device, "{name: hub, kind: bsc-hub}"),
         ("smp-server", Role::Device, "{name: dut, kind: smp-server}"),
+        ("shelly", Role::Device, "{name: relay, kind: shelly}"),
         ("modbus-master", Role::Client, "{name: c, kind: modbus-master, port: p, addresses: [1]}"),
         ("inverter-master", Role::Client, "{name: c, kind: inverter-master, port: p, addresses: [1]}"),
         ("modbus-sniffer", Role::Client, "{name: c, kind: modbus-sniffer, port: p}"),

@@ -8,6 +8,7 @@ pub mod eg4_core;
 pub mod jbd;
 pub mod jbd_core;
 pub mod shelly_core;
+pub mod shelly_host;
 pub mod smp_ble;
 pub mod smp_core;
 pub mod smp_serial;

@@ -163,6 +163,9 @@ pub struct ShellyDevice {
     seed: u64,
     boot_time: Duration,
     events: Vec<ShellyEvent>,
+    /// What a switch or cover reports as the `source` of a change the
+    /// current call makes (`WS_in`, `HTTP_in`).
+    call_source: &'static str,
 }
 
 fn component_index(key: &str) -> Option<(&str, u32)> {
@@ -214,6 +217,7 @@ impl ShellyDevice {
             seed: config.seed,
             boot_time: config.boot_time,
             events: Vec::new(),
+            call_source: "WS_in",
         };
         dev.cfg_rev = dev.config.get("sys").and_then(|s| s["cfg_rev"].as_u64()).unwrap_or(1);
         if let Some(name) = &config.name {
@@ -396,6 +400,7 @@ impl ShellyDevice {
         }
         let RpcCall { id, src, method, params, auth, .. } = call;
         let answer = auth.as_ref().and_then(DigestAnswer::from_rpc);
+        self.call_source = "WS_in";
         let outcome = self.call(&method, &params, answer, now);
         self.events.push(ShellyEvent::Call { method: method.clone(), code: outcome.as_ref().err().map_or(0, |e| e.code) });
         let bytes = shelly::encode_response(id.as_ref(), &self.id, src.as_deref(), &outcome);
@@ -411,6 +416,7 @@ impl ShellyDevice {
             return None;
         }
         let answer = authorization.and_then(|h| DigestAnswer::from_http(h, http_method));
+        self.call_source = "HTTP_in";
         let outcome = self.call(method, params, answer, now);
         self.events.push(ShellyEvent::Call { method: method.to_string(), code: outcome.as_ref().err().map_or(0, |e| e.code) });
         Some(match outcome {

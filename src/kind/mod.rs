@@ -19,6 +19,7 @@ pub mod jbd_client;
 pub mod legacy_client;
 pub mod modbus_master;
 pub mod modbus_sniffer;
+pub mod shelly;
 pub mod smp_client;
 pub mod smp_server;
 mod bsc_peer;
@@ -49,6 +50,7 @@ pub static REGISTRY: &[&dyn Kind] = &[
     &bsc_raw::BscRawKind,
     &smp_server::SmpServerKind,
     &smp_client::SmpClientKind,
+    &shelly::ShellyKind,
 ];
 
 /// Kinds a program using hilbench as a library added with [`register`].

@@ -112,6 +112,6 @@ fn describe(k: &crate::observe::ObservationKind) -> String {
             Some(s) => format!("refused with HTTP {s}: {error}"),
             None => format!("refused: {error}"),
         },
-        K::Hub { event, detail } | K::Smp { event, detail } => format!("{event}: {detail}"),
+        K::Hub { event, detail } | K::Smp { event, detail } | K::Shelly { event, detail } => format!("{event}: {detail}"),
     }
 }

@@ -335,12 +335,12 @@ impl ShellyDevice {
                 if after.is_some_and(|a| !(0.0..=MAX_DELAY.as_secs_f64()).contains(&a)) {
                     return Err(RpcError::invalid_argument("toggle_after", "out of range"));
                 }
-                let was_on = r.set(on, "WS_in", after.map(Duration::from_secs_f64), now);
+                let was_on = r.set(on, self.call_source, after.map(Duration::from_secs_f64), now);
                 Ok(json!({"was_on": was_on}))
             }
             "toggle" => {
                 let to = !r.output;
-                let was_on = r.set(to, "WS_in", None, now);
+                let was_on = r.set(to, self.call_source, None, now);
                 Ok(json!({"was_on": was_on}))
             }
             "resetcounters" => {
@@ -354,12 +354,13 @@ impl ShellyDevice {
     fn cover_method(&mut self, key: &str, verb: &str, method: &str, params: &Value, now: Duration) -> Result<Value, RpcError> {
         let n = component_index(key).map_or(0, |(_, n)| n);
         let unix = self.unix(now);
+        let source = self.call_source;
         let Some(c) = self.covers.get_mut(&n) else { return Err(self.unknown(method)) };
         match verb {
-            "open" => c.go_to(100.0, "WS_in", unix),
-            "close" => c.go_to(0.0, "WS_in", unix),
-            "stop" => c.stop("WS_in"),
-            "calibrate" => c.calibrate("WS_in", unix),
+            "open" => c.go_to(100.0, source, unix),
+            "close" => c.go_to(0.0, source, unix),
+            "stop" => c.stop(source),
+            "calibrate" => c.calibrate(source, unix),
             "gotoposition" => {
                 let target = match (number_param(params, "pos")?, number_param(params, "rel")?) {
                     (Some(p), _) => p,
@@ -369,7 +370,7 @@ impl ShellyDevice {
                 if !(0.0..=100.0).contains(&target) {
                     return Err(RpcError::invalid_argument("pos", "out of range"));
                 }
-                c.go_to(target, "WS_in", unix);
+                c.go_to(target, source, unix);
             }
             "resetcounters" => c.energy.reset(),
             _ => return Err(self.unknown(method)),

@@ -1,0 +1,531 @@
+//! The Shelly device's host: one sans-IO [`ShellyDevice`] behind its HTTP
+//! server and WebSocket, as Gen2+ firmware serves them on port 80.
+//!
+//! - `GET /shelly`: the device info, open without auth.
+//! - `GET /rpc/<Method>?k=v&…` (each value JSON when it parses, else a
+//!   string, as firmware reads query parameters) and `POST /rpc/<Method>`
+//!   (params as the JSON body): the result as the body, an error as
+//!   `{code, message}` with an HTTP status; digest auth by the standard
+//!   `Authorization` header, a 401 carrying `WWW-Authenticate`.
+//! - `POST /rpc`: one frame in the body, the response frame back.
+//! - `ws://…/rpc`: frames both ways as TEXT messages, notifications to a
+//!   peer once it has sent a request with a `src`; pings answered. Every
+//!   WebSocket message crosses the device's [`LinkEngine`] (named as the
+//!   device): faults and capture.
+//!
+//! A reboot drops every WebSocket without a close frame (the client sees
+//! 1006); while the device is down, connections are accepted and closed at
+//! once and HTTP requests get no answer.
+//!
+//! HTTP bodies past [`MAX_BODY`] are refused with 413 before they are read.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+
+use super::shelly_core::{HttpAnswer, ShellyConfig, ShellyDevice, ShellyEvent};
+use crate::link::{Direction, FaultRule, FrameRecord, LinkEngine};
+use crate::sans_io::{Input, Output, Peer, SansIoCore};
+
+/// The largest HTTP body read (a 1 MB body gets 413 unread).
+pub const MAX_BODY: usize = 64 * 1024;
+const EVENTS_QUEUED: usize = 1024;
+/// Frames a fault may hold back at once; more are dropped.
+const HELD_FRAMES: usize = 4096;
+/// WebSocket messages past this size are refused (the connection closes).
+const MAX_WS_MESSAGE: usize = 64 * 1024;
+
+/// Where the device is reached.
+#[derive(Debug, Clone)]
+pub struct ShellyEndpoints {
+    /// HTTP and WebSocket (port 0: any free port).
+    pub http: SocketAddr,
+    /// The link's fault randomness (the scenario seed).
+    pub seed: u64,
+    /// How many frames the link keeps for capture (`None`: all).
+    pub frame_limit: Option<usize>,
+    /// The link's name (a scenario's device name; default the device id).
+    pub link_name: Option<String>,
+}
+
+/// A running device; dropping it (or [`ShellyHandle::shutdown`]) stops it.
+pub struct ShellyHandle {
+    http: SocketAddr,
+    epoch: Instant,
+    id: String,
+    link: Arc<Mutex<LinkEngine>>,
+    commands: mpsc::UnboundedSender<Command>,
+    events: broadcast::Sender<ShellyEvent>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+enum WsOut {
+    Frame(Vec<u8>),
+    /// Drop the connection without a close frame.
+    Drop,
+}
+
+enum Command {
+    Set { key: String, value: f64, reply: oneshot::Sender<Result<(), String>> },
+    WsOpen { tx: mpsc::UnboundedSender<WsOut>, reply: oneshot::Sender<Option<Peer>> },
+    WsIn { peer: Peer, bytes: Vec<u8> },
+    WsClosed { peer: Peer },
+    Http { method: String, params: Value, authorization: Option<String>, http_method: String, reply: oneshot::Sender<Option<HttpAnswer>> },
+    Frame { bytes: Vec<u8>, reply: oneshot::Sender<Option<Vec<u8>>> },
+    DeviceInfo { reply: oneshot::Sender<Option<Value>> },
+}
+
+impl ShellyHandle {
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<ShellyEvent> {
+        self.events.subscribe()
+    }
+
+    /// Sets a state key ([`super::shelly_core::STATE_KEYS`]).
+    pub async fn set(&self, key: &str, value: f64) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Set { key: key.to_string(), value, reply }).map_err(|_| "the device has stopped".to_string())?;
+        rx.await.map_err(|_| "the device has stopped".to_string())?
+    }
+
+    fn link(&self) -> std::sync::MutexGuard<'_, LinkEngine> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fault on its link, from now.
+    pub fn add_fault(&self, rule: FaultRule) {
+        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        self.link().add_rule(rule, now_ns);
+    }
+
+    pub fn clear_faults(&self, name: Option<&str>) -> bool {
+        match name {
+            Some(n) => self.link().clear_named(n),
+            None => {
+                self.link().clear();
+                true
+            }
+        }
+    }
+
+    pub fn frames(&self) -> Vec<FrameRecord> {
+        self.link().frames().cloned().collect()
+    }
+
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for ShellyHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Binds the HTTP port and serves `config` there until shut down.
+pub async fn serve(config: ShellyConfig, endpoints: ShellyEndpoints) -> Result<ShellyHandle, String> {
+    let core = ShellyDevice::new(config)?;
+    let id = core.id().to_string();
+    let listener = TcpListener::bind(endpoints.http).await.map_err(|e| format!("cannot listen on {}: {e}", endpoints.http))?;
+    let http = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut engine = LinkEngine::new(endpoints.link_name.clone().unwrap_or_else(|| id.clone()), endpoints.seed);
+    engine.set_log_limit(endpoints.frame_limit);
+    let link = Arc::new(Mutex::new(engine));
+    let (events, _) = broadcast::channel(EVENTS_QUEUED);
+    let (stop, stop_rx) = watch::channel(false);
+    let (commands, commands_rx) = mpsc::unbounded_channel();
+    let epoch = Instant::now();
+    let host = Host {
+        core,
+        epoch,
+        link: link.clone(),
+        ws: HashMap::new(),
+        pending_frames: HashMap::new(),
+        in_flight: Vec::new(),
+        next_peer: 1,
+        events: events.clone(),
+    };
+    let accept = tokio::spawn(accept_loop(listener, commands.clone(), stop_rx.clone()));
+    let run = tokio::spawn(host.run(commands_rx, stop_rx));
+    Ok(ShellyHandle { http, epoch, id, link, commands, events, stop, tasks: vec![run, accept] })
+}
+
+async fn accept_loop(listener: TcpListener, commands: mpsc::UnboundedSender<Command>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let conn = tokio::select! {
+            _ = stop.changed() => return,
+            c = listener.accept() => c,
+        };
+        let Ok((stream, _)) = conn else { continue };
+        let _ = stream.set_nodelay(true);
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| handle_request(req, commands.clone()));
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(io, service).with_upgrades().await;
+        });
+    }
+}
+
+type HttpResult = Result<Response<Full<Bytes>>, std::io::Error>;
+
+fn respond(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+/// No answer: the device is down; the connection closes.
+fn gone() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the device is rebooting")
+}
+
+async fn ask<T>(commands: &mpsc::UnboundedSender<Command>, make: impl FnOnce(oneshot::Sender<Option<T>>) -> Command) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    commands.send(make(tx)).ok()?;
+    rx.await.ok().flatten()
+}
+
+/// `k=v&…` as params: each value JSON when it parses, else a string.
+fn query_params(query: &str) -> Value {
+    let map: serde_json::Map<String, Value> = form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| {
+            let value = serde_json::from_str(&v).unwrap_or_else(|_| Value::from(v.as_ref()));
+            (k.into_owned(), value)
+        })
+        .collect();
+    if map.is_empty() {
+        Value::Null
+    } else {
+        Value::Object(map)
+    }
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => Err(respond(StatusCode::PAYLOAD_TOO_LARGE, Vec::new())),
+    }
+}
+
+async fn handle_request(req: Request<Incoming>, commands: mpsc::UnboundedSender<Command>) -> HttpResult {
+    let path = req.uri().path().to_string();
+    if path == "/rpc" && req.headers().get(hyper::header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket")) {
+        return Ok(upgrade(req, commands).await);
+    }
+    let too_large = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()).is_some_and(|n| n > MAX_BODY);
+    if too_large {
+        return Ok(respond(StatusCode::PAYLOAD_TOO_LARGE, Vec::new()));
+    }
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/shelly") => {
+            let info = ask(&commands, |reply| Command::DeviceInfo { reply }).await.ok_or_else(gone)?;
+            Ok(respond(StatusCode::OK, serde_json::to_vec(&info).unwrap_or_default()))
+        }
+        (Method::POST, "/rpc") => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return Ok(r),
+            };
+            match ask(&commands, |reply| Command::Frame { bytes: body.to_vec(), reply }).await {
+                Some(answer) => Ok(respond(StatusCode::OK, answer)),
+                None => Ok(respond(StatusCode::BAD_REQUEST, Vec::new())),
+            }
+        }
+        (m @ (Method::GET | Method::POST), p) if p.starts_with("/rpc/") => {
+            let method = p["/rpc/".len()..].to_string();
+            let authorization = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let http_method = m.as_str().to_string();
+            let params = if m == Method::GET {
+                query_params(req.uri().query().unwrap_or_default())
+            } else {
+                let body = match read_body(req).await {
+                    Ok(b) => b,
+                    Err(r) => return Ok(r),
+                };
+                if body.iter().all(u8::is_ascii_whitespace) {
+                    Value::Null
+                } else {
+                    match serde_json::from_slice(&body) {
+                        Ok(v) => v,
+                        Err(_) => return Ok(respond(StatusCode::BAD_REQUEST, br#"{"code":-103,"message":"Invalid JSON body"}"#.to_vec())),
+                    }
+                }
+            };
+            let answer = ask(&commands, |reply| Command::Http { method, params, authorization, http_method, reply }).await.ok_or_else(gone)?;
+            let mut r = respond(StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), answer.body);
+            if let Some(www) = answer.www_authenticate.and_then(|w| hyper::header::HeaderValue::from_str(&w).ok()) {
+                r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, www);
+            }
+            Ok(r)
+        }
+        _ => Ok(respond(StatusCode::NOT_FOUND, Vec::new())),
+    }
+}
+
+/// Answers the WebSocket handshake and serves the socket on its own task.
+async fn upgrade(mut req: Request<Incoming>, commands: mpsc::UnboundedSender<Command>) -> Response<Full<Bytes>> {
+    let Some(key) = req.headers().get(hyper::header::SEC_WEBSOCKET_KEY).map(|k| k.as_bytes().to_vec()) else {
+        return respond(StatusCode::BAD_REQUEST, Vec::new());
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let io = hyper_util::rt::TokioIo::new(upgraded);
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().max_message_size(Some(MAX_WS_MESSAGE)).max_frame_size(Some(MAX_WS_MESSAGE));
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        serve_ws(ws, commands).await;
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(hyper::header::UPGRADE, hyper::header::HeaderValue::from_static("websocket"));
+    h.insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&accept) {
+        h.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}
+
+async fn serve_ws<S>(mut ws: tokio_tungstenite::WebSocketStream<S>, commands: mpsc::UnboundedSender<Command>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let Some(peer) = ask(&commands, |reply| Command::WsOpen { tx, reply }).await else {
+        return; // down: dropped without a close frame
+    };
+    loop {
+        tokio::select! {
+            m = ws.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    let _ = commands.send(Command::WsIn { peer, bytes: t.as_bytes().to_vec() });
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    let _ = commands.send(Command::WsIn { peer, bytes: b.to_vec() });
+                }
+                Some(Ok(_)) => {} // pings are answered by tungstenite
+                Some(Err(_)) | None => break,
+            },
+            o = rx.recv() => match o {
+                Some(WsOut::Frame(bytes)) => {
+                    let text = String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                    if ws.send(Message::text(text)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(WsOut::Drop) | None => {
+                    let _ = commands.send(Command::WsClosed { peer });
+                    return; // no close frame: the client sees 1006
+                }
+            },
+        }
+    }
+    let _ = commands.send(Command::WsClosed { peer });
+}
+
+struct InFlight {
+    due: Duration,
+    toward: Direction,
+    bytes: Vec<u8>,
+    peer: Peer,
+}
+
+struct Host {
+    core: ShellyDevice,
+    epoch: Instant,
+    link: Arc<Mutex<LinkEngine>>,
+    ws: HashMap<Peer, mpsc::UnboundedSender<WsOut>>,
+    /// `POST /rpc` frames waiting for their answer, by the peer made for each.
+    pending_frames: HashMap<Peer, oneshot::Sender<Option<Vec<u8>>>>,
+    in_flight: Vec<InFlight>,
+    next_peer: u64,
+    events: broadcast::Sender<ShellyEvent>,
+}
+
+impl Host {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let wake = self.next_wakeup().map(|d| tokio::time::Instant::from_std(self.epoch + d));
+            tokio::select! {
+                _ = stop.changed() => return,
+                c = commands.recv() => match c {
+                    Some(c) => self.command(c),
+                    None => return,
+                },
+                _ = async { tokio::time::sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {
+                    let now = self.epoch.elapsed();
+                    self.deliver_due(now);
+                    let _ = self.feed(Input::Timeout, now);
+                }
+            }
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Duration> {
+        [self.core.next_wakeup(), self.in_flight.iter().map(|f| f.due).min()].into_iter().flatten().min()
+    }
+
+    fn new_peer(&mut self) -> Peer {
+        self.next_peer += 1;
+        Peer(self.next_peer)
+    }
+
+    fn command(&mut self, c: Command) {
+        let now = self.epoch.elapsed();
+        match c {
+            Command::Set { key, value, reply } => {
+                let r = self.feed(Input::Set { key: &key, value }, now);
+                let _ = reply.send(r);
+            }
+            Command::WsOpen { tx, reply } => {
+                if self.core.is_down() {
+                    let _ = reply.send(None);
+                    return;
+                }
+                let peer = self.new_peer();
+                self.ws.insert(peer, tx);
+                let _ = self.feed(Input::Connected(peer), now);
+                let _ = reply.send(Some(peer));
+            }
+            Command::WsIn { peer, bytes } => self.through_link(Direction::Request, bytes, peer, now),
+            Command::WsClosed { peer } => {
+                if self.ws.remove(&peer).is_some() {
+                    let _ = self.feed(Input::Disconnected(peer), now);
+                }
+            }
+            Command::Http { method, params, authorization, http_method, reply } => {
+                let answer = self.core.http_call(&method, &params, authorization.as_deref(), &http_method, now);
+                self.publish_events();
+                let _ = reply.send(answer);
+            }
+            Command::Frame { bytes, reply } => {
+                let peer = self.new_peer();
+                self.pending_frames.insert(peer, reply);
+                let _ = self.feed(Input::Bytes { from: peer, bytes: &bytes }, now);
+                // An invalid frame (or a device that is down) gets no answer, now or later.
+                let answered_later = matches!(crate::protocol::shelly::decode_frame(&bytes), Ok(crate::protocol::shelly::RpcFrame::Call(_))) && !self.core.is_down();
+                if !answered_later {
+                    if let Some(r) = self.pending_frames.remove(&peer) {
+                        let _ = r.send(None);
+                    }
+                }
+            }
+            Command::DeviceInfo { reply } => {
+                let _ = reply.send((!self.core.is_down()).then(|| self.core.device_info()));
+            }
+        }
+    }
+
+    /// A WebSocket message through the link: what comes out now goes on,
+    /// what a fault holds back waits.
+    fn through_link(&mut self, direction: Direction, bytes: Vec<u8>, peer: Peer, now: Duration) {
+        let wall_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let emissions = self.link.lock().unwrap_or_else(|p| p.into_inner()).process(direction, &bytes, now.as_nanos() as u64, wall_ns);
+        for e in emissions {
+            if e.after.is_zero() {
+                self.emit(e.toward, e.bytes, peer, now);
+            } else if self.in_flight.len() < HELD_FRAMES {
+                self.in_flight.push(InFlight { due: now + e.after, toward: e.toward, bytes: e.bytes, peer });
+            }
+        }
+    }
+
+    fn deliver_due(&mut self, now: Duration) {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight).into_iter().partition(|f| f.due <= now);
+        self.in_flight = later;
+        for f in due {
+            self.emit(f.toward, f.bytes, f.peer, now);
+        }
+    }
+
+    fn emit(&mut self, toward: Direction, bytes: Vec<u8>, peer: Peer, now: Duration) {
+        match toward {
+            Direction::Request => {
+                let _ = self.feed(Input::Bytes { from: peer, bytes: &bytes }, now);
+            }
+            Direction::Response => {
+                if let Some(tx) = self.ws.get(&peer) {
+                    let _ = tx.send(WsOut::Frame(bytes));
+                }
+            }
+        }
+    }
+
+    fn feed(&mut self, input: Input<'_>, now: Duration) -> Result<(), String> {
+        let mut out = Vec::new();
+        let r = self.core.handle_input(input, now, &mut out);
+        for o in out {
+            match o {
+                Output::Send { to, bytes } => {
+                    if let Some(reply) = self.pending_frames.remove(&to) {
+                        let _ = reply.send(Some(bytes));
+                    } else if self.ws.contains_key(&to) {
+                        self.through_link(Direction::Response, bytes, to, now);
+                    }
+                }
+                Output::Close(peer) => {
+                    if let Some(tx) = self.ws.remove(&peer) {
+                        let _ = tx.send(WsOut::Drop);
+                    }
+                }
+                Output::Event(e) => {
+                    let _ = self.events.send(e);
+                }
+            }
+        }
+        if self.core.is_down() {
+            // Held answers die with the device.
+            self.in_flight.clear();
+            for (_, reply) in self.pending_frames.drain() {
+                let _ = reply.send(None);
+            }
+        }
+        self.publish_events();
+        r
+    }
+
+    fn publish_events(&mut self) {
+        for e in self.core.take_events() {
+            let _ = self.events.send(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_json_when_they_parse() {
+        assert_eq!(query_params("id=0&on=true&name=%22x%20y%22&raw=abc"), serde_json::json!({"id": 0, "on": true, "name": "x y", "raw": "abc"}));
+        assert_eq!(query_params(""), Value::Null);
+    }
+}

@@ -1,0 +1,385 @@
+//! `shelly`: a Shelly Gen2+ device (a model from a real device's dump: Plus
+//! 1PM, Plus 2PM, Pro 3EM, Plus Plug S, 1PM Gen3/Gen4) answering RPC over
+//! HTTP and WebSocket, with digest auth, notifications, its relay, cover and
+//! meter models and reboots. Its base URL is `{{http.NAME}}`, its WebSocket
+//! `{{ws.NAME}}`, its `host:port` `{{host.NAME}}` and its port `{{port.NAME}}`. `hilbench sim shelly`
+//! serves one from the command line.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use futures::future::LocalBoxFuture;
+use serde::Deserialize;
+
+use super::{at_key, decode_keys, Declared, Kind, Names, Role, Running, StartContext};
+use crate::device::shelly_core::{self, ShellyConfig, ShellyDevice, ShellyEvent, UnknownMethod, MODELS, STATE_KEYS};
+use crate::device::shelly_host::{self, ShellyEndpoints, ShellyHandle};
+use crate::link::fault::LinkMedium;
+use crate::link::{FaultRule, FrameRecord};
+use crate::observe::{ObservationKind, ObservationLog};
+use crate::protocol::shelly::digest::AuthMode;
+use crate::scenario::source::Problem;
+use crate::scenario::spec::Dur;
+
+pub struct ShellyKind;
+
+fn parse_auth_mode(s: &str) -> Result<AuthMode, String> {
+    s.parse()
+}
+
+fn parse_unknown_method(s: &str) -> Result<UnknownMethod, String> {
+    match s {
+        "404" => Ok(UnknownMethod::NoHandler),
+        "-114" => Ok(UnknownMethod::MethodFailed),
+        _ => Err(format!("unknown-method dialect `{s}` (known: 404, -114)")),
+    }
+}
+
+fn key_number(s: &str) -> Result<(String, f64), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    let v: f64 = v.parse().map_err(|_| format!("`{v}` is not a number"))?;
+    Ok((k.to_string(), v))
+}
+
+/// `hilbench sim shelly --help` after the options.
+pub const SIM_HELP: &str = "Examples:
+  # a Plus 1PM on any free port (see the ready line for its URLs)
+  hilbench sim shelly --model plus1pm --http 127.0.0.1:0
+  # a Pro 3EM with a password, firmware 2.0's nonce rules
+  hilbench sim shelly --model pro3em-triphase --http 127.0.0.1:0 --password secret --auth-mode 2.0
+  # a Plus Plug S drawing 60 W, switched on
+  hilbench sim shelly --model plusplugs --http 127.0.0.1:0 --set switch0_load_w=60 --set switch0_on=1
+  # a whole session: start one, switch it on over HTTP, stop it
+  hilbench sim shelly --http 127.0.0.1:0 > shelly.json & sim=$!
+  until [ -s shelly.json ] || ! kill -0 $sim; do sleep 0.1; done
+  curl -sf \"$(jq -r .endpoints.http shelly.json)/rpc/Switch.Set?id=0&on=true\"
+  kill $sim
+
+Then, e.g.:  curl http://127.0.0.1:PORT/shelly
+             curl 'http://127.0.0.1:PORT/rpc/Switch.Set?id=0&on=true'
+             curl --digest -u admin:secret http://127.0.0.1:PORT/rpc/Shelly.GetStatus
+or aioshelly's RpcDevice over ws://127.0.0.1:PORT/rpc.
+
+Prints one JSON line when serving:
+  {\"ready\":true,\"kind\":\"shelly\",\"model\":\"plus1pm\",\"id\":\"shellyplus1pm-…\",\"endpoints\":{\"http\":\"http://127.0.0.1:8080\",\"ws\":\"ws://127.0.0.1:8080/rpc\"}}
+then serves until SIGINT/SIGTERM, printing what the device does (invalid
+frames dropped, reboots) as JSON lines on stdout.";
+
+#[derive(Args, Debug)]
+pub struct ShellySimArgs {
+    /// The device model (hilbench list shows them).
+    #[arg(long, default_value = "plus1pm")]
+    pub model: String,
+    /// HTTP and WebSocket address (port 0: any free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// Primary MAC (12 hex digits, colons optional); default from the model's vendor prefix.
+    #[arg(long)]
+    pub mac: Option<String>,
+    /// Device name (sys.device.name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Turns authentication on (user admin).
+    #[arg(long)]
+    pub password: Option<String>,
+    /// Nonce rules: 1.x (unix-time nonces) or 2.0 (opaque nonces, nc, 32 slots, 429 throttle).
+    #[arg(long, default_value = "1.x", value_parser = parse_auth_mode)]
+    pub auth_mode: AuthMode,
+    /// How unknown methods are answered: 404 ("No handler for X") or -114.
+    #[arg(long, default_value = "404", value_parser = parse_unknown_method, allow_hyphen_values = true)]
+    pub unknown_method: UnknownMethod,
+    /// How long the device is gone after a reboot.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub boot_time: Duration,
+    /// A state key at start (hilbench list shows them); repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = key_number)]
+    pub set: Vec<(String, f64)>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn sim_main(a: ShellySimArgs) -> i32 {
+    crate::cli::sim::exit_code(sim(a))
+}
+
+fn sim(a: ShellySimArgs) -> Result<(), String> {
+    let config = ShellyConfig {
+        model: a.model.clone(),
+        mac: a.mac,
+        name: a.name,
+        password: a.password,
+        auth_mode: a.auth_mode,
+        unknown_method: a.unknown_method,
+        unix_at_zero: unix_now(),
+        seed: 1,
+        boot_time: a.boot_time,
+    };
+    // Every --set is checked on a throwaway device before anything binds.
+    let mut probe = ShellyDevice::new(config.clone())?;
+    for (k, v) in &a.set {
+        probe.set_state(k, *v, Duration::ZERO).map_err(|e| format!("--set {k}: {e}"))?;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
+    rt.block_on(async move {
+        let server = shelly_host::serve(config, ShellyEndpoints { http: a.http, seed: 0, frame_limit: Some(SIM_FRAMES_KEPT), link_name: None }).await?;
+        for (k, v) in &a.set {
+            server.set(k, *v).await?;
+        }
+        let mut events = server.subscribe();
+        let signal = crate::cli::sim::wait_for_signal();
+        let addr = server.http_addr();
+        println!(
+            "{}",
+            serde_json::json!({"ready": true, "kind": "shelly", "model": a.model, "id": server.id(),
+                "endpoints": {"http": format!("http://{addr}"), "ws": format!("ws://{addr}/rpc")}})
+        );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                _ = &mut signal => break,
+                ev = events.recv() => match ev {
+                    Ok(ShellyEvent::Call { method, code }) => tracing::debug!("{method}: {code}"),
+                    Ok(ShellyEvent::Notify { method }) => tracing::debug!("sent {method}"),
+                    Ok(e) => {
+                        let mut out = std::io::stdout().lock();
+                        let _ = writeln!(out, "{}", serde_json::to_string(&e).unwrap_or_default()).and_then(|_| out.flush());
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::warn!("{n} events not printed"),
+                    Err(_) => break,
+                },
+            }
+        }
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+/// Frames `sim` keeps for the record (the bound keeps memory flat).
+const SIM_FRAMES_KEPT: usize = 10_000;
+
+/// Its scenario keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellyKeys {
+    pub name: String,
+    /// The model (`plus1pm`, `plus2pm-cover`, `pro3em-triphase`, …).
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// HTTP and WebSocket address (default 127.0.0.1:0, any free port).
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// sys.device.name.
+    #[serde(default)]
+    pub device_name: Option<String>,
+    /// Authentication on, with this password (user admin).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// `1.x` (default) or `2.0` nonce rules.
+    #[serde(default)]
+    pub auth_mode: Option<String>,
+    /// `404` (default) or `-114`.
+    #[serde(default)]
+    pub unknown_method: Option<String>,
+    #[serde(default)]
+    pub boot_time: Option<Dur>,
+    /// State keys at start.
+    #[serde(default)]
+    pub state: BTreeMap<String, f64>,
+}
+
+fn default_model() -> String {
+    "plus1pm".into()
+}
+
+impl ShellyKeys {
+    fn config(&self, seed: u64) -> Result<ShellyConfig, String> {
+        Ok(ShellyConfig {
+            model: self.model.clone(),
+            mac: self.mac.clone(),
+            name: self.device_name.clone(),
+            password: self.password.clone(),
+            auth_mode: self.auth_mode.as_deref().map(parse_auth_mode).transpose()?.unwrap_or(AuthMode::V1),
+            unknown_method: self.unknown_method.as_deref().map(parse_unknown_method).transpose()?.unwrap_or_default(),
+            unix_at_zero: unix_now(),
+            seed,
+            boot_time: self.boot_time.map_or(Duration::from_secs(2), |d| d.0),
+        })
+    }
+
+    /// A throwaway device, to check keys against the model.
+    fn probe(&self) -> Result<ShellyDevice, Problem> {
+        let config = self.config(1).map_err(Problem::here)?;
+        ShellyDevice::new(config).map_err(|e| if e.contains("model") { at_key("model", e) } else { Problem::here(e) })
+    }
+}
+
+impl Kind for ShellyKind {
+    fn name(&self) -> &'static str {
+        "shelly"
+    }
+    fn role(&self) -> Role {
+        Role::Device
+    }
+    fn about(&self) -> &'static str {
+        "Shelly Gen2/Gen3/Gen4 device (Plus 1PM, Plus 2PM, Pro 3EM, Plus Plug S, 1PM Gen3/Gen4) over HTTP and WebSocket RPC, digest auth, notifications, relay/cover/meter models, reboots"
+    }
+    fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
+        Ok(Box::new(decode_keys::<ShellyKeys>(entry)?))
+    }
+    fn list(&self) -> Vec<super::ListSection> {
+        vec![
+            super::ListSection { title: "Shelly models (shelly `model`, sim --model)".into(), rows: MODELS.iter().map(|m| (m.name.to_string(), m.description.to_string())).collect() },
+            super::ListSection { title: "Shelly state keys (set steps, sim --set)".into(), rows: STATE_KEYS.iter().map(|(k, d)| (k.to_string(), d.to_string())).collect() },
+        ]
+    }
+    fn sim(&self) -> Option<super::KindCommand> {
+        Some(super::KindCommand {
+            command: || super::subcommand::<ShellySimArgs>("shelly", "Shelly Gen2+ device over HTTP and WebSocket RPC.", SIM_HELP),
+            run: |m| super::run_parsed(m, sim_main),
+        })
+    }
+}
+
+impl Declared for ShellyKeys {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind_name(&self) -> &'static str {
+        "shelly"
+    }
+    fn check(&self, _names: &Names<'_>) -> Result<(), Problem> {
+        if let Some(m) = &self.auth_mode {
+            parse_auth_mode(m).map_err(|e| at_key("auth_mode", e))?;
+        }
+        if let Some(m) = &self.unknown_method {
+            parse_unknown_method(m).map_err(|e| at_key("unknown_method", e))?;
+        }
+        if let Some(m) = &self.mac {
+            shelly_core::models::normalize_mac(m).map_err(|e| at_key("mac", e))?;
+        }
+        let mut probe = self.probe()?;
+        for (k, v) in &self.state {
+            probe.set_state(k, *v, Duration::ZERO).map_err(|e| at_key("state", format!("{k}: {e}")))?;
+        }
+        Ok(())
+    }
+    fn check_state_key(&self, key: &str) -> Result<(), String> {
+        // Against the model: unknown keys and components it lacks are refused.
+        let mut probe = self.probe().map_err(|p| p.message)?;
+        let value = if key.ends_with("_event") { 1.0 } else { 0.0 };
+        probe.set_state(key, value, Duration::ZERO)
+    }
+    /// Its WebSocket messages, both ways, are the link `NAME`.
+    fn links(&self) -> Vec<super::LinkDecl> {
+        vec![super::LinkDecl { name: self.name.clone(), home: super::LinkHomeDecl::Own, capture: None, checksum: None, carries: "Shelly RPC over WebSocket", medium: LinkMedium::WebSocket }]
+    }
+    fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
+        Box::pin(async move {
+            let config = self.config(cx.seed).map_err(|e| format!("`{}`: {e}", self.name))?;
+            let http = self.http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+            let handle = shelly_host::serve(config, ShellyEndpoints { http, seed: cx.seed, frame_limit: None, link_name: Some(self.name.clone()) })
+                .await
+                .map_err(|e| format!("`{}`: {e}", self.name))?;
+            for (k, v) in &self.state {
+                handle.set(k, *v).await.map_err(|e| format!("`{}` state {k}: {e}", self.name))?;
+            }
+            let events = forward_events(&handle, cx.log.clone(), self.name.clone());
+            Ok(Box::new(RunningShelly { name: self.name.clone(), handle: Some(handle), events: Some(events) }) as Box<dyn Running>)
+        })
+    }
+}
+
+fn forward_events(handle: &ShellyHandle, log: ObservationLog, source: String) -> tokio::task::JoinHandle<()> {
+    let mut rx = handle.subscribe();
+    actix::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match rx.recv().await {
+                Ok(ev) => log.push(&source, shelly_observation(&ev)),
+                Err(RecvError::Lagged(n)) => log.push(&source, ObservationKind::Shelly { event: "events_lost".into(), detail: format!("{n} events not observed") }),
+                Err(RecvError::Closed) => break,
+            }
+        }
+    })
+}
+
+/// An event as an observation: `event` its snake-case tag, `detail` its other fields as JSON.
+fn shelly_observation(ev: &ShellyEvent) -> ObservationKind {
+    let mut v = serde_json::to_value(ev).unwrap_or_default();
+    let event = v.get("event").and_then(|e| e.as_str()).unwrap_or("unknown").to_string();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("event");
+    }
+    let detail = if v.as_object().is_some_and(|m| m.is_empty()) { String::new() } else { v.to_string() };
+    ObservationKind::Shelly { event, detail }
+}
+
+struct RunningShelly {
+    name: String,
+    handle: Option<ShellyHandle>,
+    events: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningShelly {
+    fn handle(&self) -> Result<&ShellyHandle, String> {
+        self.handle.as_ref().ok_or_else(|| format!("`{}` has stopped", self.name))
+    }
+
+    fn own_link(&self, link: &str) -> Result<&ShellyHandle, String> {
+        if link != self.name {
+            return Err(format!("`{}` has no link `{link}`", self.name));
+        }
+        self.handle()
+    }
+}
+
+impl Running for RunningShelly {
+    fn vars(&self) -> Vec<(String, String)> {
+        let Some(h) = &self.handle else { return Vec::new() };
+        let a = h.http_addr();
+        vec![
+            (format!("http.{}", self.name), format!("http://{a}")),
+            (format!("ws.{}", self.name), format!("ws://{a}/rpc")),
+            (format!("host.{}", self.name), a.to_string()),
+            (format!("port.{}", self.name), a.port().to_string()),
+        ]
+    }
+    fn set<'a>(&'a self, key: &'a str, value: f64) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.handle()?.set(key, value).await })
+    }
+    fn add_fault<'a>(&'a self, link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.own_link(link)?.add_fault(rule);
+            Ok(())
+        })
+    }
+    fn clear_faults<'a>(&'a self, link: &'a str, name: Option<&'a str>) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            match self.own_link(link)?.clear_faults(name) {
+                true => Ok(()),
+                false => Err(format!("no fault named `{}` on `{link}`", name.unwrap_or_default())),
+            }
+        })
+    }
+    fn frames(&self) -> LocalBoxFuture<'_, Vec<FrameRecord>> {
+        Box::pin(async move { self.handle.as_ref().map(ShellyHandle::frames).unwrap_or_default() })
+    }
+    fn stop(mut self: Box<Self>) -> LocalBoxFuture<'static, ()> {
+        Box::pin(async move {
+            if let Some(h) = self.handle.take() {
+                h.shutdown().await;
+            }
+            if let Some(t) = self.events.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+            }
+        })
+    }
+}
