@@ -762,6 +762,7 @@ pub fn smp_serial_link_keeps_time_and_bounds(data: &[u8]) -> bool {
 /// password the input cannot know.
 pub fn shelly_frames_round_trip(data: &[u8]) -> bool {
     use shelly::digest::{AuthMode, DigestAnswer, DigestAuth};
+    shelly_ble_channel_holds(data);
     let text = String::from_utf8_lossy(data);
     let mut auth = DigestAuth::new(AuthMode::V2, "dev", "a password no input has", 0, 1);
     if let Some(a) = DigestAnswer::from_http(&text, "GET") {
@@ -801,6 +802,39 @@ pub fn shelly_frames_round_trip(data: &[u8]) -> bool {
         assert_eq!(merged, without_nulls(&v), "a status delta did not merge back");
     }
     true
+}
+
+/// The bytes as one BLE RPC request written in chunks of 1..=64 bytes (the first byte
+/// picks the size), then answered and read back at an MTU of 23..=278: the request
+/// arrives whole exactly when it fits the limits, and the reads give the answer back.
+fn shelly_ble_channel_holds(data: &[u8]) {
+    use shelly::ble::{BleRpcChannel, MAX_FRAME};
+    let Some((&first, body)) = data.split_first() else { return };
+    let mut ch = BleRpcChannel::new();
+    let fits = !body.is_empty() && body.len() <= MAX_FRAME as usize;
+    assert_eq!(ch.tx_ctl_write(&(body.len() as u32).to_be_bytes()).is_ok(), fits, "a length of {} taken or refused wrongly", body.len());
+    if !fits {
+        return;
+    }
+    let mut got = None;
+    for c in body.chunks(1 + usize::from(first) % 64) {
+        got = ch.data_write(c).expect("a write within the announced length was refused");
+    }
+    assert_eq!(got.as_deref(), Some(body), "the request did not arrive whole");
+    assert!(ch.data_write(b"x").is_err(), "data past a finished request was taken");
+    ch.respond(body.to_vec());
+    assert_eq!(ch.rx_ctl_read(), (body.len() as u32).to_be_bytes());
+    let mtu = 23 + u16::from(first);
+    let mut back = Vec::new();
+    loop {
+        let c = ch.data_read(mtu);
+        assert!(c.len() <= usize::from(mtu) - 2, "a read longer than MTU - 2");
+        if c.is_empty() {
+            break;
+        }
+        back.extend(c);
+    }
+    assert_eq!(back, body, "the reads did not give the answer back");
 }
 
 fn without_nulls(v: &serde_json::Value) -> serde_json::Value {

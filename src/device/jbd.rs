@@ -322,6 +322,9 @@ impl StreamHandler<GattEvent> for JbdBmsActor {
             GattEvent::Write(w) => {
                 let _ = w.reply.send(Err(GattRefusal::NotPermitted));
             }
+            GattEvent::Read(r) => {
+                let _ = r.reply.send(Err(GattRefusal::NotPermitted));
+            }
             GattEvent::Subscribed { .. } => self.subscribed = true,
             GattEvent::Unsubscribed { .. } => {
                 self.subscribed = false;

@@ -311,6 +311,22 @@ impl ShellyDevice {
         self.spec
     }
 
+    /// The name it goes by on BLE and mDNS: `ShellyPlus1PM-441793D69718`,
+    /// `Shelly1PMG3-34B7DAC68344` (app `S1PMG3`).
+    pub fn host_name(&self) -> String {
+        let app = self.shelly["app"].as_str().unwrap_or("Device");
+        let app = match app.strip_prefix('S') {
+            Some(rest) if rest.starts_with(|c: char| c.is_ascii_digit()) => rest,
+            _ => app,
+        };
+        format!("Shelly{app}-{}", self.shelly["mac"].as_str().unwrap_or_default())
+    }
+
+    /// The primary MAC, 12 upper-case hex digits.
+    pub fn mac(&self) -> &str {
+        self.shelly["mac"].as_str().unwrap_or_default()
+    }
+
     pub fn auth_enabled(&self) -> bool {
         self.auth.is_some()
     }

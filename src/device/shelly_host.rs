@@ -13,9 +13,14 @@
 //!   WebSocket message crosses the device's [`LinkEngine`] (named as the
 //!   device): faults and capture.
 //!
+//! - BLE GATT ([`super::shelly_ble`]): the RPC service's TX-ctl, data and
+//!   RX-ctl characteristics, one channel per central, on the virtual air or
+//!   real BlueZ.
+//!
 //! A reboot drops every WebSocket without a close frame (the client sees
-//! 1006); while the device is down, connections are accepted and closed at
-//! once and HTTP requests get no answer.
+//! 1006) and every BLE link, and withdraws the advertisement; while the
+//! device is down, connections are accepted and closed at once and HTTP
+//! requests get no answer.
 //!
 //! HTTP bodies past [`MAX_BODY`] are refused with 413 before they are read.
 
@@ -33,7 +38,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::protocol::{Message, Role};
 
+use super::shelly_ble::{ShellyBle, ShellyBleSide};
 use super::shelly_core::{HttpAnswer, ShellyConfig, ShellyDevice, ShellyEvent};
+use crate::transport::gatt::GattEvent;
 use crate::link::{Direction, FaultRule, FrameRecord, LinkEngine};
 use crate::sans_io::{Input, Output, Peer, SansIoCore};
 
@@ -56,11 +63,14 @@ pub struct ShellyEndpoints {
     pub frame_limit: Option<usize>,
     /// The link's name (a scenario's device name; default the device id).
     pub link_name: Option<String>,
+    /// RPC over BLE GATT too.
+    pub ble: Option<ShellyBle>,
 }
 
 /// A running device; dropping it (or [`ShellyHandle::shutdown`]) stops it.
 pub struct ShellyHandle {
     http: SocketAddr,
+    ble: Option<String>,
     epoch: Instant,
     id: String,
     link: Arc<Mutex<LinkEngine>>,
@@ -93,6 +103,11 @@ impl ShellyHandle {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The BLE address centrals find it at, when it serves BLE.
+    pub fn ble_address(&self) -> Option<&str> {
+        self.ble.as_deref()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<ShellyEvent> {
@@ -159,6 +174,14 @@ pub async fn serve(config: ShellyConfig, endpoints: ShellyEndpoints) -> Result<S
     let (events, _) = broadcast::channel(EVENTS_QUEUED);
     let (stop, stop_rx) = watch::channel(false);
     let (commands, commands_rx) = mpsc::unbounded_channel();
+    let (ble, gatt_events) = match endpoints.ble {
+        Some(b) => {
+            let (side, events) = ShellyBleSide::open(b).await?;
+            (Some(side), Some(events))
+        }
+        None => (None, None),
+    };
+    let ble_address = ble.as_ref().map(|b| b.address().to_string());
     let epoch = Instant::now();
     let host = Host {
         core,
@@ -169,10 +192,12 @@ pub async fn serve(config: ShellyConfig, endpoints: ShellyEndpoints) -> Result<S
         in_flight: Vec::new(),
         next_peer: 1,
         events: events.clone(),
+        ble,
+        readvertise: false,
     };
     let accept = tokio::spawn(accept_loop(listener, commands.clone(), stop_rx.clone()));
-    let run = tokio::spawn(host.run(commands_rx, stop_rx));
-    Ok(ShellyHandle { http, epoch, id, link, commands, events, stop, tasks: vec![run, accept] })
+    let run = tokio::spawn(host.run(commands_rx, stop_rx, gatt_events));
+    Ok(ShellyHandle { http, ble: ble_address, epoch, id, link, commands, events, stop, tasks: vec![run, accept] })
 }
 
 async fn accept_loop(listener: TcpListener, commands: mpsc::UnboundedSender<Command>, mut stop: watch::Receiver<bool>) {
@@ -368,10 +393,13 @@ struct Host {
     in_flight: Vec<InFlight>,
     next_peer: u64,
     events: broadcast::Sender<ShellyEvent>,
+    ble: Option<ShellyBleSide>,
+    /// The device came up: advertise again (async, so done in the loop).
+    readvertise: bool,
 }
 
 impl Host {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, mut stop: watch::Receiver<bool>) {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, mut stop: watch::Receiver<bool>, mut gatt: Option<mpsc::UnboundedReceiver<GattEvent>>) {
         loop {
             let wake = self.next_wakeup().map(|d| tokio::time::Instant::from_std(self.epoch + d));
             tokio::select! {
@@ -380,11 +408,43 @@ impl Host {
                     Some(c) => self.command(c),
                     None => return,
                 },
+                e = async { gatt.as_mut().expect("guarded").recv().await }, if gatt.is_some() => match e {
+                    Some(e) => self.gatt_event(e),
+                    None => {
+                        tracing::warn!("shelly ble: the GATT service went; serving HTTP and WebSocket only");
+                        gatt = None;
+                        self.ble = None;
+                    }
+                },
                 _ = async { tokio::time::sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {
                     let now = self.epoch.elapsed();
                     self.deliver_due(now);
                     let _ = self.feed(Input::Timeout, now);
                 }
+            }
+            if std::mem::take(&mut self.readvertise) {
+                if let Some(b) = &mut self.ble {
+                    if let Err(e) = b.advertise(true).await {
+                        tracing::warn!("shelly ble: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A central's write or read; a whole request goes to the core.
+    fn gatt_event(&mut self, e: GattEvent) {
+        let Some(mut ble) = self.ble.take() else { return };
+        let next = &mut self.next_peer;
+        let frame = ble.on_event(e, || {
+            *next += 1;
+            Peer(*next)
+        });
+        self.ble = Some(ble);
+        if let Some((peer, bytes)) = frame {
+            let now = self.epoch.elapsed();
+            if !self.core.is_down() {
+                let _ = self.feed(Input::Bytes { from: peer, bytes: &bytes }, now);
             }
         }
     }
@@ -487,6 +547,8 @@ impl Host {
                 Output::Send { to, bytes } => {
                     if let Some(reply) = self.pending_frames.remove(&to) {
                         let _ = reply.send(Some(bytes));
+                    } else if let Some(b) = self.ble.as_mut().filter(|b| b.serves(to)) {
+                        b.respond(to, bytes);
                     } else if self.ws.contains_key(&to) {
                         self.through_link(Direction::Response, bytes, to, now);
                     }
@@ -514,6 +576,11 @@ impl Host {
 
     fn publish_events(&mut self) {
         for e in self.core.take_events() {
+            match (&e, &mut self.ble) {
+                (ShellyEvent::Rebooted, Some(b)) => b.reset(),
+                (ShellyEvent::Up, Some(_)) => self.readvertise = true,
+                _ => {}
+            }
             let _ = self.events.send(e);
         }
     }

@@ -135,6 +135,10 @@ impl SmpBleSide {
                 let _ = w.reply.send(Err(GattRefusal::NotPermitted));
                 BleArrival::Nothing
             }
+            GattEvent::Read(r) => {
+                let _ = r.reply.send(Err(GattRefusal::NotPermitted));
+                BleArrival::Nothing
+            }
             GattEvent::Unsubscribed { .. } => {
                 // On the air a notification session ending is the link going.
                 self.forget_centrals();

@@ -1,8 +1,9 @@
 //! `shelly`: a Shelly Gen2+ device (a model from a real device's dump: Plus
 //! 1PM, Plus 2PM, Pro 3EM, Plus Plug S, 1PM Gen3/Gen4) answering RPC over
-//! HTTP and WebSocket, with digest auth, notifications, its relay, cover and
+//! HTTP, WebSocket and BLE GATT, with digest auth, notifications, its relay, cover and
 //! meter models and reboots. Its base URL is `{{http.NAME}}`, its WebSocket
-//! `{{ws.NAME}}`, its `host:port` `{{host.NAME}}` and its port `{{port.NAME}}`. `hilbench sim shelly`
+//! `{{ws.NAME}}`, its `host:port` `{{host.NAME}}` and its port `{{port.NAME}}`;
+//! with `ble: true` its BLE address is `{{ble.NAME}}` (link `NAME.ble`). `hilbench sim shelly`
 //! serves one from the command line.
 
 use std::collections::BTreeMap;
@@ -13,7 +14,9 @@ use clap::Args;
 use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
+use super::ble::{self, AirLink};
 use super::{at_key, decode_keys, Declared, Kind, Names, Role, Running, StartContext};
+use crate::device::shelly_ble::{ble_mac, manufacturer_data, ShellyBle};
 use crate::device::shelly_core::{self, ShellyConfig, ShellyDevice, ShellyEvent, UnknownMethod, MODELS, STATE_KEYS};
 use crate::device::shelly_host::{self, ShellyEndpoints, ShellyHandle};
 use crate::link::fault::LinkMedium;
@@ -51,6 +54,8 @@ pub const SIM_HELP: &str = "Examples:
   hilbench sim shelly --model pro3em-triphase --http 127.0.0.1:0 --password secret --auth-mode 2.0
   # a Plus Plug S drawing 60 W, switched on
   hilbench sim shelly --model plusplugs --http 127.0.0.1:0 --set switch0_load_w=60 --set switch0_on=1
+  # RPC over BLE too, on a virtual air of its own (centrals use the ready line's dbus_system_bus_address)
+  hilbench sim shelly --http 127.0.0.1:0 --ble --mtu 185
   # a whole session: start one, switch it on over HTTP, stop it
   hilbench sim shelly --http 127.0.0.1:0 > shelly.json & sim=$!
   until [ -s shelly.json ] || ! kill -0 $sim; do sleep 0.1; done
@@ -64,6 +69,7 @@ or aioshelly's RpcDevice over ws://127.0.0.1:PORT/rpc.
 
 Prints one JSON line when serving:
   {\"ready\":true,\"kind\":\"shelly\",\"model\":\"plus1pm\",\"id\":\"shellyplus1pm-…\",\"endpoints\":{\"http\":\"http://127.0.0.1:8080\",\"ws\":\"ws://127.0.0.1:8080/rpc\"}}
+with --ble also \"ble\": {\"address\", \"dbus_system_bus_address\"} among the endpoints;
 then serves until SIGINT/SIGTERM, printing what the device does (invalid
 frames dropped, reboots) as JSON lines on stdout.";
 
@@ -96,6 +102,28 @@ pub struct ShellySimArgs {
     /// A state key at start (hilbench list shows them); repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = key_number)]
     pub set: Vec<(String, f64)>,
+    /// Serve RPC over BLE GATT too: on a virtual air of its own unless --bus or --adapter says where.
+    #[arg(long)]
+    pub ble: bool,
+    #[command(flatten)]
+    pub place: crate::cli::ble_place::BlePlaceArgs,
+    /// BLE field fault: RX-ctl reports the answer's length off by this many bytes.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub ble_length_skew: i64,
+    /// BLE field fault: the first N data reads of each answer return no bytes.
+    #[arg(long, default_value_t = 0)]
+    pub ble_empty_reads: u32,
+}
+
+/// How the device appears on BLE: its name and Shelly's manufacturer data.
+fn ble_side(probe: &ShellyDevice, adapter: &str, length_skew: i64, empty_reads: u32) -> ShellyBle {
+    ShellyBle {
+        adapter: adapter.to_string(),
+        local_name: probe.host_name(),
+        manufacturer_data: manufacturer_data(ble_mac(probe.mac()), probe.spec().ble_model_id, probe.auth_enabled()),
+        length_skew,
+        empty_reads,
+    }
 }
 
 fn unix_now() -> u64 {
@@ -124,19 +152,35 @@ fn sim(a: ShellySimArgs) -> Result<(), String> {
         probe.set_state(k, *v, Duration::ZERO).map_err(|e| format!("--set {k}: {e}"))?;
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
+    if !a.ble && (a.place.given() || a.ble_length_skew != 0 || a.ble_empty_reads != 0) {
+        return Err("--mtu, --bus, --adapter and the --ble-… faults are BLE options: give --ble too".into());
+    }
     rt.block_on(async move {
-        let server = shelly_host::serve(config, ShellyEndpoints { http: a.http, seed: 0, frame_limit: Some(SIM_FRAMES_KEPT), link_name: None }).await?;
+        let placement = match a.ble {
+            true => Some(crate::cli::ble_place::BlePlacement::place(&a.place, 1).await?),
+            false => None,
+        };
+        let ble = placement.as_ref().map(|p| ble_side(&probe, p.adapter(), a.ble_length_skew, a.ble_empty_reads));
+        let server = match shelly_host::serve(config, ShellyEndpoints { http: a.http, seed: 0, frame_limit: Some(SIM_FRAMES_KEPT), link_name: None, ble }).await {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(p) = placement {
+                    p.release().await;
+                }
+                return Err(e);
+            }
+        };
         for (k, v) in &a.set {
             server.set(k, *v).await?;
         }
         let mut events = server.subscribe();
         let signal = crate::cli::sim::wait_for_signal();
         let addr = server.http_addr();
-        println!(
-            "{}",
-            serde_json::json!({"ready": true, "kind": "shelly", "model": a.model, "id": server.id(),
-                "endpoints": {"http": format!("http://{addr}"), "ws": format!("ws://{addr}/rpc")}})
-        );
+        let mut endpoints = serde_json::json!({"http": format!("http://{addr}"), "ws": format!("ws://{addr}/rpc")});
+        if let (Some(p), Some(address)) = (&placement, server.ble_address()) {
+            endpoints["ble"] = serde_json::json!({"address": address, "dbus_system_bus_address": p.bus()});
+        }
+        println!("{}", serde_json::json!({"ready": true, "kind": "shelly", "model": a.model, "id": server.id(), "endpoints": endpoints}));
         use std::io::Write;
         let _ = std::io::stdout().flush();
         tokio::pin!(signal);
@@ -156,6 +200,9 @@ fn sim(a: ShellySimArgs) -> Result<(), String> {
             }
         }
         server.shutdown().await;
+        if let Some(p) = placement {
+            p.release().await;
+        }
         Ok(())
     })
 }
@@ -193,6 +240,21 @@ pub struct ShellyKeys {
     /// State keys at start.
     #[serde(default)]
     pub state: BTreeMap<String, f64>,
+    /// Serve RPC over BLE GATT on the virtual air too (link `NAME.ble`).
+    #[serde(default)]
+    pub ble: bool,
+    /// BLE: the ATT MTU centrals get (23..=517; default 23).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// BLE: the RSSI centrals hear it at, in dBm.
+    #[serde(default)]
+    pub rssi: Option<i16>,
+    /// BLE field fault: RX-ctl reports the answer's length off by this much.
+    #[serde(default)]
+    pub ble_length_skew: i64,
+    /// BLE field fault: the first N data reads of each answer return nothing.
+    #[serde(default)]
+    pub ble_empty_reads: u32,
 }
 
 fn default_model() -> String {
@@ -242,7 +304,7 @@ impl Kind for ShellyKind {
     }
     fn sim(&self) -> Option<super::KindCommand> {
         Some(super::KindCommand {
-            command: || super::subcommand::<ShellySimArgs>("shelly", "Shelly Gen2+ device over HTTP and WebSocket RPC.", SIM_HELP),
+            command: || super::subcommand::<ShellySimArgs>("shelly", "Shelly Gen2+ device over HTTP, WebSocket and BLE RPC.", SIM_HELP),
             run: |m| super::run_parsed(m, sim_main),
         })
     }
@@ -265,11 +327,25 @@ impl Declared for ShellyKeys {
         if let Some(m) = &self.mac {
             shelly_core::models::normalize_mac(m).map_err(|e| at_key("mac", e))?;
         }
+        if !self.ble && (self.mtu.is_some() || self.rssi.is_some() || self.ble_length_skew != 0 || self.ble_empty_reads != 0) {
+            return Err(at_key("ble", "BLE keys (mtu, rssi, ble_length_skew, ble_empty_reads) need `ble: true`"));
+        }
+        ble::check_link_settings(self.mtu, self.rssi)?;
         let mut probe = self.probe()?;
         for (k, v) in &self.state {
             probe.set_state(k, *v, Duration::ZERO).map_err(|e| at_key("state", format!("{k}: {e}")))?;
         }
         Ok(())
+    }
+    fn check_step(&self, step: &str, body: &yaml_serde::Value, _names: &Names<'_>) -> Result<(), Problem> {
+        match step {
+            "ble" if self.ble => ble::check_step(body),
+            "ble" => Err(Problem::here(format!("`{}` is not on BLE: give it `ble: true`", self.name))),
+            _ => Err(Problem::here(format!("a shelly takes no `{step}` step"))),
+        }
+    }
+    fn on_air(&self) -> bool {
+        self.ble
     }
     fn check_state_key(&self, key: &str) -> Result<(), String> {
         // Against the model: unknown keys and components it lacks are refused.
@@ -278,21 +354,45 @@ impl Declared for ShellyKeys {
         probe.set_state(key, value, Duration::ZERO)
     }
     /// Its WebSocket messages, both ways, are the link `NAME`.
+    /// With `ble`, its BLE link (ATT writes, reads, notifications) is `NAME.ble`.
     fn links(&self) -> Vec<super::LinkDecl> {
-        vec![super::LinkDecl { name: self.name.clone(), home: super::LinkHomeDecl::Own, capture: None, checksum: None, carries: "Shelly RPC over WebSocket", medium: LinkMedium::WebSocket }]
+        let mut links = vec![super::LinkDecl { name: self.name.clone(), home: super::LinkHomeDecl::Own, capture: None, checksum: None, carries: "Shelly RPC over WebSocket", medium: LinkMedium::WebSocket }];
+        if self.ble {
+            links.push(super::LinkDecl {
+                name: format!("{}.ble", self.name),
+                home: super::LinkHomeDecl::Own,
+                capture: Some(crate::link::capture::CaptureFormat::BleAtt),
+                checksum: None,
+                carries: "Shelly RPC in BLE writes and reads",
+                medium: LinkMedium::Gatt,
+            });
+        }
+        links
     }
     fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
         Box::pin(async move {
             let config = self.config(cx.seed).map_err(|e| format!("`{}`: {e}", self.name))?;
             let http = self.http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-            let handle = shelly_host::serve(config, ShellyEndpoints { http, seed: cx.seed, frame_limit: None, link_name: Some(self.name.clone()) })
-                .await
-                .map_err(|e| format!("`{}`: {e}", self.name))?;
+            let probe = ShellyDevice::new(config.clone()).map_err(|e| format!("`{}`: {e}", self.name))?;
+            let air = match self.ble {
+                true => Some(AirLink::lend(self.mtu, self.rssi).await?),
+                false => None,
+            };
+            let ble = air.as_ref().map(|a| ble_side(&probe, a.adapter(), self.ble_length_skew, self.ble_empty_reads));
+            let handle = match shelly_host::serve(config, ShellyEndpoints { http, seed: cx.seed, frame_limit: None, link_name: Some(self.name.clone()), ble }).await {
+                Ok(h) => h,
+                Err(e) => {
+                    if let Some(a) = air {
+                        a.give_back().await;
+                    }
+                    return Err(format!("`{}`: {e}", self.name));
+                }
+            };
             for (k, v) in &self.state {
                 handle.set(k, *v).await.map_err(|e| format!("`{}` state {k}: {e}", self.name))?;
             }
             let events = forward_events(&handle, cx.log.clone(), self.name.clone());
-            Ok(Box::new(RunningShelly { name: self.name.clone(), handle: Some(handle), events: Some(events) }) as Box<dyn Running>)
+            Ok(Box::new(RunningShelly { name: self.name.clone(), handle: Some(handle), events: Some(events), air }) as Box<dyn Running>)
         })
     }
 }
@@ -326,11 +426,18 @@ struct RunningShelly {
     name: String,
     handle: Option<ShellyHandle>,
     events: Option<tokio::task::JoinHandle<()>>,
+    /// Its place on the virtual air, when served on BLE.
+    air: Option<AirLink>,
 }
 
 impl RunningShelly {
     fn handle(&self) -> Result<&ShellyHandle, String> {
         self.handle.as_ref().ok_or_else(|| format!("`{}` has stopped", self.name))
+    }
+
+    /// The air link when `link` names it (`NAME.ble`).
+    fn air_link(&self, link: &str) -> Option<&AirLink> {
+        self.air.as_ref().filter(|_| link == format!("{}.ble", self.name))
     }
 
     fn own_link(&self, link: &str) -> Result<&ShellyHandle, String> {
@@ -345,24 +452,44 @@ impl Running for RunningShelly {
     fn vars(&self) -> Vec<(String, String)> {
         let Some(h) = &self.handle else { return Vec::new() };
         let a = h.http_addr();
-        vec![
+        let mut vars = vec![
             (format!("http.{}", self.name), format!("http://{a}")),
             (format!("ws.{}", self.name), format!("ws://{a}/rpc")),
             (format!("host.{}", self.name), a.to_string()),
             (format!("port.{}", self.name), a.port().to_string()),
-        ]
+        ];
+        if let (Some(address), Some(air)) = (h.ble_address(), &self.air) {
+            vars.push((format!("ble.{}", self.name), address.to_string()));
+            vars.extend(air.vars());
+        }
+        vars
+    }
+    fn step<'a>(&'a mut self, step: &'a str, body: &'a yaml_serde::Value, _cx: super::StepContext<'a>) -> LocalBoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            match (step, &self.air) {
+                ("ble", Some(air)) => air.apply(body).await,
+                ("ble", None) => Err(format!("`{}` is not on BLE", self.name)),
+                _ => Err(format!("no `{step}` step here")),
+            }
+        })
     }
     fn set<'a>(&'a self, key: &'a str, value: f64) -> LocalBoxFuture<'a, Result<(), String>> {
         Box::pin(async move { self.handle()?.set(key, value).await })
     }
     fn add_fault<'a>(&'a self, link: &'a str, rule: FaultRule) -> LocalBoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
+            if let Some(air) = self.air_link(link) {
+                return air.add_fault(rule).await;
+            }
             self.own_link(link)?.add_fault(rule);
             Ok(())
         })
     }
     fn clear_faults<'a>(&'a self, link: &'a str, name: Option<&'a str>) -> LocalBoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
+            if let Some(air) = self.air_link(link) {
+                return air.clear_faults(link, name).await;
+            }
             match self.own_link(link)?.clear_faults(name) {
                 true => Ok(()),
                 false => Err(format!("no fault named `{}` on `{link}`", name.unwrap_or_default())),
@@ -370,7 +497,21 @@ impl Running for RunningShelly {
         })
     }
     fn frames(&self) -> LocalBoxFuture<'_, Vec<FrameRecord>> {
-        Box::pin(async move { self.handle.as_ref().map(ShellyHandle::frames).unwrap_or_default() })
+        Box::pin(async move {
+            let mut frames = self.handle.as_ref().map(ShellyHandle::frames).unwrap_or_default();
+            if let Some(air) = &self.air {
+                frames.extend(air.frames(&format!("{}.ble", self.name)).await);
+            }
+            frames
+        })
+    }
+    fn capture<'a>(&'a self, link: &'a str) -> LocalBoxFuture<'a, Vec<FrameRecord>> {
+        Box::pin(async move {
+            match self.air_link(link) {
+                Some(air) => air.att_frames(link).await,
+                None => self.frames().await.into_iter().filter(|f| f.link == link).collect(),
+            }
+        })
     }
     fn stop(mut self: Box<Self>) -> LocalBoxFuture<'static, ()> {
         Box::pin(async move {
@@ -379,6 +520,9 @@ impl Running for RunningShelly {
             }
             if let Some(t) = self.events.take() {
                 let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+            }
+            if let Some(air) = self.air.take() {
+                air.give_back().await;
             }
         })
     }

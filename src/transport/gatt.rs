@@ -55,6 +55,9 @@ pub enum ReadValue {
     Fixed(Vec<u8>),
     /// The last notification sent on it (empty before the first).
     LastNotified,
+    /// Each read goes to the device as a [`GattEvent::Read`], which answers
+    /// it (a value that depends on who reads and when: a length, a chunk).
+    Device,
 }
 
 /// One characteristic of a declared service.
@@ -104,6 +107,19 @@ pub struct GattWrite {
     pub reply: oneshot::Sender<Result<(), GattRefusal>>,
 }
 
+/// A read the device answers ([`ReadValue::Device`]): reply with the value
+/// or a refusal.
+#[derive(Debug)]
+pub struct GattRead {
+    pub char: Uuid,
+    /// The central's BLE address.
+    pub central: String,
+    pub mtu: u16,
+    /// The ATT offset asked for (a long read's blob).
+    pub offset: u16,
+    pub reply: oneshot::Sender<Result<Vec<u8>, GattRefusal>>,
+}
+
 /// Why a write was refused, as ATT says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GattRefusal {
@@ -117,6 +133,7 @@ pub enum GattRefusal {
 #[derive(Debug)]
 pub enum GattEvent {
     Write(GattWrite),
+    Read(GattRead),
     /// A central subscribed to notifications on `char`.
     Subscribed { char: Uuid },
     /// The notification session on `char` ended (unsubscribed or the link went).
@@ -239,14 +256,30 @@ fn bluer_characteristic(
     let read = c.props.read.then(|| {
         let value = c.read.clone();
         let last = last.clone();
+        let events = events.clone();
         CharacteristicRead {
             read: true,
-            fun: Box::new(move |_req| {
+            fun: Box::new(move |req| {
                 let v = match &value {
-                    ReadValue::Fixed(v) => v.clone(),
-                    ReadValue::LastNotified => last.lock().ok().and_then(|l| l.get(&uuid).cloned()).unwrap_or_default(),
+                    ReadValue::Fixed(v) => Ok(v.clone()),
+                    ReadValue::LastNotified => Ok(last.lock().ok().and_then(|l| l.get(&uuid).cloned()).unwrap_or_default()),
+                    ReadValue::Device => Err(events.clone()),
                 };
-                async move { Ok(v) }.boxed()
+                async move {
+                    let events = match v {
+                        Ok(v) => return Ok(v),
+                        Err(events) => events,
+                    };
+                    let (reply, answer) = oneshot::channel();
+                    let r = GattRead { char: uuid, central: req.device_address.to_string(), mtu: req.mtu, offset: req.offset, reply };
+                    events.send(GattEvent::Read(r)).map_err(|_| ReqError::Failed)?;
+                    match answer.await {
+                        Ok(Ok(v)) => Ok(v),
+                        Ok(Err(GattRefusal::NotPermitted)) => Err(ReqError::NotPermitted),
+                        Ok(Err(GattRefusal::Failed)) | Err(_) => Err(ReqError::Failed),
+                    }
+                }
+                .boxed()
             }),
             ..Default::default()
         }

@@ -15,6 +15,7 @@
 //!   outcome, a field of the wrong type) is a [`FrameError`], which a
 //!   device drops as mg_rpc drops an invalid frame.
 
+pub mod ble;
 pub mod digest;
 
 use serde_json::{json, Map, Value};
