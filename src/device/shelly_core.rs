@@ -166,6 +166,9 @@ pub struct ShellyDevice {
     /// What a switch or cover reports as the `source` of a change the
     /// current call makes (`WS_in`, `HTTP_in`).
     call_source: &'static str,
+    /// Something may have changed since the last report (so the status is
+    /// rendered and diffed only then, not after every read-only call).
+    dirty: bool,
 }
 
 fn component_index(key: &str) -> Option<(&str, u32)> {
@@ -218,6 +221,7 @@ impl ShellyDevice {
             boot_time: config.boot_time,
             events: Vec::new(),
             call_source: "WS_in",
+            dirty: false,
         };
         dev.cfg_rev = dev.config.get("sys").and_then(|s| s["cfg_rev"].as_u64()).unwrap_or(1);
         if let Some(name) = &config.name {
@@ -360,15 +364,17 @@ impl ShellyDevice {
         }
         self.last_tick = self.last_tick.max(now);
         let unix = self.unix(now) as u64;
+        let mut changed = false;
         for r in self.switches.values_mut() {
-            r.advance(dt, now, unix);
+            changed |= r.advance(dt, now, unix);
         }
         for c in self.covers.values_mut() {
-            c.advance(dt, unix);
+            changed |= c.advance(dt, unix);
         }
         for p in &mut self.phases {
-            p.advance(dt, unix);
+            changed |= p.advance(dt, unix);
         }
+        self.dirty |= changed;
     }
 
     fn check_auth(&mut self, method: &str, answer: Option<DigestAnswer>, now: Duration) -> Result<(), RpcError> {
@@ -389,6 +395,11 @@ impl ShellyDevice {
             return Err(RpcError::shutting_down(at.saturating_sub(now).as_millis() as u64));
         }
         self.check_auth(method, answer, now)?;
+        // Reads change nothing a notification reports; anything else may.
+        let verb = method.rsplit('.').next().unwrap_or_default().to_ascii_lowercase();
+        if !(verb.starts_with("get") || verb.starts_with("list") || verb == "checkforupdate") {
+            self.dirty = true;
+        }
         self.dispatch(method, params, now)
     }
 
@@ -449,13 +460,18 @@ impl ShellyDevice {
 
     /// Sends what changed since the last report to the peers that asked.
     fn notify(&mut self, now: Duration, out: &mut Vec<Output<ShellyEvent>>) {
-        if self.is_down() {
+        if self.is_down() || (!self.dirty && self.pending_events.is_empty()) {
             return;
         }
         let ts = (self.unix(now) * 100.0).round() / 100.0;
-        let snapshot = self.notify_snapshot(now);
-        let delta = shelly::status_delta(&self.reported, &snapshot);
-        self.reported = snapshot;
+        let delta = if std::mem::take(&mut self.dirty) {
+            let snapshot = self.notify_snapshot(now);
+            let delta = shelly::status_delta(&self.reported, &snapshot);
+            self.reported = snapshot;
+            delta
+        } else {
+            None
+        };
         let mut frames = Vec::new();
         if let Some(Value::Object(mut d)) = delta {
             d.insert("ts".into(), Value::from(ts));
@@ -501,6 +517,7 @@ impl ShellyDevice {
             }
             self.apply_initial_states(now);
             self.reported = self.notify_snapshot(now);
+            self.dirty = false;
             self.events.push(ShellyEvent::Up);
         }
     }
@@ -527,6 +544,7 @@ impl ShellyDevice {
 
     /// A state change from a scenario or `--set`.
     pub fn set_state(&mut self, key: &str, value: f64, now: Duration) -> Result<(), String> {
+        self.dirty = true;
         let bad = || format!("value {value} for `{key}` is out of range");
         if !value.is_finite() {
             return Err(bad());
