@@ -412,6 +412,6 @@ fn every_kind_command_has_help() {
             seen += 1;
         }
     }
-    // eg4-lp4, jbd-bms, bsc-hub, smp-server and shelly simulate; jbd-bms, bsc-hub and smp-server validate.
-    assert_eq!(seen, 8);
+    // eg4-lp4, jbd-bms, bsc-hub, smp-server and shelly simulate; jbd-bms, bsc-hub, smp-server and shelly validate.
+    assert_eq!(seen, 9);
 }

@@ -207,6 +207,76 @@ fn sim(a: ShellySimArgs) -> Result<(), String> {
     })
 }
 
+/// `hilbench validate shelly --help` after the options.
+pub const VALIDATE_HELP: &str = "Checks what Home Assistant's aioshelly needs and what firmware does:
+GET /shelly (mac, gen, fw_id with a date new enough, id, model, auth_en), then over
+ws://HOST/rpc: frame fields (id echoed, src the device id, dst ours), GetDeviceInfo open
+without auth, the 401 digest challenge (a JSON message: digest, SHA-256, the realm) and a
+digest answer (--password), GetConfig's sys.device.name, GetStatus's sys, GetComponents
+{dynamic_only} paged to its total, ListMethods covering every component, 404 \"No handler
+for\" for an unknown method (-114 is a warning), -103 for a missing id, and, unless
+--read-only, the NotifyStatus a Switch.Set sends (the switch is set back). Exits 0 when no
+check fails, 1 when one does, 2 on bad arguments.
+
+Examples:
+  hilbench validate shelly --http 192.168.1.40 --password secret --read-only
+  # against the simulator (any free port):
+  hilbench sim shelly --http 127.0.0.1:0 --password secret --auth-mode 2.0 > shelly.json & sim=$!
+  until [ -s shelly.json ] || ! kill -0 $sim; do sleep 0.1; done
+  hilbench validate shelly --http $(jq -r .endpoints.http shelly.json) --password secret
+  kill $sim";
+
+#[derive(Args, Debug)]
+pub struct ShellyValidateArgs {
+    /// The device: HOST, HOST:PORT or http://HOST[:PORT] (port 80 when not given).
+    #[arg(long, value_name = "URL")]
+    pub http: String,
+    /// The device's password (user admin), when auth is on.
+    #[arg(long)]
+    pub password: Option<String>,
+    /// Change nothing (no switch is toggled for the notification check).
+    #[arg(long)]
+    pub read_only: bool,
+    /// The report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `host:port` from `--http`.
+fn http_target(s: &str) -> Result<String, String> {
+    let rest = s.strip_prefix("http://").unwrap_or(s).trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || s.starts_with("https://") {
+        return Err(format!("--http {s}: give HOST, HOST:PORT or http://HOST[:PORT]"));
+    }
+    Ok(if rest.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) { rest.to_string() } else { format!("{rest}:80") })
+}
+
+fn validate_main(a: ShellyValidateArgs) -> i32 {
+    use crate::client::shelly_validate::{self, ShellyTarget};
+    let host = match http_target(&a.http) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let target = ShellyTarget { host, password: a.password, read_only: a.read_only };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start a runtime: {e}");
+            return 2;
+        }
+    };
+    let report = rt.block_on(shelly_validate::validate(&target));
+    if a.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+    } else {
+        print!("{}", shelly_validate::render(&report));
+    }
+    i32::from(!report.passed())
+}
+
 /// Frames `sim` keeps for the record (the bound keeps memory flat).
 const SIM_FRAMES_KEPT: usize = 10_000;
 
@@ -306,6 +376,12 @@ impl Kind for ShellyKind {
         Some(super::KindCommand {
             command: || super::subcommand::<ShellySimArgs>("shelly", "Shelly Gen2+ device over HTTP, WebSocket and BLE RPC.", SIM_HELP),
             run: |m| super::run_parsed(m, sim_main),
+        })
+    }
+    fn validate(&self) -> Option<super::KindCommand> {
+        Some(super::KindCommand {
+            command: || super::subcommand::<ShellyValidateArgs>("shelly", "A Shelly Gen2+ device over HTTP and WebSocket: identity, frames, error forms, digest auth, components, notifications.", VALIDATE_HELP),
+            run: |m| super::run_parsed(m, validate_main),
         })
     }
 }

@@ -1,0 +1,329 @@
+//! `hilbench validate shelly`: checks a Gen2+ Shelly device (real or
+//! simulated) the way Home Assistant's aioshelly meets it, over `GET /shelly`
+//! and the WebSocket at `/rpc`: the identity aioshelly needs, frame fields,
+//! the error forms, the digest challenge and a digest answer, GetComponents
+//! paging, ListMethods, and (unless read-only) the NotifyStatus a switch
+//! change sends. Facts from `../shared/reference/shelly.md`.
+
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::conformance::{check, Check, Verdict};
+use crate::protocol::shelly::digest::{ha1, response, rpc_ha2, USERNAME};
+
+const SRC: &str = "hilbench-validate";
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// The oldest firmware date Home Assistant accepts, by generation.
+const MIN_FW_DATE: [(u64, u32); 3] = [(2, 2023_08_03), (3, 2023_11_02), (4, 2024_09_02)];
+
+/// What to check.
+#[derive(Debug, Clone)]
+pub struct ShellyTarget {
+    /// `host:port`.
+    pub host: String,
+    pub password: Option<String>,
+    /// No state changes (no switch toggled).
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShellyReport {
+    pub target: String,
+    pub checks: Vec<Check>,
+    /// p50 of GetDeviceInfo round trips over the WebSocket.
+    pub rtt_p50_us: Option<u64>,
+}
+
+impl ShellyReport {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.verdict != Verdict::Fail)
+    }
+}
+
+pub fn render(r: &ShellyReport) -> String {
+    let mut s = format!("Shelly device at {}\n", r.target);
+    if let Some(p) = r.rtt_p50_us {
+        s.push_str(&format!("  RPC round trip p50: {p} µs\n"));
+    }
+    s.push_str(&super::conformance::render_checks(&r.checks));
+    s
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+struct Session {
+    ws: Ws,
+    next_id: u64,
+    /// Notifications heard while waiting for answers.
+    notes: Vec<Value>,
+    /// The digest answer's inputs once a challenge came.
+    auth: Option<(String, String, u64)>,
+    password: Option<String>,
+}
+
+impl Session {
+    /// One call; its whole response frame. `authed`: attach digest auth once a challenge is known.
+    async fn call(&mut self, method: &str, params: Value, authed: bool) -> Result<Value, String> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut frame = json!({"id": id, "src": SRC, "method": method});
+        if !params.is_null() {
+            frame["params"] = params;
+        }
+        if let (true, Some((realm, nonce, nc)), Some(pw)) = (authed, self.auth.as_mut(), &self.password) {
+            let cnonce = format!("{:x}", Instant::now().elapsed().as_nanos() ^ u128::from(id));
+            let r = response(&ha1(realm, pw), nonce, &nc.to_string(), &cnonce, &rpc_ha2());
+            frame["auth"] = json!({"realm": realm, "username": USERNAME, "nonce": serde_json::from_str::<Value>(nonce).unwrap_or_else(|_| Value::from(nonce.as_str())), "cnonce": cnonce, "response": r, "algorithm": "SHA-256", "nc": *nc});
+            *nc += 1;
+        }
+        self.ws.send(Message::text(frame.to_string())).await.map_err(|e| format!("send: {e}"))?;
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next()).await.map_err(|_| format!("{method}: no answer within {TIMEOUT:?}"))?;
+            let m = m.ok_or("the WebSocket closed")?.map_err(|e| format!("receive: {e}"))?;
+            let text = match m {
+                Message::Text(t) => t.as_str().to_string(),
+                Message::Binary(_) => return Err(format!("{method}: a binary frame (aioshelly 13.35 mishandles it)")),
+                _ => continue,
+            };
+            let v: Value = serde_json::from_str(&text).map_err(|e| format!("{method}: an answer that is not JSON ({e}): {text}"))?;
+            if v.get("id").and_then(Value::as_u64) == Some(id) {
+                return Ok(v);
+            }
+            if v.get("method").is_some() && v.get("id").is_none() {
+                self.notes.push(v);
+            }
+        }
+    }
+
+    /// A call that must succeed; retries once with auth after a 401, as aioshelly does.
+    async fn result(&mut self, method: &str, params: Value) -> Result<Value, String> {
+        let mut v = self.call(method, params.clone(), true).await?;
+        if v["error"]["code"] == 401 && self.password.is_some() {
+            self.learn_challenge(&v)?;
+            v = self.call(method, params, true).await?;
+        }
+        match (v.get("result"), v.get("error")) {
+            (Some(r), None) => Ok(r.clone()),
+            (_, Some(e)) => Err(format!("{method}: error {e}")),
+            _ => Err(format!("{method}: neither result nor error: {v}")),
+        }
+    }
+
+    fn learn_challenge(&mut self, v: &Value) -> Result<Value, String> {
+        let msg = v["error"]["message"].as_str().ok_or("a 401 without a message")?;
+        let c: Value = serde_json::from_str(msg).map_err(|e| format!("the 401 message is not the JSON challenge ({e}): {msg}"))?;
+        let realm = c["realm"].as_str().ok_or("the challenge has no realm")?.to_string();
+        let nonce = match &c["nonce"] {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            other => return Err(format!("the challenge's nonce is {other}")),
+        };
+        self.auth = Some((realm, nonce, c["nc"].as_u64().unwrap_or(1)));
+        Ok(c)
+    }
+}
+
+async fn get_shelly(host: &str) -> Result<Value, String> {
+    let mut s = tokio::net::TcpStream::connect(host).await.map_err(|e| format!("cannot connect to {host}: {e}"))?;
+    s.write_all(format!("GET /shelly HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut text = Vec::new();
+    tokio::time::timeout(TIMEOUT, s.read_to_end(&mut text)).await.map_err(|_| "GET /shelly: no answer".to_string())?.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&text);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("GET /shelly: not an HTTP answer")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!("GET /shelly: {}", head.lines().next().unwrap_or_default()));
+    }
+    // A chunked body would need decoding; firmware sends a length.
+    serde_json::from_str(body.trim()).map_err(|e| format!("GET /shelly: not JSON ({e})"))
+}
+
+fn identity_checks(info: &Value, out: &mut Vec<Check>) {
+    let mac_ok = info["mac"].as_str().is_some_and(|m| m.len() == 12 && m.chars().all(|c| c.is_ascii_hexdigit()));
+    out.push(check("identity_mac", if mac_ok { Verdict::Pass } else { Verdict::Fail }, format!("mac {} (aioshelly crashes without one)", info["mac"])));
+    let gen = info["gen"].as_u64();
+    out.push(check("identity_gen", if gen.is_some_and(|g| g >= 2) { Verdict::Pass } else { Verdict::Fail }, format!("gen {} (missing means Gen1 to aioshelly)", info["gen"])));
+    let fw = info["fw_id"].as_str().unwrap_or_default();
+    let date: Option<u32> = fw.get(..8).and_then(|d| d.parse().ok());
+    let min = MIN_FW_DATE.iter().rev().find(|(g, _)| gen.is_some_and(|x| x >= *g)).map(|(_, d)| *d).unwrap_or(2023_08_03);
+    let v = match date {
+        Some(d) if d >= min => Verdict::Pass,
+        _ => Verdict::Fail,
+    };
+    out.push(check("identity_fw_id", v, format!("fw_id {fw:?}: Home Assistant needs a date ≥ {min} first")));
+    let fields = ["id", "model", "auth_en"].iter().filter(|k| info.get(**k).is_none()).copied().collect::<Vec<_>>();
+    out.push(check("identity_fields", if fields.is_empty() { Verdict::Pass } else { Verdict::Fail }, if fields.is_empty() { "id, model, auth_en present".to_string() } else { format!("missing {}", fields.join(", ")) }));
+}
+
+/// Runs every check; an unreachable device is one failed check.
+pub async fn validate(target: &ShellyTarget) -> ShellyReport {
+    let mut checks = Vec::new();
+    let mut report = ShellyReport { target: target.host.clone(), checks: Vec::new(), rtt_p50_us: None };
+    let info = match get_shelly(&target.host).await {
+        Ok(i) => i,
+        Err(e) => {
+            checks.push(check("http_shelly", Verdict::Fail, e));
+            report.checks = checks;
+            return report;
+        }
+    };
+    checks.push(check("http_shelly", Verdict::Pass, "GET /shelly answers JSON"));
+    identity_checks(&info, &mut checks);
+    if let Err(e) = ws_checks(target, &info, &mut checks, &mut report).await {
+        checks.push(check("websocket", Verdict::Fail, e));
+    }
+    report.checks = checks;
+    report
+}
+
+async fn ws_checks(target: &ShellyTarget, info: &Value, out: &mut Vec<Check>, report: &mut ShellyReport) -> Result<(), String> {
+    let stream = tokio::net::TcpStream::connect(&target.host).await.map_err(|e| format!("cannot connect: {e}"))?;
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{}/rpc", target.host), stream).await.map_err(|e| format!("the WebSocket at /rpc did not open: {e}"))?;
+    let mut s = Session { ws, next_id: 0, notes: Vec::new(), auth: None, password: target.password.clone() };
+    let id = info["id"].as_str().unwrap_or_default().to_string();
+
+    // Frame fields, and GetDeviceInfo open without auth.
+    let v = s.call("Shelly.GetDeviceInfo", Value::Null, false).await?;
+    let fields_ok = v["src"] == id.as_str() && v["dst"] == SRC && v["result"]["auth_en"].is_boolean();
+    out.push(check("frame_fields", if fields_ok { Verdict::Pass } else { Verdict::Fail }, format!("src {}, dst {}, result.auth_en {} (want {id}, {SRC}, a bool)", v["src"], v["dst"], v["result"]["auth_en"])));
+    let mut rtts = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        s.call("Shelly.GetDeviceInfo", Value::Null, false).await?;
+        rtts.push(t.elapsed().as_micros() as u64);
+    }
+    rtts.sort_unstable();
+    report.rtt_p50_us = rtts.get(rtts.len() / 2).copied();
+
+    // Authentication.
+    let auth_en = info["auth_en"].as_bool() == Some(true);
+    if auth_en {
+        let v = s.call("Shelly.GetStatus", Value::Null, false).await?;
+        if v["error"]["code"] != 401 {
+            out.push(check("auth_challenge", Verdict::Fail, format!("auth_en is true but an unauthenticated call got {v}")));
+        } else {
+            match s.learn_challenge(&v) {
+                Ok(c) => {
+                    let realm_ok = c["realm"] == info["auth_domain"] || c["realm"] == id.as_str();
+                    let ok = c["auth_type"] == "digest" && c["algorithm"] == "SHA-256" && realm_ok;
+                    out.push(check("auth_challenge", if ok { Verdict::Pass } else { Verdict::Fail }, format!("401 challenge {c}")));
+                }
+                Err(e) => out.push(check("auth_challenge", Verdict::Fail, e)),
+            }
+        }
+        if target.password.is_none() {
+            out.push(check("auth_answer", Verdict::Fail, "the device needs a password: give --password"));
+            return Ok(());
+        }
+        let v = s.call("Shelly.GetStatus", Value::Null, true).await?;
+        let v = if v["error"]["code"] == 401 {
+            // A stale or used nonce: learn the new one and answer once more.
+            s.learn_challenge(&v)?;
+            s.call("Shelly.GetStatus", Value::Null, true).await?
+        } else {
+            v
+        };
+        let ok = v["result"]["sys"].is_object();
+        out.push(check("auth_answer", if ok { Verdict::Pass } else { Verdict::Fail }, if ok { "a digest answer is taken".to_string() } else { format!("the digest answer was refused: {}", v["error"]) }));
+    } else {
+        out.push(check("auth_challenge", Verdict::Pass, "auth is off (auth_en false); nothing to challenge"));
+    }
+
+    // The init calls aioshelly makes.
+    let config = s.result("Shelly.GetConfig", Value::Null).await?;
+    let named = config["sys"]["device"].get("name").is_some();
+    out.push(check("config_sys_name", if named { Verdict::Pass } else { Verdict::Fail }, format!("sys.device.name {}", config["sys"]["device"]["name"])));
+    let status = s.result("Shelly.GetStatus", Value::Null).await?;
+    out.push(check("status_sys", if status["sys"].is_object() { Verdict::Pass } else { Verdict::Fail }, "Shelly.GetStatus has sys"));
+    components_check(&mut s, out).await;
+    let methods = s.result("Shelly.ListMethods", Value::Null).await?;
+    let listed: Vec<String> = methods["methods"].as_array().map(|a| a.iter().filter_map(|m| m.as_str().map(str::to_lowercase)).collect()).unwrap_or_default();
+    let missing: Vec<String> = status
+        .as_object()
+        .map(|o| o.keys().filter_map(|k| k.split(':').next()).filter(|t| !listed.iter().any(|m| m.starts_with(&format!("{t}.")))).map(str::to_string).collect())
+        .unwrap_or_default();
+    out.push(check("list_methods", if missing.is_empty() { Verdict::Pass } else { Verdict::Warn }, if missing.is_empty() { format!("{} methods, every status component among them", listed.len()) } else { format!("no methods listed for {}", missing.join(", ")) }));
+
+    // Error forms.
+    let v = s.call("HilbenchValidate.Nothing", Value::Null, true).await?;
+    let (code, msg) = (v["error"]["code"].as_i64(), v["error"]["message"].as_str().unwrap_or_default());
+    let verdict = match code {
+        Some(404) if msg.starts_with("No handler for") => Verdict::Pass,
+        Some(-114) => Verdict::Warn,
+        _ => Verdict::Fail,
+    };
+    out.push(check("unknown_method", verdict, format!("error {} (mongoose-os: 404 \"No handler for …\"; -114 is another dialect)", v["error"])));
+    if let Some(indexed) = status.as_object().and_then(|o| o.keys().find(|k| k.starts_with("switch:") || k.starts_with("input:")).cloned()) {
+        let method = if indexed.starts_with("switch") { "Switch.GetStatus" } else { "Input.GetStatus" };
+        let v = s.call(method, json!({}), true).await?;
+        let ok = v["error"]["code"] == -103;
+        out.push(check("missing_id", if ok { Verdict::Pass } else { Verdict::Warn }, format!("{method} without id: {}", v["error"])));
+    }
+
+    if status.get("switch:0").is_some() && !target.read_only {
+        notify_check(&mut s, out).await?;
+    }
+    Ok(())
+}
+
+async fn components_check(s: &mut Session, out: &mut Vec<Check>) {
+    let first = match s.result("Shelly.GetComponents", json!({"dynamic_only": true})).await {
+        Ok(f) => f,
+        Err(e) => {
+            out.push(check("get_components", Verdict::Fail, format!("{e} (any error here fails aioshelly's init)")));
+            return;
+        }
+    };
+    let total = first["total"].as_u64();
+    let mut got = first["components"].as_array().cloned().unwrap_or_default();
+    let mut pages = 1;
+    while total.is_some_and(|t| (got.len() as u64) < t) && pages < 100 {
+        match s.result("Shelly.GetComponents", json!({"dynamic_only": true, "offset": got.len()})).await {
+            Ok(p) => {
+                let more = p["components"].as_array().cloned().unwrap_or_default();
+                if more.is_empty() {
+                    break;
+                }
+                got.extend(more);
+                pages += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let shaped = got.iter().all(|c| c["key"].is_string() && c["config"].is_object());
+    let ok = total == Some(got.len() as u64) && shaped && first["offset"] == 0;
+    out.push(check("get_components", if ok { Verdict::Pass } else { Verdict::Fail }, format!("{} dynamic components in {pages} page(s), total {} (each needs key and config)", got.len(), first["total"])));
+}
+
+async fn notify_check(s: &mut Session, out: &mut Vec<Check>) -> Result<(), String> {
+    s.notes.clear();
+    let before = s.result("Switch.GetStatus", json!({"id": 0})).await?;
+    let was = before["output"].as_bool().unwrap_or(false);
+    s.result("Switch.Set", json!({"id": 0, "on": !was})).await?;
+    // Wait for the notification (a ping-pong call gives it time to come).
+    let deadline = Instant::now() + TIMEOUT;
+    let mut heard = None;
+    while Instant::now() < deadline && heard.is_none() {
+        heard = s.notes.iter().find(|n| n["method"] == "NotifyStatus" && n["params"]["switch:0"]["output"] == !was).cloned();
+        if heard.is_none() {
+            let _ = s.call("Shelly.GetDeviceInfo", Value::Null, false).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    s.result("Switch.Set", json!({"id": 0, "on": was})).await?;
+    let v = match &heard {
+        Some(n) if n["params"]["ts"].is_number() && n["dst"] == SRC => Verdict::Pass,
+        Some(_) => Verdict::Warn,
+        None => Verdict::Fail,
+    };
+    out.push(check("notify_status", v, match heard {
+        Some(n) => format!("NotifyStatus after Switch.Set: {}", n["params"]),
+        None => "no NotifyStatus with switch:0's new output within 5 s".into(),
+    }));
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! `hilbench validate shelly` against `hilbench sim shelly`: every check passes on the
+//! simulator in each auth mode and on a Gen3 with paged dynamic components, and each
+//! deliberate deviation is flagged: the -114 dialect (a warning), a wrong password, a device
+//! that wants one, an address where nothing listens (failures), bad arguments (exit 2).
+
+mod common;
+
+use std::process::Command;
+
+fn validate(args: &[&str]) -> (i32, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["validate", "shelly", "--json"]).args(args).output().unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (code, report)
+}
+
+fn verdict<'a>(report: &'a serde_json::Value, name: &str) -> &'a str {
+    report["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no check {name} in {report:#}"))["verdict"].as_str().unwrap()
+}
+
+fn against(sim_args: &[&str], validate_args: &[&str]) -> (i32, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["shelly", "--http", "127.0.0.1:0"];
+    args.extend(sim_args);
+    let sim = common::start_sim(&args, dir.path());
+    let url = sim.ready["endpoints"]["http"].as_str().unwrap().to_string();
+    let mut v = vec!["--http", url.as_str()];
+    v.extend(validate_args);
+    let r = validate(&v);
+    assert_eq!(sim.stop(), 0);
+    r
+}
+
+#[test]
+fn the_simulator_passes_every_check() {
+    for (sim, val) in [(vec![], vec![]), (vec!["--password", "pw"], vec!["--password", "pw"]), (vec!["--password", "pw", "--auth-mode", "2.0"], vec!["--password", "pw"])] {
+        let (code, report) = against(&sim, &val);
+        assert_eq!(code, 0, "{report:#}");
+        assert!(report["checks"].as_array().unwrap().iter().all(|c| c["verdict"] == "pass"), "{report:#}");
+        assert_eq!(verdict(&report, "notify_status"), "pass");
+        assert!(report["rtt_p50_us"].as_u64().is_some());
+    }
+    let (code, report) = against(&["--model", "1pmg3"], &["--read-only"]);
+    assert_eq!(code, 0, "{report:#}");
+    assert!(report["checks"].as_array().unwrap().iter().all(|c| c["name"] != "notify_status"), "--read-only toggles nothing");
+    let comps = report["checks"].as_array().unwrap().iter().find(|c| c["name"] == "get_components").unwrap();
+    assert!(comps["detail"].as_str().unwrap().starts_with("13 dynamic components in 2 page(s)"), "{comps}");
+}
+
+#[test]
+fn deviations_are_flagged() {
+    let (code, report) = against(&["--unknown-method", "-114"], &[]);
+    assert_eq!((code, verdict(&report, "unknown_method")), (0, "warn"), "{report:#}");
+    let (code, report) = against(&["--password", "pw"], &["--password", "wrong"]);
+    assert_eq!((code, verdict(&report, "auth_answer")), (1, "fail"), "{report:#}");
+    let (code, report) = against(&["--password", "pw", "--auth-mode", "2.0"], &[]);
+    assert_eq!((code, verdict(&report, "auth_challenge"), verdict(&report, "auth_answer")), (1, "pass", "fail"), "{report:#}");
+    // Nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (code, report) = validate(&["--http", &format!("127.0.0.1:{port}")]);
+    assert_eq!((code, verdict(&report, "http_shelly")), (1, "fail"), "{report:#}");
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["validate", "shelly", "--http", "https://x/rpc"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--http"), "{}", String::from_utf8_lossy(&out.stderr));
+}
