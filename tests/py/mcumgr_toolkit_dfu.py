@@ -68,6 +68,10 @@ def reset_and_wait(client, target):
             break
     else:
         fail("reset", "the device kept answering for 10 s after the reset")
+    # Once it is down, probe with a timeout a loaded machine cannot outlast: an answer that
+    # comes after its probe timed out is read by the next probe, which then sees the wrong
+    # sequence number, and so on for every probe after it.
+    client.set_timeout_ms(1000)
     for _ in range(50):
         try:
             client.check_connection()
