@@ -63,3 +63,24 @@ fn deviations_are_flagged() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--http"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn several_devices_in_one_sim_each_on_its_own_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = common::start_sim(&["shelly", "--http", "127.0.0.1:0", "--count", "3", "--mac", "AA:BB:CC:00:00:10"], dir.path());
+    let devices = sim.ready["devices"].as_array().expect("a devices list").clone();
+    assert_eq!(devices.len(), 3, "{}", sim.ready);
+    for (i, d) in devices.iter().enumerate() {
+        let url = d["endpoints"]["http"].as_str().unwrap();
+        assert!(url.starts_with(&format!("http://127.0.0.{}:", i + 1)), "{url}");
+        assert_eq!(d["id"], format!("shellyplus1pm-aabbcc0000{:02x}", 0x10 + i));
+        let (code, report) = validate(&["--http", url, "--read-only"]);
+        assert_eq!(code, 0, "{report:#}");
+    }
+    assert_eq!(sim.stop(), 0);
+    for bad in [vec!["--count", "2", "--ble"], vec!["--count", "0"], vec!["--http", "[::1]:0", "--count", "2"], vec!["--http", "127.0.0.250:0", "--count", "9"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["sim", "shelly"]).args(&bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{bad:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--"), "{bad:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}

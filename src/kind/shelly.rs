@@ -54,6 +54,8 @@ pub const SIM_HELP: &str = "Examples:
   hilbench sim shelly --model pro3em-triphase --http 127.0.0.1:0 --password secret --auth-mode 2.0
   # a Plus Plug S drawing 60 W, switched on
   hilbench sim shelly --model plusplugs --http 127.0.0.1:0 --set switch0_load_w=60 --set switch0_on=1
+  # three Plus 1PMs on port 80 of 127.0.0.1, .2 and .3, for clients that take an IP only
+  hilbench sim shelly --http 127.0.0.1:80 --count 3
   # RPC over BLE too, on a virtual air of its own (centrals use the ready line's dbus_system_bus_address)
   hilbench sim shelly --http 127.0.0.1:0 --ble --mtu 185
   # a whole session: start one, switch it on over HTTP, stop it
@@ -70,6 +72,8 @@ or aioshelly's RpcDevice over ws://127.0.0.1:PORT/rpc.
 Prints one JSON line when serving:
   {\"ready\":true,\"kind\":\"shelly\",\"model\":\"plus1pm\",\"id\":\"shellyplus1pm-…\",\"endpoints\":{\"http\":\"http://127.0.0.1:8080\",\"ws\":\"ws://127.0.0.1:8080/rpc\"}}
 with --ble also \"ble\": {\"address\", \"dbus_system_bus_address\"} among the endpoints;
+with --count N over 1, \"devices\": [{\"id\", \"endpoints\"}, …] instead of id and endpoints,
+and each event line carries the device's \"id\";
 then serves until SIGINT/SIGTERM, printing what the device does (invalid
 frames dropped, reboots) as JSON lines on stdout.";
 
@@ -113,6 +117,10 @@ pub struct ShellySimArgs {
     /// BLE field fault: the first N data reads of each answer return no bytes.
     #[arg(long, default_value_t = 0)]
     pub ble_empty_reads: u32,
+    /// Serve this many devices: device i on the --http address's last octet + i, the same
+    /// port (127.0.0.1:80, 127.0.0.2:80, … for clients that take an IP only), MAC + i.
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
 }
 
 /// How the device appears on BLE: its name and Shelly's manufacturer data.
@@ -134,72 +142,147 @@ fn sim_main(a: ShellySimArgs) -> i32 {
     crate::cli::sim::exit_code(sim(a))
 }
 
-fn sim(a: ShellySimArgs) -> Result<(), String> {
-    let config = ShellyConfig {
-        model: a.model.clone(),
-        mac: a.mac,
-        name: a.name,
-        password: a.password,
-        auth_mode: a.auth_mode,
-        unknown_method: a.unknown_method,
-        unix_at_zero: unix_now(),
-        seed: 1,
-        boot_time: a.boot_time,
+/// The most devices one `sim` serves.
+const MAX_SIM_DEVICES: usize = 1000;
+
+/// Device `i`'s address: the IPv4 address's last octet plus `i`, the same port
+/// (127.0.0.1:80, 127.0.0.2:80, … for clients that cannot choose a port).
+fn nth_addr(base: SocketAddr, i: usize) -> Result<SocketAddr, String> {
+    let SocketAddr::V4(v4) = base else {
+        return Err("--count needs an IPv4 --http address (device i gets its last octet + i)".into());
     };
+    let last = usize::from(v4.ip().octets()[3]) + i;
+    if last > 254 {
+        return Err(format!("--count {}: {} + {i} runs past the last address of the /24", i + 1, v4.ip()));
+    }
+    let o = v4.ip().octets();
+    Ok(SocketAddr::from(([o[0], o[1], o[2], last as u8], v4.port())))
+}
+
+/// The MAC of device `i`: the given one plus `i`.
+fn nth_mac(mac: &str, i: usize) -> Result<String, String> {
+    let m = crate::device::shelly_core::models::normalize_mac(mac)?;
+    let n = u64::from_str_radix(&m, 16).map_err(|e| e.to_string())?.wrapping_add(i as u64) & 0xFFFF_FFFF_FFFF;
+    Ok(format!("{n:012X}"))
+}
+
+fn sim(a: ShellySimArgs) -> Result<(), String> {
+    if a.count == 0 || a.count > MAX_SIM_DEVICES {
+        return Err(format!("--count must be 1 to {MAX_SIM_DEVICES}"));
+    }
+    if a.count > 1 && a.ble {
+        return Err("--ble serves one device: give --count 1".into());
+    }
+    if !a.ble && (a.place.given() || a.ble_length_skew != 0 || a.ble_empty_reads != 0) {
+        return Err("--mtu, --bus, --adapter and the --ble-… faults are BLE options: give --ble too".into());
+    }
+    let mut devices = Vec::new();
+    for i in 0..a.count {
+        let config = ShellyConfig {
+            model: a.model.clone(),
+            mac: a.mac.as_deref().map(|m| nth_mac(m, i)).transpose()?,
+            name: a.name.clone(),
+            password: a.password.clone(),
+            auth_mode: a.auth_mode,
+            unknown_method: a.unknown_method,
+            unix_at_zero: unix_now(),
+            seed: i as u64 + 1,
+            boot_time: a.boot_time,
+        };
+        devices.push((config, nth_addr(a.http, i).or_else(|e| if a.count == 1 { Ok(a.http) } else { Err(e) })?));
+    }
     // Every --set is checked on a throwaway device before anything binds.
-    let mut probe = ShellyDevice::new(config.clone())?;
+    let mut probe = ShellyDevice::new(devices[0].0.clone())?;
     for (k, v) in &a.set {
         probe.set_state(k, *v, Duration::ZERO).map_err(|e| format!("--set {k}: {e}"))?;
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
-    if !a.ble && (a.place.given() || a.ble_length_skew != 0 || a.ble_empty_reads != 0) {
-        return Err("--mtu, --bus, --adapter and the --ble-… faults are BLE options: give --ble too".into());
-    }
     rt.block_on(async move {
         let placement = match a.ble {
             true => Some(crate::cli::ble_place::BlePlacement::place(&a.place, 1).await?),
             false => None,
         };
-        let ble = placement.as_ref().map(|p| ble_side(&probe, p.adapter(), a.ble_length_skew, a.ble_empty_reads));
-        let server = match shelly_host::serve(config, ShellyEndpoints { http: a.http, seed: 0, frame_limit: Some(SIM_FRAMES_KEPT), link_name: None, ble }).await {
-            Ok(s) => s,
-            Err(e) => {
-                if let Some(p) = placement {
-                    p.release().await;
+        let mut servers = Vec::new();
+        for (config, http) in devices {
+            let ble = placement.as_ref().map(|p| ble_side(&probe, p.adapter(), a.ble_length_skew, a.ble_empty_reads));
+            match shelly_host::serve(config, ShellyEndpoints { http, seed: 0, frame_limit: Some(SIM_FRAMES_KEPT), link_name: None, ble }).await {
+                Ok(s) => servers.push(s),
+                Err(e) => {
+                    for s in servers {
+                        s.shutdown().await;
+                    }
+                    if let Some(p) = placement {
+                        p.release().await;
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
-        };
-        for (k, v) in &a.set {
-            server.set(k, *v).await?;
         }
-        let mut events = server.subscribe();
+        for server in &servers {
+            for (k, v) in &a.set {
+                server.set(k, *v).await?;
+            }
+        }
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        for server in &servers {
+            let mut rx = server.subscribe();
+            let (tx, id) = (events_tx.clone(), server.id().to_string());
+            tokio::spawn(async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(e) => {
+                            if tx.send((id.clone(), e)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::warn!("{id}: {n} events not printed"),
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
         let signal = crate::cli::sim::wait_for_signal();
-        let addr = server.http_addr();
-        let mut endpoints = serde_json::json!({"http": format!("http://{addr}"), "ws": format!("ws://{addr}/rpc")});
-        if let (Some(p), Some(address)) = (&placement, server.ble_address()) {
-            endpoints["ble"] = serde_json::json!({"address": address, "dbus_system_bus_address": p.bus()});
-        }
-        println!("{}", serde_json::json!({"ready": true, "kind": "shelly", "model": a.model, "id": server.id(), "endpoints": endpoints}));
+        let described: Vec<serde_json::Value> = servers
+            .iter()
+            .map(|server| {
+                let addr = server.http_addr();
+                let mut endpoints = serde_json::json!({"http": format!("http://{addr}"), "ws": format!("ws://{addr}/rpc")});
+                if let (Some(p), Some(address)) = (&placement, server.ble_address()) {
+                    endpoints["ble"] = serde_json::json!({"address": address, "dbus_system_bus_address": p.bus()});
+                }
+                serde_json::json!({"id": server.id(), "endpoints": endpoints})
+            })
+            .collect();
+        let ready = match described.as_slice() {
+            [one] => serde_json::json!({"ready": true, "kind": "shelly", "model": a.model, "id": one["id"], "endpoints": one["endpoints"]}),
+            many => serde_json::json!({"ready": true, "kind": "shelly", "model": a.model, "devices": many}),
+        };
+        println!("{ready}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
         tokio::pin!(signal);
+        let several = servers.len() > 1;
         loop {
             tokio::select! {
                 _ = &mut signal => break,
                 ev = events.recv() => match ev {
-                    Ok(ShellyEvent::Call { method, code }) => tracing::debug!("{method}: {code}"),
-                    Ok(ShellyEvent::Notify { method }) => tracing::debug!("sent {method}"),
-                    Ok(e) => {
+                    Some((_, ShellyEvent::Call { method, code })) => tracing::debug!("{method}: {code}"),
+                    Some((_, ShellyEvent::Notify { method })) => tracing::debug!("sent {method}"),
+                    Some((id, e)) => {
+                        let mut line = serde_json::to_value(&e).unwrap_or_default();
+                        if several {
+                            line["id"] = serde_json::Value::from(id);
+                        }
                         let mut out = std::io::stdout().lock();
-                        let _ = writeln!(out, "{}", serde_json::to_string(&e).unwrap_or_default()).and_then(|_| out.flush());
+                        let _ = writeln!(out, "{line}").and_then(|_| out.flush());
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::warn!("{n} events not printed"),
-                    Err(_) => break,
+                    None => break,
                 },
             }
         }
-        server.shutdown().await;
+        for server in servers {
+            server.shutdown().await;
+        }
         if let Some(p) = placement {
             p.release().await;
         }
