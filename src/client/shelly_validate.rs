@@ -133,7 +133,8 @@ async fn get_shelly(host: &str) -> Result<Value, String> {
     let mut s = tokio::net::TcpStream::connect(host).await.map_err(|e| format!("cannot connect to {host}: {e}"))?;
     s.write_all(format!("GET /shelly HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
     let mut text = Vec::new();
-    tokio::time::timeout(TIMEOUT, s.read_to_end(&mut text)).await.map_err(|_| "GET /shelly: no answer".to_string())?.map_err(|e| e.to_string())?;
+    // A device info is a few hundred bytes; a megabyte is not one.
+    tokio::time::timeout(TIMEOUT, (&mut s).take(1 << 20).read_to_end(&mut text)).await.map_err(|_| "GET /shelly: no answer".to_string())?.map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&text);
     let (head, body) = text.split_once("\r\n\r\n").ok_or("GET /shelly: not an HTTP answer")?;
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {

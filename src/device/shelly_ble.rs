@@ -8,13 +8,13 @@
 
 use std::collections::HashMap;
 
-use bluer::adv::{Advertisement, AdvertisementHandle};
+use bluer::adv::Advertisement;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::protocol::shelly::ble::BleRpcChannel;
 use crate::sans_io::Peer;
-use crate::transport::gatt::{GattEvent, GattRefusal, GattServer, GattService, Props, ReadValue};
+use crate::transport::gatt::{GattEvent, GattPeripheral, GattRefusal, GattService, Props, ReadValue};
 
 pub const RPC_SERVICE_UUID: Uuid = Uuid::from_u128(0x5f6d4f53_5f52_5043_5f53_56435f49445f);
 pub const DATA_UUID: Uuid = Uuid::from_u128(0x5f6d4f53_5f52_5043_5f64_6174615f5f5f);
@@ -66,54 +66,31 @@ pub struct ShellyBle {
 /// The registered service, its advertisement and each central's channel.
 pub struct ShellyBleSide {
     cfg: ShellyBle,
-    _session: bluer::Session,
-    adapter: bluer::Adapter,
-    address: String,
-    gatt: GattServer,
-    adv: Option<AdvertisementHandle>,
+    peripheral: GattPeripheral,
     /// Each central's peer, channel and MTU.
     centrals: HashMap<String, (Peer, BleRpcChannel, u16)>,
 }
 
 impl ShellyBleSide {
     pub async fn open(cfg: ShellyBle) -> Result<(ShellyBleSide, mpsc::UnboundedReceiver<GattEvent>), String> {
-        let session = bluer::Session::new().await.map_err(|e| format!("connecting to BlueZ (org.bluez on the system bus): {e}"))?;
-        let adapter = session.adapter(&cfg.adapter).map_err(|e| format!("adapter {}: {e}", cfg.adapter))?;
-        let address = adapter.address().await.map_err(|e| format!("reading the address of {}: {e}", cfg.adapter))?.to_string();
-        if !adapter.is_powered().await.unwrap_or(true) {
-            adapter.set_powered(true).await.map_err(|e| format!("powering {} on: {e}", cfg.adapter))?;
-        }
-        let (gatt, events) = GattServer::serve(&adapter, &shelly_gatt()).await.map_err(|e| format!("registering the Shelly RPC service on {}: {e}", cfg.adapter))?;
-        let mut side = ShellyBleSide { cfg, _session: session, adapter, address, gatt, adv: None, centrals: HashMap::new() };
-        side.advertise(true).await?;
-        Ok((side, events))
+        let adv = Advertisement {
+            service_uuids: [RPC_SERVICE_UUID].into_iter().collect(),
+            manufacturer_data: [(SHELLY_COMPANY_ID, cfg.manufacturer_data.clone())].into_iter().collect(),
+            local_name: Some(cfg.local_name.clone()),
+            discoverable: Some(true),
+            ..Default::default()
+        };
+        let (peripheral, events) = GattPeripheral::open(&cfg.adapter, &shelly_gatt(), adv).await?;
+        Ok((ShellyBleSide { cfg, peripheral, centrals: HashMap::new() }, events))
     }
 
     pub fn address(&self) -> &str {
-        &self.address
+        self.peripheral.address()
     }
 
     /// Advertises (true) or withdraws the advertisement (false).
     pub async fn advertise(&mut self, on: bool) -> Result<(), String> {
-        if !on {
-            self.adv = None;
-            return Ok(());
-        }
-        if self.adv.is_some() {
-            return Ok(());
-        }
-        let adv = Advertisement {
-            service_uuids: [RPC_SERVICE_UUID].into_iter().collect(),
-            manufacturer_data: [(SHELLY_COMPANY_ID, self.cfg.manufacturer_data.clone())].into_iter().collect(),
-            local_name: Some(self.cfg.local_name.clone()),
-            discoverable: Some(true),
-            ..Default::default()
-        };
-        let registered = tokio::time::timeout(std::time::Duration::from_secs(5), self.adapter.advertise(adv))
-            .await
-            .map_err(|_| format!("advertising on {}: BlueZ did not answer within 5 s", self.cfg.adapter))?;
-        self.adv = Some(registered.map_err(|e| format!("advertising on {}: {e}", self.cfg.adapter))?);
-        Ok(())
+        self.peripheral.advertise(on).await
     }
 
     fn channel(&mut self, central: &str, mtu: u16, new_peer: impl FnOnce() -> Peer) -> &mut (Peer, BleRpcChannel, u16) {
@@ -175,15 +152,14 @@ impl ShellyBleSide {
     pub fn respond(&mut self, peer: Peer, bytes: Vec<u8>) {
         if let Some((_, ch, mtu)) = self.centrals.values_mut().find(|(p, _, _)| *p == peer) {
             let len = ch.respond(bytes);
-            self.gatt.notify(RX_CTL_UUID, &len, *mtu);
+            self.peripheral.gatt().notify(RX_CTL_UUID, &len, *mtu);
         }
     }
 
     /// The device reboots: links drop, the advertisement goes.
     pub fn reset(&mut self) {
-        self.gatt.disconnect_all();
+        self.peripheral.reset();
         self.centrals.clear();
-        self.adv = None;
     }
 }
 

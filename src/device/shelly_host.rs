@@ -22,10 +22,18 @@
 //! device is down, connections are accepted and closed at once and HTTP
 //! requests get no answer.
 //!
-//! HTTP bodies past [`MAX_BODY`] are refused with 413 before they are read.
+//! Limits, so no client can hold the device: HTTP bodies past [`MAX_BODY`]
+//! get 413 unread; a request's headers must come within
+//! [`HEADER_TIMEOUT`] and its body within [`BODY_TIMEOUT`] (408); at most
+//! [`MAX_CONNECTIONS`] connections at once (more are closed at accept); a
+//! WebSocket silent for [`WS_IDLE`] is dropped, and so is one whose reader
+//! lets more than [`WS_QUEUED_BYTES`] of answers and notifications pile up;
+//! requests queue toward the device in a bounded channel, so a flooding
+//! socket waits for the device. Refusals are logged at most once per period.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,6 +49,7 @@ use tokio_tungstenite::tungstenite::protocol::{Message, Role};
 use super::shelly_ble::{ShellyBle, ShellyBleSide};
 use super::shelly_core::{HttpAnswer, ShellyConfig, ShellyDevice, ShellyEvent};
 use crate::transport::gatt::GattEvent;
+use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
 use crate::link::{Direction, FaultRule, FrameRecord, LinkEngine};
 use crate::sans_io::{Input, Output, Peer, SansIoCore};
 
@@ -51,6 +60,13 @@ const EVENTS_QUEUED: usize = 1024;
 const HELD_FRAMES: usize = 4096;
 /// WebSocket messages past this size are refused (the connection closes).
 const MAX_WS_MESSAGE: usize = 64 * 1024;
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_CONNECTIONS: usize = 64;
+pub const WS_IDLE: Duration = Duration::from_secs(300);
+pub const WS_QUEUED_BYTES: usize = 256 * 1024;
+/// Requests (and socket events) waiting for the device.
+const COMMANDS_QUEUED: usize = 1024;
 
 /// Where the device is reached.
 #[derive(Debug, Clone)]
@@ -74,7 +90,7 @@ pub struct ShellyHandle {
     epoch: Instant,
     id: String,
     link: Arc<Mutex<LinkEngine>>,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::Sender<Command>,
     events: broadcast::Sender<ShellyEvent>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -88,7 +104,7 @@ enum WsOut {
 
 enum Command {
     Set { key: String, value: f64, reply: oneshot::Sender<Result<(), String>> },
-    WsOpen { tx: mpsc::UnboundedSender<WsOut>, reply: oneshot::Sender<Option<Peer>> },
+    WsOpen { tx: mpsc::UnboundedSender<WsOut>, queued: Arc<AtomicUsize>, reply: oneshot::Sender<Option<Peer>> },
     WsIn { peer: Peer, bytes: Vec<u8> },
     WsClosed { peer: Peer },
     Http { method: String, params: Value, authorization: Option<String>, http_method: String, reply: oneshot::Sender<Option<HttpAnswer>> },
@@ -117,7 +133,7 @@ impl ShellyHandle {
     /// Sets a state key ([`super::shelly_core::STATE_KEYS`]).
     pub async fn set(&self, key: &str, value: f64) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
-        self.commands.send(Command::Set { key: key.to_string(), value, reply }).map_err(|_| "the device has stopped".to_string())?;
+        self.commands.send(Command::Set { key: key.to_string(), value, reply }).await.map_err(|_| "the device has stopped".to_string())?;
         rx.await.map_err(|_| "the device has stopped".to_string())?
     }
 
@@ -173,7 +189,7 @@ pub async fn serve(config: ShellyConfig, endpoints: ShellyEndpoints) -> Result<S
     let link = Arc::new(Mutex::new(engine));
     let (events, _) = broadcast::channel(EVENTS_QUEUED);
     let (stop, stop_rx) = watch::channel(false);
-    let (commands, commands_rx) = mpsc::unbounded_channel();
+    let (commands, commands_rx) = mpsc::channel(COMMANDS_QUEUED);
     let (ble, gatt_events) = match endpoints.ble {
         Some(b) => {
             let (side, events) = ShellyBleSide::open(b).await?;
@@ -194,25 +210,52 @@ pub async fn serve(config: ShellyConfig, endpoints: ShellyEndpoints) -> Result<S
         events: events.clone(),
         ble,
         readvertise: false,
+        slow_readers: LogEvery::new(REFUSAL_LOG_PERIOD),
     };
     let accept = tokio::spawn(accept_loop(listener, commands.clone(), stop_rx.clone()));
     let run = tokio::spawn(host.run(commands_rx, stop_rx, gatt_events));
     Ok(ShellyHandle { http, ble: ble_address, epoch, id, link, commands, events, stop, tasks: vec![run, accept] })
 }
 
-async fn accept_loop(listener: TcpListener, commands: mpsc::UnboundedSender<Command>, mut stop: watch::Receiver<bool>) {
+/// A connection's place among [`MAX_CONNECTIONS`]; freed when its last holder (the
+/// HTTP connection, or the WebSocket it became) goes.
+struct ConnSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(listener: TcpListener, commands: mpsc::Sender<Command>, mut stop: watch::Receiver<bool>) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut refused = LogEvery::new(REFUSAL_LOG_PERIOD);
     loop {
         let conn = tokio::select! {
             _ = stop.changed() => return,
             c = listener.accept() => c,
         };
-        let Ok((stream, _)) = conn else { continue };
+        let Ok((stream, from)) = conn else { continue };
+        if open.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::Relaxed);
+            if let Some(more) = refused.check(Instant::now()) {
+                tracing::warn!("shelly: {MAX_CONNECTIONS} connections open; closed one from {from} ({more} more since the last line)");
+            }
+            continue;
+        }
+        let slot = Arc::new(ConnSlot(open.clone()));
         let _ = stream.set_nodelay(true);
         let commands = commands.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle_request(req, commands.clone()));
+            let service = hyper::service::service_fn(move |req| handle_request(req, commands.clone(), slot.clone()));
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(io, service).with_upgrades().await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(true)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await;
         });
     }
 }
@@ -231,9 +274,9 @@ fn gone() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the device is rebooting")
 }
 
-async fn ask<T>(commands: &mpsc::UnboundedSender<Command>, make: impl FnOnce(oneshot::Sender<Option<T>>) -> Command) -> Option<T> {
+async fn ask<T>(commands: &mpsc::Sender<Command>, make: impl FnOnce(oneshot::Sender<Option<T>>) -> Command) -> Option<T> {
     let (tx, rx) = oneshot::channel();
-    commands.send(make(tx)).ok()?;
+    commands.send(make(tx)).await.ok()?;
     rx.await.ok().flatten()
 }
 
@@ -253,16 +296,17 @@ fn query_params(query: &str) -> Value {
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(_) => Err(respond(StatusCode::PAYLOAD_TOO_LARGE, Vec::new())),
+    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), MAX_BODY).collect()).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(_)) => Err(respond(StatusCode::PAYLOAD_TOO_LARGE, Vec::new())),
+        Err(_) => Err(respond(StatusCode::REQUEST_TIMEOUT, Vec::new())),
     }
 }
 
-async fn handle_request(req: Request<Incoming>, commands: mpsc::UnboundedSender<Command>) -> HttpResult {
+async fn handle_request(req: Request<Incoming>, commands: mpsc::Sender<Command>, slot: Arc<ConnSlot>) -> HttpResult {
     let path = req.uri().path().to_string();
     if path == "/rpc" && req.headers().get(hyper::header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket")) {
-        return Ok(upgrade(req, commands).await);
+        return Ok(upgrade(req, commands, slot).await);
     }
     let too_large = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()).is_some_and(|n| n > MAX_BODY);
     if too_large {
@@ -315,7 +359,7 @@ async fn handle_request(req: Request<Incoming>, commands: mpsc::UnboundedSender<
 }
 
 /// Answers the WebSocket handshake and serves the socket on its own task.
-async fn upgrade(mut req: Request<Incoming>, commands: mpsc::UnboundedSender<Command>) -> Response<Full<Bytes>> {
+async fn upgrade(mut req: Request<Incoming>, commands: mpsc::Sender<Command>, slot: Arc<ConnSlot>) -> Response<Full<Bytes>> {
     let Some(key) = req.headers().get(hyper::header::SEC_WEBSOCKET_KEY).map(|k| k.as_bytes().to_vec()) else {
         return respond(StatusCode::BAD_REQUEST, Vec::new());
     };
@@ -327,6 +371,7 @@ async fn upgrade(mut req: Request<Incoming>, commands: mpsc::UnboundedSender<Com
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().max_message_size(Some(MAX_WS_MESSAGE)).max_frame_size(Some(MAX_WS_MESSAGE));
         let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         serve_ws(ws, commands).await;
+        drop(slot);
     });
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -339,41 +384,54 @@ async fn upgrade(mut req: Request<Incoming>, commands: mpsc::UnboundedSender<Com
     r
 }
 
-async fn serve_ws<S>(mut ws: tokio_tungstenite::WebSocketStream<S>, commands: mpsc::UnboundedSender<Command>)
+async fn serve_ws<S>(mut ws: tokio_tungstenite::WebSocketStream<S>, commands: mpsc::Sender<Command>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let Some(peer) = ask(&commands, |reply| Command::WsOpen { tx, reply }).await else {
+    let queued = Arc::new(AtomicUsize::new(0));
+    let q = queued.clone();
+    let Some(peer) = ask(&commands, |reply| Command::WsOpen { tx, queued: q, reply }).await else {
         return; // down: dropped without a close frame
     };
     loop {
         tokio::select! {
-            m = ws.next() => match m {
-                Some(Ok(Message::Text(t))) => {
-                    let _ = commands.send(Command::WsIn { peer, bytes: t.as_bytes().to_vec() });
+            m = tokio::time::timeout(WS_IDLE, ws.next()) => match m {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    if commands.send(Command::WsIn { peer, bytes: t.as_bytes().to_vec() }).await.is_err() {
+                        return;
+                    }
                 }
-                Some(Ok(Message::Binary(b))) => {
-                    let _ = commands.send(Command::WsIn { peer, bytes: b.to_vec() });
+                Ok(Some(Ok(Message::Binary(b)))) => {
+                    if commands.send(Command::WsIn { peer, bytes: b.to_vec() }).await.is_err() {
+                        return;
+                    }
                 }
-                Some(Ok(_)) => {} // pings are answered by tungstenite
-                Some(Err(_)) | None => break,
+                Ok(Some(Ok(_))) => {} // pings are answered by tungstenite
+                Ok(Some(Err(_)) | None) => break,
+                Err(_) => {
+                    tracing::debug!("shelly: a WebSocket silent for {WS_IDLE:?} dropped");
+                    break;
+                }
             },
             o = rx.recv() => match o {
                 Some(WsOut::Frame(bytes)) => {
+                    let n = bytes.len();
                     let text = String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-                    if ws.send(Message::text(text)).await.is_err() {
+                    let sent = ws.send(Message::text(text)).await;
+                    queued.fetch_sub(n, Ordering::Relaxed);
+                    if sent.is_err() {
                         break;
                     }
                 }
                 Some(WsOut::Drop) | None => {
-                    let _ = commands.send(Command::WsClosed { peer });
+                    let _ = commands.send(Command::WsClosed { peer }).await;
                     return; // no close frame: the client sees 1006
                 }
             },
         }
     }
-    let _ = commands.send(Command::WsClosed { peer });
+    let _ = commands.send(Command::WsClosed { peer }).await;
 }
 
 struct InFlight {
@@ -387,7 +445,9 @@ struct Host {
     core: ShellyDevice,
     epoch: Instant,
     link: Arc<Mutex<LinkEngine>>,
-    ws: HashMap<Peer, mpsc::UnboundedSender<WsOut>>,
+    /// Each WebSocket's outgoing queue and the bytes waiting in it.
+    ws: HashMap<Peer, (mpsc::UnboundedSender<WsOut>, Arc<AtomicUsize>)>,
+    slow_readers: LogEvery,
     /// `POST /rpc` frames waiting for their answer, by the peer made for each.
     pending_frames: HashMap<Peer, oneshot::Sender<Option<Vec<u8>>>>,
     in_flight: Vec<InFlight>,
@@ -399,7 +459,7 @@ struct Host {
 }
 
 impl Host {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, mut stop: watch::Receiver<bool>, mut gatt: Option<mpsc::UnboundedReceiver<GattEvent>>) {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>, mut gatt: Option<mpsc::UnboundedReceiver<GattEvent>>) {
         loop {
             let wake = self.next_wakeup().map(|d| tokio::time::Instant::from_std(self.epoch + d));
             tokio::select! {
@@ -465,13 +525,13 @@ impl Host {
                 let r = self.feed(Input::Set { key: &key, value }, now);
                 let _ = reply.send(r);
             }
-            Command::WsOpen { tx, reply } => {
+            Command::WsOpen { tx, queued, reply } => {
                 if self.core.is_down() {
                     let _ = reply.send(None);
                     return;
                 }
                 let peer = self.new_peer();
-                self.ws.insert(peer, tx);
+                self.ws.insert(peer, (tx, queued));
                 let _ = self.feed(Input::Connected(peer), now);
                 let _ = reply.send(Some(peer));
             }
@@ -531,12 +591,23 @@ impl Host {
             Direction::Request => {
                 let _ = self.feed(Input::Bytes { from: peer, bytes: &bytes }, now);
             }
-            Direction::Response => {
-                if let Some(tx) = self.ws.get(&peer) {
-                    let _ = tx.send(WsOut::Frame(bytes));
-                }
-            }
+            Direction::Response => self.to_socket(peer, bytes, now),
         }
+    }
+
+    /// A frame for a WebSocket; a reader that lets [`WS_QUEUED_BYTES`] pile up is dropped.
+    fn to_socket(&mut self, peer: Peer, bytes: Vec<u8>, now: Duration) {
+        let Some((tx, queued)) = self.ws.get(&peer) else { return };
+        if queued.fetch_add(bytes.len(), Ordering::Relaxed) + bytes.len() <= WS_QUEUED_BYTES {
+            let _ = tx.send(WsOut::Frame(bytes));
+            return;
+        }
+        let _ = tx.send(WsOut::Drop);
+        self.ws.remove(&peer);
+        if let Some(more) = self.slow_readers.check(Instant::now()) {
+            tracing::warn!("shelly: dropped a WebSocket with {WS_QUEUED_BYTES} bytes unread ({more} more since the last line)");
+        }
+        let _ = self.feed(Input::Disconnected(peer), now);
     }
 
     fn feed(&mut self, input: Input<'_>, now: Duration) -> Result<(), String> {
@@ -554,7 +625,7 @@ impl Host {
                     }
                 }
                 Output::Close(peer) => {
-                    if let Some(tx) = self.ws.remove(&peer) {
+                    if let Some((tx, _)) = self.ws.remove(&peer) {
                         let _ = tx.send(WsOut::Drop);
                     }
                 }

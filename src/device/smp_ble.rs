@@ -9,13 +9,13 @@
 
 use std::collections::HashMap;
 
-use bluer::adv::{Advertisement, AdvertisementHandle};
+use bluer::adv::Advertisement;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::protocol::smp::ble::Reassembly;
 use crate::sans_io::Peer;
-use crate::transport::gatt::{GattEvent, GattRefusal, GattServer, GattService, Props, ReadValue};
+use crate::transport::gatt::{GattEvent, GattPeripheral, GattRefusal, GattService, Props, ReadValue};
 
 pub const SMP_SERVICE_UUID: Uuid = Uuid::from_u128(0x8D53DC1D_1DB7_4CD3_868B_8A527460AA84);
 pub const SMP_CHARACTERISTIC_UUID: Uuid = Uuid::from_u128(0xDA2E7828_FBCE_4E01_AE9E_261174997C48);
@@ -46,12 +46,7 @@ pub enum BleArrival {
 
 /// The registered service, its advertisement and the centrals it serves.
 pub struct SmpBleSide {
-    cfg: SmpBle,
-    _session: bluer::Session,
-    adapter: bluer::Adapter,
-    address: String,
-    gatt: GattServer,
-    adv: Option<AdvertisementHandle>,
+    peripheral: GattPeripheral,
     reassembly: Reassembly,
     /// Each central's peer and the MTU its last write came with.
     centrals: HashMap<String, (Peer, u16)>,
@@ -61,45 +56,24 @@ impl SmpBleSide {
     /// Registers the service and starts advertising on `cfg.adapter`; what
     /// centrals do comes on the receiver, for [`SmpBleSide::on_event`].
     pub async fn open(cfg: SmpBle, net_buf: usize) -> Result<(SmpBleSide, mpsc::UnboundedReceiver<GattEvent>), String> {
-        let session = bluer::Session::new().await.map_err(|e| format!("connecting to BlueZ (org.bluez on the system bus): {e}"))?;
-        let adapter = session.adapter(&cfg.adapter).map_err(|e| format!("adapter {}: {e}", cfg.adapter))?;
-        let address = adapter.address().await.map_err(|e| format!("reading the address of {}: {e}", cfg.adapter))?.to_string();
-        if !adapter.is_powered().await.unwrap_or(true) {
-            adapter.set_powered(true).await.map_err(|e| format!("powering {} on: {e}", cfg.adapter))?;
-        }
-        let (gatt, events) = GattServer::serve(&adapter, &smp_gatt()).await.map_err(|e| format!("registering the SMP GATT service on {}: {e}", cfg.adapter))?;
-        let mut side = SmpBleSide { cfg, _session: session, adapter, address, gatt, adv: None, reassembly: Reassembly::new(net_buf), centrals: HashMap::new() };
-        side.advertise(true).await?;
-        Ok((side, events))
+        let adv = Advertisement {
+            service_uuids: [SMP_SERVICE_UUID].into_iter().collect(),
+            local_name: Some(cfg.local_name.clone()),
+            discoverable: Some(true),
+            ..Default::default()
+        };
+        let (peripheral, events) = GattPeripheral::open(&cfg.adapter, &smp_gatt(), adv).await?;
+        Ok((SmpBleSide { peripheral, reassembly: Reassembly::new(net_buf), centrals: HashMap::new() }, events))
     }
 
     /// The adapter's BLE address, where centrals find the device.
     pub fn address(&self) -> &str {
-        &self.address
+        self.peripheral.address()
     }
 
     /// Advertises (true) or withdraws the advertisement (false).
     pub async fn advertise(&mut self, on: bool) -> Result<(), String> {
-        if !on {
-            // Dropping the handle unregisters it.
-            self.adv = None;
-            return Ok(());
-        }
-        if self.adv.is_some() {
-            return Ok(());
-        }
-        let adv = Advertisement {
-            service_uuids: [SMP_SERVICE_UUID].into_iter().collect(),
-            local_name: Some(self.cfg.local_name.clone()),
-            discoverable: Some(true),
-            ..Default::default()
-        };
-        // The host waits for this; a BlueZ that does not answer must not hold it.
-        let registered = tokio::time::timeout(std::time::Duration::from_secs(5), self.adapter.advertise(adv))
-            .await
-            .map_err(|_| format!("advertising on {}: BlueZ did not answer within 5 s", self.cfg.adapter))?;
-        self.adv = Some(registered.map_err(|e| format!("advertising on {}: {e}", self.cfg.adapter))?);
-        Ok(())
+        self.peripheral.advertise(on).await
     }
 
     /// A GATT event: a write goes into the reassembly (and is answered);
@@ -162,16 +136,15 @@ impl SmpBleSide {
     /// central that went gets nothing.
     pub fn send(&self, peer: Peer, bytes: &[u8]) {
         if let Some((_, mtu)) = self.centrals.values().find(|(p, _)| *p == peer) {
-            self.gatt.notify(SMP_CHARACTERISTIC_UUID, bytes, *mtu);
+            self.peripheral.gatt().notify(SMP_CHARACTERISTIC_UUID, bytes, *mtu);
         }
     }
 
     /// The device resets: links drop, the advertisement goes, partial
     /// requests are lost.
     pub fn reset(&mut self) {
-        self.gatt.disconnect_all();
+        self.peripheral.reset();
         self.forget_centrals();
-        self.adv = None;
     }
 
     fn forget_centrals(&mut self) {

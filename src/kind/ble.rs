@@ -98,7 +98,17 @@ pub struct AirLink {
     adapter: String,
 }
 
+/// The name of a device's BLE link: `NAME.ble`.
+pub fn link_name(device: &str) -> String {
+    format!("{device}.ble")
+}
+
 impl AirLink {
+    /// `air` when `link` is the BLE link of `device` (`NAME.ble`).
+    pub fn named<'a>(air: Option<&'a AirLink>, device: &str, link: &str) -> Option<&'a AirLink> {
+        air.filter(|_| link == link_name(device))
+    }
+
     /// A fresh peripheral adapter, its link at `mtu` (default 23) and heard at `rssi`.
     pub async fn lend(mtu: Option<u16>, rssi: Option<i16>) -> Result<AirLink, String> {
         let adapter = shared::lend_adapter(mtu.unwrap_or(DEFAULT_ATT_MTU), rssi).await?;

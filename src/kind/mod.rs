@@ -402,6 +402,34 @@ pub fn step_body<T: serde::de::DeserializeOwned>(body: &yaml_serde::Value) -> Re
     decode_keys(body.clone())
 }
 
+/// Forwards a device's events into the run's log as observations: `wrap`
+/// makes one of the event's snake-case `event` tag and its other fields as
+/// JSON (`detail`, empty when it has none); events lost to a slow reader
+/// become one `events_lost` observation.
+pub fn forward_events<E>(mut rx: tokio::sync::broadcast::Receiver<E>, log: ObservationLog, source: String, wrap: fn(String, String) -> crate::observe::ObservationKind) -> tokio::task::JoinHandle<()>
+where
+    E: serde::Serialize + Clone + Send + 'static,
+{
+    actix::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let mut v = serde_json::to_value(&ev).unwrap_or_default();
+                    let event = v.get("event").and_then(|e| e.as_str()).unwrap_or("unknown").to_string();
+                    if let Some(m) = v.as_object_mut() {
+                        m.remove("event");
+                    }
+                    let detail = if v.as_object().is_some_and(|m| m.is_empty()) { String::new() } else { v.to_string() };
+                    log.push(&source, wrap(event, detail));
+                }
+                Err(RecvError::Lagged(n)) => log.push(&source, wrap("events_lost".into(), format!("{n} events not observed"))),
+                Err(RecvError::Closed) => break,
+            }
+        }
+    })
+}
+
 /// Shorthand for a problem at a key of an entry.
 pub fn at_key(key: &str, message: impl Into<String>) -> Problem {
     Problem::at(YamlPath::key(key), message)

@@ -21,7 +21,7 @@ use crate::device::shelly_core::{self, ShellyConfig, ShellyDevice, ShellyEvent, 
 use crate::device::shelly_host::{self, ShellyEndpoints, ShellyHandle};
 use crate::link::fault::LinkMedium;
 use crate::link::{FaultRule, FrameRecord};
-use crate::observe::{ObservationKind, ObservationLog};
+use crate::observe::ObservationKind;
 use crate::protocol::shelly::digest::AuthMode;
 use crate::scenario::source::Problem;
 use crate::scenario::spec::Dur;
@@ -518,7 +518,7 @@ impl Declared for ShellyKeys {
         let mut links = vec![super::LinkDecl { name: self.name.clone(), home: super::LinkHomeDecl::Own, capture: None, checksum: None, carries: "Shelly RPC over WebSocket", medium: LinkMedium::WebSocket }];
         if self.ble {
             links.push(super::LinkDecl {
-                name: format!("{}.ble", self.name),
+                name: ble::link_name(&self.name),
                 home: super::LinkHomeDecl::Own,
                 capture: Some(crate::link::capture::CaptureFormat::BleAtt),
                 checksum: None,
@@ -550,35 +550,10 @@ impl Declared for ShellyKeys {
             for (k, v) in &self.state {
                 handle.set(k, *v).await.map_err(|e| format!("`{}` state {k}: {e}", self.name))?;
             }
-            let events = forward_events(&handle, cx.log.clone(), self.name.clone());
+            let events = super::forward_events(handle.subscribe(), cx.log.clone(), self.name.clone(), |event, detail| ObservationKind::Shelly { event, detail });
             Ok(Box::new(RunningShelly { name: self.name.clone(), handle: Some(handle), events: Some(events), air }) as Box<dyn Running>)
         })
     }
-}
-
-fn forward_events(handle: &ShellyHandle, log: ObservationLog, source: String) -> tokio::task::JoinHandle<()> {
-    let mut rx = handle.subscribe();
-    actix::spawn(async move {
-        use tokio::sync::broadcast::error::RecvError;
-        loop {
-            match rx.recv().await {
-                Ok(ev) => log.push(&source, shelly_observation(&ev)),
-                Err(RecvError::Lagged(n)) => log.push(&source, ObservationKind::Shelly { event: "events_lost".into(), detail: format!("{n} events not observed") }),
-                Err(RecvError::Closed) => break,
-            }
-        }
-    })
-}
-
-/// An event as an observation: `event` its snake-case tag, `detail` its other fields as JSON.
-fn shelly_observation(ev: &ShellyEvent) -> ObservationKind {
-    let mut v = serde_json::to_value(ev).unwrap_or_default();
-    let event = v.get("event").and_then(|e| e.as_str()).unwrap_or("unknown").to_string();
-    if let Some(m) = v.as_object_mut() {
-        m.remove("event");
-    }
-    let detail = if v.as_object().is_some_and(|m| m.is_empty()) { String::new() } else { v.to_string() };
-    ObservationKind::Shelly { event, detail }
 }
 
 struct RunningShelly {
@@ -596,7 +571,7 @@ impl RunningShelly {
 
     /// The air link when `link` names it (`NAME.ble`).
     fn air_link(&self, link: &str) -> Option<&AirLink> {
-        self.air.as_ref().filter(|_| link == format!("{}.ble", self.name))
+        AirLink::named(self.air.as_ref(), &self.name, link)
     }
 
     fn own_link(&self, link: &str) -> Result<&ShellyHandle, String> {
@@ -659,7 +634,7 @@ impl Running for RunningShelly {
         Box::pin(async move {
             let mut frames = self.handle.as_ref().map(ShellyHandle::frames).unwrap_or_default();
             if let Some(air) = &self.air {
-                frames.extend(air.frames(&format!("{}.ble", self.name)).await);
+                frames.extend(air.frames(&ble::link_name(&self.name)).await);
             }
             frames
         })

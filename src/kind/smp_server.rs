@@ -24,7 +24,7 @@ use crate::device::smp_host::{self, SmpEndpoints, SmpHandle, SmpTty};
 use crate::device::smp_serial::{SerialFraming, SerialLinkConfig};
 use crate::link::fault::LinkMedium;
 use crate::link::{FaultRule, FrameRecord};
-use crate::observe::{ObservationKind, ObservationLog};
+use crate::observe::ObservationKind;
 use crate::scenario::source::Problem;
 use crate::scenario::spec::Dur;
 
@@ -585,7 +585,7 @@ impl SmpServerKeys {
     }
 
     fn ble_link(&self) -> String {
-        format!("{}.ble", self.name)
+        ble::link_name(&self.name)
     }
 
     fn serial_keys_given(&self) -> bool {
@@ -735,36 +735,10 @@ impl Declared for SmpServerKeys {
                     return Err(format!("`{}`: {e}", self.name));
                 }
             };
-            let events = forward_events(&handle, cx.log.clone(), self.name.clone());
+            let events = super::forward_events(handle.subscribe(), cx.log.clone(), self.name.clone(), |event, detail| ObservationKind::Smp { event, detail });
             Ok(Box::new(RunningSmp { name: self.name.clone(), handle: Some(handle), events: Some(events), air }) as Box<dyn Running>)
         })
     }
-}
-
-fn forward_events(handle: &SmpHandle, log: ObservationLog, source: String) -> tokio::task::JoinHandle<()> {
-    let mut rx = handle.subscribe();
-    actix::spawn(async move {
-        use tokio::sync::broadcast::error::RecvError;
-        loop {
-            match rx.recv().await {
-                Ok(ev) => log.push(&source, smp_observation(&ev)),
-                Err(RecvError::Lagged(n)) => log.push(&source, ObservationKind::Smp { event: "events_lost".into(), detail: format!("{n} events not observed") }),
-                Err(RecvError::Closed) => break,
-            }
-        }
-    })
-}
-
-/// An SMP server event as an observation: `event` is its snake-case tag,
-/// `detail` its other fields as JSON.
-fn smp_observation(ev: &SmpEvent) -> ObservationKind {
-    let mut v = serde_json::to_value(ev).unwrap_or_default();
-    let event = v.get("event").and_then(|e| e.as_str()).unwrap_or("unknown").to_string();
-    if let Some(m) = v.as_object_mut() {
-        m.remove("event");
-    }
-    let detail = if v.as_object().is_some_and(|m| m.is_empty()) { String::new() } else { v.to_string() };
-    ObservationKind::Smp { event, detail }
 }
 
 struct RunningSmp {
@@ -782,7 +756,7 @@ impl RunningSmp {
 
     /// The air link when `link` names it (`NAME.ble`).
     fn air_link(&self, link: &str) -> Option<&AirLink> {
-        self.air.as_ref().filter(|_| link == format!("{}.ble", self.name))
+        AirLink::named(self.air.as_ref(), &self.name, link)
     }
 }
 
@@ -833,7 +807,7 @@ impl Running for RunningSmp {
         Box::pin(async move {
             let mut frames = self.handle.as_ref().map(SmpHandle::frames).unwrap_or_default();
             if let Some(air) = &self.air {
-                frames.extend(air.frames(&format!("{}.ble", self.name)).await);
+                frames.extend(air.frames(&ble::link_name(&self.name)).await);
             }
             frames
         })

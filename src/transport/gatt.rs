@@ -194,6 +194,69 @@ impl GattServer {
     }
 }
 
+/// A GATT table served on one BlueZ adapter with its advertisement: the BLE
+/// side of a device (the virtual air's adapter in CI, `hci0` on a bench).
+pub struct GattPeripheral {
+    _session: bluer::Session,
+    adapter: bluer::Adapter,
+    address: String,
+    gatt: GattServer,
+    advertisement: bluer::adv::Advertisement,
+    adv: Option<bluer::adv::AdvertisementHandle>,
+}
+
+impl GattPeripheral {
+    /// Registers `services` on the adapter called `adapter` and starts
+    /// advertising; what centrals do comes on the receiver.
+    pub async fn open(adapter: &str, services: &[GattService], advertisement: bluer::adv::Advertisement) -> Result<(GattPeripheral, mpsc::UnboundedReceiver<GattEvent>), String> {
+        let session = bluer::Session::new().await.map_err(|e| format!("connecting to BlueZ (org.bluez on the system bus): {e}"))?;
+        let bz = session.adapter(adapter).map_err(|e| format!("adapter {adapter}: {e}"))?;
+        let address = bz.address().await.map_err(|e| format!("reading the address of {adapter}: {e}"))?.to_string();
+        if !bz.is_powered().await.unwrap_or(true) {
+            bz.set_powered(true).await.map_err(|e| format!("powering {adapter} on: {e}"))?;
+        }
+        let (gatt, events) = GattServer::serve(&bz, services).await.map_err(|e| format!("registering the GATT service on {adapter}: {e}"))?;
+        let mut p = GattPeripheral { _session: session, adapter: bz, address, gatt, advertisement, adv: None };
+        p.advertise(true).await?;
+        Ok((p, events))
+    }
+
+    /// The adapter's BLE address, where centrals find the device.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn gatt(&self) -> &GattServer {
+        &self.gatt
+    }
+
+    /// Advertises (true) or withdraws the advertisement (false).
+    pub async fn advertise(&mut self, on: bool) -> Result<(), String> {
+        if !on {
+            // Dropping the handle unregisters it.
+            self.adv = None;
+            return Ok(());
+        }
+        if self.adv.is_some() {
+            return Ok(());
+        }
+        let name = self.adapter.name().to_string();
+        // The host waits for this; a BlueZ that does not answer must not hold it.
+        let registered = tokio::time::timeout(std::time::Duration::from_secs(5), self.adapter.advertise(self.advertisement.clone()))
+            .await
+            .map_err(|_| format!("advertising on {name}: BlueZ did not answer within 5 s"))?;
+        self.adv = Some(registered.map_err(|e| format!("advertising on {name}: {e}"))?);
+        Ok(())
+    }
+
+    /// The device resets: every link drops and the advertisement goes
+    /// (until [`GattPeripheral::advertise`] once it is up).
+    pub fn reset(&mut self) {
+        self.gatt.disconnect_all();
+        self.adv = None;
+    }
+}
+
 impl GattServer {
     /// Drops every central's link, as a device that resets: each connected
     /// device on real BlueZ; on the virtual air (no device objects on a
