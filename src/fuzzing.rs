@@ -36,6 +36,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("smp_serial", smp_serial_link_keeps_time_and_bounds),
     ("shelly_frame", shelly_frames_round_trip),
     ("shelly_device", shelly_device_answers_are_well_formed),
+    ("capture_file", capture_file_decodes_the_same_in_any_chunking),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -897,4 +898,40 @@ pub fn shelly_device_answers_are_well_formed(data: &[u8]) -> bool {
         }
     }
     reached
+}
+
+// ---------------------------------------------------------------------------------------
+// Capture files (capture import)
+// ---------------------------------------------------------------------------------------
+
+/// Arbitrary bytes as a capture file (pcapng, pcap or btsnoop; the magic decides), and every
+/// Bluetooth packet in it through the ACL → L2CAP → ATT extractor.
+/// Invariants: no panic; fed one byte at a time or all at once, the decoder yields the same
+/// packets and the same final error; every error's offset lies inside the input; every
+/// packet's bytes fit its record and lie inside the input; ATT PDUs are never empty.
+pub fn capture_file_decodes_the_same_in_any_chunking(data: &[u8]) -> bool {
+    use crate::protocol::capture_file::decode_all;
+    use crate::protocol::hci::{AttExtractor, HciOutput, HciPacket};
+
+    let whole = decode_all(data, data.len().max(1));
+    let bytewise = decode_all(data, 1);
+    assert_eq!(whole, bytewise, "chunking changed what the decoder read");
+    let (packets, err) = whole;
+    if let Some(e) = &err {
+        assert!(e.offset <= data.len() as u64, "error offset {} past the input's {} bytes", e.offset, data.len());
+    }
+    let mut att = AttExtractor::new();
+    let mut out = Vec::new();
+    for p in &packets {
+        assert!(p.offset + p.data.len() as u64 <= data.len() as u64, "a packet's bytes run past the input");
+        if let Some(hp) = HciPacket::from_capture(p.encapsulation, &p.data) {
+            att.push(&hp, &mut out);
+        }
+    }
+    for o in &out {
+        if let HciOutput::Att(a) = o {
+            assert!(!a.pdu.is_empty(), "an empty ATT PDU");
+        }
+    }
+    !packets.is_empty()
 }

@@ -18,11 +18,15 @@
 //! * [`mcuboot`] — MCUboot images: header, TLVs, the SHA-256 an SMP server reports.
 //! * [`smp`] — MCUmgr SMP: header, CBOR payloads, error forms, serial console lines.
 //! * [`shelly`] — Shelly Gen2+ RPC frames, error forms, digest authentication.
+//! * [`capture_file`] — pcapng, pcap and btsnoop containers, read as a stream.
+//! * [`hci`] — Bluetooth HCI from capture files down to ATT, with GATT discovery.
 
 pub mod bvlc_sc;
+pub mod capture_file;
 pub mod dbus;
 pub mod eg4;
 pub mod eg4_legacy;
+pub mod hci;
 pub mod jbd;
 pub mod mcuboot;
 pub mod modbus;
