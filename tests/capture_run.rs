@@ -47,6 +47,42 @@ fn scenario_capture_decodes_as_modbus_rtu() {
         assert_eq!(regs.len(), 47, "{reply}");
         assert_eq!(regs[22], soc.to_string(), "{reply}");
     }
+
+    // `capture import` reads the same capture back: one fixture per pack, with as many
+    // frames each way as tshark counts for that unit.
+    let fixtures = dir.path().join("fixtures");
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+        .args(["capture", "import", pcap.to_str().unwrap(), "--out", fixtures.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let imported: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let devices = imported[0]["devices"].as_array().unwrap();
+    let names: Vec<&str> = devices.iter().map(|d| d["device"].as_str().unwrap()).collect();
+    assert_eq!(names, ["bridge/addr1", "bridge/addr2", "bridge/addr3"]);
+    let mut ours = std::collections::BTreeMap::new();
+    for d in devices {
+        assert_eq!(d["kind"], "eg4-lp4");
+        assert_eq!(d["confidence"], "high", "{d}");
+        let unit = d["device"].as_str().unwrap().trim_start_matches("bridge/addr").to_string();
+        let text = std::fs::read_to_string(d["fixture"].as_str().unwrap()).unwrap();
+        for line in text.lines().skip(1) {
+            let f: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(f["meaning"].as_str().unwrap().starts_with(&format!("addr={unit}")), "{f}");
+            *ours.entry((unit.clone(), f["dir"].as_str().unwrap().to_string())).or_insert(0) += 1;
+        }
+    }
+    let per_unit = Command::new(&ts)
+        .env("WIRESHARK_CONFIG_DIR", empty_profile.path())
+        .args(["-r", pcap.to_str().unwrap(), "-T", "fields", "-E", "separator=,", "-e", "mbrtu.unit_id", "-e", "frame.comment"])
+        .output()
+        .unwrap();
+    let mut theirs = std::collections::BTreeMap::new();
+    for l in String::from_utf8_lossy(&per_unit.stdout).lines() {
+        let (unit, dir) = l.split_once(',').unwrap();
+        *theirs.entry((unit.to_string(), dir.to_string())).or_insert(0) += 1;
+    }
+    assert_eq!(ours, theirs);
 }
 
 #[test]

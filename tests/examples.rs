@@ -229,6 +229,7 @@ fn every_help_example_runs_or_parses() {
         let dir = dirs.entry(&ex.source).or_insert_with(|| {
             let d = tempfile::tempdir().unwrap();
             std::os::unix::fs::symlink(repo().join("scenarios"), d.path().join("scenarios")).unwrap();
+            std::os::unix::fs::symlink(repo().join("fixtures"), d.path().join("fixtures")).unwrap();
             d
         });
         for line in ex.text.lines() {

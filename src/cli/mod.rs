@@ -2,6 +2,7 @@
 
 pub mod air;
 pub mod ble_place;
+pub mod capture;
 pub mod jbd;
 pub mod load;
 pub mod pki;
@@ -28,6 +29,7 @@ use crate::scenario::{self, report, RunOptions, Scenario};
   hilbench sim bsc-hub --listen 127.0.0.1:4443 --tls-dir target/pki
   hilbench sim jbd-bms --cells 16 --set soc=55
   hilbench validate jbd-bms --address A4:C1:38:12:34:56
+  hilbench capture import fixtures/captures/jbd-session.btsnoop --out target/fixtures
   hilbench list
 
 Logs: RUST_LOG=hilbench=debug hilbench run …"
@@ -55,6 +57,8 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Run the virtual BLE air (hilbench's own BlueZ on its own D-Bus bus) until SIGINT/SIGTERM.
     Air(air::AirArgs),
+    /// Captures from the field: `capture import` turns pcapng, btsnoop, hex dumps into fixtures.
+    Capture(capture::CaptureArgs),
     /// Show device kinds, profiles, client kinds and faults.
     List,
 }
@@ -86,6 +90,7 @@ pub fn main_with(cli: Cli) -> i32 {
         Command::Pki(a) => pki::run(a),
         Command::Load(a) => load::run(a),
         Command::Validate(a) => a.run(),
+        Command::Capture(a) => capture::run(a),
         Command::List => {
             list();
             0

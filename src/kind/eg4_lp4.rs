@@ -63,6 +63,35 @@ impl Kind for Eg4Lp4 {
     fn about(&self) -> &'static str {
         "EG4 LifePower4 v2 battery pack: Modbus RTU slave (or legacy 7E/0D) on an RS-485 bus of PTYs"
     }
+    /// Modbus RTU frames whose CRC-16 checks (a request, a reply, or a request echoed back
+    /// by the adapter), and legacy 7E … 0D frames whose checksum checks.
+    fn recognise(&self, f: &crate::link::recognise::CapturedFrameView<'_>) -> Option<crate::link::recognise::FrameVerdict> {
+        use crate::link::record::Direction;
+        use crate::protocol::{eg4_legacy, modbus};
+        if f.transport != crate::link::recognise::CaptureTransport::Serial {
+            return None;
+        }
+        let b = f.bytes;
+        let ok = if b.first() == Some(&0x7E) {
+            eg4_legacy::decode_request(b).is_ok() || eg4_legacy::decode_reply(b).is_ok()
+        } else {
+            match f.direction {
+                Direction::Request => modbus::decode_request(b).is_ok(),
+                Direction::Response => modbus::decode_response(b).is_ok() || modbus::decode_request(b).is_ok(),
+            }
+        };
+        // Modbus frames and legacy requests carry the pack's address first / after 7E.
+        let unit = if b.first() == Some(&0x7E) {
+            eg4_legacy::decode_request(b).map(|r| r.address).ok()
+        } else {
+            b.first().copied()
+        };
+        ok.then(|| crate::link::recognise::FrameVerdict {
+            decisive: true,
+            meaning: crate::scenario::transcript::describe(f.direction, b),
+            unit: unit.map(|a| format!("addr{a}")),
+        })
+    }
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<Eg4Keys>(entry)?))
     }

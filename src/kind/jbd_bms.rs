@@ -85,6 +85,33 @@ impl Kind for JbdBmsKind {
     fn about(&self) -> &'static str {
         "JBD / Xiaoxiang smart BMS: GATT service 0xFF00 through bluer, on the virtual BLE air or real BlueZ"
     }
+    /// Values written to 0xFF02 or notified on 0xFF01 (decisive), and anywhere else
+    /// DD … 77 frames whose checksum checks; over a serial line the same frames.
+    fn recognise(&self, f: &crate::link::recognise::CapturedFrameView<'_>) -> Option<crate::link::recognise::FrameVerdict> {
+        use crate::link::recognise::{CaptureTransport, FrameVerdict};
+        use crate::link::record::Direction;
+        use crate::protocol::jbd;
+        if !matches!(f.transport, CaptureTransport::BleAtt | CaptureTransport::Serial) {
+            return None;
+        }
+        let b = f.bytes;
+        let own_uuid = f.uuid.is_some_and(|u| u == crate::device::jbd::NOTIFY_UUID || u == crate::device::jbd::WRITE_UUID);
+        let whole = match f.direction {
+            Direction::Request => jbd::decode_request(b).is_ok() || jbd::PinFrame::decode(b).is_ok(),
+            Direction::Response => jbd::decode_response(b).is_ok(),
+        };
+        if whole {
+            return Some(FrameVerdict { decisive: true, meaning: crate::scenario::transcript::describe_jbd(f.direction, b), unit: None });
+        }
+        own_uuid.then(|| FrameVerdict {
+            decisive: true,
+            meaning: match b.first() {
+                Some(&jbd::START) => format!("start of a JBD frame ({} bytes)", b.len()),
+                _ => format!("JBD frame piece ({} bytes)", b.len()),
+            },
+            unit: None,
+        })
+    }
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<JbdKeys>(entry)?))
     }

@@ -32,6 +32,7 @@ use futures::future::LocalBoxFuture;
 
 use crate::link::capture::CaptureFormat;
 use crate::link::fault::{ChecksumLayout, LinkMedium};
+use crate::link::recognise::{CapturedFrameView, FrameVerdict};
 use crate::link::{FaultRule, FrameRecord};
 use crate::observe::ObservationLog;
 use crate::scenario::source::{Problem, YamlPath};
@@ -188,6 +189,11 @@ pub trait Kind: Sync {
     }
     /// Its `hilbench validate KIND` command (checks of a real device of the kind).
     fn validate(&self) -> Option<KindCommand> {
+        None
+    }
+    /// A device kind's verdict on a captured frame (`capture import` identifies devices
+    /// with it): `Some` when the frame is its protocol, with the decoded meaning.
+    fn recognise(&self, _frame: &CapturedFrameView<'_>) -> Option<FrameVerdict> {
         None
     }
 }

@@ -552,6 +552,41 @@ impl Kind for SmpServerKind {
     fn about(&self) -> &'static str {
         "Zephyr/MCUboot MCUmgr SMP server over UDP and serial: OS, Image, Statistics, Settings, File system, Shell and Enumeration groups, two slots that test, swap, confirm and revert"
     }
+    /// On BLE, values on the SMP characteristic (decisive) or whole SMP messages; over
+    /// UDP, datagrams that are one SMP message with a CBOR map and an op that fits their
+    /// direction; over serial, console lines with the 06 09 / 04 14 markers.
+    fn recognise(&self, f: &crate::link::recognise::CapturedFrameView<'_>) -> Option<crate::link::recognise::FrameVerdict> {
+        use crate::link::recognise::{CaptureTransport, FrameVerdict};
+        use crate::protocol::smp;
+        let b = f.bytes;
+        if f.transport == CaptureTransport::Serial {
+            let marker = b.get(..2)?;
+            let what = if marker == smp::serial::START {
+                "start"
+            } else if marker == smp::serial::CONTINUATION {
+                "continuation"
+            } else {
+                return None;
+            };
+            return Some(FrameVerdict { decisive: true, meaning: format!("SMP console line ({what}, {} bytes)", b.len()), unit: None });
+        }
+        let own_uuid = f.uuid == Some(crate::device::smp_ble::SMP_CHARACTERISTIC_UUID);
+        let message = smp::SmpFrame::parse(b).ok().filter(|m| smp::decode_map(&m.payload).is_ok());
+        let fits = message.as_ref().is_some_and(|m| {
+            let request = matches!(m.header.smp_op(), Some(smp::SmpOp::Read | smp::SmpOp::Write));
+            request == (f.direction == crate::link::record::Direction::Request)
+        });
+        match f.transport {
+            CaptureTransport::BleAtt if own_uuid || fits => {}
+            CaptureTransport::Udp if fits => {}
+            _ => return None,
+        }
+        let meaning = match &message {
+            Some(m) => describe_smp(m),
+            None => format!("SMP message piece ({} bytes)", b.len()),
+        };
+        Some(FrameVerdict { decisive: own_uuid || f.transport == CaptureTransport::Udp, meaning, unit: None })
+    }
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<SmpServerKeys>(entry)?))
     }
@@ -849,4 +884,21 @@ impl Running for RunningSmp {
             }
         })
     }
+}
+
+/// One SMP message as a line: version, op, group, command, seq and the payload's keys.
+fn describe_smp(m: &crate::protocol::smp::SmpFrame) -> String {
+    use crate::protocol::smp;
+    let h = &m.header;
+    let op = match h.smp_op() {
+        Some(smp::SmpOp::Read) => "read",
+        Some(smp::SmpOp::ReadResponse) => "read-rsp",
+        Some(smp::SmpOp::Write) => "write",
+        Some(smp::SmpOp::WriteResponse) => "write-rsp",
+        None => "op?",
+    };
+    let keys: Vec<String> = smp::decode_map(&m.payload)
+        .map(|entries| entries.iter().filter_map(|(k, _)| k.as_text().map(str::to_string)).collect())
+        .unwrap_or_default();
+    format!("v{} {op} group {} command {} seq {} keys [{}]", h.version + 1, h.group, h.command, h.seq, keys.join(", "))
 }

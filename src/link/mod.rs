@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod conn;
 pub mod fault;
+pub mod recognise;
 pub mod record;
 pub mod stream;
 

@@ -4,6 +4,7 @@
 //! captured frames for humans and snapshots.
 
 pub mod expect;
+pub mod import;
 pub mod interrupt;
 pub mod process;
 pub mod report;

@@ -1,0 +1,159 @@
+//! `hilbench capture`: captures from the field into fixtures.
+
+use std::path::PathBuf;
+
+use crate::scenario::import::{self, Confidence, ImportOptions, ImportReport};
+
+#[derive(clap::Args, Debug)]
+pub struct CaptureArgs {
+    #[command(subcommand)]
+    pub what: CaptureCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CaptureCommand {
+    /// Read captures (pcapng, pcap, btsnoop, hex dump, JSON Lines) into one fixture per device.
+    #[command(after_help = "Reads Wireshark's Modbus RTU exported PDUs (hilbench's own captures among them) and Bluetooth HCI
+(Android's btsnoop_hci.log, btmon's log, pcap/pcapng HCI H4 and Linux monitor) down to ATT; a hex
+dump of `[time] [>|<] hex` lines or `tx=HEX rx=HEX` trace lines; JSON Lines of frame records.
+Writes OUT/<file>.<device>.jsonl: a header line (device, transport, kind, confidence, evidence,
+GATT handles) and one line per frame (t_ns, dir, hex, ATT opcode/handle/UUID, decoded meaning).
+
+Exit status: 0 imported; 1 the file could not be read to its end (the frames before the
+error are written, the error says which byte and record); 2 bad arguments or an unreadable file.
+
+Examples:
+  hilbench capture import fixtures/captures/jbd-session.btsnoop --out target/fixtures
+  hilbench capture import fixtures/captures/eg4-bridge-trace.log --out target/fixtures --json
+  hilbench capture import fixtures/captures/jbd-session.btsnoop --kind jbd-bms --gatt 0x0012=ff01,0x0015=ff02")]
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// Capture files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Folder for the fixtures (created if missing).
+    #[arg(long, default_value = "fixtures-imported", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Take every device as this kind instead of identifying it (`hilbench list` names them).
+    #[arg(long, value_name = "KIND")]
+    pub kind: Option<String>,
+    /// BLE handle → characteristic UUID, for a log that starts after the GATT discovery:
+    /// HANDLE=UUID[,HANDLE=UUID…]; a 16-bit UUID may be given short (ff01).
+    #[arg(long, value_name = "MAP", value_parser = parse_gatt)]
+    pub gatt: Option<GattMap>,
+    /// Print the reports as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--gatt`'s pairs (one value, so clap does not take it for a list of values).
+#[derive(Debug, Clone)]
+pub struct GattMap(pub Vec<(u16, uuid::Uuid)>);
+
+fn parse_gatt(s: &str) -> Result<GattMap, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let (h, u) = pair.split_once('=').ok_or_else(|| format!("`{pair}` is not HANDLE=UUID"))?;
+            let h = h.trim();
+            let handle = match h.strip_prefix("0x").or_else(|| h.strip_prefix("0X")) {
+                Some(hex) => u16::from_str_radix(hex, 16),
+                None => h.parse(),
+            }
+            .map_err(|_| format!("`{h}` is not a handle (0x0012 or 18)"))?;
+            let u = u.trim();
+            let uuid = if u.len() == 4 {
+                u16::from_str_radix(u, 16)
+                    .map(|short| uuid::Uuid::from_u128((u128::from(short) << 96) | 0x0000_0000_0000_1000_8000_0080_5f9b_34fb))
+                    .map_err(|_| format!("`{u}` is not a UUID"))?
+            } else {
+                uuid::Uuid::parse_str(u).map_err(|e| format!("`{u}` is not a UUID: {e}"))?
+            };
+            Ok((handle, uuid))
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map(GattMap)
+}
+
+pub fn run(a: CaptureArgs) -> i32 {
+    match a.what {
+        CaptureCommand::Import(a) => import_main(a),
+    }
+}
+
+fn import_main(a: ImportArgs) -> i32 {
+    if let Some(k) = &a.kind {
+        if let Err(e) = import::check_kind(k) {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    }
+    let opts = ImportOptions { out_dir: a.out.clone(), kind: a.kind.clone(), gatt: a.gatt.clone().map(|g| g.0).unwrap_or_default() };
+    let mut reports = Vec::new();
+    let mut code = 0;
+    for f in &a.files {
+        match import::import_file(f, &opts) {
+            Ok(r) => {
+                if r.error.is_some() {
+                    code = code.max(1);
+                }
+                reports.push(r);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                code = 2;
+            }
+        }
+    }
+    if a.json {
+        match serde_json::to_string_pretty(&reports) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        }
+    } else {
+        for r in &reports {
+            print!("{}", render(r));
+        }
+    }
+    code
+}
+
+/// The human report of one import.
+pub fn render(r: &ImportReport) -> String {
+    let mut s = format!("{} ({}): {} frames, {} device(s)\n", r.source.display(), r.format, r.frames, r.devices.len());
+    for d in &r.devices {
+        let sure = match d.confidence {
+            Confidence::None => "unknown",
+            Confidence::Low => "low",
+            Confidence::Medium => "medium",
+            Confidence::High => "high",
+            Confidence::Given => "given",
+        };
+        s.push_str(&format!(
+            "  {} [{}] {} frames: {} ({sure}; {}) -> {}\n",
+            d.device,
+            d.transport.as_str(),
+            d.frames,
+            d.kind.as_deref().unwrap_or("no kind"),
+            d.evidence,
+            d.fixture.display()
+        ));
+    }
+    const SHOWN: usize = 20;
+    for g in r.gaps.iter().take(SHOWN) {
+        s.push_str(&format!("  gap at {}: {}\n", g.at, g.what));
+    }
+    if r.gaps.len() > SHOWN {
+        s.push_str(&format!("  … and {} more gaps (--json lists them all)\n", r.gaps.len() - SHOWN));
+    }
+    if let Some(e) = &r.error {
+        s.push_str(&format!("  error: {e}; the frames before it were written\n"));
+    }
+    s
+}

@@ -1,0 +1,58 @@
+//! How `capture import` asks each device kind whether a captured frame is its
+//! protocol: the importer shows every frame to every device kind
+//! ([`crate::kind::Kind::recognise`]) and keeps, per device, the kind that
+//! recognised the most frames. The importer never names a kind.
+
+use super::record::Direction;
+
+/// The medium a captured frame came over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaptureTransport {
+    /// Bytes on a serial line (RS-485, a console PTY): one frame per record.
+    Serial,
+    /// One ATT PDU of a BLE connection.
+    BleAtt,
+    /// One UDP datagram.
+    Udp,
+    /// One WebSocket message.
+    WebSocket,
+}
+
+impl CaptureTransport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureTransport::Serial => "serial",
+            CaptureTransport::BleAtt => "ble-att",
+            CaptureTransport::Udp => "udp",
+            CaptureTransport::WebSocket => "websocket",
+        }
+    }
+}
+
+/// One captured frame as a kind sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct CapturedFrameView<'a> {
+    pub transport: CaptureTransport,
+    /// `Request`: from the client (bus master, GATT client); `Response`: from the device.
+    pub direction: Direction,
+    /// The protocol bytes: the whole frame, or for ATT the attribute value.
+    pub bytes: &'a [u8],
+    /// ATT: the characteristic the handle belongs to, when the discovery was seen.
+    pub uuid: Option<uuid::Uuid>,
+    /// ATT: the opcode (write, notification, …).
+    pub att_opcode: Option<u8>,
+}
+
+/// A kind's answer for a frame it recognises as its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameVerdict {
+    /// Proof rather than likeness: the frame is on the kind's own characteristic, or
+    /// carries a checksum that only its protocol computes this way.
+    pub decisive: bool,
+    /// The decoded meaning, one line.
+    pub meaning: String,
+    /// On a shared medium, which device the frame is for or from (a Modbus slave
+    /// address): the importer writes one fixture per unit.
+    pub unit: Option<String>,
+}
