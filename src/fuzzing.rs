@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("shelly_frame", shelly_frames_round_trip),
     ("shelly_device", shelly_device_answers_are_well_formed),
     ("capture_file", capture_file_decodes_the_same_in_any_chunking),
+    ("replay_core", replay_answers_only_what_was_captured),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -934,4 +935,50 @@ pub fn capture_file_decodes_the_same_in_any_chunking(data: &[u8]) -> bool {
         }
     }
     !packets.is_empty()
+}
+
+// ---------------------------------------------------------------------------------------
+// Replay (the `replay` device kind)
+// ---------------------------------------------------------------------------------------
+
+/// Arbitrary bytes as a capture and the requests put to its replay: frames are separated by
+/// 0xFF, each one's first byte's low bit says request (0) or response (1), the rest is the
+/// frame; the first half of the frames is the capture, every frame of the second half a
+/// request. Invariants: no panic; every answer is one of the captured responses; an
+/// answered request matched a captured request of the same bytes; nothing is sent for a
+/// request no captured one equals.
+pub fn replay_answers_only_what_was_captured(data: &[u8]) -> bool {
+    use crate::device::replay_core::{ReplayCore, ReplayEvent};
+    use crate::link::record::Direction;
+    use crate::sans_io::{Input, Output, Peer, SansIoCore};
+
+    let frames: Vec<(Direction, Vec<u8>)> = data
+        .split(|b| *b == 0xFF)
+        .filter_map(|f| f.split_first())
+        .map(|(tag, rest)| (if tag & 1 == 0 { Direction::Request } else { Direction::Response }, rest.to_vec()))
+        .collect();
+    let (captured, asked) = frames.split_at(frames.len() / 2);
+    let mut core = ReplayCore::new(captured.to_vec());
+    let mut reached = false;
+    for (_, req) in asked {
+        let mut out = Vec::new();
+        core.handle_input(Input::Bytes { from: Peer::ONLY, bytes: req }, Duration::ZERO, &mut out).expect("bytes are never refused");
+        let mut sent = 0;
+        for o in &out {
+            match o {
+                Output::Send { bytes, .. } => {
+                    assert!(captured.iter().any(|(d, b)| *d == Direction::Response && b == bytes), "sent bytes nobody captured");
+                    sent += 1;
+                }
+                Output::Event(ReplayEvent::Answered { index, answers }) => {
+                    assert_eq!(captured[*index], (Direction::Request, req.clone()), "matched another request");
+                    assert_eq!(*answers, sent);
+                    reached = true;
+                }
+                Output::Event(ReplayEvent::Unmatched { .. }) => assert_eq!(sent, 0, "answered an unmatched request"),
+                Output::Close(_) => panic!("a replay closed its peer"),
+            }
+        }
+    }
+    reached
 }

@@ -413,6 +413,6 @@ fn every_kind_command_has_help() {
             seen += 1;
         }
     }
-    // eg4-lp4, jbd-bms, bsc-hub, smp-server and shelly simulate; jbd-bms, bsc-hub, smp-server and shelly validate.
-    assert_eq!(seen, 9);
+    // eg4-lp4, jbd-bms, bsc-hub, smp-server, shelly and replay simulate; jbd-bms, bsc-hub, smp-server and shelly validate.
+    assert_eq!(seen, 10);
 }

@@ -100,6 +100,14 @@ fn typos_in_selectors_are_located_errors() {
     assert!(e.contains("no link `s` (links: s.ble)"), "the UDP link is not served when only BLE is: {e}");
     assert!(Scenario::parse(Path::new("ok.yaml"), "name: x\ndevices:\n  - {name: s, kind: smp-server, ble: true}\nsteps:\n  - fault: {link: s.ble, kind: drop, direction: response}\n  - ble: {device: s, mtu: 100}\n").is_ok());
 
+    // A replayed device's fixture is read before anything runs: missing, or not serial.
+    let e = parse("name: x\nbuses: [{name: b, ports: [p]}]\ndevices:\n  - {name: f, kind: replay, bus: b, fixture: fixtures/captures/none.jsonl}\nsteps: []\n");
+    assert!(e.starts_with("bad.yaml:4:") && e.contains("fixture") && e.contains("fixtures/captures/none.jsonl"), "{e}");
+    let ble = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ble.path(), "{\"hilbench_fixture\":1,\"source\":\"s\",\"device\":\"d\",\"transport\":\"ble-att\",\"kind\":null,\"confidence\":\"none\",\"evidence\":\"\",\"frames\":0,\"start_unix_ns\":0}\n").unwrap();
+    let e = parse(&format!("name: x\nbuses: [{{name: b, ports: [p]}}]\ndevices:\n  - {{name: f, kind: replay, bus: b, fixture: {}}}\nsteps: []\n", ble.path().display()));
+    assert!(e.contains("ble-att frames; `replay` serves serial fixtures on a bus today"), "{e}");
+
     // An smp-client names an smp-server that serves its transport, and checks it can fail.
     let smp = "devices:\n  - {name: s, kind: smp-server}\n  - {name: bms, kind: jbd-bms}\nclients:\n";
     let e = parse(&format!("name: x\n{smp}  - {{name: c, kind: smp-client, device: s, transport: ble}}\nsteps: []\n"));
@@ -284,6 +292,7 @@ fn the_registry_lists_every_kind_and_a_minimal_entry_of_each_parses() {
         ("bsc-hub", Role::Device, "{name: hub, kind: bsc-hub}"),
         ("smp-server", Role::Device, "{name: dut, kind: smp-server}"),
         ("shelly", Role::Device, "{name: relay, kind: shelly}"),
+        ("replay", Role::Device, "{name: field, kind: replay, bus: b, fixture: fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl}"),
         ("modbus-master", Role::Client, "{name: c, kind: modbus-master, port: p, addresses: [1]}"),
         ("inverter-master", Role::Client, "{name: c, kind: inverter-master, port: p, addresses: [1]}"),
         ("modbus-sniffer", Role::Client, "{name: c, kind: modbus-sniffer, port: p}"),

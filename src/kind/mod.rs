@@ -19,6 +19,7 @@ pub mod jbd_client;
 pub mod legacy_client;
 pub mod modbus_master;
 pub mod modbus_sniffer;
+pub mod replay;
 pub mod shelly;
 pub mod smp_client;
 pub mod smp_server;
@@ -52,6 +53,7 @@ pub static REGISTRY: &[&dyn Kind] = &[
     &smp_server::SmpServerKind,
     &smp_client::SmpClientKind,
     &shelly::ShellyKind,
+    &replay::ReplayKind,
 ];
 
 /// Kinds a program using hilbench as a library added with [`register`].

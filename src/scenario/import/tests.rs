@@ -154,3 +154,22 @@ fn unreadable_inputs_are_refused_with_what_and_where() {
     let err = report.error.unwrap();
     assert!(err.starts_with("byte ") && err.contains("(record 4)") && err.contains("trailing length"), "{err}");
 }
+
+#[test]
+fn the_committed_fixtures_are_what_importing_their_capture_gives() {
+    // Scenarios replay these; they must not drift from their capture.
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new("fixtures/captures/eg4-fault3-bridge.pcapng");
+    let report = import_file(src, &ImportOptions { out_dir: dir.path().to_owned(), ..Default::default() }).unwrap();
+    assert_eq!(report.devices.len(), 2);
+    for d in &report.devices {
+        let name = d.fixture.file_name().unwrap();
+        let committed = Path::new("fixtures/captures/imported").join(name);
+        assert_eq!(
+            std::fs::read_to_string(&d.fixture).unwrap(),
+            std::fs::read_to_string(&committed).unwrap_or_else(|e| panic!("{}: {e}", committed.display())),
+            "re-import {} into fixtures/captures/imported/",
+            src.display()
+        );
+    }
+}

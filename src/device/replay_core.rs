@@ -1,0 +1,143 @@
+//! A device that answers as a capture did: the core of the `replay` kind.
+//!
+//! It holds a fixture's frames in order. A request is matched against the captured
+//! requests, starting after the last one matched and wrapping round once, so a client
+//! that polls in the captured order walks the capture and one that repeats a request
+//! gets that request's answer again. The answer is what the device sent after the
+//! matched request in the capture, until the next request, byte for byte: a reply with
+//! a broken CRC, a split frame, an echo, or nothing at all replay as they were. A request
+//! that matches nothing is reported ([`ReplayEvent::Unmatched`]) and gets no answer, as
+//! a device stays silent on a frame it cannot use. On a shared bus the first byte of a
+//! request addresses the device (a Modbus slave address; 0x7E and 0xDD start every
+//! EG4-legacy and JBD frame alike): a request whose first byte starts no captured request
+//! is for another device, and is ignored without a report.
+//!
+//! Matching today is exact (Modbus RTU and the other serial protocols carry no
+//! transaction id or sequence number that a client would change between runs).
+
+use std::time::Duration;
+
+use crate::link::record::Direction;
+use crate::sans_io::{Input, Output, SansIoCore};
+
+/// What the replay did with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayEvent {
+    /// Matched captured request `index` (0-based among the fixture's frames) and sent
+    /// `answers` frames (0: the device was silent in the capture).
+    Answered { index: usize, answers: usize },
+    /// No captured request is this one.
+    Unmatched { bytes: Vec<u8> },
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayCore {
+    frames: Vec<(Direction, Vec<u8>)>,
+    /// Where the next search starts.
+    cursor: usize,
+}
+
+impl ReplayCore {
+    /// A core over the fixture's frames, in captured order.
+    pub fn new(frames: Vec<(Direction, Vec<u8>)>) -> Self {
+        ReplayCore { frames, cursor: 0 }
+    }
+
+    /// How many captured requests there are.
+    pub fn requests(&self) -> usize {
+        self.frames.iter().filter(|(d, _)| *d == Direction::Request).count()
+    }
+
+    fn find(&self, bytes: &[u8]) -> Option<usize> {
+        let n = self.frames.len();
+        (0..n)
+            .map(|k| (self.cursor + k) % n)
+            .find(|&i| self.frames[i].0 == Direction::Request && self.frames[i].1 == bytes)
+    }
+}
+
+impl SansIoCore for ReplayCore {
+    type Event = ReplayEvent;
+
+    fn handle_input(&mut self, input: Input<'_>, _now: Duration, out: &mut Vec<Output<ReplayEvent>>) -> Result<(), String> {
+        match input {
+            Input::Bytes { from, bytes } => {
+                let addressed = self.frames.iter().any(|(d, b)| *d == Direction::Request && b.first() == bytes.first());
+                if !addressed {
+                    return Ok(());
+                }
+                let Some(i) = self.find(bytes) else {
+                    out.push(Output::Event(ReplayEvent::Unmatched { bytes: bytes.to_vec() }));
+                    return Ok(());
+                };
+                let mut answers = 0;
+                let mut j = i + 1;
+                while let Some((Direction::Response, b)) = self.frames.get(j) {
+                    out.push(Output::Send { to: from, bytes: b.clone() });
+                    answers += 1;
+                    j += 1;
+                }
+                self.cursor = j % self.frames.len().max(1);
+                out.push(Output::Event(ReplayEvent::Answered { index: i, answers }));
+                Ok(())
+            }
+            Input::Set { key, .. } => Err(format!("a replayed device has no state to set (`{key}`): it answers as the capture did")),
+            Input::Connected(_) | Input::Disconnected(_) | Input::Timeout => Ok(()),
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Duration> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sans_io::Peer;
+
+    fn core() -> ReplayCore {
+        use Direction::*;
+        ReplayCore::new(vec![
+            (Request, b"A".to_vec()),
+            (Response, b"a1".to_vec()),
+            (Request, b"B".to_vec()),
+            (Request, b"A".to_vec()),
+            (Response, b"a2".to_vec()),
+            (Response, b"a2-echo".to_vec()),
+        ])
+    }
+
+    fn ask(c: &mut ReplayCore, b: &[u8]) -> Vec<Output<ReplayEvent>> {
+        let mut out = Vec::new();
+        c.handle_input(Input::Bytes { from: Peer::ONLY, bytes: b }, Duration::ZERO, &mut out).unwrap();
+        out
+    }
+
+    fn sent(out: &[Output<ReplayEvent>]) -> Vec<&[u8]> {
+        out.iter().filter_map(|o| if let Output::Send { bytes, .. } = o { Some(&bytes[..]) } else { None }).collect()
+    }
+
+    #[test]
+    fn requests_walk_the_capture_in_order_and_wrap() {
+        let mut c = core();
+        assert_eq!(c.requests(), 3);
+        assert_eq!(sent(&ask(&mut c, b"A")), [b"a1"]);
+        let silent = ask(&mut c, b"B");
+        assert!(sent(&silent).is_empty(), "B went unanswered in the capture");
+        assert_eq!(silent, [Output::Event(ReplayEvent::Answered { index: 2, answers: 0 })]);
+        assert_eq!(sent(&ask(&mut c, b"A")), [&b"a2"[..], b"a2-echo"]);
+        assert_eq!(sent(&ask(&mut c, b"A")), [b"a1"], "past the end it starts over");
+    }
+
+    #[test]
+    fn an_unknown_request_is_reported_and_unanswered() {
+        let mut c = core();
+        assert_eq!(ask(&mut c, b"AZ"), [Output::Event(ReplayEvent::Unmatched { bytes: b"AZ".to_vec() })]);
+        assert_eq!(ask(&mut c, b"Z"), [], "a request for another device on the bus");
+        let mut out = Vec::new();
+        assert!(c.handle_input(Input::Set { key: "soc", value: 1.0 }, Duration::ZERO, &mut out).is_err());
+        let mut empty = ReplayCore::new(Vec::new());
+        assert_eq!(ask(&mut empty, b"A").len(), 0);
+    }
+}

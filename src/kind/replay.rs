@@ -1,0 +1,210 @@
+//! `replay`: a device that answers as a captured one did, from a fixture that
+//! `hilbench capture import` wrote. Today it serves serial fixtures on one of the
+//! scenario's RS-485 buses (Modbus RTU, EG4 7E/0D, JBD over UART): every request that
+//! matches a captured one gets what the device sent after it, faults included; a
+//! request that matches none is observed as `device_silent` and gets no answer.
+
+use std::path::PathBuf;
+
+use actix::Actor;
+use futures::future::LocalBoxFuture;
+use serde::Deserialize;
+
+use super::{at_key, decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, Names, Role, Running, StartContext};
+use crate::device::replay::ReplayBusActor;
+use crate::device::replay_core::ReplayCore;
+use crate::link::capture::CaptureFormat;
+use crate::link::fault::LinkMedium;
+use crate::link::recognise::CaptureTransport;
+use crate::link::record::Direction;
+use crate::scenario::import::read_fixture;
+use crate::scenario::source::Problem;
+use crate::transport::bus::{AttachDevice, BusDevice};
+
+pub struct ReplayKind;
+
+/// Its scenario keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayKeys {
+    pub name: String,
+    /// The bus it answers on.
+    pub bus: String,
+    /// A fixture from `hilbench capture import` (relative to the working directory, as
+    /// `hilbench run` is started from the repository).
+    pub fixture: PathBuf,
+}
+
+impl Kind for ReplayKind {
+    fn name(&self) -> &'static str {
+        "replay"
+    }
+    fn role(&self) -> Role {
+        Role::Device
+    }
+    fn about(&self) -> &'static str {
+        "a captured device replayed from a `capture import` fixture: answers each request as the capture did (serial fixtures on an RS-485 bus)"
+    }
+    fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
+        Ok(Box::new(decode_keys::<ReplayKeys>(entry)?))
+    }
+    fn sim(&self) -> Option<super::KindCommand> {
+        Some(super::KindCommand {
+            command: || super::subcommand::<ReplaySimArgs>("replay", "Captured serial devices replayed from `capture import` fixtures on a PTY.", SIM_HELP),
+            run: |m| super::run_parsed(m, |a| crate::cli::sim::exit_code(sim(a))),
+        })
+    }
+}
+
+const SIM_HELP: &str = "Every fixture is one device on one RS-485 bus whose port is the PTY: each request
+that matches a captured one gets what the device sent after it in the capture (bad CRCs,
+silences and echoes included); a request that matches none is logged and unanswered.
+Prints one JSON ready line with the PTY path; runs until SIGINT/SIGTERM.
+
+Examples:
+  hilbench sim replay fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl fixtures/captures/imported/eg4-fault3-bridge.bridge-addr2.jsonl --tty /tmp/field
+  hilbench capture import fixtures/captures/eg4-fault3-bridge.pcapng --out target/fixtures && hilbench sim replay target/fixtures/eg4-fault3-bridge.bridge-addr2.jsonl";
+
+/// `hilbench sim replay`.
+#[derive(clap::Args, Debug)]
+pub struct ReplaySimArgs {
+    /// Fixtures (`capture import` output), one device each.
+    #[arg(required = true)]
+    pub fixtures: Vec<PathBuf>,
+    /// A symlink to the PTY at this path (default: only the /dev/pts path in the ready line).
+    #[arg(long, value_name = "PATH")]
+    pub tty: Option<PathBuf>,
+    /// Line speed, for --wire-time.
+    #[arg(long, default_value_t = 9600)]
+    pub baud: u32,
+    /// Pace bytes at the line speed and answer after the RTU silence, as a real line does.
+    #[arg(long)]
+    pub wire_time: bool,
+}
+
+fn sim(a: ReplaySimArgs) -> Result<(), String> {
+    use crate::observe::ObservationLog;
+    use crate::transport::bus::{BusActor, BusConfig, BusPortSpec};
+    // Every fixture is read before anything opens.
+    let mut cores = Vec::new();
+    for (i, f) in a.fixtures.iter().enumerate() {
+        let keys = ReplayKeys { name: format!("replay{}", i + 1), bus: "bus1".into(), fixture: f.clone() };
+        cores.push((keys.name.clone(), ReplayCore::new(keys.frames()?)));
+    }
+    let sys = actix::System::new();
+    sys.block_on(async move {
+        let log = ObservationLog::bounded(std::time::Instant::now(), 10_000);
+        let cfg = BusConfig {
+            name: "bus1".into(),
+            baud: a.baud,
+            wire_time: a.wire_time,
+            ports: vec![BusPortSpec { name: "tty1".into(), link_path: a.tty.clone() }],
+            seed: 1,
+            frame_limit: Some(256),
+            record: false,
+        };
+        let bus = BusActor::open(cfg, Vec::new(), log.clone()).map_err(|e| e.to_string())?;
+        let tty = bus.port_paths().into_iter().map(|(_, p)| p).next();
+        let bus = bus.start();
+        let mut devices = Vec::new();
+        for (name, core) in cores {
+            let addr = ReplayBusActor::new(name.clone(), core, log.clone()).start();
+            bus.send(AttachDevice(BusDevice { name, recipient: addr.clone().recipient() })).await.map_err(|e| format!("bus: {e}"))?;
+            devices.push(addr);
+        }
+        let ready = serde_json::json!({
+            "ready": true,
+            "kind": "replay",
+            "endpoints": { "tty": tty },
+            "devices": devices.len(),
+        });
+        let signal = crate::cli::sim::wait_for_signal();
+        println!("{ready}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        signal.await;
+        let _ = bus.send(crate::transport::bus::Shutdown).await;
+        drop(devices);
+        Ok(())
+    })
+}
+
+impl ReplayKeys {
+    /// The fixture's frames, or why it cannot be replayed here.
+    fn frames(&self) -> Result<Vec<(Direction, Vec<u8>)>, String> {
+        let (header, frames) = read_fixture(&self.fixture)?;
+        if header.transport != CaptureTransport::Serial {
+            return Err(format!(
+                "{} holds {} frames; `replay` serves serial fixtures on a bus today",
+                self.fixture.display(),
+                header.transport.as_str()
+            ));
+        }
+        let mut out = Vec::with_capacity(frames.len());
+        for (i, f) in frames.into_iter().enumerate() {
+            let bytes = decode_hex(&f.hex).ok_or_else(|| format!("{}: frame {} has `hex` that is not hex", self.fixture.display(), i + 1))?;
+            out.push((f.dir, bytes));
+        }
+        if !out.iter().any(|(d, _)| *d == Direction::Request) {
+            return Err(format!("{} has no request to answer", self.fixture.display()));
+        }
+        Ok(out)
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+}
+
+impl Declared for ReplayKeys {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind_name(&self) -> &'static str {
+        "replay"
+    }
+    fn check(&self, names: &Names<'_>) -> Result<(), Problem> {
+        if !names.buses.contains(&self.bus.as_str()) {
+            return Err(at_key("bus", format!("bus `{}` is not declared under `buses`", self.bus)));
+        }
+        self.frames().map_err(|e| at_key("fixture", e))?;
+        Ok(())
+    }
+    fn links(&self) -> Vec<LinkDecl> {
+        vec![LinkDecl {
+            name: self.name.clone(),
+            home: LinkHomeDecl::Bus(self.bus.clone()),
+            capture: Some(CaptureFormat::ModbusRtu),
+            checksum: None,
+            carries: "replayed serial frames",
+            medium: LinkMedium::Serial,
+        }]
+    }
+    fn bus(&self) -> Option<&str> {
+        Some(&self.bus)
+    }
+    fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
+        Box::pin(async move {
+            let core = ReplayCore::new(self.frames()?);
+            let bus = cx.buses.get(&self.bus).ok_or_else(|| format!("bus `{}` is not running", self.bus))?;
+            let addr = ReplayBusActor::new(self.name.clone(), core, cx.log.clone()).start();
+            bus.send(AttachDevice(BusDevice { name: self.name.clone(), recipient: addr.clone().recipient() }))
+                .await
+                .map_err(|e| format!("bus `{}`: {e}", self.bus))?;
+            Ok(Box::new(RunningReplay { _addr: addr }) as Box<dyn Running>)
+        })
+    }
+}
+
+struct RunningReplay {
+    _addr: actix::Addr<ReplayBusActor>,
+}
+
+impl Running for RunningReplay {
+    fn stop(self: Box<Self>) -> LocalBoxFuture<'static, ()> {
+        Box::pin(async move { drop(self) })
+    }
+}
