@@ -905,8 +905,9 @@ pub fn shelly_device_answers_are_well_formed(data: &[u8]) -> bool {
 // Capture files (capture import)
 // ---------------------------------------------------------------------------------------
 
-/// Arbitrary bytes as a capture file (pcapng, pcap or btsnoop; the magic decides), and every
-/// Bluetooth packet in it through the ACL → L2CAP → ATT extractor.
+/// Arbitrary bytes as a capture file (pcapng, pcap or btsnoop; the magic decides), every
+/// Bluetooth packet in it through the ACL → L2CAP → ATT extractor and every IP packet down
+/// to UDP.
 /// Invariants: no panic; fed one byte at a time or all at once, the decoder yields the same
 /// packets and the same final error; every error's offset lies inside the input; every
 /// packet's bytes fit its record and lie inside the input; ATT PDUs are never empty.
@@ -927,6 +928,11 @@ pub fn capture_file_decodes_the_same_in_any_chunking(data: &[u8]) -> bool {
         assert!(p.offset + p.data.len() as u64 <= data.len() as u64, "a packet's bytes run past the input");
         if let Some(hp) = HciPacket::from_capture(p.encapsulation, &p.data) {
             att.push(&hp, &mut out);
+        }
+        if let crate::protocol::capture_file::Encapsulation::Pcap(lt) = p.encapsulation {
+            if let Ok(d) = crate::protocol::ip::udp_datagram(lt, &p.data) {
+                assert!(d.payload.len() + 8 <= p.data.len(), "a UDP payload longer than its packet");
+            }
         }
     }
     for o in &out {

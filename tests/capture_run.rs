@@ -110,3 +110,47 @@ fn ble_scenario_capture_decodes_as_att_with_the_lone_77() {
     assert_eq!(values[start + 1].len(), 40, "{text}");
     assert_eq!(values[start + 2], "77", "{text}");
 }
+
+/// A UDP capture nobody here wrote: Wireshark's text2pcap makes Ethernet/IPv4/UDP
+/// packets (pcapng and pcap) around SMP messages, and `capture import` finds the SMP
+/// server at the address the client sent to.
+#[test]
+fn a_text2pcap_udp_capture_of_smp_imports_as_an_smp_server() {
+    let t2p = std::env::var("TEXT2PCAP").unwrap_or_else(|_| "text2pcap".into());
+    let ok = Command::new(&t2p).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "text2pcap (Debian's wireshark-common, which tshark brings) is required by this test");
+    let dir = tempfile::tempdir().unwrap();
+    // SMP v2 echo: write request {"d": "hi"}, its answer {"r": "hi"}; group 0, command 0, seq 7.
+    let req = "0a 00 00 06 00 00 07 00 a1 61 64 62 68 69";
+    let rsp = "0b 00 00 06 00 00 07 00 a1 61 72 62 68 69";
+    // -D: `I` packets go from the first address/port to the second.
+    let text = format!("I\n000000 {req}\nO\n000000 {rsp}\nI\n000000 {req}\n");
+    std::fs::write(dir.path().join("smp.txt"), text).unwrap();
+    for (file, format) in [("smp.pcapng", "pcapng"), ("smp.pcap", "pcap")] {
+        let cap = dir.path().join(file);
+        let st = Command::new(&t2p)
+            .args(["-q", "-D", "-F", format, "-4", "10.0.0.1,10.0.0.2", "-u", "40000,1337"])
+            .arg(dir.path().join("smp.txt"))
+            .arg(&cap)
+            .status()
+            .unwrap();
+        assert!(st.success(), "text2pcap failed");
+        let out = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+            .args(["capture", "import", cap.to_str().unwrap(), "--out", dir.path().join("out").to_str().unwrap(), "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r[0]["format"], format, "{r}");
+        let d = &r[0]["devices"][0];
+        assert_eq!(d["device"], "udp:10.0.0.2:1337", "{r}");
+        assert_eq!(d["transport"], "udp");
+        assert_eq!(d["kind"], "smp-server", "{r}");
+        assert_eq!(d["confidence"], "high", "{r}");
+        let text = std::fs::read_to_string(d["fixture"].as_str().unwrap()).unwrap();
+        let frames: Vec<serde_json::Value> = text.lines().skip(1).map(|l| serde_json::from_str(l).unwrap()).collect();
+        let dirs: Vec<&str> = frames.iter().map(|f| f["dir"].as_str().unwrap()).collect();
+        assert_eq!(dirs, ["request", "response", "request"]);
+        assert_eq!(frames[1]["meaning"], "v2 write-rsp group 0 command 0 seq 7 keys [r]");
+    }
+}

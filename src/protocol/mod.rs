@@ -20,6 +20,7 @@
 //! * [`shelly`] — Shelly Gen2+ RPC frames, error forms, digest authentication.
 //! * [`capture_file`] — pcapng, pcap and btsnoop containers, read as a stream.
 //! * [`hci`] — Bluetooth HCI from capture files down to ATT, with GATT discovery.
+//! * [`ip`] — IP packets from capture files down to UDP datagrams.
 
 pub mod bvlc_sc;
 pub mod capture_file;
@@ -27,6 +28,7 @@ pub mod dbus;
 pub mod eg4;
 pub mod eg4_legacy;
 pub mod hci;
+pub mod ip;
 pub mod jbd;
 pub mod mcuboot;
 pub mod modbus;

@@ -9,6 +9,7 @@ use crate::link::recognise::CaptureTransport;
 use crate::link::record::Direction;
 use crate::protocol::capture_file::{self, CaptureFileDecoder, CaptureFileProblem, CapturedPacket, Encapsulation};
 use crate::protocol::hci::{self, AttExtractor, HciOutput, HciPacket};
+use crate::protocol::ip;
 
 /// Longest text line read; a longer one is skipped and reported.
 const MAX_LINE: u64 = 1 << 20;
@@ -123,6 +124,8 @@ struct PacketFrames {
     skipped: HashSet<u32>,
     /// Per (adapter, connection): the handle table size already passed on.
     taught: HashMap<(u16, u16), usize>,
+    /// UDP: per endpoint pair, the server (where the first datagram went).
+    servers: HashMap<(std::net::SocketAddr, std::net::SocketAddr), std::net::SocketAddr>,
 }
 
 impl PacketFrames {
@@ -149,10 +152,15 @@ impl PacketFrames {
                 }
             };
         }
+        if let Encapsulation::Pcap(lt) = p.encapsulation {
+            if ip::is_ip_linktype(lt) {
+                return self.udp(lt, p, on_frame, on_gap);
+            }
+        }
         let Some(hp) = HciPacket::from_capture(p.encapsulation, &p.data) else {
             if let Encapsulation::Pcap(lt) = p.encapsulation {
                 if self.skipped.insert(lt) {
-                    on_gap(ImportGap { at: at(), what: format!("link type {lt} is not imported (Modbus RTU exported PDUs and Bluetooth HCI are)") });
+                    on_gap(ImportGap { at: at(), what: format!("link type {lt} is not imported (Modbus RTU exported PDUs, Bluetooth HCI and UDP over IP are)") });
                 }
             }
             return Ok(());
@@ -188,6 +196,32 @@ impl PacketFrames {
             }
         }
         Ok(())
+    }
+
+    /// A UDP datagram as a frame of the link named after its server: the side the first
+    /// datagram between two endpoints went to (a client speaks first).
+    fn udp(&mut self, lt: u32, p: &CapturedPacket, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> std::io::Result<()> {
+        let d = match ip::udp_datagram(lt, &p.data) {
+            Ok(d) => d,
+            Err(ip::IpSkip::NotUdp) => return Ok(()),
+            Err(e) => {
+                on_gap(ImportGap { at: format!("byte {} (record {})", p.offset, p.record), what: e.to_string() });
+                return Ok(());
+            }
+        };
+        let pair = if d.src < d.dst { (d.src, d.dst) } else { (d.dst, d.src) };
+        let server = *self.servers.entry(pair).or_insert(d.dst);
+        on_frame(SourceFrame {
+            link: format!("udp:{server}"),
+            transport: CaptureTransport::Udp,
+            direction: if d.dst == server { Direction::Request } else { Direction::Response },
+            t_ns: p.timestamp_ns,
+            bytes: d.payload.to_vec(),
+            value_at: 0,
+            att_opcode: None,
+            handle: None,
+            learnt: Vec::new(),
+        })
     }
 
     /// Handle → UUID pairs learnt since the last frame of this connection.
