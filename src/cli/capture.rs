@@ -13,9 +13,10 @@ pub struct CaptureArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum CaptureCommand {
     /// Read captures (pcapng, pcap, btsnoop, hex dump, JSON Lines) into one fixture per device.
-    #[command(after_help = "Reads Wireshark's Modbus RTU exported PDUs (hilbench's own captures among them) and Bluetooth HCI
-(Android's btsnoop_hci.log, btmon's log, pcap/pcapng HCI H4 and Linux monitor) down to ATT; a hex
-dump of `[time] [>|<] hex` lines or `tx=HEX rx=HEX` trace lines; JSON Lines of frame records.
+    #[command(after_help = "Reads Wireshark's Modbus RTU exported PDUs (hilbench's own captures among them), Bluetooth HCI
+(Android's btsnoop_hci.log, btmon's log, pcap/pcapng HCI H4 and Linux monitor) down to ATT, and
+UDP datagrams (SMP) over Ethernet, loopback, raw IP or Linux cooked captures; a hex dump of
+`[time] [>|<] hex` lines or `tx=HEX rx=HEX` trace lines; JSON Lines of frame records.
 Writes OUT/<file>.<device>.jsonl: a header line (device, transport, kind, confidence, evidence,
 GATT handles) and one line per frame (t_ns, dir, hex, ATT opcode/handle/UUID, decoded meaning).
 

@@ -142,7 +142,7 @@ impl ReplayKeys {
         }
         let mut out = Vec::with_capacity(frames.len());
         for (i, f) in frames.into_iter().enumerate() {
-            let bytes = decode_hex(&f.hex).ok_or_else(|| format!("{}: frame {} has `hex` that is not hex", self.fixture.display(), i + 1))?;
+            let bytes = crate::scenario::spec::parse_hex(&f.hex).map_err(|e| format!("{}: frame {}: {e}", self.fixture.display(), i + 1))?;
             out.push((f.dir, bytes));
         }
         if !out.iter().any(|(d, _)| *d == Direction::Request) {
@@ -150,13 +150,6 @@ impl ReplayKeys {
         }
         Ok(out)
     }
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
 }
 
 impl Declared for ReplayKeys {

@@ -222,10 +222,11 @@ pub struct DeviceStep {
 }
 
 
-/// Hex bytes with optional spaces, colons or `0x` prefixes: `01 00`, `0x01,0x00`.
+/// Hex bytes with optional spaces, colons, dashes or `0x` prefixes: `01 00`, `0x01,0x00`,
+/// `01-00`.
 pub fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
     let digits: String = text
-        .split(|c: char| c.is_whitespace() || c == ',' || c == ':')
+        .split(|c: char| c.is_whitespace() || c == ',' || c == ':' || c == '-')
         .map(|t| t.trim_start_matches("0x").trim_start_matches("0X"))
         .collect();
     if !digits.len().is_multiple_of(2) {

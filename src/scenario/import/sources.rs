@@ -394,7 +394,7 @@ impl TextState {
         let t_ns = obj.get("timestamp_ns").or_else(|| obj.get("t_ns")).and_then(|t| t.as_u64());
         let bytes = match (obj.get("bytes"), obj.get("hex")) {
             (Some(b), _) => serde_json::from_value::<Vec<u8>>(b.clone()).map_err(|e| format!("bytes: {e}"))?,
-            (None, Some(h)) => parse_hex(h.as_str().ok_or("`hex` is not a string")?)?,
+            (None, Some(h)) => crate::scenario::spec::parse_hex(h.as_str().ok_or("`hex` is not a string")?)?,
             (None, None) => return Err("no `bytes` or `hex`".into()),
         };
         Ok(vec![self.frame(direction, t_ns, bytes)])
@@ -423,7 +423,7 @@ impl TextState {
                     _ => continue,
                 };
                 if !hex.is_empty() && hex != "-" {
-                    out.push(self.frame(dir, t_ns, parse_hex(hex)?));
+                    out.push(self.frame(dir, t_ns, crate::scenario::spec::parse_hex(hex)?));
                 }
             }
             return Ok(out);
@@ -436,7 +436,7 @@ impl TextState {
         if direction.is_some() {
             tokens.remove(0);
         }
-        let bytes = parse_hex(&tokens.concat())?;
+        let bytes = crate::scenario::spec::parse_hex(&tokens.concat())?;
         if bytes.is_empty() {
             return Err("no bytes on the line".into());
         }
@@ -458,22 +458,4 @@ fn parse_time(t: &str) -> Option<u64> {
     }
     let secs: f64 = t.parse().ok()?;
     (secs.is_finite() && secs >= 0.0).then(|| (secs * 1e9) as u64)
-}
-
-/// Hex with optional `0x` prefixes and `:`/`-`/`,` separators.
-fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
-    let cleaned: String = s
-        .split(|c: char| c == ':' || c == '-' || c == ',' || c.is_whitespace())
-        .map(|p| p.strip_prefix("0x").or_else(|| p.strip_prefix("0X")).unwrap_or(p))
-        .collect();
-    if !cleaned.is_ascii() {
-        return Err(format!("`{s}` is not hex"));
-    }
-    if cleaned.len() % 2 != 0 {
-        return Err(format!("`{s}` has an odd number of hex digits"));
-    }
-    (0..cleaned.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&cleaned[i..i + 2], 16).map_err(|_| format!("`{s}` is not hex")))
-        .collect()
 }
