@@ -448,10 +448,10 @@ fn parse_time(t: &str) -> Option<u64> {
     let t = t.trim_start_matches('[').trim_end_matches(']');
     if let Some((hms, frac)) = t.split_once('.').filter(|_| t.contains(':')) {
         let parts: Vec<u64> = hms.split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
-        let secs = parts.iter().fold(0u64, |a, p| a * 60 + p);
+        let secs = parts.iter().try_fold(0u64, |a, p| a.checked_mul(60)?.checked_add(*p))?;
         let digits = frac.len().min(9);
         let ns: u64 = frac.get(..digits)?.parse().ok()?;
-        return Some(secs * 1_000_000_000 + ns * 10u64.pow(9 - digits as u32));
+        return secs.checked_mul(1_000_000_000)?.checked_add(ns.checked_mul(10u64.pow(9 - digits as u32))?);
     }
     if !t.contains('.') {
         return None;

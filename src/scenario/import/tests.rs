@@ -173,3 +173,28 @@ fn the_committed_fixtures_are_what_importing_their_capture_gives() {
         );
     }
 }
+
+#[test]
+fn seeded_random_text_lines_never_panic() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7E47);
+    let pieces = [
+        "99999999999999999999:00:00.1", "18446744073709551615:59:59.999999999", "12:00:01.250", "1e308", "-3.5", "[0.5]",
+        "tx=", "rx=-", "tx=0x0", "rx=zz", ">", "<-", "notify", "0x01", "01:03", "é1", "#", "{", "}", "\"dir\"", ":", ".", "\u{0}",
+        "{\"direction\":\"request\",\"bytes\":[1,2,300]}", "{\"hilbench_fixture\":1}", "{\"dir\":\"response\",\"hex\":\"0g\"}",
+    ];
+    for i in 0..400 {
+        let mut text = String::new();
+        for _ in 0..rng.gen_range(1..20) {
+            let n = rng.gen_range(0..6);
+            let line: Vec<&str> = (0..n).map(|_| pieces[rng.gen_range(0..pieces.len())]).collect();
+            text.push_str(&line.join(" "));
+            text.push('\n');
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(if i % 2 == 0 { "t.txt" } else { "t.jsonl" });
+        let body = if i % 2 == 0 { text } else { format!("{{}}\n{text}") };
+        std::fs::write(&path, body).unwrap();
+        let _ = import_file(&path, &opts(dir.path()));
+    }
+}
