@@ -152,5 +152,32 @@ fn a_text2pcap_udp_capture_of_smp_imports_as_an_smp_server() {
         let dirs: Vec<&str> = frames.iter().map(|f| f["dir"].as_str().unwrap()).collect();
         assert_eq!(dirs, ["request", "response", "request"]);
         assert_eq!(frames[1]["meaning"], "v2 write-rsp group 0 command 0 seq 7 keys [r]");
+        if format == "pcap" {
+            replay_answers_with_the_live_sequence_number(d["fixture"].as_str().unwrap());
+        }
     }
+}
+
+/// `sim replay --udp` serves the imported SMP fixture: a request with another sequence
+/// number matches, and the captured answer comes back carrying the live one.
+fn replay_answers_with_the_live_sequence_number(fixture: &str) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+        .args(["sim", "replay", fixture, "--udp", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let addr = ready["endpoints"]["udp"].as_str().unwrap().to_string();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let req = [0x0a, 0, 0, 6, 0, 0, 42, 0, 0xa1, 0x61, 0x64, 0x62, 0x68, 0x69];
+    sock.send_to(&req, &addr).unwrap();
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("the replay answers");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(&buf[..n], [0x0b, 0, 0, 6, 0, 0, 42, 0, 0xa1, 0x61, 0x72, 0x62, 0x68, 0x69]);
 }

@@ -12,11 +12,12 @@
 //! EG4-legacy and JBD frame alike): a request whose first byte starts no captured request
 //! is for another device, and is ignored without a report.
 //!
-//! Matching today is exact (Modbus RTU and the other serial protocols carry no
-//! transaction id or sequence number that a client would change between runs).
+//! Matching is byte for byte unless the captured kind gives a [`ReplayRule`] (SMP: the
+//! sequence number is left out of the match and echoed in the answer).
 
 use std::time::Duration;
 
+use crate::link::recognise::ReplayRule;
 use crate::link::record::Direction;
 use crate::sans_io::{Input, Output, SansIoCore};
 
@@ -35,12 +36,27 @@ pub struct ReplayCore {
     frames: Vec<(Direction, Vec<u8>)>,
     /// Where the next search starts.
     cursor: usize,
+    /// The captured kind's matching rule (none: byte for byte).
+    rule: Option<ReplayRule>,
+    /// On a shared bus, requests for other devices are ignored (see the module docs).
+    shared_bus: bool,
 }
 
 impl ReplayCore {
     /// A core over the fixture's frames, in captured order.
     pub fn new(frames: Vec<(Direction, Vec<u8>)>) -> Self {
-        ReplayCore { frames, cursor: 0 }
+        ReplayCore { frames, cursor: 0, rule: None, shared_bus: true }
+    }
+
+    /// A core that matches and answers by the captured kind's rule.
+    pub fn with_rule(frames: Vec<(Direction, Vec<u8>)>, rule: Option<ReplayRule>) -> Self {
+        ReplayCore { frames, cursor: 0, rule, shared_bus: true }
+    }
+
+    /// The device has a link of its own (UDP, a connection): every request is for it.
+    pub fn alone(mut self) -> Self {
+        self.shared_bus = false;
+        self
     }
 
     /// How many captured requests there are.
@@ -50,9 +66,14 @@ impl ReplayCore {
 
     fn find(&self, bytes: &[u8]) -> Option<usize> {
         let n = self.frames.len();
+        let key = |b: &[u8]| match self.rule {
+            Some(r) => (r.key)(b),
+            None => b.to_vec(),
+        };
+        let wanted = key(bytes);
         (0..n)
             .map(|k| (self.cursor + k) % n)
-            .find(|&i| self.frames[i].0 == Direction::Request && self.frames[i].1 == bytes)
+            .find(|&i| self.frames[i].0 == Direction::Request && key(&self.frames[i].1) == wanted)
     }
 }
 
@@ -63,7 +84,7 @@ impl SansIoCore for ReplayCore {
         match input {
             Input::Bytes { from, bytes } => {
                 let addressed = self.frames.iter().any(|(d, b)| *d == Direction::Request && b.first() == bytes.first());
-                if !addressed {
+                if self.shared_bus && !addressed {
                     return Ok(());
                 }
                 let Some(i) = self.find(bytes) else {
@@ -73,7 +94,11 @@ impl SansIoCore for ReplayCore {
                 let mut answers = 0;
                 let mut j = i + 1;
                 while let Some((Direction::Response, b)) = self.frames.get(j) {
-                    out.push(Output::Send { to: from, bytes: b.clone() });
+                    let mut b = b.clone();
+                    if let Some(r) = self.rule {
+                        (r.answer)(bytes, &mut b);
+                    }
+                    out.push(Output::Send { to: from, bytes: b });
                     answers += 1;
                     j += 1;
                 }
@@ -128,6 +153,18 @@ mod tests {
         assert_eq!(silent, [Output::Event(ReplayEvent::Answered { index: 2, answers: 0 })]);
         assert_eq!(sent(&ask(&mut c, b"A")), [&b"a2"[..], b"a2-echo"]);
         assert_eq!(sent(&ask(&mut c, b"A")), [b"a1"], "past the end it starts over");
+    }
+
+    #[test]
+    fn a_rule_matches_without_the_sequence_number_and_echoes_it() {
+        use Direction::*;
+        let rule = ReplayRule {
+            key: |b| b.iter().skip(1).copied().collect(),
+            answer: |req, ans| ans[0] = req[0],
+        };
+        let mut c = ReplayCore::with_rule(vec![(Request, b"7A".to_vec()), (Response, b"7a".to_vec())], Some(rule)).alone();
+        assert_eq!(sent(&ask(&mut c, b"9A")), [b"9a"]);
+        assert_eq!(ask(&mut c, b"9B"), [Output::Event(ReplayEvent::Unmatched { bytes: b"9B".to_vec() })], "alone, every request is for it");
     }
 
     #[test]

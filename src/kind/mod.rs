@@ -33,7 +33,7 @@ use futures::future::LocalBoxFuture;
 
 use crate::link::capture::CaptureFormat;
 use crate::link::fault::{ChecksumLayout, LinkMedium};
-use crate::link::recognise::{CapturedFrameView, FrameVerdict};
+use crate::link::recognise::{CapturedFrameView, FrameVerdict, ReplayRule};
 use crate::link::{FaultRule, FrameRecord};
 use crate::observe::ObservationLog;
 use crate::scenario::source::{Problem, YamlPath};
@@ -196,6 +196,10 @@ pub trait Kind: Sync {
     /// A device kind's verdict on a captured frame (`capture import` identifies devices
     /// with it): `Some` when the frame is its protocol, with the decoded meaning.
     fn recognise(&self, _frame: &CapturedFrameView<'_>) -> Option<FrameVerdict> {
+        None
+    }
+    /// How a `replay` of this kind's captures matches requests and fits answers.
+    fn replay_rule(&self) -> Option<ReplayRule> {
         None
     }
 }

@@ -59,7 +59,9 @@ impl Kind for ReplayKind {
 const SIM_HELP: &str = "Every fixture is one device on one RS-485 bus whose port is the PTY: each request
 that matches a captured one gets what the device sent after it in the capture (bad CRCs,
 silences and echoes included); a request that matches none is logged and unanswered.
-Prints one JSON ready line with the PTY path; runs until SIGINT/SIGTERM.
+With --udp ADDR one UDP fixture (an SMP server's) answers datagrams instead; SMP requests
+match without their sequence number and get answers carrying it.
+Prints one JSON ready line with the PTY path or UDP address; runs until SIGINT/SIGTERM.
 
 Examples:
   hilbench sim replay fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl fixtures/captures/imported/eg4-fault3-bridge.bridge-addr2.jsonl --tty /tmp/field
@@ -72,8 +74,11 @@ pub struct ReplaySimArgs {
     #[arg(required = true)]
     pub fixtures: Vec<PathBuf>,
     /// A symlink to the PTY at this path (default: only the /dev/pts path in the ready line).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "udp")]
     pub tty: Option<PathBuf>,
+    /// Serve one UDP fixture (an SMP server's) on this address instead of a PTY (port 0: any).
+    #[arg(long, value_name = "ADDR")]
+    pub udp: Option<std::net::SocketAddr>,
     /// Line speed, for --wire-time.
     #[arg(long, default_value_t = 9600)]
     pub baud: u32,
@@ -84,12 +89,17 @@ pub struct ReplaySimArgs {
 
 fn sim(a: ReplaySimArgs) -> Result<(), String> {
     use crate::observe::ObservationLog;
+    if let Some(addr) = a.udp {
+        let [fixture] = &a.fixtures[..] else {
+            return Err(format!("--udp serves one fixture; {} given", a.fixtures.len()));
+        };
+        return sim_udp(load(fixture, CaptureTransport::Udp)?.alone(), addr);
+    }
     use crate::transport::bus::{BusActor, BusConfig, BusPortSpec};
     // Every fixture is read before anything opens.
     let mut cores = Vec::new();
     for (i, f) in a.fixtures.iter().enumerate() {
-        let keys = ReplayKeys { name: format!("replay{}", i + 1), bus: "bus1".into(), fixture: f.clone() };
-        cores.push((keys.name.clone(), ReplayCore::new(keys.frames()?)));
+        cores.push((format!("replay{}", i + 1), load(f, CaptureTransport::Serial)?));
     }
     let sys = actix::System::new();
     sys.block_on(async move {
@@ -129,26 +139,39 @@ fn sim(a: ReplaySimArgs) -> Result<(), String> {
     })
 }
 
+/// A fixture's frames and the replay rule of its kind, or why it cannot be replayed.
+fn load(fixture: &std::path::Path, transport: CaptureTransport) -> Result<ReplayCore, String> {
+    let (header, frames) = read_fixture(fixture)?;
+    if header.transport != transport {
+        return Err(format!(
+            "{} holds {} frames; this replay serves {} ones",
+            fixture.display(),
+            header.transport.as_str(),
+            transport.as_str()
+        ));
+    }
+    let mut out = Vec::with_capacity(frames.len());
+    for (i, f) in frames.into_iter().enumerate() {
+        let bytes = crate::scenario::spec::parse_hex(&f.hex).map_err(|e| format!("{}: frame {}: {e}", fixture.display(), i + 1))?;
+        out.push((f.dir, bytes));
+    }
+    if !out.iter().any(|(d, _)| *d == Direction::Request) {
+        return Err(format!("{} has no request to answer", fixture.display()));
+    }
+    let rule = header.kind.as_deref().and_then(|k| super::find(Role::Device, k)).and_then(|k| k.replay_rule());
+    Ok(ReplayCore::with_rule(out, rule))
+}
+
 impl ReplayKeys {
-    /// The fixture's frames, or why it cannot be replayed here.
-    fn frames(&self) -> Result<Vec<(Direction, Vec<u8>)>, String> {
-        let (header, frames) = read_fixture(&self.fixture)?;
-        if header.transport != CaptureTransport::Serial {
-            return Err(format!(
-                "{} holds {} frames; `replay` serves serial fixtures on a bus today",
-                self.fixture.display(),
-                header.transport.as_str()
-            ));
-        }
-        let mut out = Vec::with_capacity(frames.len());
-        for (i, f) in frames.into_iter().enumerate() {
-            let bytes = crate::scenario::spec::parse_hex(&f.hex).map_err(|e| format!("{}: frame {}: {e}", self.fixture.display(), i + 1))?;
-            out.push((f.dir, bytes));
-        }
-        if !out.iter().any(|(d, _)| *d == Direction::Request) {
-            return Err(format!("{} has no request to answer", self.fixture.display()));
-        }
-        Ok(out)
+    /// The fixture's core, or why it cannot be replayed on a bus.
+    fn core(&self) -> Result<ReplayCore, String> {
+        load(&self.fixture, CaptureTransport::Serial).map_err(|e| {
+            if e.contains("frames; this replay serves") {
+                format!("{e} (a scenario's `replay` serves serial fixtures on a bus today)")
+            } else {
+                e
+            }
+        })
     }
 }
 
@@ -163,7 +186,7 @@ impl Declared for ReplayKeys {
         if !names.buses.contains(&self.bus.as_str()) {
             return Err(at_key("bus", format!("bus `{}` is not declared under `buses`", self.bus)));
         }
-        self.frames().map_err(|e| at_key("fixture", e))?;
+        self.core().map_err(|e| at_key("fixture", e))?;
         Ok(())
     }
     fn links(&self) -> Vec<LinkDecl> {
@@ -181,7 +204,7 @@ impl Declared for ReplayKeys {
     }
     fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
         Box::pin(async move {
-            let core = ReplayCore::new(self.frames()?);
+            let core = self.core()?;
             let bus = cx.buses.get(&self.bus).ok_or_else(|| format!("bus `{}` is not running", self.bus))?;
             let addr = ReplayBusActor::new(self.name.clone(), core, cx.log.clone()).start();
             bus.send(AttachDevice(BusDevice { name: self.name.clone(), recipient: addr.clone().recipient() }))
@@ -200,4 +223,63 @@ impl Running for RunningReplay {
     fn stop(self: Box<Self>) -> LocalBoxFuture<'static, ()> {
         Box::pin(async move { drop(self) })
     }
+}
+
+/// One UDP fixture served on `addr`: every datagram goes through the core, its answers go
+/// back to the sender.
+fn sim_udp(mut core: ReplayCore, addr: std::net::SocketAddr) -> Result<(), String> {
+    use crate::sans_io::{Input, Output, Peer, SansIoCore};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
+    rt.block_on(async move {
+        let sock = tokio::net::UdpSocket::bind(addr).await.map_err(|e| format!("--udp {addr}: {e}"))?;
+        let local = sock.local_addr().map_err(|e| e.to_string())?;
+        let signal = crate::cli::sim::wait_for_signal();
+        println!("{}", serde_json::json!({ "ready": true, "kind": "replay", "endpoints": { "udp": local.to_string() }, "devices": 1 }));
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tokio::pin!(signal);
+        let start = std::time::Instant::now();
+        let mut peers: Vec<std::net::SocketAddr> = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let (n, from) = tokio::select! {
+                _ = &mut signal => return Ok(()),
+                r = sock.recv_from(&mut buf) => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!("udp receive: {e}");
+                        continue;
+                    }
+                },
+            };
+            let peer = match peers.iter().position(|p| *p == from) {
+                Some(i) => i,
+                None => {
+                    // Bounded: a flood of sources forgets the oldest.
+                    if peers.len() >= 4096 {
+                        peers.clear();
+                    }
+                    peers.push(from);
+                    peers.len() - 1
+                }
+            };
+            let mut out = Vec::new();
+            let _ = core.handle_input(Input::Bytes { from: Peer(peer as u64), bytes: &buf[..n] }, start.elapsed(), &mut out);
+            for o in out {
+                match o {
+                    Output::Send { to, bytes } => {
+                        if let Some(dest) = peers.get(to.0 as usize) {
+                            if let Err(e) = sock.send_to(&bytes, dest).await {
+                                tracing::warn!("udp send to {dest}: {e}");
+                            }
+                        }
+                    }
+                    Output::Event(crate::device::replay_core::ReplayEvent::Unmatched { bytes }) => {
+                        tracing::info!("no captured request is {}", crate::client::hex(&bytes));
+                    }
+                    Output::Event(_) | Output::Close(_) => {}
+                }
+            }
+        }
+    })
 }

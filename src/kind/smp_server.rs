@@ -552,6 +552,24 @@ impl Kind for SmpServerKind {
     fn about(&self) -> &'static str {
         "Zephyr/MCUboot MCUmgr SMP server over UDP and serial: OS, Image, Statistics, Settings, File system, Shell and Enumeration groups, two slots that test, swap, confirm and revert"
     }
+    /// A client numbers its requests (header byte 6, seq) from wherever it starts: match
+    /// without it and answer with the live request's.
+    fn replay_rule(&self) -> Option<crate::link::recognise::ReplayRule> {
+        Some(crate::link::recognise::ReplayRule {
+            key: |b| {
+                let mut k = b.to_vec();
+                if let Some(seq) = k.get_mut(6).filter(|_| b.len() >= crate::protocol::smp::HEADER_LEN) {
+                    *seq = 0;
+                }
+                k
+            },
+            answer: |req, ans| {
+                if let (Some(&seq), Some(slot)) = (req.get(6), ans.get_mut(6)) {
+                    *slot = seq;
+                }
+            },
+        })
+    }
     /// On BLE, values on the SMP characteristic (decisive) or whole SMP messages; over
     /// UDP, datagrams that are one SMP message with a CBOR map and an op that fits their
     /// direction; over serial, console lines with the 06 09 / 04 14 markers.

@@ -56,3 +56,13 @@ pub struct FrameVerdict {
     /// address): the importer writes one fixture per unit.
     pub unit: Option<String>,
 }
+
+/// How a replay matches and answers a kind's protocol: the bytes that identify a request
+/// (with the fields a client changes from run to run blanked: a sequence number, a
+/// transaction id), and the captured answer fitted to the live request (those fields
+/// echoed). A kind without one is matched byte for byte.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayRule {
+    pub key: fn(&[u8]) -> Vec<u8>,
+    pub answer: fn(request: &[u8], answer: &mut Vec<u8>),
+}
