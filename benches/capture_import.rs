@@ -60,7 +60,7 @@ fn write_modbus(path: &Path, bytes: u64) -> u64 {
 
 /// A btsnoop H4 log of one JBD connection of at least `bytes`; returns the ATT PDU count.
 fn write_btsnoop(path: &Path, bytes: u64) -> u64 {
-    const EPOCH: i64 = 0x00dc_ddb3_0f2f_8000;
+    const EPOCH: i64 = hilbench::protocol::capture_file::BTSNOOP_UNIX_EPOCH_US;
     let mut f = BufWriter::new(std::fs::File::create(path).unwrap());
     f.write_all(b"btsnoop\0").unwrap();
     f.write_all(&1u32.to_be_bytes()).unwrap();

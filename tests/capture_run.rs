@@ -162,13 +162,23 @@ fn a_text2pcap_udp_capture_of_smp_imports_as_an_smp_server() {
 /// number matches, and the captured answer comes back carrying the live one.
 fn replay_answers_with_the_live_sequence_number(fixture: &str) {
     use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hilbench"))
-        .args(["sim", "replay", fixture, "--udp", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    /// Stops the simulator however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_hilbench"))
+            .args(["sim", "replay", fixture, "--udp", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    std::io::BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     let addr = ready["endpoints"]["udp"].as_str().unwrap().to_string();
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -177,7 +187,26 @@ fn replay_answers_with_the_live_sequence_number(fixture: &str) {
     sock.send_to(&req, &addr).unwrap();
     let mut buf = [0u8; 64];
     let n = sock.recv(&mut buf).expect("the replay answers");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert_eq!(&buf[..n], [0x0b, 0, 0, 6, 0, 0, 42, 0, 0xa1, 0x61, 0x72, 0x62, 0x68, 0x69]);
+}
+
+/// Two inputs with one file stem would write the same fixture names: refused before
+/// anything is read.
+#[test]
+fn two_inputs_with_one_stem_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["a", "b"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        std::fs::write(dir.path().join(sub).join("bus.log"), "> 01 03 00 00 00 02 c4 0b\n").unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+        .args(["capture", "import", "a/bus.log", "b/bus.log", "--out", "fx"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a/bus.log and b/bus.log would both write fx/bus.*.jsonl"), "{err}");
+    assert!(!dir.path().join("fx").exists(), "nothing was written");
 }

@@ -106,7 +106,7 @@ fn typos_in_selectors_are_located_errors() {
     let ble = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ble.path(), "{\"hilbench_fixture\":1,\"source\":\"s\",\"device\":\"d\",\"transport\":\"ble-att\",\"kind\":null,\"confidence\":\"none\",\"evidence\":\"\",\"frames\":0,\"start_unix_ns\":0}\n").unwrap();
     let e = parse(&format!("name: x\nbuses: [{{name: b, ports: [p]}}]\ndevices:\n  - {{name: f, kind: replay, bus: b, fixture: {}}}\nsteps: []\n", ble.path().display()));
-    assert!(e.contains("holds ble-att frames; this replay serves serial ones (a scenario's `replay` serves serial fixtures on a bus today)"), "{e}");
+    assert!(e.contains("holds ble-att frames; a scenario's `replay` serves serial fixtures on a bus today"), "{e}");
 
     // An smp-client names an smp-server that serves its transport, and checks it can fail.
     let smp = "devices:\n  - {name: s, kind: smp-server}\n  - {name: bms, kind: jbd-bms}\nclients:\n";

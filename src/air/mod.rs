@@ -229,9 +229,7 @@ pub struct Air {
     broker: Option<broker::Broker>,
 }
 
-pub fn format_address(a: &[u8; 6]) -> String {
-    format!("{:02X}:{:02X}:{:02X}:{:02X}:{:02X}:{:02X}", a[0], a[1], a[2], a[3], a[4], a[5])
-}
+pub use crate::protocol::hci::format_address;
 
 fn peripheral_address(index: u32) -> [u8; 6] {
     let b = index.to_be_bytes();

@@ -68,7 +68,7 @@ fn parse_gatt(s: &str) -> Result<GattMap, String> {
             let u = u.trim();
             let uuid = if u.len() == 4 {
                 u16::from_str_radix(u, 16)
-                    .map(|short| uuid::Uuid::from_u128((u128::from(short) << 96) | 0x0000_0000_0000_1000_8000_0080_5f9b_34fb))
+                    .map(crate::protocol::hci::uuid16)
                     .map_err(|_| format!("`{u}` is not a UUID"))?
             } else {
                 uuid::Uuid::parse_str(u).map_err(|e| format!("`{u}` is not a UUID: {e}"))?
@@ -89,6 +89,19 @@ fn import_main(a: ImportArgs) -> i32 {
     if let Some(k) = &a.kind {
         if let Err(e) = import::check_kind(k) {
             eprintln!("error: {e}");
+            return 2;
+        }
+    }
+    let mut stems = std::collections::HashMap::new();
+    for f in &a.files {
+        let stem = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some(other) = stems.insert(stem.clone(), f) {
+            eprintln!(
+                "error: {} and {} would both write {}/{stem}.*.jsonl; import them into separate --out folders",
+                other.display(),
+                f.display(),
+                a.out.display()
+            );
             return 2;
         }
     }

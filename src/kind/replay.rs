@@ -16,6 +16,7 @@ use crate::device::replay_core::ReplayCore;
 use crate::link::capture::CaptureFormat;
 use crate::link::fault::LinkMedium;
 use crate::link::recognise::CaptureTransport;
+use crate::limits::LogEvery;
 use crate::link::record::Direction;
 use crate::scenario::import::read_fixture;
 use crate::scenario::source::Problem;
@@ -93,13 +94,13 @@ fn sim(a: ReplaySimArgs) -> Result<(), String> {
         let [fixture] = &a.fixtures[..] else {
             return Err(format!("--udp serves one fixture; {} given", a.fixtures.len()));
         };
-        return sim_udp(load(fixture, CaptureTransport::Udp)?.alone(), addr);
+        return sim_udp(load(fixture, CaptureTransport::Udp, "--udp serves UDP ones")?.alone(), addr);
     }
     use crate::transport::bus::{BusActor, BusConfig, BusPortSpec};
     // Every fixture is read before anything opens.
     let mut cores = Vec::new();
     for (i, f) in a.fixtures.iter().enumerate() {
-        cores.push((format!("replay{}", i + 1), load(f, CaptureTransport::Serial)?));
+        cores.push((format!("replay{}", i + 1), load(f, CaptureTransport::Serial, "a PTY serves serial ones (--udp: UDP ones)")?));
     }
     let sys = actix::System::new();
     sys.block_on(async move {
@@ -139,16 +140,12 @@ fn sim(a: ReplaySimArgs) -> Result<(), String> {
     })
 }
 
-/// A fixture's frames and the replay rule of its kind, or why it cannot be replayed.
-fn load(fixture: &std::path::Path, transport: CaptureTransport) -> Result<ReplayCore, String> {
+/// A fixture's frames and the replay rule of its kind, or why it cannot be replayed by a
+/// host that `serves` (says what it serves) frames of `transport`.
+fn load(fixture: &std::path::Path, transport: CaptureTransport, serves: &str) -> Result<ReplayCore, String> {
     let (header, frames) = read_fixture(fixture)?;
     if header.transport != transport {
-        return Err(format!(
-            "{} holds {} frames; this replay serves {} ones",
-            fixture.display(),
-            header.transport.as_str(),
-            transport.as_str()
-        ));
+        return Err(format!("{} holds {} frames; {serves}", fixture.display(), header.transport.as_str()));
     }
     let mut out = Vec::with_capacity(frames.len());
     for (i, f) in frames.into_iter().enumerate() {
@@ -165,13 +162,7 @@ fn load(fixture: &std::path::Path, transport: CaptureTransport) -> Result<Replay
 impl ReplayKeys {
     /// The fixture's core, or why it cannot be replayed on a bus.
     fn core(&self) -> Result<ReplayCore, String> {
-        load(&self.fixture, CaptureTransport::Serial).map_err(|e| {
-            if e.contains("frames; this replay serves") {
-                format!("{e} (a scenario's `replay` serves serial fixtures on a bus today)")
-            } else {
-                e
-            }
-        })
+        load(&self.fixture, CaptureTransport::Serial, "a scenario's `replay` serves serial fixtures on a bus today")
     }
 }
 
@@ -240,6 +231,8 @@ fn sim_udp(mut core: ReplayCore, addr: std::net::SocketAddr) -> Result<(), Strin
         tokio::pin!(signal);
         let start = std::time::Instant::now();
         let mut peers: Vec<std::net::SocketAddr> = Vec::new();
+        // A flood of bad datagrams or failing sends writes a line per period, not per datagram.
+        let (mut recv_log, mut send_log, mut unmatched_log) = (LogEvery::default(), LogEvery::default(), LogEvery::default());
         let mut buf = vec![0u8; 65_536];
         loop {
             let (n, from) = tokio::select! {
@@ -247,7 +240,9 @@ fn sim_udp(mut core: ReplayCore, addr: std::net::SocketAddr) -> Result<(), Strin
                 r = sock.recv_from(&mut buf) => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!("udp receive: {e}");
+                        if let Some(more) = recv_log.check(std::time::Instant::now()) {
+                            tracing::warn!("udp receive: {e} ({more} more since the last line)");
+                        }
                         continue;
                     }
                 },
@@ -270,12 +265,16 @@ fn sim_udp(mut core: ReplayCore, addr: std::net::SocketAddr) -> Result<(), Strin
                     Output::Send { to, bytes } => {
                         if let Some(dest) = peers.get(to.0 as usize) {
                             if let Err(e) = sock.send_to(&bytes, dest).await {
-                                tracing::warn!("udp send to {dest}: {e}");
+                                if let Some(more) = send_log.check(std::time::Instant::now()) {
+                                    tracing::warn!("udp send to {dest}: {e} ({more} more since the last line)");
+                                }
                             }
                         }
                     }
                     Output::Event(crate::device::replay_core::ReplayEvent::Unmatched { bytes }) => {
-                        tracing::info!("no captured request is {}", crate::client::hex(&bytes));
+                        if let Some(more) = unmatched_log.check(std::time::Instant::now()) {
+                            tracing::info!("no captured request is {} ({more} more unmatched since the last line)", crate::client::hex(&bytes));
+                        }
                     }
                     Output::Event(_) | Output::Close(_) => {}
                 }

@@ -149,17 +149,27 @@ fn btsnoop_direction(flags: u32) -> HciDirection {
     }
 }
 
-/// A Bluetooth device address as printed (most significant byte first).
+/// A Bluetooth device address as printed, bytes in the order given (most significant first).
+pub fn format_address(a: &[u8; 6]) -> String {
+    format!("{:02X}:{:02X}:{:02X}:{:02X}:{:02X}:{:02X}", a[0], a[1], a[2], a[3], a[4], a[5])
+}
+
+/// A Bluetooth device address as HCI carries it (least significant byte first), printed.
 pub fn format_bdaddr(le: &[u8; 6]) -> String {
-    format!("{:02X}:{:02X}:{:02X}:{:02X}:{:02X}:{:02X}", le[5], le[4], le[3], le[2], le[1], le[0])
+    let mut a = *le;
+    a.reverse();
+    format_address(&a)
+}
+
+/// A 16-bit Bluetooth SIG UUID (`0xFF00`) in its 128-bit form (the Bluetooth base UUID).
+pub const fn uuid16(short: u16) -> uuid::Uuid {
+    uuid::Uuid::from_u128(((short as u128) << 96) | 0x0000_0000_0000_1000_8000_0080_5f9b_34fb)
 }
 
 /// A UUID from ATT's little-endian 2- or 16-byte form, as the 128-bit string.
 pub fn att_uuid(le: &[u8]) -> Option<uuid::Uuid> {
     match le.len() {
-        2 => Some(uuid::Uuid::from_u128(
-            (u128::from(u16::from_le_bytes([le[0], le[1]])) << 96) | 0x0000_0000_0000_1000_8000_0080_5f9b_34fb,
-        )),
+        2 => Some(uuid16(u16::from_le_bytes([le[0], le[1]]))),
         16 => {
             let mut be = [0u8; 16];
             for (i, b) in le.iter().enumerate() {

@@ -35,6 +35,12 @@ pub const IDENTIFY_WINDOW: usize = 256;
 /// The fixture format's version, in every header.
 pub const FIXTURE_VERSION: u32 = 1;
 
+/// Links one import follows; frames of further links are counted as a gap (each link
+/// holds up to [`IDENTIFY_WINDOW`] frames while its kind is decided).
+pub const MAX_LINKS: usize = 4096;
+/// Devices one import writes; each holds an open temporary file until the end.
+pub const MAX_DEVICES: usize = 1024;
+
 #[derive(Debug, Clone, Default)]
 pub struct ImportOptions {
     /// Where fixtures go (created if missing).
@@ -170,9 +176,9 @@ pub fn import_file(path: &Path, opts: &ImportOptions) -> Result<ImportReport, Im
     std::fs::create_dir_all(&opts.out_dir).map_err(|source| ImportError::Io { path: opts.out_dir.clone(), source })?;
     let reader = std::io::Read::chain(std::io::Cursor::new(head[..n].to_vec()), file);
     let stem = path.file_stem().map_or_else(|| "capture".to_string(), |s| s.to_string_lossy().into_owned());
-    let mut importer = Importer::new(path, &stem, opts)?;
+    let mut importer = Importer::new(path, &stem, opts);
     let mut gaps = Vec::new();
-    let outcome = sources::read(source_kind, reader, opts, &mut |f| importer.frame(f), &mut |g| gaps.push(g));
+    let outcome = sources::read(source_kind, reader, &mut |f| importer.frame(f), &mut |g| gaps.push(g));
     importer.gaps = gaps;
     let error = match outcome {
         Ok(()) => None,
@@ -222,7 +228,8 @@ struct DeviceSink {
     recognised: u64,
     decisive: u64,
     start_ns: Option<u64>,
-    gatt: BTreeMap<u16, uuid::Uuid>,
+    /// The link it is on (whose GATT table its header gets).
+    link: String,
 }
 
 struct Importer<'o> {
@@ -234,12 +241,15 @@ struct Importer<'o> {
     gaps: Vec<ImportGap>,
     frames: u64,
     forced: Option<&'static dyn kind::Kind>,
+    /// Frames left out past [`MAX_LINKS`] and [`MAX_DEVICES`].
+    skipped_links: u64,
+    skipped_devices: u64,
 }
 
 impl<'o> Importer<'o> {
-    fn new(path: &Path, stem: &str, opts: &'o ImportOptions) -> Result<Self, ImportError> {
+    fn new(path: &Path, stem: &str, opts: &'o ImportOptions) -> Self {
         let forced = opts.kind.as_deref().and_then(|k| kind::find(Role::Device, k));
-        Ok(Importer {
+        Importer {
             opts,
             source: path.display().to_string(),
             stem: stem.to_string(),
@@ -248,11 +258,17 @@ impl<'o> Importer<'o> {
             gaps: Vec::new(),
             frames: 0,
             forced,
-        })
+            skipped_links: 0,
+            skipped_devices: 0,
+        }
     }
 
     fn frame(&mut self, f: SourceFrame) -> std::io::Result<()> {
         self.frames += 1;
+        if !self.links.contains_key(&f.link) && self.links.len() >= MAX_LINKS {
+            self.skipped_links += 1;
+            return Ok(());
+        }
         let given = &self.opts.gatt;
         let link = self.links.entry(f.link.clone()).or_insert_with(|| LinkState {
             transport: f.transport,
@@ -311,8 +327,12 @@ impl<'o> Importer<'o> {
         };
         let uuid = view.uuid;
         let has_payload = !view.bytes.is_empty();
-        let (kind, evidence, transport, gatt) = (link.kind, link.evidence, link.transport, link.gatt.clone());
+        let (kind, evidence, transport) = (link.kind, link.evidence, link.transport);
         if !self.devices.contains_key(&device) {
+            if self.devices.len() >= MAX_DEVICES {
+                self.skipped_devices += 1;
+                return Ok(());
+            }
             let tmp = tempfile::NamedTempFile::new_in(&self.opts.out_dir)?;
             self.devices.insert(
                 device.clone(),
@@ -327,12 +347,11 @@ impl<'o> Importer<'o> {
                     recognised: 0,
                     decisive: 0,
                     start_ns: None,
-                    gatt: BTreeMap::new(),
+                    link: link_name.to_string(),
                 },
             );
         }
         let Some(sink) = self.devices.get_mut(&device) else { return Ok(()) };
-        sink.gatt = gatt;
         let start = *sink.start_ns.get_or_insert(f.t_ns.unwrap_or(0));
         sink.frames += 1;
         sink.payload_frames += u64::from(has_payload);
@@ -360,13 +379,21 @@ impl<'o> Importer<'o> {
             self.decide(&n)?;
         }
         let mut reports = Vec::new();
+        let mut names = std::collections::HashSet::new();
         for (_, sink) in std::mem::take(&mut self.devices) {
-            reports.push(self.write_fixture(sink)?);
+            reports.push(self.write_fixture(sink, &mut names)?);
+        }
+        for (n, what) in [(self.skipped_links, format!("more than {MAX_LINKS} links")), (self.skipped_devices, format!("more than {MAX_DEVICES} devices"))] {
+            if n > 0 {
+                self.gaps.push(ImportGap { at: "the whole file".into(), what: format!("{what}: {n} frames of the later ones were left out") });
+            }
         }
         Ok((reports, self.gaps, self.frames))
     }
 
-    fn write_fixture(&self, sink: DeviceSink) -> std::io::Result<DeviceReport> {
+    /// Writes one device's fixture under a name no other device of this import took (two
+    /// devices whose names differ only in punctuation would otherwise overwrite each other).
+    fn write_fixture(&self, sink: DeviceSink, taken: &mut std::collections::HashSet<String>) -> std::io::Result<DeviceReport> {
         let (confidence, evidence) = judge(&sink, self.forced.is_some());
         let header = FixtureHeader {
             hilbench_fixture: FIXTURE_VERSION,
@@ -378,14 +405,15 @@ impl<'o> Importer<'o> {
             evidence: evidence.clone(),
             frames: sink.frames,
             start_unix_ns: sink.start_ns.unwrap_or(0),
-            gatt: sink.gatt.iter().map(|(h, u)| (*h, u.to_string())).collect(),
+            gatt: self.links.get(&sink.link).map(|l| l.gatt.iter().map(|(h, u)| (*h, u.to_string())).collect()).unwrap_or_default(),
         };
-        let path = self.opts.out_dir.join(format!("{}.{}.jsonl", self.stem, slug(&sink.device)));
-        let mut frames = sink.writer.into_inner().map_err(|e| e.into_error())?;
+        let base = slug(&sink.device);
+        let name = (1..).map(|i| if i == 1 { base.clone() } else { format!("{base}-{i}") }).find(|n| taken.insert(n.clone())).unwrap_or(base);
+        let path = self.opts.out_dir.join(format!("{}.{name}.jsonl", self.stem));
+        let frames = sink.writer.into_inner().map_err(|e| e.into_error())?;
         let mut out = BufWriter::new(File::create(&path)?);
         serde_json::to_writer(&mut out, &header)?;
         out.write_all(b"\n")?;
-        frames.as_file_mut().sync_data().ok();
         let mut reader = frames.reopen()?;
         std::io::copy(&mut reader, &mut out)?;
         out.flush()?;

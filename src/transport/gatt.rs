@@ -88,10 +88,7 @@ impl GattService {
     }
 }
 
-/// A 16-bit Bluetooth SIG UUID (`0xFF00`) in its 128-bit form.
-pub const fn uuid16(short: u16) -> Uuid {
-    Uuid::from_u128(((short as u128) << 96) | 0x0000_0000_0000_1000_8000_0080_5f9b_34fb)
-}
+pub use crate::protocol::hci::uuid16;
 
 /// A write as a central sent it. Answer `reply` to accept or refuse it
 /// (a write command's refusal reaches nobody, as on a real link).

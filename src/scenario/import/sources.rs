@@ -4,12 +4,19 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::{BufRead, BufReader, Read};
 
-use super::{ImportGap, ImportOptions};
+use super::ImportGap;
+use crate::link::capture::{
+    DEVICE_PORT, EXP_PDU_TAG_DISSECTOR_NAME, EXP_PDU_TAG_DST_PORT, EXP_PDU_TAG_END_OF_OPT, EXP_PDU_TAG_SRC_PORT, LINKTYPE_WIRESHARK_UPPER_PDU,
+    MBRTU_DISSECTOR,
+};
 use crate::link::recognise::CaptureTransport;
 use crate::link::record::Direction;
 use crate::protocol::capture_file::{self, CaptureFileDecoder, CaptureFileProblem, CapturedPacket, Encapsulation};
 use crate::protocol::hci::{self, AttExtractor, HciOutput, HciPacket};
 use crate::protocol::ip;
+
+/// Endpoint pairs whose server is remembered.
+const MAX_UDP_PAIRS: usize = 65_536;
 
 /// Longest text line read; a longer one is skipped and reported.
 const MAX_LINE: u64 = 1 << 20;
@@ -80,14 +87,14 @@ type OnFrame<'a> = dyn FnMut(SourceFrame) -> std::io::Result<()> + 'a;
 type OnGap<'a> = dyn FnMut(ImportGap) + 'a;
 
 /// Reads the whole source, frame by frame.
-pub fn read(kind: SourceKind, reader: impl Read, opts: &ImportOptions, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> Result<(), SourceError> {
+pub fn read(kind: SourceKind, reader: impl Read, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> Result<(), SourceError> {
     match kind {
-        SourceKind::Capture(_) => read_capture(reader, opts, on_frame, on_gap),
+        SourceKind::Capture(_) => read_capture(reader, on_frame, on_gap),
         SourceKind::JsonLines | SourceKind::HexDump => read_text(kind, reader, on_frame, on_gap),
     }
 }
 
-fn read_capture(mut reader: impl Read, _opts: &ImportOptions, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> Result<(), SourceError> {
+fn read_capture(mut reader: impl Read, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> Result<(), SourceError> {
     let mut decoder = CaptureFileDecoder::new();
     let mut packets = PacketFrames::default();
     let mut chunk = vec![0u8; 64 * 1024];
@@ -132,7 +139,7 @@ impl PacketFrames {
     fn packet(&mut self, d: &CaptureFileDecoder, p: &CapturedPacket, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> std::io::Result<()> {
         let at = || format!("byte {} (record {})", p.offset, p.record);
         let if_name = d.interfaces().get(p.interface as usize).and_then(|i| i.name.clone());
-        if p.encapsulation == Encapsulation::Pcap(crate::link::capture::LINKTYPE_WIRESHARK_UPPER_PDU) {
+        if p.encapsulation == Encapsulation::Pcap(LINKTYPE_WIRESHARK_UPPER_PDU) {
             return match exported_pdu(p) {
                 Ok(Some((direction, bytes))) => on_frame(SourceFrame {
                     link: if_name.unwrap_or_else(|| format!("if{}", p.interface)),
@@ -210,7 +217,13 @@ impl PacketFrames {
             }
         };
         let pair = if d.src < d.dst { (d.src, d.dst) } else { (d.dst, d.src) };
-        let server = *self.servers.entry(pair).or_insert(d.dst);
+        // Bounded: past the limit a new pair's server is its first datagram's destination,
+        // unremembered (the importer stops following new links long before).
+        let server = match self.servers.get(&pair) {
+            Some(s) => *s,
+            None if self.servers.len() < MAX_UDP_PAIRS => *self.servers.entry(pair).or_insert(d.dst),
+            None => d.dst,
+        };
         on_frame(SourceFrame {
             link: format!("udp:{server}"),
             transport: CaptureTransport::Udp,
@@ -248,7 +261,7 @@ fn exported_pdu(p: &CapturedPacket) -> Result<Option<(Direction, Vec<u8>)>, Stri
         };
         let tag = u16::from_be_bytes([tl[0], tl[1]]);
         let len = usize::from(u16::from_be_bytes([tl[2], tl[3]]));
-        if tag == 0 {
+        if tag == EXP_PDU_TAG_END_OF_OPT {
             rest = after;
             break;
         }
@@ -257,24 +270,24 @@ fn exported_pdu(p: &CapturedPacket) -> Result<Option<(Direction, Vec<u8>)>, Stri
         };
         let u32_value = || value.get(..4).map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
         match tag {
-            // Dissector name, heuristic dissector name, dissector table name.
-            11 | 12 | 14 => dissector = Some(String::from_utf8_lossy(value).trim_end_matches('\0').to_string()),
-            25 => src = u32_value(),
-            26 => dst = u32_value(),
+            // The dissector name, or the heuristic one (11) or a dissector table's (14).
+            EXP_PDU_TAG_DISSECTOR_NAME | 11 | 14 => dissector = Some(String::from_utf8_lossy(value).trim_end_matches('\0').to_string()),
+            EXP_PDU_TAG_SRC_PORT => src = u32_value(),
+            EXP_PDU_TAG_DST_PORT => dst = u32_value(),
             _ => {}
         }
         rest = &after[len..];
     }
     match dissector.as_deref() {
-        Some("mbrtu") => {}
+        Some(MBRTU_DISSECTOR) => {}
         Some(other) => return Err(format!("exported PDU for dissector `{other}` is not imported (only `mbrtu`)")),
         None => return Err("exported PDU names no dissector".into()),
     }
     let direction = match (p.comment.as_deref(), src, dst) {
         (Some("request"), _, _) => Direction::Request,
         (Some("response"), _, _) => Direction::Response,
-        (_, _, Some(crate::link::capture::DEVICE_PORT)) => Direction::Request,
-        (_, Some(crate::link::capture::DEVICE_PORT), _) => Direction::Response,
+        (_, _, Some(DEVICE_PORT)) => Direction::Request,
+        (_, Some(DEVICE_PORT), _) => Direction::Response,
         // Wireshark's own heuristic: an 8-byte read is a request.
         _ if rest.len() == 8 && matches!(rest.get(1), Some(1..=4)) => Direction::Request,
         _ => Direction::Response,

@@ -198,3 +198,17 @@ fn seeded_random_text_lines_never_panic() {
         let _ = import_file(&path, &opts(dir.path()));
     }
 }
+
+#[test]
+fn devices_whose_names_make_one_file_name_get_two_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("two.jsonl");
+    let rec = |link: &str| serde_json::to_string(&FrameRecord::new(link, Direction::Request, 1, vec![0xAB])).unwrap();
+    std::fs::write(&path, format!("{}\n{}\n", rec("bus a"), rec("bus/a"))).unwrap();
+    let report = import_file(&path, &opts(dir.path())).unwrap();
+    let files: Vec<String> = report.devices.iter().map(|d| d.fixture.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(files, ["two.bus-a.jsonl", "two.bus-a-2.jsonl"]);
+    for d in &report.devices {
+        assert_eq!(read_fixture(&d.fixture).unwrap().0.device, d.device);
+    }
+}
