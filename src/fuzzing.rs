@@ -92,6 +92,11 @@ pub fn modbus_request_round_trips_and_serves(data: &[u8]) -> bool {
 /// Invariants: no panic; owned and borrowed decoders agree; a decoded response re-encodes
 /// to the same bytes; the stream framer reports exactly the frame's length.
 pub fn modbus_response_round_trips(data: &[u8]) -> bool {
+    // The fields `capture replay` shows: always a CRC last, registers numbered from the start.
+    let fields = modbus::response_fields(data, data.first().map(|b| u16::from(*b) << 8), &|r| (r % 2 == 0).then_some("even"));
+    if data.len() >= 2 {
+        assert_eq!(fields.last().map(|f| f.0.as_str()), Some("crc"), "{fields:?}");
+    }
     let owned = modbus::decode_response(data);
     let borrowed = modbus::decode_response_borrowed(data);
     match (&owned, &borrowed) {
@@ -431,7 +436,10 @@ pub fn jbd_frames_round_trip_and_assemble(data: &[u8]) -> bool {
         assert_eq!(frame_length(data), FrameLength::Complete(data.len()));
         decoded = true;
     }
+    let fields = jbd::response_fields(data);
     if let Ok((r, bad)) = decode_response_unchecked(data) {
+        assert_eq!(fields.first().map(|f| f.0.as_str()), Some("register"));
+        assert_eq!(fields.last().map(|f| f.0.as_str()), Some("checksum"));
         assert_eq!(frame_length(data), FrameLength::Complete(data.len()));
         if bad.is_none() {
             assert_eq!(encode_response(r.reg, r.status, &r.data).unwrap(), data);
@@ -570,6 +578,11 @@ pub fn dbus_wire_parses_restamps_and_matches(data: &[u8]) -> bool {
 /// Zephyr's layout) are never over the line length and decode back to themselves; a receiver fed the bytes as lines
 /// never holds more than the packet length allows.
 pub fn smp_frames_round_trip(data: &[u8]) -> bool {
+    let fields = smp::message_fields(data);
+    assert!(fields.len() <= 7 + 1024 + 1, "message fields are bounded");
+    if smp::SmpFrame::parse(data).is_ok() {
+        assert_eq!(fields[0].0, "version");
+    }
     if let Ok(img) = crate::protocol::mcuboot::McubootImage::parse(data) {
         assert!(img.total_len <= data.len(), "an image longer than its bytes");
     }

@@ -92,6 +92,19 @@ impl Kind for Eg4Lp4 {
             unit: unit.map(|a| format!("addr{a}")),
         })
     }
+    fn fields(&self, f: &crate::link::recognise::CapturedFrameView<'_>, request: Option<&[u8]>) -> Vec<(String, String)> {
+        use crate::protocol::modbus::{self, ModbusRequest};
+        if f.transport != crate::link::recognise::CaptureTransport::Serial || f.bytes.first() == Some(&0x7E) {
+            return Vec::new();
+        }
+        // A read's start numbers the registers; a poll's size names them by its profile.
+        let read = request.and_then(|r| modbus::decode_request(r).ok()).and_then(|r| match r.pdu {
+            ModbusRequest::ReadHolding { start, count } | ModbusRequest::ReadInput { start, count } => Some((start, count)),
+            _ => None,
+        });
+        let profile = read.and_then(|(s, c)| RegisterProfile::of_read(s, c)).unwrap_or(RegisterProfile::Lp4V2);
+        modbus::response_fields(f.bytes, read.map(|r| r.0), &|r| profile.register_name(r))
+    }
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<Eg4Keys>(entry)?))
     }

@@ -112,6 +112,12 @@ impl Kind for JbdBmsKind {
             unit: None,
         })
     }
+    fn fields(&self, f: &crate::link::recognise::CapturedFrameView<'_>, _request: Option<&[u8]>) -> Vec<(String, String)> {
+        if f.direction != crate::link::record::Direction::Response || f.bytes.first() != Some(&crate::protocol::jbd::START) {
+            return Vec::new();
+        }
+        crate::protocol::jbd::response_fields(f.bytes)
+    }
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<JbdKeys>(entry)?))
     }

@@ -202,6 +202,12 @@ pub trait Kind: Sync {
     fn replay_rule(&self) -> Option<ReplayRule> {
         None
     }
+    /// A frame of this kind as named fields in wire order, for showing where a device's
+    /// answer departs from a captured one (`capture replay`); `request` is the request it
+    /// answers. Empty (the default): the two are compared byte by byte.
+    fn fields(&self, _frame: &CapturedFrameView<'_>, _request: Option<&[u8]>) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// A command a kind contributes under `hilbench sim` or `hilbench validate`.

@@ -605,6 +605,13 @@ impl Kind for SmpServerKind {
         };
         Some(FrameVerdict { decisive: own_uuid || f.transport == CaptureTransport::Udp, meaning, unit: None })
     }
+    fn fields(&self, f: &crate::link::recognise::CapturedFrameView<'_>, _request: Option<&[u8]>) -> Vec<(String, String)> {
+        // Console lines are base64 pieces of a message; UDP datagrams and BLE messages are whole.
+        if f.transport == crate::link::recognise::CaptureTransport::Serial {
+            return Vec::new();
+        }
+        crate::protocol::smp::message_fields(f.bytes)
+    }
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<SmpServerKeys>(entry)?))
     }

@@ -607,6 +607,55 @@ impl RegisterProfile {
         }
     }
 
+    /// The profile whose telemetry poll or info read is `count` registers from `start`.
+    pub fn of_read(start: u16, count: u16) -> Option<RegisterProfile> {
+        RegisterProfile::ALL.into_iter().find(|p| p.poll_request() == (start, count) || p.info_request() == Some((start, count)))
+    }
+
+    /// What `register` holds under this profile, with its unit (names a register that
+    /// differs between a captured and a live answer).
+    pub fn register_name(&self, register: u16) -> Option<&'static str> {
+        Some(match (self, register) {
+            (_, 0) => "pack voltage, 10 mV",
+            (_, 1) => "current, 10 mA",
+            (_, 2..=17) => "cell voltage, mV",
+            (_, 36) => "cell count",
+            (_, 37) => "capacity, 0.1 Ah",
+            (RegisterProfile::Lp4V2, 18..=21) => "temperature, °C",
+            (RegisterProfile::Lp4V2, 22) => "SoC, %",
+            (RegisterProfile::Lp4V2, 23) => "SoH, %",
+            (RegisterProfile::Lp4V2, 24) => "PCB temperature, °C",
+            (RegisterProfile::Lp4V2, 30) => "heater",
+            (RegisterProfile::Lp4V2, 31) => "current limit, 10 mA",
+            (RegisterProfile::Lp4V2, 33) => "warnings",
+            (RegisterProfile::Lp4V2, 34) => "protections",
+            (RegisterProfile::Lp4V2, 35) => "error code",
+            (RegisterProfile::Lp4V2, 38) => "remaining, 10 mAh",
+            (RegisterProfile::Lp4V2, 39) => "cycles",
+            (RegisterProfile::Lp4V2, 40) => "battery mode",
+            (RegisterProfile::Lp4V2, 41 | 42) => "firmware version",
+            (RegisterProfile::Lp4V2, 46) => "uptime",
+            (RegisterProfile::Eg4Ll, 18) => "PCB temperature, °C",
+            (RegisterProfile::Eg4Ll, 19) => "average temperature, °C",
+            (RegisterProfile::Eg4Ll, 20) => "maximum temperature, °C",
+            (RegisterProfile::Eg4Ll, 21) => "remaining, Ah",
+            (RegisterProfile::Eg4Ll, 22) => "current limit, A",
+            (RegisterProfile::Eg4Ll, 23) => "SoH, %",
+            (RegisterProfile::Eg4Ll, 24) => "SoC, %",
+            (RegisterProfile::Eg4Ll, 25) => "heater bit 15, battery mode",
+            (RegisterProfile::Eg4Ll, 26) => "warnings",
+            (RegisterProfile::Eg4Ll, 27) => "protections",
+            (RegisterProfile::Eg4Ll, 28) => "error code",
+            (RegisterProfile::Eg4Ll, 29 | 30) => "cycles (high, low)",
+            (RegisterProfile::Eg4Ll, 31 | 32) => "full capacity, mAs (high, low)",
+            (RegisterProfile::Eg4Ll, 33..=35) => "temperatures, two °C bytes",
+            (RegisterProfile::Eg4Ll, 105..=116) => "model (ASCII)",
+            (RegisterProfile::Eg4Ll, 117..=119) => "firmware (ASCII)",
+            (RegisterProfile::Eg4Ll, 120..=127) => "serial (ASCII)",
+            _ => return None,
+        })
+    }
+
     /// `(start, count)` of the device-info read, if the profile has one.
     pub fn info_request(&self) -> Option<(u16, u16)> {
         match self {

@@ -1187,6 +1187,72 @@ impl JbdResponseAssembler {
     }
 }
 
+
+/// A response frame as named fields in wire order (register, status, length, the basic
+/// info or cell voltages field by field, other data as hex, the checksum), for showing
+/// where two answers differ. A bad checksum still shows the fields and says so; a frame
+/// that is no response gives a `frame` field saying why.
+pub fn response_fields(frame: &[u8]) -> Vec<(String, String)> {
+    let (r, bad) = match decode_response_unchecked(frame) {
+        Ok(x) => x,
+        Err(e) => return vec![("frame".into(), format!("no JBD response: {e}"))],
+    };
+    let mut out = vec![
+        ("register".to_string(), format!("0x{:02X}", r.reg)),
+        ("status".to_string(), format!("0x{:02X}", r.status)),
+        ("length".to_string(), r.data.len().to_string()),
+    ];
+    let mut push = |name: &str, value: String| out.push((name.to_string(), value));
+    let decoded = match r.reg {
+        _ if !r.is_ok() => false,
+        reg::BASIC_INFO => match BasicInfo::decode(&r.data) {
+            Ok(b) => {
+                push("voltage, 10 mV", b.voltage_10mv.to_string());
+                push("current, 10 mA", b.current_10ma.to_string());
+                push("remaining, 10 mAh", b.remaining_10mah.to_string());
+                push("nominal, 10 mAh", b.nominal_10mah.to_string());
+                push("cycles", b.cycles.to_string());
+                push("production date", b.date().to_string());
+                push("balancing", format!("0x{:08X}", b.balance));
+                push("protection", format!("0x{:04X}", b.protection));
+                push("software version", format!("0x{:02X}", b.software_version));
+                push("RSOC, %", b.rsoc_pct.to_string());
+                push("FET", format!("0x{:02X}", b.fet));
+                push("cell count", b.cell_count.to_string());
+                push("NTC count", b.ntc_deci_kelvin.len().to_string());
+                for (i, t) in b.ntc_deci_kelvin.iter().enumerate() {
+                    out.push((format!("NTC {}, 0.1 K", i + 1), t.to_string()));
+                }
+                if !b.extra.is_empty() {
+                    out.push(("extra".into(), super::lower_hex(&b.extra)));
+                }
+                true
+            }
+            Err(_) => false,
+        },
+        reg::CELL_VOLTAGES => match CellVoltages::decode(&r.data) {
+            Ok(c) => {
+                out.extend(c.cells_mv.iter().enumerate().map(|(i, mv)| (format!("cell {}, mV", i + 1), mv.to_string())));
+                true
+            }
+            Err(_) => false,
+        },
+        _ => false,
+    };
+    if !decoded {
+        out.push(("data".into(), super::lower_hex(&r.data)));
+    }
+    let checksum = match bad {
+        None => match frame.len().checked_sub(3).and_then(|at| frame.get(at..at + 2)) {
+            Some(&[hi, lo]) => format!("0x{:04X}", u16::from_be_bytes([hi, lo])),
+            _ => "right".to_string(),
+        },
+        Some((expected, found)) => format!("0x{found:04X} (bad: its bytes give 0x{expected:04X})"),
+    };
+    out.push(("checksum".into(), checksum));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

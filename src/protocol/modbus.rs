@@ -607,6 +607,60 @@ pub fn decode_response(frame: &[u8]) -> Result<ModbusRtuFrame<ModbusResponse>, M
     })
 }
 
+/// A response frame as named fields in wire order (address, function, each register by
+/// number, the CRC), for showing where two answers differ. `start`: the first register
+/// the request asked for (register fields are then numbered from it); `name` names a
+/// register. A frame with a bad CRC still shows its fields (decoded as if the CRC were
+/// right) and says so in `crc`; one that is no response gives a `frame` field saying why.
+pub fn response_fields(frame: &[u8], start: Option<u16>, name: &dyn Fn(u16) -> Option<&'static str>) -> Vec<(String, String)> {
+    let Some((body, crc_bytes)) = frame.split_last_chunk::<2>() else {
+        return vec![("frame".into(), format!("{} byte(s): too short for a Modbus RTU frame", frame.len()))];
+    };
+    let received = u16::from_le_bytes(*crc_bytes);
+    let computed = crc16(body);
+    let mut mended = body.to_vec();
+    mended.extend_from_slice(&computed.to_le_bytes());
+    let mut out = Vec::new();
+    match decode_response_borrowed(&mended) {
+        Ok(f) => {
+            out.push(("address".into(), f.address.to_string()));
+            out.push(("function".into(), format!("0x{:02X}", mended.get(1).copied().unwrap_or(0))));
+            match f.pdu {
+                ResponseRef::ReadHolding(regs) | ResponseRef::ReadInput(regs) => {
+                    out.push(("byte count".into(), (regs.len() * 2).to_string()));
+                    for (i, v) in regs.iter().enumerate() {
+                        let field = match start.and_then(|s| s.checked_add(u16::try_from(i).ok()?)) {
+                            Some(r) => match name(r) {
+                                Some(n) => format!("register {r} ({n})"),
+                                None => format!("register {r}"),
+                            },
+                            None => format!("register +{i}"),
+                        };
+                        out.push((field, format!("{v} (0x{v:04X})")));
+                    }
+                }
+                ResponseRef::WriteSingle { register, value } => {
+                    out.push(("register".into(), register.to_string()));
+                    out.push(("value".into(), value.to_string()));
+                }
+                ResponseRef::WriteMultiple { start, count } => {
+                    out.push(("start".into(), start.to_string()));
+                    out.push(("count".into(), count.to_string()));
+                }
+                ResponseRef::Exception { code, .. } => out.push(("exception".into(), code.to_string())),
+            }
+        }
+        // A request coming back (an adapter's echo) or noise.
+        Err(e) => match decode_request(&mended) {
+            Ok(r) => out.push(("frame".into(), format!("a request (echo?): addr={} {:?}", r.address, r.pdu))),
+            Err(_) => out.push(("frame".into(), format!("no Modbus response: {e}"))),
+        },
+    }
+    let crc = if received == computed { format!("0x{received:04X}") } else { format!("0x{received:04X} (bad: its bytes give 0x{computed:04X})") };
+    out.push(("crc".into(), crc));
+    out
+}
+
 // ---------------------------------------------------------------------------------------
 // Response encode
 // ---------------------------------------------------------------------------------------

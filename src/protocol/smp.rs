@@ -237,6 +237,76 @@ pub fn decode_map(payload: &[u8]) -> Result<Vec<(Value, Value)>, PayloadError> {
     }
 }
 
+/// At most this many fields from one message's payload (a hostile map stays bounded).
+const MAX_FIELDS: usize = 1024;
+
+/// A message as named fields in wire order: the header's, then every CBOR value under its
+/// path (`images[0].hash`), for showing where two answers differ. A message that does not
+/// parse gives a `message` field saying why.
+pub fn message_fields(b: &[u8]) -> Vec<(String, String)> {
+    let m = match SmpFrame::parse(b) {
+        Ok(m) => m,
+        Err(e) => return vec![("message".into(), format!("no SMP message: {e}"))],
+    };
+    let h = &m.header;
+    let mut out = vec![
+        ("version".to_string(), format!("v{}", h.version + 1)),
+        ("op".to_string(), h.op.to_string()),
+        ("flags".to_string(), format!("0x{:02X}", h.flags)),
+        ("length".to_string(), h.len.to_string()),
+        ("group".to_string(), h.group.to_string()),
+        ("seq".to_string(), h.seq.to_string()),
+        ("command".to_string(), h.command.to_string()),
+    ];
+    match decode_map(&m.payload) {
+        Ok(entries) => flatten_map(&entries, "", &mut out),
+        Err(e) => out.push(("payload".into(), e.to_string())),
+    }
+    out
+}
+
+fn flatten_map(entries: &[(Value, Value)], path: &str, out: &mut Vec<(String, String)>) {
+    for (k, v) in entries {
+        let key = match k {
+            Value::Text(t) => t.clone(),
+            other => value_text(other),
+        };
+        let p = if path.is_empty() { key } else { format!("{path}.{key}") };
+        flatten_value(v, p, out);
+    }
+}
+
+fn flatten_value(v: &Value, path: String, out: &mut Vec<(String, String)>) {
+    if out.len() >= MAX_FIELDS {
+        return;
+    }
+    match v {
+        Value::Map(m) => flatten_map(m, &path, out),
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                flatten_value(x, format!("{path}[{i}]"), out);
+            }
+        }
+        other => out.push((path, value_text(other))),
+    }
+}
+
+/// A scalar CBOR value as text (byte strings as hex, cut at 64 bytes).
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::Integer(i) => i128::from(*i).to_string(),
+        Value::Text(t) => format!("{t:?}"),
+        Value::Bytes(b) if b.len() > 64 => format!("{}… ({} bytes)", super::lower_hex(&b[..64]), b.len()),
+        Value::Bytes(b) => super::lower_hex(b),
+        Value::Bool(x) => x.to_string(),
+        Value::Null => "null".into(),
+        Value::Float(f) => f.to_string(),
+        Value::Tag(t, inner) => format!("tag {t} {}", value_text(inner)),
+        Value::Map(_) | Value::Array(_) => "(nested)".into(),
+        _ => format!("{v:?}"),
+    }
+}
+
 /// CBOR bytes of `value` (definite lengths).
 /// CBOR bytes of `value` as Zephyr's zcbor writes them: every map and
 /// array indefinite-length (`bf … ff`, `9f … ff`), everything else in its

@@ -3,6 +3,7 @@
 //! `report` renders results (terminal, JSON, JUnit), `transcript` decodes
 //! captured frames for humans and snapshots.
 
+pub mod against;
 pub mod expect;
 pub mod import;
 pub mod interrupt;
