@@ -161,25 +161,7 @@ fn a_text2pcap_udp_capture_of_smp_imports_as_an_smp_server() {
 /// `sim replay --udp` serves the imported SMP fixture: a request with another sequence
 /// number matches, and the captured answer comes back carrying the live one.
 fn replay_answers_with_the_live_sequence_number(fixture: &str) {
-    use std::io::BufRead;
-    /// Stops the simulator however the test ends.
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_hilbench"))
-            .args(["sim", "replay", fixture, "--udp", "127.0.0.1:0"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    std::io::BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let (sim, ready) = Sim::start(&["sim", "replay", fixture, "--udp", "127.0.0.1:0"]);
     let addr = ready["endpoints"]["udp"].as_str().unwrap().to_string();
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
@@ -187,8 +169,95 @@ fn replay_answers_with_the_live_sequence_number(fixture: &str) {
     sock.send_to(&req, &addr).unwrap();
     let mut buf = [0u8; 64];
     let n = sock.recv(&mut buf).expect("the replay answers");
-    drop(child);
+    drop(sim);
     assert_eq!(&buf[..n], [0x0b, 0, 0, 6, 0, 0, 42, 0, 0xa1, 0x61, 0x72, 0x62, 0x68, 0x69]);
+
+    // Replayed as the client against its own replay: every answer as captured.
+    let (sim, ready) = Sim::start(&["sim", "replay", fixture, "--udp", "127.0.0.1:0"]);
+    let (code, r) = capture_replay(&[fixture, "--udp", ready["endpoints"]["udp"].as_str().unwrap(), "--timeout-ms", "300"]);
+    drop(sim);
+    assert_eq!((code, &r["exchanges"], &r["same"]), (0, &serde_json::json!(2), &serde_json::json!(2)), "{r}");
+    // Against the SMP simulator, which writes its maps as Zephyr does (indefinite length,
+    // `bf … ff`): the same keys and values, one more byte, so the header's length differs.
+    let (sim, ready) = Sim::start(&["sim", "smp-server", "--udp", "127.0.0.1:0"]);
+    let (code, r) = capture_replay(&[fixture, "--udp", ready["endpoints"]["udp"].as_str().unwrap(), "--timeout-ms", "300"]);
+    drop(sim);
+    assert_eq!(code, 1, "{r}");
+    let first = &r["differences"][0];
+    assert_eq!(first["field"], "length", "{r}");
+    assert_eq!((&first["rows"][0]["captured"], &first["rows"][0]["live"]), (&serde_json::json!("6"), &serde_json::json!("7")), "{r}");
+    assert!(first["rows"].as_array().unwrap().iter().all(|row| row["field"] != "r"), "the echoed text is the same: {r}");
+}
+
+/// A simulator that is stopped however the test ends, and its ready line.
+struct Sim(std::process::Child);
+
+impl Sim {
+    fn start(args: &[&str]) -> (Sim, serde_json::Value) {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(args).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let sim = Sim(child);
+        let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{args:?}: {e}: {line:?}"));
+        (sim, ready)
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `hilbench capture replay ARGS --json`: its exit code and report.
+fn capture_replay(args: &[&str]) -> (i32, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["capture", "replay", "--json"]).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}{}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code().unwrap_or(-1), report)
+}
+
+/// The field capture of EG4 fault 3, replayed as the client: its own replay answers as
+/// captured; the simulated pack answers where the field pack was silent and with its own
+/// registers, shown by name.
+#[test]
+fn capture_replay_as_the_client_finds_where_a_device_departs() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/captures/imported/eg4-fault3-bridge.bridge-addr2.jsonl");
+    let (sim, ready) = Sim::start(&["sim", "replay", fixture]);
+    let (code, r) = capture_replay(&[fixture, "--tty", ready["endpoints"]["tty"].as_str().unwrap(), "--timeout-ms", "300"]);
+    drop(sim);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!((&r["exchanges"], &r["same"], &r["kind"]), (&serde_json::json!(3), &serde_json::json!(3), &serde_json::json!("eg4-lp4")), "{r}");
+
+    let (sim, ready) = Sim::start(&["sim", "eg4-lp4", "--address", "2", "--set", "soc=42"]);
+    let (code, r) = capture_replay(&[fixture, "--tty", ready["endpoints"]["tty"].as_str().unwrap(), "--timeout-ms", "300"]);
+    drop(sim);
+    assert_eq!((code, &r["differ"]), (1, &serde_json::json!(3)), "{r}");
+    let d = r["differences"].as_array().unwrap();
+    assert_eq!((&d[0]["field"], &d[0]["rows"][0]["captured"]), (&serde_json::json!("frame"), &serde_json::json!("none")), "silent in the field: {r}");
+    let soc = d[2]["rows"].as_array().unwrap().iter().find(|row| row["field"] == "register 22 (SoC, %)").expect("the SoC differs");
+    assert_eq!((&soc["captured"], &soc["live"]), (&serde_json::json!("66 (0x0042)"), &serde_json::json!("42 (0x002A)")), "{r}");
+}
+
+/// Bad input: a fixture for another transport, a port that is not there, no fixture.
+#[test]
+fn capture_replay_refuses_what_it_cannot_send() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["capture", "replay"]).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/captures/imported/eg4-fault3-bridge.bridge-addr2.jsonl");
+    let (code, err) = run(&[fixture, "--udp", "127.0.0.1:9"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("the fixture holds serial frames; udp 127.0.0.1:9 takes udp ones"), "{err}");
+    let (code, err) = run(&[fixture, "--tty", "/nonexistent/tty"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("/nonexistent/tty") && err.contains("no such device"), "{err}");
+    let (code, err) = run(&["/nonexistent/fixture.jsonl", "--tty", "/dev/null"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("/nonexistent/fixture.jsonl"), "{err}");
 }
 
 /// Two inputs with one file stem would write the same fixture names: refused before

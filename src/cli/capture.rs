@@ -28,6 +28,51 @@ Examples:
   hilbench capture import fixtures/captures/eg4-bridge-trace.log --out target/fixtures --json
   hilbench capture import fixtures/captures/jbd-session.btsnoop --kind jbd-bms --gatt 0x0012=ff01,0x0015=ff02")]
     Import(ImportArgs),
+    /// Send a fixture's captured requests to a live device and show where its answers depart from the capture.
+    #[command(after_help = REPLAY_HELP)]
+    Replay(ReplayArgs),
+}
+
+const REPLAY_HELP: &str = "Replays the capture as the client: every captured request goes to the device in order, and
+what comes back is held against what the captured device answered. The first answer that
+differs is shown decoded, side by side, with the field that differs (a Modbus register by
+number and name, a JBD cell, an SMP CBOR key); every further one gets a line. An exchange the
+captured device left unanswered waits the whole --timeout-ms to prove the silence.
+Serial fixtures go to --tty (a USB RS-485 adapter or a simulator's PTY), UDP ones to --udp.
+
+Exit status: 0 every answer as captured; 1 some differ; 2 bad arguments, an unreadable
+fixture or a target that cannot be opened.
+
+Examples:
+  hilbench capture replay fixtures/captures/imported/eg4-fault3-bridge.bridge-addr2.jsonl --tty /dev/ttyUSB0 --baud 9600
+  # the simulated pack against the field capture (exit 1: it answers where the field pack was silent):
+  hilbench sim eg4-lp4 --address 2 > eg4.json & sim=$!
+  until [ -s eg4.json ] || ! kill -0 $sim; do sleep 0.1; done
+  hilbench capture replay fixtures/captures/imported/eg4-fault3-bridge.bridge-addr2.jsonl --tty $(jq -r .endpoints.tty eg4.json) --timeout-ms 300 || [ $? = 1 ]
+  kill $sim";
+
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    /// A fixture from `capture import`.
+    pub fixture: PathBuf,
+    /// Send to this serial port or PTY (serial fixtures).
+    #[arg(long, value_name = "PATH", required_unless_present = "udp", conflicts_with = "udp")]
+    pub tty: Option<PathBuf>,
+    /// Line speed of --tty.
+    #[arg(long, default_value_t = 9600)]
+    pub baud: u32,
+    /// Send datagrams to this address (UDP fixtures, e.g. an SMP server's 1337).
+    #[arg(long, value_name = "ADDR")]
+    pub udp: Option<std::net::SocketAddr>,
+    /// Longest wait for one answer, from its request.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub timeout_ms: u64,
+    /// Silence that ends an answer once as much as the capture holds has come.
+    #[arg(long, default_value_t = 50, value_name = "MS")]
+    pub quiet_ms: u64,
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -82,6 +127,65 @@ fn parse_gatt(s: &str) -> Result<GattMap, String> {
 pub fn run(a: CaptureArgs) -> i32 {
     match a.what {
         CaptureCommand::Import(a) => import_main(a),
+        CaptureCommand::Replay(a) => replay_main(a),
+    }
+}
+
+fn replay_main(a: ReplayArgs) -> i32 {
+    use crate::client::replay_client::{self, AnswerWindow, ReplayTarget};
+    use crate::scenario::against::{ReplayClientReport, ReplayScript};
+    let script = match ReplayScript::load(&a.fixture) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let target = match (&a.tty, a.udp) {
+        (Some(path), _) => ReplayTarget::Tty { path: path.clone(), baud: a.baud },
+        (None, Some(addr)) => ReplayTarget::Udp(addr),
+        (None, None) => {
+            eprintln!("error: give --tty PATH or --udp ADDR");
+            return 2;
+        }
+    };
+    let window = AnswerWindow { timeout: std::time::Duration::from_millis(a.timeout_ms), quiet: std::time::Duration::from_millis(a.quiet_ms) };
+    let mut report = ReplayClientReport::new(&a.fixture, target.describe(), &script);
+    let bar = if !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let b = indicatif::ProgressBar::new(script.exchanges.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} exchanges")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let result = replay_client::run(&script, &target, window, &mut report, |n| bar.set_position(n as u64));
+    bar.finish_and_clear();
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        if report.exchanges == 0 {
+            return 2;
+        }
+        eprintln!("(the report covers the {} exchanges before the error)", report.exchanges);
+    }
+    if a.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        }
+    } else {
+        print!("{}", report.render());
+    }
+    if report.differ > 0 || report.exchanges < script.exchanges.len() {
+        1
+    } else {
+        0
     }
 }
 

@@ -17,6 +17,7 @@ pub mod modbus_master;
 pub mod smp_client;
 pub mod smp_validate;
 pub mod poller;
+pub mod replay_client;
 pub mod shelly_validate;
 pub mod sniffer;
 

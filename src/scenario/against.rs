@@ -303,7 +303,16 @@ impl ReplayClientReport {
         }
         const SHOWN: usize = 20;
         for d in self.differences.iter().skip(1).take(SHOWN) {
-            s.push_str(&format!("also exchange {} (fixture frame {}): field `{}`\n", d.exchange, d.frame, d.diff.field));
+            let v = |x: Option<&String>| cut(x.map_or("-", |s| s.as_str()), 40);
+            let row = d.diff.rows.first();
+            s.push_str(&format!(
+                "also exchange {} (fixture frame {}): field `{}`: captured {}, live {}\n",
+                d.exchange,
+                d.frame,
+                d.diff.field,
+                v(row.and_then(|r| r.captured.as_ref())),
+                v(row.and_then(|r| r.live.as_ref()))
+            ));
         }
         let more = self.differ.saturating_sub(1 + SHOWN);
         if more > 0 {
