@@ -279,3 +279,28 @@ fn two_inputs_with_one_stem_are_refused() {
     assert!(err.contains("a/bus.log and b/bus.log would both write fx/bus.*.jsonl"), "{err}");
     assert!(!dir.path().join("fx").exists(), "nothing was written");
 }
+
+/// One command from a capture to a scenario: `capture import` writes, next to the EG4
+/// fault-3 fixtures, a scenario that replays both packs to a modbus-master with the
+/// errors and readings of the capture; it passes as written, and fails once a step asks
+/// for what the capture did not show.
+#[test]
+fn an_imported_capture_becomes_a_scenario_that_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/captures/eg4-fault3-bridge.pcapng"), dir.path().join("field.pcapng")).unwrap();
+    let hilbench = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_hilbench")).args(args).current_dir(dir.path()).output().unwrap();
+    let out = hilbench(&["capture", "import", "field.pcapng", "--out", "fx", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&r[0]["scenarios"][0]["scenario"], &r[0]["scenarios"][0]["steps"]), (&serde_json::json!("fx/field.bridge.yaml"), &serde_json::json!(5)), "{r}");
+    let out = hilbench(&["run", "fx/field.bridge.yaml"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("1 passed, 0 failed"), "{text}");
+
+    let yaml = std::fs::read_to_string(dir.path().join("fx/field.bridge.yaml")).unwrap();
+    assert!(yaml.contains("field: soc_pct, equals: 66,"), "{yaml}");
+    std::fs::write(dir.path().join("fx/wrong.yaml"), yaml.replace("field: soc_pct, equals: 66,", "field: soc_pct, equals: 67,")).unwrap();
+    let out = hilbench(&["run", "fx/wrong.yaml"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("0 passed, 1 failed"), "{text}");
+}

@@ -18,7 +18,9 @@ pub enum CaptureCommand {
 UDP datagrams (SMP) over Ethernet, loopback, raw IP or Linux cooked captures; a hex dump of
 `[time] [>|<] hex` lines or `tx=HEX rx=HEX` trace lines; JSON Lines of frame records.
 Writes OUT/<file>.<device>.jsonl: a header line (device, transport, kind, confidence, evidence,
-GATT handles) and one line per frame (t_ns, dir, hex, ATT opcode/handle/UUID, decoded meaning).
+GATT handles) and one line per frame (t_ns, dir, hex, ATT opcode/handle/UUID, decoded meaning),
+and per link OUT/<file>.<link>.yaml: a scenario that replays the devices to a client of their
+kind with the errors and readings the capture shows (or the reason it cannot).
 
 Exit status: 0 imported; 1 the file could not be read to its end (the frames before the
 error are written, the error says which byte and record); 2 bad arguments or an unreadable file.
@@ -26,6 +28,7 @@ error are written, the error says which byte and record); 2 bad arguments or an 
 Examples:
   hilbench capture import fixtures/captures/jbd-session.btsnoop --out target/fixtures
   hilbench capture import fixtures/captures/eg4-bridge-trace.log --out target/fixtures --json
+  hilbench capture import fixtures/captures/eg4-fault3-bridge.pcapng --out target/fixtures && hilbench run target/fixtures/eg4-fault3-bridge.bridge.yaml
   hilbench capture import fixtures/captures/jbd-session.btsnoop --kind jbd-bms --gatt 0x0012=ff01,0x0015=ff02")]
     Import(ImportArgs),
     /// Send a fixture's captured requests to a live device and show where its answers depart from the capture.
@@ -269,6 +272,13 @@ pub fn render(r: &ImportReport) -> String {
     }
     if r.gaps.len() > SHOWN {
         s.push_str(&format!("  … and {} more gaps (--json lists them all)\n", r.gaps.len() - SHOWN));
+    }
+    for sc in &r.scenarios {
+        match (&sc.scenario, &sc.skipped) {
+            (Some(p), _) => s.push_str(&format!("  scenario for {}: {} ({} steps; hilbench run {})\n", sc.link, p.display(), sc.steps, p.display())),
+            (None, Some(why)) => s.push_str(&format!("  no scenario for {}: {why}\n", sc.link)),
+            (None, None) => {}
+        }
     }
     if let Some(e) = &r.error {
         s.push_str(&format!("  error: {e}; the frames before it were written\n"));

@@ -92,6 +92,9 @@ impl Kind for Eg4Lp4 {
             unit: unit.map(|a| format!("addr{a}")),
         })
     }
+    fn capture_client(&self, port: &str, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
+        modbus_capture_client(port, devices)
+    }
     fn fields(&self, f: &crate::link::recognise::CapturedFrameView<'_>, request: Option<&[u8]>) -> Vec<(String, String)> {
         use crate::protocol::modbus::{self, ModbusRequest};
         if f.transport != crate::link::recognise::CaptureTransport::Serial || f.bytes.first() == Some(&0x7E) {
@@ -232,4 +235,106 @@ impl Running for RunningPack {
     fn stop(self: Box<Self>) -> LocalBoxFuture<'static, ()> {
         Box::pin(async move { drop(self) })
     }
+}
+
+/// What one captured pack did with the polls it was sent.
+#[derive(Debug, Default)]
+struct PollOutcomes {
+    exchanges: usize,
+    silent: usize,
+    bad_crc: usize,
+    exceptions: usize,
+    /// Answers that are no read response (an echo, a torn frame, noise).
+    other: usize,
+    /// The registers of the last good answer.
+    last: Option<Vec<u16>>,
+}
+
+/// A `modbus-master` that sends what the captured master sent (every request the
+/// profile's poll, one address after another, no retries: each poll walks the replay one
+/// captured exchange on), and what it must meet: per pack, the bad CRCs, exceptions,
+/// silences and other bad answers of the capture, and the last good reading's SoC and
+/// voltage. Err when a captured request is not a profile's poll (the client would send
+/// something the replay never saw) or a device is not one Modbus address.
+fn modbus_capture_client(port: &str, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
+    use crate::protocol::modbus::{self, ModbusError, ModbusRequest, ModbusResponse};
+    let mut poll: Option<(u16, u16)> = None;
+    let mut packs = Vec::new();
+    for d in devices {
+        let address: u8 = d
+            .unit
+            .as_deref()
+            .and_then(|u| u.strip_prefix("addr")?.parse().ok())
+            .ok_or_else(|| format!("{} is not one Modbus address on a bus (EG4 7E/0D captures get no scenario yet)", d.name))?;
+        let (exchanges, _) = crate::scenario::against::exchanges(d.frames.clone());
+        let mut o = PollOutcomes { exchanges: exchanges.len(), ..PollOutcomes::default() };
+        for ex in &exchanges {
+            let not_a_poll = || format!("{}: fixture frame {} is not a read the modbus-master polls with: {}", d.name, ex.frame, crate::scenario::transcript::describe(crate::link::record::Direction::Request, &ex.request));
+            let read = match modbus::decode_request(&ex.request).map_err(|_| not_a_poll())?.pdu {
+                ModbusRequest::ReadHolding { start, count } => (start, count),
+                _ => return Err(not_a_poll()),
+            };
+            if *poll.get_or_insert(read) != read {
+                return Err(format!("{}: fixture frame {} reads {} registers from {}, another read than the first (one client polls one read)", d.name, ex.frame, read.1, read.0));
+            }
+            let answer = ex.answers.concat();
+            if answer.is_empty() {
+                o.silent += 1;
+                continue;
+            }
+            match modbus::decode_response(&answer) {
+                Ok(f) => match f.pdu {
+                    ModbusResponse::ReadHolding(regs) => o.last = Some(regs),
+                    ModbusResponse::Exception { .. } => o.exceptions += 1,
+                    _ => o.other += 1,
+                },
+                Err(ModbusError::BadCrc { .. }) => o.bad_crc += 1,
+                Err(_) => o.other += 1,
+            }
+        }
+        packs.push((address, o));
+    }
+    let (start, count) = poll.ok_or("the capture holds no request")?;
+    let profile = RegisterProfile::ALL.into_iter().find(|p| p.poll_request() == (start, count)).ok_or_else(|| {
+        let polls: Vec<String> = RegisterProfile::ALL.iter().map(|p| format!("{} {} from {}", p.name(), p.poll_request().1, p.poll_request().0)).collect();
+        format!("the captured master reads {count} registers from {start}, which no register profile polls ({})", polls.join(", "))
+    })?;
+    // One pass through the longest capture: each exchange costs a poll interval, and every
+    // address's answer or timeout.
+    let (interval_ms, timeout_ms) = (100u64, 150u64);
+    let longest = packs.iter().map(|(_, o)| o.exchanges).max().unwrap_or(0) as u64;
+    let pass_ms = longest * (interval_ms + packs.len() as u64 * timeout_ms);
+    let within = format!("{}ms", (2 * pass_ms + 1000).max(3000));
+    let addresses: Vec<String> = packs.iter().map(|(a, _)| a.to_string()).collect();
+    let client = format!(
+        "{{ name: master, kind: modbus-master, port: {port}, profile: {}, addresses: [{}], interval: {interval_ms}ms, timeout: {timeout_ms}ms, retries: 0 }}",
+        profile.name(),
+        addresses.join(", ")
+    );
+    let mut steps = Vec::new();
+    let mut notes = Vec::new();
+    for (a, o) in &packs {
+        let errors = |kind: &str| format!("expect_errors: {{ client: master, address: {a}, kind: {kind}, at_least: 1, within: {within} }}");
+        let mut seen = Vec::new();
+        for (n, kind, what) in [(o.bad_crc, Some("crc"), "answers with a bad CRC"), (o.exceptions, Some("exception"), "exceptions"), (o.silent, Some("timeout"), "silences"), (o.other, None, "answers that are no read response")] {
+            if n == 0 {
+                continue;
+            }
+            seen.push(format!("{n} {what}"));
+            steps.push(match kind {
+                Some(k) => errors(k),
+                None => format!("expect_errors: {{ client: master, address: {a}, at_least: 1, within: {within} }}"),
+            });
+        }
+        if let Some(t) = o.last.as_ref().and_then(|regs| profile.decode(start, regs).ok()) {
+            seen.push(format!("last reading SoC {} %, {} mV", t.soc_pct, t.pack_mv));
+            steps.push(format!("expect_reading: {{ client: master, address: {a}, field: soc_pct, equals: {}, within: {within} }}", t.soc_pct));
+            steps.push(format!(
+                "expect_reading: {{ client: master, address: {a}, field: pack_v, equals: {}, tolerance: 0.005, within: {within} }}",
+                f64::from(t.pack_mv) / 1000.0
+            ));
+        }
+        notes.push(format!("address {a}: {} polls; {}", o.exchanges, if seen.is_empty() { "no answer decoded".into() } else { seen.join(", ") }));
+    }
+    Ok(crate::link::recognise::CaptureClient { client, steps, notes })
 }

@@ -33,7 +33,7 @@ use futures::future::LocalBoxFuture;
 
 use crate::link::capture::CaptureFormat;
 use crate::link::fault::{ChecksumLayout, LinkMedium};
-use crate::link::recognise::{CapturedFrameView, FrameVerdict, ReplayRule};
+use crate::link::recognise::{CaptureClient, CapturedDevice, CapturedFrameView, FrameVerdict, ReplayRule};
 use crate::link::{FaultRule, FrameRecord};
 use crate::observe::ObservationLog;
 use crate::scenario::source::{Problem, YamlPath};
@@ -201,6 +201,12 @@ pub trait Kind: Sync {
     /// How a `replay` of this kind's captures matches requests and fits answers.
     fn replay_rule(&self) -> Option<ReplayRule> {
         None
+    }
+    /// A client of this kind's protocol on bus port `port` for a scenario that replays the
+    /// captured `devices` (`capture import` writes it), with the steps the capture proves.
+    /// Err: why no client of the kind would send the captured requests.
+    fn capture_client(&self, _port: &str, _devices: &[CapturedDevice]) -> Result<CaptureClient, String> {
+        Err(format!("{} has no built-in client for a scenario of its captures yet", self.name()))
     }
     /// A frame of this kind as named fields in wire order, for showing where a device's
     /// answer departs from a captured one (`capture replay`); `request` is the request it

@@ -66,3 +66,28 @@ pub struct ReplayRule {
     pub key: fn(&[u8]) -> Vec<u8>,
     pub answer: fn(request: &[u8], answer: &mut Vec<u8>),
 }
+
+/// One imported device as a scenario that replays it sees it (`capture import` writes
+/// such a scenario next to the fixtures).
+#[derive(Debug, Clone)]
+pub struct CapturedDevice {
+    /// Its name in the scenario (a `replay` device).
+    pub name: String,
+    /// Its unit on a shared medium (`addr1`), as the kind's verdicts named it.
+    pub unit: Option<String>,
+    /// The first frames of its fixture, in captured order.
+    pub frames: Vec<(Direction, Vec<u8>)>,
+}
+
+/// What a device kind adds to a scenario that replays its captured devices on a bus: a
+/// client of its protocol on the bus port, and the steps the capture proves (what that
+/// client must meet: the errors and the readings the captured device gave).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureClient {
+    /// The client entry, one YAML flow mapping (`{ name: master, kind: …, port: … }`).
+    pub client: String,
+    /// Steps, each one line of YAML (`expect_errors: { … }`).
+    pub steps: Vec<String>,
+    /// What the steps were derived from, for the scenario's description.
+    pub notes: Vec<String>,
+}

@@ -16,6 +16,7 @@
 //! [`FixtureFrame`]. Times are nanoseconds since the device's first frame; the header
 //! keeps the absolute start.
 
+mod skeleton;
 mod sources;
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +28,7 @@ use crate::kind::{self, Role};
 use crate::link::recognise::{CaptureTransport, CapturedFrameView, FrameVerdict};
 use crate::link::record::Direction;
 
+pub use skeleton::ScenarioReport;
 pub use sources::{SourceFrame, SourceKind};
 
 /// How many frames of a link decide its kind before the rest stream through.
@@ -125,11 +127,17 @@ pub struct ImportReport {
     pub gaps: Vec<ImportGap>,
     /// Set when the file could not be read to its end: what and where.
     pub error: Option<String>,
+    /// The scenario written per link, or why none was.
+    pub scenarios: Vec<ScenarioReport>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeviceReport {
     pub device: String,
+    /// The link it was captured on, and its unit there when the link is shared.
+    pub link: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
     pub transport: CaptureTransport,
     pub frames: u64,
     pub kind: Option<String>,
@@ -190,7 +198,8 @@ pub fn import_file(path: &Path, opts: &ImportOptions) -> Result<ImportReport, Im
         // Nothing came out before the error: the file is refused, not imported.
         return Err(ImportError::Format { path: path.to_owned(), what: what.clone() });
     }
-    Ok(ImportReport { source: path.to_owned(), format: source_kind.to_string(), frames, devices, gaps, error })
+    let scenarios = skeleton::write_all(&stem, path, &opts.out_dir, &devices);
+    Ok(ImportReport { source: path.to_owned(), format: source_kind.to_string(), frames, devices, gaps, error, scenarios })
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -417,7 +426,10 @@ impl<'o> Importer<'o> {
         let mut reader = frames.reopen()?;
         std::io::copy(&mut reader, &mut out)?;
         out.flush()?;
+        let unit = sink.device.strip_prefix(&sink.link).and_then(|u| u.strip_prefix('/')).map(str::to_string);
         Ok(DeviceReport {
+            link: sink.link,
+            unit,
             device: sink.device,
             transport: sink.transport,
             frames: sink.frames,
@@ -508,13 +520,23 @@ impl SourceFrame {
 
 /// Reads a fixture back: its header and frames (tests, replay).
 pub fn read_fixture(path: &Path) -> Result<(FixtureHeader, Vec<FixtureFrame>), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut lines = text.lines().enumerate();
-    let (_, first) = lines.next().ok_or_else(|| format!("{}: empty fixture", path.display()))?;
-    let header: FixtureHeader = serde_json::from_str(first).map_err(|e| format!("{}:1: {e}", path.display()))?;
+    read_fixture_head(path, usize::MAX)
+}
+
+/// A fixture's header and its first `max` frames, read line by line.
+pub fn read_fixture_head(path: &Path, max: usize) -> Result<(FixtureHeader, Vec<FixtureFrame>), String> {
+    use std::io::BufRead;
+    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines = std::io::BufReader::new(file).lines().enumerate();
+    let first = match lines.next() {
+        Some((_, l)) => l.map_err(|e| format!("{}:1: {e}", path.display()))?,
+        None => return Err(format!("{}: empty fixture", path.display())),
+    };
+    let header: FixtureHeader = serde_json::from_str(&first).map_err(|e| format!("{}:1: {e}", path.display()))?;
     let mut frames = Vec::new();
-    for (i, l) in lines {
-        frames.push(serde_json::from_str(l).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?);
+    for (i, l) in lines.take(max) {
+        let l = l.map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        frames.push(serde_json::from_str(&l).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?);
     }
     Ok((header, frames))
 }

@@ -56,6 +56,14 @@ fn a_modbus_bus_capture_splits_into_one_fixture_per_address_with_its_kind() {
     assert!(f[0].meaning.as_deref().unwrap().contains("addr=2"), "{:?}", f[0].meaning);
     assert_eq!(h.confidence, Confidence::Medium, "{}", h.evidence);
     assert_eq!(report.devices[0].confidence, Confidence::High);
+    assert_eq!((report.devices[1].link.as_str(), report.devices[1].unit.as_deref()), ("bus0", Some("addr2")));
+    // A read of 2 registers is no profile's poll: the modbus-master would not send it.
+    let sc = &report.scenarios[0];
+    assert_eq!((sc.link.as_str(), &sc.scenario), ("bus0", &None));
+    assert_eq!(
+        sc.skipped.as_deref(),
+        Some("the captured master reads 2 registers from 0, which no register profile polls (lp4-v2 47 from 0, eg4-ll 39 from 0)")
+    );
 }
 
 #[test]
@@ -172,6 +180,10 @@ fn the_committed_fixtures_are_what_importing_their_capture_gives() {
             src.display()
         );
     }
+    // And the scenario that replays them to a modbus-master, with what the capture proves.
+    let [sc] = &report.scenarios[..] else { panic!("{:?}", report.scenarios) };
+    let text = std::fs::read_to_string(sc.scenario.as_ref().unwrap()).unwrap();
+    insta::assert_snapshot!("eg4_fault3_capture_scenario", text.replace(&dir.path().display().to_string(), "OUT"));
 }
 
 #[test]

@@ -1,0 +1,133 @@
+//! The scenario `capture import` writes next to a capture's fixtures: per link, the
+//! captured devices replayed on a bus, and a client of the captured kind that sends what
+//! the captured client sent, with the steps the capture proves (the errors and readings
+//! it must meet). `hilbench run` passes it as written; the user swaps in the production
+//! client, or a fault, from there. The kind supplies the client and steps
+//! ([`crate::kind::Kind::capture_client`]); this module never names a kind.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::{read_fixture_head, slug, DeviceReport};
+use crate::kind::{self, Role};
+use crate::link::recognise::{CaptureTransport, CapturedDevice};
+
+/// Frames of each fixture a kind reads to derive the steps.
+pub const SKELETON_FRAMES: usize = 4096;
+
+/// One link's scenario, or why it has none.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScenarioReport {
+    pub link: String,
+    pub kind: Option<String>,
+    /// The scenario written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<PathBuf>,
+    /// Why no scenario was written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    pub devices: usize,
+    pub steps: usize,
+}
+
+/// Writes `OUT/<stem>.<link>.yaml` for every link whose devices a scenario can replay.
+pub(super) fn write_all(stem: &str, source: &Path, out_dir: &Path, devices: &[DeviceReport]) -> Vec<ScenarioReport> {
+    let mut links: BTreeMap<(&str, Option<&str>), Vec<&DeviceReport>> = BTreeMap::new();
+    for d in devices {
+        links.entry((d.link.as_str(), d.kind.as_deref())).or_default().push(d);
+    }
+    let mut taken = std::collections::HashSet::new();
+    links
+        .into_iter()
+        .map(|((link, kind), devs)| {
+            let mut r = ScenarioReport { link: link.to_string(), kind: kind.map(str::to_string), scenario: None, skipped: None, devices: devs.len(), steps: 0 };
+            match write_one(stem, source, out_dir, link, kind, &devs, &mut taken) {
+                Ok((path, steps)) => {
+                    r.scenario = Some(path);
+                    r.steps = steps;
+                }
+                Err(why) => r.skipped = Some(why),
+            }
+            r
+        })
+        .collect()
+}
+
+fn write_one(
+    stem: &str,
+    source: &Path,
+    out_dir: &Path,
+    link: &str,
+    kind: Option<&str>,
+    devs: &[&DeviceReport],
+    taken: &mut std::collections::HashSet<String>,
+) -> Result<(PathBuf, usize), String> {
+    let kind = kind.and_then(|k| kind::find(Role::Device, k)).ok_or("no device kind recognised its frames")?;
+    if devs.iter().any(|d| d.transport != CaptureTransport::Serial) {
+        return Err(format!("a scenario replays serial fixtures on a bus today, not {} ones", devs[0].transport.as_str()));
+    }
+    let mut captured = Vec::new();
+    for d in devs {
+        let (_, frames) = read_fixture_head(&d.fixture, SKELETON_FRAMES)?;
+        let mut out = Vec::with_capacity(frames.len());
+        for (i, f) in frames.into_iter().enumerate() {
+            out.push((f.dir, crate::scenario::spec::parse_hex(&f.hex).map_err(|e| format!("{}: frame {}: {e}", d.fixture.display(), i + 1))?));
+        }
+        captured.push(CapturedDevice { name: slug(&d.device), unit: d.unit.clone(), frames: out });
+    }
+    let port = "client";
+    let client = kind.capture_client(port, &captured)?;
+    if client.steps.is_empty() {
+        return Err("the capture shows nothing a step could check".into());
+    }
+    let base = format!("{stem}.{}", slug(link));
+    let name = (1..).map(|i| if i == 1 { base.clone() } else { format!("{base}-{i}") }).find(|n| taken.insert(n.clone())).unwrap_or(base);
+    let path = out_dir.join(format!("{name}.yaml"));
+    let text = render(source, link, kind.name(), port, devs, &captured, &client);
+    let mut f = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((path, client.steps.len()))
+}
+
+/// A YAML string scalar (JSON's quoting is valid YAML).
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn render(
+    source: &Path,
+    link: &str,
+    kind: &str,
+    port: &str,
+    devs: &[&DeviceReport],
+    captured: &[CapturedDevice],
+    client: &crate::link::recognise::CaptureClient,
+) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "# Written by `hilbench capture import` from {}: the captured devices replayed on a bus,\n\
+         # answering as they did in the field, and a client that sends what the captured client sent.\n\
+         # Your production client meets the field devices when it runs as a process on the port:\n\
+         # processes:\n\
+         #   - {{ name: bridge, command: /path/to/your/client, args: [\"{{{{port.{port}}}}}\"] }}\n",
+        source.display()
+    ));
+    s.push_str(&format!("name: {}\n", quoted(&format!("{} {link} replayed from its capture", source.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned())))));
+    s.push_str("description: >\n");
+    s.push_str(&format!("  {kind} devices captured on {link} in {}.\n", source.display()));
+    for n in &client.notes {
+        s.push_str(&format!("  {n}.\n"));
+    }
+    s.push_str(&format!("buses:\n  - {{ name: field, ports: [{port}] }}\n"));
+    s.push_str("devices:\n");
+    for (d, c) in devs.iter().zip(captured) {
+        s.push_str(&format!("  - {{ name: {}, kind: replay, bus: field, fixture: {} }}\n", quoted(&c.name), quoted(&d.fixture.to_string_lossy())));
+    }
+    s.push_str(&format!("clients:\n  - {}\n", client.client));
+    s.push_str("steps:\n");
+    for step in &client.steps {
+        s.push_str(&format!("  - {step}\n"));
+    }
+    s
+}
