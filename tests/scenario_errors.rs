@@ -106,7 +106,17 @@ fn typos_in_selectors_are_located_errors() {
     let ble = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ble.path(), "{\"hilbench_fixture\":1,\"source\":\"s\",\"device\":\"d\",\"transport\":\"ble-att\",\"kind\":null,\"confidence\":\"none\",\"evidence\":\"\",\"frames\":0,\"start_unix_ns\":0}\n").unwrap();
     let e = parse(&format!("name: x\nbuses: [{{name: b, ports: [p]}}]\ndevices:\n  - {{name: f, kind: replay, bus: b, fixture: {}}}\nsteps: []\n", ble.path().display()));
-    assert!(e.contains("holds ble-att frames; a scenario's `replay` serves serial fixtures on a bus today"), "{e}");
+    assert!(e.contains("a BLE fixture is served on the air, not on a bus: leave `bus` out"), "{e}");
+    let e = parse(&format!("name: x\ndevices:\n  - {{name: f, kind: replay, fixture: {}}}\nsteps: []\n", ble.path().display()));
+    assert!(e.contains("no device kind was recognised; a BLE replay serves the GATT table of its kind"), "{e}");
+    let e = parse("name: x\ndevices:\n  - {name: f, kind: replay, fixture: fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl}\nsteps: []\n");
+    assert!(e.contains("a serial fixture is replayed on a bus: give `bus`"), "{e}");
+    // A BLE replay serves what its kind serves: the jbd-client finds it.
+    assert!(Scenario::parse(
+        Path::new("ok.yaml"),
+        "name: x\ndevices:\n  - {name: f, kind: replay, fixture: fixtures/captures/imported/jbd-ble-poll.bms.jsonl}\nclients:\n  - {name: c, kind: jbd-client, device: f}\nsteps: []\n"
+    )
+    .is_ok());
 
     // An smp-client names an smp-server that serves its transport, and checks it can fail.
     let smp = "devices:\n  - {name: s, kind: smp-server}\n  - {name: bms, kind: jbd-bms}\nclients:\n";

@@ -8,6 +8,7 @@ pub mod eg4_core;
 pub mod jbd;
 pub mod jbd_core;
 pub mod replay;
+pub mod replay_ble;
 pub mod replay_core;
 pub mod shelly_ble;
 pub mod shelly_core;

@@ -19,6 +19,8 @@ use crate::transport::gatt::{GattEvent, GattPeripheral, GattRefusal, GattService
 
 pub const SMP_SERVICE_UUID: Uuid = Uuid::from_u128(0x8D53DC1D_1DB7_4CD3_868B_8A527460AA84);
 pub const SMP_CHARACTERISTIC_UUID: Uuid = Uuid::from_u128(0xDA2E7828_FBCE_4E01_AE9E_261174997C48);
+/// What smp_svr advertises (CONFIG_BT_DEVICE_NAME).
+pub const SMP_LOCAL_NAME: &str = "Zephyr";
 
 /// The SMP service as Zephyr declares it (`smp_bt_attrs`).
 pub fn smp_gatt() -> Vec<GattService> {

@@ -112,6 +112,9 @@ impl Kind for JbdBmsKind {
             unit: None,
         })
     }
+    fn ble_identity(&self) -> Option<crate::transport::gatt::BleIdentity> {
+        Some(crate::transport::gatt::BleIdentity { services: crate::device::jbd::jbd_gatt(), local_name: crate::device::jbd::JbdGattConfig::default().local_name, serves: &[JBD_GATT] })
+    }
     fn fields(&self, f: &crate::link::recognise::CapturedFrameView<'_>, _request: Option<&[u8]>) -> Vec<(String, String)> {
         if f.direction != crate::link::record::Direction::Response || f.bytes.first() != Some(&crate::protocol::jbd::START) {
             return Vec::new();

@@ -208,6 +208,11 @@ pub trait Kind: Sync {
     fn capture_client(&self, _port: &str, _devices: &[CapturedDevice]) -> Result<CaptureClient, String> {
         Err(format!("{} has no built-in client for a scenario of its captures yet", self.name()))
     }
+    /// Its GATT table and advertised name, for a kind that serves GATT (a BLE replay of
+    /// its captures serves them).
+    fn ble_identity(&self) -> Option<crate::transport::gatt::BleIdentity> {
+        None
+    }
     /// A frame of this kind as named fields in wire order, for showing where a device's
     /// answer departs from a captured one (`capture replay`); `request` is the request it
     /// answers. Empty (the default): the two are compared byte by byte.

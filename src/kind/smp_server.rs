@@ -264,7 +264,7 @@ pub struct SmpServerSimArgs {
     #[arg(long)]
     pub ble: bool,
     /// BLE: advertised LocalName.
-    #[arg(long, default_value = "Zephyr")]
+    #[arg(long, default_value = crate::device::smp_ble::SMP_LOCAL_NAME)]
     pub local_name: String,
     #[command(flatten)]
     pub place: crate::cli::ble_place::BlePlaceArgs,
@@ -605,6 +605,9 @@ impl Kind for SmpServerKind {
         };
         Some(FrameVerdict { decisive: own_uuid || f.transport == CaptureTransport::Udp, meaning, unit: None })
     }
+    fn ble_identity(&self) -> Option<crate::transport::gatt::BleIdentity> {
+        Some(crate::transport::gatt::BleIdentity { services: crate::device::smp_ble::smp_gatt(), local_name: crate::device::smp_ble::SMP_LOCAL_NAME.into(), serves: &[super::smp_client::SMP_BLE] })
+    }
     fn fields(&self, f: &crate::link::recognise::CapturedFrameView<'_>, _request: Option<&[u8]>) -> Vec<(String, String)> {
         // Console lines are base64 pieces of a message; UDP datagrams and BLE messages are whole.
         if f.transport == crate::link::recognise::CaptureTransport::Serial {
@@ -785,7 +788,7 @@ impl Declared for SmpServerKeys {
                 true => Some(AirLink::lend(self.mtu, self.rssi).await?),
                 false => None,
             };
-            let ble = air.as_ref().map(|a| SmpBle { adapter: a.adapter().to_string(), local_name: self.local_name.clone().unwrap_or_else(|| "Zephyr".into()) });
+            let ble = air.as_ref().map(|a| SmpBle { adapter: a.adapter().to_string(), local_name: self.local_name.clone().unwrap_or_else(|| crate::device::smp_ble::SMP_LOCAL_NAME.into()) });
             let handle = match smp_host::serve(config, SmpEndpoints { udp, tty, ble, seed: cx.seed, frame_limit: None }).await {
                 Ok(h) => h,
                 Err(e) => {

@@ -90,6 +90,16 @@ impl GattService {
 
 pub use crate::protocol::hci::uuid16;
 
+/// How a device kind appears on BLE: its GATT table and the name it advertises (a
+/// replay of its captures serves the same, so its clients find it as they find the kind).
+#[derive(Debug, Clone)]
+pub struct BleIdentity {
+    pub services: Vec<GattService>,
+    pub local_name: String,
+    /// The scenario services its clients name it for (`jbd-gatt`).
+    pub serves: &'static [&'static str],
+}
+
 /// A write as a central sent it. Answer `reply` to accept or refuse it
 /// (a write command's refusal reaches nobody, as on a real link).
 #[derive(Debug)]

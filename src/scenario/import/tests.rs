@@ -184,6 +184,14 @@ fn the_committed_fixtures_are_what_importing_their_capture_gives() {
     let [sc] = &report.scenarios[..] else { panic!("{:?}", report.scenarios) };
     let text = std::fs::read_to_string(sc.scenario.as_ref().unwrap()).unwrap();
     insta::assert_snapshot!("eg4_fault3_capture_scenario", text.replace(&dir.path().display().to_string(), "OUT"));
+
+    // The ATT capture of jbd-healthy-poll.yaml, which the BLE replay scenarios serve.
+    let src = Path::new("fixtures/captures/jbd-ble-poll.pcapng");
+    let report = import_file(src, &ImportOptions { out_dir: dir.path().to_owned(), ..Default::default() }).unwrap();
+    let [d] = &report.devices[..] else { panic!("{:?}", report.devices) };
+    assert_eq!(d.kind.as_deref(), Some("jbd-bms"));
+    let committed = Path::new("fixtures/captures/imported").join(d.fixture.file_name().unwrap());
+    assert_eq!(std::fs::read_to_string(&d.fixture).unwrap(), std::fs::read_to_string(&committed).unwrap(), "re-import {}", src.display());
 }
 
 #[test]
