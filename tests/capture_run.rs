@@ -304,3 +304,22 @@ fn an_imported_capture_becomes_a_scenario_that_passes() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("0 passed, 1 failed"), "{text}");
 }
+
+/// A btsnoop log of a JBD session (an Android HCI snoop log's format) becomes, with one
+/// command, a scenario that replays the BMS on the air to a jbd-client; the captured
+/// answer's bad checksum is what the client meets.
+#[test]
+fn a_btsnoop_log_of_a_jbd_session_becomes_a_scenario_that_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/captures/jbd-session.btsnoop"), dir.path().join("phone.btsnoop")).unwrap();
+    let hilbench = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_hilbench")).args(args).current_dir(dir.path()).output().unwrap();
+    let out = hilbench(&["capture", "import", "phone.btsnoop", "--out", "fx", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scenario = r[0]["scenarios"][0]["scenario"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();
+    let yaml = std::fs::read_to_string(dir.path().join(&scenario)).unwrap();
+    assert!(yaml.contains("kind: jbd-client") && yaml.contains("expect_errors: { client: app, kind: checksum, at_least: 1"), "{yaml}");
+    let out = hilbench(&["run", &scenario]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("1 passed, 0 failed"), "{text}");
+}

@@ -92,8 +92,8 @@ impl Kind for Eg4Lp4 {
             unit: unit.map(|a| format!("addr{a}")),
         })
     }
-    fn capture_client(&self, port: &str, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
-        modbus_capture_client(port, devices)
+    fn capture_client(&self, port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
+        modbus_capture_client(port.ok_or("EG4 packs are replayed on a bus")?, devices)
     }
     fn fields(&self, f: &crate::link::recognise::CapturedFrameView<'_>, request: Option<&[u8]>) -> Vec<(String, String)> {
         use crate::protocol::modbus::{self, ModbusRequest};
@@ -307,7 +307,8 @@ fn modbus_capture_client(port: &str, devices: &[crate::link::recognise::Captured
     let within = format!("{}ms", (2 * pass_ms + 1000).max(3000));
     let addresses: Vec<String> = packs.iter().map(|(a, _)| a.to_string()).collect();
     let client = format!(
-        "{{ name: master, kind: modbus-master, port: {port}, profile: {}, addresses: [{}], interval: {interval_ms}ms, timeout: {timeout_ms}ms, retries: 0 }}",
+        "{{ name: master, kind: {}, port: {port}, profile: {}, addresses: [{}], interval: {interval_ms}ms, timeout: {timeout_ms}ms, retries: 0 }}",
+        super::modbus_master::MODBUS_MASTER.name(),
         profile.name(),
         addresses.join(", ")
     );

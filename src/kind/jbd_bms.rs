@@ -112,6 +112,12 @@ impl Kind for JbdBmsKind {
             unit: None,
         })
     }
+    fn capture_client(&self, port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
+        if port.is_some() {
+            return Err("JBD over a UART has no built-in client yet (a scenario replays BLE JBD captures)".into());
+        }
+        jbd_capture_client(devices)
+    }
     fn ble_identity(&self) -> Option<crate::transport::gatt::BleIdentity> {
         Some(crate::transport::gatt::BleIdentity { services: crate::device::jbd::jbd_gatt(), local_name: crate::device::jbd::JbdGattConfig::default().local_name, serves: &[JBD_GATT] })
     }
@@ -243,4 +249,62 @@ impl ble::AirDevice for JbdBmsDevice {
     fn stop(self: Box<Self>) -> LocalBoxFuture<'static, ()> {
         Box::pin((*self).stop())
     }
+}
+
+/// A `jbd-client` that polls the captured BMS as a Home Assistant integration does, and
+/// what it must meet: the answers with a bad checksum or an error status, the silences,
+/// and the last good basic info and cell voltages of the capture. The captured central
+/// need not have been a jbd-client: the replay answers each request wherever it is in
+/// the capture, so the client's 0x03/0x04 find their captured answers.
+fn jbd_capture_client(devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
+    use crate::protocol::jbd;
+    let [d] = devices else {
+        return Err(format!("{} BLE devices on one link; a jbd-client polls one", devices.len()));
+    };
+    let (exchanges, _) = crate::scenario::against::exchanges(d.frames.clone());
+    let (mut requests, mut silent, mut bad, mut status) = (0u64, 0usize, 0usize, 0usize);
+    let (mut basic, mut cells) = (None, None);
+    for ex in &exchanges {
+        // Only the requests to the BMS: the ATT PDU's value after opcode and handle.
+        let Some(req) = ex.request.get(3..).and_then(|v| jbd::decode_request(v).ok()) else { continue };
+        requests += 1;
+        let answer: Vec<u8> = ex.answers.iter().filter(|a| matches!(a.first(), Some(0x1B | 0x1D))).flat_map(|a| a.get(3..).unwrap_or(&[]).to_vec()).collect();
+        if answer.is_empty() {
+            silent += 1;
+            continue;
+        }
+        match jbd::decode_response_unchecked(&answer) {
+            Ok((_, Some(_))) => bad += 1,
+            Ok((r, None)) if !r.is_ok() => status += 1,
+            Ok((r, None)) if r.reg == req.reg && r.reg == jbd::reg::BASIC_INFO => basic = jbd::BasicInfo::decode(&r.data).ok().or(basic),
+            Ok((r, None)) if r.reg == req.reg && r.reg == jbd::reg::CELL_VOLTAGES => cells = jbd::CellVoltages::decode(&r.data).ok().or(cells),
+            _ => {}
+        }
+    }
+    // A poll cycle (connect, subscribe, two requests) takes about a second on the air.
+    let within = format!("{}s", (requests + 20).min(120));
+    let mut steps = Vec::new();
+    let mut seen = Vec::new();
+    for (n, kind, what) in [(bad, "checksum", "answers with a bad checksum"), (status, "status", "error statuses"), (silent, "timeout", "unanswered requests")] {
+        if n > 0 {
+            seen.push(format!("{n} {what}"));
+            steps.push(format!("expect_errors: {{ client: app, kind: {kind}, at_least: 1, within: {within} }}"));
+        }
+    }
+    let (values, _) = crate::client::jbd_client::reading_fields(basic.as_ref(), cells.as_ref());
+    for (field, tolerance) in [("soc_pct", None), ("pack_v", Some(0.005)), ("current_a", Some(0.005)), ("cell_count", None), ("cell_min_mv", None), ("cell_max_mv", None), ("temp1_c", Some(0.05))] {
+        if let Some(v) = values.get(field) {
+            let tol = tolerance.map_or(String::new(), |t| format!(" tolerance: {t},"));
+            steps.push(format!("expect_reading: {{ client: app, field: {field}, equals: {v},{tol} within: {within} }}"));
+        }
+    }
+    if let Some(b) = &basic {
+        seen.push(format!("last basic info SoC {} %, {} cells", b.rsoc_pct, b.cell_count));
+    }
+    if let Some(c) = &cells {
+        seen.push(format!("last cell voltages {:?} mV", c.cells_mv));
+    }
+    let client = format!("{{ name: app, kind: {}, device: {}, interval: 500ms }}", super::jbd_client::JbdClientKind.name(), d.name);
+    let notes = vec![format!("{}: {requests} requests; {}", d.name, if seen.is_empty() { "no answer decoded".into() } else { seen.join(", ") })];
+    Ok(crate::link::recognise::CaptureClient { client, steps, notes })
 }

@@ -202,10 +202,11 @@ pub trait Kind: Sync {
     fn replay_rule(&self) -> Option<ReplayRule> {
         None
     }
-    /// A client of this kind's protocol on bus port `port` for a scenario that replays the
-    /// captured `devices` (`capture import` writes it), with the steps the capture proves.
+    /// A client of this kind's protocol for a scenario that replays the captured `devices`
+    /// (`capture import` writes it), on bus port `port` (serial captures) or naming the
+    /// devices (`None`: they are on the air), with the steps the capture proves.
     /// Err: why no client of the kind would send the captured requests.
-    fn capture_client(&self, _port: &str, _devices: &[CapturedDevice]) -> Result<CaptureClient, String> {
+    fn capture_client(&self, _port: Option<&str>, _devices: &[CapturedDevice]) -> Result<CaptureClient, String> {
         Err(format!("{} has no built-in client for a scenario of its captures yet", self.name()))
     }
     /// Its GATT table and advertised name, for a kind that serves GATT (a BLE replay of

@@ -64,9 +64,12 @@ fn write_one(
     taken: &mut std::collections::HashSet<String>,
 ) -> Result<(PathBuf, usize), String> {
     let kind = kind.and_then(|k| kind::find(Role::Device, k)).ok_or("no device kind recognised its frames")?;
-    if devs.iter().any(|d| d.transport != CaptureTransport::Serial) {
-        return Err(format!("a scenario replays serial fixtures on a bus today, not {} ones", devs[0].transport.as_str()));
-    }
+    // Serial devices share a bus; BLE ones are each on the air; other links cannot be replayed in a scenario yet.
+    let port = match devs[0].transport {
+        CaptureTransport::Serial => Some("client"),
+        CaptureTransport::BleAtt => None,
+        other => return Err(format!("a scenario replays serial and BLE fixtures today, not {} ones", other.as_str())),
+    };
     let mut captured = Vec::new();
     for d in devs {
         let (_, frames) = read_fixture_head(&d.fixture, SKELETON_FRAMES)?;
@@ -76,7 +79,6 @@ fn write_one(
         }
         captured.push(CapturedDevice { name: slug(&d.device), unit: d.unit.clone(), frames: out });
     }
-    let port = "client";
     let client = kind.capture_client(port, &captured)?;
     if client.steps.is_empty() {
         return Err("the capture shows nothing a step could check".into());
@@ -99,18 +101,22 @@ fn render(
     source: &Path,
     link: &str,
     kind: &str,
-    port: &str,
+    port: Option<&str>,
     devs: &[&DeviceReport],
     captured: &[CapturedDevice],
     client: &crate::link::recognise::CaptureClient,
 ) -> String {
     let mut s = String::new();
+    let (where_, arg) = match port {
+        Some(p) => ("on a bus", format!("{{{{port.{p}}}}}")),
+        None => ("on the virtual air", format!("{{{{ble.{}}}}}", captured.first().map_or("DEVICE", |c| c.name.as_str()))),
+    };
     s.push_str(&format!(
-        "# Written by `hilbench capture import` from {}: the captured devices replayed on a bus,\n\
+        "# Written by `hilbench capture import` from {}: the captured devices replayed {where_},\n\
          # answering as they did in the field, and a client that sends what the captured client sent.\n\
-         # Your production client meets the field devices when it runs as a process on the port:\n\
+         # Your production client meets the field devices when it runs as a process:\n\
          # processes:\n\
-         #   - {{ name: bridge, command: /path/to/your/client, args: [\"{{{{port.{port}}}}}\"] }}\n",
+         #   - {{ name: app, command: /path/to/your/client, args: [\"{arg}\"] }}\n",
         source.display()
     ));
     s.push_str(&format!("name: {}\n", quoted(&format!("{} {link} replayed from its capture", source.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned())))));
@@ -119,10 +125,13 @@ fn render(
     for n in &client.notes {
         s.push_str(&format!("  {n}.\n"));
     }
-    s.push_str(&format!("buses:\n  - {{ name: field, ports: [{port}] }}\n"));
+    if let Some(port) = port {
+        s.push_str(&format!("buses:\n  - {{ name: field, ports: [{port}] }}\n"));
+    }
     s.push_str("devices:\n");
+    let bus = if port.is_some() { " bus: field," } else { "" };
     for (d, c) in devs.iter().zip(captured) {
-        s.push_str(&format!("  - {{ name: {}, kind: replay, bus: field, fixture: {} }}\n", quoted(&c.name), quoted(&d.fixture.to_string_lossy())));
+        s.push_str(&format!("  - {{ name: {}, kind: replay,{bus} fixture: {} }}\n", quoted(&c.name), quoted(&d.fixture.to_string_lossy())));
     }
     s.push_str(&format!("clients:\n  - {}\n", client.client));
     s.push_str("steps:\n");

@@ -192,6 +192,10 @@ fn the_committed_fixtures_are_what_importing_their_capture_gives() {
     assert_eq!(d.kind.as_deref(), Some("jbd-bms"));
     let committed = Path::new("fixtures/captures/imported").join(d.fixture.file_name().unwrap());
     assert_eq!(std::fs::read_to_string(&d.fixture).unwrap(), std::fs::read_to_string(&committed).unwrap(), "re-import {}", src.display());
+    // Its scenario: the replay on the air, a jbd-client, the last reading of the capture.
+    let [sc] = &report.scenarios[..] else { panic!("{:?}", report.scenarios) };
+    let text = std::fs::read_to_string(sc.scenario.as_ref().unwrap()).unwrap();
+    insta::assert_snapshot!("jbd_ble_capture_scenario", text.replace(&dir.path().display().to_string(), "OUT"));
 }
 
 #[test]
