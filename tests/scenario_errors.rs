@@ -111,6 +111,10 @@ fn typos_in_selectors_are_located_errors() {
     assert!(e.contains("no device kind was recognised; a BLE replay serves the GATT table of its kind"), "{e}");
     let e = parse("name: x\ndevices:\n  - {name: f, kind: replay, fixture: fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl}\nsteps: []\n");
     assert!(e.contains("a serial fixture is replayed on a bus: give `bus`"), "{e}");
+    let e = parse("name: x\nbuses: [{name: b, ports: [p]}]\ndevices:\n  - {name: f, kind: replay, bus: b, fixture: fixtures/captures/imported/smp-dfu-udp.udp-127-0-0-1-1337.jsonl}\nsteps: []\n");
+    assert!(e.contains("a UDP fixture is served on a socket, not on a bus: leave `bus` out"), "{e}");
+    let e = parse("name: x\nbuses: [{name: b, ports: [p]}]\ndevices:\n  - {name: f, kind: replay, bus: b, udp: 127.0.0.1:0, fixture: fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl}\nsteps: []\n");
+    assert!(e.contains("`udp` serves a UDP fixture"), "{e}");
     // A BLE replay serves what its kind serves: the jbd-client finds it.
     assert!(Scenario::parse(
         Path::new("ok.yaml"),

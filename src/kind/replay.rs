@@ -15,11 +15,11 @@ use super::ble::{self, AirLink};
 use super::{at_key, decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, Names, Role, Running, StartContext};
 use crate::device::replay::ReplayBusActor;
 use crate::device::replay_ble::ReplayBleDevice;
+use crate::device::replay_udp::ReplayUdpDevice;
 use crate::device::replay_core::ReplayCore;
 use crate::link::capture::CaptureFormat;
 use crate::link::fault::LinkMedium;
 use crate::link::recognise::CaptureTransport;
-use crate::limits::LogEvery;
 use crate::link::record::Direction;
 use crate::scenario::import::{read_fixture, read_fixture_head};
 use crate::scenario::source::Problem;
@@ -38,6 +38,10 @@ pub struct ReplayKeys {
     /// A fixture from `hilbench capture import` (relative to the working directory, as
     /// `hilbench run` is started from the repository).
     pub fixture: PathBuf,
+    /// A UDP fixture's address (default 127.0.0.1:0, any free port; `{{udp.NAME}}` says
+    /// which).
+    #[serde(default)]
+    pub udp: Option<std::net::SocketAddr>,
 }
 
 /// A declared replay: its keys, and what its fixture's header says (read when the
@@ -53,6 +57,9 @@ pub struct ReplayDecl {
 impl ReplayDecl {
     fn ble(&self) -> bool {
         self.transport == Some(CaptureTransport::BleAtt)
+    }
+    fn udp(&self) -> bool {
+        self.transport == Some(CaptureTransport::Udp)
     }
 }
 
@@ -258,6 +265,16 @@ impl Declared for ReplayDecl {
     }
     fn check(&self, names: &Names<'_>) -> Result<(), Problem> {
         let k = &self.keys;
+        if k.udp.is_some() && !self.udp() {
+            return Err(at_key("udp", "`udp` serves a UDP fixture; this one is not (or cannot be read)"));
+        }
+        if self.udp() {
+            if k.bus.is_some() {
+                return Err(at_key("bus", "a UDP fixture is served on a socket, not on a bus: leave `bus` out"));
+            }
+            load(&k.fixture, CaptureTransport::Udp, "").map_err(|e| at_key("fixture", e))?;
+            return Ok(());
+        }
         if self.ble() {
             if k.bus.is_some() {
                 return Err(at_key("bus", "a BLE fixture is served on the air, not on a bus: leave `bus` out"));
@@ -314,6 +331,12 @@ impl Declared for ReplayDecl {
     fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
         Box::pin(async move {
             let k = &self.keys;
+            if self.udp() {
+                let core = load(&k.fixture, CaptureTransport::Udp, "")?;
+                let addr = k.udp.unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
+                let device = ReplayUdpDevice::start(k.name.clone(), core, addr, cx.log.clone()).await?;
+                return Ok(Box::new(RunningUdpReplay { name: k.name.clone(), device: Some(device) }) as Box<dyn Running>);
+            }
             if self.ble() {
                 let (core, identity) = load_ble(&k.fixture)?;
                 let air = AirLink::lend(None, None).await?;
@@ -403,6 +426,25 @@ pub fn load_ble(fixture: &std::path::Path) -> Result<(ReplayCore, crate::transpo
     Ok((ReplayCore::new(out), identity))
 }
 
+struct RunningUdpReplay {
+    name: String,
+    device: Option<ReplayUdpDevice>,
+}
+
+impl Running for RunningUdpReplay {
+    fn vars(&self) -> Vec<(String, String)> {
+        self.device.iter().map(|d| (format!("udp.{}", self.name), d.local.to_string())).collect()
+    }
+    fn stop(mut self: Box<Self>) -> LocalBoxFuture<'static, ()> {
+        let device = self.device.take();
+        Box::pin(async move {
+            if let Some(d) = device {
+                d.stop().await;
+            }
+        })
+    }
+}
+
 struct RunningReplay {
     _addr: actix::Addr<ReplayBusActor>,
 }
@@ -413,70 +455,19 @@ impl Running for RunningReplay {
     }
 }
 
-/// One UDP fixture served on `addr`: every datagram goes through the core, its answers go
-/// back to the sender.
-fn sim_udp(mut core: ReplayCore, addr: std::net::SocketAddr) -> Result<(), String> {
-    use crate::sans_io::{Input, Output, Peer, SansIoCore};
+/// One UDP fixture served on `addr` until SIGINT/SIGTERM.
+fn sim_udp(core: ReplayCore, addr: std::net::SocketAddr) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
     rt.block_on(async move {
-        let sock = tokio::net::UdpSocket::bind(addr).await.map_err(|e| format!("--udp {addr}: {e}"))?;
-        let local = sock.local_addr().map_err(|e| e.to_string())?;
+        let log = crate::observe::ObservationLog::bounded(std::time::Instant::now(), 10_000);
+        let device = ReplayUdpDevice::start("replay", core, addr, log).await?;
         let signal = crate::cli::sim::wait_for_signal();
-        println!("{}", serde_json::json!({ "ready": true, "kind": "replay", "endpoints": { "udp": local.to_string() }, "devices": 1 }));
+        println!("{}", serde_json::json!({ "ready": true, "kind": "replay", "endpoints": { "udp": device.local.to_string() }, "devices": 1 }));
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        tokio::pin!(signal);
-        let start = std::time::Instant::now();
-        let mut peers: Vec<std::net::SocketAddr> = Vec::new();
-        // A flood of bad datagrams or failing sends writes a line per period, not per datagram.
-        let (mut recv_log, mut send_log, mut unmatched_log) = (LogEvery::default(), LogEvery::default(), LogEvery::default());
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            let (n, from) = tokio::select! {
-                _ = &mut signal => return Ok(()),
-                r = sock.recv_from(&mut buf) => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        if let Some(more) = recv_log.check(std::time::Instant::now()) {
-                            tracing::warn!("udp receive: {e} ({more} more since the last line)");
-                        }
-                        continue;
-                    }
-                },
-            };
-            let peer = match peers.iter().position(|p| *p == from) {
-                Some(i) => i,
-                None => {
-                    // Bounded: a flood of sources forgets the oldest.
-                    if peers.len() >= 4096 {
-                        peers.clear();
-                    }
-                    peers.push(from);
-                    peers.len() - 1
-                }
-            };
-            let mut out = Vec::new();
-            let _ = core.handle_input(Input::Bytes { from: Peer(peer as u64), bytes: &buf[..n] }, start.elapsed(), &mut out);
-            for o in out {
-                match o {
-                    Output::Send { to, bytes } => {
-                        if let Some(dest) = peers.get(to.0 as usize) {
-                            if let Err(e) = sock.send_to(&bytes, dest).await {
-                                if let Some(more) = send_log.check(std::time::Instant::now()) {
-                                    tracing::warn!("udp send to {dest}: {e} ({more} more since the last line)");
-                                }
-                            }
-                        }
-                    }
-                    Output::Event(crate::device::replay_core::ReplayEvent::Unmatched { bytes }) => {
-                        if let Some(more) = unmatched_log.check(std::time::Instant::now()) {
-                            tracing::info!("no captured request is {} ({more} more unmatched since the last line)", crate::client::hex(&bytes));
-                        }
-                    }
-                    Output::Event(_) | Output::Close(_) => {}
-                }
-            }
-        }
+        signal.await;
+        device.stop().await;
+        Ok(())
     })
 }
 

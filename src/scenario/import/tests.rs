@@ -192,6 +192,13 @@ fn the_committed_fixtures_are_what_importing_their_capture_gives() {
     assert_eq!(d.kind.as_deref(), Some("jbd-bms"));
     let committed = Path::new("fixtures/captures/imported").join(d.fixture.file_name().unwrap());
     assert_eq!(std::fs::read_to_string(&d.fixture).unwrap(), std::fs::read_to_string(&committed).unwrap(), "re-import {}", src.display());
+    // dumpcap's capture of smpclient updating the SMP simulator over UDP.
+    let src = Path::new("fixtures/captures/smp-dfu-udp.pcapng");
+    let smp = import_file(src, &ImportOptions { out_dir: dir.path().to_owned(), ..Default::default() }).unwrap();
+    let [s] = &smp.devices[..] else { panic!("{:?}", smp.devices) };
+    assert_eq!((s.kind.as_deref(), s.confidence, s.frames), (Some("smp-server"), Confidence::High, 130));
+    let committed = Path::new("fixtures/captures/imported").join(s.fixture.file_name().unwrap());
+    assert_eq!(std::fs::read_to_string(&s.fixture).unwrap(), std::fs::read_to_string(&committed).unwrap(), "re-import {}", src.display());
     // Its scenario: the replay on the air, a jbd-client, the last reading of the capture.
     let [sc] = &report.scenarios[..] else { panic!("{:?}", report.scenarios) };
     let text = std::fs::read_to_string(sc.scenario.as_ref().unwrap()).unwrap();

@@ -1,0 +1,104 @@
+//! The `replay` device on UDP: a [`ReplayCore`] behind a socket, one datagram per
+//! frame, as an SMP server answers on its port. Each sender is a peer of its own; the
+//! answers the capture holds after a matched request go back to that sender, with the
+//! captured kind's rule applied (SMP: the live sequence number echoed).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::replay_core::{ReplayCore, ReplayEvent};
+use crate::limits::LogEvery;
+use crate::observe::{ObservationKind, ObservationLog};
+use crate::sans_io::{Input, Output, Peer, SansIoCore};
+
+/// Senders remembered at once; a flood of sources forgets the oldest.
+const MAX_PEERS: usize = 4096;
+
+/// A running UDP replay. Stop it with [`ReplayUdpDevice::stop`] (dropping it stops it too).
+pub struct ReplayUdpDevice {
+    /// Where it listens.
+    pub local: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ReplayUdpDevice {
+    /// Binds `addr` (port 0: any) and serves the core there until stopped.
+    pub async fn start(name: impl Into<String>, core: ReplayCore, addr: SocketAddr, log: ObservationLog) -> Result<Self, String> {
+        let sock = tokio::net::UdpSocket::bind(addr).await.map_err(|e| format!("udp {addr}: {e}"))?;
+        let local = sock.local_addr().map_err(|e| e.to_string())?;
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(serve(sock, core.alone(), name.into(), log, stopped));
+        Ok(ReplayUdpDevice { local, stop: Some(stop), task: Some(task) })
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for ReplayUdpDevice {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+async fn serve(sock: tokio::net::UdpSocket, mut core: ReplayCore, name: String, log: ObservationLog, mut stopped: oneshot::Receiver<()>) {
+    let start = Instant::now();
+    let mut peers: Vec<SocketAddr> = Vec::new();
+    // A flood of bad datagrams or failing sends writes a line per period, not per datagram.
+    let (mut recv_log, mut send_log) = (LogEvery::default(), LogEvery::default());
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, from) = tokio::select! {
+            _ = &mut stopped => return,
+            r = sock.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    if let Some(more) = recv_log.check(Instant::now()) {
+                        tracing::warn!(device = %name, "udp receive: {e} ({more} more since the last line)");
+                    }
+                    continue;
+                }
+            },
+        };
+        let peer = match peers.iter().position(|p| *p == from) {
+            Some(i) => i,
+            None => {
+                if peers.len() >= MAX_PEERS {
+                    peers.clear();
+                }
+                peers.push(from);
+                peers.len() - 1
+            }
+        };
+        let mut out = Vec::new();
+        let _ = core.handle_input(Input::Bytes { from: Peer(peer as u64), bytes: &buf[..n] }, start.elapsed(), &mut out);
+        for o in out {
+            match o {
+                Output::Send { to, bytes } => {
+                    let Some(dest) = peers.get(to.0 as usize) else { continue };
+                    if let Err(e) = sock.send_to(&bytes, dest).await {
+                        if let Some(more) = send_log.check(Instant::now()) {
+                            tracing::warn!(device = %name, "udp send to {dest}: {e} ({more} more since the last line)");
+                        }
+                    }
+                }
+                Output::Event(ReplayEvent::Unmatched { bytes }) => {
+                    log.push(&name, ObservationKind::DeviceSilent { reason: format!("no captured request is {}", crate::client::hex(&bytes)) });
+                }
+                Output::Event(ReplayEvent::Answered { index, answers }) => tracing::debug!(device = %name, index, answers, "replayed"),
+                Output::Close(_) => {}
+            }
+        }
+    }
+}
