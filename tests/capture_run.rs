@@ -323,3 +323,24 @@ fn a_btsnoop_log_of_a_jbd_session_becomes_a_scenario_that_passes() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && text.contains("1 passed, 0 failed"), "{text}");
 }
+
+/// dumpcap's capture of smpclient updating a device over UDP becomes, with one command, a
+/// scenario that replays the device on a socket to an smp-client: the captured buffer
+/// size and first running image, and a timeout where the capture shows the reboot.
+#[test]
+fn an_smp_upload_capture_becomes_a_scenario_that_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/captures/smp-dfu-udp.pcapng"), dir.path().join("dfu.pcapng")).unwrap();
+    let hilbench = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_hilbench")).args(args).current_dir(dir.path()).output().unwrap();
+    let out = hilbench(&["capture", "import", "dfu.pcapng", "--out", "fx", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scenario = r[0]["scenarios"][0]["scenario"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();
+    let yaml = std::fs::read_to_string(dir.path().join(&scenario)).unwrap();
+    for want in ["kind: smp-client", "field: buf_size, equals: 2048", "flag: 'active:1.0.0'", "kind: timeout"] {
+        assert!(yaml.contains(want), "{want}: {yaml}");
+    }
+    let out = hilbench(&["run", &scenario]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("1 passed, 0 failed"), "{text}");
+}

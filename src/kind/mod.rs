@@ -214,12 +214,25 @@ pub trait Kind: Sync {
     fn ble_identity(&self) -> Option<crate::transport::gatt::BleIdentity> {
         None
     }
+    /// For a kind that serves UDP: the scenario services its clients name it for, and the
+    /// template variable prefix its address is published under (`smp` for `{{smp.NAME}}`),
+    /// so a UDP replay of its captures is found as the kind is.
+    fn udp_service(&self) -> Option<UdpService> {
+        None
+    }
     /// A frame of this kind as named fields in wire order, for showing where a device's
     /// answer departs from a captured one (`capture replay`); `request` is the request it
     /// answers. Empty (the default): the two are compared byte by byte.
     fn fields(&self, _frame: &CapturedFrameView<'_>, _request: Option<&[u8]>) -> Vec<(String, String)> {
         Vec::new()
     }
+}
+
+/// How a kind's UDP endpoint is named in a scenario ([`Kind::udp_service`]).
+#[derive(Debug, Clone, Copy)]
+pub struct UdpService {
+    pub serves: &'static [&'static str],
+    pub var: &'static str,
 }
 
 /// A command a kind contributes under `hilbench sim` or `hilbench validate`.

@@ -52,6 +52,8 @@ pub struct ReplayDecl {
     transport: Option<CaptureTransport>,
     /// What the captured kind's clients name it for.
     serves: &'static [&'static str],
+    /// UDP: the variable prefix the captured kind publishes its address under.
+    udp_var: Option<&'static str>,
 }
 
 impl ReplayDecl {
@@ -76,11 +78,15 @@ impl Kind for ReplayKind {
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         let keys = decode_keys::<ReplayKeys>(entry)?;
         let header = read_fixture_head(&keys.fixture, 0).ok().map(|(h, _)| h);
-        Ok(Box::new(ReplayDecl {
-            transport: header.as_ref().map(|h| h.transport),
-            serves: header.and_then(|h| h.kind).and_then(|k| super::find(Role::Device, &k)).and_then(|k| k.ble_identity()).map_or(&[][..], |i| i.serves),
-            keys,
-        }))
+        let transport = header.as_ref().map(|h| h.transport);
+        let kind = header.and_then(|h| h.kind).and_then(|k| super::find(Role::Device, &k));
+        let udp = kind.and_then(|k| k.udp_service());
+        let serves = match transport {
+            Some(CaptureTransport::BleAtt) => kind.and_then(|k| k.ble_identity()).map_or(&[][..], |i| i.serves),
+            Some(CaptureTransport::Udp) => udp.map_or(&[][..], |u| u.serves),
+            _ => &[],
+        };
+        Ok(Box::new(ReplayDecl { transport, serves, udp_var: udp.map(|u| u.var), keys }))
     }
     fn sim(&self) -> Option<super::KindCommand> {
         Some(super::KindCommand {
@@ -317,13 +323,9 @@ impl Declared for ReplayDecl {
     fn bus(&self) -> Option<&str> {
         self.keys.bus.as_deref()
     }
-    /// A BLE replay serves what the captured kind serves, so that kind's clients find it.
+    /// A BLE or UDP replay serves what the captured kind serves there, so that kind's clients find it.
     fn serves(&self) -> &'static [&'static str] {
-        if self.ble() {
-            self.serves
-        } else {
-            &[]
-        }
+        self.serves
     }
     fn on_air(&self) -> bool {
         self.ble()
@@ -335,7 +337,7 @@ impl Declared for ReplayDecl {
                 let core = load(&k.fixture, CaptureTransport::Udp, "")?;
                 let addr = k.udp.unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
                 let device = ReplayUdpDevice::start(k.name.clone(), core, addr, cx.log.clone()).await?;
-                return Ok(Box::new(RunningUdpReplay { name: k.name.clone(), device: Some(device) }) as Box<dyn Running>);
+                return Ok(Box::new(RunningUdpReplay { name: k.name.clone(), var: self.udp_var, device: Some(device) }) as Box<dyn Running>);
             }
             if self.ble() {
                 let (core, identity) = load_ble(&k.fixture)?;
@@ -428,12 +430,17 @@ pub fn load_ble(fixture: &std::path::Path) -> Result<(ReplayCore, crate::transpo
 
 struct RunningUdpReplay {
     name: String,
+    /// The captured kind's variable prefix (`smp`), published beside `udp.NAME`.
+    var: Option<&'static str>,
     device: Option<ReplayUdpDevice>,
 }
 
 impl Running for RunningUdpReplay {
     fn vars(&self) -> Vec<(String, String)> {
-        self.device.iter().map(|d| (format!("udp.{}", self.name), d.local.to_string())).collect()
+        let Some(d) = &self.device else { return Vec::new() };
+        let mut vars = vec![(format!("udp.{}", self.name), d.local.to_string())];
+        vars.extend(self.var.map(|v| (format!("{v}.{}", self.name), d.local.to_string())));
+        vars
     }
     fn stop(mut self: Box<Self>) -> LocalBoxFuture<'static, ()> {
         let device = self.device.take();

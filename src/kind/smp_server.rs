@@ -605,6 +605,12 @@ impl Kind for SmpServerKind {
         };
         Some(FrameVerdict { decisive: own_uuid || f.transport == CaptureTransport::Udp, meaning, unit: None })
     }
+    fn udp_service(&self) -> Option<super::UdpService> {
+        Some(super::UdpService { serves: &[super::smp_client::SMP_UDP], var: "smp" })
+    }
+    fn capture_client(&self, port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
+        smp_capture_client(port, devices)
+    }
     fn ble_identity(&self) -> Option<crate::transport::gatt::BleIdentity> {
         Some(crate::transport::gatt::BleIdentity { services: crate::device::smp_ble::smp_gatt(), local_name: crate::device::smp_ble::SMP_LOCAL_NAME.into(), serves: &[super::smp_client::SMP_BLE] })
     }
@@ -929,4 +935,74 @@ fn describe_smp(m: &crate::protocol::smp::SmpFrame) -> String {
         .map(|entries| entries.iter().filter_map(|(k, _)| k.as_text().map(str::to_string)).collect())
         .unwrap_or_default();
     format!("v{} {op} group {} command {} seq {} keys [{}]", h.version + 1, h.group, h.command, h.seq, keys.join(", "))
+}
+
+/// An `smp-client` that polls the captured server as it polls any (params, then the image
+/// state; both with an empty map, as smpclient and smpmgr send them, so the replay finds
+/// them in the capture), and what it must meet. The poller walks the capture in its own
+/// order (a replay answers each request with the next captured one like it), so the steps
+/// are what its first poll is sure to get (the first answered params read and the image
+/// state read after it: the buffer size and the running image) and, where the capture
+/// has a params read unanswered (a reboot), a timeout; the last running image is noted.
+fn smp_capture_client(port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
+    use crate::link::recognise::CaptureTransport;
+    use crate::protocol::smp::{self, SmpFrame, SmpOp};
+    let [d] = devices else {
+        return Err(format!("{} SMP servers on one link; an smp-client polls one", devices.len()));
+    };
+    if port.is_some() || d.transport != CaptureTransport::Udp {
+        return Err(format!("SMP {} captures get no scenario yet (console lines and BLE writes are pieces of messages)", d.transport.as_str()));
+    }
+    let (exchanges, _) = crate::scenario::against::exchanges(d.frames.clone());
+    let (mut buf_size, mut first_active, mut active, mut polls, mut silent) = (None, None, None, 0u64, 0usize);
+    for ex in &exchanges {
+        let Ok(req) = SmpFrame::parse(&ex.request) else { continue };
+        let h = &req.header;
+        let read = h.smp_op() == Some(SmpOp::Read);
+        let params = read && h.group == smp::group::OS && h.command == 6;
+        let state = read && h.group == smp::group::IMAGE && h.command == 0;
+        if !(params || state) {
+            continue;
+        }
+        polls += 1;
+        let Some(answer) = ex.answers.iter().find_map(|a| SmpFrame::parse(a).ok()) else {
+            silent += 1;
+            continue;
+        };
+        let Ok(map) = smp::decode_map(&answer.payload) else { continue };
+        if params {
+            buf_size = buf_size.or_else(|| smp::get(&map, "buf_size").and_then(smp::as_u64));
+        } else if let (Some(_), Some(ciborium::Value::Array(images))) = (buf_size, smp::get(&map, "images")) {
+            for img in images {
+                let ciborium::Value::Map(e) = img else { continue };
+                if matches!(smp::get(e, "active"), Some(ciborium::Value::Bool(true))) {
+                    if let Some(ciborium::Value::Text(v)) = smp::get(e, "version") {
+                        first_active = first_active.or_else(|| Some(v.clone()));
+                        active = Some(v.clone());
+                    }
+                }
+            }
+        }
+    }
+    // Every poll walks the replay one params and one state read on.
+    let within = format!("{}s", (polls / 2 + 10).min(120));
+    let mut steps = Vec::new();
+    let mut seen = vec![format!("{polls} params and image state reads")];
+    if let Some(b) = buf_size {
+        steps.push(format!("expect_reading: {{ client: mgr, field: buf_size, equals: {b}, within: {within} }}"));
+        seen.push(format!("buf_size {b}"));
+    }
+    if let Some(v) = &first_active {
+        steps.push(format!("expect_flag: {{ client: mgr, flag: 'active:{v}', within: {within} }}"));
+        seen.push(format!("running image {v} at first"));
+    }
+    if let Some(v) = active.filter(|v| Some(v) != first_active.as_ref()) {
+        seen.push(format!("{v} at last"));
+    }
+    if silent > 0 && buf_size.is_some() {
+        steps.push(format!("expect_errors: {{ client: mgr, kind: timeout, at_least: 1, within: {within} }}"));
+        seen.push(format!("{silent} unanswered (the device rebooting)"));
+    }
+    let client = format!("{{ name: mgr, kind: {}, device: {}, interval: 200ms }}", super::smp_client::SmpClientKind.name(), d.name);
+    Ok(crate::link::recognise::CaptureClient { client, steps, notes: vec![format!("{}: {}", d.name, seen.join(", "))] })
 }

@@ -75,6 +75,7 @@ pub struct CapturedDevice {
     pub name: String,
     /// Its unit on a shared medium (`addr1`), as the kind's verdicts named it.
     pub unit: Option<String>,
+    pub transport: CaptureTransport,
     /// The first frames of its fixture, in captured order.
     pub frames: Vec<(Direction, Vec<u8>)>,
 }

@@ -64,11 +64,12 @@ fn write_one(
     taken: &mut std::collections::HashSet<String>,
 ) -> Result<(PathBuf, usize), String> {
     let kind = kind.and_then(|k| kind::find(Role::Device, k)).ok_or("no device kind recognised its frames")?;
-    // Serial devices share a bus; BLE ones are each on the air; other links cannot be replayed in a scenario yet.
+    // Serial devices share a bus; BLE ones are each on the air, UDP ones each on a socket;
+    // WebSocket links cannot be replayed in a scenario yet.
     let port = match devs[0].transport {
         CaptureTransport::Serial => Some("client"),
-        CaptureTransport::BleAtt => None,
-        other => return Err(format!("a scenario replays serial and BLE fixtures today, not {} ones", other.as_str())),
+        CaptureTransport::BleAtt | CaptureTransport::Udp => None,
+        other => return Err(format!("a scenario replays serial, BLE and UDP fixtures today, not {} ones", other.as_str())),
     };
     let mut captured = Vec::new();
     for d in devs {
@@ -77,7 +78,7 @@ fn write_one(
         for (i, f) in frames.into_iter().enumerate() {
             out.push((f.dir, crate::scenario::spec::parse_hex(&f.hex).map_err(|e| format!("{}: frame {}: {e}", d.fixture.display(), i + 1))?));
         }
-        captured.push(CapturedDevice { name: slug(&d.device), unit: d.unit.clone(), frames: out });
+        captured.push(CapturedDevice { name: slug(&d.device), unit: d.unit.clone(), transport: d.transport, frames: out });
     }
     let client = kind.capture_client(port, &captured)?;
     if client.steps.is_empty() {
@@ -107,9 +108,11 @@ fn render(
     client: &crate::link::recognise::CaptureClient,
 ) -> String {
     let mut s = String::new();
-    let (where_, arg) = match port {
-        Some(p) => ("on a bus", format!("{{{{port.{p}}}}}")),
-        None => ("on the virtual air", format!("{{{{ble.{}}}}}", captured.first().map_or("DEVICE", |c| c.name.as_str()))),
+    let first = captured.first().map_or("DEVICE", |c| c.name.as_str());
+    let (where_, arg) = match (port, devs.first().map(|d| d.transport)) {
+        (Some(p), _) => ("on a bus", format!("{{{{port.{p}}}}}")),
+        (None, Some(CaptureTransport::Udp)) => ("on a UDP socket", format!("{{{{udp.{first}}}}}")),
+        (None, _) => ("on the virtual air", format!("{{{{ble.{first}}}}}")),
     };
     s.push_str(&format!(
         "# Written by `hilbench capture import` from {}: the captured devices replayed {where_},\n\
