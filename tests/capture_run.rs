@@ -344,3 +344,72 @@ fn an_smp_upload_capture_becomes_a_scenario_that_passes() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && text.contains("1 passed, 0 failed"), "{text}");
 }
+
+/// A btsnoop file written by Wireshark's own writer: text2pcap makes a pcap of H4 packets
+/// (LINKTYPE_BLUETOOTH_HCI_H4_WITH_PHDR) of a JBD session, and editcap converts it to
+/// btsnoop (datalink 1002) with libwiretap's btsnoop writer. It imports as the same ATT
+/// frames as fixtures/captures/jbd-session.btsnoop, which holds the same packets.
+#[test]
+fn a_btsnoop_written_by_wiresharks_editcap_imports_the_same_att_frames() {
+    let t2p = std::env::var("TEXT2PCAP").unwrap_or_else(|_| "text2pcap".into());
+    let editcap = std::env::var("EDITCAP").unwrap_or_else(|_| "editcap".into());
+    for tool in [&t2p, &editcap] {
+        let ok = Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+        assert!(ok, "{tool} (Debian's wireshark-common, which tshark brings) is required by this test");
+    }
+    // LE Connection Complete (peer A4:C1:38:12:34:56), the GATT discovery, a JBD 0x03 read
+    // and its answer in an ACL start and continuation fragment, a stray continuation, the
+    // disconnection. `O`: host to controller; `I`: controller to host.
+    let packets = [
+        ("I", "04 3e 13 01 00 40 00 00 00 56 34 12 38 c1 a4 00 00 00 00 00 00 00"),
+        ("O", "02 40 00 0b 00 07 00 04 00 10 01 00 ff ff 00 28"),
+        ("I", "02 40 20 0c 00 08 00 04 00 11 06 10 00 1f 00 00 ff"),
+        ("O", "02 40 00 0b 00 07 00 04 00 08 10 00 1f 00 03 28"),
+        ("I", "02 40 20 14 00 10 00 04 00 09 07 11 00 10 12 00 01 ff 14 00 0c 15 00 02 ff"),
+        ("O", "02 40 00 0e 00 0a 00 04 00 52 15 00 dd a5 03 00 ff fd 77"),
+        ("I", "02 40 20 14 00 25 00 04 00 1b 12 00 dd 03 00 1b 00 01 02 03 04 05 06 07 08"),
+        ("I", "02 40 10 15 00 09 0a 0b 0c 0d 0e 0f 10 11 12 13 14 15 16 17 18 19 1a ff 00 77"),
+        ("I", "02 40 10 15 00 09 0a 0b 0c 0d 0e 0f 10 11 12 13 14 15 16 17 18 19 1a ff 00 77"),
+        ("I", "04 05 04 00 40 00 13"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let text: String = packets.iter().map(|(d, hex)| format!("{d}\n0000 {hex}\n")).collect();
+    std::fs::write(dir.path().join("h4.txt"), text).unwrap();
+    let run = |cmd: &str, args: &[&str]| {
+        let out = Command::new(cmd).args(args).current_dir(dir.path()).output().unwrap();
+        assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&t2p, &["-q", "-D", "-l", "201", "h4.txt", "h4.pcap"]);
+    run(&editcap, &["-F", "btsnoop", "h4.pcap", "wireshark.btsnoop"]);
+    let head = std::fs::read(dir.path().join("wireshark.btsnoop")).unwrap();
+    assert_eq!(&head[..16], b"btsnoop\0\0\0\0\x01\0\0\x03\xea", "btsnoop version 1, datalink 1002 (H4)");
+
+    let import = |file: &str, out: &str| -> (serde_json::Value, Vec<(String, String)>) {
+        let o = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+            .args(["capture", "import", file, "--out", out, "--json"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let fixture = dir.path().join(r[0]["devices"][0]["fixture"].as_str().unwrap());
+        let frames = std::fs::read_to_string(fixture)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: serde_json::Value = serde_json::from_str(l).unwrap();
+                (f["dir"].as_str().unwrap().to_string(), f["hex"].as_str().unwrap().to_string())
+            })
+            .collect();
+        (r, frames)
+    };
+    let (theirs, their_frames) = import("wireshark.btsnoop", "a");
+    let ours = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/captures/jbd-session.btsnoop");
+    let (_, our_frames) = import(ours, "b");
+    let d = &theirs[0]["devices"][0];
+    assert_eq!((&d["device"], &d["kind"], &d["confidence"]), (&serde_json::json!("A4:C1:38:12:34:56"), &serde_json::json!("jbd-bms"), &serde_json::json!("high")), "{theirs}");
+    assert_eq!(theirs[0]["gaps"].as_array().unwrap().len(), 1, "the stray continuation: {theirs}");
+    assert_eq!(their_frames.len(), 6);
+    assert_eq!(their_frames, our_frames);
+}
