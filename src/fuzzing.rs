@@ -999,5 +999,34 @@ pub fn replay_answers_only_what_was_captured(data: &[u8]) -> bool {
             }
         }
     }
+    // The same capture with its timing kept (times from the bytes, not in order): every
+    // answer still comes, when its time does, and only once.
+    let times: Vec<u64> = captured.iter().map(|(_, b)| u64::from(b.first().copied().unwrap_or(0)) * 1_000_000).collect();
+    let mut timed = ReplayCore::new(captured.to_vec()).keep_timing(times);
+    let (mut promised, mut delivered) = (0usize, 0usize);
+    for (k, (_, req)) in asked.iter().enumerate() {
+        let now = Duration::from_millis(k as u64 * 50);
+        let mut out = Vec::new();
+        timed.handle_input(Input::Timeout, now, &mut out).expect("a timeout is never refused");
+        timed.handle_input(Input::Bytes { from: Peer::ONLY, bytes: req }, now, &mut out).expect("bytes are never refused");
+        for o in &out {
+            match o {
+                Output::Send { bytes, .. } => {
+                    assert!(captured.iter().any(|(d, b)| *d == Direction::Response && b == bytes), "sent bytes nobody captured");
+                    delivered += 1;
+                }
+                Output::Event(ReplayEvent::Answered { answers, .. }) => promised += answers,
+                _ => {}
+            }
+        }
+        if let Some(w) = timed.next_wakeup() {
+            assert!(w >= now, "a wake-up in the past");
+        }
+    }
+    let mut out = Vec::new();
+    timed.handle_input(Input::Timeout, Duration::from_secs(1_000), &mut out).expect("a timeout is never refused");
+    delivered += out.iter().filter(|o| matches!(o, Output::Send { .. })).count();
+    assert_eq!(delivered, promised, "every answer comes once its time does");
+    assert_eq!(timed.next_wakeup(), None);
     reached
 }

@@ -413,3 +413,40 @@ fn a_btsnoop_written_by_wiresharks_editcap_imports_the_same_att_frames() {
     assert_eq!(their_frames.len(), 6);
     assert_eq!(their_frames, our_frames);
 }
+
+/// `--timing keep`: an answer the captured device sent 400 ms after the request comes
+/// no sooner than 400 ms after the live one (the default sends it at once; the core's
+/// unit tests hold both to the millisecond on virtual time).
+#[test]
+fn a_replay_keeping_the_timing_answers_as_late_as_the_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = dir.path().join("late.jsonl");
+    let header = r#"{"hilbench_fixture":1,"source":"hand","device":"udp:127.0.0.1:1337","transport":"udp","kind":"smp-server","confidence":"given","evidence":"","frames":2,"start_unix_ns":0}"#;
+    let req = r#"{"t_ns":0,"dir":"request","hex":"0a000006000007 00a1616462 6869"}"#.replace(' ', "");
+    let rsp = r#"{"t_ns":400000000,"dir":"response","hex":"0b000006000007 00a1617262 6869"}"#.replace(' ', "");
+    std::fs::write(&fixture, format!("{header}\n{req}\n{rsp}\n")).unwrap();
+    let f = fixture.to_str().unwrap();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    for timing in ["keep", "compress"] {
+        let (sim, ready) = Sim::start(&["sim", "replay", f, "--udp", "127.0.0.1:0", "--timing", timing]);
+        let addr = ready["endpoints"]["udp"].as_str().unwrap().to_string();
+        let t = std::time::Instant::now();
+        sock.send_to(&[0x0a, 0, 0, 6, 0, 0, 9, 0, 0xa1, 0x61, 0x64, 0x62, 0x68, 0x69], &addr).unwrap();
+        let n = sock.recv(&mut buf).expect("the replay answers");
+        let took = t.elapsed();
+        drop(sim);
+        assert_eq!(&buf[..n], [0x0b, 0, 0, 6, 0, 0, 9, 0, 0xa1, 0x61, 0x72, 0x62, 0x68, 0x69]);
+        if timing == "keep" {
+            assert!(took >= std::time::Duration::from_millis(400), "answered after {took:?}");
+        }
+    }
+    // A replay on a bus cannot keep the timing, and says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+        .args(["sim", "replay", concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl"), "--timing", "keep"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a replay on a bus answers at once today"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -14,6 +14,12 @@
 //!
 //! Matching is byte for byte unless the captured kind gives a [`ReplayRule`] (SMP: the
 //! sequence number is left out of the match and echoed in the answer).
+//!
+//! Timing: by default every answer goes out at once (the capture's timing compressed).
+//! With [`ReplayCore::keep_timing`] each answer goes out as long after the live request as
+//! it came after the captured one, so a slow answer, a late second piece or a device that
+//! answered after the client gave up replay as they were; answers wait in a queue the
+//! host drains through [`SansIoCore::next_wakeup`] and `Input::Timeout`.
 
 use std::time::Duration;
 
@@ -31,9 +37,16 @@ pub enum ReplayEvent {
     Unmatched { bytes: Vec<u8> },
 }
 
+/// At most this many answers wait for their time (a client flooding a slow replay).
+pub const MAX_PENDING: usize = 4096;
+
 #[derive(Debug, Clone)]
 pub struct ReplayCore {
     frames: Vec<(Direction, Vec<u8>)>,
+    /// Each frame's captured time (ns since the first), when the timing is kept.
+    times: Option<Vec<u64>>,
+    /// Answers waiting for their time: (due, to, bytes), in due order.
+    pending: std::collections::VecDeque<(Duration, crate::sans_io::Peer, Vec<u8>)>,
     /// Where the next search starts.
     cursor: usize,
     /// The captured kind's matching rule (none: byte for byte).
@@ -45,17 +58,26 @@ pub struct ReplayCore {
 impl ReplayCore {
     /// A core over the fixture's frames, in captured order.
     pub fn new(frames: Vec<(Direction, Vec<u8>)>) -> Self {
-        ReplayCore { frames, cursor: 0, rule: None, shared_bus: true }
+        ReplayCore { frames, times: None, pending: Default::default(), cursor: 0, rule: None, shared_bus: true }
     }
 
     /// A core that matches and answers by the captured kind's rule.
     pub fn with_rule(frames: Vec<(Direction, Vec<u8>)>, rule: Option<ReplayRule>) -> Self {
-        ReplayCore { frames, cursor: 0, rule, shared_bus: true }
+        ReplayCore { frames, times: None, pending: Default::default(), cursor: 0, rule, shared_bus: true }
     }
 
     /// The device has a link of its own (UDP, a connection): every request is for it.
     pub fn alone(mut self) -> Self {
         self.shared_bus = false;
+        self
+    }
+
+    /// Answers keep their captured delay after the request (`times`: each frame's captured
+    /// time in ns, as many as frames; otherwise the timing stays compressed).
+    pub fn keep_timing(mut self, times: Vec<u64>) -> Self {
+        if times.len() == self.frames.len() {
+            self.times = Some(times);
+        }
         self
     }
 
@@ -80,7 +102,7 @@ impl ReplayCore {
 impl SansIoCore for ReplayCore {
     type Event = ReplayEvent;
 
-    fn handle_input(&mut self, input: Input<'_>, _now: Duration, out: &mut Vec<Output<ReplayEvent>>) -> Result<(), String> {
+    fn handle_input(&mut self, input: Input<'_>, now: Duration, out: &mut Vec<Output<ReplayEvent>>) -> Result<(), String> {
         match input {
             Input::Bytes { from, bytes } => {
                 let addressed = self.frames.iter().any(|(d, b)| *d == Direction::Request && b.first() == bytes.first());
@@ -98,21 +120,47 @@ impl SansIoCore for ReplayCore {
                     if let Some(r) = self.rule {
                         (r.answer)(bytes, &mut b);
                     }
-                    out.push(Output::Send { to: from, bytes: b });
+                    match &self.times {
+                        Some(t) if self.pending.len() < MAX_PENDING => {
+                            let after = Duration::from_nanos(t[j].saturating_sub(t[i]));
+                            let due = now.saturating_add(after);
+                            // Due times only grow within one answer; later requests may overtake.
+                            let at = self.pending.partition_point(|(d, _, _)| *d <= due);
+                            self.pending.insert(at, (due, from, b));
+                        }
+                        // Past the bound the answer goes at once rather than be lost.
+                        _ => out.push(Output::Send { to: from, bytes: b }),
+                    }
                     answers += 1;
                     j += 1;
                 }
                 self.cursor = j % self.frames.len().max(1);
                 out.push(Output::Event(ReplayEvent::Answered { index: i, answers }));
+                self.flush(now, out);
+                Ok(())
+            }
+            Input::Timeout => {
+                self.flush(now, out);
                 Ok(())
             }
             Input::Set { key, .. } => Err(format!("a replayed device has no state to set (`{key}`): it answers as the capture did")),
-            Input::Connected(_) | Input::Disconnected(_) | Input::Timeout => Ok(()),
+            Input::Connected(_) | Input::Disconnected(_) => Ok(()),
         }
     }
 
     fn next_wakeup(&self) -> Option<Duration> {
-        None
+        self.pending.front().map(|(due, _, _)| *due)
+    }
+}
+
+impl ReplayCore {
+    /// Sends the waiting answers whose time has come.
+    fn flush(&mut self, now: Duration, out: &mut Vec<Output<ReplayEvent>>) {
+        while self.pending.front().is_some_and(|(due, _, _)| *due <= now) {
+            if let Some((_, to, bytes)) = self.pending.pop_front() {
+                out.push(Output::Send { to, bytes });
+            }
+        }
     }
 }
 
@@ -165,6 +213,31 @@ mod tests {
         let mut c = ReplayCore::with_rule(vec![(Request, b"7A".to_vec()), (Response, b"7a".to_vec())], Some(rule)).alone();
         assert_eq!(sent(&ask(&mut c, b"9A")), [b"9a"]);
         assert_eq!(ask(&mut c, b"9B"), [Output::Event(ReplayEvent::Unmatched { bytes: b"9B".to_vec() })], "alone, every request is for it");
+    }
+
+    #[test]
+    fn kept_timing_sends_each_answer_as_long_after_the_request_as_captured() {
+        use Direction::*;
+        let ms = |n: u64| n * 1_000_000;
+        let mut c = ReplayCore::new(vec![(Request, b"A".to_vec()), (Response, b"a1".to_vec()), (Response, b"a2".to_vec()), (Request, b"B".to_vec()), (Response, b"b".to_vec())])
+            .keep_timing(vec![ms(1000), ms(1000), ms(1300), ms(2000), ms(2050)]);
+        let at = |c: &mut ReplayCore, t: u64, input: Input<'_>| {
+            let mut out = Vec::new();
+            c.handle_input(input, Duration::from_millis(t), &mut out).unwrap();
+            out.into_iter().filter_map(|o| if let Output::Send { bytes, .. } = o { Some(bytes) } else { None }).collect::<Vec<_>>()
+        };
+        let ask = |b: &'static [u8]| Input::Bytes { from: Peer::ONLY, bytes: b };
+        assert_eq!(at(&mut c, 10, ask(b"A")), [b"a1".to_vec()], "captured at once: sent at once");
+        assert_eq!(c.next_wakeup(), Some(Duration::from_millis(310)), "a2 came 300 ms after A");
+        assert!(at(&mut c, 100, ask(b"B")).is_empty(), "b is due at 150 ms");
+        assert_eq!(c.next_wakeup(), Some(Duration::from_millis(150)));
+        assert_eq!(at(&mut c, 150, Input::Timeout), [b"b".to_vec()]);
+        assert!(at(&mut c, 300, Input::Timeout).is_empty());
+        assert_eq!(at(&mut c, 310, Input::Timeout), [b"a2".to_vec()]);
+        assert_eq!(c.next_wakeup(), None);
+        // Times that do not fit the frames leave the timing compressed.
+        let c = ReplayCore::new(vec![(Request, b"A".to_vec())]).keep_timing(vec![]);
+        assert!(c.times.is_none());
     }
 
     #[test]

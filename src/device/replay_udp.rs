@@ -1,7 +1,8 @@
 //! The `replay` device on UDP: a [`ReplayCore`] behind a socket, one datagram per
 //! frame, as an SMP server answers on its port. Each sender is a peer of its own; the
 //! answers the capture holds after a matched request go back to that sender, with the
-//! captured kind's rule applied (SMP: the live sequence number echoed).
+//! captured kind's rule applied (SMP: the live sequence number echoed), at once or, with
+//! the timing kept, as late as they came in the capture.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -59,30 +60,35 @@ async fn serve(sock: tokio::net::UdpSocket, mut core: ReplayCore, name: String, 
     let (mut recv_log, mut send_log) = (LogEvery::default(), LogEvery::default());
     let mut buf = vec![0u8; 65_536];
     loop {
-        let (n, from) = tokio::select! {
+        // Answers the capture sent late (kept timing) wait for their time.
+        let wake = core.next_wakeup().map(|at| tokio::time::Instant::from_std(start + at));
+        let mut out = Vec::new();
+        tokio::select! {
             _ = &mut stopped => return,
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {
+                let _ = core.handle_input(Input::Timeout, start.elapsed(), &mut out);
+            }
             r = sock.recv_from(&mut buf) => match r {
-                Ok(x) => x,
+                Ok((n, from)) => {
+                    let peer = match peers.iter().position(|p| *p == from) {
+                        Some(i) => i,
+                        None => {
+                            if peers.len() >= MAX_PEERS {
+                                peers.clear();
+                            }
+                            peers.push(from);
+                            peers.len() - 1
+                        }
+                    };
+                    let _ = core.handle_input(Input::Bytes { from: Peer(peer as u64), bytes: &buf[..n] }, start.elapsed(), &mut out);
+                }
                 Err(e) => {
                     if let Some(more) = recv_log.check(Instant::now()) {
                         tracing::warn!(device = %name, "udp receive: {e} ({more} more since the last line)");
                     }
-                    continue;
                 }
             },
-        };
-        let peer = match peers.iter().position(|p| *p == from) {
-            Some(i) => i,
-            None => {
-                if peers.len() >= MAX_PEERS {
-                    peers.clear();
-                }
-                peers.push(from);
-                peers.len() - 1
-            }
-        };
-        let mut out = Vec::new();
-        let _ = core.handle_input(Input::Bytes { from: Peer(peer as u64), bytes: &buf[..n] }, start.elapsed(), &mut out);
+        }
         for o in out {
             match o {
                 Output::Send { to, bytes } => {

@@ -42,7 +42,23 @@ pub struct ReplayKeys {
     /// which).
     #[serde(default)]
     pub udp: Option<std::net::SocketAddr>,
+    /// `compress` (default): every answer at once; `keep`: each answer as long after the
+    /// request as in the capture (UDP and BLE fixtures).
+    #[serde(default)]
+    pub timing: Timing,
 }
+
+/// Whether a replay keeps the captured delays of its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Timing {
+    #[default]
+    Compress,
+    Keep,
+}
+
+/// What a replay on a bus says to `timing: keep`.
+const BUS_TIMING: &str = "a replay on a bus answers at once today (the bus takes one reply per request); `timing: keep` serves UDP and BLE fixtures";
 
 /// A declared replay: its keys, and what its fixture's header says (read when the
 /// scenario is decoded; a fixture that cannot be read is reported by `check`).
@@ -135,6 +151,10 @@ pub struct ReplaySimArgs {
     /// Pace bytes at the line speed and answer after the RTU silence, as a real line does.
     #[arg(long)]
     pub wire_time: bool,
+    /// compress: every answer at once; keep: each answer as long after the request as in
+    /// the capture (--udp and --ble).
+    #[arg(long, value_enum, default_value = "compress")]
+    pub timing: Timing,
 }
 
 fn sim(a: ReplaySimArgs) -> Result<(), String> {
@@ -143,22 +163,25 @@ fn sim(a: ReplaySimArgs) -> Result<(), String> {
         let [fixture] = &a.fixtures[..] else {
             return Err(format!("--ble serves one fixture; {} given", a.fixtures.len()));
         };
-        return sim_ble(fixture, &a.place);
+        return sim_ble(fixture, &a.place, a.timing);
     }
     if a.place.given() {
         return Err("--mtu, --bus and --adapter place a BLE replay: give --ble".into());
+    }
+    if a.timing == Timing::Keep && a.udp.is_none() {
+        return Err(format!("--timing keep: {BUS_TIMING}"));
     }
     if let Some(addr) = a.udp {
         let [fixture] = &a.fixtures[..] else {
             return Err(format!("--udp serves one fixture; {} given", a.fixtures.len()));
         };
-        return sim_udp(load(fixture, CaptureTransport::Udp, "--udp serves UDP ones")?.alone(), addr);
+        return sim_udp(load(fixture, CaptureTransport::Udp, "--udp serves UDP ones", a.timing)?.alone(), addr);
     }
     use crate::transport::bus::{BusActor, BusConfig, BusPortSpec};
     // Every fixture is read before anything opens.
     let mut cores = Vec::new();
     for (i, f) in a.fixtures.iter().enumerate() {
-        cores.push((format!("replay{}", i + 1), load(f, CaptureTransport::Serial, "a PTY serves serial ones (--udp: UDP ones)")?));
+        cores.push((format!("replay{}", i + 1), load(f, CaptureTransport::Serial, "a PTY serves serial ones (--udp: UDP ones)", Timing::Compress)?));
     }
     let sys = actix::System::new();
     sys.block_on(async move {
@@ -199,9 +222,9 @@ fn sim(a: ReplaySimArgs) -> Result<(), String> {
 }
 
 /// One BLE fixture served where `place` says (an air of its own by default).
-fn sim_ble(fixture: &std::path::Path, place: &crate::cli::ble_place::BlePlaceArgs) -> Result<(), String> {
+fn sim_ble(fixture: &std::path::Path, place: &crate::cli::ble_place::BlePlaceArgs, timing: Timing) -> Result<(), String> {
     use crate::cli::ble_place::BlePlacement;
-    let (core, identity) = load_ble(fixture)?;
+    let (core, identity) = load_ble(fixture, timing)?;
     let system = actix::System::new();
     system.block_on(async move {
         let placement = BlePlacement::place(place, 1).await?;
@@ -238,27 +261,30 @@ fn sim_ble(fixture: &std::path::Path, place: &crate::cli::ble_place::BlePlaceArg
 
 /// A fixture's frames and the replay rule of its kind, or why it cannot be replayed by a
 /// host that `serves` (says what it serves) frames of `transport`.
-fn load(fixture: &std::path::Path, transport: CaptureTransport, serves: &str) -> Result<ReplayCore, String> {
+fn load(fixture: &std::path::Path, transport: CaptureTransport, serves: &str, timing: Timing) -> Result<ReplayCore, String> {
     let (header, frames) = read_fixture(fixture)?;
     if header.transport != transport {
         return Err(format!("{} holds {} frames; {serves}", fixture.display(), header.transport.as_str()));
     }
     let mut out = Vec::with_capacity(frames.len());
+    let mut times = Vec::with_capacity(frames.len());
     for (i, f) in frames.into_iter().enumerate() {
         let bytes = crate::scenario::spec::parse_hex(&f.hex).map_err(|e| format!("{}: frame {}: {e}", fixture.display(), i + 1))?;
         out.push((f.dir, bytes));
+        times.push(f.t_ns);
     }
     if !out.iter().any(|(d, _)| *d == Direction::Request) {
         return Err(format!("{} has no request to answer", fixture.display()));
     }
     let rule = header.kind.as_deref().and_then(|k| super::find(Role::Device, k)).and_then(|k| k.replay_rule());
-    Ok(ReplayCore::with_rule(out, rule))
+    let core = ReplayCore::with_rule(out, rule);
+    Ok(if timing == Timing::Keep { core.keep_timing(times) } else { core })
 }
 
 impl ReplayKeys {
     /// The fixture's core, or why it cannot be replayed on a bus.
     fn core(&self) -> Result<ReplayCore, String> {
-        load(&self.fixture, CaptureTransport::Serial, "a scenario's `replay` on a bus serves serial fixtures")
+        load(&self.fixture, CaptureTransport::Serial, "a scenario's `replay` on a bus serves serial fixtures", Timing::Compress)
     }
 }
 
@@ -278,15 +304,18 @@ impl Declared for ReplayDecl {
             if k.bus.is_some() {
                 return Err(at_key("bus", "a UDP fixture is served on a socket, not on a bus: leave `bus` out"));
             }
-            load(&k.fixture, CaptureTransport::Udp, "").map_err(|e| at_key("fixture", e))?;
+            load(&k.fixture, CaptureTransport::Udp, "", k.timing).map_err(|e| at_key("fixture", e))?;
             return Ok(());
         }
         if self.ble() {
             if k.bus.is_some() {
                 return Err(at_key("bus", "a BLE fixture is served on the air, not on a bus: leave `bus` out"));
             }
-            load_ble(&k.fixture).map_err(|e| at_key("fixture", e))?;
+            load_ble(&k.fixture, k.timing).map_err(|e| at_key("fixture", e))?;
             return Ok(());
+        }
+        if k.timing == Timing::Keep && self.transport == Some(CaptureTransport::Serial) {
+            return Err(at_key("timing", BUS_TIMING));
         }
         let Some(bus) = &k.bus else {
             // Read the fixture first: a fixture that is not there says so, not "no bus".
@@ -334,13 +363,13 @@ impl Declared for ReplayDecl {
         Box::pin(async move {
             let k = &self.keys;
             if self.udp() {
-                let core = load(&k.fixture, CaptureTransport::Udp, "")?;
+                let core = load(&k.fixture, CaptureTransport::Udp, "", k.timing)?;
                 let addr = k.udp.unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
                 let device = ReplayUdpDevice::start(k.name.clone(), core, addr, cx.log.clone()).await?;
                 return Ok(Box::new(RunningUdpReplay { name: k.name.clone(), var: self.udp_var, device: Some(device) }) as Box<dyn Running>);
             }
             if self.ble() {
-                let (core, identity) = load_ble(&k.fixture)?;
+                let (core, identity) = load_ble(&k.fixture, k.timing)?;
                 let air = AirLink::lend(None, None).await?;
                 return match ReplayBleDevice::start(k.name.clone(), core, &identity, air.adapter(), cx.log.clone()).await {
                     Ok(device) => Ok(Box::new(ble::OnAir::new(k.name.clone(), device.address.clone(), air, device)) as Box<dyn Running>),
@@ -377,7 +406,7 @@ impl ble::AirDevice for ReplayBleDevice {
 /// (hilbench's own, a log started late) is mapped onto the kind's table where that is
 /// unambiguous: the kind's one writable characteristic gets the writes the kind
 /// recognised, its one notifying characteristic every notification.
-pub fn load_ble(fixture: &std::path::Path) -> Result<(ReplayCore, crate::transport::gatt::BleIdentity), String> {
+pub fn load_ble(fixture: &std::path::Path, timing: Timing) -> Result<(ReplayCore, crate::transport::gatt::BleIdentity), String> {
     use crate::device::replay_ble::{gatt_frame, NOTIFY, WRITE};
     let (header, frames) = read_fixture(fixture)?;
     if header.transport != CaptureTransport::BleAtt {
@@ -397,6 +426,7 @@ pub fn load_ble(fixture: &std::path::Path) -> Result<(ReplayCore, crate::transpo
     };
     let (writable, notifying) = (only(|p| p.write || p.write_without_response), only(|p| p.notify));
     let mut out = Vec::new();
+    let mut times = Vec::new();
     for (i, f) in frames.iter().enumerate() {
         let at = || format!("{}: frame {}", fixture.display(), i + 2);
         let pdu = crate::scenario::spec::parse_hex(&f.hex).map_err(|e| format!("{}: {e}", at()))?;
@@ -421,11 +451,13 @@ pub fn load_ble(fixture: &std::path::Path) -> Result<(ReplayCore, crate::transpo
             continue;
         }
         out.push((dir, gatt_frame(class, char, value)));
+        times.push(f.t_ns);
     }
     if !out.iter().any(|(d, _)| *d == Direction::Request) {
         return Err(format!("{} has no write to a {kind_name} characteristic to answer", fixture.display()));
     }
-    Ok((ReplayCore::new(out), identity))
+    let core = ReplayCore::new(out);
+    Ok((if timing == Timing::Keep { core.keep_timing(times) } else { core }, identity))
 }
 
 struct RunningUdpReplay {
@@ -510,7 +542,7 @@ mod tests {
                 r#"{"t_ns":3,"dir":"response","hex":"13","att":"write_rsp"}"#,
             ],
         );
-        let (core, identity) = load_ble(&p).unwrap();
+        let (core, identity) = load_ble(&p, Timing::Compress).unwrap();
         assert_eq!(identity.local_name, "xiaoxiang BMS");
         assert_eq!(core.requests(), 1, "the CCCD write is the stack's");
         let mut out = Vec::new();
@@ -527,16 +559,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let no_kind = JBD_HEADER.replace(r#""kind":"jbd-bms""#, r#""kind":null"#);
         let p = fixture(dir.path(), &no_kind, &[]);
-        assert!(load_ble(&p).unwrap_err().contains("no device kind was recognised"));
+        assert!(load_ble(&p, Timing::Compress).unwrap_err().contains("no device kind was recognised"));
         let serial = JBD_HEADER.replace("ble-att", "serial");
         let p = fixture(dir.path(), &serial, &[]);
-        assert!(load_ble(&p).unwrap_err().contains("holds serial frames, not BLE ones"));
+        assert!(load_ble(&p, Timing::Compress).unwrap_err().contains("holds serial frames, not BLE ones"));
         let eg4 = JBD_HEADER.replace("jbd-bms", "eg4-lp4");
         let p = fixture(dir.path(), &eg4, &[]);
-        assert!(load_ble(&p).unwrap_err().contains("kind eg4-lp4 serves no GATT table"));
+        assert!(load_ble(&p, Timing::Compress).unwrap_err().contains("kind eg4-lp4 serves no GATT table"));
         let p = fixture(dir.path(), JBD_HEADER, &[r#"{"t_ns":3,"dir":"response","hex":"13","att":"write_rsp"}"#]);
-        assert!(load_ble(&p).unwrap_err().contains("has no write to a jbd-bms characteristic"));
+        assert!(load_ble(&p, Timing::Compress).unwrap_err().contains("has no write to a jbd-bms characteristic"));
         let p = fixture(dir.path(), JBD_HEADER, &[r#"{"t_ns":1,"dir":"request","hex":"52","att":"write_cmd","meaning":"x"}"#]);
-        assert!(load_ble(&p).unwrap_err().contains("has no handle"));
+        assert!(load_ble(&p, Timing::Compress).unwrap_err().contains("has no handle"));
     }
 }
