@@ -303,6 +303,18 @@ fn an_imported_capture_becomes_a_scenario_that_passes() {
     let out = hilbench(&["run", "fx/wrong.yaml"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("0 passed, 1 failed"), "{text}");
+
+    // --as-state: the packs simulated in the captured state, the faults reproducing the rest.
+    let out = hilbench(&["capture", "import", "field.pcapng", "--out", "model", "--as-state"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let yaml = std::fs::read_to_string(dir.path().join("model/field.bridge.yaml")).unwrap();
+    for want in ["kind: eg4-lp4, bus: field, address: 2", "state: { soc: 66,", "cell1_mv: 3327", "kind: bad_checksum, direction: response", "kind: drop, direction: response"] {
+        assert!(yaml.contains(want), "{want}: {yaml}");
+    }
+    assert!(!yaml.contains("kind: replay"), "{yaml}");
+    let out = hilbench(&["run", "model/field.bridge.yaml"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("1 passed, 0 failed"), "{text}");
 }
 
 /// A btsnoop log of a JBD session (an Android HCI snoop log's format) becomes, with one

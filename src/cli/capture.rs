@@ -93,6 +93,10 @@ pub struct ImportArgs {
     /// HANDLE=UUID[,HANDLE=UUID…]; a 16-bit UUID may be given short (ff01).
     #[arg(long, value_name = "MAP", value_parser = parse_gatt)]
     pub gatt: Option<GattMap>,
+    /// Write scenarios that simulate the devices in the state the capture shows (SoC,
+    /// cells, temperatures…) with the faults that reproduce it, instead of replaying them.
+    #[arg(long)]
+    pub as_state: bool,
     /// Print the reports as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -212,7 +216,7 @@ fn import_main(a: ImportArgs) -> i32 {
             return 2;
         }
     }
-    let opts = ImportOptions { out_dir: a.out.clone(), kind: a.kind.clone(), gatt: a.gatt.clone().map(|g| g.0).unwrap_or_default() };
+    let opts = ImportOptions { out_dir: a.out.clone(), kind: a.kind.clone(), gatt: a.gatt.clone().map(|g| g.0).unwrap_or_default(), as_state: a.as_state };
     let mut reports = Vec::new();
     let mut code = 0;
     for f in &a.files {

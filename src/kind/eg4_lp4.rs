@@ -93,7 +93,11 @@ impl Kind for Eg4Lp4 {
         })
     }
     fn capture_client(&self, port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
-        modbus_capture_client(port.ok_or("EG4 packs are replayed on a bus")?, devices)
+        modbus_capture(port.ok_or("EG4 packs are replayed on a bus")?, devices, false).map(|(c, _)| c)
+    }
+    fn capture_model(&self, port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<super::CaptureModel, String> {
+        let (client, devices) = modbus_capture(port.ok_or("EG4 packs are simulated on a bus")?, devices, true)?;
+        Ok(super::CaptureModel { devices, client })
     }
     fn fields(&self, f: &crate::link::recognise::CapturedFrameView<'_>, request: Option<&[u8]>) -> Vec<(String, String)> {
         use crate::protocol::modbus::{self, ModbusRequest};
@@ -256,7 +260,13 @@ struct PollOutcomes {
 /// silences and other bad answers of the capture, and the last good reading's SoC and
 /// voltage. Err when a captured request is not a profile's poll (the client would send
 /// something the replay never saw) or a device is not one Modbus address.
-fn modbus_capture_client(port: &str, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
+///
+/// With `model`, the packs are simulated instead (`capture import --as-state`): each in the
+/// state of its last good answer (SoC, SoH, current, temperatures, cycles, capacity; its
+/// cells pinned by a `set` step, as `state` sets SoC after them), with the faults of the
+/// shared vocabulary that give the client what the capture shows (bad_checksum and drop
+/// on its responses, at the captured share of the polls); also returns the device entries.
+fn modbus_capture(port: &str, devices: &[crate::link::recognise::CapturedDevice], model: bool) -> Result<(crate::link::recognise::CaptureClient, Vec<String>), String> {
     use crate::protocol::modbus::{self, ModbusError, ModbusRequest, ModbusResponse};
     let mut poll: Option<(u16, u16)> = None;
     let mut packs = Vec::new();
@@ -292,7 +302,7 @@ fn modbus_capture_client(port: &str, devices: &[crate::link::recognise::Captured
                 Err(_) => o.other += 1,
             }
         }
-        packs.push((address, o));
+        packs.push((address, d.name.clone(), o));
     }
     let (start, count) = poll.ok_or("the capture holds no request")?;
     let profile = RegisterProfile::ALL.into_iter().find(|p| p.poll_request() == (start, count)).ok_or_else(|| {
@@ -302,10 +312,10 @@ fn modbus_capture_client(port: &str, devices: &[crate::link::recognise::Captured
     // One pass through the longest capture: each exchange costs a poll interval, and every
     // address's answer or timeout.
     let (interval_ms, timeout_ms) = (100u64, 150u64);
-    let longest = packs.iter().map(|(_, o)| o.exchanges).max().unwrap_or(0) as u64;
+    let longest = packs.iter().map(|(_, _, o)| o.exchanges).max().unwrap_or(0) as u64;
     let pass_ms = longest * (interval_ms + packs.len() as u64 * timeout_ms);
     let within = format!("{}ms", (2 * pass_ms + 1000).max(3000));
-    let addresses: Vec<String> = packs.iter().map(|(a, _)| a.to_string()).collect();
+    let addresses: Vec<String> = packs.iter().map(|(a, _, _)| a.to_string()).collect();
     let client = format!(
         "{{ name: master, kind: {}, port: {port}, profile: {}, addresses: [{}], interval: {interval_ms}ms, timeout: {timeout_ms}ms, retries: 0 }}",
         super::modbus_master::MODBUS_MASTER.name(),
@@ -314,9 +324,17 @@ fn modbus_capture_client(port: &str, devices: &[crate::link::recognise::Captured
     );
     let mut steps = Vec::new();
     let mut notes = Vec::new();
-    for (a, o) in &packs {
+    let mut entries = Vec::new();
+    let mut setup = Vec::new();
+    for (a, name, o) in &packs {
         let errors = |kind: &str| format!("expect_errors: {{ client: master, address: {a}, kind: {kind}, at_least: 1, within: {within} }}");
         let mut seen = Vec::new();
+        if model {
+            let (entry, set, faults) = pack_model(name, *a, profile, start, o);
+            entries.push(entry);
+            setup.extend(set);
+            setup.extend(faults);
+        }
         for (n, kind, what) in [(o.bad_crc, Some("crc"), "answers with a bad CRC"), (o.exceptions, Some("exception"), "exceptions"), (o.silent, Some("timeout"), "silences"), (o.other, None, "answers that are no read response")] {
             if n == 0 {
                 continue;
@@ -330,12 +348,56 @@ fn modbus_capture_client(port: &str, devices: &[crate::link::recognise::Captured
         if let Some(t) = o.last.as_ref().and_then(|regs| profile.decode(start, regs).ok()) {
             seen.push(format!("last reading SoC {} %, {} mV", t.soc_pct, t.pack_mv));
             steps.push(format!("expect_reading: {{ client: master, address: {a}, field: soc_pct, equals: {}, within: {within} }}", t.soc_pct));
-            steps.push(format!(
-                "expect_reading: {{ client: master, address: {a}, field: pack_v, equals: {}, tolerance: 0.005, within: {within} }}",
-                f64::from(t.pack_mv) / 1000.0
-            ));
+            // A simulated pack's voltage is its cells' sum, which the captured one need not be.
+            if !model {
+                steps.push(format!(
+                    "expect_reading: {{ client: master, address: {a}, field: pack_v, equals: {}, tolerance: 0.005, within: {within} }}",
+                    f64::from(t.pack_mv) / 1000.0
+                ));
+            }
+        }
+        if model && (o.exceptions > 0 || o.other > 0) {
+            seen.push("its exceptions and undecodable answers are not reproduced".into());
         }
         notes.push(format!("address {a}: {} polls; {}", o.exchanges, if seen.is_empty() { "no answer decoded".into() } else { seen.join(", ") }));
     }
-    Ok(crate::link::recognise::CaptureClient { client, steps, notes })
+    setup.extend(steps);
+    Ok((crate::link::recognise::CaptureClient { client, steps: setup, notes }, entries))
+}
+
+/// One captured pack as a simulated one: its entry, the `set` step pinning its cells, and
+/// the fault steps that reproduce its bad CRCs and silences.
+fn pack_model(name: &str, address: u8, profile: RegisterProfile, start: u16, o: &PollOutcomes) -> (String, Vec<String>, Vec<String>) {
+    let t = o.last.as_ref().and_then(|regs| profile.decode(start, regs).ok());
+    let mut keys = Vec::new();
+    let mut set = Vec::new();
+    let mut extra = String::new();
+    if let Some(t) = &t {
+        keys.push(format!("soc: {}", t.soc_pct));
+        keys.push(format!("soh: {}", t.soh_pct.max(1)));
+        keys.push(format!("current_a: {}", f64::from(t.current_ca) / 100.0));
+        keys.push(format!("mos_temp_c: {}", t.pcb_temp_c));
+        keys.extend(t.temps_c.iter().enumerate().map(|(i, c)| format!("temp{}_c: {c}", i + 1)));
+        keys.push(format!("cycles: {}", t.cycles));
+        if t.capacity_dah > 0 {
+            keys.push(format!("capacity_ah: {}", f64::from(t.capacity_dah) / 10.0));
+        }
+        extra = format!(", cells: {}, ntc: {}", t.cells_mv.len().max(4), t.temps_c.len());
+        let cells: Vec<String> = t.cells_mv.iter().enumerate().map(|(i, mv)| format!("cell{}_mv: {mv}", i + 1)).collect();
+        if !cells.is_empty() {
+            set.push(format!("set: {{ device: {name}, state: {{ {} }} }}", cells.join(", ")));
+        }
+    }
+    let state = if keys.is_empty() { String::new() } else { format!(", state: {{ {} }}", keys.join(", ")) };
+    let entry = format!("{{ name: {name}, kind: eg4-lp4, bus: field, address: {address}, profile: {}{extra}{state} }}", profile.name());
+    let share = |n: usize| n as f64 / o.exchanges.max(1) as f64;
+    let mut faults = Vec::new();
+    for (n, kind) in [(o.bad_crc, "bad_checksum"), (o.silent, "drop")] {
+        if n == 0 {
+            continue;
+        }
+        let how = if n >= o.exchanges { "always: true".to_string() } else { format!("probability: {:.2}", share(n)) };
+        faults.push(format!("fault: {{ link: {name}, kind: {kind}, direction: response, {how} }}"));
+    }
+    (entry, set, faults)
 }

@@ -214,6 +214,12 @@ pub trait Kind: Sync {
     fn ble_identity(&self) -> Option<crate::transport::gatt::BleIdentity> {
         None
     }
+    /// Simulated devices of this kind in the captured devices' state, with a client and
+    /// steps (and the faults that reproduce what the capture shows), for a scenario that
+    /// gives the field device back interactive (`capture import --as-state`).
+    fn capture_model(&self, _port: Option<&str>, _devices: &[CapturedDevice]) -> Result<CaptureModel, String> {
+        Err(format!("{} derives no simulator state from captures yet", self.name()))
+    }
     /// For a kind that serves UDP: the scenario services its clients name it for, and the
     /// template variable prefix its address is published under (`smp` for `{{smp.NAME}}`),
     /// so a UDP replay of its captures is found as the kind is.
@@ -226,6 +232,14 @@ pub trait Kind: Sync {
     fn fields(&self, _frame: &CapturedFrameView<'_>, _request: Option<&[u8]>) -> Vec<(String, String)> {
         Vec::new()
     }
+}
+
+/// Simulated devices in a capture's state ([`Kind::capture_model`]): their entries (one
+/// YAML flow mapping each) and the client with the steps.
+#[derive(Debug, Clone)]
+pub struct CaptureModel {
+    pub devices: Vec<String>,
+    pub client: CaptureClient,
 }
 
 /// How a kind's UDP endpoint is named in a scenario ([`Kind::udp_service`]).

@@ -51,6 +51,8 @@ pub struct ImportOptions {
     pub kind: Option<String>,
     /// Handle → UUID for BLE logs that start after the GATT discovery.
     pub gatt: Vec<(u16, uuid::Uuid)>,
+    /// The scenarios simulate the devices in the captured state instead of replaying them.
+    pub as_state: bool,
 }
 
 /// How sure the importer is of a device's kind.
@@ -198,7 +200,7 @@ pub fn import_file(path: &Path, opts: &ImportOptions) -> Result<ImportReport, Im
         // Nothing came out before the error: the file is refused, not imported.
         return Err(ImportError::Format { path: path.to_owned(), what: what.clone() });
     }
-    let scenarios = skeleton::write_all(&stem, path, &opts.out_dir, &devices);
+    let scenarios = skeleton::write_all(&stem, path, &opts.out_dir, &devices, opts.as_state);
     Ok(ImportReport { source: path.to_owned(), format: source_kind.to_string(), frames, devices, gaps, error, scenarios })
 }
 

@@ -32,7 +32,16 @@ pub struct ScenarioReport {
 }
 
 /// Writes `OUT/<stem>.<link>.yaml` for every link whose devices a scenario can replay.
-pub(super) fn write_all(stem: &str, source: &Path, out_dir: &Path, devices: &[DeviceReport]) -> Vec<ScenarioReport> {
+/// What every scenario of one import shares.
+struct Import<'a> {
+    stem: &'a str,
+    source: &'a Path,
+    out_dir: &'a Path,
+    as_state: bool,
+}
+
+pub(super) fn write_all(stem: &str, source: &Path, out_dir: &Path, devices: &[DeviceReport], as_state: bool) -> Vec<ScenarioReport> {
+    let import = Import { stem, source, out_dir, as_state };
     let mut links: BTreeMap<(&str, Option<&str>), Vec<&DeviceReport>> = BTreeMap::new();
     for d in devices {
         links.entry((d.link.as_str(), d.kind.as_deref())).or_default().push(d);
@@ -42,7 +51,7 @@ pub(super) fn write_all(stem: &str, source: &Path, out_dir: &Path, devices: &[De
         .into_iter()
         .map(|((link, kind), devs)| {
             let mut r = ScenarioReport { link: link.to_string(), kind: kind.map(str::to_string), scenario: None, skipped: None, devices: devs.len(), steps: 0 };
-            match write_one(stem, source, out_dir, link, kind, &devs, &mut taken) {
+            match write_one(&import, link, kind, &devs, &mut taken) {
                 Ok((path, steps)) => {
                     r.scenario = Some(path);
                     r.steps = steps;
@@ -54,15 +63,8 @@ pub(super) fn write_all(stem: &str, source: &Path, out_dir: &Path, devices: &[De
         .collect()
 }
 
-fn write_one(
-    stem: &str,
-    source: &Path,
-    out_dir: &Path,
-    link: &str,
-    kind: Option<&str>,
-    devs: &[&DeviceReport],
-    taken: &mut std::collections::HashSet<String>,
-) -> Result<(PathBuf, usize), String> {
+fn write_one(im: &Import<'_>, link: &str, kind: Option<&str>, devs: &[&DeviceReport], taken: &mut std::collections::HashSet<String>) -> Result<(PathBuf, usize), String> {
+    let Import { stem, out_dir, as_state, .. } = *im;
     let kind = kind.and_then(|k| kind::find(Role::Device, k)).ok_or("no device kind recognised its frames")?;
     // Serial devices share a bus; BLE ones are each on the air, UDP ones each on a socket;
     // WebSocket links cannot be replayed in a scenario yet.
@@ -80,14 +82,26 @@ fn write_one(
         }
         captured.push(CapturedDevice { name: slug(&d.device), unit: d.unit.clone(), transport: d.transport, frames: out });
     }
-    let client = kind.capture_client(port, &captured)?;
+    // Replayed devices, or (--as-state) the kind's simulated ones in the captured state.
+    let (client, entries) = if as_state {
+        let m = kind.capture_model(port, &captured)?;
+        (m.client, m.devices)
+    } else {
+        let bus = if port.is_some() { " bus: field," } else { "" };
+        let entries = devs
+            .iter()
+            .zip(&captured)
+            .map(|(d, c)| format!("{{ name: {}, kind: replay,{bus} fixture: {} }}", quoted(&c.name), quoted(&d.fixture.to_string_lossy())))
+            .collect();
+        (kind.capture_client(port, &captured)?, entries)
+    };
     if client.steps.is_empty() {
         return Err("the capture shows nothing a step could check".into());
     }
     let base = format!("{stem}.{}", slug(link));
     let name = (1..).map(|i| if i == 1 { base.clone() } else { format!("{base}-{i}") }).find(|n| taken.insert(n.clone())).unwrap_or(base);
     let path = out_dir.join(format!("{name}.yaml"));
-    let text = render(source, link, kind.name(), port, devs, &captured, &client);
+    let text = render(im, link, kind.name(), port, &captured, &entries, &client);
     let mut f = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     f.write_all(text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((path, client.steps.len()))
@@ -98,31 +112,29 @@ fn quoted(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
-fn render(
-    source: &Path,
-    link: &str,
-    kind: &str,
-    port: Option<&str>,
-    devs: &[&DeviceReport],
-    captured: &[CapturedDevice],
-    client: &crate::link::recognise::CaptureClient,
-) -> String {
+fn render(im: &Import<'_>, link: &str, kind: &str, port: Option<&str>, captured: &[CapturedDevice], entries: &[String], client: &crate::link::recognise::CaptureClient) -> String {
+    let (source, as_state) = (im.source, im.as_state);
     let mut s = String::new();
     let first = captured.first().map_or("DEVICE", |c| c.name.as_str());
-    let (where_, arg) = match (port, devs.first().map(|d| d.transport)) {
+    let (where_, arg) = match (port, captured.first().map(|c| c.transport)) {
         (Some(p), _) => ("on a bus", format!("{{{{port.{p}}}}}")),
         (None, Some(CaptureTransport::Udp)) => ("on a UDP socket", format!("{{{{udp.{first}}}}}")),
         (None, _) => ("on the virtual air", format!("{{{{ble.{first}}}}}")),
     };
+    let what = if as_state {
+        format!("simulated {where_} in the state the capture shows (--as-state),\n# with the faults that give the client what the capture does")
+    } else {
+        format!("replayed {where_},\n# answering as they did in the field")
+    };
     s.push_str(&format!(
-        "# Written by `hilbench capture import` from {}: the captured devices replayed {where_},\n\
-         # answering as they did in the field, and a client that sends what the captured client sent.\n\
+        "# Written by `hilbench capture import` from {}: the captured devices {what}, and a client that sends what the captured client sent.\n\
          # Your production client meets the field devices when it runs as a process:\n\
          # processes:\n\
          #   - {{ name: app, command: /path/to/your/client, args: [\"{arg}\"] }}\n",
         source.display()
     ));
-    s.push_str(&format!("name: {}\n", quoted(&format!("{} {link} replayed from its capture", source.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned())))));
+    let how = if as_state { "simulated in the state of" } else { "replayed from" };
+    s.push_str(&format!("name: {}\n", quoted(&format!("{} {link} {how} its capture", source.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned())))));
     s.push_str("description: >\n");
     s.push_str(&format!("  {kind} devices captured on {link} in {}.\n", source.display()));
     for n in &client.notes {
@@ -132,9 +144,8 @@ fn render(
         s.push_str(&format!("buses:\n  - {{ name: field, ports: [{port}] }}\n"));
     }
     s.push_str("devices:\n");
-    let bus = if port.is_some() { " bus: field," } else { "" };
-    for (d, c) in devs.iter().zip(captured) {
-        s.push_str(&format!("  - {{ name: {}, kind: replay,{bus} fixture: {} }}\n", quoted(&c.name), quoted(&d.fixture.to_string_lossy())));
+    for e in entries {
+        s.push_str(&format!("  - {e}\n"));
     }
     s.push_str(&format!("clients:\n  - {}\n", client.client));
     s.push_str("steps:\n");
