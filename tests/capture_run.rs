@@ -286,35 +286,31 @@ fn two_inputs_with_one_stem_are_refused() {
 /// for what the capture did not show.
 #[test]
 fn an_imported_capture_becomes_a_scenario_that_passes() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/captures/eg4-fault3-bridge.pcapng"), dir.path().join("field.pcapng")).unwrap();
-    let hilbench = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_hilbench")).args(args).current_dir(dir.path()).output().unwrap();
-    let out = hilbench(&["capture", "import", "field.pcapng", "--out", "fx", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((&r[0]["scenarios"][0]["scenario"], &r[0]["scenarios"][0]["steps"]), (&serde_json::json!("fx/field.bridge.yaml"), &serde_json::json!(5)), "{r}");
-    let out = hilbench(&["run", "fx/field.bridge.yaml"]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("1 passed, 0 failed"), "{text}");
+    let (dir, scenario, yaml) = import_scenario("eg4-fault3-bridge.pcapng", "field.pcapng");
+    assert_eq!(scenario, "fx/field.bridge.yaml");
+    assert_eq!(yaml.matches("\n  - expect_").count(), 5, "{yaml}");
+    let (passed, text) = run_scenario(dir.path(), &scenario);
+    assert!(passed && text.contains("1 passed, 0 failed"), "{text}");
 
-    let yaml = std::fs::read_to_string(dir.path().join("fx/field.bridge.yaml")).unwrap();
     assert!(yaml.contains("field: soc_pct, equals: 66,"), "{yaml}");
     std::fs::write(dir.path().join("fx/wrong.yaml"), yaml.replace("field: soc_pct, equals: 66,", "field: soc_pct, equals: 67,")).unwrap();
-    let out = hilbench(&["run", "fx/wrong.yaml"]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && text.contains("0 passed, 1 failed"), "{text}");
+    let (passed, text) = run_scenario(dir.path(), "fx/wrong.yaml");
+    assert!(!passed && text.contains("0 passed, 1 failed"), "{text}");
 
     // --as-state: the packs simulated in the captured state, the faults reproducing the rest.
-    let out = hilbench(&["capture", "import", "field.pcapng", "--out", "model", "--as-state"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+        .args(["capture", "import", "field.pcapng", "--out", "model", "--as-state"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let yaml = std::fs::read_to_string(dir.path().join("model/field.bridge.yaml")).unwrap();
     for want in ["kind: eg4-lp4, bus: field, address: 2", "state: { soc: 66,", "cell1_mv: 3327", "kind: bad_checksum, direction: response", "kind: drop, direction: response"] {
         assert!(yaml.contains(want), "{want}: {yaml}");
     }
     assert!(!yaml.contains("kind: replay"), "{yaml}");
-    let out = hilbench(&["run", "model/field.bridge.yaml"]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("1 passed, 0 failed"), "{text}");
+    let (passed, text) = run_scenario(dir.path(), "model/field.bridge.yaml");
+    assert!(passed && text.contains("1 passed, 0 failed"), "{text}");
 }
 
 /// A btsnoop log of a JBD session (an Android HCI snoop log's format) becomes, with one
@@ -322,18 +318,10 @@ fn an_imported_capture_becomes_a_scenario_that_passes() {
 /// answer's bad checksum is what the client meets.
 #[test]
 fn a_btsnoop_log_of_a_jbd_session_becomes_a_scenario_that_passes() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/captures/jbd-session.btsnoop"), dir.path().join("phone.btsnoop")).unwrap();
-    let hilbench = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_hilbench")).args(args).current_dir(dir.path()).output().unwrap();
-    let out = hilbench(&["capture", "import", "phone.btsnoop", "--out", "fx", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let scenario = r[0]["scenarios"][0]["scenario"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();
-    let yaml = std::fs::read_to_string(dir.path().join(&scenario)).unwrap();
+    let (dir, scenario, yaml) = import_scenario("jbd-session.btsnoop", "phone.btsnoop");
     assert!(yaml.contains("kind: jbd-client") && yaml.contains("expect_errors: { client: app, kind: checksum, at_least: 1"), "{yaml}");
-    let out = hilbench(&["run", &scenario]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("1 passed, 0 failed"), "{text}");
+    let (passed, text) = run_scenario(dir.path(), &scenario);
+    assert!(passed && text.contains("1 passed, 0 failed"), "{text}");
 }
 
 /// dumpcap's capture of smpclient updating a device over UDP becomes, with one command, a
@@ -341,20 +329,31 @@ fn a_btsnoop_log_of_a_jbd_session_becomes_a_scenario_that_passes() {
 /// size and first running image, and a timeout where the capture shows the reboot.
 #[test]
 fn an_smp_upload_capture_becomes_a_scenario_that_passes() {
+    let (dir, scenario, yaml) = import_scenario("smp-dfu-udp.pcapng", "dfu.pcapng");
+    for want in ["kind: smp-client", "field: buf_size, equals: 2048", "flag: 'active:1.0.0'", "kind: timeout"] {
+        assert!(yaml.contains(want), "{want}: {yaml}");
+    }
+    let (passed, text) = run_scenario(dir.path(), &scenario);
+    assert!(passed && text.contains("1 passed, 0 failed"), "{text}");
+}
+
+/// fixtures/captures/CAPTURE copied into a fresh folder as `name` and imported there:
+/// the folder, its first link's scenario (relative to it) and the scenario's text.
+fn import_scenario(capture: &str, name: &str) -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/captures/smp-dfu-udp.pcapng"), dir.path().join("dfu.pcapng")).unwrap();
-    let hilbench = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_hilbench")).args(args).current_dir(dir.path()).output().unwrap();
-    let out = hilbench(&["capture", "import", "dfu.pcapng", "--out", "fx", "--json"]);
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/captures").join(capture), dir.path().join(name)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["capture", "import", name, "--out", "fx", "--json"]).current_dir(dir.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let scenario = r[0]["scenarios"][0]["scenario"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();
     let yaml = std::fs::read_to_string(dir.path().join(&scenario)).unwrap();
-    for want in ["kind: smp-client", "field: buf_size, equals: 2048", "flag: 'active:1.0.0'", "kind: timeout"] {
-        assert!(yaml.contains(want), "{want}: {yaml}");
-    }
-    let out = hilbench(&["run", &scenario]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("1 passed, 0 failed"), "{text}");
+    (dir, scenario, yaml)
+}
+
+/// `hilbench run SCENARIO` in `dir`: whether it passed, and what it printed.
+fn run_scenario(dir: &Path, scenario: &str) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["run", scenario]).current_dir(dir).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
 }
 
 /// A btsnoop file written by Wireshark's own writer: text2pcap makes a pcap of H4 packets
