@@ -15,21 +15,25 @@ use crate::transport::bus::BusFrame;
 pub struct ReplayBusActor {
     name: String,
     driver: CoreDriver<ReplayCore>,
-    log: ObservationLog,
+    log: ObservationLog,    /// Unmatched requests reach the terminal a line per period, not one each.
+    unmatched_log: crate::limits::LogEvery,
 }
 
 impl ReplayBusActor {
     pub fn new(name: impl Into<String>, core: ReplayCore, log: ObservationLog) -> Self {
         let epoch: Instant = log.start();
-        ReplayBusActor { name: name.into(), driver: CoreDriver::new(core, epoch), log }
+        ReplayBusActor { name: name.into(), driver: CoreDriver::new(core, epoch), log, unmatched_log: Default::default() }
     }
 
-    fn observe(&self, e: ReplayEvent) {
+    fn observe(&mut self, e: ReplayEvent) {
         match e {
-            ReplayEvent::Unmatched { bytes } => self.log.push(
-                &self.name,
-                ObservationKind::DeviceSilent { reason: format!("no captured request is {}", crate::client::hex(&bytes)) },
-            ),
+            ReplayEvent::Unmatched { bytes } => {
+                let reason = format!("no captured request is {}", crate::client::hex(&bytes));
+                if let Some(more) = self.unmatched_log.check(Instant::now()) {
+                    tracing::info!(device = %self.name, "{reason} ({more} more unmatched since the last line)");
+                }
+                self.log.push(&self.name, ObservationKind::DeviceSilent { reason });
+            }
             ReplayEvent::Answered { index, answers } => {
                 tracing::debug!(device = %self.name, index, answers, "replayed");
             }

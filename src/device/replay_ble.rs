@@ -46,6 +46,8 @@ pub struct ReplayBleActor {
     peripheral: Option<GattPeripheral>,
     /// The ATT MTU the last write came with.
     mtu: u16,
+    /// Unmatched writes reach the terminal a line per period, not one each.
+    unmatched_log: crate::limits::LogEvery,
 }
 
 /// A running BLE replay. Stop it with [`ReplayBleDevice::stop`].
@@ -73,6 +75,7 @@ impl ReplayBleDevice {
             log,
             peripheral: Some(peripheral),
             mtu: crate::air::att::DEFAULT_ATT_MTU,
+            unmatched_log: Default::default(),
         };
         let events = futures::stream::unfold(events, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
         let addr = ReplayBleActor::create(|ctx| {
@@ -130,14 +133,18 @@ impl ReplayBleActor {
         p.gatt().notify(char, value, self.mtu);
     }
 
-    fn observe(&self, e: ReplayEvent) {
+    fn observe(&mut self, e: ReplayEvent) {
         match e {
             ReplayEvent::Unmatched { bytes } => {
                 let what = match split_gatt_frame(&bytes) {
                     Some((_, char, value)) => format!("a write of {} to {char}", crate::client::hex(value)),
                     None => crate::client::hex(&bytes),
                 };
-                self.log.push(&self.name, ObservationKind::DeviceSilent { reason: format!("no captured request is {what}") });
+                let reason = format!("no captured request is {what}");
+                if let Some(more) = self.unmatched_log.check(Instant::now()) {
+                    tracing::info!(device = %self.name, "{reason} ({more} more unmatched since the last line)");
+                }
+                self.log.push(&self.name, ObservationKind::DeviceSilent { reason });
             }
             ReplayEvent::Answered { index, answers } => tracing::debug!(device = %self.name, index, answers, "replayed"),
         }

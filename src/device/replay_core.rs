@@ -37,12 +37,22 @@ pub enum ReplayEvent {
     Unmatched { bytes: Vec<u8> },
 }
 
-/// At most this many answers wait for their time (a client flooding a slow replay).
+/// At most this many answers, and this many bytes of them, wait for their time (a client
+/// flooding a slow replay); past either bound an answer goes at once rather than be lost.
 pub const MAX_PENDING: usize = 4096;
+pub const MAX_PENDING_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct ReplayCore {
     frames: Vec<(Direction, Vec<u8>)>,
+    /// Each captured request's match key (the rule's, or its bytes), computed once: a
+    /// request is compared with every captured one, and must not cost an allocation each.
+    keys: Vec<Option<Vec<u8>>>,
+    /// The first bytes captured requests start with (`None`: an empty request), which on a
+    /// shared bus address the device.
+    addresses: std::collections::BTreeSet<Option<u8>>,
+    /// Bytes in `pending`.
+    pending_bytes: usize,
     /// Each frame's captured time (ns since the first), when the timing is kept.
     times: Option<Vec<u64>>,
     /// Answers waiting for their time: (due, to, bytes), in due order.
@@ -58,12 +68,15 @@ pub struct ReplayCore {
 impl ReplayCore {
     /// A core over the fixture's frames, in captured order.
     pub fn new(frames: Vec<(Direction, Vec<u8>)>) -> Self {
-        ReplayCore { frames, times: None, pending: Default::default(), cursor: 0, rule: None, shared_bus: true }
+        Self::with_rule(frames, None)
     }
 
     /// A core that matches and answers by the captured kind's rule.
     pub fn with_rule(frames: Vec<(Direction, Vec<u8>)>, rule: Option<ReplayRule>) -> Self {
-        ReplayCore { frames, times: None, pending: Default::default(), cursor: 0, rule, shared_bus: true }
+        let key = |b: &[u8]| rule.map_or_else(|| b.to_vec(), |r| (r.key)(b));
+        let keys = frames.iter().map(|(d, b)| (*d == Direction::Request).then(|| key(b))).collect();
+        let addresses = frames.iter().filter(|(d, _)| *d == Direction::Request).map(|(_, b)| b.first().copied()).collect();
+        ReplayCore { frames, keys, addresses, pending_bytes: 0, times: None, pending: Default::default(), cursor: 0, rule, shared_bus: true }
     }
 
     /// The device has a link of its own (UDP, a connection): every request is for it.
@@ -88,14 +101,11 @@ impl ReplayCore {
 
     fn find(&self, bytes: &[u8]) -> Option<usize> {
         let n = self.frames.len();
-        let key = |b: &[u8]| match self.rule {
-            Some(r) => (r.key)(b),
-            None => b.to_vec(),
+        let wanted = match self.rule {
+            Some(r) => std::borrow::Cow::Owned((r.key)(bytes)),
+            None => std::borrow::Cow::Borrowed(bytes),
         };
-        let wanted = key(bytes);
-        (0..n)
-            .map(|k| (self.cursor + k) % n)
-            .find(|&i| self.frames[i].0 == Direction::Request && key(&self.frames[i].1) == wanted)
+        (0..n).map(|k| (self.cursor + k) % n).find(|&i| self.keys[i].as_deref() == Some(&wanted[..]))
     }
 }
 
@@ -105,8 +115,7 @@ impl SansIoCore for ReplayCore {
     fn handle_input(&mut self, input: Input<'_>, now: Duration, out: &mut Vec<Output<ReplayEvent>>) -> Result<(), String> {
         match input {
             Input::Bytes { from, bytes } => {
-                let addressed = self.frames.iter().any(|(d, b)| *d == Direction::Request && b.first() == bytes.first());
-                if self.shared_bus && !addressed {
+                if self.shared_bus && !self.addresses.contains(&bytes.first().copied()) {
                     return Ok(());
                 }
                 let Some(i) = self.find(bytes) else {
@@ -121,11 +130,12 @@ impl SansIoCore for ReplayCore {
                         (r.answer)(bytes, &mut b);
                     }
                     match &self.times {
-                        Some(t) if self.pending.len() < MAX_PENDING => {
+                        Some(t) if self.pending.len() < MAX_PENDING && self.pending_bytes + b.len() <= MAX_PENDING_BYTES => {
                             let after = Duration::from_nanos(t[j].saturating_sub(t[i]));
                             let due = now.saturating_add(after);
                             // Due times only grow within one answer; later requests may overtake.
                             let at = self.pending.partition_point(|(d, _, _)| *d <= due);
+                            self.pending_bytes += b.len();
                             self.pending.insert(at, (due, from, b));
                         }
                         // Past the bound the answer goes at once rather than be lost.
@@ -144,7 +154,13 @@ impl SansIoCore for ReplayCore {
                 Ok(())
             }
             Input::Set { key, .. } => Err(format!("a replayed device has no state to set (`{key}`): it answers as the capture did")),
-            Input::Connected(_) | Input::Disconnected(_) => Ok(()),
+            // Answers still waiting for a peer that went reach nobody.
+            Input::Disconnected(peer) => {
+                self.pending.retain(|(_, to, _)| *to != peer);
+                self.pending_bytes = self.pending.iter().map(|(_, _, b)| b.len()).sum();
+                Ok(())
+            }
+            Input::Connected(_) => Ok(()),
         }
     }
 
@@ -158,6 +174,7 @@ impl ReplayCore {
     fn flush(&mut self, now: Duration, out: &mut Vec<Output<ReplayEvent>>) {
         while self.pending.front().is_some_and(|(due, _, _)| *due <= now) {
             if let Some((_, to, bytes)) = self.pending.pop_front() {
+                self.pending_bytes -= bytes.len();
                 out.push(Output::Send { to, bytes });
             }
         }
@@ -238,6 +255,24 @@ mod tests {
         // Times that do not fit the frames leave the timing compressed.
         let c = ReplayCore::new(vec![(Request, b"A".to_vec())]).keep_timing(vec![]);
         assert!(c.times.is_none());
+    }
+
+    #[test]
+    fn waiting_answers_are_bounded_in_bytes_and_dropped_with_their_peer() {
+        use Direction::*;
+        let big = vec![0x55u8; MAX_PENDING_BYTES / 2 + 1];
+        let mut c = ReplayCore::new(vec![(Request, b"A".to_vec()), (Response, big.clone())]).keep_timing(vec![0, 1_000_000_000]).alone();
+        let mut out = Vec::new();
+        for p in 0..3 {
+            c.handle_input(Input::Bytes { from: Peer(p), bytes: b"A" }, Duration::ZERO, &mut out).unwrap();
+        }
+        let sent = |out: &[Output<ReplayEvent>]| out.iter().filter(|o| matches!(o, Output::Send { .. })).count();
+        assert_eq!(sent(&out), 2, "one answer waits; past the byte bound the others go at once");
+        out.clear();
+        c.handle_input(Input::Disconnected(Peer(0)), Duration::ZERO, &mut out).unwrap();
+        c.handle_input(Input::Timeout, Duration::from_secs(2), &mut out).unwrap();
+        assert_eq!(sent(&out), 0, "the waiting answer's peer went");
+        assert_eq!((c.next_wakeup(), c.pending_bytes), (None, 0));
     }
 
     #[test]

@@ -14,7 +14,8 @@ use crate::limits::LogEvery;
 use crate::observe::{ObservationKind, ObservationLog};
 use crate::sans_io::{Input, Output, Peer, SansIoCore};
 
-/// Senders remembered at once; a flood of sources forgets the oldest.
+/// Senders remembered at once; a flood of sources forgets the oldest (and the answers
+/// still waiting for it, which must not reach whoever comes next).
 const MAX_PEERS: usize = 4096;
 
 /// A running UDP replay. Stop it with [`ReplayUdpDevice::stop`] (dropping it stops it too).
@@ -55,9 +56,11 @@ impl Drop for ReplayUdpDevice {
 
 async fn serve(sock: tokio::net::UdpSocket, mut core: ReplayCore, name: String, log: ObservationLog, mut stopped: oneshot::Receiver<()>) {
     let start = Instant::now();
-    let mut peers: Vec<SocketAddr> = Vec::new();
-    // A flood of bad datagrams or failing sends writes a line per period, not per datagram.
-    let (mut recv_log, mut send_log) = (LogEvery::default(), LogEvery::default());
+    // Every sender gets an id of its own, never reused: a queued answer goes to its asker or nowhere.
+    let mut peers: std::collections::VecDeque<(u64, SocketAddr)> = std::collections::VecDeque::new();
+    let mut next_id = 0u64;
+    // A flood of bad datagrams, failing sends or strangers writes a line per period, not per datagram.
+    let (mut recv_log, mut send_log, mut unmatched_log) = (LogEvery::default(), LogEvery::default(), LogEvery::default());
     let mut buf = vec![0u8; 65_536];
     loop {
         // Answers the capture sent late (kept timing) wait for their time.
@@ -70,17 +73,20 @@ async fn serve(sock: tokio::net::UdpSocket, mut core: ReplayCore, name: String, 
             }
             r = sock.recv_from(&mut buf) => match r {
                 Ok((n, from)) => {
-                    let peer = match peers.iter().position(|p| *p == from) {
-                        Some(i) => i,
+                    let peer = match peers.iter().find(|(_, a)| *a == from) {
+                        Some((id, _)) => *id,
                         None => {
                             if peers.len() >= MAX_PEERS {
-                                peers.clear();
+                                if let Some((old, _)) = peers.pop_front() {
+                                    let _ = core.handle_input(Input::Disconnected(Peer(old)), start.elapsed(), &mut out);
+                                }
                             }
-                            peers.push(from);
-                            peers.len() - 1
+                            next_id += 1;
+                            peers.push_back((next_id, from));
+                            next_id
                         }
                     };
-                    let _ = core.handle_input(Input::Bytes { from: Peer(peer as u64), bytes: &buf[..n] }, start.elapsed(), &mut out);
+                    let _ = core.handle_input(Input::Bytes { from: Peer(peer), bytes: &buf[..n] }, start.elapsed(), &mut out);
                 }
                 Err(e) => {
                     if let Some(more) = recv_log.check(Instant::now()) {
@@ -92,7 +98,7 @@ async fn serve(sock: tokio::net::UdpSocket, mut core: ReplayCore, name: String, 
         for o in out {
             match o {
                 Output::Send { to, bytes } => {
-                    let Some(dest) = peers.get(to.0 as usize) else { continue };
+                    let Some(&(_, dest)) = peers.iter().find(|(id, _)| *id == to.0) else { continue };
                     if let Err(e) = sock.send_to(&bytes, dest).await {
                         if let Some(more) = send_log.check(Instant::now()) {
                             tracing::warn!(device = %name, "udp send to {dest}: {e} ({more} more since the last line)");
@@ -100,7 +106,11 @@ async fn serve(sock: tokio::net::UdpSocket, mut core: ReplayCore, name: String, 
                     }
                 }
                 Output::Event(ReplayEvent::Unmatched { bytes }) => {
-                    log.push(&name, ObservationKind::DeviceSilent { reason: format!("no captured request is {}", crate::client::hex(&bytes)) });
+                    let reason = format!("no captured request is {}", crate::client::hex(&bytes));
+                    if let Some(more) = unmatched_log.check(Instant::now()) {
+                        tracing::info!(device = %name, "{reason} ({more} more unmatched since the last line)");
+                    }
+                    log.push(&name, ObservationKind::DeviceSilent { reason });
                 }
                 Output::Event(ReplayEvent::Answered { index, answers }) => tracing::debug!(device = %name, index, answers, "replayed"),
                 Output::Close(_) => {}

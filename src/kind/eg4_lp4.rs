@@ -389,7 +389,7 @@ fn pack_model(name: &str, address: u8, profile: RegisterProfile, start: u16, o: 
         }
     }
     let state = if keys.is_empty() { String::new() } else { format!(", state: {{ {} }}", keys.join(", ")) };
-    let entry = format!("{{ name: {name}, kind: eg4-lp4, bus: field, address: {address}, profile: {}{extra}{state} }}", profile.name());
+    let entry = format!("{{ name: {name}, kind: {}, bus: field, address: {address}, profile: {}{extra}{state} }}", Eg4Lp4.name(), profile.name());
     let share = |n: usize| n as f64 / o.exchanges.max(1) as f64;
     let mut faults = Vec::new();
     for (n, kind) in [(o.bad_crc, "bad_checksum"), (o.silent, "drop")] {

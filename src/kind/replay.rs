@@ -57,6 +57,15 @@ pub enum Timing {
     Keep,
 }
 
+/// A scenario's `replay` entry for `fixture` (on `bus`, or on its own link), one YAML
+/// flow mapping (`capture import` writes these).
+pub fn scenario_entry(name: &str, bus: Option<&str>, fixture: &std::path::Path) -> String {
+    // JSON's string quoting is valid YAML.
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+    let bus = bus.map_or(String::new(), |b| format!(" bus: {},", q(b)));
+    format!("{{ name: {}, kind: {},{bus} fixture: {} }}", q(name), ReplayKind.name(), q(&fixture.to_string_lossy()))
+}
+
 /// What a replay on a bus says to `timing: keep`.
 const BUS_TIMING: &str = "a replay on a bus answers at once today (the bus takes one reply per request); `timing: keep` serves UDP and BLE fixtures";
 

@@ -87,12 +87,8 @@ fn write_one(im: &Import<'_>, link: &str, kind: Option<&str>, devs: &[&DeviceRep
         let m = kind.capture_model(port, &captured)?;
         (m.client, m.devices)
     } else {
-        let bus = if port.is_some() { " bus: field," } else { "" };
-        let entries = devs
-            .iter()
-            .zip(&captured)
-            .map(|(d, c)| format!("{{ name: {}, kind: replay,{bus} fixture: {} }}", quoted(&c.name), quoted(&d.fixture.to_string_lossy())))
-            .collect();
+        let bus = port.map(|_| "field");
+        let entries = devs.iter().zip(&captured).map(|(d, c)| crate::kind::replay::scenario_entry(&c.name, bus, &d.fixture)).collect();
         (kind.capture_client(port, &captured)?, entries)
     };
     if client.steps.is_empty() {
