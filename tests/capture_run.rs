@@ -324,6 +324,25 @@ fn a_btsnoop_log_of_a_jbd_session_becomes_a_scenario_that_passes() {
     assert!(passed && text.contains("1 passed, 0 failed"), "{text}");
 }
 
+/// --as-state on BLE JBD captures: the BMS simulated with the captured pack's size,
+/// identity, SoC, current and temperatures, its cells pinned; the healthy poll's readings
+/// come back from the model, and the btsnoop session's bad checksum from a fault.
+#[test]
+fn a_jbd_capture_as_state_becomes_a_simulated_bms() {
+    let (dir, scenario, yaml) = import_scenario_with("jbd-ble-poll.pcapng", "poll.pcapng", &["--as-state"]);
+    for want in ["kind: jbd-bms, cells: 16, ntc: 4, capacity_ah: 100, state: { soc: 72, current_a: -8.5, temp1_c: 24,", "cell5_mv: 3355", "field: pack_v, equals: 53,", "field: current_a, equals: -8.5,"] {
+        assert!(yaml.contains(want), "{want}: {yaml}");
+    }
+    assert!(!yaml.contains("kind: replay") && !yaml.contains("fault:"), "{yaml}");
+    let (passed, text) = run_scenario(dir.path(), &scenario);
+    assert!(passed && text.contains("1 passed, 0 failed"), "{text}");
+
+    let (dir, scenario, yaml) = import_scenario_with("jbd-session.btsnoop", "phone.btsnoop", &["--as-state"]);
+    assert!(yaml.contains("kind: bad_checksum, direction: response, always: true") && yaml.contains("kind: checksum, at_least: 1"), "{yaml}");
+    let (passed, text) = run_scenario(dir.path(), &scenario);
+    assert!(passed && text.contains("1 passed, 0 failed"), "{text}");
+}
+
 /// dumpcap's capture of smpclient updating a device over UDP becomes, with one command, a
 /// scenario that replays the device on a socket to an smp-client: the captured buffer
 /// size and first running image, and a timeout where the capture shows the reboot.
@@ -340,9 +359,14 @@ fn an_smp_upload_capture_becomes_a_scenario_that_passes() {
 /// fixtures/captures/CAPTURE copied into a fresh folder as `name` and imported there:
 /// the folder, its first link's scenario (relative to it) and the scenario's text.
 fn import_scenario(capture: &str, name: &str) -> (tempfile::TempDir, String, String) {
+    import_scenario_with(capture, name, &[])
+}
+
+/// [`import_scenario`] with more `capture import` arguments.
+fn import_scenario_with(capture: &str, name: &str, args: &[&str]) -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/captures").join(capture), dir.path().join(name)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["capture", "import", name, "--out", "fx", "--json"]).current_dir(dir.path()).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["capture", "import", name, "--out", "fx", "--json"]).args(args).current_dir(dir.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let scenario = r[0]["scenarios"][0]["scenario"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();

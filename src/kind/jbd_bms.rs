@@ -118,6 +118,12 @@ impl Kind for JbdBmsKind {
         }
         jbd_capture_client(devices)
     }
+    fn capture_model(&self, port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<super::CaptureModel, String> {
+        if port.is_some() {
+            return Err("JBD over a UART has no built-in client yet (a scenario simulates BLE JBD captures)".into());
+        }
+        jbd_capture_model(devices)
+    }
     fn ble_identity(&self) -> Option<crate::transport::gatt::BleIdentity> {
         Some(crate::transport::gatt::BleIdentity { services: crate::device::jbd::jbd_gatt(), local_name: crate::device::jbd::JbdGattConfig::default().local_name, serves: &[JBD_GATT] })
     }
@@ -251,60 +257,198 @@ impl ble::AirDevice for JbdBmsDevice {
     }
 }
 
+/// What a captured BMS answered a central's 0x03/0x04 requests: the counts of each way
+/// an answer failed, and the last good basic info and cell voltages.
+#[derive(Default)]
+struct JbdPolls {
+    requests: u64,
+    silent: usize,
+    bad: usize,
+    status: usize,
+    basic: Option<crate::protocol::jbd::BasicInfo>,
+    cells: Option<crate::protocol::jbd::CellVoltages>,
+}
+
+impl JbdPolls {
+    fn of(d: &crate::link::recognise::CapturedDevice) -> Self {
+        use crate::protocol::jbd;
+        let (exchanges, _) = crate::scenario::against::exchanges(d.frames.clone());
+        let mut p = JbdPolls::default();
+        for ex in &exchanges {
+            // Only the requests to the BMS: the ATT PDU's value after opcode and handle.
+            let Some(req) = ex.request.get(3..).and_then(|v| jbd::decode_request(v).ok()) else { continue };
+            p.requests += 1;
+            let answer: Vec<u8> = ex.answers.iter().filter(|a| matches!(a.first(), Some(0x1B | 0x1D))).flat_map(|a| a.get(3..).unwrap_or(&[]).to_vec()).collect();
+            if answer.is_empty() {
+                p.silent += 1;
+                continue;
+            }
+            match jbd::decode_response_unchecked(&answer) {
+                Ok((_, Some(_))) => p.bad += 1,
+                Ok((r, None)) if !r.is_ok() => p.status += 1,
+                Ok((r, None)) if r.reg == req.reg && r.reg == jbd::reg::BASIC_INFO => p.basic = jbd::BasicInfo::decode(&r.data).ok().or(p.basic.take()),
+                Ok((r, None)) if r.reg == req.reg && r.reg == jbd::reg::CELL_VOLTAGES => p.cells = jbd::CellVoltages::decode(&r.data).ok().or(p.cells.take()),
+                _ => {}
+            }
+        }
+        p
+    }
+
+    /// A poll cycle (connect, subscribe, two requests) takes about a second on the air.
+    fn within(&self) -> String {
+        format!("{}s", (self.requests + 20).min(120))
+    }
+
+    /// The jbd-client's `expect_errors` steps for the failures seen, and what they were.
+    fn error_steps(&self, steps: &mut Vec<String>, seen: &mut Vec<String>) {
+        let within = self.within();
+        for (n, kind, what) in [(self.bad, "checksum", "answers with a bad checksum"), (self.status, "status", "error statuses"), (self.silent, "timeout", "unanswered requests")] {
+            if n > 0 {
+                seen.push(format!("{n} {what}"));
+                steps.push(format!("expect_errors: {{ client: app, kind: {kind}, at_least: 1, within: {within} }}"));
+            }
+        }
+    }
+
+    /// `expect_reading` steps for the last good answers' `fields` (with their tolerances).
+    fn reading_steps(&self, fields: &[(&str, Option<f64>)], steps: &mut Vec<String>, seen: &mut Vec<String>) {
+        let within = self.within();
+        let (values, _) = crate::client::jbd_client::reading_fields(self.basic.as_ref(), self.cells.as_ref());
+        for (field, tolerance) in fields {
+            if let Some(v) = values.get(*field) {
+                let tol = tolerance.map_or(String::new(), |t| format!(" tolerance: {t},"));
+                steps.push(format!("expect_reading: {{ client: app, field: {field}, equals: {v},{tol} within: {within} }}"));
+            }
+        }
+        if let Some(b) = &self.basic {
+            seen.push(format!("last basic info SoC {} %, {} cells", b.rsoc_pct, b.cell_count));
+        }
+        if let Some(c) = &self.cells {
+            seen.push(format!("last cell voltages {:?} mV", c.cells_mv));
+        }
+    }
+}
+
+fn one_bms(devices: &[crate::link::recognise::CapturedDevice]) -> Result<&crate::link::recognise::CapturedDevice, String> {
+    match devices {
+        [d] => Ok(d),
+        _ => Err(format!("{} BLE devices on one link; a jbd-client polls one", devices.len())),
+    }
+}
+
+fn jbd_client_entry(device: &str) -> String {
+    format!("{{ name: app, kind: {}, device: {device}, interval: 500ms }}", super::jbd_client::JbdClientKind.name())
+}
+
+fn capture_note(name: &str, p: &JbdPolls, seen: &[String]) -> String {
+    format!("{name}: {} requests; {}", p.requests, if seen.is_empty() { "no answer decoded".into() } else { seen.join(", ") })
+}
+
 /// A `jbd-client` that polls the captured BMS as a Home Assistant integration does, and
 /// what it must meet: the answers with a bad checksum or an error status, the silences,
 /// and the last good basic info and cell voltages of the capture. The captured central
 /// need not have been a jbd-client: the replay answers each request wherever it is in
 /// the capture, so the client's 0x03/0x04 find their captured answers.
 fn jbd_capture_client(devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
-    use crate::protocol::jbd;
-    let [d] = devices else {
-        return Err(format!("{} BLE devices on one link; a jbd-client polls one", devices.len()));
-    };
-    let (exchanges, _) = crate::scenario::against::exchanges(d.frames.clone());
-    let (mut requests, mut silent, mut bad, mut status) = (0u64, 0usize, 0usize, 0usize);
-    let (mut basic, mut cells) = (None, None);
-    for ex in &exchanges {
-        // Only the requests to the BMS: the ATT PDU's value after opcode and handle.
-        let Some(req) = ex.request.get(3..).and_then(|v| jbd::decode_request(v).ok()) else { continue };
-        requests += 1;
-        let answer: Vec<u8> = ex.answers.iter().filter(|a| matches!(a.first(), Some(0x1B | 0x1D))).flat_map(|a| a.get(3..).unwrap_or(&[]).to_vec()).collect();
-        if answer.is_empty() {
-            silent += 1;
-            continue;
-        }
-        match jbd::decode_response_unchecked(&answer) {
-            Ok((_, Some(_))) => bad += 1,
-            Ok((r, None)) if !r.is_ok() => status += 1,
-            Ok((r, None)) if r.reg == req.reg && r.reg == jbd::reg::BASIC_INFO => basic = jbd::BasicInfo::decode(&r.data).ok().or(basic),
-            Ok((r, None)) if r.reg == req.reg && r.reg == jbd::reg::CELL_VOLTAGES => cells = jbd::CellVoltages::decode(&r.data).ok().or(cells),
-            _ => {}
-        }
-    }
-    // A poll cycle (connect, subscribe, two requests) takes about a second on the air.
-    let within = format!("{}s", (requests + 20).min(120));
-    let mut steps = Vec::new();
-    let mut seen = Vec::new();
-    for (n, kind, what) in [(bad, "checksum", "answers with a bad checksum"), (status, "status", "error statuses"), (silent, "timeout", "unanswered requests")] {
+    let d = one_bms(devices)?;
+    let p = JbdPolls::of(d);
+    let (mut steps, mut seen) = (Vec::new(), Vec::new());
+    p.error_steps(&mut steps, &mut seen);
+    let fields = [("soc_pct", None), ("pack_v", Some(0.005)), ("current_a", Some(0.005)), ("cell_count", None), ("cell_min_mv", None), ("cell_max_mv", None), ("temp1_c", Some(0.05))];
+    p.reading_steps(&fields, &mut steps, &mut seen);
+    let notes = vec![capture_note(&d.name, &p, &seen)];
+    Ok(crate::link::recognise::CaptureClient { client: jbd_client_entry(&d.name), steps, notes })
+}
+
+/// The captured BMS as a simulated jbd-bms (`capture import --as-state`): its pack size,
+/// capacity, firmware identity and profile from the last good basic info, its SoC,
+/// current, temperatures, cycles and FETs as state, its cells pinned by a set step, and
+/// bad_checksum and drop faults on its answers at the captured share of the requests.
+/// Error statuses and protection flags are noted, not reproduced (the model raises its
+/// own protections from its state).
+fn jbd_capture_model(devices: &[crate::link::recognise::CapturedDevice]) -> Result<super::CaptureModel, String> {
+    let d = one_bms(devices)?;
+    let p = JbdPolls::of(d);
+    let (mut steps, mut seen) = (Vec::new(), Vec::new());
+    let (entry, set) = bms_model_entry(&d.name, &p)?;
+    steps.extend(set);
+    let share = |n: usize| n as f64 / (p.requests as f64).max(1.0);
+    for (n, kind) in [(p.bad, "bad_checksum"), (p.silent, "drop")] {
         if n > 0 {
-            seen.push(format!("{n} {what}"));
-            steps.push(format!("expect_errors: {{ client: app, kind: {kind}, at_least: 1, within: {within} }}"));
+            let how = if n as u64 >= p.requests { "always: true".to_string() } else { format!("probability: {:.2}", share(n)) };
+            steps.push(format!("fault: {{ link: {}, kind: {kind}, direction: response, {how} }}", d.name));
         }
     }
-    let (values, _) = crate::client::jbd_client::reading_fields(basic.as_ref(), cells.as_ref());
-    for (field, tolerance) in [("soc_pct", None), ("pack_v", Some(0.005)), ("current_a", Some(0.005)), ("cell_count", None), ("cell_min_mv", None), ("cell_max_mv", None), ("temp1_c", Some(0.05))] {
-        if let Some(v) = values.get(field) {
-            let tol = tolerance.map_or(String::new(), |t| format!(" tolerance: {t},"));
-            steps.push(format!("expect_reading: {{ client: app, field: {field}, equals: {v},{tol} within: {within} }}"));
+    let mut checks = Vec::new();
+    p.error_steps(&mut checks, &mut seen);
+    // The cells are pinned and the temperatures and current set; the pack voltage is the
+    // cells' sum, so it is checked only where the captured one was too.
+    let sums = match (&p.basic, &p.cells) {
+        (Some(b), Some(c)) => c.cells_mv.iter().map(|&mv| u32::from(mv)).sum::<u32>().abs_diff(u32::from(b.voltage_10mv) * 10) < 10,
+        _ => false,
+    };
+    let mut fields = vec![("soc_pct", None), ("current_a", Some(0.005)), ("cell_count", None), ("cell_min_mv", None), ("cell_max_mv", None), ("temp1_c", Some(0.05))];
+    if sums {
+        fields.insert(1, ("pack_v", Some(0.005)));
+    }
+    p.reading_steps(&fields, &mut checks, &mut seen);
+    steps.extend(checks.into_iter().filter(|s| !s.contains("kind: status")));
+    if p.status > 0 {
+        seen.push("its error statuses are not reproduced".into());
+    }
+    if let Some(b) = p.basic.as_ref().filter(|b| b.protection != 0) {
+        seen.push(format!("its protection flags ({}) are not pinned: the model raises its own", b.protection_names().join(", ")));
+    }
+    let client = crate::link::recognise::CaptureClient { client: jbd_client_entry(&d.name), steps, notes: vec![capture_note(&d.name, &p, &seen)] };
+    Ok(super::CaptureModel { devices: vec![entry], client })
+}
+
+/// A jbd-bms entry in the state of the last good basic info, and the step pinning the
+/// last good cell voltages.
+fn bms_model_entry(name: &str, p: &JbdPolls) -> Result<(String, Vec<String>), String> {
+    let mut keys = Vec::new();
+    let mut extra = String::new();
+    if let Some(b) = &p.basic {
+        let cells = usize::from(b.cell_count);
+        if !(4..=24).contains(&cells) || !(1..=6).contains(&b.ntc_deci_kelvin.len()) {
+            return Err(format!("{name}: the captured pack has {cells} cells and {} NTCs; a jbd-bms has 4..=24 and 1..=6", b.ntc_deci_kelvin.len()));
         }
+        extra = format!(", cells: {cells}, ntc: {}", b.ntc_deci_kelvin.len());
+        if b.nominal_10mah > 0 {
+            extra.push_str(&format!(", capacity_ah: {}", f64::from(b.nominal_10mah) / 100.0));
+        }
+        if !b.extra.is_empty() {
+            extra.push_str(", profile: chins");
+        }
+        keys.push(format!("soc: {}", b.rsoc_pct.min(100)));
+        keys.push(format!("current_a: {}", f64::from(b.current_10ma) / 100.0));
+        keys.extend(b.temps_c().iter().enumerate().map(|(i, c)| format!("temp{}_c: {}", i + 1, c.clamp(-40.0, 120.0))));
+        keys.push(format!("cycles: {}", b.cycles));
+        keys.push(format!("software_version: {}", b.software_version));
+        let date = b.date();
+        keys.push(format!("production_date: {:04}{:02}{:02}", date.year, date.month.clamp(1, 12), date.day.clamp(1, 31)));
+        keys.push(format!("charge_fet: {}", u8::from(b.fet & crate::protocol::jbd::FET_CHARGE != 0)));
+        keys.push(format!("discharge_fet: {}", u8::from(b.fet & crate::protocol::jbd::FET_DISCHARGE != 0)));
     }
-    if let Some(b) = &basic {
-        seen.push(format!("last basic info SoC {} %, {} cells", b.rsoc_pct, b.cell_count));
+    // Without a basic info the cell answer sizes the pack; with one, it pins its cells.
+    let count = p.basic.as_ref().map(|b| usize::from(b.cell_count));
+    if let (None, Some(c)) = (count, &p.cells) {
+        if !(4..=24).contains(&c.cells_mv.len()) {
+            return Err(format!("{name}: the captured pack has {} cells; a jbd-bms has 4..=24", c.cells_mv.len()));
+        }
+        extra = format!(", cells: {}", c.cells_mv.len());
     }
-    if let Some(c) = &cells {
-        seen.push(format!("last cell voltages {:?} mV", c.cells_mv));
-    }
-    let client = format!("{{ name: app, kind: {}, device: {}, interval: 500ms }}", super::jbd_client::JbdClientKind.name(), d.name);
-    let notes = vec![format!("{}: {requests} requests; {}", d.name, if seen.is_empty() { "no answer decoded".into() } else { seen.join(", ") })];
-    Ok(crate::link::recognise::CaptureClient { client, steps, notes })
+    let set = p
+        .cells
+        .as_ref()
+        .filter(|c| !c.cells_mv.is_empty())
+        .map(|c| {
+            let pinned = c.cells_mv.iter().take(count.unwrap_or(usize::MAX)).enumerate();
+            let pins: Vec<String> = pinned.map(|(i, mv)| format!("cell{}_mv: {}", i + 1, mv.min(&5000))).collect();
+            format!("set: {{ device: {name}, state: {{ {} }} }}", pins.join(", "))
+        })
+        .into_iter()
+        .collect();
+    let state = if keys.is_empty() { String::new() } else { format!(", state: {{ {} }}", keys.join(", ")) };
+    Ok((format!("{{ name: {name}, kind: {}{extra}{state} }}", JbdBmsKind.name()), set))
 }
