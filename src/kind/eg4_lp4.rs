@@ -248,8 +248,10 @@ struct PollOutcomes {
     silent: usize,
     bad_crc: usize,
     exceptions: usize,
-    /// Answers that are no read response (an echo, a torn frame, noise).
+    /// Answers that are no read response (a torn frame, noise).
     other: usize,
+    /// Answers that began with the request echoed back.
+    echo: usize,
     /// The registers of the last good answer.
     last: Option<Vec<u16>>,
 }
@@ -287,7 +289,12 @@ fn modbus_capture(port: &str, devices: &[crate::link::recognise::CapturedDevice]
             if *poll.get_or_insert(read) != read {
                 return Err(format!("{}: fixture frame {} reads {} registers from {}, another read than the first (one client polls one read)", d.name, ex.frame, read.1, read.0));
             }
-            let answer = ex.answers.concat();
+            let mut answer = ex.answers.concat();
+            // The master's own request heard back first: an adapter's echo (field fault 6).
+            if answer.len() >= ex.request.len() && answer.starts_with(&ex.request) {
+                o.echo += 1;
+                answer.drain(..ex.request.len());
+            }
             if answer.is_empty() {
                 o.silent += 1;
                 continue;
@@ -335,11 +342,15 @@ fn modbus_capture(port: &str, devices: &[crate::link::recognise::CapturedDevice]
             setup.extend(set);
             setup.extend(faults);
         }
-        for (n, kind, what) in [(o.bad_crc, Some("crc"), "answers with a bad CRC"), (o.exceptions, Some("exception"), "exceptions"), (o.silent, Some("timeout"), "silences"), (o.other, None, "answers that are no read response")] {
+        for (n, kind, what) in [(o.echo, Some("echo"), "requests echoed back"), (o.bad_crc, Some("crc"), "answers with a bad CRC"), (o.exceptions, Some("exception"), "exceptions"), (o.silent, Some("timeout"), "silences"), (o.other, None, "answers that are no read response")] {
             if n == 0 {
                 continue;
             }
             seen.push(format!("{n} {what}"));
+            // A simulated pack raises no exception and sends no torn frame.
+            if model && matches!(kind, None | Some("exception")) {
+                continue;
+            }
             steps.push(match kind {
                 Some(k) => errors(k),
                 None => format!("expect_errors: {{ client: master, address: {a}, at_least: 1, within: {within} }}"),
@@ -360,6 +371,12 @@ fn modbus_capture(port: &str, devices: &[crate::link::recognise::CapturedDevice]
             seen.push("its exceptions and undecodable answers are not reproduced".into());
         }
         notes.push(format!("address {a}: {} polls; {}", o.exchanges, if seen.is_empty() { "no answer decoded".into() } else { seen.join(", ") }));
+    }
+    // An echo is the adapter's, on the master's port: one fault at the captured share.
+    let (echoed, polls) = packs.iter().fold((0, 0), |(e, n), (_, _, o)| (e + o.echo, n + o.exchanges));
+    if model && echoed > 0 {
+        let how = if echoed >= polls { "always: true".to_string() } else { format!("probability: {:.2}", echoed as f64 / polls as f64) };
+        setup.push(format!("fault: {{ link: {port}, kind: echo, direction: request, {how} }}"));
     }
     setup.extend(steps);
     Ok((crate::link::recognise::CaptureClient { client, steps: setup, notes }, entries))

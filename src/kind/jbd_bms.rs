@@ -265,6 +265,11 @@ struct JbdPolls {
     silent: usize,
     bad: usize,
     status: usize,
+    /// Answers with no whole frame in them, or a cell answer that disagrees with the
+    /// basic info's cell count.
+    torn: usize,
+    /// Answers with foreign bytes before the frame.
+    foreign: usize,
     basic: Option<crate::protocol::jbd::BasicInfo>,
     cells: Option<crate::protocol::jbd::CellVoltages>,
 }
@@ -283,11 +288,26 @@ impl JbdPolls {
                 p.silent += 1;
                 continue;
             }
-            match jbd::decode_response_unchecked(&answer) {
-                Ok((_, Some(_))) => p.bad += 1,
-                Ok((r, None)) if !r.is_ok() => p.status += 1,
-                Ok((r, None)) if r.reg == req.reg && r.reg == jbd::reg::BASIC_INFO => p.basic = jbd::BasicInfo::decode(&r.data).ok().or(p.basic.take()),
-                Ok((r, None)) if r.reg == req.reg && r.reg == jbd::reg::CELL_VOLTAGES => p.cells = jbd::CellVoltages::decode(&r.data).ok().or(p.cells.take()),
+            // The first whole frame in the notifications: foreign frames before it (custom
+            // firmware, field fault 11) are skipped, as a client skips them.
+            let framed = answer.iter().enumerate().filter(|&(_, &b)| b == jbd::START).find_map(|(i, _)| {
+                let len = jbd::OVERHEAD + usize::from(*answer.get(i + 3)?);
+                Some((i, jbd::decode_response_unchecked(answer.get(i..i + len)?).ok()?))
+            });
+            let Some((skipped, decoded)) = framed else {
+                p.torn += 1;
+                continue;
+            };
+            p.foreign += usize::from(skipped > 0);
+            match decoded {
+                (_, Some(_)) => p.bad += 1,
+                (r, None) if !r.is_ok() => p.status += 1,
+                (r, None) if r.reg == req.reg && r.reg == jbd::reg::BASIC_INFO => p.basic = jbd::BasicInfo::decode(&r.data).ok().or(p.basic.take()),
+                (r, None) if r.reg == req.reg && r.reg == jbd::reg::CELL_VOLTAGES => match jbd::CellVoltages::decode(&r.data) {
+                    Ok(c) if p.basic.as_ref().is_none_or(|b| usize::from(b.cell_count) == c.cells_mv.len()) => p.cells = Some(c),
+                    // Fewer cells than the basic info counts (field fault 2): the client fails it.
+                    _ => p.torn += 1,
+                },
                 _ => {}
             }
         }
@@ -302,11 +322,15 @@ impl JbdPolls {
     /// The jbd-client's `expect_errors` steps for the failures seen, and what they were.
     fn error_steps(&self, steps: &mut Vec<String>, seen: &mut Vec<String>) {
         let within = self.within();
-        for (n, kind, what) in [(self.bad, "checksum", "answers with a bad checksum"), (self.status, "status", "error statuses"), (self.silent, "timeout", "unanswered requests")] {
+        for (n, kind, what) in [(self.bad, Some("checksum"), "answers with a bad checksum"), (self.status, Some("status"), "error statuses"), (self.silent, Some("timeout"), "unanswered requests"), (self.torn, None, "answers no client can use")] {
             if n > 0 {
                 seen.push(format!("{n} {what}"));
-                steps.push(format!("expect_errors: {{ client: app, kind: {kind}, at_least: 1, within: {within} }}"));
+                let kind = kind.map_or(String::new(), |k| format!(" kind: {k},"));
+                steps.push(format!("expect_errors: {{ client: app,{kind} at_least: 1, within: {within} }}"));
             }
+        }
+        if self.foreign > 0 {
+            seen.push(format!("{} answers behind foreign frames", self.foreign));
         }
     }
 
@@ -322,6 +346,19 @@ impl JbdPolls {
         }
         if let Some(b) = &self.basic {
             seen.push(format!("last basic info SoC {} %, {} cells", b.rsoc_pct, b.cell_count));
+        }
+    }
+
+    /// `expect_flag` steps for the protections and balancing the last basic info reports.
+    fn flag_steps(&self, steps: &mut Vec<String>, seen: &mut Vec<String>) {
+        let within = self.within();
+        let (_, flags) = crate::client::jbd_client::reading_fields(self.basic.as_ref(), None);
+        let shown: Vec<&String> = flags.iter().filter(|f| f.starts_with("protection:") || f.starts_with("balancing:")).collect();
+        for f in &shown {
+            steps.push(format!("expect_flag: {{ client: app, flag: {}, within: {within} }}", serde_json::to_string(f).unwrap_or_default()));
+        }
+        if !shown.is_empty() {
+            seen.push(format!("flags {}", shown.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(", ")));
         }
         if let Some(c) = &self.cells {
             seen.push(format!("last cell voltages {:?} mV", c.cells_mv));
@@ -356,6 +393,7 @@ fn jbd_capture_client(devices: &[crate::link::recognise::CapturedDevice]) -> Res
     p.error_steps(&mut steps, &mut seen);
     let fields = [("soc_pct", None), ("pack_v", Some(0.005)), ("current_a", Some(0.005)), ("cell_count", None), ("cell_min_mv", None), ("cell_max_mv", None), ("temp1_c", Some(0.05))];
     p.reading_steps(&fields, &mut steps, &mut seen);
+    p.flag_steps(&mut steps, &mut seen);
     let notes = vec![capture_note(&d.name, &p, &seen)];
     Ok(crate::link::recognise::CaptureClient { client: jbd_client_entry(&d.name), steps, notes })
 }
@@ -392,9 +430,10 @@ fn jbd_capture_model(devices: &[crate::link::recognise::CapturedDevice]) -> Resu
         fields.insert(1, ("pack_v", Some(0.005)));
     }
     p.reading_steps(&fields, &mut checks, &mut seen);
-    steps.extend(checks.into_iter().filter(|s| !s.contains("kind: status")));
-    if p.status > 0 {
-        seen.push("its error statuses are not reproduced".into());
+    // The faults reproduce the bad checksums and the silences, nothing else.
+    steps.extend(checks.into_iter().filter(|s| !s.starts_with("expect_errors") || s.contains("kind: checksum") || s.contains("kind: timeout")));
+    if p.status + p.torn > 0 {
+        seen.push("its error statuses and unusable answers are not reproduced".into());
     }
     if let Some(b) = p.basic.as_ref().filter(|b| b.protection != 0) {
         seen.push(format!("its protection flags ({}) are not pinned: the model raises its own", b.protection_names().join(", ")));
