@@ -93,6 +93,9 @@ impl Kind for Eg4Lp4 {
         })
     }
     fn capture_client(&self, port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
+        if devices.iter().any(|d| d.frames.iter().find(|(dir, _)| *dir == crate::link::record::Direction::Request).is_some_and(|(_, b)| b.first() == Some(&0x7E))) {
+            return legacy_capture(port.ok_or("EG4 packs are replayed on a bus")?, devices);
+        }
         modbus_capture(port.ok_or("EG4 packs are replayed on a bus")?, devices, false).map(|(c, _)| c)
     }
     fn capture_model(&self, port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<super::CaptureModel, String> {
@@ -380,6 +383,80 @@ fn modbus_capture(port: &str, devices: &[crate::link::recognise::CapturedDevice]
     }
     setup.extend(steps);
     Ok((crate::link::recognise::CaptureClient { client, steps: setup, notes }, entries))
+}
+
+/// A `legacy-client` that polls the captured 7E/0D packs as the captured bridge did
+/// (general status, command 0x01, one address after another, no retries), and what it
+/// must meet: per pack, the silences and undecodable answers, the last good status's
+/// SoC, voltage and cell count, and its over-voltage cell and alarm flags.
+fn legacy_capture(port: &str, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
+    use crate::protocol::eg4_legacy::{self, LegacyCommand};
+    let mut packs = Vec::new();
+    for d in devices {
+        let address: u8 = d.unit.as_deref().and_then(|u| u.strip_prefix("addr")?.parse().ok()).ok_or_else(|| format!("{} is not one pack address on a bus", d.name))?;
+        let (exchanges, _) = crate::scenario::against::exchanges(d.frames.clone());
+        let (mut silent, mut other, mut last) = (0usize, 0usize, None);
+        for ex in &exchanges {
+            match eg4_legacy::decode_request(&ex.request) {
+                Ok(r) if r.command == LegacyCommand::GeneralStatus => {}
+                _ => {
+                    let what = crate::scenario::transcript::describe(crate::link::record::Direction::Request, &ex.request);
+                    return Err(format!("{}: fixture frame {} is not the general status read the legacy-client polls with: {what}", d.name, ex.frame));
+                }
+            }
+            let answer = ex.answers.concat();
+            if answer.is_empty() {
+                silent += 1;
+            } else if let Ok(s) = eg4_legacy::decode_status_reply(&answer) {
+                last = Some(s);
+            } else {
+                other += 1;
+            }
+        }
+        packs.push((address, d.name.clone(), exchanges.len(), silent, other, last));
+    }
+    let (interval_ms, timeout_ms) = (100u64, 150u64);
+    let longest = packs.iter().map(|p| p.2).max().unwrap_or(0) as u64;
+    let within = format!("{}ms", (2 * longest * (interval_ms + packs.len() as u64 * timeout_ms) + 1000).max(3000));
+    let addresses: Vec<String> = packs.iter().map(|p| p.0.to_string()).collect();
+    let client = format!(
+        "{{ name: master, kind: {}, port: {port}, addresses: [{}], interval: {interval_ms}ms, timeout: {timeout_ms}ms, retries: 0 }}",
+        super::legacy_client::LegacyClient.name(),
+        addresses.join(", ")
+    );
+    let (mut steps, mut notes) = (Vec::new(), Vec::new());
+    for (a, _, polls, silent, other, last) in &packs {
+        let mut seen = Vec::new();
+        if *silent > 0 {
+            seen.push(format!("{silent} silences"));
+            steps.push(format!("expect_errors: {{ client: master, address: {a}, kind: timeout, at_least: 1, within: {within} }}"));
+        }
+        if *other > 0 {
+            seen.push(format!("{other} answers that are no status"));
+            steps.push(format!("expect_errors: {{ client: master, address: {a}, at_least: 1, within: {within} }}"));
+        }
+        if let Some(s) = last {
+            let (values, flags) = crate::client::legacy::legacy_fields(s);
+            for (field, tolerance) in [("soc_pct", Some(0.005)), ("pack_v", Some(0.005)), ("cell_count", None)] {
+                if let Some(v) = values.get(field) {
+                    let tol = tolerance.map_or(String::new(), |t| format!(" tolerance: {t},"));
+                    steps.push(format!("expect_reading: {{ client: master, address: {a}, field: {field}, equals: {v},{tol} within: {within} }}"));
+                }
+            }
+            for f in &flags {
+                steps.push(format!("expect_flag: {{ client: master, flag: {}, within: {within} }}", serde_json::to_string(f).unwrap_or_default()));
+                // A cell in over-voltage alarm has its top bit set on the wire: the client
+                // must read it masked (field fault 7).
+                let cell = f.strip_prefix("cell_ov_flag:").map(|n| format!("cell{n}_mv"));
+                if let Some((field, v)) = cell.as_ref().and_then(|c| Some((c, values.get(c)?))) {
+                    steps.push(format!("expect_reading: {{ client: master, address: {a}, field: {field}, equals: {v}, within: {within} }}"));
+                }
+            }
+            seen.push(format!("last status SoC {} %, {} cells{}", values.get("soc_pct").copied().unwrap_or(0.0), s.cells_mv.len(), if flags.is_empty() { String::new() } else { format!(", flags {}", flags.join(", ")) }));
+        }
+        notes.push(format!("address {a}: {polls} polls; {}", if seen.is_empty() { "no answer decoded".into() } else { seen.join(", ") }));
+    }
+    Ok(crate::link::recognise::CaptureClient { client, steps, notes })
 }
 
 /// One captured pack as a simulated one: its entry, the `set` step pinning its cells, and
