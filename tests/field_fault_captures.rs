@@ -25,14 +25,13 @@ const EG4: &[FieldFault] = &[
     fault("eg4-fault2-no-reply", &["address: 3, kind: timeout", "address: 2, kind: timeout", "address: 2, field: soc_pct, equals: 80"], &[]),
     fault("eg4-fault3-address1-zeros", &["address: 1, kind: crc", "address: 2, kind: timeout", "address: 2, field: soc_pct, equals: 66"], &[]),
     fault("eg4-fault4-wrong-protocol", &["expect_errors: { client: master, address: 1, at_least: 1"], &["expect_reading"]),
-    // The late CRC pieces sit in front of the next answers on the captured bridge: the
-    // master meets CRC errors and no whole answer (the fault's own scenario reads the
-    // early, short-gap answers whole).
-    fault("eg4-fault5-late-crc", &["address: 1, kind: crc"], &["expect_reading"]),
+    // A CRC 60 ms late still completes its answer; one 700 ms late lands after the
+    // master's next poll: it reads the early answers and fails the late ones.
+    fault("eg4-fault5-late-crc", &["address: 1, field: soc_pct, equals: 58", "expect_errors: { client: master, address: 1, at_least: 1"], &[]),
     fault("eg4-fault6-adapter-echo", &["address: 1, kind: echo", "address: 1, field: soc_pct, equals: 77"], &[]),
     fault("eg4-fault7-legacy-cell-msb", &["kind: legacy-client", "address: 1, field: soc_pct, equals: 60,", "flag: \"cell_ov_flag:5\"", "field: cell5_mv, equals: 3720,", "flag: \"alarm:voltage_high\""], &[]),
-    // The bridge is captured behind the adapter's stall: the polls it held show as late,
-    // not lost, so the capture holds the readings and no timeout.
+    // The bridge is captured on the wire: the polls the stalled adapter swallowed never
+    // reached it, so the capture holds the readings and no timeout.
     fault("eg4-fault8-adapter-warmup", &["address: 1, field: soc_pct, equals: 47"], &[]),
 ];
 

@@ -286,10 +286,13 @@ impl BusActor {
         }
     }
 
-    /// Through the port's link, onto its PTY.
+    /// Through the port's link, onto its PTY. The link sees the bytes when they reach the
+    /// port, `after` from now (a late piece of a split answer is recorded, and meets a
+    /// stall, then: not when it left the device).
     fn deliver_to_port(&mut self, idx: usize, dir: Direction, bytes: &[u8], after: Duration, ctx: &mut Context<Self>) {
         let (now_ns, wall_ns) = self.times();
-        let em = self.ports[idx].link.process(dir, bytes, now_ns, wall_ns);
+        let later = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
+        let em = self.ports[idx].link.process(dir, bytes, now_ns.saturating_add(later), wall_ns.saturating_add(later));
         for e in em {
             if e.toward == dir {
                 self.write_port(idx, e.bytes, after + e.after, ctx);
