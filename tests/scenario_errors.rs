@@ -89,6 +89,16 @@ fn typos_in_selectors_are_located_errors() {
     let e = at("  - expect_errors: {client: d, at_least: 1}\n");
     assert!(e.contains("no client named `d`"), "{e}");
 
+    // An smp-server's slots must be a state MCUboot can be in.
+    let e = parse("name: x\ndevices:\n  - {name: s, kind: smp-server, pending: test}\nsteps: []\n");
+    assert!(e.starts_with("bad.yaml:3:") && e.contains("needs an image in slot 1"), "{e}");
+    let e = parse("name: x\ndevices:\n  - {name: s, kind: smp-server, secondary_version: 1.0.0, pending: test, confirmed: false}\nsteps: []\n");
+    assert!(e.contains("cannot have another image pending"), "{e}");
+    let e = parse("name: x\ndevices:\n  - {name: s, kind: smp-server, secondary_version: 1.x}\nsteps: []\n");
+    assert!(e.contains("secondary_version `1.x`"), "{e}");
+    let e = parse("name: x\ndevices:\n  - {name: s, kind: smp-server, pending: later}\nsteps: []\n");
+    assert!(e.contains("later"), "{e}");
+
     // BLE keys and the `ble` step on an smp-server need `ble: true`.
     let e = parse("name: x\ndevices:\n  - {name: s, kind: smp-server, mtu: 247}\nsteps: []\n");
     assert!(e.starts_with("bad.yaml:3:") && e.contains("need `ble: true`"), "{e}");

@@ -138,6 +138,9 @@ pub struct SmpServerConfig {
     pub no_downgrade: bool,
     /// What slot 0 holds at start; `None`: a generated valid image, version 1.0.0.
     pub image: Option<Vec<u8>>,
+    /// What slot 1 holds and the swap state at start (default: slot 1 erased, slot 0
+    /// confirmed).
+    pub slots: crate::model::firmware::SlotState,
     /// How long the device is gone after a reset.
     pub boot_time: Duration,
     /// Files on the device's filesystem (mounted at `/lfs1`) at start.
@@ -255,6 +258,7 @@ impl Default for SmpServerConfig {
             boot_mode: 3,
             no_downgrade: false,
             image: None,
+            slots: Default::default(),
             boot_time: Duration::from_millis(500),
             files: Vec::new(),
             fs_capacity: 256 * 1024,
@@ -377,8 +381,9 @@ impl SmpServer {
             fs.seed(path, contents.clone())?;
         }
         let settings = config.settings.clone().map_or_else(Settings::none, Settings::with_stored);
+        let fw = Firmware::with_state(config.slot_size, image, config.slots.clone())?;
         Ok(SmpServer {
-            fw: Firmware::new(config.slot_size, image),
+            fw,
             config,
             upload: None,
             recovery: None,

@@ -104,6 +104,49 @@ pub struct SmpServerKeys {
     /// Shell commands besides Zephyr's `kernel …`: command line → output.
     #[serde(default)]
     pub shell: BTreeMap<String, String>,
+    /// Version of the generated image in slot 0 (default 1.0.0; not with `image`).
+    #[serde(default)]
+    pub image_version: Option<String>,
+    /// A generated image of this version in slot 1: an update uploaded, or the image a
+    /// revert brings back.
+    #[serde(default)]
+    pub secondary_version: Option<String>,
+    /// Slot 1 asked of the next boot: `test` (once, reverted unless confirmed) or
+    /// `permanent`.
+    #[serde(default)]
+    pub pending: Option<PendingKey>,
+    /// false: the running image is on test, unconfirmed, and the next reset reverts to
+    /// slot 1's (default true).
+    #[serde(default)]
+    pub confirmed: Option<bool>,
+}
+
+/// The `pending` key.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PendingKey {
+    Test,
+    Permanent,
+}
+
+impl SmpServerKeys {
+    /// Slot 0's generated image (with `image_version`) and what the slots hold besides.
+    fn slots(&self) -> Result<(Option<Vec<u8>>, crate::model::firmware::SlotState), String> {
+        use crate::model::firmware::{Pending, SlotState};
+        use crate::protocol::mcuboot::{build_image, ImageVersion};
+        let version = |key: &str, v: &str| v.parse::<ImageVersion>().map_err(|e| format!("{key} `{v}`: {e}"));
+        let primary = match (&self.image_version, &self.image) {
+            (Some(_), Some(_)) => return Err("image_version names the generated image: give it or `image`, not both".into()),
+            (Some(v), None) => Some(build_image(version("image_version", v)?, b"hilbench smp-server generated image")),
+            (None, _) => None,
+        };
+        let secondary = self.secondary_version.as_deref().map(|v| version("secondary_version", v).map(|v| build_image(v, b"hilbench smp-server generated secondary image"))).transpose()?;
+        let pending = self.pending.map(|p| match p {
+            PendingKey::Test => Pending::Test,
+            PendingKey::Permanent => Pending::Perm,
+        });
+        Ok((primary, SlotState { secondary, pending, confirmed: self.confirmed.unwrap_or(true) }))
+    }
 }
 
 /// A settings name as settings_mgmt takes it.
@@ -680,7 +723,12 @@ impl SmpServerKeys {
         if let Some(d) = self.boot_time {
             c.boot_time = d.0;
         }
-        c.image = self.image.as_deref().map(read_image).transpose()?;
+        let (generated, slots) = self.slots()?;
+        c.image = match generated {
+            Some(g) => Some(g),
+            None => self.image.as_deref().map(read_image).transpose()?,
+        };
+        c.slots = slots;
         c.files = self.files.iter().map(|(p, t)| (p.clone(), t.as_bytes().to_vec())).collect();
         c.settings = self.settings.as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_bytes().to_vec())).collect());
         c.shell = self.shell.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -740,6 +788,8 @@ impl Declared for SmpServerKeys {
         if let Some(c) = self.shell.keys().find(|c| c.split_whitespace().next().is_none_or(|w| w == "kernel")) {
             return Err(at_key("shell", format!("shell command `{c}`: empty, or under `kernel`, which the device's own shell has")));
         }
+        let version_key = if self.image_version.is_some() && self.image.is_some() { "image_version" } else { "secondary_version" };
+        self.slots().map_err(|e| at_key(if e.starts_with("image_version") { "image_version" } else { version_key }, e))?;
         // What only the whole device can judge (times, the image, files against capacity).
         let config = self.config().map_err(Problem::here)?;
         crate::device::smp_core::SmpServer::new(config).map(|_| ()).map_err(Problem::here)

@@ -51,6 +51,24 @@ pub enum FlashError {
     PastSlot { end: usize, size: usize },
 }
 
+/// What the slots hold at start besides slot 0's image: a device caught in the middle
+/// of an update (a scenario's `secondary_version`, `pending`, `confirmed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotState {
+    /// Slot 1's contents: an uploaded update, or the image a revert brings back.
+    pub secondary: Option<Vec<u8>>,
+    /// Slot 1 asked of the next boot.
+    pub pending: Option<Pending>,
+    /// false: the running image is on test and the next boot reverts to slot 1's.
+    pub confirmed: bool,
+}
+
+impl Default for SlotState {
+    fn default() -> Self {
+        SlotState { secondary: None, pending: None, confirmed: true }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Firmware {
     slot_size: usize,
@@ -66,6 +84,25 @@ impl Firmware {
     /// Slot 0 holds `image`, confirmed; slot 1 is erased.
     pub fn new(slot_size: usize, image: Vec<u8>) -> Firmware {
         Firmware { slot_size, slots: [image, Vec::new()], pending: None, confirmed: true, boots: 0 }
+    }
+
+    /// Slot 0 holds `image` and the rest is as `state` says; Err when MCUboot could not
+    /// be in that state (a pending or revert with nothing in slot 1, a running test image
+    /// with another pending) or slot 1's image does not fit.
+    pub fn with_state(slot_size: usize, image: Vec<u8>, state: SlotState) -> Result<Firmware, String> {
+        let mut fw = Firmware::new(slot_size, image);
+        let SlotState { secondary, pending, confirmed } = state;
+        if let Some(s) = secondary {
+            fw.write(SECONDARY, 0, &s).map_err(|e| format!("slot 1: {e}"))?;
+        } else if pending.is_some() || !confirmed {
+            return Err("a pending test or an unconfirmed running image needs an image in slot 1".into());
+        }
+        if pending.is_some() && !confirmed {
+            return Err("an unconfirmed running image (on test) cannot have another image pending: MCUboot refuses the upload until it is confirmed".into());
+        }
+        fw.pending = pending;
+        fw.confirmed = confirmed;
+        Ok(fw)
     }
 
     pub fn slot_size(&self) -> usize {
@@ -193,6 +230,28 @@ mod tests {
 
     fn running(fw: &Firmware) -> ImageVersion {
         fw.image(PRIMARY).unwrap().header.version
+    }
+
+    #[test]
+    fn a_device_caught_mid_update_boots_as_it_would_have() {
+        let image = |ver: &str| build_image(v(ver), ver.as_bytes());
+        // On test and unconfirmed: the next boot reverts to slot 1's.
+        let state = SlotState { secondary: Some(image("1.0.0")), pending: None, confirmed: false };
+        let mut fw = Firmware::with_state(0x40000, image("2.0.0"), state).unwrap();
+        assert_eq!((fw.flags(PRIMARY).confirmed, fw.flags(SECONDARY).confirmed), (false, true));
+        assert_eq!(fw.boot(), SwapType::Revert);
+        assert_eq!(running(&fw), v("1.0.0"));
+        // An update pending for good: the next boot swaps it in, confirmed.
+        let state = SlotState { secondary: Some(image("3.0.0")), pending: Some(Pending::Perm), confirmed: true };
+        let mut fw = Firmware::with_state(0x40000, image("2.0.0"), state).unwrap();
+        assert!(fw.flags(SECONDARY).permanent);
+        assert_eq!(fw.boot(), SwapType::Perm);
+        assert_eq!((running(&fw), fw.confirmed()), (v("3.0.0"), true));
+        // States MCUboot cannot be in.
+        assert!(Firmware::with_state(0x40000, image("2.0.0"), SlotState { secondary: None, pending: Some(Pending::Test), confirmed: true }).is_err());
+        assert!(Firmware::with_state(0x40000, image("2.0.0"), SlotState { secondary: None, pending: None, confirmed: false }).is_err());
+        assert!(Firmware::with_state(0x40000, image("2.0.0"), SlotState { secondary: Some(image("1.0.0")), pending: Some(Pending::Test), confirmed: false }).is_err());
+        assert!(Firmware::with_state(16, image("2.0.0"), SlotState { secondary: Some(image("1.0.0")), pending: None, confirmed: true }).is_err());
     }
 
     fn with_upload(version: &str) -> Firmware {
