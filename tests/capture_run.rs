@@ -354,6 +354,15 @@ fn an_smp_upload_capture_becomes_a_scenario_that_passes() {
     }
     let (passed, text) = run_scenario(dir.path(), &scenario);
     assert!(passed && text.contains("1 passed, 0 failed"), "{text}");
+
+    // --as-state: the server simulated where the capture ended (2.0.0 running and
+    // confirmed after the update, 3.0.0 left in slot 1 by the reverted test).
+    let (dir, scenario, yaml) = import_scenario_with("smp-dfu-udp.pcapng", "dfu.pcapng", &["--as-state"]);
+    for want in ["kind: smp-server, buf_size: 2048, buf_count: 4, image_version: \"2.0.0\", secondary_version: \"3.0.0\" }", "flag: 'active:2.0.0'", "field: active_confirmed, equals: 1", "field: pending, equals: 0"] {
+        assert!(yaml.contains(want), "{want}: {yaml}");
+    }
+    let (passed, text) = run_scenario(dir.path(), &scenario);
+    assert!(passed && text.contains("1 passed, 0 failed"), "{text}");
 }
 
 /// fixtures/captures/CAPTURE copied into a fresh folder as `name` and imported there:

@@ -654,6 +654,9 @@ impl Kind for SmpServerKind {
     fn capture_client(&self, port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
         smp_capture_client(port, devices)
     }
+    fn capture_model(&self, port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<super::CaptureModel, String> {
+        smp_capture_model(port, devices)
+    }
     fn ble_identity(&self) -> Option<crate::transport::gatt::BleIdentity> {
         Some(crate::transport::gatt::BleIdentity { services: crate::device::smp_ble::smp_gatt(), local_name: crate::device::smp_ble::SMP_LOCAL_NAME.into(), serves: &[super::smp_client::SMP_BLE] })
     }
@@ -995,64 +998,185 @@ fn describe_smp(m: &crate::protocol::smp::SmpFrame) -> String {
 /// state read after it: the buffer size and the running image) and, where the capture
 /// has a params read unanswered (a reboot), a timeout; the last running image is noted.
 fn smp_capture_client(port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
-    use crate::link::recognise::CaptureTransport;
-    use crate::protocol::smp::{self, SmpFrame, SmpOp};
-    let [d] = devices else {
-        return Err(format!("{} SMP servers on one link; an smp-client polls one", devices.len()));
-    };
-    if port.is_some() || d.transport != CaptureTransport::Udp {
-        return Err(format!("SMP {} captures get no scenario yet (console lines and BLE writes are pieces of messages)", d.transport.as_str()));
-    }
-    let (exchanges, _) = crate::scenario::against::exchanges(d.frames.clone());
-    let (mut buf_size, mut first_active, mut active, mut polls, mut silent) = (None, None, None, 0u64, 0usize);
-    for ex in &exchanges {
-        let Ok(req) = SmpFrame::parse(&ex.request) else { continue };
-        let h = &req.header;
-        let read = h.smp_op() == Some(SmpOp::Read);
-        let params = read && h.group == smp::group::OS && h.command == 6;
-        let state = read && h.group == smp::group::IMAGE && h.command == 0;
-        if !(params || state) {
-            continue;
-        }
-        polls += 1;
-        let Some(answer) = ex.answers.iter().find_map(|a| SmpFrame::parse(a).ok()) else {
-            silent += 1;
-            continue;
-        };
-        let Ok(map) = smp::decode_map(&answer.payload) else { continue };
-        if params {
-            buf_size = buf_size.or_else(|| smp::get(&map, "buf_size").and_then(smp::as_u64));
-        } else if let (Some(_), Some(ciborium::Value::Array(images))) = (buf_size, smp::get(&map, "images")) {
-            for img in images {
-                let ciborium::Value::Map(e) = img else { continue };
-                if matches!(smp::get(e, "active"), Some(ciborium::Value::Bool(true))) {
-                    if let Some(ciborium::Value::Text(v)) = smp::get(e, "version") {
-                        first_active = first_active.or_else(|| Some(v.clone()));
-                        active = Some(v.clone());
-                    }
-                }
-            }
-        }
-    }
+    let (d, p) = SmpPolls::of_udp(port, devices)?;
     // Every poll walks the replay one params and one state read on.
-    let within = format!("{}s", (polls / 2 + 10).min(120));
+    let within = p.within();
     let mut steps = Vec::new();
-    let mut seen = vec![format!("{polls} params and image state reads")];
-    if let Some(b) = buf_size {
+    let mut seen = vec![format!("{} params and image state reads", p.polls)];
+    if let Some(b) = p.buf_size {
         steps.push(format!("expect_reading: {{ client: mgr, field: buf_size, equals: {b}, within: {within} }}"));
         seen.push(format!("buf_size {b}"));
     }
-    if let Some(v) = &first_active {
+    if let Some(v) = &p.first_active {
         steps.push(format!("expect_flag: {{ client: mgr, flag: 'active:{v}', within: {within} }}"));
         seen.push(format!("running image {v} at first"));
     }
-    if let Some(v) = active.filter(|v| Some(v) != first_active.as_ref()) {
+    if let Some(v) = p.active().filter(|v| Some(*v) != p.first_active.as_ref()) {
         seen.push(format!("{v} at last"));
     }
-    if silent > 0 && buf_size.is_some() {
+    if p.silent > 0 && p.buf_size.is_some() {
         steps.push(format!("expect_errors: {{ client: mgr, kind: timeout, at_least: 1, within: {within} }}"));
-        seen.push(format!("{silent} unanswered (the device rebooting)"));
+        seen.push(format!("{} unanswered (the device rebooting)", p.silent));
     }
-    let client = format!("{{ name: mgr, kind: {}, device: {}, interval: 200ms }}", super::smp_client::SmpClientKind.name(), d.name);
-    Ok(crate::link::recognise::CaptureClient { client, steps, notes: vec![format!("{}: {}", d.name, seen.join(", "))] })
+    Ok(crate::link::recognise::CaptureClient { client: smp_client_entry(&d.name), steps, notes: vec![format!("{}: {}", d.name, seen.join(", "))] })
+}
+
+fn smp_client_entry(device: &str) -> String {
+    format!("{{ name: mgr, kind: {}, device: {device}, interval: 200ms }}", super::smp_client::SmpClientKind.name())
+}
+
+/// One slot of a captured image state answer.
+#[derive(Debug, Clone)]
+struct CapturedSlot {
+    slot: u64,
+    version: String,
+    active: bool,
+    confirmed: bool,
+    pending: bool,
+    permanent: bool,
+}
+
+/// What a captured SMP server answered the params and image state reads a poller sends:
+/// how many and how many went unanswered, the first params' buffers, the first answered
+/// state's running image (after a params read: what a poll's first round gets) and the
+/// last state's slots.
+#[derive(Default)]
+struct SmpPolls {
+    polls: u64,
+    silent: usize,
+    buf_size: Option<u64>,
+    buf_count: Option<u64>,
+    first_active: Option<String>,
+    last_slots: Vec<CapturedSlot>,
+}
+
+impl SmpPolls {
+    /// The one UDP server of a link and its polls; Err for what no scenario replays.
+    fn of_udp<'a>(port: Option<&str>, devices: &'a [crate::link::recognise::CapturedDevice]) -> Result<(&'a crate::link::recognise::CapturedDevice, SmpPolls), String> {
+        let [d] = devices else {
+            return Err(format!("{} SMP servers on one link; an smp-client polls one", devices.len()));
+        };
+        if port.is_some() || d.transport != crate::link::recognise::CaptureTransport::Udp {
+            return Err(format!("SMP {} captures get no scenario yet (console lines and BLE writes are pieces of messages)", d.transport.as_str()));
+        }
+        Ok((d, SmpPolls::of(d)))
+    }
+
+    fn of(d: &crate::link::recognise::CapturedDevice) -> SmpPolls {
+        use crate::protocol::smp::{self, SmpFrame, SmpOp};
+        let (exchanges, _) = crate::scenario::against::exchanges(d.frames.clone());
+        let mut p = SmpPolls::default();
+        for ex in &exchanges {
+            let Ok(req) = SmpFrame::parse(&ex.request) else { continue };
+            let h = &req.header;
+            let read = h.smp_op() == Some(SmpOp::Read);
+            let params = read && h.group == smp::group::OS && h.command == 6;
+            let state = read && h.group == smp::group::IMAGE && h.command == 0;
+            if !(params || state) {
+                continue;
+            }
+            p.polls += 1;
+            let Some(answer) = ex.answers.iter().find_map(|a| SmpFrame::parse(a).ok()) else {
+                p.silent += 1;
+                continue;
+            };
+            let Ok(map) = smp::decode_map(&answer.payload) else { continue };
+            if params {
+                p.buf_size = p.buf_size.or_else(|| smp::get(&map, "buf_size").and_then(smp::as_u64));
+                p.buf_count = p.buf_count.or_else(|| smp::get(&map, "buf_count").and_then(smp::as_u64));
+            } else if let Some(ciborium::Value::Array(images)) = smp::get(&map, "images") {
+                p.last_slots = images.iter().filter_map(CapturedSlot::of).collect();
+                if p.buf_size.is_some() && p.first_active.is_none() {
+                    p.first_active = p.active().cloned();
+                }
+            }
+        }
+        p
+    }
+
+    fn active(&self) -> Option<&String> {
+        self.last_slots.iter().find(|s| s.active).map(|s| &s.version)
+    }
+
+    fn within(&self) -> String {
+        format!("{}s", (self.polls / 2 + 10).min(120))
+    }
+}
+
+impl CapturedSlot {
+    fn of(img: &ciborium::Value) -> Option<CapturedSlot> {
+        use crate::protocol::smp;
+        let ciborium::Value::Map(e) = img else { return None };
+        let flag = |k: &str| matches!(smp::get(e, k), Some(ciborium::Value::Bool(true)));
+        let ciborium::Value::Text(version) = smp::get(e, "version")? else { return None };
+        Some(CapturedSlot {
+            slot: smp::get(e, "slot").and_then(smp::as_u64).unwrap_or(0),
+            version: version.clone(),
+            active: flag("active"),
+            confirmed: flag("confirmed"),
+            pending: flag("pending"),
+            permanent: flag("permanent"),
+        })
+    }
+}
+
+/// The captured server as a simulated smp-server (`capture import --as-state`): its
+/// buffers from the first params answer, its slots as the last image state answer shows
+/// them (the running image's version, the other slot's, a pending test or permanent
+/// swap, an unconfirmed test image), and an smp-client that polls it and must see that
+/// state. Uploads, resets and silences are noted, not reproduced: the scenario starts
+/// where the capture ended.
+fn smp_capture_model(port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<super::CaptureModel, String> {
+    let (d, p) = SmpPolls::of_udp(port, devices)?;
+    let within = p.within();
+    let mut keys = Vec::new();
+    let (mut steps, mut seen) = (Vec::new(), vec![format!("{} params and image state reads", p.polls)]);
+    if let Some(b) = p.buf_size {
+        keys.push(format!("buf_size: {b}"));
+        steps.push(format!("expect_reading: {{ client: mgr, field: buf_size, equals: {b}, within: {within} }}"));
+    }
+    if let Some(c) = p.buf_count {
+        keys.push(format!("buf_count: {c}"));
+    }
+    // Image 0's slots only: a second image's are not simulated.
+    if let Some(s) = p.last_slots.iter().find(|s| s.slot == 0) {
+        keys.push(format!("image_version: {}", quoted_version(&s.version)?));
+        steps.push(format!("expect_flag: {{ client: mgr, flag: 'active:{}', within: {within} }}", s.version));
+        steps.push(format!("expect_reading: {{ client: mgr, field: active_confirmed, equals: {}, within: {within} }}", u8::from(s.confirmed)));
+        if !s.confirmed {
+            keys.push("confirmed: false".into());
+        }
+        seen.push(format!("last state: running {}{}", s.version, if s.confirmed { "" } else { " on test, unconfirmed" }));
+    }
+    if let Some(s) = p.last_slots.iter().find(|s| s.slot == 1) {
+        keys.push(format!("secondary_version: {}", quoted_version(&s.version)?));
+        if s.pending {
+            keys.push(format!("pending: {}", if s.permanent { "permanent" } else { "test" }));
+        }
+        steps.push(format!("expect_reading: {{ client: mgr, field: pending, equals: {}, within: {within} }}", u8::from(s.pending)));
+        let how = match (s.pending, s.permanent) {
+            (true, true) => " pending for good",
+            (true, false) => " pending a test",
+            _ => "",
+        };
+        seen.push(format!("slot 1 {}{how}", s.version));
+    }
+    if p.last_slots.iter().any(|s| s.slot > 1) {
+        seen.push("slots of a second image are not simulated".into());
+    }
+    if p.silent > 0 {
+        seen.push(format!("{} unanswered (reboots) not reproduced", p.silent));
+    }
+    if steps.is_empty() {
+        return Err("the capture holds no answered params or image state read".into());
+    }
+    let entry = format!("{{ name: {}, kind: {}, {} }}", d.name, SmpServerKind.name(), keys.join(", "));
+    let client = crate::link::recognise::CaptureClient { client: smp_client_entry(&d.name), steps, notes: vec![format!("{}: {}", d.name, seen.join(", "))] };
+    Ok(super::CaptureModel { devices: vec![entry], client })
+}
+
+/// A captured version as a scenario value, when the server can build an image of it.
+fn quoted_version(v: &str) -> Result<String, String> {
+    v.parse::<crate::protocol::mcuboot::ImageVersion>().map_err(|e| format!("captured image version `{v}`: {e}"))?;
+    Ok(format!("\"{v}\""))
 }
