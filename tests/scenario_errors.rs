@@ -89,6 +89,11 @@ fn typos_in_selectors_are_located_errors() {
     let e = at("  - expect_errors: {client: d, at_least: 1}\n");
     assert!(e.contains("no client named `d`"), "{e}");
 
+    // A Shelly's HTTP status overrides are error statuses.
+    let e = parse("name: x\ndevices:\n  - {name: s, kind: shelly, http_status: {-103: 200}}\nsteps: []\n");
+    assert!(e.starts_with("bad.yaml:3:") && e.contains("http_status for -103: 200 is not an error status"), "{e}");
+    assert!(Scenario::parse(Path::new("ok.yaml"), "name: x\ndevices:\n  - {name: s, kind: shelly, http_status: {-103: 500, 404: 400}}\nsteps: []\n").is_ok());
+
     // An smp-server's slots must be a state MCUboot can be in.
     let e = parse("name: x\ndevices:\n  - {name: s, kind: smp-server, pending: test}\nsteps: []\n");
     assert!(e.starts_with("bad.yaml:3:") && e.contains("needs an image in slot 1"), "{e}");

@@ -64,6 +64,25 @@ async fn http_bad_input_gets_firmware_answers() {
     d.shutdown().await;
 }
 
+/// The HTTP status of each error is set per device, as a user's firmware gives it; a
+/// slow device (`slow_ms`) answers HTTP as late as it answers the WebSocket.
+#[tokio::test]
+async fn http_statuses_are_configurable_and_slow_ms_delays_http() {
+    let endpoints = ShellyEndpoints { http: "127.0.0.1:0".parse().unwrap(), seed: 1, frame_limit: None, link_name: None, ble: None };
+    let config = ShellyConfig { http_status: [(-103, 500)].into(), ..ShellyConfig::default() };
+    let d = shelly_host::serve(config, endpoints).await.unwrap();
+    let get = |q: &str| format!("GET /rpc/{q} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n").into_bytes();
+    let (status, body) = http(&d, get("Switch.Set?id=zero&on=true")).await;
+    assert!(status.contains("500") && body.contains("-103"), "{status} {body}");
+    let (status, _) = http(&d, get("Nope.Nothing")).await;
+    assert!(status.contains("404"), "the other errors keep theirs: {status}");
+    d.set("slow_ms", 300.0).await.unwrap();
+    let asked = std::time::Instant::now();
+    let (status, _) = http(&d, get("Shelly.GetStatus")).await;
+    assert!(status.contains("200") && asked.elapsed() >= Duration::from_millis(300), "{status} after {:?}", asked.elapsed());
+    d.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_websocket_outlives_bad_frames_and_drops_on_reboot() {
     let d = device().await;

@@ -73,6 +73,9 @@ pub struct ShellyConfig {
     /// Seeds the nonces, the MAC and the Wi-Fi scan.
     pub seed: u64,
     pub boot_time: Duration,
+    /// HTTP status per RPC error code, over the defaults (which status firmware gives
+    /// each is not certain: a user sets what theirs does).
+    pub http_status: BTreeMap<i64, u16>,
 }
 
 impl Default for ShellyConfig {
@@ -87,6 +90,7 @@ impl Default for ShellyConfig {
             unix_at_zero: 1_767_225_600,
             seed: 1,
             boot_time: Duration::from_secs(2),
+            http_status: BTreeMap::new(),
         }
     }
 }
@@ -110,6 +114,9 @@ pub enum ShellyEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpAnswer {
     pub status: u16,
+    /// How long the answer waits before it goes (`slow_ms`), as the WebSocket and BLE
+    /// answers do.
+    pub delay: Duration,
     pub body: Vec<u8>,
     pub www_authenticate: Option<String>,
 }
@@ -159,6 +166,8 @@ pub struct ShellyDevice {
     reboot_at: Option<Duration>,
     up_at: Option<Duration>,
     unknown_method: UnknownMethod,
+    /// HTTP status per error code, over [`http_status`]'s.
+    http_status: BTreeMap<i64, u16>,
     unix_at_zero: u64,
     seed: u64,
     boot_time: Duration,
@@ -216,6 +225,7 @@ impl ShellyDevice {
             reboot_at: None,
             up_at: None,
             unknown_method: config.unknown_method,
+            http_status: config.http_status.clone(),
             unix_at_zero: unix,
             seed: config.seed,
             boot_time: config.boot_time,
@@ -447,13 +457,14 @@ impl ShellyDevice {
         let outcome = self.call(method, params, answer, now);
         self.events.push(ShellyEvent::Call { method: method.to_string(), code: outcome.as_ref().err().map_or(0, |e| e.code) });
         Some(match outcome {
-            Ok(v) => HttpAnswer { status: 200, body: serde_json::to_vec(&v).unwrap_or_default(), www_authenticate: None },
+            Ok(v) => HttpAnswer { status: 200, delay: self.slow, body: serde_json::to_vec(&v).unwrap_or_default(), www_authenticate: None },
             Err(e) => {
                 let www = (e.code == shelly::code::UNAUTHORIZED)
                     .then(|| serde_json::from_str::<Value>(&e.message).ok())
                     .flatten()
                     .map(|c| challenge_header(&c));
-                HttpAnswer { status: http_status(e.code), body: serde_json::to_vec(&json!({"code": e.code, "message": e.message})).unwrap_or_default(), www_authenticate: www }
+                let status = self.http_status.get(&e.code).copied().unwrap_or_else(|| http_status(e.code));
+                HttpAnswer { status, delay: self.slow, body: serde_json::to_vec(&json!({"code": e.code, "message": e.message})).unwrap_or_default(), www_authenticate: www }
             }
         })
     }

@@ -348,6 +348,9 @@ async fn handle_request(req: Request<Incoming>, commands: mpsc::Sender<Command>,
                 }
             };
             let answer = ask(&commands, |reply| Command::Http { method, params, authorization, http_method, reply }).await.ok_or_else(gone)?;
+            if !answer.delay.is_zero() {
+                tokio::time::sleep(answer.delay).await;
+            }
             let mut r = respond(StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), answer.body);
             if let Some(www) = answer.www_authenticate.and_then(|w| hyper::header::HeaderValue::from_str(&w).ok()) {
                 r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, www);

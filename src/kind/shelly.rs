@@ -40,6 +40,20 @@ fn parse_unknown_method(s: &str) -> Result<UnknownMethod, String> {
     }
 }
 
+fn code_status(s: &str) -> Result<(i64, u16), String> {
+    let (c, st) = s.split_once('=').ok_or_else(|| format!("`{s}` is not CODE=STATUS"))?;
+    let code = c.parse().map_err(|_| format!("`{c}` is not an RPC error code"))?;
+    let status = st.parse().map_err(|_| format!("`{st}` is not an HTTP status"))?;
+    Ok((code, status))
+}
+
+/// The HTTP status overrides, each a status a server may send for an error (400..=599).
+fn checked_statuses(pairs: impl Iterator<Item = (i64, u16)>) -> Result<BTreeMap<i64, u16>, String> {
+    pairs
+        .map(|(c, s)| if (400..=599).contains(&s) { Ok((c, s)) } else { Err(format!("http_status for {c}: {s} is not an error status (400..=599)")) })
+        .collect()
+}
+
 fn key_number(s: &str) -> Result<(String, f64), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
     let v: f64 = v.parse().map_err(|_| format!("`{v}` is not a number"))?;
@@ -117,6 +131,10 @@ pub struct ShellySimArgs {
     /// BLE field fault: the first N data reads of each answer return no bytes.
     #[arg(long, default_value_t = 0)]
     pub ble_empty_reads: u32,
+    /// HTTP status for an RPC error code: CODE=STATUS (e.g. -103=500), over the defaults
+    /// (400 for -103, 404 for -105 and 404, 503 for -109, 401, 429; 500 otherwise).
+    #[arg(long = "http-status", value_name = "CODE=STATUS", value_parser = code_status, allow_hyphen_values = true)]
+    pub http_status: Vec<(i64, u16)>,
     /// Serve this many devices: device i on the --http address's last octet + i, the same
     /// port (127.0.0.1:80, 127.0.0.2:80, … for clients that take an IP only), MAC + i.
     #[arg(long, default_value_t = 1)]
@@ -188,6 +206,7 @@ fn sim(a: ShellySimArgs) -> Result<(), String> {
             unix_at_zero: unix_now(),
             seed: i as u64 + 1,
             boot_time: a.boot_time,
+            http_status: checked_statuses(a.http_status.iter().copied())?,
         };
         devices.push((config, nth_addr(a.http, i).or_else(|e| if a.count == 1 { Ok(a.http) } else { Err(e) })?));
     }
@@ -408,6 +427,9 @@ pub struct ShellyKeys {
     /// BLE field fault: the first N data reads of each answer return nothing.
     #[serde(default)]
     pub ble_empty_reads: u32,
+    /// HTTP status per RPC error code (`{ -103: 500 }`), over the defaults.
+    #[serde(default)]
+    pub http_status: BTreeMap<i64, u16>,
 }
 
 fn default_model() -> String {
@@ -426,6 +448,7 @@ impl ShellyKeys {
             unix_at_zero: unix_now(),
             seed,
             boot_time: self.boot_time.map_or(Duration::from_secs(2), |d| d.0),
+            http_status: checked_statuses(self.http_status.iter().map(|(c, s)| (*c, *s)))?,
         })
     }
 
