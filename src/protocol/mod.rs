@@ -34,6 +34,8 @@ pub mod mcuboot;
 pub mod modbus;
 pub mod shelly;
 pub mod smp;
+pub mod tcp_stream;
+pub mod ws_capture;
 
 /// Bytes as lower-case hex, no separators (digests as protocols print them).
 pub fn lower_hex(b: &[u8]) -> String {

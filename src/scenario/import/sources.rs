@@ -210,7 +210,7 @@ impl PacketFrames {
     fn udp(&mut self, lt: u32, p: &CapturedPacket, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> std::io::Result<()> {
         let d = match ip::udp_datagram(lt, &p.data) {
             Ok(d) => d,
-            Err(ip::IpSkip::NotUdp) => return Ok(()),
+            Err(ip::IpSkip::Other) => return Ok(()),
             Err(e) => {
                 on_gap(ImportGap { at: format!("byte {} (record {})", p.offset, p.record), what: e.to_string() });
                 return Ok(());
