@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("shelly_frame", shelly_frames_round_trip),
     ("shelly_device", shelly_device_answers_are_well_formed),
     ("capture_file", capture_file_decodes_the_same_in_any_chunking),
+    ("ws_capture", ws_capture_reads_reordered_segments_as_the_stream),
     ("replay_core", replay_answers_only_what_was_captured),
 ];
 
@@ -954,6 +955,49 @@ pub fn capture_file_decodes_the_same_in_any_chunking(data: &[u8]) -> bool {
         }
     }
     !packets.is_empty()
+}
+
+/// Arbitrary bytes as one direction of a captured TCP connection carrying WebSocket: the
+/// first byte sets the segment size (1..=64), the rest follows a `101` head as the stream.
+/// Invariants: no panic; the segments pushed in order, with every pair swapped, or each
+/// one twice (a retransmission) all read as the same messages and gaps; no message is past
+/// the limit.
+pub fn ws_capture_reads_reordered_segments_as_the_stream(data: &[u8]) -> bool {
+    use crate::protocol::tcp_stream::{TcpDirection, TcpOutput};
+    use crate::protocol::ws_capture::{WsDirection, WsOutput};
+    let Some((&k, body)) = data.split_first() else { return false };
+    let size = usize::from(k % 64) + 1;
+    let mut stream = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n".to_vec();
+    stream.extend_from_slice(body);
+    let isn = (u32::MAX - 40).wrapping_add(u32::from(k)); // across the sequence wrap for some inputs
+    let segments: Vec<(u32, &[u8])> = stream.chunks(size).enumerate().map(|(i, c)| (isn.wrapping_add(1).wrapping_add((i * size) as u32), c)).collect();
+    let read = |order: &[(u32, &[u8])]| {
+        let (mut tcp, mut ws, mut out, mut bytes) = (TcpDirection::default(), WsDirection::default(), Vec::new(), Vec::new());
+        tcp.push(isn, true, &[], &mut bytes);
+        for (seq, p) in order {
+            tcp.push(*seq, false, p, &mut bytes);
+        }
+        tcp.finish(&mut bytes);
+        for b in bytes {
+            match b {
+                TcpOutput::Bytes(b) => ws.push(&b, &mut out),
+                TcpOutput::Missing(n) => ws.missing(n, &mut out),
+            }
+        }
+        out
+    };
+    let in_order = read(&segments);
+    let mut swapped = segments.clone();
+    swapped.chunks_mut(2).for_each(|p| p.reverse());
+    assert_eq!(read(&swapped), in_order, "reordered segments read differently");
+    let twice: Vec<(u32, &[u8])> = segments.iter().flat_map(|s| [*s, *s]).collect();
+    assert_eq!(read(&twice), in_order, "retransmitted segments read differently");
+    for o in &in_order {
+        if let WsOutput::Message { payload, .. } = o {
+            assert!(payload.len() <= 4 << 20, "a message past the limit");
+        }
+    }
+    in_order.iter().any(|o| matches!(o, WsOutput::Message { .. }))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -365,6 +365,33 @@ fn an_smp_upload_capture_becomes_a_scenario_that_passes() {
     assert!(passed && text.contains("1 passed, 0 failed"), "{text}");
 }
 
+/// dumpcap's capture (Ethernet on loopback) of `hilbench validate shelly` against a
+/// simulated Shelly: the WebSocket connection's TCP segments become one fixture of RPC
+/// messages in order, recognised as Shelly; the plain HTTP connection (`GET /shelly`)
+/// is reported once, not read.
+#[test]
+fn a_websocket_capture_of_shelly_rpc_imports_its_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/captures/shelly-validate-ws.pcapng");
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["capture", "import", capture.to_str().unwrap(), "--out", "fx", "--json"]).current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let devices = r[0]["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 1, "{r}");
+    let d = &devices[0];
+    assert_eq!((&d["device"], &d["kind"], &d["confidence"]), (&serde_json::json!("tcp:127.0.0.1:18080"), &serde_json::json!("shelly"), &serde_json::json!("high")), "{r}");
+    let gaps = r[0]["gaps"].as_array().unwrap();
+    assert!(gaps.len() == 1 && gaps[0]["what"].as_str().unwrap().contains("not WebSocket (it begins `GET /shelly HTTP/1.1`)"), "{r}");
+    let fixture = std::fs::read_to_string(dir.path().join(d["fixture"].as_str().unwrap())).unwrap();
+    let frames: Vec<serde_json::Value> = fixture.lines().skip(1).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(frames.len(), 64);
+    let text = |f: &serde_json::Value| String::from_utf8((0..f["hex"].as_str().unwrap().len()).step_by(2).map(|i| u8::from_str_radix(&f["hex"].as_str().unwrap()[i..i + 2], 16).unwrap()).collect()).unwrap();
+    assert_eq!((frames[0]["dir"].as_str(), frames[0]["meaning"].as_str()), (Some("request"), Some("call Shelly.GetDeviceInfo id=1")));
+    assert!(text(&frames[1]).starts_with(r#"{"dst":"hilbench-validate","id":1,"result":{"app":"Plus1PM""#), "{}", text(&frames[1]));
+    assert!(frames.iter().any(|f| f["meaning"].as_str().is_some_and(|m| m.starts_with("notification NotifyStatus"))), "{fixture}");
+    assert!(frames.iter().any(|f| f["meaning"].as_str().is_some_and(|m| m.starts_with("error -103"))), "{fixture}");
+}
+
 /// fixtures/captures/CAPTURE copied into a fresh folder as `name` and imported there:
 /// the folder, its first link's scenario (relative to it) and the scenario's text.
 fn import_scenario(capture: &str, name: &str) -> (tempfile::TempDir, String, String) {

@@ -472,6 +472,33 @@ impl Kind for ShellyKind {
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<ShellyKeys>(entry)?))
     }
+    /// Gen2+ JSON-RPC over a WebSocket: calls with a `Component.Method` name, answers
+    /// with an `id` and a result or error, notifications (`NotifyStatus`…). Decisive when
+    /// the frame carries Shelly's `src`/`dst` addressing.
+    fn recognise(&self, f: &crate::link::recognise::CapturedFrameView<'_>) -> Option<crate::link::recognise::FrameVerdict> {
+        use crate::protocol::shelly::{self, RpcFrame};
+        if f.transport != crate::link::recognise::CaptureTransport::WebSocket {
+            return None;
+        }
+        let id = |id: &Option<shelly::RpcId>| id.as_ref().map_or(String::new(), |i| format!(" id={}", serde_json::to_string(i).unwrap_or_default()));
+        let (addressed, meaning) = match shelly::decode_frame(f.bytes).ok()? {
+            RpcFrame::Call(c) => {
+                if !c.method.contains('.') && !c.method.starts_with("Notify") {
+                    return None;
+                }
+                let what = if c.id.is_some() { "call" } else { "notification" };
+                (c.src.is_some() || c.dst.is_some(), format!("{what} {}{}", c.method, id(&c.id)))
+            }
+            RpcFrame::Response(r) => {
+                let outcome = match &r.outcome {
+                    Ok(_) => "result".to_string(),
+                    Err(e) => format!("error {} {:?}", e.code, e.message),
+                };
+                (r.src.is_some() || r.dst.is_some(), format!("{outcome}{}", id(&r.id)))
+            }
+        };
+        Some(crate::link::recognise::FrameVerdict { decisive: addressed, meaning, unit: None })
+    }
     fn list(&self) -> Vec<super::ListSection> {
         vec![
             super::ListSection { title: "Shelly models (shelly `model`, sim --model)".into(), rows: MODELS.iter().map(|m| (m.name.to_string(), m.description.to_string())).collect() },

@@ -112,6 +112,7 @@ fn read_capture(mut reader: impl Read, on_frame: &mut OnFrame<'_>, on_gap: &mut 
             }
         }
     }
+    packets.finish(on_frame, on_gap)?;
     match decoder.finish() {
         Ok(()) => Ok(()),
         // A log cut short (the phone's snoop buffer, a killed tcpdump) keeps what it has.
@@ -133,6 +134,64 @@ struct PacketFrames {
     taught: HashMap<(u16, u16), usize>,
     /// UDP: per endpoint pair, the server (where the first datagram went).
     servers: HashMap<(std::net::SocketAddr, std::net::SocketAddr), std::net::SocketAddr>,
+    /// TCP: per endpoint pair, the connection's two streams.
+    tcp: HashMap<(std::net::SocketAddr, std::net::SocketAddr), TcpConn>,
+}
+
+/// A captured TCP connection read as WebSocket: per direction (0: client to server) the
+/// byte stream put in order and the messages in it.
+struct TcpConn {
+    client: std::net::SocketAddr,
+    server: std::net::SocketAddr,
+    streams: [crate::protocol::tcp_stream::TcpDirection; 2],
+    ws: [crate::protocol::ws_capture::WsDirection; 2],
+    /// A stream that is not WebSocket was reported (once a connection).
+    told: bool,
+}
+
+impl TcpConn {
+    /// The side that sent a SYN alone is the client; in a capture that starts later, the
+    /// side with the higher port (an ephemeral one).
+    fn new(s: &ip::TcpSegment<'_>) -> TcpConn {
+        let src_client = if s.syn { !s.ack } else { s.src.port() > s.dst.port() };
+        let (client, server) = if src_client { (s.src, s.dst) } else { (s.dst, s.src) };
+        TcpConn { client, server, streams: Default::default(), ws: Default::default(), told: false }
+    }
+
+    /// Moves stream `i`'s bytes into its WebSocket reader and passes on what it read.
+    fn read(&mut self, i: usize, tcp: Vec<crate::protocol::tcp_stream::TcpOutput>, t_ns: Option<u64>, at: &str, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> std::io::Result<()> {
+        use crate::protocol::tcp_stream::TcpOutput;
+        use crate::protocol::ws_capture::WsOutput;
+        let mut out = Vec::new();
+        for t in tcp {
+            match t {
+                TcpOutput::Bytes(b) => self.ws[i].push(&b, &mut out),
+                TcpOutput::Missing(n) => self.ws[i].missing(n, &mut out),
+            }
+        }
+        let link = format!("tcp:{}", self.server);
+        for o in out {
+            match o {
+                WsOutput::Message { payload, .. } => on_frame(SourceFrame {
+                    link: link.clone(),
+                    transport: CaptureTransport::WebSocket,
+                    direction: if i == 0 { Direction::Request } else { Direction::Response },
+                    t_ns,
+                    bytes: payload,
+                    value_at: 0,
+                    att_opcode: None,
+                    handle: None,
+                    learnt: Vec::new(),
+                })?,
+                WsOutput::Gap { what, .. } => on_gap(ImportGap { at: at.to_string(), what: format!("{link} ({} → {}): {what}", if i == 0 { self.client } else { self.server }, if i == 0 { self.server } else { self.client }) }),
+                WsOutput::NotWebSocket { first_line } if !std::mem::replace(&mut self.told, true) => {
+                    on_gap(ImportGap { at: at.to_string(), what: format!("{link} ({} → {}): a TCP connection that is not WebSocket (it begins `{first_line}`); only WebSocket over TCP is imported", self.client, self.server) })
+                }
+                WsOutput::NotWebSocket { .. } => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 impl PacketFrames {
@@ -161,13 +220,16 @@ impl PacketFrames {
         }
         if let Encapsulation::Pcap(lt) = p.encapsulation {
             if ip::is_ip_linktype(lt) {
-                return self.udp(lt, p, on_frame, on_gap);
+                return match ip::tcp_segment(lt, &p.data) {
+                    Ok(seg) => self.tcp(&seg, p, on_frame, on_gap),
+                    Err(_) => self.udp(lt, p, on_frame, on_gap),
+                };
             }
         }
         let Some(hp) = HciPacket::from_capture(p.encapsulation, &p.data) else {
             if let Encapsulation::Pcap(lt) = p.encapsulation {
                 if self.skipped.insert(lt) {
-                    on_gap(ImportGap { at: at(), what: format!("link type {lt} is not imported (Modbus RTU exported PDUs, Bluetooth HCI and UDP over IP are)") });
+                    on_gap(ImportGap { at: at(), what: format!("link type {lt} is not imported (Modbus RTU exported PDUs, Bluetooth HCI, UDP and WebSocket over IP are)") });
                 }
             }
             return Ok(());
@@ -200,6 +262,41 @@ impl PacketFrames {
                 }
                 HciOutput::Gap(g) => on_gap(ImportGap { at: at(), what: g.to_string() }),
                 HciOutput::Disconnected { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A TCP segment into its connection's stream; the WebSocket messages it completes
+    /// become frames of the link named after the server (`tcp:ADDR`).
+    fn tcp(&mut self, seg: &ip::TcpSegment<'_>, p: &CapturedPacket, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> std::io::Result<()> {
+        let pair = if seg.src < seg.dst { (seg.src, seg.dst) } else { (seg.dst, seg.src) };
+        if !self.tcp.contains_key(&pair) {
+            // Bounded as the UDP pairs are: past the limit new connections are not followed.
+            if self.tcp.len() >= MAX_UDP_PAIRS || (seg.payload.is_empty() && !seg.syn) {
+                return Ok(());
+            }
+            self.tcp.insert(pair, TcpConn::new(seg));
+        }
+        let Some(conn) = self.tcp.get_mut(&pair) else { return Ok(()) };
+        let i = usize::from(seg.src != conn.client);
+        let mut out = Vec::new();
+        conn.streams[i].push(seg.seq, seg.syn, seg.payload, &mut out);
+        if out.is_empty() {
+            return Ok(());
+        }
+        conn.read(i, out, p.timestamp_ns, &format!("byte {} (record {})", p.offset, p.record), on_frame, on_gap)
+    }
+
+    /// The end of the capture: bytes held behind a hole come out after it.
+    fn finish(&mut self, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> std::io::Result<()> {
+        for conn in self.tcp.values_mut() {
+            for i in 0..2 {
+                let mut out = Vec::new();
+                conn.streams[i].finish(&mut out);
+                if !out.is_empty() {
+                    conn.read(i, out, None, "the end of the capture", on_frame, on_gap)?;
+                }
             }
         }
         Ok(())
