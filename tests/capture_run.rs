@@ -392,6 +392,25 @@ fn a_websocket_capture_of_shelly_rpc_imports_its_messages() {
     assert!(frames.iter().any(|f| f["meaning"].as_str().is_some_and(|m| m.starts_with("error -103"))), "{fixture}");
 }
 
+/// dumpcap's capture of `hilbench validate bsc-hub` against a plaintext ws:// hub (its
+/// first 30 packets, cut by editcap): three nodes' WebSocket connections, their BVLC-SC
+/// messages recognised as a BACnet/SC hub's link, the handshake decisively.
+#[test]
+fn a_websocket_capture_of_bacnet_sc_imports_as_a_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/captures/bsc-hub-ws.pcapng");
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["capture", "import", capture.to_str().unwrap(), "--out", "fx", "--json"]).current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = &r[0]["devices"][0];
+    assert_eq!((&d["kind"], &d["confidence"], &d["transport"]), (&serde_json::json!("bsc-hub"), &serde_json::json!("high"), &serde_json::json!("web-socket")), "{r}");
+    let fixture = std::fs::read_to_string(dir.path().join(d["fixture"].as_str().unwrap())).unwrap();
+    let meanings: Vec<String> = fixture.lines().skip(1).map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["meaning"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(meanings.iter().filter(|m| m.starts_with("Connect-Request")).count(), 3, "{meanings:?}");
+    assert_eq!(meanings.iter().filter(|m| m.starts_with("Connect-Accept")).count(), 3, "{meanings:?}");
+    assert!(meanings.iter().any(|m| m.starts_with("Encapsulated-NPDU")), "{meanings:?}");
+}
+
 /// fixtures/captures/CAPTURE copied into a fresh folder as `name` and imported there:
 /// the folder, its first link's scenario (relative to it) and the scenario's text.
 fn import_scenario(capture: &str, name: &str) -> (tempfile::TempDir, String, String) {

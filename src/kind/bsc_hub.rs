@@ -73,6 +73,22 @@ pub struct BscHubKeys {
 }
 
 impl Kind for BscHubKind {
+    /// BVLC-SC messages in WebSocket BINARY messages (a plaintext ws:// capture): a message
+    /// of a known function that decodes whole. Decisive for the connection handshake
+    /// (Connect-Request/Accept carry a VMAC and a Device UUID), not for the rest.
+    fn recognise(&self, f: &crate::link::recognise::CapturedFrameView<'_>) -> Option<crate::link::recognise::FrameVerdict> {
+        use crate::protocol::bvlc_sc::{self, BvlcPayload};
+        if f.transport != crate::link::recognise::CaptureTransport::WebSocket {
+            return None;
+        }
+        let m = bvlc_sc::decode(f.bytes).ok()?;
+        if matches!(m.payload, BvlcPayload::Unknown { .. }) {
+            return None;
+        }
+        let decisive = matches!(m.payload, BvlcPayload::ConnectRequest { .. } | BvlcPayload::ConnectAccept { .. });
+        let code = f.bytes.first().copied().unwrap_or_default();
+        Some(crate::link::recognise::FrameVerdict { decisive, meaning: format!("{} id={}", bvlc_sc::function_name(code), m.message_id), unit: None })
+    }
     fn sim(&self) -> Option<super::KindCommand> {
         Some(super::KindCommand {
             command: || {
