@@ -371,11 +371,7 @@ fn an_smp_upload_capture_becomes_a_scenario_that_passes() {
 /// is reported once, not read.
 #[test]
 fn a_websocket_capture_of_shelly_rpc_imports_its_messages() {
-    let dir = tempfile::tempdir().unwrap();
-    let capture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/captures/shelly-validate-ws.pcapng");
-    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["capture", "import", capture.to_str().unwrap(), "--out", "fx", "--json"]).current_dir(dir.path()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (dir, r) = import_report("shelly-validate-ws.pcapng");
     let devices = r[0]["devices"].as_array().unwrap();
     assert_eq!(devices.len(), 1, "{r}");
     let d = &devices[0];
@@ -397,11 +393,7 @@ fn a_websocket_capture_of_shelly_rpc_imports_its_messages() {
 /// messages recognised as a BACnet/SC hub's link, the handshake decisively.
 #[test]
 fn a_websocket_capture_of_bacnet_sc_imports_as_a_hub() {
-    let dir = tempfile::tempdir().unwrap();
-    let capture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/captures/bsc-hub-ws.pcapng");
-    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["capture", "import", capture.to_str().unwrap(), "--out", "fx", "--json"]).current_dir(dir.path()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (dir, r) = import_report("bsc-hub-ws.pcapng");
     let d = &r[0]["devices"][0];
     assert_eq!((&d["kind"], &d["confidence"], &d["transport"]), (&serde_json::json!("bsc-hub"), &serde_json::json!("high"), &serde_json::json!("web-socket")), "{r}");
     let fixture = std::fs::read_to_string(dir.path().join(d["fixture"].as_str().unwrap())).unwrap();
@@ -409,6 +401,16 @@ fn a_websocket_capture_of_bacnet_sc_imports_as_a_hub() {
     assert_eq!(meanings.iter().filter(|m| m.starts_with("Connect-Request")).count(), 3, "{meanings:?}");
     assert_eq!(meanings.iter().filter(|m| m.starts_with("Connect-Accept")).count(), 3, "{meanings:?}");
     assert!(meanings.iter().any(|m| m.starts_with("Encapsulated-NPDU")), "{meanings:?}");
+}
+
+/// `capture import fixtures/captures/CAPTURE --out fx --json` in a fresh folder: the
+/// folder and the report.
+fn import_report(capture: &str) -> (tempfile::TempDir, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/captures").join(capture);
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["capture", "import", capture.to_str().unwrap(), "--out", "fx", "--json"]).current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (dir, serde_json::from_slice(&out.stdout).unwrap())
 }
 
 /// fixtures/captures/CAPTURE copied into a fresh folder as `name` and imported there:
