@@ -388,6 +388,32 @@ fn a_websocket_capture_of_shelly_rpc_imports_its_messages() {
     assert!(frames.iter().any(|f| f["meaning"].as_str().is_some_and(|m| m.starts_with("error -103"))), "{fixture}");
 }
 
+/// The Shelly WebSocket fixture served by `sim replay --listen`: a client with its own id
+/// and src gets the captured answer carrying them; a call the capture never saw gets
+/// nothing.
+#[test]
+fn a_shelly_websocket_fixture_replays_with_the_live_id_and_src() {
+    use futures::{SinkExt, StreamExt};
+    let (dir, r) = import_report("shelly-validate-ws.pcapng");
+    let fixture = dir.path().join(r[0]["devices"][0]["fixture"].as_str().unwrap());
+    let (sim, ready) = Sim::start(&["sim", "replay", fixture.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    let url = ready["endpoints"]["ws"].as_str().unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let addr = url.trim_start_matches("ws://").trim_end_matches("/rpc").to_string();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+        let ask = |id: u64, method: &str| tokio_tungstenite::tungstenite::Message::text(serde_json::json!({"id": id, "src": "other-client", "method": method}).to_string());
+        ws.send(ask(77, "Shelly.GetDeviceInfo")).await.unwrap();
+        let m = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+        assert_eq!((&v["id"], &v["dst"], &v["result"]["app"]), (&serde_json::json!(77), &serde_json::json!("other-client"), &serde_json::json!("Plus1PM")), "{v}");
+        ws.send(ask(78, "Nope.Nothing")).await.unwrap();
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(500), ws.next()).await.is_err(), "a call the capture never saw is not answered");
+    });
+    drop(sim);
+}
+
 /// dumpcap's capture of `hilbench validate bsc-hub` against a plaintext ws:// hub (its
 /// first 30 packets, cut by editcap): three nodes' WebSocket connections, their BVLC-SC
 /// messages recognised as a BACnet/SC hub's link, the handshake decisively.

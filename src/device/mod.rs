@@ -10,6 +10,7 @@ pub mod jbd_core;
 pub mod replay;
 pub mod replay_ble;
 pub mod replay_udp;
+pub mod replay_ws;
 pub mod replay_core;
 pub mod shelly_ble;
 pub mod shelly_core;

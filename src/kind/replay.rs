@@ -128,8 +128,10 @@ With --udp ADDR one UDP fixture (an SMP server's) answers datagrams instead; SMP
 match without their sequence number and get answers carrying it. With --ble one BLE fixture
 is served behind its kind's GATT table and advertised name, on a virtual air of its own
 (or --bus/--adapter): a write matching a captured one gets the captured notifications.
-Prints one JSON ready line with the PTY path, UDP address or BLE address (and the air's
-D-Bus address); runs until SIGINT/SIGTERM.
+With --listen ADDR one WebSocket fixture (a Shelly's RPC) answers on ws://ADDR/…: a call
+matches whatever its id and src, and its answers carry them. Prints one JSON ready line
+with the PTY path, UDP address, WebSocket URL or BLE address (and the air's D-Bus
+address); runs until SIGINT/SIGTERM.
 
 Examples:
   hilbench sim replay fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl fixtures/captures/imported/eg4-fault3-bridge.bridge-addr2.jsonl --tty /tmp/field
@@ -148,6 +150,9 @@ pub struct ReplaySimArgs {
     /// Serve one UDP fixture (an SMP server's) on this address instead of a PTY (port 0: any).
     #[arg(long, value_name = "ADDR", conflicts_with = "ble")]
     pub udp: Option<std::net::SocketAddr>,
+    /// Serve one WebSocket fixture (a Shelly's RPC) as ws://ADDR/… instead of a PTY (port 0: any).
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["udp", "ble", "tty"])]
+    pub listen: Option<std::net::SocketAddr>,
     /// Serve one BLE fixture behind its kind's GATT table: on a virtual air of its own
     /// unless --bus or --adapter says where.
     #[arg(long, conflicts_with = "tty")]
@@ -176,6 +181,12 @@ fn sim(a: ReplaySimArgs) -> Result<(), String> {
     }
     if a.place.given() {
         return Err("--mtu, --bus and --adapter place a BLE replay: give --ble".into());
+    }
+    if let Some(addr) = a.listen {
+        let [fixture] = &a.fixtures[..] else {
+            return Err(format!("--listen serves one fixture; {} given", a.fixtures.len()));
+        };
+        return sim_ws(load(fixture, CaptureTransport::WebSocket, "--listen serves WebSocket ones", a.timing)?.alone(), addr);
     }
     if a.timing == Timing::Keep && a.udp.is_none() {
         return Err(format!("--timing keep: {BUS_TIMING}"));
@@ -511,6 +522,22 @@ fn sim_udp(core: ReplayCore, addr: std::net::SocketAddr) -> Result<(), String> {
         let device = ReplayUdpDevice::start("replay", core, addr, log).await?;
         let signal = crate::cli::sim::wait_for_signal();
         println!("{}", serde_json::json!({ "ready": true, "kind": "replay", "endpoints": { "udp": device.local.to_string() }, "devices": 1 }));
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        signal.await;
+        device.stop().await;
+        Ok(())
+    })
+}
+
+/// One WebSocket fixture served on `addr` until SIGINT/SIGTERM.
+fn sim_ws(core: ReplayCore, addr: std::net::SocketAddr) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
+    rt.block_on(async move {
+        let log = crate::observe::ObservationLog::bounded(std::time::Instant::now(), 10_000);
+        let device = crate::device::replay_ws::ReplayWsDevice::start("replay", core, addr, log).await?;
+        let signal = crate::cli::sim::wait_for_signal();
+        println!("{}", serde_json::json!({ "ready": true, "kind": "replay", "endpoints": { "ws": format!("ws://{}/rpc", device.local) }, "devices": 1 }));
         use std::io::Write;
         let _ = std::io::stdout().flush();
         signal.await;

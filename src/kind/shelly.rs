@@ -472,6 +472,38 @@ impl Kind for ShellyKind {
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<ShellyKeys>(entry)?))
     }
+    /// A call matches a captured one whatever its `id` and `src` (each client picks its
+    /// own); the captured answer then carries the live call's `id`, and its `src` as
+    /// `dst`. An answer already right is sent byte for byte.
+    fn replay_rule(&self) -> Option<crate::link::recognise::ReplayRule> {
+        Some(crate::link::recognise::ReplayRule {
+            key: |b| match serde_json::from_slice::<serde_json::Value>(b) {
+                Ok(serde_json::Value::Object(mut m)) => {
+                    m.remove("id");
+                    m.remove("src");
+                    serde_json::to_vec(&m).unwrap_or_else(|_| b.to_vec())
+                }
+                _ => b.to_vec(),
+            },
+            answer: |req, ans| {
+                let (Ok(serde_json::Value::Object(q)), Ok(serde_json::Value::Object(mut a))) = (serde_json::from_slice::<serde_json::Value>(req), serde_json::from_slice::<serde_json::Value>(ans)) else { return };
+                let mut changed = false;
+                for (from, to) in [("id", "id"), ("src", "dst")] {
+                    if let (Some(v), Some(slot)) = (q.get(from), a.get_mut(to)) {
+                        if slot != v {
+                            *slot = v.clone();
+                            changed = true;
+                        }
+                    }
+                }
+                if changed {
+                    if let Ok(bytes) = serde_json::to_vec(&a) {
+                        *ans = bytes;
+                    }
+                }
+            },
+        })
+    }
     /// Gen2+ JSON-RPC over a WebSocket: calls with a `Component.Method` name, answers
     /// with an `id` and a result or error, notifications (`NotifyStatus`…). Decisive when
     /// the frame carries Shelly's `src`/`dst` addressing.

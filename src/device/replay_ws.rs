@@ -1,0 +1,165 @@
+//! The `replay` device on a WebSocket: a [`ReplayCore`] behind `ws://ADDR/…`, one message
+//! per frame, as a Shelly answers RPC on `/rpc`. Each connection is a peer of its own; the
+//! answers the capture holds after a matched message go back on that connection as TEXT
+//! (the captured kind's rule applied: Shelly's live `id` and `src`), at once or, with the
+//! timing kept, as late as they came in the capture.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use futures::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::replay_core::{ReplayCore, ReplayEvent};
+use crate::limits::LogEvery;
+use crate::observe::{ObservationKind, ObservationLog};
+use crate::sans_io::{Input, Output, Peer, SansIoCore};
+
+/// Connections open at once; more are refused.
+const MAX_CONNECTIONS: usize = 1024;
+/// The largest message a client may send.
+const MAX_MESSAGE: usize = 1 << 20;
+
+enum FromConn {
+    Open(u64, mpsc::UnboundedSender<Vec<u8>>),
+    Message(u64, Vec<u8>),
+    Closed(u64),
+}
+
+/// A running WebSocket replay. Stop it with [`ReplayWsDevice::stop`] (dropping it stops it too).
+pub struct ReplayWsDevice {
+    /// Where it listens.
+    pub local: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ReplayWsDevice {
+    /// Listens on `addr` (port 0: any) and serves the core there until stopped.
+    pub async fn start(name: impl Into<String>, core: ReplayCore, addr: SocketAddr, log: ObservationLog) -> Result<Self, String> {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("listen {addr}: {e}"))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(serve(listener, core.alone(), name.into(), log, stopped));
+        Ok(ReplayWsDevice { local, stop: Some(stop), task: Some(task) })
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for ReplayWsDevice {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, mut core: ReplayCore, name: String, log: ObservationLog, mut stopped: oneshot::Receiver<()>) {
+    let start = Instant::now();
+    let (to_core, mut from_conns) = mpsc::unbounded_channel::<FromConn>();
+    let mut conns: HashMap<u64, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next_id = 0u64;
+    let (mut accept_log, mut unmatched_log) = (LogEvery::default(), LogEvery::default());
+    loop {
+        let wake = core.next_wakeup().map(|at| tokio::time::Instant::from_std(start + at));
+        let mut out = Vec::new();
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {
+                let _ = core.handle_input(Input::Timeout, start.elapsed(), &mut out);
+            }
+            a = listener.accept() => match a {
+                Ok((stream, _)) if tasks.len() < MAX_CONNECTIONS => {
+                    next_id += 1;
+                    tasks.spawn(connection(stream, next_id, to_core.clone()));
+                }
+                Ok(_) => {} // over the bound: dropped at once
+                Err(e) => {
+                    if let Some(more) = accept_log.check(Instant::now()) {
+                        tracing::warn!(device = %name, "accept: {e} ({more} more since the last line)");
+                    }
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(m) = from_conns.recv() => match m {
+                FromConn::Open(id, tx) => {
+                    conns.insert(id, tx);
+                    let _ = core.handle_input(Input::Connected(Peer(id)), start.elapsed(), &mut out);
+                }
+                FromConn::Message(id, bytes) => {
+                    let _ = core.handle_input(Input::Bytes { from: Peer(id), bytes: &bytes }, start.elapsed(), &mut out);
+                }
+                FromConn::Closed(id) => {
+                    conns.remove(&id);
+                    let _ = core.handle_input(Input::Disconnected(Peer(id)), start.elapsed(), &mut out);
+                }
+            },
+        }
+        for o in out {
+            match o {
+                Output::Send { to, bytes } => {
+                    if let Some(tx) = conns.get(&to.0) {
+                        let _ = tx.send(bytes);
+                    }
+                }
+                Output::Event(ReplayEvent::Unmatched { bytes }) => {
+                    let reason = format!("no captured message is {}", String::from_utf8_lossy(&bytes));
+                    if let Some(more) = unmatched_log.check(Instant::now()) {
+                        tracing::info!(device = %name, "{reason} ({more} more unmatched since the last line)");
+                    }
+                    log.push(&name, ObservationKind::DeviceSilent { reason });
+                }
+                Output::Event(ReplayEvent::Answered { index, answers }) => tracing::debug!(device = %name, index, answers, "replayed"),
+                Output::Close(_) => {}
+            }
+        }
+    }
+}
+
+/// One client: the handshake (any path), then its messages to the core and the core's
+/// answers back as TEXT (BINARY when they are not UTF-8).
+async fn connection(stream: tokio::net::TcpStream, id: u64, to_core: mpsc::UnboundedSender<FromConn>) {
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE)).max_frame_size(Some(MAX_MESSAGE));
+    let handshake = tokio::time::timeout(std::time::Duration::from_secs(5), tokio_tungstenite::accept_async_with_config(stream, Some(config))).await;
+    let Ok(Ok(ws)) = handshake else { return };
+    let (mut sink, mut source) = ws.split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    if to_core.send(FromConn::Open(id, tx)).is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            m = source.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    let _ = to_core.send(FromConn::Message(id, t.as_bytes().to_vec()));
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    let _ = to_core.send(FromConn::Message(id, b.to_vec()));
+                }
+                Some(Ok(_)) => {} // pings are answered by tungstenite
+                Some(Err(_)) | None => break,
+            },
+            Some(bytes) = rx.recv() => {
+                let msg = match String::from_utf8(bytes) {
+                    Ok(t) => Message::text(t),
+                    Err(e) => Message::binary(e.into_bytes()),
+                };
+                if sink.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to_core.send(FromConn::Closed(id));
+}
