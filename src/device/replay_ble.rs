@@ -22,6 +22,9 @@ pub const WRITE: u8 = b'W';
 /// A notification or indication (an answer).
 pub const NOTIFY: u8 = b'N';
 
+/// Where a [`gatt_frame`]'s value starts.
+pub const VALUE_AT: usize = 17;
+
 /// One GATT operation as the replay core matches it.
 pub fn gatt_frame(class: u8, char: Uuid, value: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(17 + value.len());

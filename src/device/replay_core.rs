@@ -61,6 +61,9 @@ pub struct ReplayCore {
     cursor: usize,
     /// The captured kind's matching rule (none: byte for byte).
     rule: Option<ReplayRule>,
+    /// Where in a frame the kind's message starts, which the rule reads and fits (after
+    /// a BLE replay's class and characteristic); the bytes before it match as they are.
+    rule_at: usize,
     /// On a shared bus, requests for other devices are ignored (see the module docs).
     shared_bus: bool,
 }
@@ -73,10 +76,15 @@ impl ReplayCore {
 
     /// A core that matches and answers by the captured kind's rule.
     pub fn with_rule(frames: Vec<(Direction, Vec<u8>)>, rule: Option<ReplayRule>) -> Self {
-        let key = |b: &[u8]| rule.map_or_else(|| b.to_vec(), |r| (r.key)(b));
-        let keys = frames.iter().map(|(d, b)| (*d == Direction::Request).then(|| key(b))).collect();
+        Self::with_rule_at(frames, rule, 0)
+    }
+
+    /// A core whose frames carry the kind's message from byte `at` on (a BLE replay's
+    /// frames: class and characteristic first); the rule reads and fits that part.
+    pub fn with_rule_at(frames: Vec<(Direction, Vec<u8>)>, rule: Option<ReplayRule>, at: usize) -> Self {
+        let keys = frames.iter().map(|(d, b)| (*d == Direction::Request).then(|| match_key(rule, at, b))).collect();
         let addresses = frames.iter().filter(|(d, _)| *d == Direction::Request).map(|(_, b)| b.first().copied()).collect();
-        ReplayCore { frames, keys, addresses, pending_bytes: 0, times: None, pending: Default::default(), cursor: 0, rule, shared_bus: true }
+        ReplayCore { frames, keys, addresses, pending_bytes: 0, times: None, pending: Default::default(), cursor: 0, rule, rule_at: at, shared_bus: true }
     }
 
     /// The device has a link of its own (UDP, a connection): every request is for it.
@@ -102,10 +110,22 @@ impl ReplayCore {
     fn find(&self, bytes: &[u8]) -> Option<usize> {
         let n = self.frames.len();
         let wanted = match self.rule {
-            Some(r) => std::borrow::Cow::Owned((r.key)(bytes)),
+            Some(_) => std::borrow::Cow::Owned(match_key(self.rule, self.rule_at, bytes)),
             None => std::borrow::Cow::Borrowed(bytes),
         };
         (0..n).map(|k| (self.cursor + k) % n).find(|&i| self.keys[i].as_deref() == Some(&wanted[..]))
+    }
+}
+
+/// A request's match key: the bytes before `at` as they are, the rest by the rule.
+fn match_key(rule: Option<ReplayRule>, at: usize, b: &[u8]) -> Vec<u8> {
+    match (rule, b.get(at..)) {
+        (Some(r), Some(message)) => {
+            let mut k = b[..at].to_vec();
+            k.extend_from_slice(&(r.key)(message));
+            k
+        }
+        _ => b.to_vec(),
     }
 }
 
@@ -126,8 +146,12 @@ impl SansIoCore for ReplayCore {
                 let mut j = i + 1;
                 while let Some((Direction::Response, b)) = self.frames.get(j) {
                     let mut b = b.clone();
-                    if let Some(r) = self.rule {
-                        (r.answer)(bytes, &mut b);
+                    if let (Some(r), Some(req)) = (self.rule, bytes.get(self.rule_at..)) {
+                        if b.len() >= self.rule_at {
+                            let mut message = b.split_off(self.rule_at);
+                            (r.answer)(req, &mut message);
+                            b.extend_from_slice(&message);
+                        }
                     }
                     match &self.times {
                         Some(t) if self.pending.len() < MAX_PENDING && self.pending_bytes + b.len() <= MAX_PENDING_BYTES => {
@@ -230,6 +254,25 @@ mod tests {
         let mut c = ReplayCore::with_rule(vec![(Request, b"7A".to_vec()), (Response, b"7a".to_vec())], Some(rule)).alone();
         assert_eq!(sent(&ask(&mut c, b"9A")), [b"9a"]);
         assert_eq!(ask(&mut c, b"9B"), [Output::Event(ReplayEvent::Unmatched { bytes: b"9B".to_vec() })], "alone, every request is for it");
+    }
+
+    #[test]
+    fn a_rule_reads_the_message_after_the_frames_prefix() {
+        use Direction::*;
+        let rule = ReplayRule {
+            key: |b| b.iter().skip(1).copied().collect(),
+            answer: |req, ans| {
+                if let (Some(r), Some(a)) = (req.first(), ans.first_mut()) {
+                    *a = *r;
+                }
+            },
+        };
+        // A BLE replay's frames: class and characteristic (here "Wc"/"Nc") before the message.
+        let frames = vec![(Request, b"Wc7A".to_vec()), (Response, b"Nc7a".to_vec())];
+        let mut c = ReplayCore::with_rule_at(frames, Some(rule), 2).alone();
+        assert_eq!(sent(&ask(&mut c, b"Wc9A")), [b"Nc9a"], "the prefix untouched, the message fitted");
+        assert!(matches!(&ask(&mut c, b"Wd9A")[..], [Output::Event(ReplayEvent::Unmatched { .. })]), "another characteristic does not match");
+        assert!(matches!(&ask(&mut c, b"W")[..], [Output::Event(ReplayEvent::Unmatched { .. })]), "a frame shorter than its prefix matches byte for byte");
     }
 
     #[test]

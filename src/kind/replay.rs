@@ -476,7 +476,10 @@ pub fn load_ble(fixture: &std::path::Path, timing: Timing) -> Result<(ReplayCore
     if !out.iter().any(|(d, _)| *d == Direction::Request) {
         return Err(format!("{} has no write to a {kind_name} characteristic to answer", fixture.display()));
     }
-    let core = ReplayCore::new(out);
+    // The kind's rule reads each value, after the class and characteristic (SMP: the
+    // sequence number of a write or notification that starts a message).
+    let rule = super::find(Role::Device, &kind_name).and_then(|k| k.replay_rule());
+    let core = ReplayCore::with_rule_at(out, rule, crate::device::replay_ble::VALUE_AT);
     Ok((if timing == Timing::Keep { core.keep_timing(times) } else { core }, identity))
 }
 

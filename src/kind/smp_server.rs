@@ -606,9 +606,16 @@ impl Kind for SmpServerKind {
                 }
                 k
             },
+            // Only an answer that starts a reply to this request (its group and command, a
+            // response op): a later BLE notification of a long reply is payload.
             answer: |req, ans| {
-                if let (Some(&seq), Some(slot)) = (req.get(6), ans.get_mut(6)) {
-                    *slot = seq;
+                let starts_reply = req.len() >= crate::protocol::smp::HEADER_LEN
+                    && ans.len() >= crate::protocol::smp::HEADER_LEN
+                    && ans[4..6] == req[4..6]
+                    && ans[7] == req[7]
+                    && ans[0] & 0x07 == (req[0] & 0x07) + 1;
+                if starts_reply {
+                    ans[6] = req[6];
                 }
             },
         })
