@@ -597,7 +597,7 @@ impl Declared for ShellyKeys {
     /// Its WebSocket messages, both ways, are the link `NAME`.
     /// With `ble`, its BLE link (ATT writes, reads, notifications) is `NAME.ble`.
     fn links(&self) -> Vec<super::LinkDecl> {
-        let mut links = vec![super::LinkDecl { name: self.name.clone(), home: super::LinkHomeDecl::Own, capture: None, checksum: None, carries: "Shelly RPC over WebSocket", medium: LinkMedium::WebSocket }];
+        let mut links = vec![super::LinkDecl { name: self.name.clone(), home: super::LinkHomeDecl::Own, capture: None, checksum: None, carries: "Shelly RPC over WebSocket", medium: LinkMedium::WebSocketMessages }];
         if self.ble {
             links.push(super::LinkDecl {
                 name: ble::link_name(&self.name),
