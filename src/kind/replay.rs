@@ -136,7 +136,8 @@ address); runs until SIGINT/SIGTERM.
 Examples:
   hilbench sim replay fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl fixtures/captures/imported/eg4-fault3-bridge.bridge-addr2.jsonl --tty /tmp/field
   hilbench capture import fixtures/captures/eg4-fault3-bridge.pcapng --out target/fixtures && hilbench sim replay target/fixtures/eg4-fault3-bridge.bridge-addr2.jsonl
-  hilbench sim replay fixtures/captures/imported/jbd-ble-poll.bms.jsonl --ble";
+  hilbench sim replay fixtures/captures/imported/jbd-ble-poll.bms.jsonl --ble
+  hilbench capture import fixtures/captures/shelly-validate-ws.pcapng --out target/fixtures && hilbench sim replay target/fixtures/shelly-validate-ws.tcp-127-0-0-1-18080.jsonl --listen 127.0.0.1:0";
 
 /// `hilbench sim replay`.
 #[derive(clap::Args, Debug)]
