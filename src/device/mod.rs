@@ -11,6 +11,7 @@ pub mod replay;
 pub mod replay_ble;
 pub mod replay_udp;
 pub mod replay_ws;
+pub mod served;
 pub mod replay_core;
 pub mod shelly_ble;
 pub mod shelly_core;

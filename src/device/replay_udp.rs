@@ -10,6 +10,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::replay_core::{ReplayCore, ReplayEvent};
+use super::served::Served;
 use crate::limits::LogEvery;
 use crate::observe::{ObservationKind, ObservationLog};
 use crate::sans_io::{Input, Output, Peer, SansIoCore};
@@ -18,40 +19,12 @@ use crate::sans_io::{Input, Output, Peer, SansIoCore};
 /// still waiting for it, which must not reach whoever comes next).
 const MAX_PEERS: usize = 4096;
 
-/// A running UDP replay. Stop it with [`ReplayUdpDevice::stop`] (dropping it stops it too).
-pub struct ReplayUdpDevice {
-    /// Where it listens.
-    pub local: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl ReplayUdpDevice {
-    /// Binds `addr` (port 0: any) and serves the core there until stopped.
-    pub async fn start(name: impl Into<String>, core: ReplayCore, addr: SocketAddr, log: ObservationLog) -> Result<Self, String> {
-        let sock = tokio::net::UdpSocket::bind(addr).await.map_err(|e| format!("udp {addr}: {e}"))?;
-        let local = sock.local_addr().map_err(|e| e.to_string())?;
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(serve(sock, core.alone(), name.into(), log, stopped));
-        Ok(ReplayUdpDevice { local, stop: Some(stop), task: Some(task) })
-    }
-
-    pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
-    }
-}
-
-impl Drop for ReplayUdpDevice {
-    fn drop(&mut self) {
-        if let Some(t) = &self.task {
-            t.abort();
-        }
-    }
+/// Binds `addr` (port 0: any) and serves the core there until stopped.
+pub async fn start(name: impl Into<String>, core: ReplayCore, addr: SocketAddr, log: ObservationLog) -> Result<Served, String> {
+    let sock = tokio::net::UdpSocket::bind(addr).await.map_err(|e| format!("udp {addr}: {e}"))?;
+    let local = sock.local_addr().map_err(|e| e.to_string())?;
+    let name = name.into();
+    Ok(Served::spawn(local, move |stopped| serve(sock, core.alone(), name, log, stopped)))
 }
 
 async fn serve(sock: tokio::net::UdpSocket, mut core: ReplayCore, name: String, log: ObservationLog, mut stopped: oneshot::Receiver<()>) {

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::replay_core::{ReplayCore, ReplayEvent};
+use super::served::Served;
 use crate::limits::LogEvery;
 use crate::observe::{ObservationKind, ObservationLog};
 use crate::sans_io::{Input, Output, Peer, SansIoCore};
@@ -28,40 +29,12 @@ enum FromConn {
     Closed(u64),
 }
 
-/// A running WebSocket replay. Stop it with [`ReplayWsDevice::stop`] (dropping it stops it too).
-pub struct ReplayWsDevice {
-    /// Where it listens.
-    pub local: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl ReplayWsDevice {
-    /// Listens on `addr` (port 0: any) and serves the core there until stopped.
-    pub async fn start(name: impl Into<String>, core: ReplayCore, addr: SocketAddr, log: ObservationLog) -> Result<Self, String> {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("listen {addr}: {e}"))?;
-        let local = listener.local_addr().map_err(|e| e.to_string())?;
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(serve(listener, core.alone(), name.into(), log, stopped));
-        Ok(ReplayWsDevice { local, stop: Some(stop), task: Some(task) })
-    }
-
-    pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
-    }
-}
-
-impl Drop for ReplayWsDevice {
-    fn drop(&mut self) {
-        if let Some(t) = &self.task {
-            t.abort();
-        }
-    }
+/// Listens on `addr` (port 0: any) and serves the core there until stopped.
+pub async fn start(name: impl Into<String>, core: ReplayCore, addr: SocketAddr, log: ObservationLog) -> Result<Served, String> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("listen {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let name = name.into();
+    Ok(Served::spawn(local, move |stopped| serve(listener, core.alone(), name, log, stopped)))
 }
 
 async fn serve(listener: tokio::net::TcpListener, mut core: ReplayCore, name: String, log: ObservationLog, mut stopped: oneshot::Receiver<()>) {

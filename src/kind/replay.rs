@@ -15,7 +15,7 @@ use super::ble::{self, AirLink};
 use super::{at_key, decode_keys, Declared, Kind, LinkDecl, LinkHomeDecl, Names, Role, Running, StartContext};
 use crate::device::replay::ReplayBusActor;
 use crate::device::replay_ble::ReplayBleDevice;
-use crate::device::replay_udp::ReplayUdpDevice;
+use crate::device::served::Served;
 use crate::device::replay_core::ReplayCore;
 use crate::link::capture::CaptureFormat;
 use crate::link::fault::LinkMedium;
@@ -386,7 +386,7 @@ impl Declared for ReplayDecl {
             if self.udp() {
                 let core = load(&k.fixture, CaptureTransport::Udp, "", k.timing)?;
                 let addr = k.udp.unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
-                let device = ReplayUdpDevice::start(k.name.clone(), core, addr, cx.log.clone()).await?;
+                let device = crate::device::replay_udp::start(k.name.clone(), core, addr, cx.log.clone()).await?;
                 return Ok(Box::new(RunningUdpReplay { name: k.name.clone(), var: self.udp_var, device: Some(device) }) as Box<dyn Running>);
             }
             if self.ble() {
@@ -488,7 +488,7 @@ struct RunningUdpReplay {
     name: String,
     /// The captured kind's variable prefix (`smp`), published beside `udp.NAME`.
     var: Option<&'static str>,
-    device: Option<ReplayUdpDevice>,
+    device: Option<Served>,
 }
 
 impl Running for RunningUdpReplay {
@@ -523,7 +523,7 @@ fn sim_udp(core: ReplayCore, addr: std::net::SocketAddr) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
     rt.block_on(async move {
         let log = crate::observe::ObservationLog::bounded(std::time::Instant::now(), 10_000);
-        let device = ReplayUdpDevice::start("replay", core, addr, log).await?;
+        let device = crate::device::replay_udp::start("replay", core, addr, log).await?;
         let signal = crate::cli::sim::wait_for_signal();
         println!("{}", serde_json::json!({ "ready": true, "kind": "replay", "endpoints": { "udp": device.local.to_string() }, "devices": 1 }));
         use std::io::Write;
@@ -539,7 +539,7 @@ fn sim_ws(core: ReplayCore, addr: std::net::SocketAddr) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
     rt.block_on(async move {
         let log = crate::observe::ObservationLog::bounded(std::time::Instant::now(), 10_000);
-        let device = crate::device::replay_ws::ReplayWsDevice::start("replay", core, addr, log).await?;
+        let device = crate::device::replay_ws::start("replay", core, addr, log).await?;
         let signal = crate::cli::sim::wait_for_signal();
         println!("{}", serde_json::json!({ "ready": true, "kind": "replay", "endpoints": { "ws": format!("ws://{}/rpc", device.local) }, "devices": 1 }));
         use std::io::Write;
