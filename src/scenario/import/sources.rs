@@ -134,8 +134,10 @@ struct PacketFrames {
     taught: HashMap<(u16, u16), usize>,
     /// UDP: per endpoint pair, the server (where the first datagram went).
     servers: HashMap<(std::net::SocketAddr, std::net::SocketAddr), std::net::SocketAddr>,
-    /// TCP: per endpoint pair, the connection's two streams.
+    /// TCP: per endpoint pair, the connection's two streams, while it is open.
     tcp: HashMap<(std::net::SocketAddr, std::net::SocketAddr), TcpConn>,
+    /// The connection limit was reported.
+    tcp_full: bool,
 }
 
 /// A captured TCP connection read as WebSocket: per direction (0: client to server) the
@@ -147,6 +149,8 @@ struct TcpConn {
     ws: [crate::protocol::ws_capture::WsDirection; 2],
     /// A stream that is not WebSocket was reported (once a connection).
     told: bool,
+    /// Each direction sent its FIN.
+    fin: [bool; 2],
 }
 
 impl TcpConn {
@@ -155,7 +159,19 @@ impl TcpConn {
     fn new(s: &ip::TcpSegment<'_>) -> TcpConn {
         let src_client = if s.syn { !s.ack } else { s.src.port() > s.dst.port() };
         let (client, server) = if src_client { (s.src, s.dst) } else { (s.dst, s.src) };
-        TcpConn { client, server, streams: Default::default(), ws: Default::default(), told: false }
+        TcpConn { client, server, streams: Default::default(), ws: Default::default(), told: false, fin: [false; 2] }
+    }
+
+    /// Bytes held behind a hole in either direction come out after it.
+    fn finish(&mut self, t_ns: Option<u64>, at: &str, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> std::io::Result<()> {
+        for i in 0..2 {
+            let mut out = Vec::new();
+            self.streams[i].finish(&mut out);
+            if !out.is_empty() {
+                self.read(i, out, t_ns, at, on_frame, on_gap)?;
+            }
+        }
+        Ok(())
     }
 
     /// Moves stream `i`'s bytes into its WebSocket reader and passes on what it read.
@@ -271,9 +287,17 @@ impl PacketFrames {
     /// become frames of the link named after the server (`tcp:ADDR`).
     fn tcp(&mut self, seg: &ip::TcpSegment<'_>, p: &CapturedPacket, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> std::io::Result<()> {
         let pair = if seg.src < seg.dst { (seg.src, seg.dst) } else { (seg.dst, seg.src) };
+        let at = || format!("byte {} (record {})", p.offset, p.record);
         if !self.tcp.contains_key(&pair) {
-            // Bounded as the UDP pairs are: past the limit new connections are not followed.
-            if self.tcp.len() >= MAX_UDP_PAIRS || (seg.payload.is_empty() && !seg.syn) {
+            if seg.payload.is_empty() && !seg.syn {
+                return Ok(()); // an ACK, FIN or RST of a connection not followed
+            }
+            // Bounded as the UDP pairs are (connections that end are forgotten): past the
+            // limit a new connection is reported and not followed.
+            if self.tcp.len() >= MAX_UDP_PAIRS {
+                if !std::mem::replace(&mut self.tcp_full, true) {
+                    on_gap(ImportGap { at: at(), what: format!("{MAX_UDP_PAIRS} TCP connections open at once: the ones that open after this are not read") });
+                }
                 return Ok(());
             }
             self.tcp.insert(pair, TcpConn::new(seg));
@@ -282,22 +306,23 @@ impl PacketFrames {
         let i = usize::from(seg.src != conn.client);
         let mut out = Vec::new();
         conn.streams[i].push(seg.seq, seg.syn, seg.payload, &mut out);
-        if out.is_empty() {
-            return Ok(());
+        if !out.is_empty() {
+            conn.read(i, out, p.timestamp_ns, &at(), on_frame, on_gap)?;
         }
-        conn.read(i, out, p.timestamp_ns, &format!("byte {} (record {})", p.offset, p.record), on_frame, on_gap)
+        conn.fin[i] |= seg.fin;
+        // A connection that ended (reset, or closed both ways) gives what it held and goes.
+        if seg.rst || conn.fin == [true, true] {
+            if let Some(mut conn) = self.tcp.remove(&pair) {
+                conn.finish(p.timestamp_ns, &at(), on_frame, on_gap)?;
+            }
+        }
+        Ok(())
     }
 
     /// The end of the capture: bytes held behind a hole come out after it.
     fn finish(&mut self, on_frame: &mut OnFrame<'_>, on_gap: &mut OnGap<'_>) -> std::io::Result<()> {
         for conn in self.tcp.values_mut() {
-            for i in 0..2 {
-                let mut out = Vec::new();
-                conn.streams[i].finish(&mut out);
-                if !out.is_empty() {
-                    conn.read(i, out, None, "the end of the capture", on_frame, on_gap)?;
-                }
-            }
+            conn.finish(None, "the end of the capture", on_frame, on_gap)?;
         }
         Ok(())
     }
