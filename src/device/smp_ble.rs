@@ -49,9 +49,55 @@ pub enum BleArrival {
 /// The registered service, its advertisement and the centrals it serves.
 pub struct SmpBleSide {
     peripheral: GattPeripheral,
+    centrals: SmpBleCentrals,
+}
+
+/// One central as the device sees it: its peer, the MTU its last write
+/// came with, and its own partly written request (Zephyr's smp_bt
+/// reassembles per connection, so two centrals never mix their pieces).
+struct SmpBleCentral {
+    peer: Peer,
+    mtu: u16,
     reassembly: Reassembly,
-    /// Each central's peer and the MTU its last write came with.
-    centrals: HashMap<String, (Peer, u16)>,
+}
+
+/// The centrals that wrote to the SMP characteristic, keyed by address.
+pub struct SmpBleCentrals {
+    net_buf: usize,
+    by_address: HashMap<String, SmpBleCentral>,
+}
+
+impl SmpBleCentrals {
+    pub fn new(net_buf: usize) -> Self {
+        SmpBleCentrals { net_buf, by_address: HashMap::new() }
+    }
+
+    /// A value `central` wrote: its whole request once the last piece is
+    /// in, nothing before; an error drops that central's partial request
+    /// and no other's. `new_peer` gives a central its peer on its first write.
+    pub fn write(&mut self, central: &str, mtu: u16, value: &[u8], new_peer: impl FnOnce() -> Peer) -> Result<Option<(Peer, Vec<u8>)>, String> {
+        let net_buf = self.net_buf;
+        let c = self.by_address.entry(central.to_string()).or_insert_with(|| SmpBleCentral { peer: new_peer(), mtu, reassembly: Reassembly::new(net_buf) });
+        c.mtu = mtu;
+        match c.reassembly.push(value) {
+            Ok(done) => Ok(done.map(|m| (c.peer, m))),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A central went, and its partial request with it.
+    pub fn forget(&mut self, central: &str) {
+        self.by_address.remove(central);
+    }
+
+    pub fn forget_all(&mut self) {
+        self.by_address.clear();
+    }
+
+    /// The MTU of the central with this peer, if it is still here.
+    pub fn mtu_of(&self, peer: Peer) -> Option<u16> {
+        self.by_address.values().find(|c| c.peer == peer).map(|c| c.mtu)
+    }
 }
 
 impl SmpBleSide {
@@ -65,7 +111,7 @@ impl SmpBleSide {
             ..Default::default()
         };
         let (peripheral, events) = GattPeripheral::open(&cfg.adapter, &smp_gatt(), adv).await?;
-        Ok((SmpBleSide { peripheral, reassembly: Reassembly::new(net_buf), centrals: HashMap::new() }, events))
+        Ok((SmpBleSide { peripheral, centrals: SmpBleCentrals::new(net_buf) }, events))
     }
 
     /// The adapter's BLE address, where centrals find the device.
@@ -83,30 +129,17 @@ impl SmpBleSide {
     /// `new_peer` gives a central its peer the first time it writes.
     pub fn on_event(&mut self, ev: GattEvent, new_peer: impl FnOnce() -> Peer) -> BleArrival {
         match ev {
-            GattEvent::Write(w) if w.char == SMP_CHARACTERISTIC_UUID => {
-                let peer = match self.centrals.get_mut(&w.central) {
-                    Some((p, mtu)) => {
-                        *mtu = w.mtu;
-                        *p
-                    }
-                    None => {
-                        let p = new_peer();
-                        self.centrals.insert(w.central.clone(), (p, w.mtu));
-                        p
-                    }
-                };
-                match self.reassembly.push(&w.value) {
-                    Ok(done) => {
-                        let _ = w.reply.send(Ok(()));
-                        done.map_or(BleArrival::Nothing, |m| BleArrival::Message(peer, m))
-                    }
-                    Err(e) => {
-                        // ATT "Value Not Allowed" in Zephyr; a write command's refusal reaches nobody.
-                        let _ = w.reply.send(Err(GattRefusal::Failed));
-                        BleArrival::Dropped(format!("ble: {e}; the request was dropped"))
-                    }
+            GattEvent::Write(w) if w.char == SMP_CHARACTERISTIC_UUID => match self.centrals.write(&w.central, w.mtu, &w.value, new_peer) {
+                Ok(done) => {
+                    let _ = w.reply.send(Ok(()));
+                    done.map_or(BleArrival::Nothing, |(peer, m)| BleArrival::Message(peer, m))
                 }
-            }
+                Err(e) => {
+                    // ATT "Value Not Allowed" in Zephyr; a write command's refusal reaches nobody.
+                    let _ = w.reply.send(Err(GattRefusal::Failed));
+                    BleArrival::Dropped(format!("ble: {e}; the request was dropped"))
+                }
+            },
             GattEvent::Write(w) => {
                 let _ = w.reply.send(Err(GattRefusal::NotPermitted));
                 BleArrival::Nothing
@@ -117,12 +150,11 @@ impl SmpBleSide {
             }
             GattEvent::Unsubscribed { .. } => {
                 // On the air a notification session ending is the link going.
-                self.forget_centrals();
+                self.centrals.forget_all();
                 BleArrival::Nothing
             }
             GattEvent::Disconnected { central } => {
-                self.centrals.remove(&central);
-                self.reassembly.drop_partial();
+                self.centrals.forget(&central);
                 BleArrival::Nothing
             }
             GattEvent::Subscribed { .. } | GattEvent::Connected { .. } => BleArrival::Nothing,
@@ -131,14 +163,14 @@ impl SmpBleSide {
 
     /// Whether this peer is a BLE central's.
     pub fn serves(&self, peer: Peer) -> bool {
-        self.centrals.values().any(|(p, _)| *p == peer)
+        self.centrals.mtu_of(peer).is_some()
     }
 
     /// An answer to `peer` as notifications of at most MTU − 3 bytes; a
     /// central that went gets nothing.
     pub fn send(&self, peer: Peer, bytes: &[u8]) {
-        if let Some((_, mtu)) = self.centrals.values().find(|(p, _)| *p == peer) {
-            self.peripheral.gatt().notify(SMP_CHARACTERISTIC_UUID, bytes, *mtu);
+        if let Some(mtu) = self.centrals.mtu_of(peer) {
+            self.peripheral.gatt().notify(SMP_CHARACTERISTIC_UUID, bytes, mtu);
         }
     }
 
@@ -146,11 +178,58 @@ impl SmpBleSide {
     /// requests are lost.
     pub fn reset(&mut self) {
         self.peripheral.reset();
-        self.forget_centrals();
+        self.centrals.forget_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request of `body_len` body bytes (the header names the length).
+    fn request(seq: u8, body_len: usize) -> Vec<u8> {
+        let mut r = vec![0x08, 0x00, (body_len >> 8) as u8, body_len as u8, 0x00, 0x00, seq, 0x00];
+        r.extend((0..body_len).map(|i| (i as u8) ^ seq));
+        r
     }
 
-    fn forget_centrals(&mut self) {
-        self.centrals.clear();
-        self.reassembly.drop_partial();
+    #[test]
+    fn two_centrals_writing_pieces_at_once_each_get_their_own_request() {
+        let mut centrals = SmpBleCentrals::new(256);
+        let (a, b) = (request(1, 40), request(2, 60));
+        let mut next = 10;
+        let mut peer = || {
+            next += 1;
+            Peer(next)
+        };
+        assert_eq!(centrals.write("AA:00:00:00:00:01", 23, &a[..20], &mut peer), Ok(None));
+        assert_eq!(centrals.write("AA:00:00:00:00:02", 50, &b[..20], &mut peer), Ok(None));
+        assert_eq!(centrals.write("AA:00:00:00:00:01", 23, &a[20..], &mut peer), Ok(Some((Peer(11), a.clone()))));
+        assert_eq!(centrals.write("AA:00:00:00:00:02", 50, &b[20..40], &mut peer), Ok(None));
+        assert_eq!(centrals.write("AA:00:00:00:00:02", 50, &b[40..], &mut peer), Ok(Some((Peer(12), b.clone()))));
+        assert_eq!((centrals.mtu_of(Peer(11)), centrals.mtu_of(Peer(12))), (Some(23), Some(50)));
+    }
+
+    #[test]
+    fn a_central_that_goes_or_errs_loses_only_its_own_partial_request() {
+        let mut centrals = SmpBleCentrals::new(64);
+        let (a, b) = (request(1, 40), request(2, 30));
+        let mut next = 0;
+        let mut peer = || {
+            next += 1;
+            Peer(next)
+        };
+        centrals.write("A", 23, &a[..10], &mut peer).unwrap();
+        centrals.write("B", 23, &b[..10], &mut peer).unwrap();
+        // A writes past its request's length: its piece is refused, B's stays.
+        assert!(centrals.write("A", 23, &[0u8; 60], &mut peer).is_err());
+        assert_eq!(centrals.write("B", 23, &b[10..], &mut peer), Ok(Some((Peer(2), b.clone()))));
+        // A starts over and is whole again; then it goes mid-request.
+        assert_eq!(centrals.write("A", 23, &a, &mut peer), Ok(Some((Peer(1), a.clone()))));
+        centrals.write("A", 23, &a[..10], &mut peer).unwrap();
+        centrals.forget("A");
+        assert_eq!(centrals.mtu_of(Peer(1)), None);
+        // A back: a new peer, and its old half request is gone.
+        assert_eq!(centrals.write("A", 23, &a, &mut peer), Ok(Some((Peer(3), a.clone()))));
     }
 }
