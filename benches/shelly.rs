@@ -150,7 +150,7 @@ fn scale() {
         let mut v = Vec::new();
         for i in 0..n {
             let config = ShellyConfig { seed: i as u64 + 1, ..Default::default() };
-            let endpoints = ShellyEndpoints { http: "127.0.0.1:0".parse().unwrap(), seed: 0, frame_limit: Some(100), link_name: None, ble: None };
+            let endpoints = ShellyEndpoints { http: "127.0.0.1:0".parse().unwrap(), seed: 0, frame_limit: Some(100), link_name: None, ble: None, connection_faults: None };
             v.push(shelly_host::serve(config, endpoints).await.expect("a device starts"));
         }
         v

@@ -89,9 +89,10 @@ fn typos_in_selectors_are_located_errors() {
     let e = at("  - expect_errors: {client: d, at_least: 1}\n");
     assert!(e.contains("no client named `d`"), "{e}");
 
-    // A Shelly's link takes frame faults; connection faults it would ignore are refused.
-    let e = parse("name: x\ndevices:\n  - {name: s, kind: shelly}\nsteps:\n  - fault: {link: s, kind: reset}\n");
-    assert!(e.contains("`s` is a websocket-messages link (Shelly RPC over WebSocket); `reset` only acts on websocket and server links"), "{e}");
+    // A Shelly's link takes frame faults and connection faults, not an RS-485 echo.
+    let e = parse("name: x\ndevices:\n  - {name: s, kind: shelly}\nsteps:\n  - fault: {link: s, kind: echo}\n");
+    assert!(e.contains("`s` is a websocket link (Shelly RPC over HTTP and WebSocket); `echo` only acts on serial links"), "{e}");
+    assert!(Scenario::parse(Path::new("ok.yaml"), "name: x\ndevices:\n  - {name: s, kind: shelly}\nsteps:\n  - fault: {link: s, kind: reset}\n").is_ok());
     assert!(Scenario::parse(Path::new("ok.yaml"), "name: x\ndevices:\n  - {name: s, kind: shelly}\nsteps:\n  - fault: {link: s, kind: drop, direction: response}\n").is_ok());
 
     // A Shelly's HTTP status overrides are error statuses.
@@ -155,7 +156,7 @@ fn typos_in_selectors_are_located_errors() {
 
     let hub = "devices:\n  - {name: hub, kind: bsc-hub}\nclients:\n  - {name: a, kind: bsc-node, hub: hub}\n  - {name: s, kind: bsc-raw, hub: hub}\nsteps:\n";
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: hub, kind: drop}}\n"));
-    assert!(e.starts_with("bad.yaml:8:") && e.contains("`hub` is a server link") && e.contains("`drop` only acts on serial, ble-gatt, websocket, websocket-messages and udp links"), "{e}");
+    assert!(e.starts_with("bad.yaml:8:") && e.contains("`hub` is a server link") && e.contains("`drop` only acts on serial, ble-gatt, websocket and udp links"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: echo}}\n"));
     assert!(e.starts_with("bad.yaml:8:") && e.contains("steps[0].fault.kind") && e.contains("websocket link") && e.contains("only acts on serial links"), "{e}");
     let e = parse(&format!("name: x\n{hub}  - fault: {{link: a, kind: close_after}}\n"));

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 async fn device() -> ShellyHandle {
-    let endpoints = ShellyEndpoints { http: "127.0.0.1:0".parse().unwrap(), seed: 1, frame_limit: None, link_name: None, ble: None };
+    let endpoints = ShellyEndpoints { http: "127.0.0.1:0".parse().unwrap(), seed: 1, frame_limit: None, link_name: None, ble: None, connection_faults: None };
     let config = ShellyConfig { boot_time: Duration::from_millis(300), ..ShellyConfig::default() };
     shelly_host::serve(config, endpoints).await.unwrap()
 }
@@ -68,7 +68,7 @@ async fn http_bad_input_gets_firmware_answers() {
 /// slow device (`slow_ms`) answers HTTP as late as it answers the WebSocket.
 #[tokio::test]
 async fn http_statuses_are_configurable_and_slow_ms_delays_http() {
-    let endpoints = ShellyEndpoints { http: "127.0.0.1:0".parse().unwrap(), seed: 1, frame_limit: None, link_name: None, ble: None };
+    let endpoints = ShellyEndpoints { http: "127.0.0.1:0".parse().unwrap(), seed: 1, frame_limit: None, link_name: None, ble: None, connection_faults: None };
     let config = ShellyConfig { http_status: [(-103, 500)].into(), ..ShellyConfig::default() };
     let d = shelly_host::serve(config, endpoints).await.unwrap();
     let get = |q: &str| format!("GET /rpc/{q} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n").into_bytes();
@@ -122,5 +122,63 @@ async fn a_websocket_outlives_bad_frames_and_drops_on_reboot() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let (status, body) = http(&d, b"GET /shelly HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n".to_vec()).await;
     assert!(status.contains("200") && body.contains("\"gen\":2"), "{status} {body}");
+    d.shutdown().await;
+}
+
+/// Connection faults on the device's TCP connections, as a Wi-Fi drop does them: a `reset`
+/// ends the WebSocket without a close frame (1006 to the client) and the device keeps
+/// running; `refuse` resets each new connection, HTTP included, until cleared.
+#[tokio::test]
+async fn connection_faults_reset_the_websocket_and_refuse_http_without_a_reboot() {
+    use hilbench::link::fault::{FaultRule, FaultTrigger, LinkFault};
+    use hilbench::link::stream::ConnFaults;
+    let faults = ConnFaults::new("wifi", 1);
+    let endpoints = ShellyEndpoints { http: "127.0.0.1:0".parse().unwrap(), seed: 1, frame_limit: None, link_name: None, ble: None, connection_faults: Some(faults) };
+    let d = shelly_host::serve(ShellyConfig::default(), endpoints).await.unwrap();
+    let mut ws = open_ws(&d).await.unwrap();
+    let call = |id: u64| Message::text(format!(r#"{{"id":{id},"src":"t","method":"Sys.GetStatus"}}"#));
+    ws.send(call(1)).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert!(answer.to_text().unwrap().contains("\"id\":1"), "{answer:?}");
+
+    let rule = |fault, always, name: &str| FaultRule { fault, trigger: FaultTrigger { always, ..FaultTrigger::default() }, name: Some(name.into()) };
+    d.add_fault(rule(LinkFault::Reset { bytes: None }, false, "drop")).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(c))) => return format!("a close frame {c:?}"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return format!("error {e}"),
+                None => return "end".to_string(),
+            }
+        }
+    })
+    .await
+    .expect("the reset ends the WebSocket");
+    assert!(ended.contains("reset") || ended.contains("Reset"), "no close frame, a reset: {ended}");
+
+    d.add_fault(rule(LinkFault::Refuse, true, "outage")).unwrap();
+    let get = b"GET /shelly HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n".to_vec();
+    let (status, _) = http(&d, get.clone()).await;
+    assert_eq!(status, "", "a refused connection gets no answer");
+    assert!(open_ws(&d).await.is_err(), "nor does a WebSocket");
+    assert!(d.clear_faults(Some("outage")));
+    let (status, body) = http(&d, get).await;
+    assert!(status.contains("200") && body.contains("\"id\""), "{status} {body}");
+    // The same device, still up: its uptime kept counting and it never rebooted.
+    let mut ws = open_ws(&d).await.unwrap();
+    ws.send(call(2)).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert!(answer.to_text().unwrap().contains("\"id\":2"), "{answer:?}");
+    d.shutdown().await;
+}
+
+/// Without a pump a device says so instead of ignoring a connection fault.
+#[tokio::test]
+async fn a_device_without_connection_faults_refuses_one() {
+    use hilbench::link::fault::{FaultRule, FaultTrigger, LinkFault};
+    let d = device().await;
+    let e = d.add_fault(FaultRule { fault: LinkFault::Refuse, trigger: FaultTrigger::default(), name: None }).unwrap_err();
+    assert!(e.contains("takes no `refuse`"), "{e}");
     d.shutdown().await;
 }

@@ -50,7 +50,9 @@ use super::shelly_ble::{ShellyBle, ShellyBleSide};
 use super::shelly_core::{HttpAnswer, ShellyConfig, ShellyDevice, ShellyEvent};
 use crate::transport::gatt::GattEvent;
 use crate::limits::{LogEvery, REFUSAL_LOG_PERIOD};
+use crate::link::stream::ConnFaults;
 use crate::link::{Direction, FaultRule, FrameRecord, LinkEngine};
+use crate::transport::ws_client::ByteStream;
 use crate::sans_io::{Input, Output, Peer, SansIoCore};
 
 /// The largest HTTP body read (a 1 MB body gets 413 unread).
@@ -81,6 +83,9 @@ pub struct ShellyEndpoints {
     pub link_name: Option<String>,
     /// RPC over BLE GATT too.
     pub ble: Option<ShellyBle>,
+    /// Connection faults on its TCP connections (HTTP and WebSocket alike,
+    /// as a Wi-Fi device loses them); `None` carries them unpumped.
+    pub connection_faults: Option<Arc<ConnFaults>>,
 }
 
 /// A running device; dropping it (or [`ShellyHandle::shutdown`]) stops it.
@@ -90,6 +95,7 @@ pub struct ShellyHandle {
     epoch: Instant,
     id: String,
     link: Arc<Mutex<LinkEngine>>,
+    connection_faults: Option<Arc<ConnFaults>>,
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<ShellyEvent>,
     stop: watch::Sender<bool>,
@@ -141,17 +147,36 @@ impl ShellyHandle {
         self.link.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A fault on its link, from now.
-    pub fn add_fault(&self, rule: FaultRule) {
+    /// A fault on its link, from now: a connection fault on its TCP
+    /// connections (when served with [`ShellyEndpoints::connection_faults`]),
+    /// any other on its WebSocket messages.
+    pub fn add_fault(&self, rule: FaultRule) -> Result<(), String> {
+        if rule.fault.is_connection_level() {
+            let Some(f) = &self.connection_faults else {
+                return Err(format!("`{}` carries its connections without a pump, so it takes no `{}`", self.id, rule.fault.name()));
+            };
+            f.add_rule(rule);
+            return Ok(());
+        }
         let now_ns = self.epoch.elapsed().as_nanos() as u64;
         self.link().add_rule(rule, now_ns);
+        Ok(())
     }
 
+    /// Clears the faults named `name` (or all) from messages and connections;
+    /// false when nothing had that name.
     pub fn clear_faults(&self, name: Option<&str>) -> bool {
         match name {
-            Some(n) => self.link().clear_named(n),
+            Some(n) => {
+                let on_messages = self.link().clear_named(n);
+                let on_connections = self.connection_faults.as_ref().is_some_and(|f| f.clear_named(n));
+                on_messages || on_connections
+            }
             None => {
                 self.link().clear();
+                if let Some(f) = &self.connection_faults {
+                    f.clear();
+                }
                 true
             }
         }
@@ -163,6 +188,9 @@ impl ShellyHandle {
 
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
+        if let Some(f) = &self.connection_faults {
+            f.stop();
+        }
         for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
         }
@@ -172,6 +200,9 @@ impl ShellyHandle {
 impl Drop for ShellyHandle {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        if let Some(f) = &self.connection_faults {
+            f.stop();
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -212,9 +243,10 @@ pub async fn serve(config: ShellyConfig, endpoints: ShellyEndpoints) -> Result<S
         readvertise: false,
         slow_readers: LogEvery::new(REFUSAL_LOG_PERIOD),
     };
-    let accept = tokio::spawn(accept_loop(listener, commands.clone(), stop_rx.clone()));
+    let connection_faults = endpoints.connection_faults;
+    let accept = tokio::spawn(accept_loop(listener, commands.clone(), stop_rx.clone(), connection_faults.clone()));
     let run = tokio::spawn(host.run(commands_rx, stop_rx, gatt_events));
-    Ok(ShellyHandle { http, ble: ble_address, epoch, id, link, commands, events, stop, tasks: vec![run, accept] })
+    Ok(ShellyHandle { http, ble: ble_address, epoch, id, link, connection_faults, commands, events, stop, tasks: vec![run, accept] })
 }
 
 /// A connection's place among [`MAX_CONNECTIONS`]; freed when its last holder (the
@@ -227,7 +259,7 @@ impl Drop for ConnSlot {
     }
 }
 
-async fn accept_loop(listener: TcpListener, commands: mpsc::Sender<Command>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(listener: TcpListener, commands: mpsc::Sender<Command>, mut stop: watch::Receiver<bool>, faults: Option<Arc<ConnFaults>>) {
     let open = Arc::new(AtomicUsize::new(0));
     let mut refused = LogEvery::new(REFUSAL_LOG_PERIOD);
     loop {
@@ -246,7 +278,16 @@ async fn accept_loop(listener: TcpListener, commands: mpsc::Sender<Command>, mut
         let slot = Arc::new(ConnSlot(open.clone()));
         let _ = stream.set_nodelay(true);
         let commands = commands.clone();
+        let faults = faults.clone();
         tokio::spawn(async move {
+            let stream: Box<dyn ByteStream> = match faults {
+                // A `refuse` or `accept_close` ends it here (RST or FIN).
+                Some(f) => match f.accepted(stream).await {
+                    Some(s) => s,
+                    None => return,
+                },
+                None => Box::new(stream),
+            };
             let service = hyper::service::service_fn(move |req| handle_request(req, commands.clone(), slot.clone()));
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()

@@ -20,6 +20,7 @@ use crate::device::shelly_ble::{ble_mac, manufacturer_data, ShellyBle};
 use crate::device::shelly_core::{self, ShellyConfig, ShellyDevice, ShellyEvent, UnknownMethod, MODELS, STATE_KEYS};
 use crate::device::shelly_host::{self, ShellyEndpoints, ShellyHandle};
 use crate::link::fault::LinkMedium;
+use crate::link::stream::ConnFaults;
 use crate::link::{FaultRule, FrameRecord};
 use crate::observe::ObservationKind;
 use crate::protocol::shelly::digest::AuthMode;
@@ -224,7 +225,7 @@ fn sim(a: ShellySimArgs) -> Result<(), String> {
         let mut servers = Vec::new();
         for (config, http) in devices {
             let ble = placement.as_ref().map(|p| ble_side(&probe, p.adapter(), a.ble_length_skew, a.ble_empty_reads));
-            match shelly_host::serve(config, ShellyEndpoints { http, seed: 0, frame_limit: Some(SIM_FRAMES_KEPT), link_name: None, ble }).await {
+            match shelly_host::serve(config, ShellyEndpoints { http, seed: 0, frame_limit: Some(SIM_FRAMES_KEPT), link_name: None, ble, connection_faults: None }).await {
                 Ok(s) => servers.push(s),
                 Err(e) => {
                     for s in servers {
@@ -597,7 +598,7 @@ impl Declared for ShellyKeys {
     /// Its WebSocket messages, both ways, are the link `NAME`.
     /// With `ble`, its BLE link (ATT writes, reads, notifications) is `NAME.ble`.
     fn links(&self) -> Vec<super::LinkDecl> {
-        let mut links = vec![super::LinkDecl { name: self.name.clone(), home: super::LinkHomeDecl::Own, capture: None, checksum: None, carries: "Shelly RPC over WebSocket", medium: LinkMedium::WebSocketMessages }];
+        let mut links = vec![super::LinkDecl { name: self.name.clone(), home: super::LinkHomeDecl::Own, capture: None, checksum: None, carries: "Shelly RPC over HTTP and WebSocket", medium: LinkMedium::WebSocket }];
         if self.ble {
             links.push(super::LinkDecl {
                 name: ble::link_name(&self.name),
@@ -620,7 +621,10 @@ impl Declared for ShellyKeys {
                 false => None,
             };
             let ble = air.as_ref().map(|a| ble_side(&probe, a.adapter(), self.ble_length_skew, self.ble_empty_reads));
-            let handle = match shelly_host::serve(config, ShellyEndpoints { http, seed: cx.seed, frame_limit: None, link_name: Some(self.name.clone()), ble }).await {
+            // The pump copies every byte: only a device whose link gets faults has one.
+            let connection_faults = cx.faulted_links.contains(&self.name).then(|| ConnFaults::new(self.name.clone(), cx.seed));
+            let endpoints = ShellyEndpoints { http, seed: cx.seed, frame_limit: None, link_name: Some(self.name.clone()), ble, connection_faults };
+            let handle = match shelly_host::serve(config, endpoints).await {
                 Ok(h) => h,
                 Err(e) => {
                     if let Some(a) = air {
@@ -697,8 +701,7 @@ impl Running for RunningShelly {
             if let Some(air) = self.air_link(link) {
                 return air.add_fault(rule).await;
             }
-            self.own_link(link)?.add_fault(rule);
-            Ok(())
+            self.own_link(link)?.add_fault(rule)
         })
     }
     fn clear_faults<'a>(&'a self, link: &'a str, name: Option<&'a str>) -> LocalBoxFuture<'a, Result<(), String>> {

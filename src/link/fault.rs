@@ -107,9 +107,6 @@ pub enum LinkMedium {
     Gatt,
     /// A WebSocket: messages on a TCP (or TLS) connection.
     WebSocket,
-    /// A device's WebSocket messages whose connections the link does not hold (a Shelly's
-    /// RPC): frame faults only.
-    WebSocketMessages,
     /// UDP: datagrams, no connections.
     Datagram,
     /// The connections a server accepts (a hub's listener): whole
@@ -118,14 +115,13 @@ pub enum LinkMedium {
 }
 
 impl LinkMedium {
-    pub const ALL: [LinkMedium; 6] = [LinkMedium::Serial, LinkMedium::Gatt, LinkMedium::WebSocket, LinkMedium::WebSocketMessages, LinkMedium::Datagram, LinkMedium::Server];
+    pub const ALL: [LinkMedium; 5] = [LinkMedium::Serial, LinkMedium::Gatt, LinkMedium::WebSocket, LinkMedium::Datagram, LinkMedium::Server];
 
     pub fn name(self) -> &'static str {
         match self {
             LinkMedium::Serial => "serial",
             LinkMedium::Gatt => "ble-gatt",
             LinkMedium::WebSocket => "websocket",
-            LinkMedium::WebSocketMessages => "websocket-messages",
             LinkMedium::Datagram => "udp",
             LinkMedium::Server => "server",
         }
@@ -140,8 +136,8 @@ pub struct FaultDoc {
 }
 
 /// Frame faults: every link that sees frames.
-const ANY_LINK: &[LinkMedium] = &[LinkMedium::Serial, LinkMedium::Gatt, LinkMedium::WebSocket, LinkMedium::WebSocketMessages, LinkMedium::Datagram];
-/// Links with connections (TCP now; HTTP joins with the Shelly device).
+const ANY_LINK: &[LinkMedium] = &[LinkMedium::Serial, LinkMedium::Gatt, LinkMedium::WebSocket, LinkMedium::Datagram];
+/// Links with connections (TCP: WebSocket, and a Shelly's HTTP too).
 const STREAM_LINK: &[LinkMedium] = &[LinkMedium::WebSocket, LinkMedium::Server];
 
 impl LinkFault {
