@@ -95,6 +95,9 @@ fn typos_in_selectors_are_located_errors() {
     assert!(Scenario::parse(Path::new("ok.yaml"), "name: x\ndevices:\n  - {name: s, kind: shelly}\nsteps:\n  - fault: {link: s, kind: reset}\n").is_ok());
     assert!(Scenario::parse(Path::new("ok.yaml"), "name: x\ndevices:\n  - {name: s, kind: shelly}\nsteps:\n  - fault: {link: s, kind: drop, direction: response}\n").is_ok());
 
+    let e = parse("name: x\ndevices:\n  - {name: s, kind: shelly, nonce_lifetime: 500ms}\nsteps: []\n");
+    assert!(e.starts_with("bad.yaml:3:") && e.contains("nonce_lifetime 500ms is under a second"), "{e}");
+
     // A Shelly's HTTP status overrides are error statuses.
     let e = parse("name: x\ndevices:\n  - {name: s, kind: shelly, http_status: {-103: 200}}\nsteps: []\n");
     assert!(e.starts_with("bad.yaml:3:") && e.contains("http_status for -103: 200 is not an error status"), "{e}");

@@ -38,7 +38,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use crate::model::relay::{CoverModel, Phase, RelayMeter};
-use crate::protocol::shelly::digest::{AuthFailure, AuthMode, DigestAnswer, DigestAuth};
+use crate::protocol::shelly::digest::{AuthFailure, AuthMode, DigestAnswer, DigestAuth, NONCE_LIFETIME};
 use crate::protocol::shelly::{self, RpcCall, RpcError, RpcFrame};
 use crate::sans_io::{Input, Output, Peer, SansIoCore};
 
@@ -73,6 +73,8 @@ pub struct ShellyConfig {
     /// Seeds the nonces, the MAC and the Wi-Fi scan.
     pub seed: u64,
     pub boot_time: Duration,
+    /// How long a digest nonce is good for (firmware: an hour).
+    pub nonce_lifetime: Duration,
     /// HTTP status per RPC error code, over the defaults (which status firmware gives
     /// each is not certain: a user sets what theirs does).
     pub http_status: BTreeMap<i64, u16>,
@@ -90,6 +92,7 @@ impl Default for ShellyConfig {
             unix_at_zero: 1_767_225_600,
             seed: 1,
             boot_time: Duration::from_secs(2),
+            nonce_lifetime: NONCE_LIFETIME,
             http_status: BTreeMap::new(),
         }
     }
@@ -171,6 +174,7 @@ pub struct ShellyDevice {
     unix_at_zero: u64,
     seed: u64,
     boot_time: Duration,
+    nonce_lifetime: Duration,
     events: Vec<ShellyEvent>,
     /// What a switch or cover reports as the `source` of a change the
     /// current call makes (`WS_in`, `HTTP_in`).
@@ -229,6 +233,7 @@ impl ShellyDevice {
             unix_at_zero: unix,
             seed: config.seed,
             boot_time: config.boot_time,
+            nonce_lifetime: config.nonce_lifetime,
             events: Vec::new(),
             call_source: "WS_in",
             dirty: false,
@@ -314,7 +319,12 @@ impl ShellyDevice {
 
     fn set_password(&mut self, password: Option<String>) {
         self.password = password;
-        self.auth = self.password.as_ref().map(|p| DigestAuth::new(self.auth_mode, &self.id, p, self.unix_at_zero, self.seed));
+        self.auth = self.password.clone().map(|p| self.new_auth(&p));
+    }
+
+    /// Digest state for `password` with this device's mode, realm and nonce lifetime.
+    fn new_auth(&self, password: &str) -> DigestAuth {
+        DigestAuth::new(self.auth_mode, &self.id, password, self.unix_at_zero, self.seed).with_nonce_lifetime(self.nonce_lifetime)
     }
 
     pub fn id(&self) -> &str {
@@ -620,7 +630,7 @@ impl ShellyDevice {
         } else if key == "auth" {
             if on {
                 let pw = self.password.clone().ok_or("`auth: 1` needs a password in the device's config")?;
-                self.auth = Some(DigestAuth::new(self.auth_mode, &self.id, &pw, self.unix_at_zero, self.seed));
+                self.auth = Some(self.new_auth(&pw));
             } else {
                 self.auth = None;
             }

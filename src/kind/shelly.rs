@@ -23,11 +23,23 @@ use crate::link::fault::LinkMedium;
 use crate::link::stream::ConnFaults;
 use crate::link::{FaultRule, FrameRecord};
 use crate::observe::ObservationKind;
-use crate::protocol::shelly::digest::AuthMode;
+use crate::protocol::shelly::digest::{AuthMode, NONCE_LIFETIME};
 use crate::scenario::source::Problem;
 use crate::scenario::spec::Dur;
 
 pub struct ShellyKind;
+
+fn parse_nonce_lifetime(s: &str) -> Result<Duration, String> {
+    checked_nonce_lifetime(humantime::parse_duration(s).map_err(|e| e.to_string())?)
+}
+
+/// Whole seconds: 1.x nonces are unix times, so a shorter life could not be told.
+fn checked_nonce_lifetime(d: Duration) -> Result<Duration, String> {
+    if d < Duration::from_secs(1) {
+        return Err(format!("nonce_lifetime {} is under a second (nonces are stamped in whole seconds)", humantime::format_duration(d)));
+    }
+    Ok(d)
+}
 
 fn parse_auth_mode(s: &str) -> Result<AuthMode, String> {
     s.parse()
@@ -118,6 +130,9 @@ pub struct ShellySimArgs {
     /// How long the device is gone after a reboot.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub boot_time: Duration,
+    /// How long a digest nonce is good for (firmware: 1h); shorter lets a client meet a stale one.
+    #[arg(long, default_value = "1h", value_parser = parse_nonce_lifetime)]
+    pub nonce_lifetime: Duration,
     /// A state key at start (hilbench list shows them); repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = key_number)]
     pub set: Vec<(String, f64)>,
@@ -207,6 +222,7 @@ fn sim(a: ShellySimArgs) -> Result<(), String> {
             unix_at_zero: unix_now(),
             seed: i as u64 + 1,
             boot_time: a.boot_time,
+            nonce_lifetime: a.nonce_lifetime,
             http_status: checked_statuses(a.http_status.iter().copied())?,
         };
         devices.push((config, nth_addr(a.http, i).or_else(|e| if a.count == 1 { Ok(a.http) } else { Err(e) })?));
@@ -410,6 +426,10 @@ pub struct ShellyKeys {
     pub unknown_method: Option<String>,
     #[serde(default)]
     pub boot_time: Option<Dur>,
+    /// How long a digest nonce is good for (firmware: an hour), so a
+    /// scenario can make one go stale.
+    #[serde(default)]
+    pub nonce_lifetime: Option<Dur>,
     /// State keys at start.
     #[serde(default)]
     pub state: BTreeMap<String, f64>,
@@ -449,6 +469,7 @@ impl ShellyKeys {
             unix_at_zero: unix_now(),
             seed,
             boot_time: self.boot_time.map_or(Duration::from_secs(2), |d| d.0),
+            nonce_lifetime: self.nonce_lifetime.map_or(Ok(NONCE_LIFETIME), |d| checked_nonce_lifetime(d.0))?,
             http_status: checked_statuses(self.http_status.iter().map(|(c, s)| (*c, *s)))?,
         })
     }
@@ -565,6 +586,9 @@ impl Declared for ShellyKeys {
         }
         if let Some(m) = &self.unknown_method {
             parse_unknown_method(m).map_err(|e| at_key("unknown_method", e))?;
+        }
+        if let Some(d) = &self.nonce_lifetime {
+            checked_nonce_lifetime(d.0).map_err(|e| at_key("nonce_lifetime", e))?;
         }
         if let Some(m) = &self.mac {
             shelly_core::models::normalize_mac(m).map_err(|e| at_key("mac", e))?;

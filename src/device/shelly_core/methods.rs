@@ -211,7 +211,7 @@ impl ShellyDevice {
         match string_param(params, "ha1")? {
             None => self.set_password(None),
             Some(ha1) => {
-                let mut auth = crate::protocol::shelly::digest::DigestAuth::new(self.auth_mode, &self.id, "", self.unix_at_zero, self.seed);
+                let mut auth = self.new_auth("");
                 auth.set_ha1(ha1);
                 self.auth = Some(auth);
             }

@@ -242,6 +242,8 @@ pub struct DigestAuth {
     slots: Vec<NonceSlot>,
     throttle_until: Option<Duration>,
     rng: ChaCha8Rng,
+    /// How long a nonce is good for ([`NONCE_LIFETIME`] on firmware).
+    lifetime: Duration,
 }
 
 impl DigestAuth {
@@ -254,7 +256,15 @@ impl DigestAuth {
             slots: Vec::new(),
             throttle_until: None,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            lifetime: NONCE_LIFETIME,
         }
+    }
+
+    /// Nonces good for `lifetime` instead of firmware's hour, so a scenario
+    /// can see one go stale (whole seconds for 1.x's time nonces).
+    pub fn with_nonce_lifetime(mut self, lifetime: Duration) -> DigestAuth {
+        self.lifetime = lifetime;
+        self
     }
 
     /// The password as `Shelly.SetAuth` sends it: its ha1, in hex.
@@ -290,7 +300,8 @@ impl DigestAuth {
     }
 
     fn new_opaque_nonce(&mut self, now: Duration) -> Result<String, AuthFailure> {
-        self.slots.retain(|s| now.saturating_sub(s.issued) < NONCE_LIFETIME && s.uses < NONCE_MAX_USES);
+        let lifetime = self.lifetime;
+        self.slots.retain(|s| now.saturating_sub(s.issued) < lifetime && s.uses < NONCE_MAX_USES);
         if self.slots.len() >= NONCE_SLOTS {
             match self.throttle_until {
                 Some(until) if now >= until => {
@@ -325,7 +336,7 @@ impl DigestAuth {
         }
         match self.mode {
             AuthMode::V1 => {
-                let fresh = a.nonce.parse::<u64>().is_ok_and(|t| t <= self.unix(now) && self.unix(now) - t <= NONCE_LIFETIME.as_secs());
+                let fresh = a.nonce.parse::<u64>().is_ok_and(|t| t <= self.unix(now) && self.unix(now) - t <= self.lifetime.as_secs());
                 if fresh {
                     Ok(())
                 } else {
@@ -339,10 +350,8 @@ impl DigestAuth {
     fn use_nonce(&mut self, a: &DigestAnswer, now: Duration) -> Result<(), AuthFailure> {
         // RFC 7616 writes nc in hex; the RPC form sends a decimal number.
         let nc = if a.ha2 == rpc_ha2() { a.nc.parse::<u64>().ok() } else { u64::from_str_radix(&a.nc, 16).ok() };
-        let live = self
-            .slots
-            .iter_mut()
-            .find(|s| s.nonce == a.nonce && now.saturating_sub(s.issued) < NONCE_LIFETIME && s.uses < NONCE_MAX_USES);
+        let lifetime = self.lifetime;
+        let live = self.slots.iter_mut().find(|s| s.nonce == a.nonce && now.saturating_sub(s.issued) < lifetime && s.uses < NONCE_MAX_USES);
         let Some(slot) = live else {
             return Err(AuthFailure::Challenge(self.challenge(now, true)?));
         };
@@ -423,6 +432,19 @@ mod tests {
         assert!(stale, "expired nonce is stale");
         let unknown = json!("AAAAAAAAAAAAAAAAAAAAAA==");
         assert!(challenge_nonce(auth.check(Some(&rpc_answer("dev", "pw", &unknown, 1, 1)), T0)).1);
+    }
+
+    #[test]
+    fn a_shorter_nonce_lifetime_makes_nonces_stale_sooner_in_both_modes() {
+        let life = Duration::from_secs(2);
+        let mut v2 = DigestAuth::new(AuthMode::V2, "dev", "pw", 0, 7).with_nonce_lifetime(life);
+        let (nonce, _) = challenge_nonce(v2.check(None, T0));
+        assert_eq!(v2.check(Some(&rpc_answer("dev", "pw", &nonce, 1, 1)), T0 + Duration::from_millis(1999)), Ok(()));
+        assert!(challenge_nonce(v2.check(Some(&rpc_answer("dev", "pw", &nonce, 2, 1)), T0 + life)).1, "two seconds on: stale");
+        let mut v1 = DigestAuth::new(AuthMode::V1, "dev", "pw", 1_700_000_000, 1).with_nonce_lifetime(life);
+        let (nonce, _) = challenge_nonce(v1.check(None, T0));
+        assert_eq!(v1.check(Some(&rpc_answer("dev", "pw", &nonce, 1, 1)), T0 + life), Ok(()));
+        assert!(challenge_nonce(v1.check(Some(&rpc_answer("dev", "pw", &nonce, 1, 1)), T0 + life + Duration::from_secs(1))).1);
     }
 
     #[test]
