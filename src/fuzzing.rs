@@ -38,6 +38,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("shelly_device", shelly_device_answers_are_well_formed),
     ("capture_file", capture_file_decodes_the_same_in_any_chunking),
     ("ws_capture", ws_capture_reads_reordered_segments_as_the_stream),
+    ("http_message", http_messages_read_alike_in_any_pieces),
     ("replay_core", replay_answers_only_what_was_captured),
 ];
 
@@ -955,6 +956,36 @@ pub fn capture_file_decodes_the_same_in_any_chunking(data: &[u8]) -> bool {
         }
     }
     !packets.is_empty()
+}
+
+/// Arbitrary bytes as one direction of an HTTP/1.1 connection: the first byte sets the
+/// piece size (1..=64), the rest is the stream. Invariants: no panic; read in pieces or in
+/// one go it gives the same messages; each message is in the normal form (read again
+/// alone it is that one message) and parses as a request or a response.
+pub fn http_messages_read_alike_in_any_pieces(data: &[u8]) -> bool {
+    use crate::protocol::http_message::{request_parts, response_parts, HttpOutput, HttpReader};
+    let Some((&k, stream)) = data.split_first() else { return false };
+    let read = |piece: usize, stream: &[u8]| {
+        let (mut r, mut buf, mut out) = (HttpReader::default(), Vec::new(), Vec::new());
+        for p in stream.chunks(piece.max(1)) {
+            buf.extend_from_slice(p);
+            let used = r.read(&buf, &mut out);
+            buf.drain(..used);
+            if matches!(out.last(), Some(HttpOutput::Upgraded | HttpOutput::NotHttp { .. })) {
+                break;
+            }
+        }
+        out
+    };
+    let whole = read(stream.len(), stream);
+    assert_eq!(read(usize::from(k % 64) + 1, stream), whole, "pieces read differently");
+    for o in &whole {
+        if let HttpOutput::Message(m) = o {
+            assert!(request_parts(m).is_some() || response_parts(m).is_some(), "a message that does not parse: {:?}", String::from_utf8_lossy(m));
+            assert_eq!(read(m.len(), m), vec![HttpOutput::Message(m.clone())], "not in the normal form: {:?}", String::from_utf8_lossy(m));
+        }
+    }
+    whole.iter().any(|o| matches!(o, HttpOutput::Message(_)))
 }
 
 /// Arbitrary bytes as one direction of a captured TCP connection carrying WebSocket: the

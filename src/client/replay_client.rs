@@ -67,7 +67,7 @@ pub fn run(script: &ReplayScript, target: &ReplayTarget, window: AnswerWindow, r
             target.describe(),
             target.transport().as_str(),
             match script.transport {
-                CaptureTransport::BleAtt | CaptureTransport::WebSocket => " (BLE and WebSocket fixtures cannot be replayed as the client yet)",
+                CaptureTransport::BleAtt | CaptureTransport::WebSocket | CaptureTransport::Http => " (BLE, HTTP and WebSocket fixtures cannot be replayed as the client yet)",
                 _ => "",
             }
         ));

@@ -13,7 +13,10 @@
 //! is for another device, and is ignored without a report.
 //!
 //! Matching is byte for byte unless the captured kind gives a [`ReplayRule`] (SMP: the
-//! sequence number is left out of the match and echoed in the answer).
+//! sequence number is left out of the match and echoed in the answer). An HTTP request
+//! ([`crate::protocol::http_message`]'s form) matches by method, target and body (the
+//! rule's key of the body), not by its headers (a digest `Authorization`, a `Date`
+//! change from run to run); the rule fits the body of its answer.
 //!
 //! Timing: by default every answer goes out at once (the capture's timing compressed).
 //! With [`ReplayCore::keep_timing`] each answer goes out as long after the live request as
@@ -24,6 +27,7 @@
 use std::time::Duration;
 
 use crate::link::recognise::ReplayRule;
+use crate::protocol::http_message;
 use crate::link::record::Direction;
 use crate::sans_io::{Input, Output, SansIoCore};
 
@@ -109,16 +113,21 @@ impl ReplayCore {
 
     fn find(&self, bytes: &[u8]) -> Option<usize> {
         let n = self.frames.len();
-        let wanted = match self.rule {
-            Some(_) => std::borrow::Cow::Owned(match_key(self.rule, self.rule_at, bytes)),
-            None => std::borrow::Cow::Borrowed(bytes),
-        };
+        let wanted = match_key(self.rule, self.rule_at, bytes);
         (0..n).map(|k| (self.cursor + k) % n).find(|&i| self.keys[i].as_deref() == Some(&wanted[..]))
     }
 }
 
-/// A request's match key: the bytes before `at` as they are, the rest by the rule.
+/// A request's match key: the bytes before `at` as they are, the rest by the rule; an
+/// HTTP request by its method, target and body.
 fn match_key(rule: Option<ReplayRule>, at: usize, b: &[u8]) -> Vec<u8> {
+    if at == 0 {
+        if let Some((method, target, body)) = http_message::request_parts(b) {
+            let mut k = format!("{method} {target}\n").into_bytes();
+            k.extend_from_slice(&rule.map_or_else(|| body.to_vec(), |r| (r.key)(body)));
+            return k;
+        }
+    }
     match (rule, b.get(at..)) {
         (Some(r), Some(message)) => {
             let mut k = b[..at].to_vec();
@@ -146,7 +155,9 @@ impl SansIoCore for ReplayCore {
                 let mut j = i + 1;
                 while let Some((Direction::Response, b)) = self.frames.get(j) {
                     let mut b = b.clone();
-                    if let (Some(r), Some(req)) = (self.rule, bytes.get(self.rule_at..)) {
+                    if let (Some(r), Some((_, _, req))) = (self.rule, http_message::request_parts(bytes).filter(|_| self.rule_at == 0)) {
+                        http_message::fit_body(&mut b, |body| (r.answer)(req, body));
+                    } else if let (Some(r), Some(req)) = (self.rule, bytes.get(self.rule_at..)) {
                         if b.len() >= self.rule_at {
                             let mut message = b.split_off(self.rule_at);
                             (r.answer)(req, &mut message);

@@ -128,8 +128,10 @@ With --udp ADDR one UDP fixture (an SMP server's) answers datagrams instead; SMP
 match without their sequence number and get answers carrying it. With --ble one BLE fixture
 is served behind its kind's GATT table and advertised name, on a virtual air of its own
 (or --bus/--adapter): a write matching a captured one gets the captured notifications.
-With --listen ADDR one WebSocket fixture (a Shelly's RPC) answers on ws://ADDR/…: a call
-matches whatever its id and src, and its answers carry them. Prints one JSON ready line
+With --listen ADDR one HTTP/WebSocket fixture (a Shelly's) answers on http://ADDR and
+ws://ADDR/…: a WebSocket call matches whatever its id, src and digest auth, and its answers
+carry the live id and src; an HTTP request matches by method, target and body and gets the
+captured status, headers and body (404 when the capture never saw it). Prints one JSON ready line
 with the PTY path, UDP address, WebSocket URL or BLE address (and the air's D-Bus
 address); runs until SIGINT/SIGTERM.
 
@@ -137,7 +139,7 @@ Examples:
   hilbench sim replay fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl fixtures/captures/imported/eg4-fault3-bridge.bridge-addr2.jsonl --tty /tmp/field
   hilbench capture import fixtures/captures/eg4-fault3-bridge.pcapng --out target/fixtures && hilbench sim replay target/fixtures/eg4-fault3-bridge.bridge-addr2.jsonl
   hilbench sim replay fixtures/captures/imported/jbd-ble-poll.bms.jsonl --ble
-  hilbench capture import fixtures/captures/shelly-validate-ws.pcapng --out target/fixtures && hilbench sim replay target/fixtures/shelly-validate-ws.tcp-127-0-0-1-18080.jsonl --listen 127.0.0.1:0";
+  hilbench capture import fixtures/captures/shelly-aioshelly-http-ws.pcapng --out target/fixtures && hilbench sim replay target/fixtures/shelly-aioshelly-http-ws.tcp-127-0-0-1-18081.jsonl --listen 127.0.0.1:0";
 
 /// `hilbench sim replay`.
 #[derive(clap::Args, Debug)]
@@ -151,7 +153,7 @@ pub struct ReplaySimArgs {
     /// Serve one UDP fixture (an SMP server's) on this address instead of a PTY (port 0: any).
     #[arg(long, value_name = "ADDR", conflicts_with = "ble")]
     pub udp: Option<std::net::SocketAddr>,
-    /// Serve one WebSocket fixture (a Shelly's RPC) as ws://ADDR/… instead of a PTY (port 0: any).
+    /// Serve one HTTP/WebSocket fixture (a Shelly's) on http://ADDR and ws://ADDR/… instead of a PTY (port 0: any).
     #[arg(long, value_name = "ADDR", conflicts_with_all = ["udp", "ble", "tty"])]
     pub listen: Option<std::net::SocketAddr>,
     /// Serve one BLE fixture behind its kind's GATT table: on a virtual air of its own
@@ -187,7 +189,7 @@ fn sim(a: ReplaySimArgs) -> Result<(), String> {
         let [fixture] = &a.fixtures[..] else {
             return Err(format!("--listen serves one fixture; {} given", a.fixtures.len()));
         };
-        return sim_ws(load(fixture, CaptureTransport::WebSocket, "--listen serves WebSocket ones", a.timing)?.alone(), addr);
+        return sim_ws(load(fixture, &[CaptureTransport::Http, CaptureTransport::WebSocket], "--listen serves HTTP and WebSocket ones", a.timing)?.alone(), addr);
     }
     if a.timing == Timing::Keep && a.udp.is_none() {
         return Err(format!("--timing keep: {BUS_TIMING}"));
@@ -196,13 +198,13 @@ fn sim(a: ReplaySimArgs) -> Result<(), String> {
         let [fixture] = &a.fixtures[..] else {
             return Err(format!("--udp serves one fixture; {} given", a.fixtures.len()));
         };
-        return sim_udp(load(fixture, CaptureTransport::Udp, "--udp serves UDP ones", a.timing)?.alone(), addr);
+        return sim_udp(load(fixture, &[CaptureTransport::Udp], "--udp serves UDP ones", a.timing)?.alone(), addr);
     }
     use crate::transport::bus::{BusActor, BusConfig, BusPortSpec};
     // Every fixture is read before anything opens.
     let mut cores = Vec::new();
     for (i, f) in a.fixtures.iter().enumerate() {
-        cores.push((format!("replay{}", i + 1), load(f, CaptureTransport::Serial, "a PTY serves serial ones (--udp: UDP ones)", Timing::Compress)?));
+        cores.push((format!("replay{}", i + 1), load(f, &[CaptureTransport::Serial], "a PTY serves serial ones (--udp: UDP ones)", Timing::Compress)?));
     }
     let sys = actix::System::new();
     sys.block_on(async move {
@@ -282,9 +284,9 @@ fn sim_ble(fixture: &std::path::Path, place: &crate::cli::ble_place::BlePlaceArg
 
 /// A fixture's frames and the replay rule of its kind, or why it cannot be replayed by a
 /// host that `serves` (says what it serves) frames of `transport`.
-fn load(fixture: &std::path::Path, transport: CaptureTransport, serves: &str, timing: Timing) -> Result<ReplayCore, String> {
+fn load(fixture: &std::path::Path, transports: &[CaptureTransport], serves: &str, timing: Timing) -> Result<ReplayCore, String> {
     let (header, frames) = read_fixture(fixture)?;
-    if header.transport != transport {
+    if !transports.contains(&header.transport) {
         return Err(format!("{} holds {} frames; {serves}", fixture.display(), header.transport.as_str()));
     }
     let mut out = Vec::with_capacity(frames.len());
@@ -305,7 +307,7 @@ fn load(fixture: &std::path::Path, transport: CaptureTransport, serves: &str, ti
 impl ReplayKeys {
     /// The fixture's core, or why it cannot be replayed on a bus.
     fn core(&self) -> Result<ReplayCore, String> {
-        load(&self.fixture, CaptureTransport::Serial, "a scenario's `replay` on a bus serves serial fixtures", Timing::Compress)
+        load(&self.fixture, &[CaptureTransport::Serial], "a scenario's `replay` on a bus serves serial fixtures", Timing::Compress)
     }
 }
 
@@ -325,7 +327,7 @@ impl Declared for ReplayDecl {
             if k.bus.is_some() {
                 return Err(at_key("bus", "a UDP fixture is served on a socket, not on a bus: leave `bus` out"));
             }
-            load(&k.fixture, CaptureTransport::Udp, "", k.timing).map_err(|e| at_key("fixture", e))?;
+            load(&k.fixture, &[CaptureTransport::Udp], "", k.timing).map_err(|e| at_key("fixture", e))?;
             return Ok(());
         }
         if self.ble() {
@@ -384,7 +386,7 @@ impl Declared for ReplayDecl {
         Box::pin(async move {
             let k = &self.keys;
             if self.udp() {
-                let core = load(&k.fixture, CaptureTransport::Udp, "", k.timing)?;
+                let core = load(&k.fixture, &[CaptureTransport::Udp], "", k.timing)?;
                 let addr = k.udp.unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
                 let device = crate::device::replay_udp::start(k.name.clone(), core, addr, cx.log.clone()).await?;
                 return Ok(Box::new(RunningUdpReplay { name: k.name.clone(), var: self.udp_var, device: Some(device) }) as Box<dyn Running>);
@@ -541,7 +543,7 @@ fn sim_ws(core: ReplayCore, addr: std::net::SocketAddr) -> Result<(), String> {
         let log = crate::observe::ObservationLog::bounded(std::time::Instant::now(), 10_000);
         let device = crate::device::replay_ws::start("replay", core, addr, log).await?;
         let signal = crate::cli::sim::wait_for_signal();
-        println!("{}", serde_json::json!({ "ready": true, "kind": "replay", "endpoints": { "ws": format!("ws://{}/rpc", device.local) }, "devices": 1 }));
+        println!("{}", serde_json::json!({ "ready": true, "kind": "replay", "endpoints": { "http": format!("http://{}", device.local), "ws": format!("ws://{}/rpc", device.local) }, "devices": 1 }));
         use std::io::Write;
         let _ = std::io::stdout().flush();
         signal.await;

@@ -481,6 +481,35 @@ impl ShellyKeys {
     }
 }
 
+/// Gen2+ over HTTP: `GET /shelly`, `/rpc/<Method>`, `POST /rpc`, and answers whose body is
+/// the device info, a result or an error object. Decisive for the device info and for a
+/// request on Shelly's paths.
+fn recognise_http(bytes: &[u8]) -> Option<crate::link::recognise::FrameVerdict> {
+    use crate::protocol::http_message;
+    let verdict = |decisive, meaning: String| Some(crate::link::recognise::FrameVerdict { decisive, meaning, unit: None });
+    if let Some((method, target, body)) = http_message::request_parts(bytes) {
+        let path = target.split('?').next().unwrap_or_default();
+        return match path.strip_prefix("/rpc") {
+            _ if path == "/shelly" => verdict(true, format!("{method} /shelly (device info)")),
+            Some(m) if m.len() > 1 && m[1..].contains('.') => verdict(true, format!("call {} over HTTP", &m[1..])),
+            Some("") if method == "POST" => match crate::protocol::shelly::decode_frame(body).ok()? {
+                crate::protocol::shelly::RpcFrame::Call(c) => verdict(true, format!("call {} over HTTP POST /rpc", c.method)),
+                crate::protocol::shelly::RpcFrame::Response(_) => None,
+            },
+            _ => None,
+        };
+    }
+    let (status, _, body) = http_message::response_parts(bytes)?;
+    let serde_json::Value::Object(m) = serde_json::from_slice::<serde_json::Value>(body).ok()? else { return None };
+    if m.contains_key("gen") && m.contains_key("mac") {
+        return verdict(true, format!("{status} device info {}", m.get("model").and_then(|v| v.as_str()).unwrap_or_default()));
+    }
+    match (m.get("code"), m.get("message")) {
+        (Some(code), Some(_)) => verdict(false, format!("{status} error {code}")),
+        _ => verdict(false, format!("{status} result")),
+    }
+}
+
 impl Kind for ShellyKind {
     fn name(&self) -> &'static str {
         "shelly"
@@ -501,8 +530,10 @@ impl Kind for ShellyKind {
         Some(crate::link::recognise::ReplayRule {
             key: |b| match serde_json::from_slice::<serde_json::Value>(b) {
                 Ok(serde_json::Value::Object(mut m)) => {
+                    // A digest answer's cnonce is new each run: a call matches with or without one.
                     m.remove("id");
                     m.remove("src");
+                    m.remove("auth");
                     serde_json::to_vec(&m).unwrap_or_else(|_| b.to_vec())
                 }
                 _ => b.to_vec(),
@@ -531,6 +562,9 @@ impl Kind for ShellyKind {
     /// the frame carries Shelly's `src`/`dst` addressing.
     fn recognise(&self, f: &crate::link::recognise::CapturedFrameView<'_>) -> Option<crate::link::recognise::FrameVerdict> {
         use crate::protocol::shelly::{self, RpcFrame};
+        if f.transport == crate::link::recognise::CaptureTransport::Http {
+            return recognise_http(f.bytes);
+        }
         if f.transport != crate::link::recognise::CaptureTransport::WebSocket {
             return None;
         }

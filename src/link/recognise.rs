@@ -17,6 +17,8 @@ pub enum CaptureTransport {
     Udp,
     /// One WebSocket message.
     WebSocket,
+    /// One HTTP/1.1 request or response ([`crate::protocol::http_message`]'s normal form).
+    Http,
 }
 
 impl CaptureTransport {
@@ -26,6 +28,7 @@ impl CaptureTransport {
             CaptureTransport::BleAtt => "ble-att",
             CaptureTransport::Udp => "udp",
             CaptureTransport::WebSocket => "websocket",
+            CaptureTransport::Http => "http",
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod dbus;
 pub mod eg4;
 pub mod eg4_legacy;
 pub mod hci;
+pub mod http_message;
 pub mod ip;
 pub mod jbd;
 pub mod mcuboot;

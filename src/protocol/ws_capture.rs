@@ -1,31 +1,35 @@
-//! One direction of a captured WebSocket connection, from its TCP bytes to messages:
-//! the HTTP upgrade (a `GET … Upgrade: websocket` request, a `101` answer), then frames
-//! (unmasked, fragments joined; pings, pongs and closes skipped). What `capture import`
-//! needs for Shelly RPC and BACnet/SC captures. Sans-IO, never panics, bounded.
+//! One direction of a captured HTTP/1.1 or WebSocket connection, from its TCP bytes to
+//! messages: HTTP messages ([`crate::protocol::http_message`]) until an upgrade (a `GET …
+//! Upgrade: websocket` request, a `101` answer), then WebSocket frames (unmasked,
+//! fragments joined; pings, pongs and closes skipped). What `capture import` needs for
+//! Shelly RPC (HTTP and WebSocket) and BACnet/SC captures. Sans-IO, never panics, bounded.
 
 use std::io::Cursor;
 
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 
-/// The longest handshake head and message kept; past them the stream is given up.
-const MAX_HEAD: usize = 16 * 1024;
+use super::http_message::{HttpOutput, HttpReader};
+
+/// The longest message kept; past it the stream is given up.
 const MAX_MESSAGE: usize = 4 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WsOutput {
     /// A whole message (TEXT or BINARY, its fragments joined).
     Message { text: bool, payload: Vec<u8> },
+    /// A whole HTTP message, in [`crate::protocol::http_message`]'s normal form.
+    Http(Vec<u8>),
     /// Why bytes could not be read as WebSocket; the stream is given up when `fatal`.
     Gap { what: String, fatal: bool },
-    /// The HTTP head was not a WebSocket upgrade: plain HTTP (or something else).
-    NotWebSocket { first_line: String },
+    /// The stream is neither HTTP nor WebSocket (TLS, another protocol); given up.
+    NotHttp { what: String },
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum State {
     #[default]
-    Head,
+    Http,
     Frames,
     /// Mid-stream capture or a given-up stream: nothing more is read.
     Done,
@@ -34,6 +38,7 @@ enum State {
 #[derive(Debug, Default)]
 pub struct WsDirection {
     state: State,
+    http: HttpReader,
     buf: Vec<u8>,
     /// A fragmented message being joined: its kind and bytes so far.
     partial: Option<(bool, Vec<u8>)>,
@@ -46,8 +51,8 @@ impl WsDirection {
             return;
         }
         self.buf.extend_from_slice(bytes);
-        if self.state == State::Head {
-            self.head(out);
+        if self.state == State::Http {
+            self.http(out);
         }
         if self.state == State::Frames {
             self.frames(out);
@@ -68,24 +73,19 @@ impl WsDirection {
         self.partial = None;
     }
 
-    fn head(&mut self, out: &mut Vec<WsOutput>) {
-        let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            if self.buf.len() > MAX_HEAD {
-                out.push(WsOutput::Gap { what: format!("no end of an HTTP head in the first {MAX_HEAD} bytes"), fatal: true });
-                self.give_up();
+    fn http(&mut self, out: &mut Vec<WsOutput>) {
+        let mut read = Vec::new();
+        let used = self.http.read(&self.buf, &mut read);
+        self.buf.drain(..used);
+        for r in read {
+            match r {
+                HttpOutput::Message(m) => out.push(WsOutput::Http(m)),
+                HttpOutput::Upgraded => self.state = State::Frames,
+                HttpOutput::NotHttp { what } => {
+                    out.push(WsOutput::NotHttp { what });
+                    self.give_up();
+                }
             }
-            return;
-        };
-        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-        let first_line = head.lines().next().unwrap_or_default().to_string();
-        let upgrade = head.lines().skip(1).any(|l| l.split_once(':').is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("upgrade") && v.trim().eq_ignore_ascii_case("websocket")));
-        let switching = first_line.starts_with("HTTP/1.1 101");
-        if (first_line.starts_with("GET ") && upgrade) || switching {
-            self.buf.drain(..end + 4);
-            self.state = State::Frames;
-        } else {
-            out.push(WsOutput::NotWebSocket { first_line });
-            self.give_up();
         }
     }
 
@@ -203,11 +203,15 @@ mod tests {
     }
 
     #[test]
-    fn plain_http_and_broken_frames_are_reported_not_read() {
+    fn plain_http_is_read_and_broken_frames_are_reported() {
         let mut d = WsDirection::default();
         let mut out = Vec::new();
-        d.push(b"GET /rpc/Shelly.GetStatus HTTP/1.1\r\nHost: x\r\n\r\n", &mut out);
-        assert_eq!(out, vec![WsOutput::NotWebSocket { first_line: "GET /rpc/Shelly.GetStatus HTTP/1.1".into() }]);
+        d.push(b"GET /rpc/Shelly.GetStatus HTTP/1.1\r\nHost: x\r\n\r\nGET /shelly HTTP/1.1\r\n\r\n", &mut out);
+        assert_eq!(out, vec![WsOutput::Http(b"GET /rpc/Shelly.GetStatus HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()), WsOutput::Http(b"GET /shelly HTTP/1.1\r\n\r\n".to_vec())]);
+        let mut d = WsDirection::default();
+        let mut out = Vec::new();
+        d.push(b"\x16\x03\x01\x00\x05hello", &mut out);
+        assert!(matches!(&out[..], [WsOutput::NotHttp { .. }]), "{out:?}");
         let mut d = WsDirection::default();
         let mut out = Vec::new();
         d.push(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", &mut out);

@@ -140,14 +140,14 @@ struct PacketFrames {
     tcp_full: bool,
 }
 
-/// A captured TCP connection read as WebSocket: per direction (0: client to server) the
+/// A captured TCP connection read as HTTP and WebSocket: per direction (0: client to server) the
 /// byte stream put in order and the messages in it.
 struct TcpConn {
     client: std::net::SocketAddr,
     server: std::net::SocketAddr,
     streams: [crate::protocol::tcp_stream::TcpDirection; 2],
     ws: [crate::protocol::ws_capture::WsDirection; 2],
-    /// A stream that is not WebSocket was reported (once a connection).
+    /// A stream that is neither HTTP nor WebSocket was reported (once a connection).
     told: bool,
     /// Each direction sent its FIN.
     fin: [bool; 2],
@@ -187,23 +187,24 @@ impl TcpConn {
         }
         let link = format!("tcp:{}", self.server);
         for o in out {
+            let transport = if matches!(o, WsOutput::Http(_)) { CaptureTransport::Http } else { CaptureTransport::WebSocket };
             match o {
-                WsOutput::Message { payload, .. } => on_frame(SourceFrame {
+                WsOutput::Message { payload: bytes, .. } | WsOutput::Http(bytes) => on_frame(SourceFrame {
                     link: link.clone(),
-                    transport: CaptureTransport::WebSocket,
+                    transport,
                     direction: if i == 0 { Direction::Request } else { Direction::Response },
                     t_ns,
-                    bytes: payload,
+                    bytes,
                     value_at: 0,
                     att_opcode: None,
                     handle: None,
                     learnt: Vec::new(),
                 })?,
                 WsOutput::Gap { what, .. } => on_gap(ImportGap { at: at.to_string(), what: format!("{link} ({} → {}): {what}", if i == 0 { self.client } else { self.server }, if i == 0 { self.server } else { self.client }) }),
-                WsOutput::NotWebSocket { first_line } if !std::mem::replace(&mut self.told, true) => {
-                    on_gap(ImportGap { at: at.to_string(), what: format!("{link} ({} → {}): a TCP connection that is not WebSocket (it begins `{first_line}`); only WebSocket over TCP is imported", self.client, self.server) })
+                WsOutput::NotHttp { what } if !std::mem::replace(&mut self.told, true) => {
+                    on_gap(ImportGap { at: at.to_string(), what: format!("{link} ({} → {}): a TCP connection that is not read: {what}; HTTP/1.1 and WebSocket over TCP are imported", self.client, self.server) })
                 }
-                WsOutput::NotWebSocket { .. } => {}
+                WsOutput::NotHttp { .. } => {}
             }
         }
         Ok(())
