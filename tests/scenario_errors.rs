@@ -341,6 +341,7 @@ fn the_registry_lists_every_kind_and_a_minimal_entry_of_each_parses() {
         ("bsc-node", Role::Client, "{name: c, kind: bsc-node, hub: hub}"),
         ("bsc-raw", Role::Client, "{name: c, kind: bsc-raw, hub: hub}"),
         ("smp-client", Role::Client, "{name: c, kind: smp-client, device: smp}"),
+        ("shelly-client", Role::Client, "{name: c, kind: shelly-client, device: relay}"),
     ];
     let mut registered: Vec<(&str, Role)> = REGISTRY.iter().map(|k| (k.name(), k.role())).collect();
     let mut listed: Vec<(&str, Role)> = minimal.iter().map(|(n, r, _)| (*n, *r)).collect();
@@ -349,9 +350,9 @@ fn the_registry_lists_every_kind_and_a_minimal_entry_of_each_parses() {
     assert_eq!(registered, listed, "the registry's kinds and this test's rows differ");
     assert!(REGISTRY.iter().all(|k| !k.about().is_empty()), "every kind has a one-line summary");
 
-    // The smallest world every entry can live in: a bus port, a BMS, a hub, an SMP server.
+    // The smallest world every entry can live in: a bus port, a BMS, a hub, an SMP server, a Shelly.
     for (name, role, entry) in minimal {
-        let mut devices = vec!["{name: bms, kind: jbd-bms}", "{name: hub, kind: bsc-hub}", "{name: smp, kind: smp-server}"];
+        let mut devices = vec!["{name: bms, kind: jbd-bms}", "{name: hub, kind: bsc-hub}", "{name: smp, kind: smp-server}", "{name: relay, kind: shelly}"];
         let mut clients = Vec::new();
         match role {
             Role::Device if !devices.iter().any(|d| d.contains(&format!("kind: {name}}}"))) => devices.push(entry),

@@ -7,14 +7,11 @@
 
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::Message;
 
 use super::conformance::{check, Check, Verdict};
-use crate::protocol::shelly::digest::{ha1, response, rpc_ha2, USERNAME};
+use super::shelly_rpc::{get_shelly, ShellyRpc};
 
 const SRC: &str = "hilbench-validate";
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,96 +51,6 @@ pub fn render(r: &ShellyReport) -> String {
     s
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-struct Session {
-    ws: Ws,
-    next_id: u64,
-    /// Notifications heard while waiting for answers.
-    notes: Vec<Value>,
-    /// The digest answer's inputs once a challenge came.
-    auth: Option<(String, String, u64)>,
-    password: Option<String>,
-}
-
-impl Session {
-    /// One call; its whole response frame. `authed`: attach digest auth once a challenge is known.
-    async fn call(&mut self, method: &str, params: Value, authed: bool) -> Result<Value, String> {
-        self.next_id += 1;
-        let id = self.next_id;
-        let mut frame = json!({"id": id, "src": SRC, "method": method});
-        if !params.is_null() {
-            frame["params"] = params;
-        }
-        if let (true, Some((realm, nonce, nc)), Some(pw)) = (authed, self.auth.as_mut(), &self.password) {
-            let cnonce = format!("{:x}", Instant::now().elapsed().as_nanos() ^ u128::from(id));
-            let r = response(&ha1(realm, pw), nonce, &nc.to_string(), &cnonce, &rpc_ha2());
-            frame["auth"] = json!({"realm": realm, "username": USERNAME, "nonce": serde_json::from_str::<Value>(nonce).unwrap_or_else(|_| Value::from(nonce.as_str())), "cnonce": cnonce, "response": r, "algorithm": "SHA-256", "nc": *nc});
-            *nc += 1;
-        }
-        self.ws.send(Message::text(frame.to_string())).await.map_err(|e| format!("send: {e}"))?;
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            let m = tokio::time::timeout_at(deadline, self.ws.next()).await.map_err(|_| format!("{method}: no answer within {TIMEOUT:?}"))?;
-            let m = m.ok_or("the WebSocket closed")?.map_err(|e| format!("receive: {e}"))?;
-            let text = match m {
-                Message::Text(t) => t.as_str().to_string(),
-                Message::Binary(_) => return Err(format!("{method}: a binary frame (aioshelly 13.35 mishandles it)")),
-                _ => continue,
-            };
-            let v: Value = serde_json::from_str(&text).map_err(|e| format!("{method}: an answer that is not JSON ({e}): {text}"))?;
-            if v.get("id").and_then(Value::as_u64) == Some(id) {
-                return Ok(v);
-            }
-            if v.get("method").is_some() && v.get("id").is_none() {
-                self.notes.push(v);
-            }
-        }
-    }
-
-    /// A call that must succeed; retries once with auth after a 401, as aioshelly does.
-    async fn result(&mut self, method: &str, params: Value) -> Result<Value, String> {
-        let mut v = self.call(method, params.clone(), true).await?;
-        if v["error"]["code"] == 401 && self.password.is_some() {
-            self.learn_challenge(&v)?;
-            v = self.call(method, params, true).await?;
-        }
-        match (v.get("result"), v.get("error")) {
-            (Some(r), None) => Ok(r.clone()),
-            (_, Some(e)) => Err(format!("{method}: error {e}")),
-            _ => Err(format!("{method}: neither result nor error: {v}")),
-        }
-    }
-
-    fn learn_challenge(&mut self, v: &Value) -> Result<Value, String> {
-        let msg = v["error"]["message"].as_str().ok_or("a 401 without a message")?;
-        let c: Value = serde_json::from_str(msg).map_err(|e| format!("the 401 message is not the JSON challenge ({e}): {msg}"))?;
-        let realm = c["realm"].as_str().ok_or("the challenge has no realm")?.to_string();
-        let nonce = match &c["nonce"] {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            other => return Err(format!("the challenge's nonce is {other}")),
-        };
-        self.auth = Some((realm, nonce, c["nc"].as_u64().unwrap_or(1)));
-        Ok(c)
-    }
-}
-
-async fn get_shelly(host: &str) -> Result<Value, String> {
-    let mut s = tokio::net::TcpStream::connect(host).await.map_err(|e| format!("cannot connect to {host}: {e}"))?;
-    s.write_all(format!("GET /shelly HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
-    let mut text = Vec::new();
-    // A device info is a few hundred bytes; a megabyte is not one.
-    tokio::time::timeout(TIMEOUT, (&mut s).take(1 << 20).read_to_end(&mut text)).await.map_err(|_| "GET /shelly: no answer".to_string())?.map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&text);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("GET /shelly: not an HTTP answer")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(format!("GET /shelly: {}", head.lines().next().unwrap_or_default()));
-    }
-    // A chunked body would need decoding; firmware sends a length.
-    serde_json::from_str(body.trim()).map_err(|e| format!("GET /shelly: not JSON ({e})"))
-}
-
 fn identity_checks(info: &Value, out: &mut Vec<Check>) {
     let mac_ok = info["mac"].as_str().is_some_and(|m| m.len() == 12 && m.chars().all(|c| c.is_ascii_hexdigit()));
     out.push(check("identity_mac", if mac_ok { Verdict::Pass } else { Verdict::Fail }, format!("mac {} (aioshelly crashes without one)", info["mac"])));
@@ -165,7 +72,7 @@ fn identity_checks(info: &Value, out: &mut Vec<Check>) {
 pub async fn validate(target: &ShellyTarget) -> ShellyReport {
     let mut checks = Vec::new();
     let mut report = ShellyReport { target: target.host.clone(), checks: Vec::new(), rtt_p50_us: None };
-    let info = match get_shelly(&target.host).await {
+    let info = match get_shelly(&target.host, TIMEOUT).await {
         Ok(i) => i,
         Err(e) => {
             checks.push(check("http_shelly", Verdict::Fail, e));
@@ -183,9 +90,7 @@ pub async fn validate(target: &ShellyTarget) -> ShellyReport {
 }
 
 async fn ws_checks(target: &ShellyTarget, info: &Value, out: &mut Vec<Check>, report: &mut ShellyReport) -> Result<(), String> {
-    let stream = tokio::net::TcpStream::connect(&target.host).await.map_err(|e| format!("cannot connect: {e}"))?;
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{}/rpc", target.host), stream).await.map_err(|e| format!("the WebSocket at /rpc did not open: {e}"))?;
-    let mut s = Session { ws, next_id: 0, notes: Vec::new(), auth: None, password: target.password.clone() };
+    let mut s = ShellyRpc::connect(&target.host, target.password.clone(), SRC, TIMEOUT).await?;
     let id = info["id"].as_str().unwrap_or_default().to_string();
 
     // Frame fields, and GetDeviceInfo open without auth.
@@ -272,7 +177,7 @@ async fn ws_checks(target: &ShellyTarget, info: &Value, out: &mut Vec<Check>, re
     Ok(())
 }
 
-async fn components_check(s: &mut Session, out: &mut Vec<Check>) {
+async fn components_check(s: &mut ShellyRpc, out: &mut Vec<Check>) {
     let first = match s.result("Shelly.GetComponents", json!({"dynamic_only": true})).await {
         Ok(f) => f,
         Err(e) => {
@@ -301,7 +206,7 @@ async fn components_check(s: &mut Session, out: &mut Vec<Check>) {
     out.push(check("get_components", if ok { Verdict::Pass } else { Verdict::Fail }, format!("{} dynamic components in {pages} page(s), total {} (each needs key and config)", got.len(), first["total"])));
 }
 
-async fn notify_check(s: &mut Session, out: &mut Vec<Check>) -> Result<(), String> {
+async fn notify_check(s: &mut ShellyRpc, out: &mut Vec<Check>) -> Result<(), String> {
     s.notes.clear();
     let before = s.result("Switch.GetStatus", json!({"id": 0})).await?;
     let was = before["output"].as_bool().unwrap_or(false);

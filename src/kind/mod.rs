@@ -21,6 +21,7 @@ pub mod modbus_master;
 pub mod modbus_sniffer;
 pub mod replay;
 pub mod shelly;
+pub mod shelly_client;
 pub mod smp_client;
 pub mod smp_server;
 mod bsc_peer;
@@ -53,6 +54,7 @@ pub static REGISTRY: &[&dyn Kind] = &[
     &smp_server::SmpServerKind,
     &smp_client::SmpClientKind,
     &shelly::ShellyKind,
+    &shelly_client::ShellyClientKind,
     &replay::ReplayKind,
 ];
 

@@ -647,6 +647,9 @@ impl Declared for ShellyKeys {
     fn on_air(&self) -> bool {
         self.ble
     }
+    fn serves(&self) -> &'static [&'static str] {
+        &[super::shelly_client::SHELLY_RPC]
+    }
     fn check_state_key(&self, key: &str) -> Result<(), String> {
         // Against the model: unknown keys and components it lacks are refused.
         let mut probe = self.probe().map_err(|p| p.message)?;
