@@ -449,6 +449,18 @@ fn aioshelly_sets_up_a_replay_of_its_own_captured_http_and_websocket_session() {
     drop(sim);
 }
 
+/// The same capture's scenario: the device replayed on a TCP port (`{{http.NAME}}`) and
+/// a shelly-client that polls it, reading what aioshelly read in the field; it passes.
+#[test]
+fn a_shelly_capture_becomes_a_scenario_with_a_shelly_client_that_passes() {
+    let (dir, scenario, yaml) = import_scenario("shelly-aioshelly-http-ws.pcapng", "ha.pcapng");
+    for want in ["kind: replay, fixture:", "kind: shelly-client, device: \"tcp-127-0-0-1-18081\"", "field: switch0_output, equals: 0", "field: switch0_apower", "{{http.tcp-127-0-0-1-18081}}"] {
+        assert!(yaml.contains(want), "{want}: {yaml}");
+    }
+    let (passed, text) = run_scenario(dir.path(), &scenario);
+    assert!(passed && text.contains("1 passed, 0 failed"), "{text}");
+}
+
 /// dumpcap's capture of `hilbench validate bsc-hub` against a plaintext ws:// hub (its
 /// first 30 packets, cut by editcap): three nodes' WebSocket connections, their BVLC-SC
 /// messages recognised as a BACnet/SC hub's link, the handshake decisively.

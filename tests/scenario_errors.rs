@@ -139,6 +139,8 @@ fn typos_in_selectors_are_located_errors() {
     assert!(e.contains("a UDP fixture is served on a socket, not on a bus: leave `bus` out"), "{e}");
     let e = parse("name: x\nbuses: [{name: b, ports: [p]}]\ndevices:\n  - {name: f, kind: replay, bus: b, udp: 127.0.0.1:0, fixture: fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl}\nsteps: []\n");
     assert!(e.contains("`udp` serves a UDP fixture"), "{e}");
+    let e = parse("name: x\nbuses: [{name: b, ports: [p]}]\ndevices:\n  - {name: f, kind: replay, bus: b, listen: 127.0.0.1:0, fixture: fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl}\nsteps: []\n");
+    assert!(e.contains("`listen` serves an HTTP/WebSocket fixture"), "{e}");
     let e = parse("name: x\nbuses: [{name: b, ports: [p]}]\ndevices:\n  - {name: f, kind: replay, bus: b, timing: keep, fixture: fixtures/captures/imported/eg4-fault3-bridge.bridge-addr1.jsonl}\nsteps: []\n");
     assert!(e.contains("timing") && e.contains("a replay on a bus answers at once today"), "{e}");
     // A BLE replay serves what its kind serves: the jbd-client finds it.

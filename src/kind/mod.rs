@@ -228,6 +228,11 @@ pub trait Kind: Sync {
     fn udp_service(&self) -> Option<UdpService> {
         None
     }
+    /// For a kind served over HTTP/WebSocket: the scenario services its clients name it
+    /// for, so a replay of its TCP captures (`listen`) is found as the kind is.
+    fn tcp_service(&self) -> Option<&'static [&'static str]> {
+        None
+    }
     /// A frame of this kind as named fields in wire order, for showing where a device's
     /// answer departs from a captured one (`capture replay`); `request` is the request it
     /// answers. Empty (the default): the two are compared byte by byte.

@@ -1,7 +1,8 @@
 //! `replay`: a device that answers as a captured one did, from a fixture that
 //! `hilbench capture import` wrote. It serves serial fixtures on one of the scenario's
-//! RS-485 buses (Modbus RTU, EG4 7E/0D, JBD over UART) and BLE fixtures on the virtual
-//! air behind the captured kind's GATT table: every request that matches a captured one
+//! RS-485 buses (Modbus RTU, EG4 7E/0D, JBD over UART), BLE fixtures on the virtual
+//! air behind the captured kind's GATT table, UDP fixtures on a socket and HTTP/WebSocket
+//! ones on a TCP port (`listen`): every request that matches a captured one
 //! gets what the device sent after it, faults included; a request that matches none is
 //! observed as `device_silent` and gets no answer.
 
@@ -42,6 +43,10 @@ pub struct ReplayKeys {
     /// which).
     #[serde(default)]
     pub udp: Option<std::net::SocketAddr>,
+    /// An HTTP/WebSocket fixture's address (default 127.0.0.1:0; `{{http.NAME}}`,
+    /// `{{ws.NAME}}`, `{{host.NAME}}` and `{{port.NAME}}` say which).
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
     /// `compress` (default): every answer at once; `keep`: each answer as long after the
     /// request as in the capture (UDP and BLE fixtures).
     #[serde(default)]
@@ -88,7 +93,13 @@ impl ReplayDecl {
     fn udp(&self) -> bool {
         self.transport == Some(CaptureTransport::Udp)
     }
+    fn tcp(&self) -> bool {
+        matches!(self.transport, Some(CaptureTransport::Http | CaptureTransport::WebSocket))
+    }
 }
+
+/// The transports a `listen` replay serves.
+const TCP: [CaptureTransport; 2] = [CaptureTransport::Http, CaptureTransport::WebSocket];
 
 impl Kind for ReplayKind {
     fn name(&self) -> &'static str {
@@ -98,7 +109,7 @@ impl Kind for ReplayKind {
         Role::Device
     }
     fn about(&self) -> &'static str {
-        "a captured device replayed from a `capture import` fixture: answers each request as the capture did (serial fixtures on an RS-485 bus, BLE ones on the air)"
+        "a captured device replayed from a `capture import` fixture: answers each request as the capture did (serial fixtures on an RS-485 bus, BLE ones on the air, UDP and HTTP/WebSocket ones on a socket)"
     }
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         let keys = decode_keys::<ReplayKeys>(entry)?;
@@ -109,6 +120,7 @@ impl Kind for ReplayKind {
         let serves = match transport {
             Some(CaptureTransport::BleAtt) => kind.and_then(|k| k.ble_identity()).map_or(&[][..], |i| i.serves),
             Some(CaptureTransport::Udp) => udp.map_or(&[][..], |u| u.serves),
+            Some(CaptureTransport::Http | CaptureTransport::WebSocket) => kind.and_then(|k| k.tcp_service()).unwrap_or(&[]),
             _ => &[],
         };
         Ok(Box::new(ReplayDecl { transport, serves, udp_var: udp.map(|u| u.var), keys }))
@@ -189,7 +201,7 @@ fn sim(a: ReplaySimArgs) -> Result<(), String> {
         let [fixture] = &a.fixtures[..] else {
             return Err(format!("--listen serves one fixture; {} given", a.fixtures.len()));
         };
-        return sim_ws(load(fixture, &[CaptureTransport::Http, CaptureTransport::WebSocket], "--listen serves HTTP and WebSocket ones", a.timing)?.alone(), addr);
+        return sim_ws(load(fixture, &TCP, "--listen serves HTTP and WebSocket ones", a.timing)?.alone(), addr);
     }
     if a.timing == Timing::Keep && a.udp.is_none() {
         return Err(format!("--timing keep: {BUS_TIMING}"));
@@ -323,6 +335,16 @@ impl Declared for ReplayDecl {
         if k.udp.is_some() && !self.udp() {
             return Err(at_key("udp", "`udp` serves a UDP fixture; this one is not (or cannot be read)"));
         }
+        if k.listen.is_some() && !self.tcp() {
+            return Err(at_key("listen", "`listen` serves an HTTP/WebSocket fixture; this one is not (or cannot be read)"));
+        }
+        if self.tcp() {
+            if k.bus.is_some() {
+                return Err(at_key("bus", "an HTTP/WebSocket fixture is served on a TCP port, not on a bus: leave `bus` out"));
+            }
+            load(&k.fixture, &TCP, "", k.timing).map_err(|e| at_key("fixture", e))?;
+            return Ok(());
+        }
         if self.udp() {
             if k.bus.is_some() {
                 return Err(at_key("bus", "a UDP fixture is served on a socket, not on a bus: leave `bus` out"));
@@ -389,7 +411,13 @@ impl Declared for ReplayDecl {
                 let core = load(&k.fixture, &[CaptureTransport::Udp], "", k.timing)?;
                 let addr = k.udp.unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
                 let device = crate::device::replay_udp::start(k.name.clone(), core, addr, cx.log.clone()).await?;
-                return Ok(Box::new(RunningUdpReplay { name: k.name.clone(), var: self.udp_var, device: Some(device) }) as Box<dyn Running>);
+                return Ok(Box::new(RunningServedReplay { name: k.name.clone(), tcp: false, var: self.udp_var, device: Some(device) }) as Box<dyn Running>);
+            }
+            if self.tcp() {
+                let core = load(&k.fixture, &TCP, "", k.timing)?.alone();
+                let addr = k.listen.unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
+                let device = crate::device::replay_ws::start(k.name.clone(), core, addr, cx.log.clone()).await?;
+                return Ok(Box::new(RunningServedReplay { name: k.name.clone(), tcp: true, var: None, device: Some(device) }) as Box<dyn Running>);
             }
             if self.ble() {
                 let (core, identity) = load_ble(&k.fixture, k.timing)?;
@@ -486,16 +514,23 @@ pub fn load_ble(fixture: &std::path::Path, timing: Timing) -> Result<(ReplayCore
     Ok((if timing == Timing::Keep { core.keep_timing(times) } else { core }, identity))
 }
 
-struct RunningUdpReplay {
+/// A replay on a socket of its own: UDP, or a TCP port serving HTTP and WebSocket.
+struct RunningServedReplay {
     name: String,
+    tcp: bool,
     /// The captured kind's variable prefix (`smp`), published beside `udp.NAME`.
     var: Option<&'static str>,
     device: Option<Served>,
 }
 
-impl Running for RunningUdpReplay {
+impl Running for RunningServedReplay {
     fn vars(&self) -> Vec<(String, String)> {
         let Some(d) = &self.device else { return Vec::new() };
+        let (name, a) = (&self.name, d.local);
+        if self.tcp {
+            // As a shelly publishes them, so its clients and a user's process find the replay alike.
+            return vec![(format!("http.{name}"), format!("http://{a}")), (format!("ws.{name}"), format!("ws://{a}/rpc")), (format!("host.{name}"), a.to_string()), (format!("port.{name}"), a.port().to_string())];
+        }
         let mut vars = vec![(format!("udp.{}", self.name), d.local.to_string())];
         vars.extend(self.var.map(|v| (format!("{v}.{}", self.name), d.local.to_string())));
         vars

@@ -481,6 +481,41 @@ impl ShellyKeys {
     }
 }
 
+/// A `shelly-client` on the first captured device, and the readings its first captured
+/// `Shelly.GetStatus` answer gives (outputs, power, inputs, cover positions): a replay
+/// answers the client's polls with the captured answers in turn. A capture with a 401
+/// gets the client a password (any: a replay does not check digest answers).
+fn shelly_capture_client(devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
+    use crate::link::record::Direction;
+    let d = devices.first().ok_or("no captured device")?;
+    let bodies = d.frames.iter().filter(|(dir, _)| *dir == Direction::Response).filter_map(|(_, b)| {
+        let body = crate::protocol::http_message::response_parts(b).map_or(&b[..], |(_, _, body)| body);
+        serde_json::from_slice::<serde_json::Value>(body).ok()
+    });
+    let mut status = None;
+    let mut challenged = false;
+    for v in bodies {
+        challenged |= v["error"]["code"] == 401 || v["code"] == 401;
+        let s = if v["result"]["sys"].is_object() { &v["result"] } else { &v };
+        // A status (GetConfig's answer has sys and the components too, but no uptime).
+        if status.is_none() && s["sys"]["uptime"].is_number() && s.as_object().is_some_and(|o| o.keys().any(|k| k.contains(':'))) {
+            status = Some(s.clone());
+        }
+    }
+    let status = status.ok_or("the capture holds no Shelly.GetStatus answer a client could check")?;
+    let r = crate::client::shelly_client::reading(&status)?;
+    let wanted = |k: &str| ["_output", "_apower", "_current_pos"].iter().any(|s| k.ends_with(s)) || (k.starts_with("input") && k.ends_with("_state"));
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut steps: Vec<String> = r.values.iter().filter(|(k, _)| wanted(k)).map(|(k, v)| format!("expect_reading: {{ client: client, field: {k}, equals: {v}, tolerance: 0.01, within: 5s }}")).collect();
+    steps.extend(r.flags.iter().map(|f| format!("expect_flag: {{ client: client, flag: {}, within: 5s }}", q(f))));
+    let password = if challenged { ", password: captured" } else { "" };
+    Ok(crate::link::recognise::CaptureClient {
+        client: format!("{{ name: client, kind: shelly-client, device: {}, interval: 200ms{password} }}", q(&d.name)),
+        steps,
+        notes: vec![format!("A shelly-client polls Shelly.GetStatus as Home Assistant does and must read what the device answered in the field: {}", status.as_object().map(|o| o.keys().filter(|k| k.contains(':')).cloned().collect::<Vec<_>>().join(", ")).unwrap_or_default())],
+    })
+}
+
 /// Gen2+ over HTTP: `GET /shelly`, `/rpc/<Method>`, `POST /rpc`, and answers whose body is
 /// the device info, a result or an error object. Decisive for the device info and for a
 /// request on Shelly's paths.
@@ -530,9 +565,11 @@ impl Kind for ShellyKind {
         Some(crate::link::recognise::ReplayRule {
             key: |b| match serde_json::from_slice::<serde_json::Value>(b) {
                 Ok(serde_json::Value::Object(mut m)) => {
-                    // A digest answer's cnonce is new each run: a call matches with or without one.
+                    // A digest answer's cnonce is new each run, and `dst` is optional: a call
+                    // matches with or without either.
                     m.remove("id");
                     m.remove("src");
+                    m.remove("dst");
                     m.remove("auth");
                     serde_json::to_vec(&m).unwrap_or_else(|_| b.to_vec())
                 }
@@ -560,6 +597,12 @@ impl Kind for ShellyKind {
     /// Gen2+ JSON-RPC over a WebSocket: calls with a `Component.Method` name, answers
     /// with an `id` and a result or error, notifications (`NotifyStatus`…). Decisive when
     /// the frame carries Shelly's `src`/`dst` addressing.
+    fn capture_client(&self, _port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
+        shelly_capture_client(devices)
+    }
+    fn tcp_service(&self) -> Option<&'static [&'static str]> {
+        Some(&[super::shelly_client::SHELLY_RPC])
+    }
     fn recognise(&self, f: &crate::link::recognise::CapturedFrameView<'_>) -> Option<crate::link::recognise::FrameVerdict> {
         use crate::protocol::shelly::{self, RpcFrame};
         if f.transport == crate::link::recognise::CaptureTransport::Http {

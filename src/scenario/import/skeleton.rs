@@ -66,12 +66,11 @@ pub(super) fn write_all(stem: &str, source: &Path, out_dir: &Path, devices: &[De
 fn write_one(im: &Import<'_>, link: &str, kind: Option<&str>, devs: &[&DeviceReport], taken: &mut std::collections::HashSet<String>) -> Result<(PathBuf, usize), String> {
     let Import { stem, out_dir, as_state, .. } = *im;
     let kind = kind.and_then(|k| kind::find(Role::Device, k)).ok_or("no device kind recognised its frames")?;
-    // Serial devices share a bus; BLE ones are each on the air, UDP ones each on a socket;
-    // WebSocket links cannot be replayed in a scenario yet.
+    // Serial devices share a bus; BLE ones are each on the air, UDP and HTTP/WebSocket
+    // ones each on a socket.
     let port = match devs[0].transport {
         CaptureTransport::Serial => Some("client"),
-        CaptureTransport::BleAtt | CaptureTransport::Udp => None,
-        other => return Err(format!("a scenario replays serial, BLE and UDP fixtures today, not {} ones", other.as_str())),
+        CaptureTransport::BleAtt | CaptureTransport::Udp | CaptureTransport::Http | CaptureTransport::WebSocket => None,
     };
     let mut captured = Vec::new();
     for d in devs {
@@ -115,6 +114,7 @@ fn render(im: &Import<'_>, link: &str, kind: &str, port: Option<&str>, captured:
     let (where_, arg) = match (port, captured.first().map(|c| c.transport)) {
         (Some(p), _) => ("on a bus", format!("{{{{port.{p}}}}}")),
         (None, Some(CaptureTransport::Udp)) => ("on a UDP socket", format!("{{{{udp.{first}}}}}")),
+        (None, Some(CaptureTransport::Http | CaptureTransport::WebSocket)) => ("on a TCP port (HTTP and WebSocket)", format!("{{{{http.{first}}}}}")),
         (None, _) => ("on the virtual air", format!("{{{{ble.{first}}}}}")),
     };
     let what = if as_state {
