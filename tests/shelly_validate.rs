@@ -84,3 +84,37 @@ fn several_devices_in_one_sim_each_on_its_own_address() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("--"), "{bad:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// `--ble` against the simulator on its own virtual air, as aioshelly's BleRPC meets it at
+/// MTU 23: every BLE check passes, with the empty-read field fault too (reads retried);
+/// an RX-ctl length cut short is caught (exit 1).
+#[test]
+fn the_simulator_passes_every_ble_check_and_a_short_length_fails() {
+    let ble_validate = |sim_args: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["shelly", "--http", "127.0.0.1:0", "--ble"];
+        args.extend(sim_args);
+        let sim = common::start_sim(&args, dir.path());
+        let ble = &sim.ready["endpoints"]["ble"];
+        let out = Command::new(env!("CARGO_BIN_EXE_hilbench"))
+            .args(["validate", "shelly", "--json", "--ble", ble["address"].as_str().unwrap()])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", ble["dbus_system_bus_address"].as_str().unwrap())
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(sim.stop(), 0);
+        (out.status.code().unwrap_or(-1), report)
+    };
+    for sim in [&[][..], &["--ble-empty-reads", "2"][..]] {
+        let (code, report) = ble_validate(sim);
+        let names: Vec<&str> = report["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["ble_connect", "ble_advert", "ble_gatt", "ble_device_info", "ble_chunked_write", "ble_tx_reset", "ble_overrun", "ble_unknown_method"], "{report:#}");
+        assert!(report["checks"].as_array().unwrap().iter().all(|c| c["verdict"] == "pass"), "{sim:?}: {report:#}");
+        assert_eq!(code, 0);
+        assert!(report["rtt_p50_us"].as_u64().is_some_and(|us| us > 0), "{report:#}");
+    }
+    let (code, report) = ble_validate(&["--ble-length-skew", "-10"]);
+    assert_eq!(code, 1, "{report:#}");
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["validate", "shelly", "--http", "127.0.0.1:1", "--ble", "AA:BB:CC:DD:EE:FF"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "--http and --ble together");
+}

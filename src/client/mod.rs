@@ -18,6 +18,7 @@ pub mod smp_client;
 pub mod smp_validate;
 pub mod poller;
 pub mod replay_client;
+pub mod shelly_ble_rpc;
 pub mod shelly_client;
 pub mod shelly_rpc;
 pub mod shelly_validate;

@@ -233,3 +233,141 @@ async fn notify_check(s: &mut ShellyRpc, out: &mut Vec<Check>) -> Result<(), Str
     }));
     Ok(())
 }
+
+/// `validate shelly --ble ADDRESS`: the device over BLE GATT as aioshelly's BleRPC meets
+/// it: its advertisement (Shelly's manufacturer data with the RPC flag, MAC and model
+/// blocks), the RPC service's characteristics, GetDeviceInfo in one long write, the same
+/// in 20-byte writes, a long answer read in pieces, TX-ctl dropping a half-written
+/// frame, a write past the announced length refused, and the unknown-method error.
+pub async fn validate_ble(address: &str, adapter: Option<&str>) -> ShellyReport {
+    use super::shelly_ble_rpc::ShellyBleRpc;
+    let mut report = ShellyReport { target: format!("ble {address}"), checks: Vec::new(), rtt_p50_us: None };
+    let (mut rpc, found) = match ShellyBleRpc::connect(adapter, address, Duration::from_secs(10)).await {
+        Ok(x) => x,
+        Err(e) => {
+            report.checks.push(check("ble_connect", Verdict::Fail, e));
+            return report;
+        }
+    };
+    report.checks.push(check("ble_connect", Verdict::Pass, format!("connected; the RPC service found ({})", found.properties.local_name.clone().unwrap_or_default())));
+    advert_check(&found.properties, &mut report.checks);
+    gatt_check(&found.chars, &mut report.checks);
+    if let Err(e) = ble_calls(&mut rpc, &mut report).await {
+        report.checks.push(check("ble_rpc", Verdict::Fail, e));
+    }
+    rpc.disconnect().await;
+    report
+}
+
+/// Shelly's manufacturer data (company 0x0BA9): flags with the RPC bit, the MAC, the model.
+fn advert_check(p: &btleplug::api::PeripheralProperties, out: &mut Vec<Check>) {
+    let Some(data) = p.manufacturer_data.get(&0x0BA9) else {
+        out.push(check("ble_advert", Verdict::Fail, format!("no manufacturer data of company 0x0BA9 (Allterco) in the advertisement (companies: {:?})", p.manufacturer_data.keys().collect::<Vec<_>>())));
+        return;
+    };
+    let (mut flags, mut mac, mut model) = (None, None, None);
+    let mut i = 0;
+    while i < data.len() {
+        let (tag, rest) = (data[i], &data[i + 1..]);
+        let n = match tag {
+            0x01 => 2,
+            0x0A => 6,
+            0x0B => 2,
+            _ => break,
+        };
+        let Some(v) = rest.get(..n) else { break };
+        match tag {
+            0x01 => flags = Some(u16::from_le_bytes([v[0], v[1]])),
+            0x0A => mac = Some(v.iter().rev().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")),
+            _ => model = Some(u16::from_le_bytes([v[0], v[1]])),
+        }
+        i += 1 + n;
+    }
+    let Some(f) = flags else {
+        out.push(check("ble_advert", Verdict::Fail, format!("manufacturer data {} has no flags block", hex(data))));
+        return;
+    };
+    let rpc = f & 0b100 != 0;
+    let verdict = match (rpc, mac.is_some() && model.is_some()) {
+        (false, _) => Verdict::Fail,
+        (true, false) => Verdict::Warn,
+        (true, true) => Verdict::Pass,
+    };
+    let model = model.map_or("none".to_string(), |m| format!("{m:#06x}"));
+    out.push(check("ble_advert", verdict, format!("flags {f:#06b} (RPC over BLE {}; Home Assistant provisions over BLE only with it; auth {}), MAC {}, model {model}", if rpc { "on" } else { "off" }, f & 0b10 != 0, mac.as_deref().unwrap_or("none"))));
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Data (read, write), TX-ctl (write), RX-ctl (read, notify).
+fn gatt_check(chars: &[(uuid::Uuid, Option<(bool, bool, bool)>)], out: &mut Vec<Check>) {
+    use crate::device::shelly_ble::{DATA_UUID, RX_CTL_UUID, TX_CTL_UUID};
+    let want = |u: uuid::Uuid| match u {
+        u if u == DATA_UUID => ("data", (true, true, false)),
+        u if u == TX_CTL_UUID => ("TX-ctl", (false, true, false)),
+        u if u == RX_CTL_UUID => ("RX-ctl", (true, false, true)),
+        _ => ("?", (false, false, false)),
+    };
+    let mut wrong = Vec::new();
+    for (u, props) in chars {
+        let (name, (r, w, n)) = want(*u);
+        match props {
+            None => wrong.push(format!("{name} missing")),
+            // A property more than needed does no harm; one missing breaks the client.
+            Some((pr, pw, pn)) if (r && !pr) || (w && !pw) || (n && !pn) => wrong.push(format!("{name} read {pr} write {pw} notify {pn}")),
+            Some(_) => {}
+        }
+    }
+    out.push(check("ble_gatt", if wrong.is_empty() { Verdict::Pass } else { Verdict::Fail }, if wrong.is_empty() { "data (read, write), TX-ctl (write), RX-ctl (read, notify)".to_string() } else { wrong.join("; ") }));
+}
+
+async fn ble_calls(rpc: &mut super::shelly_ble_rpc::ShellyBleRpc, report: &mut ShellyReport) -> Result<(), String> {
+    use super::shelly_ble_rpc::MAX_WRITE;
+    let out = &mut report.checks;
+    // One long write, as aioshelly writes a request.
+    let v = rpc.call("Shelly.GetDeviceInfo", Value::Null, MAX_WRITE).await?;
+    let r = &v["result"];
+    let ok = r["id"].is_string() && r["gen"].as_u64().is_some_and(|g| g >= 2) && r["auth_en"].is_boolean();
+    out.push(check("ble_device_info", if ok { Verdict::Pass } else { Verdict::Fail }, format!("id {}, gen {}, auth_en {} ({} bytes in {} data reads)", r["id"], r["gen"], r["auth_en"], v.to_string().len(), rpc.last_reads)));
+    let mut rtts = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        rpc.call("Shelly.GetDeviceInfo", Value::Null, MAX_WRITE).await?;
+        rtts.push(t.elapsed().as_micros() as u64);
+    }
+    rtts.sort_unstable();
+    report.rtt_p50_us = rtts.get(rtts.len() / 2).copied();
+    let out = &mut report.checks;
+    // The same frame in 20-byte writes (a central at MTU 23 without long writes).
+    let chunked = rpc.call("Sys.GetStatus", Value::Null, 20).await;
+    out.push(match chunked {
+        Ok(v) if v.get("result").is_some() || v.get("error").is_some() => check("ble_chunked_write", Verdict::Pass, "a request in 20-byte data writes is answered"),
+        Ok(v) => check("ble_chunked_write", Verdict::Fail, format!("neither result nor error: {v}")),
+        Err(e) => check("ble_chunked_write", Verdict::Fail, e),
+    });
+    // TX-ctl drops a half-written frame: a new length, then a whole frame.
+    let half = br#"{"id":900,"method":"Shelly.GetDeviceInfo"}"#;
+    rpc.announce(half.len()).await?;
+    rpc.write_data(&half[..half.len() / 2]).await?;
+    let v = rpc.call("Sys.GetStatus", Value::Null, MAX_WRITE).await;
+    out.push(match v {
+        Ok(_) => check("ble_tx_reset", Verdict::Pass, "a new TX-ctl length dropped the half-written frame"),
+        Err(e) => check("ble_tx_reset", Verdict::Fail, format!("after a half-written frame and a new TX-ctl length: {e}")),
+    });
+    // A data write past the announced length is refused, and the device still answers after.
+    rpc.announce(4).await?;
+    let refused = rpc.write_data(b"0123456789").await.is_err();
+    let after = rpc.call("Sys.GetStatus", Value::Null, MAX_WRITE).await.is_ok();
+    out.push(check("ble_overrun", if refused && after { Verdict::Pass } else { Verdict::Fail }, format!("a 10-byte write after a 4-byte length: {}; the next call: {}", if refused { "refused" } else { "accepted" }, if after { "answered" } else { "unanswered" })));
+    let v = rpc.call("HilbenchValidate.Nothing", Value::Null, MAX_WRITE).await?;
+    let (code, msg) = (v["error"]["code"].as_i64(), v["error"]["message"].as_str().unwrap_or_default());
+    let verdict = match code {
+        Some(404) if msg.starts_with("No handler for") => Verdict::Pass,
+        Some(-114) => Verdict::Warn,
+        _ => Verdict::Fail,
+    };
+    out.push(check("ble_unknown_method", verdict, format!("error {}", v["error"])));
+    Ok(())
+}

@@ -334,8 +334,12 @@ without auth, the 401 digest challenge (a JSON message: digest, SHA-256, the rea
 digest answer (--password), GetConfig's sys.device.name, GetStatus's sys, GetComponents
 {dynamic_only} paged to its total, ListMethods covering every component, 404 \"No handler
 for\" for an unknown method (-114 is a warning), -103 for a missing id, and, unless
---read-only, the NotifyStatus a Switch.Set sends (the switch is set back). Exits 0 when no
-check fails, 1 when one does, 2 on bad arguments.
+--read-only, the NotifyStatus a Switch.Set sends (the switch is set back). With --ble ADDRESS instead,
+over BLE GATT as aioshelly's BleRPC: the advertisement (Shelly's manufacturer data with the
+RPC flag, MAC and model), the RPC service's data, TX-ctl and RX-ctl characteristics,
+GetDeviceInfo in one long write and in 20-byte writes, answers read in MTU-2 pieces,
+TX-ctl dropping a half-written frame, a write past the length refused, the unknown-method
+error. Exits 0 when no check fails, 1 when one does, 2 on bad arguments.
 
 Examples:
   hilbench validate shelly --http 192.168.1.40 --password secret --read-only
@@ -348,8 +352,14 @@ Examples:
 #[derive(Args, Debug)]
 pub struct ShellyValidateArgs {
     /// The device: HOST, HOST:PORT or http://HOST[:PORT] (port 80 when not given).
-    #[arg(long, value_name = "URL")]
-    pub http: String,
+    #[arg(long, value_name = "URL", required_unless_present = "ble", conflicts_with = "ble")]
+    pub http: Option<String>,
+    /// The device over BLE GATT instead, by its BLE address (its RPC service, as aioshelly's BleRPC).
+    #[arg(long, value_name = "ADDRESS")]
+    pub ble: Option<String>,
+    /// The BlueZ adapter the BLE checks use.
+    #[arg(long, requires = "ble", default_value = "hci0")]
+    pub adapter: String,
     /// The device's password (user admin), when auth is on.
     #[arg(long)]
     pub password: Option<String>,
@@ -372,14 +382,13 @@ fn http_target(s: &str) -> Result<String, String> {
 
 fn validate_main(a: ShellyValidateArgs) -> i32 {
     use crate::client::shelly_validate::{self, ShellyTarget};
-    let host = match http_target(&a.http) {
+    let http = match a.http.as_deref().map(http_target).transpose() {
         Ok(h) => h,
         Err(e) => {
             eprintln!("error: {e}");
             return 2;
         }
     };
-    let target = ShellyTarget { host, password: a.password, read_only: a.read_only };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -387,7 +396,14 @@ fn validate_main(a: ShellyValidateArgs) -> i32 {
             return 2;
         }
     };
-    let report = rt.block_on(shelly_validate::validate(&target));
+    let report = match (http, &a.ble) {
+        (Some(host), _) => rt.block_on(shelly_validate::validate(&ShellyTarget { host, password: a.password, read_only: a.read_only })),
+        (None, Some(address)) => rt.block_on(shelly_validate::validate_ble(address, Some(&a.adapter))),
+        (None, None) => {
+            eprintln!("error: give --http URL or --ble ADDRESS");
+            return 2;
+        }
+    };
     if a.json {
         println!("{}", serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
     } else {
