@@ -444,3 +444,38 @@ fn hilbench_answers_as_zephyrs_own_udp_server_does() {
     assert!(differ.is_empty(), "{} answers differ from Zephyr's over UDP:\n{}", differ.len(), differ.join("\n"));
     assert_eq!(sim.stop(), 0);
 }
+
+/// A reset whose `force` or `boot_mode` has a type os_mgmt does not expect answers as Zephyr's
+/// own server answers it (each on a fresh device: an accepted reset takes it away).
+#[test]
+fn a_reset_with_odd_argument_types_answers_as_zephyrs_own_server() {
+    use SmpOp::Write;
+    use SmpVersion::V2;
+    let cases: Vec<(&str, Vec<(&str, Value)>)> = vec![
+        ("force text", vec![("force", Value::Text("yes".into()))]),
+        ("force float", vec![("force", Value::Float(1.5))]),
+        ("force null", vec![("force", Value::Null)]),
+        ("force array", vec![("force", Value::Array(vec![Value::Bool(true)]))]),
+        ("force bytes", vec![("force", Value::Bytes(vec![1]))]),
+        ("boot_mode text", vec![("boot_mode", Value::Text("1".into()))]),
+        ("boot_mode negative", vec![("boot_mode", Value::from(-1))]),
+    ];
+    let mut differ = Vec::new();
+    for (what, body) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let zephyr = start_zephyr(dir.path());
+        let sim = common::start_sim(&["smp-server", "--tty", "auto", "--buf-size", "384", "--buf-count", "4", "--no-banner"], dir.path());
+        let mut z = Client::open(&zephyr.tty);
+        let mut h = Client::open(&sim.tty());
+        z.wait_ready();
+        h.wait_ready();
+        let body = cbor(body);
+        let (za, ha) = (z.ask(V2, Write, 0, 5, 7, &body), h.ask(V2, Write, 0, 5, 7, &body));
+        if za != ha {
+            differ.push(format!("{what}:\n  zephyr   {:?}\n  hilbench {:?}", decoded(&za), decoded(&ha)));
+        }
+        drop(zephyr);
+        assert_eq!(sim.stop(), 0);
+    }
+    assert!(differ.is_empty(), "{} answers differ from Zephyr's:\n{}", differ.len(), differ.join("\n"));
+}
