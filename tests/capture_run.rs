@@ -450,11 +450,22 @@ fn aioshelly_sets_up_a_replay_of_its_own_captured_http_and_websocket_session() {
 }
 
 /// The same capture's scenario: the device replayed on a TCP port (`{{http.NAME}}`) and
-/// a shelly-client that polls it, reading what aioshelly read in the field; it passes.
+/// a shelly-client that polls it, reading what aioshelly read in the field (the switch on,
+/// 60 W); it passes. With --as-state the device is a simulated Plus 1PM in that state
+/// (MAC, name, 1.x digest auth, the relay on with its 60 W load), and the same client
+/// reads the same.
 #[test]
 fn a_shelly_capture_becomes_a_scenario_with_a_shelly_client_that_passes() {
+    let want_steps = ["kind: shelly-client, device: \"tcp-127-0-0-1-18081\", interval: 200ms, password: captured", "field: switch0_output, equals: 1", "field: switch0_apower, equals: 60", "flag: \"switch0:on\""];
     let (dir, scenario, yaml) = import_scenario("shelly-aioshelly-http-ws.pcapng", "ha.pcapng");
-    for want in ["kind: replay, fixture:", "kind: shelly-client, device: \"tcp-127-0-0-1-18081\"", "field: switch0_output, equals: 0", "field: switch0_apower", "{{http.tcp-127-0-0-1-18081}}"] {
+    for want in want_steps.iter().chain(&["kind: replay, fixture:", "{{http.tcp-127-0-0-1-18081}}"]) {
+        assert!(yaml.contains(want), "{want}: {yaml}");
+    }
+    let (passed, text) = run_scenario(dir.path(), &scenario);
+    assert!(passed && text.contains("1 passed, 0 failed"), "{text}");
+    let (dir, scenario, yaml) = import_scenario_with("shelly-aioshelly-http-ws.pcapng", "ha.pcapng", &["--as-state"]);
+    let device = "kind: shelly, model: plus1pm, mac: \"441793000001\", device_name: \"1PM Plus\", password: captured, auth_mode: \"1.x\", state: { input0: 0, switch0_on: 1, switch0_load_w: 60";
+    for want in want_steps.iter().chain(&[device]) {
         assert!(yaml.contains(want), "{want}: {yaml}");
     }
     let (passed, text) = run_scenario(dir.path(), &scenario);

@@ -497,38 +497,140 @@ impl ShellyKeys {
     }
 }
 
+/// What a Shelly capture shows of its device: the device info, the first full status
+/// (GetStatus's answer; GetConfig's has the components too, but no uptime), and the
+/// nonce of a digest challenge (numbers are 1.x's, text 2.0's).
+struct ShellyCaptured {
+    name: String,
+    info: Option<serde_json::Value>,
+    status: serde_json::Value,
+    challenge_nonce: Option<serde_json::Value>,
+}
+
+impl ShellyCaptured {
+    fn of(devices: &[crate::link::recognise::CapturedDevice]) -> Result<ShellyCaptured, String> {
+        use crate::link::record::Direction;
+        let d = devices.first().ok_or("no captured device")?;
+        let bodies = d.frames.iter().filter(|(dir, _)| *dir == Direction::Response).filter_map(|(_, b)| {
+            let body = crate::protocol::http_message::response_parts(b).map_or(&b[..], |(_, _, body)| body);
+            serde_json::from_slice::<serde_json::Value>(body).ok()
+        });
+        let (mut info, mut status, mut challenge_nonce) = (None, None, None);
+        for v in bodies {
+            let body = if v.get("result").is_some() { &v["result"] } else { &v };
+            if info.is_none() && body["gen"].is_number() && body["mac"].is_string() && body["model"].is_string() {
+                info = Some(body.clone());
+            }
+            if status.is_none() && body["sys"]["uptime"].is_number() && body.as_object().is_some_and(|o| o.keys().any(|k| k.contains(':'))) {
+                status = Some(body.clone());
+            }
+            let message = if v["error"]["code"] == 401 { v["error"]["message"].as_str() } else if v["code"] == 401 { v["message"].as_str() } else { None };
+            if let Some(c) = message.and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok()) {
+                challenge_nonce.get_or_insert(c["nonce"].clone());
+            }
+        }
+        let status = status.ok_or("the capture holds no Shelly.GetStatus answer a client could check")?;
+        Ok(ShellyCaptured { name: d.name.clone(), info, status, challenge_nonce })
+    }
+
+    /// A shelly-client on the device, with a password when the capture was challenged
+    /// (a replay takes any; a simulated device in the captured state gets the same).
+    fn client_entry(&self) -> String {
+        let password = if self.challenge_nonce.is_some() { ", password: captured" } else { "" };
+        format!("{{ name: client, kind: shelly-client, device: {}, interval: 200ms{password} }}", quoted(&self.name))
+    }
+
+    /// Steps: the readings and flags of the captured status a client can check.
+    fn steps(&self) -> Result<Vec<String>, String> {
+        let r = crate::client::shelly_client::reading(&self.status)?;
+        let wanted = |k: &str| ["_output", "_apower", "_current_pos"].iter().any(|s| k.ends_with(s)) || (k.starts_with("input") && k.ends_with("_state"));
+        let mut steps: Vec<String> = r.values.iter().filter(|(k, _)| wanted(k)).map(|(k, v)| format!("expect_reading: {{ client: client, field: {k}, equals: {v}, tolerance: 0.01, within: 5s }}")).collect();
+        steps.extend(r.flags.iter().map(|f| format!("expect_flag: {{ client: client, flag: {}, within: 5s }}", quoted(f))));
+        Ok(steps)
+    }
+
+    fn components(&self) -> String {
+        self.status.as_object().map(|o| o.keys().filter(|k| k.contains(':')).cloned().collect::<Vec<_>>().join(", ")).unwrap_or_default()
+    }
+}
+
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
 /// A `shelly-client` on the first captured device, and the readings its first captured
 /// `Shelly.GetStatus` answer gives (outputs, power, inputs, cover positions): a replay
-/// answers the client's polls with the captured answers in turn. A capture with a 401
-/// gets the client a password (any: a replay does not check digest answers).
+/// answers the client's polls with the captured answers in turn.
 fn shelly_capture_client(devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
-    use crate::link::record::Direction;
-    let d = devices.first().ok_or("no captured device")?;
-    let bodies = d.frames.iter().filter(|(dir, _)| *dir == Direction::Response).filter_map(|(_, b)| {
-        let body = crate::protocol::http_message::response_parts(b).map_or(&b[..], |(_, _, body)| body);
-        serde_json::from_slice::<serde_json::Value>(body).ok()
-    });
-    let mut status = None;
-    let mut challenged = false;
-    for v in bodies {
-        challenged |= v["error"]["code"] == 401 || v["code"] == 401;
-        let s = if v["result"]["sys"].is_object() { &v["result"] } else { &v };
-        // A status (GetConfig's answer has sys and the components too, but no uptime).
-        if status.is_none() && s["sys"]["uptime"].is_number() && s.as_object().is_some_and(|o| o.keys().any(|k| k.contains(':'))) {
-            status = Some(s.clone());
+    let c = ShellyCaptured::of(devices)?;
+    Ok(crate::link::recognise::CaptureClient {
+        client: c.client_entry(),
+        steps: c.steps()?,
+        notes: vec![format!("A shelly-client polls Shelly.GetStatus as Home Assistant does and must read what the device answered in the field: {}", c.components())],
+    })
+}
+
+/// A simulated shelly in the captured state (`capture import --as-state`): the model the
+/// device info names (its profile from the status's components), its MAC and name, auth
+/// with the captured mode when the capture was challenged, and each switch's relay, load
+/// (the power it drew while on), temperature, each input and cover position; the same
+/// client and steps as a replay's.
+fn shelly_capture_model(devices: &[crate::link::recognise::CapturedDevice]) -> Result<super::CaptureModel, String> {
+    let c = ShellyCaptured::of(devices)?;
+    let info = c.info.as_ref().ok_or("the capture holds no device info (GET /shelly or Shelly.GetDeviceInfo) naming the model")?;
+    let model_id = info["model"].as_str().unwrap_or_default();
+    let has = |k: &str| c.status.get(k).is_some();
+    let candidates: Vec<&shelly_core::models::ModelSpec> = MODELS.iter().filter(|m| m.description.contains(&format!("{model_id})")) || m.description.contains(&format!("{model_id},"))).collect();
+    let model = candidates
+        .iter()
+        .find(|m| match m.name {
+            n if n.ends_with("-cover") => has("cover:0"),
+            n if n.ends_with("-switch") => !has("cover:0"),
+            n if n.ends_with("-monophase") => has("em1:0"),
+            n if n.ends_with("-triphase") => has("em:0"),
+            _ => true,
+        })
+        .or(candidates.first())
+        .ok_or_else(|| format!("model {model_id} is not one of the simulated models ({})", MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")))?;
+    let mut keys = vec![format!("model: {}", model.name)];
+    if let Some(mac) = info["mac"].as_str() {
+        keys.push(format!("mac: {}", quoted(mac)));
+    }
+    if let Some(name) = info["name"].as_str() {
+        keys.push(format!("device_name: {}", quoted(name)));
+    }
+    let mut seen = vec![format!("{} ({model_id}) at {}", model.name, c.components())];
+    if let Some(nonce) = &c.challenge_nonce {
+        let mode = if nonce.is_number() { "1.x" } else { "2.0" };
+        keys.push(format!("password: captured, auth_mode: \"{mode}\""));
+        seen.push(format!("digest auth ({mode} nonces; the password is not in a capture: `captured` on both sides)"));
+    }
+    let mut state = Vec::new();
+    for (key, comp) in c.status.as_object().into_iter().flatten() {
+        let Some((kind, n)) = key.split_once(':') else { continue };
+        match kind {
+            "switch" => {
+                let on = comp["output"].as_bool() == Some(true);
+                state.push(format!("switch{n}_on: {}", u8::from(on)));
+                if let Some(w) = comp["apower"].as_f64().filter(|w| on && *w > 0.0) {
+                    state.push(format!("switch{n}_load_w: {w}"));
+                }
+                if let Some(t) = comp["temperature"]["tC"].as_f64() {
+                    state.push(format!("switch{n}_temperature_c: {t}"));
+                }
+            }
+            "input" => state.extend(comp["state"].as_bool().map(|b| format!("input{n}: {}", u8::from(b)))),
+            "cover" => state.extend(comp["current_pos"].as_f64().map(|p| format!("cover{n}_pos: {p}"))),
+            _ => {}
         }
     }
-    let status = status.ok_or("the capture holds no Shelly.GetStatus answer a client could check")?;
-    let r = crate::client::shelly_client::reading(&status)?;
-    let wanted = |k: &str| ["_output", "_apower", "_current_pos"].iter().any(|s| k.ends_with(s)) || (k.starts_with("input") && k.ends_with("_state"));
-    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let mut steps: Vec<String> = r.values.iter().filter(|(k, _)| wanted(k)).map(|(k, v)| format!("expect_reading: {{ client: client, field: {k}, equals: {v}, tolerance: 0.01, within: 5s }}")).collect();
-    steps.extend(r.flags.iter().map(|f| format!("expect_flag: {{ client: client, flag: {}, within: 5s }}", q(f))));
-    let password = if challenged { ", password: captured" } else { "" };
-    Ok(crate::link::recognise::CaptureClient {
-        client: format!("{{ name: client, kind: shelly-client, device: {}, interval: 200ms{password} }}", q(&d.name)),
-        steps,
-        notes: vec![format!("A shelly-client polls Shelly.GetStatus as Home Assistant does and must read what the device answered in the field: {}", status.as_object().map(|o| o.keys().filter(|k| k.contains(':')).cloned().collect::<Vec<_>>().join(", ")).unwrap_or_default())],
+    if !state.is_empty() {
+        keys.push(format!("state: {{ {} }}", state.join(", ")));
+    }
+    let entry = format!("{{ name: {}, kind: shelly, {} }}", quoted(&c.name), keys.join(", "));
+    Ok(super::CaptureModel {
+        devices: vec![entry],
+        client: crate::link::recognise::CaptureClient { client: c.client_entry(), steps: c.steps()?, notes: vec![format!("{}: {}", c.name, seen.join("; "))] },
     })
 }
 
@@ -615,6 +717,9 @@ impl Kind for ShellyKind {
     /// the frame carries Shelly's `src`/`dst` addressing.
     fn capture_client(&self, _port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<crate::link::recognise::CaptureClient, String> {
         shelly_capture_client(devices)
+    }
+    fn capture_model(&self, _port: Option<&str>, devices: &[crate::link::recognise::CapturedDevice]) -> Result<super::CaptureModel, String> {
+        shelly_capture_model(devices)
     }
     fn tcp_service(&self) -> Option<&'static [&'static str]> {
         Some(&[super::shelly_client::SHELLY_RPC])
