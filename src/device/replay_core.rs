@@ -243,6 +243,37 @@ mod tests {
         out.iter().filter_map(|o| if let Output::Send { bytes, .. } = o { Some(&bytes[..]) } else { None }).collect()
     }
 
+    /// An HTTP request matches by method, target and body whatever its headers; with a
+    /// rule, the body matches by the rule's key and the answer's body is fitted (its
+    /// Content-Length following).
+    #[test]
+    fn http_requests_match_without_headers_and_answers_fit_their_body() {
+        use Direction::*;
+        let rule = ReplayRule {
+            key: |b| b.iter().filter(|c| !c.is_ascii_digit()).copied().collect(),
+            // As Shelly's: an answer is fitted only to a request it can read (a body here).
+            answer: |req, ans| {
+                let id: Vec<u8> = req.iter().filter(|c| c.is_ascii_digit()).copied().collect();
+                if !id.is_empty() {
+                    *ans = [b"answer to ".as_slice(), &id].concat();
+                }
+            },
+        };
+        let frames = vec![
+            (Request, b"POST /rpc HTTP/1.1\r\nAuthorization: old\r\nContent-Length: 4\r\n\r\nid=1".to_vec()),
+            (Response, b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nanswer to 1".to_vec()),
+            (Request, b"GET /shelly HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()),
+            (Response, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec()),
+        ];
+        let mut c = ReplayCore::with_rule(frames, Some(rule));
+        let out = ask(&mut c, b"POST /rpc HTTP/1.1\r\nAuthorization: new\r\nHost: b\r\nContent-Length: 5\r\n\r\nid=42");
+        assert_eq!(sent(&out), vec![&b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nanswer to 42"[..]]);
+        let out = ask(&mut c, b"GET /shelly HTTP/1.1\r\nUser-Agent: x\r\n\r\n");
+        assert_eq!(sent(&out), vec![&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"[..]]);
+        let out = ask(&mut c, b"GET /other HTTP/1.1\r\n\r\n");
+        assert!(matches!(&out[..], [Output::Event(ReplayEvent::Unmatched { .. })]), "{out:?}");
+    }
+
     #[test]
     fn requests_walk_the_capture_in_order_and_wrap() {
         let mut c = core();

@@ -70,14 +70,16 @@ def reset_and_wait(client, target):
         fail("reset", "the device kept answering for 10 s after the reset")
     # Once it is down, probe with a timeout a loaded machine cannot outlast: an answer that
     # comes after its probe timed out is read by the next probe, which then sees the wrong
-    # sequence number, and so on for every probe after it.
-    client.set_timeout_ms(1000)
-    for _ in range(50):
+    # sequence number, and so on for every probe after it. 1 s was outlasted once on a
+    # loaded CI machine (raw serial: 50 probes, none answered in turn), so 2 s, and a pause
+    # after a failed probe that lets a late answer arrive before the next probe goes out.
+    client.set_timeout_ms(2000)
+    for _ in range(40):
         try:
             client.check_connection()
             break
         except Exception:
-            time.sleep(0.1)
+            time.sleep(0.3)
     else:
         fail("reconnect", "the device did not come back")
     client.set_timeout_ms(2000)
