@@ -4,14 +4,17 @@
 //! `expect_flag`, failures for `expect_errors`), answers the digest challenge with its
 //! `password`, reports the notifications it hears as `shelly` observations
 //! (`notify_event`, `notify_status`), and reconnects when the socket drops (an
-//! `io` error, then `shelly` `reconnected`).
+//! `io` error, then `shelly` `reconnected`). Its step `shelly_validate` runs `hilbench
+//! validate shelly`'s checks on the device (each a `shelly` observation of the client).
 
 use std::time::Duration;
 
 use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
-use super::{at_key, decode_keys, Declared, Kind, Names, Role, Running, StartContext, Vocabulary};
+use super::{at_key, decode_keys, step_body, Declared, Kind, Names, Role, Running, StartContext, StepContext, StepDoc, Vocabulary};
+use crate::client::conformance::step_outcome;
+use crate::client::shelly_validate::{validate, ShellyTarget};
 use crate::client::shelly_client::{notification, poll_once, ERROR_KINDS, RECONNECT_PAUSE, SRC};
 use crate::client::shelly_rpc::ShellyRpc;
 use crate::observe::{ObservationKind, ObservationLog};
@@ -40,6 +43,33 @@ pub struct ShellyClientKeys {
     pub timeout: Option<Dur>,
 }
 
+/// `shelly_validate: {client, read_only, fails}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ValidateStep {
+    #[allow(dead_code)]
+    client: String,
+    /// Change nothing (no switch toggled for the notification check).
+    #[serde(default)]
+    read_only: bool,
+    /// The checks that must fail (default none); any other failure fails the step.
+    #[serde(default)]
+    fails: Vec<String>,
+}
+
+/// Every check `shelly_validate` may report (over HTTP and the WebSocket), for `fails`.
+const CHECK_NAMES: &[&str] = &[
+    "http_shelly", "identity_gen", "identity_mac", "identity_fw_id", "identity_fields", "websocket", "frame_fields", "auth_challenge", "auth_answer", "config_sys_name", "status_sys",
+    "get_components", "list_methods", "unknown_method", "missing_id", "notify_status",
+];
+
+static STEPS: &[StepDoc] = &[StepDoc {
+    name: "shelly_validate",
+    target: "client",
+    about: "runs hilbench validate shelly's checks on the client's device with its password; each check is a `shelly` observation of the client (check_pass, check_warn, check_fail)",
+    keys: "client, read_only, fails (the checks that must fail)",
+}];
+
 impl Kind for ShellyClientKind {
     fn name(&self) -> &'static str {
         "shelly-client"
@@ -52,6 +82,9 @@ impl Kind for ShellyClientKind {
     }
     fn decode(&self, entry: yaml_serde::Value) -> Result<Box<dyn Declared>, Problem> {
         Ok(Box::new(decode_keys::<ShellyClientKeys>(entry)?))
+    }
+    fn steps(&self) -> &'static [StepDoc] {
+        STEPS
     }
     fn vocabulary(&self) -> Option<Vocabulary> {
         let fields = ["rtt_ms", "sys_uptime", "switchN_output", "switchN_apower", "switchN_voltage", "switchN_current", "switchN_freq", "switchN_pf", "switchN_aenergy_total", "switchN_temperature_tC", "inputN_state", "coverN_current_pos", "emN_total_act_power"];
@@ -79,6 +112,16 @@ impl Declared for ShellyClientKeys {
         }
         Ok(())
     }
+    fn check_step(&self, step: &str, body: &yaml_serde::Value, _names: &Names<'_>) -> Result<(), Problem> {
+        if step != "shelly_validate" {
+            return Err(Problem::here(format!("a shelly-client takes no `{step}` step")));
+        }
+        let s: ValidateStep = step_body(body)?;
+        if let Some(bad) = s.fails.iter().find(|f| !CHECK_NAMES.contains(&f.as_str())) {
+            return Err(at_key("fails", format!("no check `{bad}`; the checks are {}", CHECK_NAMES.join(", "))));
+        }
+        Ok(())
+    }
     fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
         Box::pin(async move {
             let key = format!("host.{}", self.device);
@@ -87,9 +130,9 @@ impl Declared for ShellyClientKeys {
             // The first connection is part of starting: a device that is not there fails the start.
             let rpc = ShellyRpc::connect(&host, self.password.clone(), SRC, timeout).await.map_err(|e| format!("`{}`: {e}", self.name))?;
             let interval = self.interval.map_or(Duration::from_secs(1), |d| d.0);
-            let session = Session { host, password: self.password.clone(), timeout, log: cx.log.clone(), name: self.name.clone() };
+            let session = Session { host: host.clone(), password: self.password.clone(), timeout, log: cx.log.clone(), name: self.name.clone() };
             let poller = actix::spawn(session.poll(rpc, interval));
-            Ok(Box::new(RunningShellyClient { poller }) as Box<dyn Running>)
+            Ok(Box::new(RunningShellyClient { name: self.name.clone(), host, password: self.password.clone(), poller }) as Box<dyn Running>)
         })
     }
 }
@@ -150,10 +193,23 @@ impl Session {
 }
 
 struct RunningShellyClient {
+    name: String,
+    host: String,
+    password: Option<String>,
     poller: tokio::task::JoinHandle<()>,
 }
 
 impl Running for RunningShellyClient {
+    fn step<'a>(&'a mut self, step: &'a str, body: &'a yaml_serde::Value, cx: StepContext<'a>) -> LocalBoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            if step != "shelly_validate" {
+                return Err(format!("no `{step}` step here"));
+            }
+            let s: ValidateStep = step_body(body).map_err(|p| p.message)?;
+            let report = validate(&ShellyTarget { host: self.host.clone(), password: self.password.clone(), read_only: s.read_only }).await;
+            step_outcome(&report.checks, &s.fails, |event, detail| cx.log.push(&self.name, ObservationKind::Shelly { event: event.into(), detail }))
+        })
+    }
     fn stop(self: Box<Self>) -> LocalBoxFuture<'static, ()> {
         self.poller.abort();
         Box::pin(async {})

@@ -12,7 +12,7 @@ use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
 use super::{at_key, decode_keys, step_body, Declared, Kind, Names, Role, Running, StartContext, StepContext, StepDoc, Vocabulary};
-use crate::client::conformance::Verdict;
+use crate::client::conformance::step_outcome;
 use crate::client::smp_client::{poll_once, SmpConn, SmpTarget};
 use crate::client::smp_validate::{validate_on, SmpValidateConfig, SmpValidationReport};
 use crate::observe::{ObservationKind, ObservationLog};
@@ -211,23 +211,7 @@ impl RunningSmpClient {
         };
         let report = validate_on(&mut conn, &cfg, SmpValidationReport::new(&self.target)).await;
         drop(conn);
-        for c in &report.checks {
-            let event = match c.verdict {
-                Verdict::Pass => "check_pass",
-                Verdict::Warn => "check_warn",
-                Verdict::Fail => "check_fail",
-            };
-            log.push(&self.name, ObservationKind::Smp { event: event.into(), detail: format!("{}: {}", c.name, c.detail) });
-        }
-        let failed: Vec<&str> = report.checks.iter().filter(|c| c.verdict == Verdict::Fail).map(|c| c.name).collect();
-        let unexpected: Vec<String> = report.checks.iter().filter(|c| c.verdict == Verdict::Fail && !s.fails.iter().any(|f| f == c.name)).map(|c| format!("{}: {}", c.name, c.detail)).collect();
-        let missing: Vec<&String> = s.fails.iter().filter(|f| !failed.contains(&f.as_str())).collect();
-        let summary = format!("{} checks, failed: [{}]", report.checks.len(), failed.join(", "));
-        match (unexpected.is_empty(), missing.is_empty()) {
-            (true, true) => Ok(summary),
-            (false, _) => Err(format!("{summary}; unexpected failures: {}", unexpected.join("; "))),
-            (true, false) => Err(format!("{summary}; expected to fail but did not: {missing:?}")),
-        }
+        step_outcome(&report.checks, &s.fails, |event, detail| log.push(&self.name, ObservationKind::Smp { event: event.into(), detail }))
     }
 }
 
