@@ -352,15 +352,22 @@ fn same_requests() -> Vec<Request<'static>> {
     ]
 }
 
-#[test]
-fn hilbench_answers_as_zephyrs_own_smp_server_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let zephyr = start_zephyr(dir.path());
-    let sim = common::start_sim(&["smp-server", "--tty", "auto", "--buf-size", "384", "--buf-count", "4", "--no-banner"], dir.path());
+/// Zephyr's serial server and hilbench's, as it is built (384-byte buffers × 4), each
+/// with a client that has seen it answer.
+fn both_serial(dir: &std::path::Path) -> (Zephyr, common::Sim, Client, Client) {
+    let zephyr = start_zephyr(dir);
+    let sim = common::start_sim(&["smp-server", "--tty", "auto", "--buf-size", "384", "--buf-count", "4", "--no-banner"], dir);
     let mut z = Client::open(&zephyr.tty);
     let mut h = Client::open(&sim.tty());
     z.wait_ready();
     h.wait_ready();
+    (zephyr, sim, z, h)
+}
+
+#[test]
+fn hilbench_answers_as_zephyrs_own_smp_server_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (zephyr, sim, mut z, mut h) = both_serial(dir.path());
     use SmpOp::Read;
     use SmpVersion::V2;
     let same = same_requests();
@@ -463,12 +470,7 @@ fn a_reset_with_odd_argument_types_answers_as_zephyrs_own_server() {
     let mut differ = Vec::new();
     for (what, body) in cases {
         let dir = tempfile::tempdir().unwrap();
-        let zephyr = start_zephyr(dir.path());
-        let sim = common::start_sim(&["smp-server", "--tty", "auto", "--buf-size", "384", "--buf-count", "4", "--no-banner"], dir.path());
-        let mut z = Client::open(&zephyr.tty);
-        let mut h = Client::open(&sim.tty());
-        z.wait_ready();
-        h.wait_ready();
+        let (zephyr, sim, mut z, mut h) = both_serial(dir.path());
         let body = cbor(body);
         let (za, ha) = (z.ask(V2, Write, 0, 5, 7, &body), h.ask(V2, Write, 0, 5, 7, &body));
         if za != ha {

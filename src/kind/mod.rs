@@ -466,6 +466,14 @@ pub fn step_body<T: serde::de::DeserializeOwned>(body: &yaml_serde::Value) -> Re
     decode_keys(body.clone())
 }
 
+/// A validate step's `fails`: each must name one of `checks`.
+pub fn check_fails(fails: &[String], checks: &[&str]) -> Result<(), Problem> {
+    match fails.iter().find(|f| !checks.contains(&f.as_str())) {
+        Some(bad) => Err(at_key("fails", format!("no check `{bad}`; the checks are {}", checks.join(", ")))),
+        None => Ok(()),
+    }
+}
+
 /// Forwards a device's events into the run's log as observations: `wrap`
 /// makes one of the event's snake-case `event` tag and its other fields as
 /// JSON (`detail`, empty when it has none); events lost to a slow reader

@@ -117,10 +117,7 @@ impl Declared for ShellyClientKeys {
             return Err(Problem::here(format!("a shelly-client takes no `{step}` step")));
         }
         let s: ValidateStep = step_body(body)?;
-        if let Some(bad) = s.fails.iter().find(|f| !CHECK_NAMES.contains(&f.as_str())) {
-            return Err(at_key("fails", format!("no check `{bad}`; the checks are {}", CHECK_NAMES.join(", "))));
-        }
-        Ok(())
+        super::check_fails(&s.fails, CHECK_NAMES)
     }
     fn start<'a>(&'a self, cx: &'a mut StartContext<'_>) -> LocalBoxFuture<'a, Result<Box<dyn Running>, String>> {
         Box::pin(async move {
