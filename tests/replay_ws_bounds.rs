@@ -1,7 +1,8 @@
 //! The HTTP/WebSocket replay server's bounds, over real sockets: one source address holds
 //! at most 64 connections (the next is closed at accept, and one is served again once a
 //! held one goes), and a WebSocket client that asks but never reads is dropped once its
-//! unread answers pass the bound, instead of the server buffering for it.
+//! unread answers pass the bound, instead of the server buffering for it; an HTTP client
+//! that announces a body and stalls gets 408 once the body timeout passes.
 
 use std::time::Duration;
 
@@ -79,5 +80,17 @@ async fn a_websocket_client_that_never_reads_is_dropped() {
     .await;
     assert!(ended.is_ok(), "the connection was not dropped ({got} answers read)");
     assert!(got < 40, "every answer was buffered for a client that did not read ({got})");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_http_body_gets_408_and_frees_the_connection() {
+    let d = replay(vec![(Direction::Request, b"POST /rpc HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}".to_vec()), (Direction::Response, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec())]).await;
+    let mut s = TcpStream::connect(d.local).await.unwrap();
+    s.write_all(b"POST /rpc HTTP/1.1\r\nHost: d\r\nContent-Length: 100\r\n\r\n{").await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let wait = hilbench::device::shelly_host::BODY_TIMEOUT + Duration::from_secs(5);
+    let n = tokio::time::timeout(wait, s.read(&mut buf)).await.expect("an answer, not a held connection").unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 408"), "{}", String::from_utf8_lossy(&buf[..n]));
     d.stop().await;
 }

@@ -27,8 +27,9 @@ use crate::sans_io::{Input, Output, Peer, SansIoCore};
 /// Connections open at once, and from one address; more are dropped at accept.
 const MAX_CONNECTIONS: usize = 1024;
 const MAX_PER_SOURCE: usize = 64;
-/// The largest message a client may send (RPC calls are small).
-const MAX_MESSAGE: usize = 64 * 1024;
+/// The largest message a client may send (RPC calls are small; an HTTP body has the
+/// Shelly device's limit, the same).
+const MAX_MESSAGE: usize = super::shelly_host::MAX_BODY;
 /// Messages on their way to the core, from all connections: a full queue holds the
 /// senders back (each connection waits), so at most this many × MAX_MESSAGE bytes.
 const INBOUND_QUEUE: usize = 256;
@@ -171,7 +172,9 @@ async fn serve(listener: tokio::net::TcpListener, mut core: ReplayCore, name: St
 
 /// One client, for as long as its connection lasts: HTTP requests, each answered as the
 /// capture did, until one upgrades the connection to a WebSocket (any path); then
-/// [`websocket`]. Its requests' heads must come within [`HEADER_WAIT`].
+/// [`Conn::websocket`]. Its requests' heads must come within [`HEADER_WAIT`] (an idle
+/// keep-alive connection is closed then too), their bodies within the Shelly device's
+/// body timeout.
 async fn connection(stream: tokio::net::TcpStream, id: u64, to_core: mpsc::Sender<FromConn>) {
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -220,10 +223,12 @@ impl Conn {
         if req.headers().get(hyper::header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket")) {
             return Ok(self.upgrade(req));
         }
-        use http_body_util::BodyExt;
         let (head, body) = req.into_parts();
-        let Ok(body) = http_body_util::Limited::new(body, MAX_MESSAGE).collect().await.map(|b| b.to_bytes()) else {
-            return Ok(reply(413, Vec::new()));
+        // A body past the limit gets 413, one that does not come in time 408 (a client
+        // that sends a length and stalls holds no connection).
+        let body = match super::shelly_host::read_body(body).await {
+            Ok(b) => b,
+            Err(refusal) => return Ok(refusal),
         };
         let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
         let headers = head.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));

@@ -336,8 +336,10 @@ fn query_params(query: &str) -> Value {
     }
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
-    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), MAX_BODY).collect()).await {
+/// A request's body, at most [`MAX_BODY`] bytes within [`BODY_TIMEOUT`]; else the 413 or
+/// 408 to answer (shared with the HTTP replay, which has the same limits).
+pub(crate) async fn read_body(body: Incoming) -> Result<Bytes, Response<Full<Bytes>>> {
+    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),
         Ok(Err(_)) => Err(respond(StatusCode::PAYLOAD_TOO_LARGE, Vec::new())),
         Err(_) => Err(respond(StatusCode::REQUEST_TIMEOUT, Vec::new())),
@@ -359,7 +361,7 @@ async fn handle_request(req: Request<Incoming>, commands: mpsc::Sender<Command>,
             Ok(respond(StatusCode::OK, serde_json::to_vec(&info).unwrap_or_default()))
         }
         (Method::POST, "/rpc") => {
-            let body = match read_body(req).await {
+            let body = match read_body(req.into_body()).await {
                 Ok(b) => b,
                 Err(r) => return Ok(r),
             };
@@ -375,7 +377,7 @@ async fn handle_request(req: Request<Incoming>, commands: mpsc::Sender<Command>,
             let params = if m == Method::GET {
                 query_params(req.uri().query().unwrap_or_default())
             } else {
-                let body = match read_body(req).await {
+                let body = match read_body(req.into_body()).await {
                     Ok(b) => b,
                     Err(r) => return Ok(r),
                 };

@@ -125,6 +125,11 @@ impl HttpReader {
         if size == 0 {
             // The trailer: header lines up to an empty one.
             let Some(end) = find(&rest[eol..], b"\r\n\r\n").map(|p| eol + p + 4) else {
+                // A trailer is header lines: bounded as a head is.
+                if rest.len() > MAX_HEAD {
+                    out.push(HttpOutput::NotHttp { what: format!("no end of a chunked body's trailer in {MAX_HEAD} bytes") });
+                    return Step::Stop(rest.len());
+                }
                 self.state = State::Chunked { head, body };
                 return Step::Used(0);
             };
@@ -331,6 +336,17 @@ mod tests {
         let mut out = Vec::new();
         HttpReader::default().read(b"HTTP/1.1 200 OK\r\n\r\nbody to the end", &mut out);
         assert!(matches!(&out[..], [HttpOutput::NotHttp { what }] if what.contains("without Content-Length")), "{out:?}");
+        let mut out = Vec::new();
+        let mut endless_trailer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n".to_vec();
+        endless_trailer.extend(std::iter::repeat_n(b'x', MAX_HEAD + 1));
+        let (mut r, mut held) = (HttpReader::default(), Vec::new());
+        for piece in endless_trailer.chunks(1000) {
+            held.extend_from_slice(piece);
+            let used = r.read(&held, &mut out);
+            held.drain(..used);
+        }
+        assert!(matches!(&out[..], [HttpOutput::NotHttp { what }] if what.contains("trailer")), "{out:?}");
+        assert!(held.len() <= MAX_HEAD + 1000, "a trailer that never ends is not held: {} bytes", held.len());
         let mut out = Vec::new();
         HttpReader::default().read(b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n", &mut out);
         assert!(matches!(&out[..], [HttpOutput::NotHttp { what }] if what.contains("limit")), "{out:?}");
