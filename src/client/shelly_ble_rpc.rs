@@ -19,6 +19,8 @@ const POLLS: u32 = 50;
 const POLL_PAUSE: Duration = Duration::from_millis(100);
 /// The largest write BlueZ takes (the attribute maximum; a long write up to it).
 pub const MAX_WRITE: usize = 512;
+/// The longest answer read: a device announcing more on RX-ctl is refused, not read.
+const MAX_ANSWER: usize = 1 << 20;
 
 /// A connected device's RPC characteristics.
 pub struct ShellyBleRpc {
@@ -118,6 +120,9 @@ impl ShellyBleRpc {
         }
         if len == 0 {
             return Err(format!("RX-ctl announced no answer within {} ms", u128::from(POLLS) * POLL_PAUSE.as_millis()));
+        }
+        if len > MAX_ANSWER {
+            return Err(format!("RX-ctl announced a {len}-byte answer, past the {MAX_ANSWER}-byte limit"));
         }
         let (mut answer, mut reads, mut empty) = (Vec::with_capacity(len), 0u32, 0u32);
         while answer.len() < len {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::shelly_rpc::ShellyRpc;
+use super::shelly_rpc::{RpcFailure, ShellyRpc};
 
 /// The `src` the client's calls carry.
 pub const SRC: &str = "hilbench-shelly-client";
@@ -41,19 +41,15 @@ pub async fn poll_once(rpc: &mut ShellyRpc) -> Result<ShellyReading, ShellyPollE
     Ok(r)
 }
 
-fn classify(e: String) -> ShellyPollError {
-    let kind = if e.contains("no answer within") {
-        "timeout"
-    } else if e.contains("error {\"code\":401") || e.contains("\"code\":401") {
-        "auth"
-    } else if e.contains(": error ") {
-        "rpc_error"
-    } else if e.contains("not JSON") || e.contains("neither result nor error") || e.contains("binary frame") {
-        "malformed"
-    } else {
-        "io"
+fn classify(e: RpcFailure) -> ShellyPollError {
+    let kind = match &e {
+        RpcFailure::Timeout(_) => "timeout",
+        RpcFailure::Io(_) => "io",
+        RpcFailure::Rpc { code: 401, .. } => "auth",
+        RpcFailure::Rpc { .. } => "rpc_error",
+        RpcFailure::Malformed(_) => "malformed",
     };
-    ShellyPollError { kind, detail: e }
+    ShellyPollError { kind, detail: e.to_string() }
 }
 
 /// A `Shelly.GetStatus` result as fields and flags: each component `type:N` gives
@@ -153,10 +149,12 @@ mod tests {
     }
 
     #[test]
-    fn errors_are_classified() {
-        assert_eq!(classify("Shelly.GetStatus: no answer within 1s".into()).kind, "timeout");
-        assert_eq!(classify("Shelly.GetStatus: error {\"code\":401,\"message\":\"…\"}".into()).kind, "auth");
-        assert_eq!(classify("Shelly.GetStatus: error {\"code\":-109,\"message\":\"shutting down\"}".into()).kind, "rpc_error");
-        assert_eq!(classify("the WebSocket closed".into()).kind, "io");
+    fn errors_are_classified_by_kind_not_by_their_text() {
+        assert_eq!(classify(RpcFailure::Timeout("Shelly.GetStatus: no answer within 1s".into())).kind, "timeout");
+        assert_eq!(classify(RpcFailure::Rpc { code: 401, error: "…".into() }).kind, "auth");
+        // An error whose message reads like a timeout is still the device's error.
+        assert_eq!(classify(RpcFailure::Rpc { code: -109, error: "error: no answer within 5 s, shutting down".into() }).kind, "rpc_error");
+        assert_eq!(classify(RpcFailure::Io("the WebSocket closed".into())).kind, "io");
+        assert_eq!(classify(RpcFailure::Malformed("not JSON".into())).kind, "malformed");
     }
 }

@@ -28,6 +28,37 @@ pub struct ShellyRpc {
     password: Option<String>,
 }
 
+/// Notifications kept between reads of [`ShellyRpc::notes`]; a chattier device loses the
+/// oldest past it rather than grow the client.
+const MAX_NOTES: usize = 1024;
+
+/// Why a call failed, by kind (a client reports the kind; the text says what).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RpcFailure {
+    /// No answer within the timeout.
+    Timeout(String),
+    /// The socket failed or closed.
+    Io(String),
+    /// The device answered with an error object: its code and the whole error.
+    Rpc { code: i64, error: String },
+    /// An answer that is not a frame this client can read.
+    Malformed(String),
+}
+
+impl std::fmt::Display for RpcFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RpcFailure::Timeout(s) | RpcFailure::Io(s) | RpcFailure::Malformed(s) | RpcFailure::Rpc { error: s, .. } => f.write_str(s),
+        }
+    }
+}
+
+impl From<RpcFailure> for String {
+    fn from(e: RpcFailure) -> String {
+        e.to_string()
+    }
+}
+
 impl ShellyRpc {
     /// Opens `ws://HOST/rpc`; calls carry `src` and wait `timeout` for their answer.
     pub async fn connect(host: &str, password: Option<String>, src: &str, timeout: Duration) -> Result<ShellyRpc, String> {
@@ -38,7 +69,7 @@ impl ShellyRpc {
     }
 
     /// One call; its whole response frame. `authed`: attach digest auth once a challenge is known.
-    pub async fn call(&mut self, method: &str, params: Value, authed: bool) -> Result<Value, String> {
+    pub async fn call(&mut self, method: &str, params: Value, authed: bool) -> Result<Value, RpcFailure> {
         self.next_id += 1;
         let id = self.next_id;
         let mut frame = json!({"id": id, "src": self.src, "method": method});
@@ -51,37 +82,40 @@ impl ShellyRpc {
             frame["auth"] = json!({"realm": realm, "username": USERNAME, "nonce": serde_json::from_str::<Value>(nonce).unwrap_or_else(|_| Value::from(nonce.as_str())), "cnonce": cnonce, "response": r, "algorithm": "SHA-256", "nc": *nc});
             *nc += 1;
         }
-        self.ws.send(Message::text(frame.to_string())).await.map_err(|e| format!("send: {e}"))?;
+        self.ws.send(Message::text(frame.to_string())).await.map_err(|e| RpcFailure::Io(format!("send: {e}")))?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
-            let m = tokio::time::timeout_at(deadline, self.ws.next()).await.map_err(|_| format!("{method}: no answer within {:?}", self.timeout))?;
-            let m = m.ok_or("the WebSocket closed")?.map_err(|e| format!("receive: {e}"))?;
+            let m = tokio::time::timeout_at(deadline, self.ws.next()).await.map_err(|_| RpcFailure::Timeout(format!("{method}: no answer within {:?}", self.timeout)))?;
+            let m = m.ok_or_else(|| RpcFailure::Io("the WebSocket closed".into()))?.map_err(|e| RpcFailure::Io(format!("receive: {e}")))?;
             let text = match m {
                 Message::Text(t) => t.as_str().to_string(),
-                Message::Binary(_) => return Err(format!("{method}: a binary frame (aioshelly 13.35 mishandles it)")),
+                Message::Binary(_) => return Err(RpcFailure::Malformed(format!("{method}: a binary frame (aioshelly 13.35 mishandles it)"))),
                 _ => continue,
             };
-            let v: Value = serde_json::from_str(&text).map_err(|e| format!("{method}: an answer that is not JSON ({e}): {text}"))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| RpcFailure::Malformed(format!("{method}: an answer that is not JSON ({e}): {text}")))?;
             if v.get("id").and_then(Value::as_u64) == Some(id) {
                 return Ok(v);
             }
             if v.get("method").is_some() && v.get("id").is_none() {
+                if self.notes.len() >= MAX_NOTES {
+                    self.notes.remove(0);
+                }
                 self.notes.push(v);
             }
         }
     }
 
     /// A call that must succeed; retries once with auth after a 401, as aioshelly does.
-    pub async fn result(&mut self, method: &str, params: Value) -> Result<Value, String> {
+    pub async fn result(&mut self, method: &str, params: Value) -> Result<Value, RpcFailure> {
         let mut v = self.call(method, params.clone(), true).await?;
         if v["error"]["code"] == 401 && self.password.is_some() {
-            self.learn_challenge(&v)?;
+            self.learn_challenge(&v).map_err(RpcFailure::Malformed)?;
             v = self.call(method, params, true).await?;
         }
         match (v.get("result"), v.get("error")) {
             (Some(r), None) => Ok(r.clone()),
-            (_, Some(e)) => Err(format!("{method}: error {e}")),
-            _ => Err(format!("{method}: neither result nor error: {v}")),
+            (_, Some(e)) => Err(RpcFailure::Rpc { code: e["code"].as_i64().unwrap_or(0), error: format!("{method}: error {e}") }),
+            _ => Err(RpcFailure::Malformed(format!("{method}: neither result nor error: {v}"))),
         }
     }
 
