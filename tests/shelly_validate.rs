@@ -117,4 +117,6 @@ fn the_simulator_passes_every_ble_check_and_a_short_length_fails() {
     assert_eq!(code, 1, "{report:#}");
     let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["validate", "shelly", "--http", "127.0.0.1:1", "--ble", "AA:BB:CC:DD:EE:FF"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "--http and --ble together");
+    let out = Command::new(env!("CARGO_BIN_EXE_hilbench")).args(["validate", "shelly", "--ble", "AA:BB:CC:DD:EE:FF", "--password", "pw"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "--password with --ble: BLE RPC has no auth");
 }

@@ -360,8 +360,9 @@ pub struct ShellyValidateArgs {
     /// The BlueZ adapter the BLE checks use.
     #[arg(long, requires = "ble", default_value = "hci0")]
     pub adapter: String,
-    /// The device's password (user admin), when auth is on.
-    #[arg(long)]
+    /// The device's password (user admin), when auth is on (HTTP and WebSocket: RPC over
+    /// BLE carries no auth, so --ble refuses it rather than ignore it).
+    #[arg(long, conflicts_with = "ble")]
     pub password: Option<String>,
     /// Change nothing (no switch is toggled for the notification check).
     #[arg(long)]
