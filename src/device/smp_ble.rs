@@ -61,6 +61,9 @@ struct SmpBleCentral {
     reassembly: Reassembly,
 }
 
+/// Centrals served at once (Zephyr builds allow a handful of connections).
+const MAX_CENTRALS: usize = 32;
+
 /// The centrals that wrote to the SMP characteristic, keyed by address.
 pub struct SmpBleCentrals {
     net_buf: usize,
@@ -77,6 +80,10 @@ impl SmpBleCentrals {
     /// and no other's. `new_peer` gives a central its peer on its first write.
     pub fn write(&mut self, central: &str, mtu: u16, value: &[u8], new_peer: impl FnOnce() -> Peer) -> Result<Option<(Peer, Vec<u8>)>, String> {
         let net_buf = self.net_buf;
+        if !self.by_address.contains_key(central) && self.by_address.len() >= MAX_CENTRALS {
+            // Each holds up to a net buffer: centrals that never disconnect cannot pile up.
+            return Err(format!("{MAX_CENTRALS} centrals hold requests already; {central}'s write is refused"));
+        }
         let c = self.by_address.entry(central.to_string()).or_insert_with(|| SmpBleCentral { peer: new_peer(), mtu, reassembly: Reassembly::new(net_buf) });
         c.mtu = mtu;
         match c.reassembly.push(value) {
@@ -231,5 +238,11 @@ mod tests {
         assert_eq!(centrals.mtu_of(Peer(1)), None);
         // A back: a new peer, and its old half request is gone.
         assert_eq!(centrals.write("A", 23, &a, &mut peer), Ok(Some((Peer(3), a.clone()))));
+        // Past MAX_CENTRALS a new central is refused; one already known still writes.
+        for i in 0..MAX_CENTRALS {
+            let _ = centrals.write(&format!("C{i}"), 23, &a[..5], &mut peer);
+        }
+        assert!(centrals.write("new", 23, &a, &mut peer).unwrap_err().contains("refused"));
+        assert_eq!(centrals.write("B", 23, &b, &mut peer), Ok(Some((Peer(2), b.clone()))));
     }
 }
